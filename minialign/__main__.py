@@ -1,0 +1,3 @@
+from minialign.cli import main
+
+raise SystemExit(main())

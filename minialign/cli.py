@@ -1,0 +1,201 @@
+"""`minialign ...`: parse, call one function, print. Every bad input exits 2 with a one-paragraph error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from minialign import __version__
+from minialign.config import (
+    DPOConfig,
+    RunConfig,
+    SFTConfig,
+    add_flags,
+    build,
+    flag_values,
+    load_yaml,
+    preset,
+)
+from minialign.errors import UserError
+
+
+def _train_parser(sub, name: str, cls, help: str) -> None:
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("--config", help="YAML preset (see configs/); flags override it")
+    p.add_argument("--demo", action="store_true", help="tiny model + built-in demo data: runs in seconds on a CPU")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    add_flags(p, cls)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minialign", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"minialign {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("lora-params", help="rank-sweep table of LoRA trainable parameters")
+    p.add_argument("--model", default="pythia-70m")
+    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8, 16])
+    p.add_argument("--targets", default="all-linear", help="all-linear or comma-separated module names")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("data", help="validate and summarise a preference-data source")
+    p.add_argument("source", help="hub id, local .jsonl/.jsonl.gz/.json/.parquet file(s) or glob, or demo")
+    p.add_argument("--split", default="train")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--rows", default=None, help="START:STOP over raw rows, e.g. 300: or 0:300")
+    p.add_argument("--tokenizer", default=None, help="give one for token-length statistics")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-prompt-length", type=int, default=256)
+    p.add_argument("--json", action="store_true")
+
+    _train_parser(sub, "sft", SFTConfig, "supervised fine-tuning on the chosen responses")
+    _train_parser(sub, "dpo", DPOConfig, "direct preference optimisation against a frozen reference")
+
+    p = sub.add_parser("run", help="the whole experiment: LoRA table + benchmark, SFT, DPO, evaluation, report")
+    p.add_argument("--config", help="YAML preset (see configs/run.yaml)")
+    p.add_argument("--demo", action="store_true", help="tiny model + demo data; minutes on a CPU")
+    p.add_argument("--resume", metavar="RUN_DIR", help="pick up a run at its first unfinished stage")
+    p.add_argument("--overwrite", action="store_true")
+    add_flags(p, RunConfig)
+
+    p = sub.add_parser("generate", help="generate responses from a model (optionally with an adapter)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--hh", action="store_true", help="wrap each prompt as '\\n\\nHuman: ...\\n\\nAssistant:'")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("report", help="rebuild report.md / report.html from a finished run folder")
+    p.add_argument("run_dir")
+    return parser
+
+
+def _train_config(args, cls, kind: str):
+    if args.resume:
+        from minialign.recipes import resume_config
+
+        return resume_config(Path(args.resume), cls)
+    layers = []
+    if args.demo:
+        layers.append(load_yaml(preset(f"{kind}-demo"), cls))
+    if args.config:
+        layers.append(load_yaml(args.config, cls))
+    return build(cls, *layers, flag_values(args, cls))
+
+
+def cmd_train(args, kind: str) -> int:
+    from minialign import recipes
+
+    cls = SFTConfig if kind == "sft" else DPOConfig
+    cfg = _train_config(args, cls, kind)
+    run = recipes.sft if kind == "sft" else recipes.dpo
+    run_dir = run(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    print(f"minialign {kind}: done; adapter/model in {run_dir / 'final'}, metrics in {run_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def cmd_lora_params(args) -> int:
+    from minialign.lora import lora_param_table
+    from minialign.models import load_model
+
+    targets = args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",")]
+    rows = lora_param_table(load_model(args.model), args.ranks, targets)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'rank':>6} {'trainable':>12} {'total':>14} {'percent':>8}")
+    for r in rows:
+        print(f"{r['rank']:>6} {r['trainable']:>12,} {r['total']:>14,} {r['percent']:>7.2f}%")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from minialign.data import format_summary, summarize_source
+    from minialign.models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    summary = summarize_source(args.source, split=args.split, data_dir=args.data_dir, rows=args.rows, tokenizer=tokenizer,
+                               max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from minialign.generate import generate
+    from minialign.lora import load_adapter
+    from minialign.models import load_model, load_tokenizer
+    from minialign.recipes import default_tokenizer
+
+    model = load_model(args.model)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    tokenizer = load_tokenizer(args.tokenizer or default_tokenizer(args.model))
+    prompts = [f"\n\nHuman: {p}\n\nAssistant:" if args.hh else p for p in args.prompt]
+    outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    for prompt, out in zip(prompts, outputs):
+        print(f"PROMPT: {prompt.strip()}\nMODEL: {out.strip()}\n")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from minialign.report import write_report
+
+    paths = write_report(Path(args.run_dir))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from minialign import experiment
+
+    if args.resume:
+        cfg = experiment.resume_config(Path(args.resume))
+    else:
+        layers = []
+        if args.demo:
+            layers.append(load_yaml(preset("run-demo"), RunConfig))
+        if args.config:
+            layers.append(load_yaml(args.config, RunConfig))
+        cfg = build(RunConfig, *layers, flag_values(args, RunConfig))
+    experiment.run(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {
+        "lora-params": cmd_lora_params,
+        "data": cmd_data,
+        "sft": lambda a: cmd_train(a, "sft"),
+        "dpo": lambda a: cmd_train(a, "dpo"),
+        "run": cmd_run,
+        "generate": cmd_generate,
+        "report": cmd_report,
+    }
+    try:
+        return commands[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        print(f"minialign: interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":
+            batch = getattr(args, "batch_size", None)
+            print(f"error: the GPU ran out of memory{f' at --batch-size {batch}' if batch else ''}. Lower --batch-size "
+                  "(and raise --grad-accum to keep the global batch), lower --max-length, or use LoRA instead of --full.",
+                  file=sys.stderr)
+            return 2
+        raise

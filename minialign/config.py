@@ -1,0 +1,225 @@
+"""One dataclass config per command, YAML presets, and flag overrides.
+
+Precedence, lowest first: the dataclass defaults, a YAML preset (``--config FILE`` or ``--demo``), then the
+flags a user typed. The resolved config is written to the run folder, so ``--resume RUN_DIR`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from minialign.errors import UserError
+
+PRESETS = Path(__file__).parent / "configs"
+
+
+@dataclass
+class TrainConfig:
+    """Everything SFT and DPO share: model, data, adapter, optimisation, run folder."""
+
+    model: str = "EleutherAI/pythia-70m"
+    tokenizer: str = ""  # empty: the model's own
+    dataset: str = "Anthropic/hh-rlhf"  # hub id, local file(s)/glob, or "demo"
+    data_dir: str = "harmless-base"
+    train_split: str = "train"
+    train_rows: str = ""  # "START:STOP" over raw rows, e.g. "300:"
+    eval_data: str = ""  # empty: the same source as training
+    eval_split: str = "test"
+    eval_rows: str = ""
+    limit: int = 0  # cap on training pairs (0 = all)
+    eval_limit: int = 200  # cap on held-out pairs used for evaluation during training
+    max_length: int = 512
+    max_prompt_length: int = 256
+    full: bool = False  # full fine-tuning instead of LoRA
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"  # or comma-separated module names
+    use_rslora: bool = False
+    epochs: int = 1
+    max_steps: int = 0  # 0: run the epochs
+    batch_size: int = 8  # per device
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"  # cosine | linear | constant
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    out: str = ""
+    device: str = "auto"  # auto | cpu | cuda
+    packing: bool = False  # SFT only: fixed-length rows of several documents
+    compile: bool = False
+    tensorboard: bool = False
+    merge: bool = False  # also save merged weights at the end
+    dist: str = "auto"  # auto | none | ddp | fsdp (under torchrun)
+
+    def validate(self) -> None:
+        checks = [
+            (self.lr > 0, "lr must be > 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.grad_accum >= 1, "grad_accum must be >= 1"),
+            (self.epochs >= 1 or self.max_steps > 0, "epochs must be >= 1 (or set max_steps)"),
+            (self.max_steps >= 0, "max_steps must be >= 0"),
+            (self.max_length >= 8, "max_length must be >= 8"),
+            (0 < self.max_prompt_length < self.max_length, "max_prompt_length must be in (0, max_length)"),
+            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
+            (self.schedule in ("cosine", "linear", "constant"), "schedule must be cosine, linear or constant"),
+            (self.keep_last >= 1, "keep_last must be >= 1"),
+            (self.log_every >= 1, "log_every must be >= 1"),
+            (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
+            (self.dist in ("auto", "none", "ddp", "fsdp"), "dist must be auto, none, ddp or fsdp"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"Invalid configuration: {message}.")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    out: str = "runs/sft"
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    sft: str = ""  # an SFT run folder to start from (its final adapter is merged into the base)
+    adapter: str = ""  # or a PEFT-format adapter for --model
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | hinge | ipo | robust | simpo
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    precompute_ref: bool = False
+    lr: float = 5e-5
+    out: str = "runs/dpo"
+
+    def validate(self) -> None:
+        super().validate()
+        from minialign.losses import LOSS_TYPES
+
+        if self.beta <= 0:
+            raise UserError("Invalid configuration: beta must be > 0 (try 0.1).")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError("Invalid configuration: label_smoothing must be in [0, 0.5).")
+        if self.loss_type not in LOSS_TYPES:
+            raise UserError(f"Invalid configuration: loss_type must be one of {', '.join(LOSS_TYPES)}.")
+        if self.sft and self.adapter:
+            raise UserError("Give either --sft RUN_DIR or --adapter DIR, not both.")
+
+
+@dataclass
+class RunConfig:
+    """`minialign run`: the reference experiment — LoRA table and benchmark, SFT, DPO, evaluation, report."""
+
+    model: str = "EleutherAI/pythia-70m"
+    tokenizer: str = ""
+    dataset: str = "Anthropic/hh-rlhf"
+    data_dir: str = "harmless-base"
+    train_data: str = ""  # local files for training (default: the dataset's train split)
+    train_rows: str = ""
+    eval_data: str = ""  # local files for evaluation (default: the dataset's test split)
+    eval_rows: str = ""
+    out: str = "runs/run"
+    ranks: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
+    bench_steps: int = 30
+    bench_batch_size: int = 8
+    eval_pairs: int = 200
+    samples: int = 5
+    max_new_tokens: int = 64
+    seed: int = 0
+    device: str = "auto"
+    sft: dict = field(default_factory=dict)  # overrides of SFTConfig fields
+    dpo: dict = field(default_factory=dict)  # overrides of DPOConfig fields
+
+
+def _field_types(cls) -> dict[str, type]:
+    return typing.get_type_hints(cls)
+
+
+def load_yaml(path: str | Path, cls) -> dict:
+    """Read a preset and check every key against the dataclass, naming the file and the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Config file {path} does not exist (presets live in {PRESETS}).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"Config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"Config file {path} must hold a mapping of field: value, not {type(data).__name__}.")
+    check_keys(data, cls, str(path))
+    return data
+
+
+def check_keys(data: dict, cls, where: str) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(f"{where}: unknown field(s) {', '.join(unknown)}. Valid fields: {', '.join(sorted(names))}.")
+
+
+def build(cls, *layers: dict):
+    """Instantiate ``cls`` from dicts applied in order, coercing YAML scalars to the field types."""
+    types = _field_types(cls)
+    values: dict = {}
+    for layer in layers:
+        for key, value in layer.items():
+            values[key] = _coerce(value, types[key], key)
+    return cls(**values)
+
+
+def _coerce(value, kind, key: str):
+    if kind is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise UserError(f"Field {key}: expected true or false, got {value!r}.")
+        return bool(value)
+    if kind in (int, float, str):
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            value = None  # 2.5 is no int; fall through to the error
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise UserError(f"Field {key}: expected {kind.__name__}, got {value!r}.") from None
+    return value
+
+
+def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per dataclass field; defaults are suppressed so only typed flags override presets."""
+    types = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or types[f.name] is dict:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = types[f.name]
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(flag, dest=f.name, nargs="+", type=typing.get_args(kind)[0], default=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper())
+
+
+def flag_values(args: argparse.Namespace, cls) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def save_config(config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), encoding="utf-8")
+
+
+def preset(name: str) -> Path:
+    return PRESETS / f"{name}.yaml"

@@ -1,0 +1,237 @@
+"""Batches as dicts of CPU tensors, in the one format the training loop and losses expect.
+
+See DEVELOPERS.md for the keys. Two rules matter most for correctness:
+
+* ``targets`` are already shifted (``targets[b, t]`` is the token to predict after position ``t``),
+  so the loss never has to shift and cannot shift twice;
+* padding is masked *by position*, never by comparing ids to the pad id: Pythia's pad id equals its
+  EOS id, and the EOS that ends a response must stay a target or the model never learns to stop.
+
+Index order (``batch_indices``) depends only on (seed, epoch, sizes), so a resumed run and every
+rank of a multi-GPU run agree on which examples form each batch without talking to each other.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Sequence
+
+import torch
+
+from minialign.data.tokenize import TokenizedExample, TokenizedPair
+from minialign.errors import UserError
+
+IGNORE_INDEX = -100
+LENGTH_GROUP_BATCHES = 50  # length-grouping sorts within chunks of this many global batches
+
+
+# ----------------------------------------------------------------------------- filling rows
+
+
+def _empty_batch(rows: int, length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    return {
+        "input_ids": torch.full((rows, length), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((rows, length), dtype=torch.long),
+        "position_ids": torch.zeros((rows, length), dtype=torch.long),
+        "targets": torch.full((rows, length), IGNORE_INDEX, dtype=torch.long),
+    }
+
+
+def _place(batch: dict[str, torch.Tensor], row: int, offset: int, seq: list[int], prompt_len: int) -> int:
+    """Write one sequence at ``batch[row, offset:]`` and return how many targets it has.
+
+    Targets live one position to the left of the token they name: position t predicts seq[t+1],
+    which is a target only if it is a response token. The last position of the sequence predicts
+    nothing inside it, so it stays -100 (in packed rows, the next document is not its business).
+    """
+    n = len(seq)
+    end = offset + n
+    ids = torch.tensor(seq, dtype=torch.long)
+    batch["input_ids"][row, offset:end] = ids
+    batch["attention_mask"][row, offset:end] = 1
+    batch["position_ids"][row, offset:end] = torch.arange(n)
+    first = max(prompt_len, 1)  # index in seq of the first token that is predicted
+    if n > first:
+        batch["targets"][row, offset + first - 1 : end - 1] = ids[first:]
+    return max(n - first, 0)
+
+
+def _padded_length(longest: int, pad_to_multiple_of: int | None) -> int:
+    if pad_to_multiple_of:
+        return -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    return longest
+
+
+def _collate(rows: list[tuple[list[int], int]], pad_id: int, pad_to_multiple_of: int | None) -> dict:
+    """Right-pad (sequence, prompt length) rows to one length and fill every key."""
+    if not rows:
+        raise ValueError("cannot collate an empty batch")
+    length = _padded_length(max(len(seq) for seq, _ in rows), pad_to_multiple_of)
+    batch: dict = _empty_batch(len(rows), length, pad_id)
+    batch["n_targets"] = sum(_place(batch, b, 0, seq, p) for b, (seq, p) in enumerate(rows))
+    return batch
+
+
+def collate_sft(
+    examples: Sequence[TokenizedExample], *, pad_id: int, pad_to_multiple_of: int | None = None
+) -> dict:
+    """An SFT batch [B, T]: targets cover the response tokens (EOS included) only."""
+    rows = [(ex.prompt_ids + ex.response_ids, len(ex.prompt_ids)) for ex in examples]
+    return _collate(rows, pad_id, pad_to_multiple_of)
+
+
+def collate_pairs(
+    pairs: Sequence[TokenizedPair],
+    *,
+    pad_id: int,
+    pad_to_multiple_of: int | None = None,
+    index: Sequence[int] | None = None,
+) -> dict:
+    """A DPO batch [2B, T]: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected, same order.
+
+    One common T for both halves lets a single forward pass score them, and ``index`` (each
+    pair's position in its dataset) lets cached reference log-probs be looked up per pair.
+    """
+    index = list(range(len(pairs))) if index is None else list(index)
+    if len(index) != len(pairs):
+        raise ValueError(f"index has {len(index)} entries for {len(pairs)} pairs")
+    rows = [(p.prompt_ids + p.chosen_ids, len(p.prompt_ids)) for p in pairs]
+    rows += [(p.prompt_ids + p.rejected_ids, len(p.prompt_ids)) for p in pairs]
+    batch = _collate(rows, pad_id, pad_to_multiple_of)
+    batch["n_pairs"] = len(pairs)
+    batch["index"] = torch.tensor(index, dtype=torch.long)
+    return batch
+
+
+def sequence_lengths(items: Sequence[TokenizedExample | TokenizedPair]) -> list[int]:
+    """Length of each example's longest row, for length-grouped batching."""
+    out = []
+    for it in items:
+        if isinstance(it, TokenizedPair):
+            out.append(len(it.prompt_ids) + max(len(it.chosen_ids), len(it.rejected_ids)))
+        else:
+            out.append(len(it.prompt_ids) + len(it.response_ids))
+    return out
+
+
+# ----------------------------------------------------------------------------- which examples form a batch
+
+
+def batch_indices(
+    n: int,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    lengths: Sequence[int] | None = None,
+    group_by_length: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[list[int]]:
+    """This rank's batches of example indices for one epoch.
+
+    Global batches of ``batch_size * world_size`` are formed exactly as for a single process, and
+    rank r takes the r-th contiguous slice of each, so changing the number of GPUs (at a fixed
+    global batch) does not change which examples are averaged together. Every rank gets the same
+    number of batches; if the last global batch is short (``drop_last=False``) it is shared out as
+    evenly as possible and a rank may receive an empty list, which it must still step through.
+
+    ``group_by_length`` sorts examples by ``lengths`` within chunks of 50 global batches (less
+    padding) and then shuffles the batch order, so batches are not sorted by length over time.
+    """
+    if batch_size < 1:
+        raise UserError(f"batch_size={batch_size} must be at least 1.")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    rng = random.Random(f"minialign-batches:{seed}:{epoch}")
+    order = list(range(n))
+    if shuffle:
+        rng.shuffle(order)
+    size = batch_size * world_size
+    if group_by_length:
+        if lengths is None or len(lengths) != n:
+            raise ValueError("group_by_length needs one length per example")
+        chunk = size * LENGTH_GROUP_BATCHES
+        order = [i for s in range(0, n, chunk) for i in sorted(order[s : s + chunk], key=lambda i: -lengths[i])]
+    batches = [order[s : s + size] for s in range(0, n, size)]
+    if drop_last and batches and len(batches[-1]) < size:
+        batches.pop()
+    if group_by_length and shuffle:
+        rng.shuffle(batches)
+    return [b[rank * len(b) // world_size : (rank + 1) * len(b) // world_size] for b in batches]
+
+
+# ----------------------------------------------------------------------------- packing (SFT)
+
+
+def pack_sft(examples: Sequence[TokenizedExample], row_length: int) -> list[list[int]]:
+    """Group example indices into rows of at most ``row_length`` tokens, each example whole.
+
+    Best fit in the given order: each example goes into the open row with the least room that
+    still fits it, else a new row. Deterministic, and dense without reordering the data much.
+    """
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # sorted (free tokens, row number) of rows with space left
+    for i, ex in enumerate(examples):
+        size = len(ex.prompt_ids) + len(ex.response_ids)
+        if size > row_length:
+            raise UserError(
+                f"example {i} has {size} tokens, more than the packing row length {row_length}; "
+                "tokenize with max_length <= the row length (or raise the row length)."
+            )
+        k = bisect.bisect_left(room, (size, -1))
+        if k == len(room):
+            rows.append([i])
+            free, r = row_length - size, len(rows) - 1
+        else:
+            free, r = room.pop(k)
+            rows[r].append(i)
+            free -= size
+        if free > 0:
+            bisect.insort(room, (free, r))
+    return rows
+
+
+def collate_packed(
+    examples: Sequence[TokenizedExample], rows: Sequence[Sequence[int]], *, row_length: int, pad_id: int
+) -> dict:
+    """Packed SFT batch [R, row_length]: several documents per row, none leaking into another.
+
+    ``position_ids`` restart at 0 for each document and ``doc_ids`` number the documents within a
+    row (-1 on padding), so attention can be restricted to one document (see
+    ``block_causal_mask``); targets are shifted within each document only. ``doc_lengths`` lists
+    each row's document lengths (cu_seqlens-style boundaries for varlen attention kernels).
+    """
+    batch: dict = _empty_batch(len(rows), row_length, pad_id)
+    batch["doc_ids"] = torch.full((len(rows), row_length), -1, dtype=torch.long)
+    n_targets, doc_lengths = 0, []
+    for r, members in enumerate(rows):
+        offset, lengths = 0, []
+        for d, i in enumerate(members):
+            ex = examples[i]
+            seq = ex.prompt_ids + ex.response_ids
+            if offset + len(seq) > row_length:
+                raise ValueError(f"row {r} holds more than {row_length} tokens")
+            n_targets += _place(batch, r, offset, seq, len(ex.prompt_ids))
+            batch["doc_ids"][r, offset : offset + len(seq)] = d
+            offset += len(seq)
+            lengths.append(len(seq))
+        doc_lengths.append(lengths)
+    batch["n_targets"] = n_targets
+    batch["doc_lengths"] = doc_lengths
+    return batch
+
+
+def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask [R, 1, L, L]: True where query i may attend key j.
+
+    Causal and within one document. Padding (doc -1) attends only to padding, which keeps every
+    softmax row non-empty (no NaN) without letting real tokens see padding.
+    """
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    length = doc_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=doc_ids.device).tril()
+    return (same_doc & causal)[:, None]

@@ -1,0 +1,410 @@
+"""Read preference pairs from the hub, local files or the built-in demo set.
+
+Every source ends up as the same thing: a list of ``PreferencePair(prompt, chosen, rejected)`` where
+``chosen`` and ``rejected`` are the two *responses* to one shared prompt. HH-RLHF stores whole
+dialogues instead, so we split them at the last "\\n\\nAssistant:" and keep the split lossless
+(``prompt + chosen`` is exactly the original text): any drift here silently changes what the model
+is trained on, and it is the classic place where preference pipelines go wrong.
+
+Rows that cannot form a clean pair are skipped and counted by reason rather than "fixed", so a
+user can see how much of their data was dropped and why.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import itertools
+import json
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from minialign.errors import UserError
+
+ASSISTANT = "\n\nAssistant:"
+EXTENSIONS = (".jsonl.gz", ".jsonl", ".json", ".parquet")
+GLOB_CHARS = "*?["
+ALTERNATIVES = (
+    "local files (.jsonl, .jsonl.gz, .json holding a list of objects, or .parquet; one path, a list "
+    "of paths or a glob such as 'data/*.jsonl.gz') with rows {'chosen', 'rejected'} (HH dialogues) or "
+    "{'prompt', 'chosen', 'rejected'}, or 'demo' for the built-in offline set"
+)
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One prompt and two responses to it; ``chosen`` is the one people preferred."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+class PreferenceData(list):
+    """A list of PreferencePair that remembers where it came from and what was dropped.
+
+    ``rows`` counts the raw rows examined, so ``rows == len(self) + sum(skipped.values())``.
+    """
+
+    def __init__(
+        self,
+        pairs: Iterable[PreferencePair] = (),
+        *,
+        source: str = "",
+        rows: int = 0,
+        skipped: dict[str, int] | None = None,
+    ) -> None:
+        super().__init__(pairs)
+        self.source = source
+        self.rows = rows
+        self.skipped: dict[str, int] = dict(skipped or {})
+
+
+# ----------------------------------------------------------------------------- turning rows into pairs
+
+
+def split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str] | str:
+    """Split two HH dialogues into (prompt, chosen response, rejected response), or a skip reason.
+
+    The prompt runs up to and including the last "\\n\\nAssistant:" of ``chosen``. Each dialogue's own
+    prompt is compared, not just a prefix: a rejected dialogue that carries extra turns would
+    otherwise smuggle a "Human:" turn into its response.
+    """
+    cut = chosen.rfind(ASSISTANT)
+    if cut < 0:
+        return "no_assistant_turn"
+    cut += len(ASSISTANT)
+    prompt = chosen[:cut]
+    rejected_cut = rejected.rfind(ASSISTANT)
+    if rejected_cut < 0 or rejected[: rejected_cut + len(ASSISTANT)] != prompt:
+        return "prompt_mismatch"
+    return prompt, chosen[cut:], rejected[cut:]
+
+
+def check_responses(chosen: str, rejected: str, *, drop_blank: bool) -> str | None:
+    """The reason to skip a pair with these responses, or None to keep it.
+
+    A whitespace-only response (HH writes " ") is kept by default: it is the annotator's "say
+    nothing" option, preferred over harmful answers in harmless-base and dispreferred in the helpful
+    files, so it carries a real preference. ``drop_blank=True`` treats it as empty.
+    """
+    for response in (chosen, rejected):
+        if response == "" or (drop_blank and not response.strip()):
+            return "empty_response"
+    if chosen == rejected:
+        return "identical_responses"
+    return None
+
+
+def _text_field(row: dict[str, Any], name: str, where: str) -> str:
+    """Field ``name`` of a row as a string, or a UserError that shows what the row holds."""
+    if name not in row:
+        keys = ", ".join(repr(k) for k in row) or "none"
+        raise UserError(
+            f"{where}: the row has no field {name!r}; its keys are {keys}. Preference rows need "
+            "'chosen' and 'rejected' (whole HH dialogues) or 'prompt', 'chosen' and 'rejected' "
+            "(a prompt and two responses); rename the columns to match."
+        )
+    value = row[name]
+    if not isinstance(value, str):
+        hint = (
+            " This looks like a conversational (list of messages) dataset; convert it to plain text first."
+            if isinstance(value, list)
+            else ""
+        )
+        raise UserError(
+            f"{where}: field {name!r} is a {type(value).__name__}, but minialign needs text (a string)."
+            f"{hint}"
+        )
+    return value
+
+
+def row_to_pair(row: Any, where: str, *, drop_blank: bool = False) -> PreferencePair | str:
+    """Turn one raw row (HH or explicit form) into a pair, or return why it is skipped."""
+    if not isinstance(row, dict):
+        raise UserError(
+            f"{where}: expected a JSON object with 'chosen' and 'rejected', got a {type(row).__name__}."
+        )
+    chosen = _text_field(row, "chosen", where)
+    rejected = _text_field(row, "rejected", where)
+    if "prompt" in row:
+        prompt = _text_field(row, "prompt", where)
+    else:
+        split = split_dialogue(chosen, rejected)
+        if isinstance(split, str):
+            return split
+        prompt, chosen, rejected = split
+    reason = check_responses(chosen, rejected, drop_blank=drop_blank)
+    return reason if reason else PreferencePair(prompt, chosen, rejected)
+
+
+# ----------------------------------------------------------------------------- reading raw rows
+
+Rows = Iterator[tuple[str, Any]]  # (where, row): "where" names the file and line for error messages
+
+
+def _read_jsonl(path: Path) -> Rows:
+    """JSON lines, decoded line by line so every error can name its line number."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                where = f"{path} line {number}"
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise UserError(
+                        f"{where} is not valid UTF-8 ({exc.reason} at byte {exc.start}). Re-save the "
+                        "file as UTF-8."
+                    ) from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(
+                        f"{where} is not valid JSON ({exc.msg} at column {exc.colno}). Each line of a "
+                        ".jsonl file must hold one complete JSON object; fix or remove that line."
+                    ) from None
+                yield where, row
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"cannot read {path}: {exc}. Check that the file is complete and uncorrupted.") from None
+
+
+def _read_json(path: Path) -> Rows:
+    """A .json file holding one list of row objects."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(
+            f"{path} line {line} is not valid UTF-8 ({exc.reason} at byte {exc.start}). Re-save the file as UTF-8."
+        ) from None
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"{path} line {exc.lineno} is not valid JSON ({exc.msg} at column {exc.colno}). A .json "
+            "source must hold one list of objects; use .jsonl for one object per line."
+        ) from None
+    if not isinstance(rows, list):
+        raise UserError(
+            f"{path} holds a JSON {type(rows).__name__}, but a .json source must hold a list of row "
+            "objects (or use .jsonl with one object per line)."
+        )
+    for i, row in enumerate(rows):
+        yield f"{path} item {i}", row
+
+
+def _read_parquet(path: Path) -> Rows:
+    import pyarrow.parquet as pq  # comes with `datasets`; imported here to keep `import minialign` fast
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise UserError(f"cannot read {path} as Parquet: {exc}. Check that the file is a complete .parquet file.") from None
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path} row {i}", row
+
+
+def _read_hub(name: str, *, split: str, data_dir: str | None) -> Rows:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, data_dir=data_dir, split=split)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, bad split: all mean "use something else"
+        where = f"{name!r} (data_dir={data_dir!r}, split={split!r})"
+        raise UserError(
+            f"could not load the hub dataset {where}: {type(exc).__name__}: {exc}. No local file of "
+            f"that name exists either. Without internet access use {ALTERNATIVES}. (Setting "
+            "HF_HUB_OFFLINE=1 makes offline failures immediate instead of retrying.)"
+        ) from None
+    for i, row in enumerate(ds):
+        yield f"hub dataset {name} ({split}) row {i}", row
+
+
+def _read_demo(split: str) -> Rows:
+    from minialign.data.demo import demo_rows
+
+    if split not in ("train", "test"):
+        raise UserError(f"the demo set has splits 'train' and 'test', not {split!r}.")
+    for i, row in enumerate(demo_rows(split)):
+        yield f"demo ({split}) row {i}", row
+
+
+def _has_extension(path: str) -> bool:
+    return path.lower().endswith(EXTENSIONS)
+
+
+def resolve_paths(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Local files named by a path, a glob, or a list of either, in the order given (globs sorted)."""
+    items = [source] if isinstance(source, (str, Path)) else list(source)
+    if not items:
+        raise UserError("the list of source files is empty; name at least one file.")
+    paths: list[Path] = []
+    for item in items:
+        text = str(item)
+        if any(c in text for c in GLOB_CHARS):
+            matches = sorted(glob.glob(text, recursive=True))
+            if not matches:
+                raise UserError(f"the glob {text!r} matches no files. Check the folder and the pattern.")
+            paths.extend(Path(m) for m in matches)
+        else:
+            paths.append(Path(text))
+    for path in paths:
+        if path.is_dir():
+            raise UserError(f"{path} is a folder; name its files, e.g. with a glob like '{path}/*.jsonl.gz'.")
+        if not _has_extension(path.name):
+            raise UserError(
+                f"{path} has an unknown extension; minialign reads {', '.join(EXTENSIONS)}. Convert the "
+                "file or rename it if its contents already match one of these."
+            )
+        if not path.is_file():
+            raise UserError(f"the file {path} does not exist.")
+    return paths
+
+
+def _is_local(source: str | Path | Sequence[str | Path]) -> bool:
+    """Decide between local files and a hub id: anything path-like or with a known extension is local."""
+    if not isinstance(source, (str, Path)):
+        return True
+    text = str(source)
+    return (
+        isinstance(source, Path)
+        or _has_extension(text)
+        or any(c in text for c in GLOB_CHARS)
+        or text.startswith((".", "/", "~"))
+        or Path(text).exists()
+    )
+
+
+def read_rows(
+    source: str | Path | Sequence[str | Path], *, split: str = "train", data_dir: str | None = None
+) -> Rows:
+    """All raw rows of a source as (where, row), lazily, in file order."""
+    if isinstance(source, str) and source == "demo":
+        return _read_demo(split)
+    if not _is_local(source):
+        return _read_hub(str(source), split=split, data_dir=data_dir)
+    readers = {".parquet": _read_parquet, ".json": _read_json}
+    paths = resolve_paths(source)
+    return itertools.chain.from_iterable(
+        readers.get(p.suffix.lower(), _read_jsonl)(p) for p in paths  # .jsonl and .jsonl.gz
+    )
+
+
+# ----------------------------------------------------------------------------- selecting and filtering
+
+
+def parse_rows(spec: str | None) -> slice:
+    """Parse "START:STOP" (Python slice semantics; either side may be empty) into a slice."""
+    if spec is None:
+        return slice(None)
+    parts = str(spec).split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, stop = (int(p) if p.strip() else None for p in parts)
+    except ValueError:
+        raise UserError(
+            f"rows={spec!r} is not of the form START:STOP (e.g. '300:' or '0:300'; Python slice "
+            "semantics over the raw rows, counted from 0)."
+        ) from None
+    return slice(start, stop)
+
+
+def _select(rows: Rows, span: slice) -> Iterator[tuple[str, Any]]:
+    """Apply a row slice, streaming when both ends are non-negative (no need to read the tail)."""
+    if (span.start or 0) >= 0 and (span.stop is None or span.stop >= 0):
+        return itertools.islice(rows, span.start, span.stop)
+    return iter(list(rows)[span])
+
+
+def _describe(source: str | Path | Sequence[str | Path]) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return ", ".join(str(s) for s in source)
+
+
+def load_preference_pairs(
+    source: str | Path | Sequence[str | Path],
+    *,
+    split: str = "train",
+    data_dir: str | None = None,
+    limit: int | None = None,
+    rows: str | None = None,
+    drop_blank: bool = False,
+) -> PreferenceData:
+    """Load preference pairs from a hub id, local file(s)/glob, or "demo".
+
+    ``rows="START:STOP"`` picks raw rows by position before any filtering (the project evaluates on
+    harmless-base rows "0:300" and trains on "300:"); ``limit`` caps the pairs kept. ``split`` picks
+    the hub split or the demo split; local files are a single split (see ``split_pairs``), and
+    ``data_dir`` only matters for hub datasets.
+    """
+    if limit is not None and limit < 1:
+        raise UserError(f"limit={limit} must be at least 1 (or left unset for all pairs).")
+    span = parse_rows(rows)
+    name = _describe(source)
+    pairs: list[PreferencePair] = []
+    skipped: Counter[str] = Counter()
+    seen = 0
+    for where, row in _select(read_rows(source, split=split, data_dir=data_dir), span):
+        seen += 1
+        result = row_to_pair(row, where, drop_blank=drop_blank)
+        if isinstance(result, str):
+            skipped[result] += 1
+        else:
+            pairs.append(result)
+            if limit is not None and len(pairs) >= limit:
+                break
+    selection = f" with rows={rows!r}" if rows is not None else ""
+    if seen == 0:
+        raise UserError(f"the source {name}{selection} has no rows. Check the file(s) and the rows= range.")
+    if not pairs:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items()))
+        raise UserError(
+            f"none of the {seen} rows of {name}{selection} gave a usable preference pair (skipped: "
+            f"{reasons}). prompt_mismatch: chosen and rejected do not share everything up to the last "
+            "'\\n\\nAssistant:'; no_assistant_turn: the dialogue has no '\\n\\nAssistant:'; "
+            "empty_response / identical_responses: nothing to prefer. Check that the rows are HH "
+            "dialogues or prompt/chosen/rejected triples."
+        )
+    return PreferenceData(pairs, source=name, rows=seen, skipped=dict(sorted(skipped.items())))
+
+
+def split_pairs(
+    pairs: Sequence[PreferencePair], eval_size: int | float, seed: int
+) -> tuple[PreferenceData, PreferenceData]:
+    """Deterministically hold out ``eval_size`` pairs (a count, or a fraction in (0, 1)).
+
+    For sources with a single split. Both parts keep the original order, so a split of sorted data
+    stays readable; which pairs go where depends only on (len(pairs), eval_size, seed).
+    """
+    n = len(pairs)
+    if isinstance(eval_size, float):
+        if not 0.0 < eval_size < 1.0:
+            raise UserError(f"eval_size={eval_size} as a fraction must be between 0 and 1 (exclusive).")
+        k = min(max(round(n * eval_size), 1), n - 1)
+    else:
+        k = int(eval_size)
+    if not 0 < k < n:
+        raise UserError(
+            f"eval_size={eval_size} leaves no pairs on one side of the split ({n} pairs in all); "
+            f"choose between 1 and {n - 1} pairs or a fraction."
+        )
+    order = list(range(n))
+    random.Random(f"minialign-split:{seed}").shuffle(order)
+    held = set(order[:k])
+    source = getattr(pairs, "source", "")
+    train = [p for i, p in enumerate(pairs) if i not in held]
+    evals = [p for i, p in enumerate(pairs) if i in held]
+    return (
+        PreferenceData(train, source=f"{source} (train part)", rows=len(train)),
+        PreferenceData(evals, source=f"{source} (eval part)", rows=len(evals)),
+    )

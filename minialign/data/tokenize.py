@@ -1,0 +1,115 @@
+"""Turn text pairs into token ids, with the prompt/response boundary kept exact.
+
+Prompt and response are tokenized separately and concatenated. Tokenizing ``prompt + response``
+in one go lets BPE merge characters across the boundary (e.g. "Assistant: " + "Hello" can become
+"Assistant:" + " Hello"), so the first response token would be partly prompt and the loss mask
+would be off by one token. Keeping them apart makes the boundary a token boundary by construction,
+and the same prompt ids are shared by the chosen and rejected sequences of a pair, as DPO assumes.
+
+Each response ends with the tokenizer's EOS so that the model learns where to stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from minialign.data.sources import PreferencePair
+from minialign.errors import UserError
+
+
+@dataclass
+class TokenizedPair:
+    """A preference pair as ids; both response id lists end with EOS unless truncated."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+@dataclass
+class TokenizedExample:
+    """An SFT example: the loss covers ``response_ids`` only."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+
+class TokenizedData(list):
+    """A list of TokenizedPair or TokenizedExample plus ``truncated``: how many were cut to fit."""
+
+    def __init__(self, items: Sequence[Any] = (), *, truncated: int = 0) -> None:
+        super().__init__(items)
+        self.truncated = truncated
+
+
+def truncate(
+    prompt_ids: list[int], responses: Sequence[list[int]], *, max_length: int, max_prompt_length: int
+) -> tuple[list[int], list[list[int]], bool]:
+    """Fit a prompt and its response(s) into ``max_length`` tokens each.
+
+    The prompt keeps its *end* (the latest turns, which the response answers) down to
+    ``max_prompt_length``; then each response is cut at its end so that prompt + response fits.
+    A cut response loses its EOS, which is right: the text did not end there. Returns the new
+    prompt, the new responses and whether anything was cut.
+    """
+    prompt = prompt_ids[-max_prompt_length:] if len(prompt_ids) > max_prompt_length else prompt_ids
+    room = max_length - len(prompt)
+    cut = [r[:room] for r in responses]
+    was_cut = len(prompt) < len(prompt_ids) or any(len(c) < len(r) for c, r in zip(cut, responses))
+    return list(prompt), cut, was_cut
+
+
+def check_limits(tokenizer: Any, max_length: int, max_prompt_length: int) -> int:
+    """Validate the length limits and return the EOS id, explaining any problem to the user."""
+    if max_prompt_length < 1 or max_length <= max_prompt_length:
+        raise UserError(
+            f"max_prompt_length={max_prompt_length} must be at least 1 and smaller than "
+            f"max_length={max_length}, so that every response keeps at least one token."
+        )
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise UserError(
+            "the tokenizer has no EOS token, so responses cannot be ended; set one (e.g. "
+            "tokenizer.eos_token = '<|endoftext|>') or load the tokenizer with eos_token=..."
+        )
+    return int(eos)
+
+
+def encode(texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
+    """Token ids of each text, without BOS/EOS or other special tokens (one batched call: fast)."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def tokenize_pairs(
+    pairs: Sequence[PreferencePair], tokenizer: Any, *, max_length: int, max_prompt_length: int
+) -> TokenizedData:
+    """Tokenize preference pairs for DPO: one prompt, two EOS-terminated responses, truncated to fit."""
+    eos = check_limits(tokenizer, max_length, max_prompt_length)
+    prompts = encode([p.prompt for p in pairs], tokenizer)
+    chosen = encode([p.chosen for p in pairs], tokenizer)
+    rejected = encode([p.rejected for p in pairs], tokenizer)
+    out, truncated = [], 0
+    for p, c, r in zip(prompts, chosen, rejected):
+        p, (c, r), was_cut = truncate(p, [c + [eos], r + [eos]], max_length=max_length, max_prompt_length=max_prompt_length)
+        out.append(TokenizedPair(p, c, r))
+        truncated += was_cut
+    return TokenizedData(out, truncated=truncated)
+
+
+def tokenize_sft(
+    pairs: Sequence[PreferencePair], tokenizer: Any, *, max_length: int, max_prompt_length: int
+) -> TokenizedData:
+    """Tokenize the chosen side of each pair as an SFT example (prompt + chosen response + EOS)."""
+    eos = check_limits(tokenizer, max_length, max_prompt_length)
+    prompts = encode([p.prompt for p in pairs], tokenizer)
+    responses = encode([p.chosen for p in pairs], tokenizer)
+    out, truncated = [], 0
+    for p, r in zip(prompts, responses):
+        p, (r,), was_cut = truncate(p, [r + [eos]], max_length=max_length, max_prompt_length=max_prompt_length)
+        out.append(TokenizedExample(p, r))
+        truncated += was_cut
+    return TokenizedData(out, truncated=truncated)

@@ -1,0 +1,290 @@
+"""`minialign sft` and `minialign dpo`: build model, data and task from a config, train, save.
+
+Each recipe is a straight line: run folder -> tokenizer and model -> data -> task -> ``train.train`` ->
+final adapter (PEFT format) or model. The loop itself lives in ``train.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+from functools import partial
+from pathlib import Path
+
+import torch
+import yaml
+
+from minialign import checkpoint, dist, lora
+from minialign.config import DPOConfig, SFTConfig, TrainConfig, build, save_config
+from minialign.data import (
+    collate_packed,
+    collate_pairs,
+    collate_sft,
+    load_preference_pairs,
+    pack_sft,
+    sequence_lengths,
+    split_pairs,
+    tokenize_pairs,
+    tokenize_sft,
+)
+from minialign.errors import UserError
+from minialign.models import BUILTIN_CONFIGS, check_vocab, load_model, load_tokenizer
+from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, cached_reference, frozen_reference, reference_table
+from minialign.train import train
+
+CONFIG_FILE = "config.yaml"
+
+
+# ----------------------------------------------------------------------------- run folder
+
+
+def prepare_run_dir(cfg: TrainConfig, kind: str, *, overwrite: bool) -> Path:
+    """Create the run folder; refuse to reuse one holding another run unless told to overwrite."""
+    run_dir = Path(cfg.out)
+    existing = run_dir / CONFIG_FILE
+    if existing.exists() and not overwrite:
+        old = yaml.safe_load(existing.read_text()) or {}
+        same = old == dataclasses.asdict(cfg)
+        raise UserError(
+            f"{run_dir} already holds a {'run with this config' if same else 'run with a different config'}. "
+            f"Continue it with `minialign {kind} --resume {run_dir}`, start over with --overwrite, or choose another --out."
+        )
+    if overwrite and dist.rank() == 0:
+        for name in ("checkpoints", "final", "metrics.jsonl", "ref_logps.safetensors", CONFIG_FILE):
+            path = run_dir / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if dist.rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / CONFIG_FILE)
+        (run_dir / "kind").write_text(kind)
+    dist.barrier()
+    return run_dir
+
+
+def load_run_config(run_dir: Path, cls):
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a minialign run folder (no {CONFIG_FILE}).")
+    data = yaml.safe_load(path.read_text()) or {}
+    return build(cls, {k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(cls)}})
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is visible; use --device cpu.")
+    if name == "cuda" and dist.enabled():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def default_tokenizer(model: str) -> str:
+    if model == "tiny":
+        return "demo"
+    if model in BUILTIN_CONFIGS:
+        return "EleutherAI/pythia-70m"
+    return model
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_pairs(cfg: TrainConfig):
+    """Training and held-out pairs. A local source without its own eval set or rows is split 90/10."""
+    train_pairs = load_preference_pairs(cfg.dataset, split=cfg.train_split, data_dir=cfg.data_dir or None,
+                                        rows=cfg.train_rows or None, limit=cfg.limit or None)
+    eval_source = cfg.eval_data or cfg.dataset
+    single_split = not cfg.eval_data and not cfg.eval_rows and _is_files(cfg.dataset)
+    if single_split:
+        train_pairs, eval_pairs = split_pairs(train_pairs, 0.1, cfg.seed)
+        eval_pairs = eval_pairs[: cfg.eval_limit]
+    else:
+        eval_pairs = load_preference_pairs(eval_source, split=cfg.eval_split, data_dir=cfg.data_dir or None,
+                                           rows=cfg.eval_rows or None, limit=cfg.eval_limit or None)
+    return train_pairs, eval_pairs
+
+
+def _is_files(source: str) -> bool:
+    return source != "demo" and (Path(source).exists() or any(c in source for c in "*?[") or "," in source)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_base(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
+    model = load_model(cfg.model, seed=cfg.seed)
+    check_vocab(model, tokenizer, cfg.model, cfg.tokenizer or default_tokenizer(cfg.model))
+    return model
+
+
+def attach_lora(model, cfg: TrainConfig):
+    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return lora.apply_lora(model, lora.LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.use_rslora))
+
+
+def wrap_policy(model, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    model.to(device)
+    policy = TokenLogps(model)
+    if cfg.compile:
+        policy = torch.compile(policy, dynamic=True)
+    return dist.wrap(policy, cfg.dist, device)
+
+
+def save_final(model, run_dir: Path, cfg: TrainConfig, tokenizer) -> None:
+    """PEFT-format adapter (LoRA) or full weights, the tokenizer, and merged weights on request."""
+    if dist.rank() != 0:
+        return
+    final = run_dir / "final"
+    final.mkdir(exist_ok=True)
+    tokenizer.save_pretrained(str(final / "tokenizer"))
+    if getattr(model, "lora_config", None) is not None:
+        lora.save_adapter(model, final / "adapter", base_model_name_or_path=cfg.model)
+        if cfg.merge:
+            _save_pretrained(lora.merge_lora(copy.deepcopy(model)), final / "merged")
+    else:
+        _save_pretrained(model, final / "model")
+
+
+def _save_pretrained(model, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    cfg.validate()
+    run_dir = Path(cfg.out) if resume else prepare_run_dir(cfg, "sft", overwrite=overwrite)
+    device = resolve_device(cfg.device)
+    tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer(cfg.model))
+    train_pairs, eval_pairs = load_pairs(cfg)
+    tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    examples, held_out = tokenize_sft(train_pairs, tokenizer, **tok), tokenize_sft(eval_pairs, tokenizer, **tok)
+    _announce(cfg, "sft", len(examples), len(held_out), examples.truncated)
+    model = load_base(cfg, tokenizer)
+    if not cfg.full:
+        attach_lora(model, cfg)
+    policy = wrap_policy(model, cfg, device)
+    pad = tokenizer.pad_token_id
+    if cfg.packing:
+        rows = pack_sft(examples, cfg.max_length)
+        collate = lambda idx: collate_packed(examples, [rows[i] for i in idx], row_length=cfg.max_length, pad_id=pad)
+        n_items, lengths = len(rows), None
+    else:
+        collate = lambda idx: collate_sft([examples[i] for i in idx], pad_id=pad)
+        n_items, lengths = len(examples), None
+    eval_batches = [collate_sft(held_out[i : i + cfg.batch_size], pad_id=pad) for i in range(0, len(held_out), cfg.batch_size)]
+    train(policy, SFTTask(), range(n_items), collate, cfg, run_dir, eval_batches=eval_batches, lengths=lengths,
+          resume_from=_resume_point(run_dir, resume))
+    save_final(model, run_dir, cfg, tokenizer)
+    return run_dir
+
+
+def dpo_start_model(cfg: DPOConfig, tokenizer):
+    """The model DPO starts from — and, frozen, its reference: base + SFT result merged in."""
+    if cfg.sft:
+        sft_dir = Path(cfg.sft)
+        sft_cfg = load_run_config(sft_dir, SFTConfig)
+        final = sft_dir / "final"
+        if (final / "model").is_dir():
+            return load_model(str(final / "model"))
+        if not (final / "adapter").is_dir():
+            raise UserError(f"SFT run {sft_dir} has no final/adapter or final/model: did it finish? Resume it first.")
+        model = load_model(sft_cfg.model, seed=sft_cfg.seed)
+        check_vocab(model, tokenizer, sft_cfg.model, cfg.tokenizer)
+        return lora.merge_lora(lora.load_adapter(model, final / "adapter"))
+    model = load_base(cfg, tokenizer)
+    if cfg.adapter:
+        model = lora.merge_lora(lora.load_adapter(model, cfg.adapter))
+    return model
+
+
+def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    if cfg.sft and not resume:
+        sft_cfg = load_run_config(Path(cfg.sft), SFTConfig)
+        cfg.model = sft_cfg.model
+        cfg.tokenizer = cfg.tokenizer or str(Path(cfg.sft) / "final" / "tokenizer")
+    cfg.validate()
+    run_dir = Path(cfg.out) if resume else prepare_run_dir(cfg, "dpo", overwrite=overwrite)
+    device = resolve_device(cfg.device)
+    tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer(cfg.model))
+    train_pairs, eval_pairs = load_pairs(cfg)
+    tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    pairs, held_out = tokenize_pairs(train_pairs, tokenizer, **tok), tokenize_pairs(eval_pairs, tokenizer, **tok)
+    _announce(cfg, "dpo", len(pairs), len(held_out), pairs.truncated)
+    model = dpo_start_model(cfg, tokenizer)
+    pad = tokenizer.pad_token_id
+    collate = lambda idx: collate_pairs([pairs[i] for i in idx], pad_id=pad, index=idx)
+    task = DPOTask(None, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma)
+    if cfg.full:
+        ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+        if device.type == "cuda":
+            ref_model.to(torch.bfloat16)  # the reference is only read: half the memory of an fp32 copy
+        reference = frozen_reference(TokenLogps(ref_model.to(device)), task.normalise)
+    else:
+        attach_lora(model, cfg)
+        reference = None
+    policy = wrap_policy(model, cfg, device)
+    if reference is None:
+        reference = adapter_reference(policy, task.normalise)
+    if cfg.precompute_ref and cfg.loss_type != "simpo":
+        reference = cached_reference(_reference_cache(run_dir, policy, reference, collate, len(pairs), cfg, device))
+        ref_model = None  # the frozen copy is no longer needed
+    task.reference = reference
+    eval_batches = [collate_pairs(held_out[i : i + cfg.batch_size], pad_id=pad) for i in range(0, len(held_out), cfg.batch_size)]
+    train(policy, task, range(len(pairs)), collate, cfg, run_dir, eval_batches=eval_batches,
+          lengths=sequence_lengths(pairs), resume_from=_resume_point(run_dir, resume))
+    save_final(model, run_dir, cfg, tokenizer)
+    return run_dir
+
+
+def _reference_cache(run_dir: Path, policy, reference, collate, n: int, cfg: TrainConfig, device) -> torch.Tensor:
+    """Reference log-probs of every training pair, computed once and kept in the run folder."""
+    from safetensors.torch import load_file, save_file
+
+    path = run_dir / "ref_logps.safetensors"
+    if path.is_file():
+        return load_file(str(path))["logps"]
+    batches = (collate(list(range(i, min(i + cfg.batch_size, n)))) for i in range(0, n, cfg.batch_size))
+    table = reference_table(policy, reference, batches, n, device)
+    if dist.rank() == 0:
+        tmp = path.with_suffix(".tmp")
+        save_file({"logps": table}, str(tmp))
+        tmp.replace(path)
+    return table
+
+
+def _resume_point(run_dir: Path, resume: bool) -> Path | None:
+    if not resume:
+        return None
+    point = checkpoint.latest_checkpoint(run_dir)
+    if point is None:
+        print(f"minialign: {run_dir} has no complete checkpoint yet; starting from step 0.")
+    return point
+
+
+def _announce(cfg: TrainConfig, kind: str, n_train: int, n_eval: int, truncated: int) -> None:
+    if dist.rank() != 0:
+        return
+    world = dist.world_size()
+    method = "full fine-tuning" if cfg.full else f"LoRA r={cfg.lora_r}"
+    print(f"minialign {kind}: {cfg.model}, {method}; {n_train} train / {n_eval} eval examples "
+          f"({truncated} truncated); global batch {cfg.batch_size} x {world} rank(s) x {cfg.grad_accum} accum "
+          f"= {cfg.batch_size * world * cfg.grad_accum}; run folder {cfg.out}")
+
+
+def resume_config(run_dir: Path, cls) -> TrainConfig:
+    cfg = load_run_config(run_dir, cls)
+    cfg.out = str(run_dir)
+    return cfg
+
+
+__all__ = ["sft", "dpo", "resume_config", "prepare_run_dir", "load_run_config", "partial"]

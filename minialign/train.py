@@ -1,0 +1,258 @@
+"""The one training loop, shared by SFT and DPO.
+
+It knows nothing about a particular loss: a task (``minialign.tasks``) turns a batch into a summed loss
+and summed metrics, plus the number of units (tokens or pairs) they are sums over. The loop divides by
+the units of the whole optimiser step — across gradient accumulation and ranks — so the gradient is the
+same however the global batch is split. Metrics stay on the device and are read back only every
+``log_every`` steps, so the step itself never waits for the GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from minialign import checkpoint, dist
+from minialign.config import TrainConfig
+from minialign.data import batch_indices
+from minialign.errors import UserError
+from minialign.tasks import add_target_index, to_device
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint so a resumed run continues exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    micro: int = 0  # next micro-batch within the epoch
+    tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(step=self.step, epoch=self.epoch, micro=self.micro, tokens=self.tokens)
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=fused)
+
+
+def make_scheduler(optimizer, total_steps: int, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        frac = (step - warmup) / max(1, total_steps - warmup)
+        return max(0.0, 1 - frac) if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class MetricsLog:
+    """Per-step metrics kept as device tensors until ``flush``, then appended as JSON lines."""
+
+    path: Path | None
+    pending: list[tuple[int, dict]] = field(default_factory=list)
+
+    def add(self, step: int, values: dict) -> None:
+        self.pending.append((step, values))
+
+    def flush(self) -> list[dict]:
+        if not self.pending:
+            return []
+        keys = sorted({k for _, v in self.pending for k, x in v.items() if torch.is_tensor(x)})
+        stacked = torch.stack([torch.stack([v[k].float() for k in keys]) for _, v in self.pending]).cpu().tolist()
+        rows = []
+        for (step, values), numbers in zip(self.pending, stacked):
+            row = {"step": step, **{k: x for k, x in values.items() if not torch.is_tensor(x)}, **dict(zip(keys, numbers))}
+            rows.append(row)
+        self.pending.clear()
+        self.write(rows)
+        return rows
+
+    def write(self, rows: list[dict]) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+            fh.flush()
+
+
+class StopRequested:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits."""
+
+    def __init__(self):
+        self.requested = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            self.requested = True
+
+        try:
+            for s in previous:
+                signal.signal(s, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            previous = {}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def evaluate_task(policy, task, batches: Sequence[dict], device, autocast) -> dict[str, float]:
+    """Mean of the task's metrics over held-out batches (``eval/`` prefixed), without gradients."""
+    was_training = policy.training
+    policy.eval()
+    sums: dict[str, torch.Tensor] = {}
+    units = 0
+    with torch.no_grad(), autocast():
+        for batch in batches:
+            units += task.units(batch)
+            _, metrics = task.loss(policy, to_device(add_target_index(dict(batch)), device))
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.float()
+    policy.train(was_training)
+    units = dist.all_reduce_int(units)
+    return {f"eval/{k}": dist.all_reduce_sum(v).item() / max(units, 1) for k, v in sums.items()}
+
+
+def train(
+    policy: torch.nn.Module,
+    task,
+    examples: Sequence,
+    collate: Callable[[list[int]], dict],
+    cfg: TrainConfig,
+    run_dir: Path | None,
+    *,
+    eval_batches: Sequence[dict] = (),
+    lengths: Sequence[int] | None = None,
+    resume_from: Path | None = None,
+    save_model: Callable[[Path], None] | None = None,
+) -> dict:
+    """Train ``policy`` on ``examples`` and return the last logged metrics.
+
+    ``collate(indices)`` builds a host-side batch from dataset positions. ``policy`` is the (possibly
+    DDP/FSDP-wrapped) module the task calls; its trainable parameters are the ones optimised.
+    """
+    device = next(policy.parameters()).device
+    rank, world = dist.rank(), dist.world_size()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    batches_per_epoch = len(batch_indices(len(examples), cfg.batch_size, seed=cfg.seed, epoch=0, drop_last=world > 1,
+                                          rank=rank, world_size=world))
+    if batches_per_epoch == 0:
+        raise UserError(f"Batch size {cfg.batch_size} x {world} rank(s) is larger than the {len(examples)} training examples; lower --batch-size.")
+    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    optimizer = make_optimizer(params, cfg, device)
+    scheduler = make_scheduler(optimizer, total, cfg)
+    progress = Progress()
+    if resume_from is not None:
+        progress = Progress(**checkpoint.load_checkpoint(resume_from, dist.unwrap(policy), optimizer, scheduler))
+    log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None and rank == 0 else None)
+    autocast = _autocast(device)
+    order: list[list[int]] = []
+
+    def next_micro() -> dict:
+        nonlocal order
+        if progress.micro >= steps_per_epoch * cfg.grad_accum:
+            progress.epoch, progress.micro = progress.epoch + 1, 0
+        if not order or order_epoch[0] != progress.epoch:
+            order = batch_indices(len(examples), cfg.batch_size, seed=cfg.seed, epoch=progress.epoch, drop_last=world > 1,
+                                  lengths=lengths, group_by_length=lengths is not None, rank=rank, world_size=world)
+            order_epoch[0] = progress.epoch
+        batch = collate(order[progress.micro])
+        progress.micro += 1
+        return batch
+
+    order_epoch = [-1]
+    last: dict = {}
+    bar = tqdm(total=total, initial=progress.step, disable=rank != 0, desc=task.name, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 10.0)
+    stop = StopRequested()
+    policy.train()
+    t0, tokens0 = time.perf_counter(), progress.tokens
+    with stop.installed():
+        while progress.step < total:
+            micro = [next_micro() for _ in range(cfg.grad_accum)]
+            units = dist.all_reduce_int(sum(task.units(b) for b in micro))
+            sums: dict[str, torch.Tensor] = {}
+            for i, batch in enumerate(micro):
+                progress.tokens += int(batch["attention_mask"].sum()) * world
+                batch = to_device(add_target_index(batch), device)
+                with dist.no_sync(policy, last=i == len(micro) - 1), autocast():
+                    loss, metrics = task.loss(policy, batch)
+                    (loss * (world / max(units, 1))).backward()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0) + v.float()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            sums = {k: dist.all_reduce_sum(v) / max(units, 1) for k, v in sums.items()}
+            log.add(progress.step, {**sums, "grad_norm": grad_norm, "lr": lr, "epoch": progress.epoch, "tokens": progress.tokens})
+            done = progress.step == total
+            eval_now = bool(eval_batches) and ((cfg.eval_every and progress.step % cfg.eval_every == 0) or done)
+            save_now = run_dir is not None and ((cfg.save_every and progress.step % cfg.save_every == 0) or done or stop.requested)
+            if progress.step % cfg.log_every == 0 or eval_now or save_now:
+                rows = log.flush()
+                _check_finite(rows, run_dir)
+                last = rows[-1]
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{(progress.tokens - tokens0) / elapsed:,.0f}")
+            bar.update(1)
+            if eval_now:
+                ev = evaluate_task(policy, task, eval_batches, device, autocast)
+                log.write([{"step": progress.step, **ev}])
+                last = {**last, **ev}
+            if save_now and rank == 0:
+                checkpoint.save_checkpoint(run_dir, progress.step, dist.unwrap(policy), optimizer, scheduler,
+                                           progress.as_dict(), cfg.keep_last)
+            dist.barrier()
+            if stop.requested:
+                bar.close()
+                raise KeyboardInterrupt(f"stopped at step {progress.step}; checkpoint saved, resume with --resume")
+    bar.close()
+    last["tokens_per_s"] = (progress.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
+    return last
+
+
+def _check_finite(rows: list[dict], run_dir: Path | None) -> None:
+    for row in rows:
+        if not math.isfinite(row["loss"]):
+            where = checkpoint.latest_checkpoint(run_dir) if run_dir is not None else None
+            kept = f"The last good checkpoint is {where}." if where else "No checkpoint had been written yet."
+            raise TrainingDiverged(
+                f"The loss became {row['loss']} at step {row['step']}; training stopped. {kept} "
+                "Lower --lr, raise --warmup-ratio or check the data."
+            )
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
