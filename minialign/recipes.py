@@ -142,7 +142,7 @@ def save_final(model, run_dir: Path, cfg: TrainConfig, tokenizer) -> None:
     final.mkdir(exist_ok=True)
     tokenizer.save_pretrained(str(final / "tokenizer"))
     if getattr(model, "lora_config", None) is not None:
-        lora.save_adapter(model, final / "adapter", base_model_name_or_path=cfg.model)
+        lora.save_adapter(model, final / "adapter")
         if cfg.merge:
             _save_pretrained(lora.merge_lora(copy.deepcopy(model)), final / "merged")
     else:

@@ -17,9 +17,9 @@ import base64
 import html
 import io
 import json
+import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,11 @@ class Note:
 
 
 @dataclass
+class Heading:
+    text: str
+
+
+@dataclass
 class Code:
     summary: str
     text: str
@@ -65,7 +70,10 @@ class Code:
 @dataclass
 class Section:
     title: str
-    blocks: list[Table | Plot | Samples | Note | Code]
+    blocks: list[Block]
+
+
+Block = Table | Plot | Samples | Note | Heading | Code
 
 
 NOT_RUN = "Not run: this stage has no results and no metrics in the run folder."
@@ -98,11 +106,13 @@ def write_report(run_dir: Path) -> dict[str, Path]:
 def load_results(run_dir: Path) -> dict[str, Any]:
     """Read ``results.json``; its absence means this is not a (finished enough) run folder."""
     path = run_dir / "results.json"
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} does not exist or is not a folder; pass the folder a minialign run wrote.")
     if not path.is_file():
         raise UserError(
             f"{run_dir} is not a minialign run folder, or its run has not reached the report stage: "
-            f"there is no {path.name} in it. Pass the folder given to `minialign run --out` (the one "
-            "holding results.json), or finish the run first."
+            "there is no results.json in it. Pass the output folder of a minialign run, or let the "
+            "run finish (or re-run it) so that it writes results.json."
         )
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
@@ -170,10 +180,14 @@ def lora_section(lora: dict[str, Any] | None) -> Section:
         rows = [[_fmt(r.get("rank")), _fmt(r.get("trainable")), _fmt(r.get("total")),
                  _fmt(r.get("percent"), suffix="%")] for r in ranks]
         blocks.append(Table(["rank", "trainable parameters", "total parameters", "trainable %"], rows))
+    else:
+        blocks.append(Note("No rank table recorded."))
     bench = _records(lora, "benchmark", "lora")
-    if bench:
+    if not bench:
+        blocks.append(Note("Speed and memory benchmark not run."))
+    else:
         rows = [[_fmt(b.get("mode")), _fmt(b.get("tokens_per_s")), _fmt(b.get("peak_memory_mb")),
-                 _fmt(b.get("memory_kind")), _fmt(b.get("device"))] for b in bench]
+                 _memory_kind(b), _fmt(b.get("device"))] for b in bench]
         blocks.append(Table(["mode", "tokens/s", "peak memory (MB)", "memory measured as", "device"], rows))
         blocks.append(Plot("lora_vs_full", benchmark_chart(bench), "Training throughput and peak memory, LoRA vs full fine-tuning"))
     return Section("LoRA", blocks)
@@ -182,11 +196,12 @@ def lora_section(lora: dict[str, Any] | None) -> Section:
 def sft_section(sft: dict[str, Any] | None, rows: list[dict], bad: list[int]) -> Section:
     if sft is None and not rows:
         return Section("SFT", [Note(NOT_RUN)])
-    blocks: list = _metrics_notes("sft/metrics.jsonl", rows, bad)
+    blocks: list = [Heading("Training curves"), *_metrics_notes("sft/metrics.jsonl", rows, bad)]
     if rows:
-        panel = ("loss", "loss", [("train", *series(rows, "loss")), ("eval", *series(rows, "eval/loss"))])
+        panel = ("loss", "loss", _train_and_eval(rows, "loss"))
         blocks.append(Plot("sft_loss", curves([panel]), "SFT loss (train and held-out)"))
     sft = sft or {}
+    blocks.append(Heading("Evaluation"))
     if any(k.startswith("eval_") for k in sft):
         blocks.append(Table(["metric", "before SFT", "after SFT"], [
             ["held-out loss", _fmt(sft.get("eval_loss_before")), _fmt(sft.get("eval_loss_after"))],
@@ -194,22 +209,21 @@ def sft_section(sft: dict[str, Any] | None, rows: list[dict], bad: list[int]) ->
         ]))
     else:
         blocks.append(Note("Evaluation not run."))
-    samples = _records(sft, "samples", "sft")
-    blocks.append(Samples(["prompt", "expected", "model"], samples) if samples else Note("No samples recorded."))
-    return Section("SFT", blocks)
+    return Section("SFT", blocks + _samples(sft, "sft", ["prompt", "expected", "model"]))
 
 
 def dpo_section(dpo: dict[str, Any] | None, rows: list[dict], bad: list[int]) -> Section:
     if dpo is None and not rows:
         return Section("DPO", [Note(NOT_RUN)])
-    blocks: list = _metrics_notes("dpo/metrics.jsonl", rows, bad)
+    blocks: list = [Heading("Training curves"), *_metrics_notes("dpo/metrics.jsonl", rows, bad)]
     if rows:
-        both = lambda key: [("train", *series(rows, key)), ("eval", *series(rows, f"eval/{key}"))]  # noqa: E731
-        blocks.append(Plot("dpo_loss", curves([("loss", "loss", both("loss"))]), "DPO loss (train and held-out)"))
-        panels = [("reward margin (chosen - rejected)", "margin", both("rewards/margins")),
-                  ("reward accuracy (chosen reward > rejected)", "accuracy", both("rewards/accuracies"))]
+        loss = ("loss", "loss", _train_and_eval(rows, "loss"))
+        blocks.append(Plot("dpo_loss", curves([loss]), "DPO loss (train and held-out)"))
+        panels = [("reward margin (chosen - rejected)", "margin", _train_and_eval(rows, "rewards/margins")),
+                  ("reward accuracy (chosen > rejected)", "accuracy", _train_and_eval(rows, "rewards/accuracies"))]
         blocks.append(Plot("dpo_rewards", curves(panels), "DPO implicit reward margin and accuracy"))
     evaluation = (dpo or {}).get("eval")
+    blocks.append(Heading("Evaluation"))
     if isinstance(evaluation, dict) and evaluation:
         labels = {"reference_accuracy": "reference accuracy", "policy_accuracy": "policy accuracy",
                   "reward_accuracy": "reward accuracy", "reward_margin": "reward margin",
@@ -218,10 +232,18 @@ def dpo_section(dpo: dict[str, Any] | None, rows: list[dict], bad: list[int]) ->
         blocks.append(Table(["metric", "value"], [[labels.get(k, k), _fmt(evaluation[k])] for k in keys]))
     else:
         blocks.append(Note("Evaluation not run."))
-    samples = _records(dpo or {}, "samples", "dpo")
     fields = ["prompt", "chosen", "rejected", "reference", "policy"]
-    blocks.append(Samples(fields, samples) if samples else Note("No samples recorded."))
-    return Section("DPO", blocks)
+    return Section("DPO", blocks + _samples(dpo or {}, "dpo", fields))
+
+
+def _samples(stage: dict[str, Any], name: str, fields: list[str]) -> list[Block]:
+    samples = _records(stage, "samples", name)
+    return [Heading("Samples"), Samples(fields, samples) if samples else Note("No samples recorded.")]
+
+
+def _train_and_eval(rows: list[dict], key: str) -> list[tuple[str, list, list]]:
+    """The training curve of ``key`` and its held-out counterpart ``eval/<key>``."""
+    return [("train", *series(rows, key)), ("eval", *series(rows, f"eval/{key}"))]
 
 
 def _metrics_notes(name: str, rows: list[dict], bad: list[int]) -> list:
@@ -251,26 +273,38 @@ def _records(section: dict[str, Any], key: str, where: str) -> list[dict[str, An
 
 
 def benchmark_chart(bench: list[dict[str, Any]]) -> bytes:
-    """Two bar panels, tokens/s and peak memory, one bar per benchmark row."""
-    devices = {str(b.get("device")) for b in bench}
-    kinds = {str(b.get("memory_kind")) for b in bench}
-    ticks = [str(b.get("mode")) + (f"\n{b.get('device')}" if len(devices) > 1 else "")
-             + (f"\n{_KIND.get(b.get('memory_kind'), b.get('memory_kind'))}" if len(kinds) > 1 else "")
-             for b in bench]
+    """Two bar panels, tokens/s and peak memory, one bar per benchmark row.
+
+    Device and memory kind are part of the labels because CUDA "max allocated" and CPU peak RSS
+    measure different things: bars are only comparable when those labels match.
+    """
+    devices = sorted({str(b.get("device")) for b in bench})
+    kinds = sorted({_memory_kind(b) for b in bench})
+    ticks = [_bar_label(b, show_device=len(devices) > 1, show_kind=len(kinds) > 1) for b in bench]
     colours = ["#4c72b0" if b.get("mode") == "full" else "#dd8452" for b in bench]
+    memory_label = "peak memory (MB)" + (f"\n{kinds[0]}" if len(kinds) == 1 else "")
     fig = Figure(figsize=(9, 3.6), layout="constrained")
-    memory_label = "peak memory (MB)" + (f"\n{_KIND.get(next(iter(kinds)), next(iter(kinds)))}" if len(kinds) == 1 else "")
-    for ax, key, label in zip(fig.subplots(1, 2), ("tokens_per_s", "peak_memory_mb"),
-                              ("tokens / second (higher is better)", memory_label)):
-        values = [float(b.get(key) or 0) for b in bench]
+    panels = [("tokens_per_s", "tokens / second"), ("peak_memory_mb", memory_label)]
+    for ax, (key, label) in zip(fig.subplots(1, 2), panels):
+        values = [float(b[key]) if _is_number(b.get(key)) else math.nan for b in bench]
         bars = ax.bar(ticks, values, color=colours)
-        ax.bar_label(bars, labels=[_fmt(v) for v in values], padding=2)
+        ax.bar_label(bars, labels=[_fmt(b.get(key)) for b in bench], padding=2)
         ax.set_ylabel(label)
         ax.margins(y=0.15)
         ax.grid(axis="y", alpha=0.3)
-    if len(devices) == 1:
-        fig.suptitle(f"LoRA vs full fine-tuning on {next(iter(devices))}")
+    fig.suptitle("LoRA vs full fine-tuning" + (f" on {devices[0]}" if len(devices) == 1 else ""))
     return _png(fig)
+
+
+def _bar_label(row: dict[str, Any], show_device: bool, show_kind: bool) -> str:
+    parts = [str(row.get("mode")), str(row.get("device")) if show_device else "",
+             _memory_kind(row) if show_kind else ""]
+    return "\n".join(p for p in parts if p)
+
+
+def _memory_kind(row: dict[str, Any]) -> str:
+    kind = row.get("memory_kind")
+    return {"cuda_max_allocated": "CUDA max allocated", "cpu_peak_rss": "CPU peak RSS"}.get(kind, _fmt(kind))
 
 
 def curves(panels: list[tuple[str, str, list[tuple[str, list, list]]]]) -> bytes:
@@ -297,8 +331,6 @@ def _png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-_KIND = {"cuda_max_allocated": "CUDA max allocated", "cpu_peak_rss": "CPU peak RSS"}
-
 # ----------------------------------------------------------------------------- renderers
 
 
@@ -311,9 +343,11 @@ def render_markdown(title: str, sections: list[Section]) -> str:
     return "\n".join(out)
 
 
-def _markdown_block(block: Table | Plot | Samples | Note | Code) -> list[str]:
+def _markdown_block(block: Block) -> list[str]:
     if isinstance(block, Note):
         return [block.text]
+    if isinstance(block, Heading):
+        return [f"### {block.text}"]
     if isinstance(block, Code):
         return [f"**{block.summary}**", "", *_fenced(block.text, "json")]
     if isinstance(block, Plot):
@@ -324,7 +358,7 @@ def _markdown_block(block: Table | Plot | Samples | Note | Code) -> list[str]:
         return lines + ["| " + " | ".join(map(cell, row)) + " |" for row in block.rows]
     lines = []
     for number, item in enumerate(block.items, 1):
-        lines += [f"### Sample {number}", ""]
+        lines += [f"#### Sample {number}", ""]
         for field in block.fields:
             text = item.get(field)
             body = ["_(missing)_"] if text is None else ["_(empty)_"] if text == "" else _fenced(str(text), "text")
@@ -340,27 +374,18 @@ def _fenced(text: str, language: str) -> list[str]:
 
 
 _CSS = """
-body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1f2328;
-       max-width: 1150px; margin: 0 auto; padding: 24px; background: #fff; }
-h1 { font-size: 26px; border-bottom: 1px solid #d0d7de; padding-bottom: 8px; }
-h2 { font-size: 21px; margin-top: 36px; border-bottom: 1px solid #d0d7de; padding-bottom: 4px; }
-h3 { font-size: 15px; margin: 20px 0 6px; color: #57606a; }
-table { border-collapse: collapse; margin: 12px 0; }
-th, td { border: 1px solid #d0d7de; padding: 5px 12px; text-align: left; }
-td { font-variant-numeric: tabular-nums; }
-th { background: #f6f8fa; }
-figure { margin: 16px 0; }
-figure img { max-width: 100%; border: 1px solid #eaeef2; }
-figcaption { color: #57606a; font-size: 13px; }
-.note { color: #57606a; font-style: italic; }
+body { font: 15px/1.5 system-ui, sans-serif; color: #1f2328; max-width: 1150px; margin: 0 auto; padding: 24px; }
+h1, h2 { border-bottom: 1px solid #d0d7de; padding-bottom: 6px; } h2 { margin-top: 36px; }
+h3 { margin: 26px 0 8px; } h4 { margin: 18px 0 6px; color: #57606a; }
+table { border-collapse: collapse; margin: 12px 0; } th { background: #f6f8fa; }
+th, td { border: 1px solid #d0d7de; padding: 5px 12px; text-align: left; font-variant-numeric: tabular-nums; }
+figure { margin: 16px 0; } figure img { max-width: 100%; } figcaption, .note { color: #57606a; }
+.note { font-style: italic; } .empty { color: #8c959f; font-style: italic; }
 .sample { display: grid; gap: 8px; margin-bottom: 18px; }
 .cell { border: 1px solid #d0d7de; border-radius: 6px; overflow: hidden; min-width: 0; }
-.cell.wide { grid-column: 1 / -1; }
-.label { background: #f6f8fa; font: 600 12px system-ui, sans-serif; letter-spacing: .05em;
-         padding: 3px 8px; border-bottom: 1px solid #d0d7de; }
-pre { margin: 0; padding: 8px; white-space: pre-wrap; overflow-wrap: anywhere;
-      font: 13px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
-.empty { color: #8c959f; font-style: italic; font-family: system-ui, sans-serif; }
+.cell.wide { grid-column: 1 / -1; } .cell.wide pre { max-height: 22em; overflow: auto; }
+.label { background: #f6f8fa; font-size: 12px; font-weight: 600; padding: 3px 8px; border-bottom: 1px solid #d0d7de; }
+pre { margin: 0; padding: 8px; white-space: pre-wrap; overflow-wrap: anywhere; font: 13px/1.45 ui-monospace, monospace; }
 details pre { background: #f6f8fa; border-radius: 6px; }
 """
 
@@ -375,10 +400,12 @@ def render_html(title: str, sections: list[Section]) -> str:
             + "\n".join(body) + "\n</body>\n</html>\n")
 
 
-def _html_block(block: Table | Plot | Samples | Note | Code) -> str:
+def _html_block(block: Block) -> str:
     esc = html.escape
     if isinstance(block, Note):
         return f'<p class="note">{esc(block.text)}</p>'
+    if isinstance(block, Heading):
+        return f"<h3>{esc(block.text)}</h3>"
     if isinstance(block, Code):
         return f"<details><summary>{esc(block.summary)}</summary><pre>{esc(block.text)}</pre></details>"
     if isinstance(block, Plot):
@@ -393,7 +420,7 @@ def _html_block(block: Table | Plot | Samples | Note | Code) -> str:
     out = []
     for number, item in enumerate(block.items, 1):
         cells = [_html_cell(field, item.get(field), wide=i == 0) for i, field in enumerate(block.fields)]
-        out.append(f"<h3>Sample {number}</h3>\n<div class=\"sample\" style=\"{columns}\">{''.join(cells)}</div>")
+        out.append(f"<h4>Sample {number}</h4>\n<div class=\"sample\" style=\"{columns}\">{''.join(cells)}</div>")
     return "\n".join(out)
 
 
@@ -433,12 +460,11 @@ def _duration(seconds: Any) -> str:
 def _write_atomic(path: Path, data: bytes) -> Path:
     """Write to a temporary file next to ``path`` and rename it over: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # plain open: honours the umask
     try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
+        temporary.write_bytes(data)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return path

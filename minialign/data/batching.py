@@ -140,7 +140,8 @@ def batch_indices(
     evenly as possible and a rank may receive an empty list, which it must still step through.
 
     ``group_by_length`` sorts examples by ``lengths`` within chunks of 50 global batches (less
-    padding) and then shuffles the batch order, so batches are not sorted by length over time.
+    padding) and then shuffles the order of the full batches, so batches are not sorted by length
+    over time.
     """
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size} must be at least 1.")
@@ -155,12 +156,16 @@ def batch_indices(
         if lengths is None or len(lengths) != n:
             raise ValueError("group_by_length needs one length per example")
         chunk = size * LENGTH_GROUP_BATCHES
-        order = [i for s in range(0, n, chunk) for i in sorted(order[s : s + chunk], key=lambda i: -lengths[i])]
+        by_length = lambda i: -lengths[i]  # noqa: E731 - longest first within each chunk
+        order = [i for s in range(0, n, chunk) for i in sorted(order[s : s + chunk], key=by_length)]
     batches = [order[s : s + size] for s in range(0, n, size)]
     if drop_last and batches and len(batches[-1]) < size:
         batches.pop()
-    if group_by_length and shuffle:
-        rng.shuffle(batches)
+    if group_by_length and shuffle:  # a short last batch stays last, as without grouping
+        full = len(batches) - (1 if batches and len(batches[-1]) < size else 0)
+        head = batches[:full]
+        rng.shuffle(head)
+        batches = head + batches[full:]
     return [b[rank * len(b) // world_size : (rank + 1) * len(b) // world_size] for b in batches]
 
 

@@ -41,7 +41,9 @@ CAPITALS = [
     ("Norway", "Oslo"), ("Cuba", "Havana"), ("Chile", "Santiago"), ("India", "New Delhi"),
     ("Poland", "Warsaw"), ("Ireland", "Dublin"), ("Mexico", "Mexico City"), ("Turkey", "Ankara"),
 ]
-CAPITAL_ASKS = ["What is the capital of {x}?", "Which city is the capital of {x}?", "Tell me the capital of {x}."]
+CAPITAL_ASKS = [
+    "What is the capital of {x}?", "Which city is the capital of {x}?", "Tell me the capital of {x}.",
+]
 
 OPPOSITES = [
     ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("up", "down"), ("happy", "sad"),
@@ -149,13 +151,15 @@ def demo_rows(split: str) -> list[dict[str, str]]:
     rows = []
     for question, chosen, rejected, _ in picked:
         opener = rng.randrange(len(OPENERS)) if rng.random() < 0.25 else None
-        rows.append({"prompt": _dialogue(question, opener), "chosen": " " + chosen, "rejected": " " + rejected})
+        prompt = _dialogue(question, opener)
+        rows.append({"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected})
     return rows
 
 
 def demo_texts() -> list[str]:
     """Every full dialogue of both splits: the corpus the demo tokenizer is trained on."""
-    return [r["prompt"] + r[key] for split in ("train", "test") for r in demo_rows(split) for key in ("chosen", "rejected")]
+    rows = demo_rows("train") + demo_rows("test")
+    return [r["prompt"] + r[key] for r in rows for key in ("chosen", "rejected")]
 
 
 def build_demo_tokenizer(vocab_size: int = 1000):

@@ -172,7 +172,7 @@ def _read_jsonl(path: Path) -> Rows:
                     ) from None
                 yield where, row
     except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
-        raise UserError(f"cannot read {path}: {exc}. Check that the file is complete and uncorrupted.") from None
+        raise UserError(f"cannot read {path}: {exc}. Check that the file is complete and not corrupted.") from None
 
 
 def _read_json(path: Path) -> Rows:
@@ -183,7 +183,8 @@ def _read_json(path: Path) -> Rows:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise UserError(
-            f"{path} line {line} is not valid UTF-8 ({exc.reason} at byte {exc.start}). Re-save the file as UTF-8."
+            f"{path} line {line} is not valid UTF-8 ({exc.reason} at byte {exc.start}). Re-save the "
+            "file as UTF-8."
         ) from None
     try:
         rows = json.loads(text)
@@ -207,7 +208,7 @@ def _read_parquet(path: Path) -> Rows:
     try:
         table = pq.read_table(path)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad file
-        raise UserError(f"cannot read {path} as Parquet: {exc}. Check that the file is a complete .parquet file.") from None
+        raise UserError(f"cannot read {path} as Parquet: {exc}. Check that the file is complete.") from None
     for i, row in enumerate(table.to_pylist()):
         yield f"{path} row {i}", row
 

@@ -16,6 +16,8 @@ from typing import Any
 from minialign.data.sources import load_preference_pairs
 from minialign.data.tokenize import check_limits, encode, truncate
 
+STATS = ("min", "median", "mean", "p95", "max")
+
 
 def length_stats(lengths: Sequence[int]) -> dict[str, float]:
     """min / median / mean / p95 / max of a list of lengths (p95 by the nearest-rank rule)."""
@@ -65,7 +67,8 @@ def summarize_source(
         ids[f] = [r + [eos] for r in ids[f]]
     limits = {"max_length": max_length, "max_prompt_length": max_prompt_length}
     sft = sum(truncate(p, [c], **limits)[2] for p, c in zip(ids["prompt"], ids["chosen"]))
-    dpo = sum(truncate(p, [c, r], **limits)[2] for p, c, r in zip(ids["prompt"], ids["chosen"], ids["rejected"]))
+    triples = zip(ids["prompt"], ids["chosen"], ids["rejected"])
+    dpo = sum(truncate(p, [c, r], **limits)[2] for p, c, r in triples)
     out["tokens"] = {f: length_stats([len(x) for x in ids[f]]) for f in fields}
     out["truncated"] = {"sft": sft, "dpo": dpo, **limits}
     return out
@@ -83,9 +86,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     for unit in ("chars", "tokens"):
         if unit not in summary:
             continue
-        lines.append(f"{unit:<11}{'min':>8}{'median':>8}{'mean':>8}{'p95':>8}{'max':>8}")
+        lines.append(f"{unit:<11}" + "".join(f"{k:>8}" for k in STATS))
         for field, s in summary[unit].items():
-            lines.append(f"  {field:<9}" + "".join(f"{s[k]:>8g}" for k in ("min", "median", "mean", "p95", "max")))
+            lines.append(f"  {field:<9}" + "".join(f"{s[k]:>8g}" for k in STATS))
     if "truncated" in summary:
         t = summary["truncated"]
         lines.append(

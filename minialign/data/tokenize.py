@@ -89,12 +89,13 @@ def tokenize_pairs(
 ) -> TokenizedData:
     """Tokenize preference pairs for DPO: one prompt, two EOS-terminated responses, truncated to fit."""
     eos = check_limits(tokenizer, max_length, max_prompt_length)
+    limits = {"max_length": max_length, "max_prompt_length": max_prompt_length}
     prompts = encode([p.prompt for p in pairs], tokenizer)
     chosen = encode([p.chosen for p in pairs], tokenizer)
     rejected = encode([p.rejected for p in pairs], tokenizer)
     out, truncated = [], 0
     for p, c, r in zip(prompts, chosen, rejected):
-        p, (c, r), was_cut = truncate(p, [c + [eos], r + [eos]], max_length=max_length, max_prompt_length=max_prompt_length)
+        p, (c, r), was_cut = truncate(p, [c + [eos], r + [eos]], **limits)
         out.append(TokenizedPair(p, c, r))
         truncated += was_cut
     return TokenizedData(out, truncated=truncated)
@@ -105,11 +106,12 @@ def tokenize_sft(
 ) -> TokenizedData:
     """Tokenize the chosen side of each pair as an SFT example (prompt + chosen response + EOS)."""
     eos = check_limits(tokenizer, max_length, max_prompt_length)
+    limits = {"max_length": max_length, "max_prompt_length": max_prompt_length}
     prompts = encode([p.prompt for p in pairs], tokenizer)
     responses = encode([p.chosen for p in pairs], tokenizer)
     out, truncated = [], 0
     for p, r in zip(prompts, responses):
-        p, (r,), was_cut = truncate(p, [r + [eos]], max_length=max_length, max_prompt_length=max_prompt_length)
+        p, (r,), was_cut = truncate(p, [r + [eos]], **limits)
         out.append(TokenizedExample(p, r))
         truncated += was_cut
     return TokenizedData(out, truncated=truncated)

@@ -1,0 +1,116 @@
+"""Measure training speed and peak memory of one configuration on fixed batches.
+
+Used by `minialign run` (LoRA vs full fine-tuning) and by `benchmarks/bench_gpu.py` (against TRL + PEFT).
+Throughput counts real (non-padding) tokens over steady-state steps only: the first ``warmup`` steps
+(allocator growth, kernel selection, compilation) are excluded. Memory is the CUDA allocator's peak on a
+GPU and the process's peak resident set on a CPU — a different quantity, so it is labelled.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from minialign import lora
+from minialign.config import TrainConfig
+from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, add_target_index, frozen_reference, to_device
+from minialign.train import _autocast, make_optimizer
+
+
+@dataclass
+class Measurement:
+    mode: str  # "lora" | "full"
+    task: str  # "sft" | "dpo"
+    batch_size: int
+    tokens_per_s: float
+    pairs_per_s: float | None
+    peak_memory_mb: float
+    memory_kind: str  # "cuda_max_allocated" | "cpu_peak_rss"
+    device: str
+    final_loss: float
+    steps: int
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 8, steps: int = 20, warmup: int = 3,
+            lr: float = 1e-4, beta: float = 0.1, device: torch.device | str = "cpu", compile: bool = False) -> Measurement:
+    """Train ``model`` (consumed: LoRA is applied in place) for ``warmup + steps`` steps over ``batches``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    if not full:
+        lora.apply_lora(model, lora.LoRAConfig(r=lora_r, alpha=2 * lora_r))
+    model.to(device).train()
+    policy = TokenLogps(model)
+    if compile:
+        policy = torch.compile(policy, dynamic=True)
+    if task == "sft":
+        objective = SFTTask()
+    else:
+        if full:
+            ref = TokenLogps(_frozen_copy(model, device))
+            reference = frozen_reference(ref, False)
+        else:
+            reference = adapter_reference(policy, False)
+        objective = DPOTask(reference, beta=beta)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, TrainConfig(lr=lr), device)
+    autocast = _autocast(device)
+    tokens = pairs = 0
+    loss = torch.zeros((), device=device)
+    start = None
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            start = time.perf_counter()
+        batch = batches[i % len(batches)]
+        if i >= warmup:
+            tokens += int(batch["attention_mask"].sum())
+            pairs += batch.get("n_pairs", 0)
+        units = objective.units(batch)
+        batch = to_device(add_target_index(dict(batch)), device)
+        with autocast():
+            loss, _ = objective.loss(policy, batch)
+            (loss / units).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss.detach() / units
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    else:
+        peak, kind = peak_rss_mb(), "cpu_peak_rss"
+    return Measurement(
+        mode="full" if full else "lora", task=task, batch_size=batches[0].get("n_pairs", batches[0]["input_ids"].shape[0]),
+        tokens_per_s=tokens / elapsed, pairs_per_s=pairs / elapsed if task == "dpo" else None,
+        peak_memory_mb=peak, memory_kind=kind, device=device_name(device), final_loss=float(loss), steps=steps,
+    )
+
+
+def _frozen_copy(model, device):
+    import copy
+
+    ref = copy.deepcopy(model).requires_grad_(False).eval()
+    if device.type == "cuda":
+        ref.to(torch.bfloat16)
+    return ref.to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
