@@ -57,12 +57,16 @@ def generate(
         return []
     eos_ids = _eos_ids(tokenizer, eos_token_id)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    if isinstance(stop_strings, str):  # one string, not an iterable of one-character stops
+        stop_strings = (stop_strings,)
     stop_strings = tuple(s for s in stop_strings if s)
     config = _generation_config(
         max_new_tokens, do_sample, temperature, top_p, top_k, eos_ids, pad_id, stop_strings
     )
     device = next(model.parameters()).device
     completions: list[str] = []
+    # no_grad rather than inference_mode: this runs mid-training too, and tensors a model caches
+    # while generating (e.g. rotary tables) must stay usable by a later backward pass.
     with _eval_mode(model), _seeded_rng(seed, device), torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]

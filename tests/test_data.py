@@ -42,9 +42,7 @@ def test_harmless_counts_and_lossless_split(harmless, raw_rows):
     # Walk the raw rows in order: every kept pair must rebuild its row exactly.
     unmatched, i = [], 0
     for pair in pairs:
-        while not (
-            pair.prompt + pair.chosen == raw_rows[i]["chosen"] and pair.prompt + pair.rejected == raw_rows[i]["rejected"]
-        ):
+        while (pair.prompt + pair.chosen, pair.prompt + pair.rejected) != (raw_rows[i]["chosen"], raw_rows[i]["rejected"]):
             unmatched.append(i)
             i += 1
         assert pair.prompt.endswith(A) and A not in pair.chosen and A not in pair.rejected
@@ -144,6 +142,7 @@ def test_local_formats_agree(tmp_path):
     assert list(load_preference_pairs(tmp_path / "d.parquet")) == [PreferencePair("P", " c", " r")] * 2
     both = load_preference_pairs([str(js), tmp_path / "d.parquet"])
     assert both.rows == 7 and len(both) == 4 and both[2].prompt == "P"
+    assert list(load_preference_pairs(f"{js},{tmp_path / 'd.parquet'}")) == list(both)
     globbed = load_preference_pairs(str(tmp_path / "*"), rows="4:6", limit=2)  # sorted: a, b, c, d
     assert list(globbed) == [PreferencePair("Q: 4?", " yes", " no"), expected[0]] and globbed.rows == 2
 
@@ -206,7 +205,8 @@ def test_bad_json_line_names_file_and_line(tmp_path):
 
 def test_missing_or_wrong_field(tmp_path):
     path = _write_jsonl(tmp_path / "f.jsonl", [HH_ROWS[0], {"question": "q", "chosen": "c"}])
-    with pytest.raises(UserError, match=r"f\.jsonl line 2: the row has no field 'rejected'; its keys are 'question', 'chosen'"):
+    message = r"f\.jsonl line 2: the row has no field 'rejected'; its keys are 'question', 'chosen'"
+    with pytest.raises(UserError, match=message):
         load_preference_pairs(path)
     path = _write_jsonl(tmp_path / "g.jsonl", [{"prompt": "p", "chosen": [{"role": "user"}], "rejected": "r"}])
     with pytest.raises(UserError, match="field 'chosen' is a list.*conversational"):
@@ -225,7 +225,8 @@ def test_empty_sources(tmp_path):
     with pytest.raises(UserError, match="has no rows"):
         load_preference_pairs("demo", rows="500:")
     useless = _write_jsonl(tmp_path / "useless.jsonl", HH_ROWS[1:4])
-    with pytest.raises(UserError, match="none of the 3 rows.*empty_response 1, identical_responses 1, no_assistant_turn 1"):
+    message = "none of the 3 rows.*empty_response 1, identical_responses 1, no_assistant_turn 1"
+    with pytest.raises(UserError, match=message):
         load_preference_pairs(useless)
 
 
@@ -233,7 +234,8 @@ def test_non_utf8(tmp_path):
     for name in ("latin.jsonl", "latin.json"):
         path = tmp_path / name
         good = json.dumps(HH_ROWS[0]).encode()
-        path.write_bytes(b'[{"chosen": "caf\xe9"}]\n' if name.endswith(".json") else good + b'\n{"chosen": "caf\xe9"}\n')
+        bad = b'{"chosen": "caf\xe9"}'  # latin-1, not UTF-8
+        path.write_bytes(b"[" + bad + b"]\n" if name.endswith(".json") else good + b"\n" + bad + b"\n")
         line = "1" if name.endswith(".json") else "2"
         with pytest.raises(UserError, match=rf"{name} line {line} is not valid UTF-8"):
             load_preference_pairs(path)

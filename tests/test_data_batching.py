@@ -23,7 +23,8 @@ def random_examples(n: int, seed: int, max_len: int = 40) -> list[TokenizedExamp
     out = []
     for _ in range(n):
         p, r = rng.randint(1, max_len // 2), rng.randint(1, max_len // 2)
-        out.append(TokenizedExample([rng.randint(1, 99) for _ in range(p)], [rng.randint(0, 99) for _ in range(r - 1)] + [0]))
+        prompt, response = [rng.randint(1, 99) for _ in range(p)], [rng.randint(0, 99) for _ in range(r - 1)]
+        out.append(TokenizedExample(prompt, response + [0]))
     return out
 
 

@@ -74,7 +74,8 @@ def test_truncation_keeps_the_prompt_end_and_cuts_responses(tok):
     assert sft.truncated == 1 and len(sft[0].prompt_ids) + len(sft[0].response_ids) == 20
     real = tokenize_pairs(load_preference_pairs("demo", limit=50), tok, max_length=24, max_prompt_length=12)
     assert real.truncated > 0
-    assert all(len(t.prompt_ids) <= 12 and len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids)) <= 24 for t in real)
+    for t in real:
+        assert len(t.prompt_ids) <= 12 and len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids)) <= 24
 
 
 def test_eos_stays_a_target_when_pad_is_eos():
@@ -100,7 +101,8 @@ def test_dpo_collate_chosen_rows_first(tok):
         for row, response in ((b, p.chosen_ids), (b + 3, p.rejected_ids)):
             assert batch["input_ids"][row, : n + len(response)].tolist() == p.prompt_ids + response
             assert batch["targets"][row, n - 1 : n - 1 + len(response)].tolist() == response
-            assert (batch["targets"][row, : n - 1] == -100).all() and (batch["targets"][row, n - 1 + len(response) :] == -100).all()
+            assert (batch["targets"][row, : n - 1] == -100).all()
+            assert (batch["targets"][row, n - 1 + len(response) :] == -100).all()
     assert batch["n_targets"] == sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     assert collate_pairs(pairs, pad_id=0)["index"].tolist() == [0, 1, 2]
 

@@ -117,6 +117,7 @@ def test_completion_is_cut_before_the_next_human_turn(tokenizer):
     model.register_forward_hook(lambda *args: calls.append(1))
     assert generate(model, tokenizer, [prompt], max_new_tokens=30) == [" Hello world"]
     assert len(calls) == len(continuation) - 1  # " are" is never produced
+    assert generate(model, tokenizer, [prompt], stop_strings="\n\nHuman:") == [" Hello world"]
 
 
 def test_eos_ends_a_completion_and_comes_from_the_tokenizer(tokenizer):

@@ -16,6 +16,7 @@ import glob
 import gzip
 import itertools
 import json
+import os
 import random
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -242,14 +243,23 @@ def _has_extension(path: str) -> bool:
     return path.lower().endswith(EXTENSIONS)
 
 
+def _items(source: str | Path | Sequence[str | Path]) -> list[str | Path]:
+    """A source as a list; a string "a.jsonl,b.jsonl" (as typed on a command line) lists several files."""
+    if isinstance(source, Path):
+        return [source]
+    if isinstance(source, str):
+        return source.split(",") if "," in source and not Path(source).exists() else [source]
+    return list(source)
+
+
 def resolve_paths(source: str | Path | Sequence[str | Path]) -> list[Path]:
     """Local files named by a path, a glob, or a list of either, in the order given (globs sorted)."""
-    items = [source] if isinstance(source, (str, Path)) else list(source)
+    items = [item for item in _items(source) if str(item).strip()]
     if not items:
         raise UserError("the list of source files is empty; name at least one file.")
     paths: list[Path] = []
     for item in items:
-        text = str(item)
+        text = os.path.expanduser(str(item))
         if any(c in text for c in GLOB_CHARS):
             matches = sorted(glob.glob(text, recursive=True))
             if not matches:
@@ -272,12 +282,11 @@ def resolve_paths(source: str | Path | Sequence[str | Path]) -> list[Path]:
 
 def _is_local(source: str | Path | Sequence[str | Path]) -> bool:
     """Decide between local files and a hub id: anything path-like or with a known extension is local."""
-    if not isinstance(source, (str, Path)):
+    if not isinstance(source, str) or "," in source:
         return True
-    text = str(source)
+    text = source
     return (
-        isinstance(source, Path)
-        or _has_extension(text)
+        _has_extension(text)
         or any(c in text for c in GLOB_CHARS)
         or text.startswith((".", "/", "~"))
         or Path(text).exists()
@@ -326,12 +335,6 @@ def _select(rows: Rows, span: slice) -> Iterator[tuple[str, Any]]:
     return iter(list(rows)[span])
 
 
-def _describe(source: str | Path | Sequence[str | Path]) -> str:
-    if isinstance(source, (str, Path)):
-        return str(source)
-    return ", ".join(str(s) for s in source)
-
-
 def load_preference_pairs(
     source: str | Path | Sequence[str | Path],
     *,
@@ -346,12 +349,13 @@ def load_preference_pairs(
     ``rows="START:STOP"`` picks raw rows by position before any filtering (the project evaluates on
     harmless-base rows "0:300" and trains on "300:"); ``limit`` caps the pairs kept. ``split`` picks
     the hub split or the demo split; local files are a single split (see ``split_pairs``), and
-    ``data_dir`` only matters for hub datasets.
+    ``data_dir`` only matters for hub datasets. Several files can be given as a list or as one
+    comma-separated string.
     """
     if limit is not None and limit < 1:
         raise UserError(f"limit={limit} must be at least 1 (or left unset for all pairs).")
     span = parse_rows(rows)
-    name = _describe(source)
+    name = ",".join(str(s) for s in _items(source))
     pairs: list[PreferencePair] = []
     skipped: Counter[str] = Counter()
     seen = 0
