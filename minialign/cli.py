@@ -104,10 +104,12 @@ def cmd_train(args, kind: str) -> int:
 
 
 def cmd_lora_params(args) -> int:
-    from minialign.lora import lora_param_table
+    from minialign.lora import LoRAConfig, lora_param_table
     from minialign.models import load_model
 
     targets = args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",")]
+    for r in args.ranks:  # before loading anything
+        LoRAConfig(r=r, target_modules=targets).validate()
     rows = lora_param_table(load_model(args.model), args.ranks, targets)
     if args.json:
         print(json.dumps(rows))

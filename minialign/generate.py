@@ -143,16 +143,16 @@ def _generation_config(
     so the knobs that change what comes out (beams, repetition penalty, ...) are pinned here:
     samples then depend on our arguments, not on whatever the checkpoint ships with.
     """
-    settings: dict = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        num_beams=1,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        eos_token_id=eos_ids,
-        pad_token_id=pad_id,
-        stop_strings=list(stop_strings) or None,
-    )
+    settings: dict = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "num_beams": 1,
+        "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "eos_token_id": eos_ids,
+        "pad_token_id": pad_id,
+        "stop_strings": list(stop_strings) or None,
+    }
     if do_sample:  # set only when used: transformers warns about sampling knobs under greedy decoding
         settings.update(temperature=temperature, top_p=top_p, top_k=top_k)
     return GenerationConfig(**settings)

@@ -105,7 +105,8 @@ def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         ``[B]`` float32 sums over the positions whose target is not ``-100``.
     """
     mask = targets != -100
-    return (token_logps_reference(logits, targets) * mask).sum(-1)
+    # masked_fill, not a multiply: a masked position's clamped target may have log-prob -inf, and -inf * 0 is NaN
+    return token_logps_reference(logits, targets).masked_fill(~mask, 0.0).sum(-1)
 
 
 def sum_by_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Inputs are the files a run leaves behind: ``results.json`` (LoRA sizes and benchmark, evaluation
 numbers, samples, config, timings) and the ``sft/metrics.jsonl`` / ``dpo/metrics.jsonl`` logs.
 A stage that did not run is reported as "not run" rather than failing, because partial runs
-(``--stages sft``, a killed job) are exactly the ones people want to look at.
+(stopped after SFT, killed mid-DPO) are exactly the ones people want to look at.
 
 The report is first built as a list of sections made of a few block types (table, plot, samples,
 note, code), then rendered twice: to Markdown, which links the PNGs, and to HTML, which embeds
@@ -189,7 +189,8 @@ def lora_section(lora: dict[str, Any] | None) -> Section:
         rows = [[_fmt(b.get("mode")), _fmt(b.get("tokens_per_s")), _fmt(b.get("peak_memory_mb")),
                  _memory_kind(b), _fmt(b.get("device"))] for b in bench]
         blocks.append(Table(["mode", "tokens/s", "peak memory (MB)", "memory measured as", "device"], rows))
-        blocks.append(Plot("lora_vs_full", benchmark_chart(bench), "Training throughput and peak memory, LoRA vs full fine-tuning"))
+        caption = "Training throughput and peak memory, LoRA vs full fine-tuning"
+        blocks.append(Plot("lora_vs_full", benchmark_chart(bench), caption))
     return Section("LoRA", blocks)
 
 
@@ -285,7 +286,7 @@ def benchmark_chart(bench: list[dict[str, Any]]) -> bytes:
     memory_label = "peak memory (MB)" + (f"\n{kinds[0]}" if len(kinds) == 1 else "")
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     panels = [("tokens_per_s", "tokens / second"), ("peak_memory_mb", memory_label)]
-    for ax, (key, label) in zip(fig.subplots(1, 2), panels):
+    for ax, (key, label) in zip(fig.subplots(1, 2), panels, strict=True):
         values = [float(b[key]) if _is_number(b.get(key)) else math.nan for b in bench]
         bars = ax.bar(ticks, values, color=colours)
         ax.bar_label(bars, labels=[_fmt(b.get(key)) for b in bench], padding=2)
@@ -310,7 +311,7 @@ def _memory_kind(row: dict[str, Any]) -> str:
 def curves(panels: list[tuple[str, str, list[tuple[str, list, list]]]]) -> bytes:
     """One panel per (title, y label, lines); each line is (label, steps, values)."""
     fig = Figure(figsize=(9 if len(panels) > 1 else 7, 3.6), layout="constrained")
-    for ax, (title, ylabel, lines) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+    for ax, (title, ylabel, lines) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         for label, steps, values in lines:
             if steps:
                 is_eval = label == "eval"
@@ -353,9 +354,8 @@ def _markdown_block(block: Block) -> list[str]:
     if isinstance(block, Plot):
         return [f"![{block.caption}](plots/{block.name}.png)"]
     if isinstance(block, Table):
-        cell = lambda text: html.escape(text, quote=False).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-        lines = ["| " + " | ".join(map(cell, block.headers)) + " |", "|" + "---|" * len(block.headers)]
-        return lines + ["| " + " | ".join(map(cell, row)) + " |" for row in block.rows]
+        lines = [_markdown_row(block.headers), "|" + "---|" * len(block.headers)]
+        return lines + [_markdown_row(row) for row in block.rows]
     lines = []
     for number, item in enumerate(block.items, 1):
         lines += [f"#### Sample {number}", ""]
@@ -364,6 +364,12 @@ def _markdown_block(block: Block) -> list[str]:
             body = ["_(missing)_"] if text is None else ["_(empty)_"] if text == "" else _fenced(str(text), "text")
             lines += [f"**{field.upper()}**", "", *body, ""]
     return lines
+
+
+def _markdown_row(cells: list[str]) -> str:
+    """One table row; pipes and newlines would break the table, raw HTML would be rendered."""
+    escaped = (html.escape(c, quote=False).replace("|", "\\|").replace("\n", " ") for c in cells)
+    return "| " + " | ".join(escaped) + " |"
 
 
 def _fenced(text: str, language: str) -> list[str]:
@@ -384,8 +390,10 @@ figure { margin: 16px 0; } figure img { max-width: 100%; } figcaption, .note { c
 .sample { display: grid; gap: 8px; margin-bottom: 18px; }
 .cell { border: 1px solid #d0d7de; border-radius: 6px; overflow: hidden; min-width: 0; }
 .cell.wide { grid-column: 1 / -1; } .cell.wide pre { max-height: 22em; overflow: auto; }
-.label { background: #f6f8fa; font-size: 12px; font-weight: 600; padding: 3px 8px; border-bottom: 1px solid #d0d7de; }
-pre { margin: 0; padding: 8px; white-space: pre-wrap; overflow-wrap: anywhere; font: 13px/1.45 ui-monospace, monospace; }
+.label { background: #f6f8fa; font-size: 12px; font-weight: 600; padding: 3px 8px;
+         border-bottom: 1px solid #d0d7de; }
+pre { margin: 0; padding: 8px; white-space: pre-wrap; overflow-wrap: anywhere;
+      font: 13px/1.45 ui-monospace, monospace; }
 details pre { background: #f6f8fa; border-radius: 6px; }
 """
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -92,9 +93,20 @@ class MetricsLog:
         if self.path is None:
             return
         with open(self.path, "a", encoding="utf-8") as fh:
+            if not _ends_with_newline(self.path):  # a killed run left half a row: start a fresh line
+                fh.write("\n")
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
             fh.flush()
+
+
+def _ends_with_newline(path: Path) -> bool:
+    """True for an empty file or one whose last byte is a newline."""
+    with open(path, "rb") as fh:
+        if fh.seek(0, os.SEEK_END) == 0:
+            return True
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
 
 
 class StopRequested:
@@ -160,10 +172,15 @@ def train(
     device = next(policy.parameters()).device
     rank, world = dist.rank(), dist.world_size()
     params = [p for p in policy.parameters() if p.requires_grad]
+    per_step = cfg.batch_size * world * cfg.grad_accum
+    if len(examples) < per_step:  # also guarantees an epoch holds at least grad_accum micro-batches
+        raise UserError(
+            f"One optimiser step needs {per_step} training examples (batch size {cfg.batch_size} x {world} rank(s) x "
+            f"{cfg.grad_accum} accumulation) but there are only {len(examples)}; lower --batch-size or --grad-accum, "
+            "or use more data (raise --limit)."
+        )
     batches_per_epoch = len(batch_indices(len(examples), cfg.batch_size, seed=cfg.seed, epoch=0, drop_last=world > 1,
                                           rank=rank, world_size=world))
-    if batches_per_epoch == 0:
-        raise UserError(f"Batch size {cfg.batch_size} x {world} rank(s) is larger than the {len(examples)} training examples; lower --batch-size.")
     steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer = make_optimizer(params, cfg, device)
@@ -242,12 +259,15 @@ def train(
 
 
 def _check_finite(rows: list[dict], run_dir: Path | None) -> None:
+    # The gradient norm too: a NaN/inf gradient with a finite loss has already corrupted the weights.
     for row in rows:
-        if not math.isfinite(row["loss"]):
+        bad = next((k for k in ("loss", "grad_norm") if not math.isfinite(row.get(k, 0.0))), None)
+        if bad is not None:
             where = checkpoint.latest_checkpoint(run_dir) if run_dir is not None else None
             kept = f"The last good checkpoint is {where}." if where else "No checkpoint had been written yet."
+            name = "loss" if bad == "loss" else "gradient norm"
             raise TrainingDiverged(
-                f"The loss became {row['loss']} at step {row['step']}; training stopped. {kept} "
+                f"The {name} became {row[bad]} at step {row['step']}; training stopped. {kept} "
                 "Lower --lr, raise --warmup-ratio or check the data."
             )
 

@@ -78,7 +78,7 @@ def chain_model(vocab_size: int, chain: list[int]) -> GPTNeoXForCausalLM:
             param.zero_()
         model.gpt_neox.embed_in.weight.zero_()
         model.lm_head.weight.zero_()
-        for dim, (token, successor) in enumerate(zip(chain, chain[1:] + [0])):
+        for dim, (token, successor) in enumerate(zip(chain, chain[1:] + [0], strict=True)):
             model.gpt_neox.embed_in.weight[token, dim] = 10.0
             model.lm_head.weight[successor, dim] = 10.0
     return model
@@ -90,7 +90,7 @@ def ids(tokenizer, text: str) -> list[int]:
 
 def test_sampling_is_reproducible_for_a_seed_and_leaves_global_rng_alone(tokenizer):
     model = tiny_model(len(tokenizer))
-    kwargs = dict(do_sample=True, temperature=1.5, max_new_tokens=12, stop_strings=())
+    kwargs = {"do_sample": True, "temperature": 1.5, "max_new_tokens": 12, "stop_strings": ()}
     state = torch.get_rng_state()
     first = generate(model, tokenizer, PROMPTS, seed=1, **kwargs)
     assert torch.equal(torch.get_rng_state(), state), "generate must not move the global RNG"

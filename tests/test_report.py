@@ -5,6 +5,7 @@ import json
 import math
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -77,7 +78,7 @@ def run_dir(tmp_path: Path) -> Path:
 class Page(HTMLParser):
     """Collects what the checks need and fails on tags that are closed out of order."""
 
-    VOID = {"img", "meta", "br", "hr", "link", "input"}
+    VOID: ClassVar[set[str]] = {"img", "meta", "br", "hr", "link", "input"}
 
     def __init__(self) -> None:
         super().__init__()

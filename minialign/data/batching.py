@@ -30,6 +30,8 @@ LENGTH_GROUP_BATCHES = 50  # length-grouping sorts within chunks of this many gl
 
 
 def _empty_batch(rows: int, length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    if pad_id is None:  # e.g. tokenizer.pad_token_id of a tokenizer without a pad token
+        raise ValueError("pad_id is None; pass the EOS id when the tokenizer has no pad token")
     return {
         "input_ids": torch.full((rows, length), pad_id, dtype=torch.long),
         "attention_mask": torch.zeros((rows, length), dtype=torch.long),

@@ -52,11 +52,7 @@ class PreferenceData(list):
     """
 
     def __init__(
-        self,
-        pairs: Iterable[PreferencePair] = (),
-        *,
-        source: str = "",
-        rows: int = 0,
+        self, pairs: Iterable[PreferencePair] = (), *, source: str = "", rows: int = 0,
         skipped: dict[str, int] | None = None,
     ) -> None:
         super().__init__(pairs)
@@ -112,14 +108,10 @@ def _text_field(row: dict[str, Any], name: str, where: str) -> str:
         )
     value = row[name]
     if not isinstance(value, str):
-        hint = (
-            " This looks like a conversational (list of messages) dataset; convert it to plain text first."
-            if isinstance(value, list)
-            else ""
-        )
+        hint = " It looks like a conversational (list of messages) dataset; convert it to text first."
         raise UserError(
             f"{where}: field {name!r} is a {type(value).__name__}, but minialign needs text (a string)."
-            f"{hint}"
+            f"{hint if isinstance(value, list) else ''}"
         )
     return value
 
