@@ -256,58 +256,61 @@ def run_trl(task: str, mode: str, batch_size: int, steps: int, warmup: int, data
     model = load_model(model_name, seed=seed)
     trainer = None
     tmp = tempfile.TemporaryDirectory(prefix="trl_peer_")
-    try:
-        dataset = _dataset(task, items, order, tokenized, pairs_text)
-        timer = _timer_callback(warmup, total, device)
-        if task == "sft":
-            args = SFTConfig(output_dir=tmp.name, packing=packing, completion_only_loss=True, **common)
-            cls = _with_last_loss(SFTTrainer)
-            trainer = cls(model=model, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config,
-                          callbacks=[timer])
-        else:
-            args = DPOConfig(output_dir=tmp.name, beta=beta, loss_type=["sigmoid"], precompute_ref_log_probs=False,
-                             **common)
-            ref = None if mode == "lora" else copy.deepcopy(model).eval().requires_grad_(False)
-            cls = _with_last_loss(DPOTrainer)
-            trainer = cls(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tok,
-                          peft_config=peft_config, callbacks=[timer])
-        counter = _CountingCollator(trainer.data_collator)
-        trainer.data_collator = counter
-        n_batches = len(trainer.train_dataset) // batch_size
-        if n_batches < 1:
-            raise ValueError(f"{len(trainer.train_dataset)} training rows are fewer than one batch of {batch_size}")
-        output = trainer.train()
-        _sync(device)
-        if timer.start is None or timer.end is None:
-            raise RuntimeError(f"the trainer ran {trainer.state.global_step} of {total} steps")
-        elapsed = timer.end - timer.start
-        timed = counter.records[warmup:total]
-        if len(timed) != steps:
-            raise RuntimeError(f"counted {len(counter.records)} collated batches for {total} steps")
-        tokens = sum(t for t, _ in timed)
-        attn_sq = sum(s for _, s in timed)
-        peak, kind = peak_memory(device)
-        pairs = steps * batch_size if task == "dpo" else 0
-        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        with warnings.catch_warnings():  # renamed is_activation_checkpointing in transformers 5.2x
-            warnings.simplefilter("ignore")
-            checkpointing = bool(getattr(unwrapped, "is_gradient_checkpointing", False))
-        return {
-            "trainer": "trl", "task": task, "mode": mode, "batch_size": batch_size,
-            "tokens_per_s": tokens / elapsed, "pairs_per_s": pairs / elapsed if task == "dpo" else None,
-            "peak_memory_mb": peak, "final_loss": float(trainer.last_loss) if trainer.last_loss is not None else None,
-            "memory_kind": kind, "device": str(device), "steps": steps, "warmup": warmup, "elapsed_s": elapsed,
-            "tokens": tokens, "attn_sq": attn_sq, "packing": packing, "gradient_checkpointing": checkpointing,
-            "trainable_params": trainable, "mean_train_loss": float(output.training_loss),
-            "tokenized_by": "minialign" if tokenized else "trl",
-        }
-    finally:
-        if trainer is not None:
-            try:
-                trainer.accelerator.free_memory()
-            except Exception:  # noqa: BLE001 - cleanup must not hide the real error
-                pass
-        del trainer, model
-        tmp.cleanup()
-        reset_memory(device)
+    with warnings.catch_warnings():
+        # transformers 5.2x renamed gradient_checkpointing (which TRL's configs still set) to activation_checkpointing
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        try:
+            dataset = _dataset(task, items, order, tokenized, pairs_text)
+            timer = _timer_callback(warmup, total, device)
+            if task == "sft":
+                args = SFTConfig(output_dir=tmp.name, packing=packing, completion_only_loss=True, **common)
+                cls = _with_last_loss(SFTTrainer)
+                trainer = cls(model=model, args=args, train_dataset=dataset, processing_class=tok, peft_config=peft_config,
+                              callbacks=[timer])
+            else:
+                args = DPOConfig(output_dir=tmp.name, beta=beta, loss_type=["sigmoid"], precompute_ref_log_probs=False,
+                                 **common)
+                ref = None if mode == "lora" else copy.deepcopy(model).eval().requires_grad_(False)
+                cls = _with_last_loss(DPOTrainer)
+                trainer = cls(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tok,
+                              peft_config=peft_config, callbacks=[timer])
+            counter = _CountingCollator(trainer.data_collator)
+            trainer.data_collator = counter
+            n_batches = len(trainer.train_dataset) // batch_size
+            if n_batches < 1:
+                raise ValueError(f"{len(trainer.train_dataset)} training rows are fewer than one batch of {batch_size}")
+            output = trainer.train()
+            _sync(device)
+            if timer.start is None or timer.end is None:
+                raise RuntimeError(f"the trainer ran {trainer.state.global_step} of {total} steps")
+            elapsed = timer.end - timer.start
+            timed = counter.records[warmup:total]
+            if len(timed) != steps:
+                raise RuntimeError(f"counted {len(counter.records)} collated batches for {total} steps")
+            tokens = sum(t for t, _ in timed)
+            attn_sq = sum(s for _, s in timed)
+            peak, kind = peak_memory(device)
+            pairs = steps * batch_size if task == "dpo" else 0
+            trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+            with warnings.catch_warnings():  # renamed is_activation_checkpointing in transformers 5.2x
+                warnings.simplefilter("ignore")
+                checkpointing = bool(getattr(unwrapped, "is_gradient_checkpointing", False))
+            return {
+                "trainer": "trl", "task": task, "mode": mode, "batch_size": batch_size,
+                "tokens_per_s": tokens / elapsed, "pairs_per_s": pairs / elapsed if task == "dpo" else None,
+                "peak_memory_mb": peak, "final_loss": float(trainer.last_loss) if trainer.last_loss is not None else None,
+                "memory_kind": kind, "device": str(device), "steps": steps, "warmup": warmup, "elapsed_s": elapsed,
+                "tokens": tokens, "attn_sq": attn_sq, "packing": packing, "gradient_checkpointing": checkpointing,
+                "trainable_params": trainable, "mean_train_loss": float(output.training_loss),
+                "tokenized_by": "minialign" if tokenized else "trl",
+            }
+        finally:
+            if trainer is not None:
+                try:
+                    trainer.accelerator.free_memory()
+                except Exception:  # noqa: BLE001 - cleanup must not hide the real error
+                    pass
+            del trainer, model
+            tmp.cleanup()
+            reset_memory(device)

@@ -114,3 +114,23 @@ def _frozen_copy(model, device):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def measure_fresh(model_name: str, seed: int, batches: list[dict], **kwargs) -> Measurement:
+    """``measure`` on a freshly loaded model; on a CPU in a fresh process, so its peak RSS is its own."""
+    from minialign.models import load_model
+
+    if torch.device(kwargs.get("device", "cpu")).type == "cuda":
+        return measure(load_model(model_name, seed=seed), batches, **kwargs)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_measure_in_child, model_name, seed, batches, kwargs).result()
+
+
+def _measure_in_child(model_name: str, seed: int, batches: list[dict], kwargs: dict) -> Measurement:
+    from minialign.models import load_model
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return measure(load_model(model_name, seed=seed), batches, **kwargs)

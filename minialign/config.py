@@ -36,6 +36,7 @@ class TrainConfig:
     eval_limit: int = 200  # cap on held-out pairs used for evaluation during training
     max_length: int = 512
     max_prompt_length: int = 256
+    chat_template: bool = False  # rewrite HH dialogues in the tokenizer's chat template (instruct models)
     full: bool = False  # full fine-tuning instead of LoRA
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -128,6 +129,7 @@ class RunConfig:
     train_rows: str = ""
     eval_data: str = ""  # local files for evaluation (default: the dataset's test split)
     eval_rows: str = ""
+    chat_template: bool = False
     out: str = "runs/run"
     ranks: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
     bench_steps: int = 30

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from minialign import lora
-from minialign.bench import measure
+from minialign.bench import measure_fresh
 from minialign.config import DPOConfig, RunConfig, SFTConfig, build, check_keys, save_config
 from minialign.data import collate_sft, load_preference_pairs, tokenize_pairs, tokenize_sft
 from minialign.errors import UserError
@@ -44,7 +44,7 @@ def train_config(cfg: RunConfig, cls, stage: str, overrides: dict):
     """The SFT or DPO config of this run: the run's model/data, then the preset's per-stage overrides."""
     check_keys(overrides, cls, f"run config '{stage}' section")
     base = dict(
-        model=cfg.model, tokenizer=cfg.tokenizer, seed=cfg.seed, device=cfg.device,
+        model=cfg.model, tokenizer=cfg.tokenizer, seed=cfg.seed, device=cfg.device, chat_template=cfg.chat_template,
         dataset=cfg.train_data or cfg.dataset, data_dir=cfg.data_dir, train_rows=cfg.train_rows,
         eval_data=cfg.eval_data, eval_rows=cfg.eval_rows, out=str(Path(cfg.out) / stage),
     )
@@ -74,7 +74,7 @@ class Context:
         self.device = recipes.resolve_device(cfg.device)
         try:
             self.tokenizer = load_tokenizer(cfg.tokenizer or recipes.default_tokenizer(cfg.model))
-            self.train_pairs, self.eval_pairs = recipes.load_pairs(self.sft_cfg)
+            self.train_pairs, self.eval_pairs = recipes.load_pairs(self.sft_cfg, self.tokenizer)
         except UserError as exc:
             raise UserError(f"{exc} {HINT}") from None
         self.eval_pairs = self.eval_pairs[: cfg.eval_pairs]
@@ -91,9 +91,9 @@ def stage_lora(ctx: Context) -> dict:
     examples = ctx.tokenize("sft", ctx.train_pairs[: cfg.bench_batch_size * 4])
     batches = [collate_sft(examples[i : i + cfg.bench_batch_size], pad_id=ctx.pad) for i in range(0, len(examples), cfg.bench_batch_size)]
     bench = []
-    for mode in ("lora", "full"):  # LoRA first: on a CPU the process's peak RSS only grows
-        m = measure(load_model(cfg.model, seed=cfg.seed), batches, task="sft", full=mode == "full", lora_r=8,
-                    steps=cfg.bench_steps, warmup=3, device=ctx.device)
+    for mode in ("lora", "full"):
+        m = measure_fresh(cfg.model, cfg.seed, batches, task="sft", full=mode == "full", lora_r=8,
+                          steps=cfg.bench_steps, warmup=3, device=ctx.device)
         bench.append(dataclasses.asdict(m))
         print(f"  {mode:>4}: {m.tokens_per_s:,.0f} tokens/s, peak {m.peak_memory_mb:,.1f} MB ({m.memory_kind}, {m.device})")
     return {"lora": {"model": cfg.model, "ranks": ranks, "benchmark": bench}}

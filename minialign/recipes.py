@@ -28,6 +28,7 @@ from minialign.data import (
     tokenize_pairs,
     tokenize_sft,
 )
+from minialign.data.chat import to_chat_format
 from minialign.errors import UserError
 from minialign.models import BUILTIN_CONFIGS, check_vocab, load_model, load_tokenizer
 from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, cached_reference, frozen_reference, reference_table
@@ -91,7 +92,7 @@ def default_tokenizer(model: str) -> str:
 # ----------------------------------------------------------------------------- data
 
 
-def load_pairs(cfg: TrainConfig):
+def load_pairs(cfg: TrainConfig, tokenizer):
     """Training and held-out pairs. A local source without its own eval set or rows is split 90/10."""
     train_pairs = load_preference_pairs(cfg.dataset, split=cfg.train_split, data_dir=cfg.data_dir or None,
                                         rows=cfg.train_rows or None, limit=cfg.limit or None)
@@ -103,6 +104,8 @@ def load_pairs(cfg: TrainConfig):
     else:
         eval_pairs = load_preference_pairs(eval_source, split=cfg.eval_split, data_dir=cfg.data_dir or None,
                                            rows=cfg.eval_rows or None, limit=cfg.eval_limit or None)
+    if cfg.chat_template:
+        train_pairs, eval_pairs = to_chat_format(train_pairs, tokenizer), to_chat_format(eval_pairs, tokenizer)
     return train_pairs, eval_pairs
 
 
@@ -165,7 +168,7 @@ def sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     run_dir = Path(cfg.out) if resume else prepare_run_dir(cfg, "sft", overwrite=overwrite)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer(cfg.model))
-    train_pairs, eval_pairs = load_pairs(cfg)
+    train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
     tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     examples, held_out = tokenize_sft(train_pairs, tokenizer, **tok), tokenize_sft(eval_pairs, tokenizer, **tok)
     _announce(cfg, "sft", len(examples), len(held_out), examples.truncated)
@@ -216,7 +219,7 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     run_dir = Path(cfg.out) if resume else prepare_run_dir(cfg, "dpo", overwrite=overwrite)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer(cfg.model))
-    train_pairs, eval_pairs = load_pairs(cfg)
+    train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
     tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
     pairs, held_out = tokenize_pairs(train_pairs, tokenizer, **tok), tokenize_pairs(eval_pairs, tokenizer, **tok)
     _announce(cfg, "dpo", len(pairs), len(held_out), pairs.truncated)

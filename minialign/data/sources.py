@@ -12,6 +12,8 @@ user can see how much of their data was dropped and why.
 
 from __future__ import annotations
 
+import contextlib
+
 import glob
 import gzip
 import itertools
@@ -209,8 +211,14 @@ def _read_parquet(path: Path) -> Rows:
 def _read_hub(name: str, *, split: str, data_dir: str | None) -> Rows:
     import datasets
 
+    from minialign.models import hub_reachable
+
     try:
-        ds = datasets.load_dataset(name, data_dir=data_dir, split=split)
+        if not hub_reachable():  # fail in seconds, not after minutes of retries, unless it is cached
+            with _hub_offline():
+                ds = datasets.load_dataset(name, data_dir=data_dir, split=split)
+        else:
+            ds = datasets.load_dataset(name, data_dir=data_dir, split=split)
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, bad split: all mean "use something else"
         where = f"{name!r} (data_dir={data_dir!r}, split={split!r})"
         raise UserError(
@@ -220,6 +228,17 @@ def _read_hub(name: str, *, split: str, data_dir: str | None) -> Rows:
         ) from None
     for i, row in enumerate(ds):
         yield f"hub dataset {name} ({split}) row {i}", row
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    from huggingface_hub import constants
+
+    saved, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
 
 
 def _read_demo(split: str) -> Rows:

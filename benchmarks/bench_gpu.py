@@ -1,0 +1,473 @@
+#!/usr/bin/env python3
+"""minialign vs TRL + PEFT, side by side on one GPU: throughput, peak memory and MFU.
+
+    python benchmarks/bench_gpu.py --out benchmarks/results/h100.json [--steps 20 --warmup 5] [--small]
+
+For each configuration (SFT on chosen, DPO; LoRA r=8 and full fine-tuning; SFT LoRA with packing) it runs
+TRL at batch 16 and minialign at the same batch on the same batches, then minialign at larger batches
+(64, 128, 256; the ladder stops at the first out-of-memory) to find its best. Every run starts from a
+fresh model; one that fails is recorded with its error and the benchmark goes on. Results are written
+after every run (so a cut-off run still leaves its rows), and a markdown table is printed at the end and
+saved next to the JSON (``.md``). Without a CUDA GPU it runs the ``--small`` CPU workload (``tiny`` model,
+built-in demo data, a few steps), which only checks that everything runs. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for p in (str(ROOT), str(HERE)):  # minialign need not be installed; trl_peer lives beside this file
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import torch  # noqa: E402
+
+import trl_peer  # noqa: E402
+from trl_peer import GPT_NEOX_LINEARS, LR, batch_stats, load_workload, reset_memory  # noqa: E402
+
+HH = "data/hh-rlhf/harmless-base/test.jsonl.gz"
+TOKENIZER = "tokenizers/gpt-neox-20b/tokenizer.json"
+# Where the read-only shared/ folder may be: beside the checkout (developer machine), inside it, or copied
+# into a git-ignored folder that travels to the GPU machine (.whl/shared or .carry/shared).
+SHARED_CANDIDATES = [ROOT.parent / "shared", ROOT / "shared", ROOT / ".whl" / "shared", ROOT / ".carry" / "shared"]
+CONFIGS = {
+    "sft-lora": ("sft", "lora", False),
+    "sft-full": ("sft", "full", False),
+    "dpo-lora": ("dpo", "lora", False),
+    "dpo-full": ("dpo", "full", False),
+    "sft-lora-packed": ("sft", "lora", True),
+}
+LORA_R = 8
+BETA = 0.1
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def find_shared(rel: str) -> str | None:
+    env = os.environ.get("MINIALIGN_SHARED")
+    for base in ([Path(env)] if env else []) + SHARED_CANDIDATES:
+        if (base / rel).is_file():
+            return str(base / rel)
+    return None
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+# ----------------------------------------------------------------------------- FLOPs and MFU
+
+
+def model_shape(model_name: str) -> dict:
+    """Matmul parameter counts of the model (every nn.Linear weight, the output head included) and LoRA's."""
+    from minialign.models import load_model
+
+    model = load_model(model_name)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    n_matmul = sum(m.weight.numel() for m in linears.values())
+    n_lora = sum(LORA_R * (m.in_features + m.out_features) for n, m in linears.items()
+                 if n.rsplit(".", 1)[-1] in GPT_NEOX_LINEARS)
+    cfg = model.config
+    out = {"model": model_name, "params": sum(p.numel() for p in model.parameters()), "matmul_params": n_matmul,
+           "lora_params": n_lora, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size}
+    del model
+    gc.collect()
+    return out
+
+
+def model_flops(task: str, mode: str, tokens: int, attn_sq: int, shape: dict) -> float:
+    """Model FLOPs of the timed steps (formula in README.md).
+
+    Linear layers: 6 N per token (forward 2N, input gradients 2N, weight gradients 2N); LoRA: frozen weights
+    need no weight gradients, so 4 N + 6 N_lora. Attention (QK^T and AV): forward 4 L d n per token of a
+    document of n tokens, i.e. 4 L d sum(n^2) over documents, times 3 with the backward. DPO adds the
+    reference model's forward: 2 N per token + 4 L d sum(n^2).
+    """
+    n, n_lora, ld = shape["matmul_params"], shape["lora_params"], shape["layers"] * shape["hidden"]
+    attn_fwd = 4.0 * ld * attn_sq
+    linear = 6.0 * n * tokens if mode == "full" else (4.0 * n + 6.0 * n_lora) * tokens
+    flops = linear + 3.0 * attn_fwd
+    if task == "dpo":
+        flops += 2.0 * n * tokens + attn_fwd
+    return flops
+
+
+def matmul_peak(device: torch.device) -> tuple[float, str]:
+    """Measured dense matmul rate in FLOP/s: bf16 8192^3 on a GPU (the MFU denominator), fp32 512^3 on a CPU."""
+    n, dtype, warm, iters = (8192, torch.bfloat16, 5, 20) if device.type == "cuda" else (512, torch.float32, 2, 5)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(warm):
+        a @ b
+    trl_peer._sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    trl_peer._sync(device)
+    dt = time.perf_counter() - t0
+    del a, b
+    return 2.0 * n**3 * iters / dt, f"{str(dtype).replace('torch.', '')} {n}x{n}x{n} matmul, mean of {iters}"
+
+
+def add_mfu(row: dict, shape: dict, peak: float) -> dict:
+    if row.get("tokens") and row.get("elapsed_s"):
+        flops = model_flops(row["task"], row["mode"], row["tokens"], row["attn_sq"], shape)
+        row["model_tflops_per_s"] = flops / row["elapsed_s"] / 1e12
+        row["mfu"] = flops / row["elapsed_s"] / peak
+        row["mfu_6n"] = 6.0 * shape["matmul_params"] * row["tokens"] / row["elapsed_s"] / peak
+    else:
+        row.setdefault("mfu", None)
+        row.setdefault("mfu_6n", None)
+    return row
+
+
+# ----------------------------------------------------------------------------- minialign runs
+
+
+def build_batches(task: str, packing: bool, workload, batch_size: int, needed: int, max_length: int) -> list[dict]:
+    """minialign batches in the benchmark's order: batch k holds ordered examples k*B .. (k+1)*B-1 (no short
+    last batch), exactly what TRL's sequential loader gives; packed SFT packs the ordered examples into rows
+    of ``max_length`` and groups B rows per batch. At most ``needed`` batches (``measure`` cycles through them)."""
+    from minialign.data import collate_packed, collate_pairs, collate_sft, pack_sft
+
+    tok, items, order = workload
+    pad = tok.pad_token_id
+    ordered = [items[i] for i in order]
+    if packing:
+        rows = pack_sft(ordered, max_length)
+        groups = [rows[s:s + batch_size] for s in range(0, len(rows) - batch_size + 1, batch_size)][:needed]
+        return [collate_packed(ordered, g, row_length=max_length, pad_id=pad) for g in groups]
+    starts = list(range(0, len(ordered) - batch_size + 1, batch_size))[:needed]
+    if task == "sft":
+        return [collate_sft(ordered[s:s + batch_size], pad_id=pad) for s in starts]
+    return [collate_pairs(ordered[s:s + batch_size], pad_id=pad, index=list(range(s, s + batch_size))) for s in starts]
+
+
+def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload, args, device) -> dict:
+    from minialign.bench import measure
+    from minialign.models import load_model
+
+    needed = args.warmup + args.steps
+    t0 = time.perf_counter()
+    batches = build_batches(task, packing, workload, batch_size, needed, args.max_length)
+    collate_ms = (time.perf_counter() - t0) * 1e3 / max(len(batches), 1)
+    if not batches:
+        raise ValueError(f"the data holds fewer than one batch of {batch_size}")
+    reset_memory(device)
+    model = load_model(args.model, seed=0)
+    try:
+        m = measure(model, batches, task=task, full=mode == "full", lora_r=LORA_R, steps=args.steps,
+                    warmup=args.warmup, lr=LR, beta=BETA, device=device, compile=args.compile)
+    finally:
+        del model
+    timed = [batch_stats(batches[i % len(batches)]) for i in range(args.warmup, needed)]
+    tokens, attn_sq = sum(t for t, _ in timed), sum(s for _, s in timed)
+    return {
+        "trainer": "minialign", "task": task, "mode": mode, "batch_size": batch_size,
+        "tokens_per_s": m.tokens_per_s, "pairs_per_s": m.pairs_per_s, "peak_memory_mb": m.peak_memory_mb,
+        "final_loss": m.final_loss, "memory_kind": m.memory_kind, "device": str(device), "steps": args.steps,
+        "warmup": args.warmup, "elapsed_s": tokens / m.tokens_per_s, "tokens": tokens, "attn_sq": attn_sq,
+        "packing": packing, "gradient_checkpointing": False, "compile": args.compile,
+        "distinct_batches": len(batches), "collate_ms_per_batch": collate_ms,
+    }
+
+
+# ----------------------------------------------------------------------------- one guarded run
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def guarded(label: str, fn, base: dict, device) -> tuple[dict, bool]:
+    """Run ``fn()``; on failure return ``base`` + ``error`` (and whether it was an OOM). Never raises."""
+    log(f"start {label}")
+    t0 = time.perf_counter()
+    oom = False
+    try:
+        row = fn()
+    except Exception as exc:  # noqa: BLE001 - one failing configuration must not stop the benchmark
+        oom = is_oom(exc)
+        text = "out of memory" if oom else f"{type(exc).__name__}: {str(exc).strip()[:800]}"
+        if not oom:
+            traceback.print_exc()
+            sys.stderr.flush()
+        row = dict(base, tokens_per_s=None, pairs_per_s=None, peak_memory_mb=None, final_loss=None, error=text)
+        if oom:
+            row["error_detail"] = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        del exc
+    gc.collect()
+    reset_memory(device)
+    row["wall_s"] = time.perf_counter() - t0
+    if row.get("error"):
+        log(f"FAILED {label}: {row['error'][:200]} ({row['wall_s']:.1f} s)")
+    else:
+        pairs = f", {row['pairs_per_s']:,.1f} pairs/s" if row.get("pairs_per_s") else ""
+        log(f"done {label}: {row['tokens_per_s']:,.0f} tok/s{pairs}, peak {row['peak_memory_mb']:,.0f} MiB, "
+            f"loss {row['final_loss']:.4f} ({row['wall_s']:.1f} s)")
+    return row, oom
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _f(x, fmt="{:,.0f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _cfg(r: dict) -> tuple:
+    return (r["task"], r["mode"], bool(r.get("packing")))
+
+
+def _cfg_name(task, mode, packing) -> str:
+    return f"{task} {mode}" + (" packed" if packing else "")
+
+
+def markdown(doc: dict) -> str:
+    rows = doc["results"]
+    ok = [r for r in rows if not r.get("error")]
+    out = [f"## minialign vs TRL {doc.get('trl')} + PEFT {doc.get('peft')} on {doc['device']}", "",
+           f"torch {doc['torch']}, transformers {doc['transformers']}; model {doc['workload']['model']}, "
+           f"max_length {doc['workload']['max_length']}, {doc['steps']} timed steps after {doc['warmup']} warm-up; "
+           f"matmul peak {doc['peak_tflops']:.3g} TFLOP/s ({doc['peak_measured_with']}).", "",
+           "### Equal batch (speed ratio = minialign / TRL tokens/s; memory ratio = minialign / TRL peak)", "",
+           "| config | batch | TRL tok/s | minialign tok/s | speed x | TRL peak MiB | minialign peak MiB | memory x "
+           "| TRL MFU | minialign MFU |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    trl_rows = [r for r in ok if r["trainer"] == "trl" and not r.get("gradient_checkpointing")]
+    for t in trl_rows:
+        mine = [r for r in ok if r["trainer"] == "minialign" and _cfg(r) == _cfg(t) and r["batch_size"] == t["batch_size"]]
+        m = mine[0] if mine else {}
+        speed = m.get("tokens_per_s") / t["tokens_per_s"] if m.get("tokens_per_s") and t["tokens_per_s"] else None
+        mem = m.get("peak_memory_mb") / t["peak_memory_mb"] if m.get("peak_memory_mb") and t["peak_memory_mb"] else None
+        out.append(f"| {_cfg_name(*_cfg(t))} | {t['batch_size']} | {_f(t['tokens_per_s'])} | {_f(m.get('tokens_per_s'))} "
+                   f"| {_f(speed, '{:.2f}')} | {_f(t['peak_memory_mb'])} | {_f(m.get('peak_memory_mb'))} "
+                   f"| {_f(mem, '{:.2f}')} | {_f(t.get('mfu'), '{:.1%}')} | {_f(m.get('mfu'), '{:.1%}')} |")
+    out += ["", "### minialign at its best batch (vs TRL's best measured batch)", "",
+            "| config | batch | tok/s | pairs/s | peak MiB | MFU | MFU (6N) | x TRL best |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for cfg in dict.fromkeys(_cfg(r) for r in rows):
+        mine = [r for r in ok if r["trainer"] == "minialign" and _cfg(r) == cfg]
+        theirs = [r for r in ok if r["trainer"] == "trl" and _cfg(r) == cfg]
+        if not mine:
+            continue
+        best = max(mine, key=lambda r: r["tokens_per_s"])
+        tb = max(theirs, key=lambda r: r["tokens_per_s"]) if theirs else None
+        ratio = best["tokens_per_s"] / tb["tokens_per_s"] if tb else None
+        out.append(f"| {_cfg_name(*cfg)} | {best['batch_size']} | {_f(best['tokens_per_s'])} "
+                   f"| {_f(best.get('pairs_per_s'), '{:,.1f}')} | {_f(best['peak_memory_mb'])} "
+                   f"| {_f(best.get('mfu'), '{:.1%}')} | {_f(best.get('mfu_6n'), '{:.1%}')} | {_f(ratio, '{:.2f}')} |")
+    out += ["", "### All runs", "",
+            "| trainer | config | batch | tok/s | pairs/s | peak MiB | final loss | MFU | MFU (6N) | note |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        note = r.get("error") or ("gradient checkpointing" if r.get("gradient_checkpointing") else "")
+        out.append(f"| {r['trainer']} | {_cfg_name(*_cfg(r))} | {r['batch_size']} | {_f(r.get('tokens_per_s'))} "
+                   f"| {_f(r.get('pairs_per_s'), '{:,.1f}')} | {_f(r.get('peak_memory_mb'))} "
+                   f"| {_f(r.get('final_loss'), '{:.4f}')} | {_f(r.get('mfu'), '{:.1%}')} "
+                   f"| {_f(r.get('mfu_6n'), '{:.1%}')} | {note[:80]} |")
+    if doc.get("small"):
+        out += ["", "(--small: CPU smoke-test workload; the numbers mean nothing.)"]
+    return "\n".join(out) + "\n"
+
+
+def write_json(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "h100.json"), help="JSON to write (and .md)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 20; --small 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 5; --small 1)")
+    p.add_argument("--small", action="store_true", help="tiny model, demo data, a few steps: a CPU smoke test")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--model", default=None, help="default pythia-70m (--small: tiny)")
+    p.add_argument("--data", default=None, help=f"preference data (default: shared/{HH}; --small: demo)")
+    p.add_argument("--tokenizer", default=None, help=f"tokenizer (default: shared/{TOKENIZER}; --small: demo)")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-prompt-length", type=int, default=256)
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
+    p.add_argument("--trl-batch-sizes", default=None, help="TRL batches (default 16; --small 4); ladder stops at OOM")
+    p.add_argument("--batch-sizes", default=None,
+                   help="minialign batches (default 16,64,128,256; --small 4,8); the ladder stops at the first OOM")
+    p.add_argument("--no-trl", action="store_true", help="minialign only")
+    p.add_argument("--trl-gradient-checkpointing", action="store_true",
+                   help="also run TRL with gradient checkpointing on (TRL's own default) at its first batch size")
+    p.add_argument("--compile", action="store_true", help="minialign with torch.compile")
+    p.add_argument("--budget-s", type=float, default=0,
+                   help="skip runs that would start after this many seconds (0: no limit); rows say 'skipped'")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    # The GPU machine has no network: never let the hub client wait on retries. Set before anything imports
+    # huggingface_hub (nothing at module level does), so importing this module has no side effect.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        log("no CUDA GPU found: running the --small CPU smoke test (tiny model, demo data) instead of the GPU benchmark")
+        args.small = True
+    device = torch.device(args.device or ("cuda" if cuda else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    small = args.small
+    args.steps = args.steps if args.steps is not None else (2 if small else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if small else 5)
+    args.model = args.model or ("tiny" if small else "pythia-70m")
+    args.data = args.data or ("demo" if small else find_shared(HH))
+    args.tokenizer = args.tokenizer or ("demo" if small else find_shared(TOKENIZER))
+    trl_sizes = ints(args.trl_batch_sizes or ("4" if small else "16"))
+    sizes = ints(args.batch_sizes or ("4,8" if small else "16,64,128,256"))
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown or args.data is None or args.tokenizer is None:
+        msg = (f"unknown configs {unknown}; choose from {list(CONFIGS)}" if unknown else
+               f"cannot find shared/{HH if args.data is None else TOKENIZER} in any of "
+               f"{[str(c) for c in SHARED_CANDIDATES]}: pass --data and --tokenizer (or set MINIALIGN_SHARED)")
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    from minialign.bench import device_name
+
+    try:  # one line per run in the log, not a progress bar per dataset.map
+        import datasets
+
+        datasets.disable_progress_bars()
+    except Exception:  # noqa: BLE001 - datasets comes with trl; without it only TRL rows fail
+        pass
+
+    log(f"device {device_name(device)}; torch {torch.__version__}; model {args.model}; data {args.data}; "
+        f"tokenizer {args.tokenizer}; steps {args.steps} after {args.warmup} warm-up")
+    peak, peak_how = matmul_peak(device)
+    log(f"measured matmul peak: {peak / 1e12:.1f} TFLOP/s ({peak_how})")
+    shape = model_shape(args.model)
+    log(f"model shape: {shape}")
+    trl_version = _version("trl")
+    have_trl, trl_import_error = False, ""
+    if not args.no_trl:
+        try:
+            import trl  # noqa: F401
+
+            have_trl = True
+        except Exception as exc:  # noqa: BLE001
+            log(f"TRL cannot be imported ({type(exc).__name__}: {exc}); TRL rows will record the error")
+            trl_import_error = f"trl not importable: {type(exc).__name__}: {exc}"
+    doc = {
+        "device": device_name(device), "torch": torch.__version__, "transformers": _version("transformers"),
+        "trl": trl_version, "peft": _version("peft"), "accelerate": _version("accelerate"),
+        "datasets": _version("datasets"), "python": platform.python_version(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "small": small,
+        "steps": args.steps, "warmup": args.warmup, "peak_tflops": peak / 1e12, "peak_measured_with": peak_how,
+        "workload": {"model": args.model, "data": args.data, "tokenizer": args.tokenizer,
+                     "max_length": args.max_length, "max_prompt_length": args.max_prompt_length, "lora_r": LORA_R,
+                     "lora_alpha": 2 * LORA_R, "dpo_beta": BETA, "lr": LR, "precision": "bf16 autocast, fp32 weights"
+                     if device.type == "cuda" else "fp32", "order": "minialign batch_indices(seed=0, epoch=0)"},
+        "model_shape": shape, "flops_formula": "see benchmarks/README.md (MFU)", "results": [],
+    }
+
+    # Tokenize once per task; the same ids in the same order feed both trainers.
+    workloads: dict[str, tuple] = {}
+    for name in configs:
+        task = CONFIGS[name][0]
+        if task not in workloads:
+            t0 = time.perf_counter()
+            workloads[task] = load_workload(task, args.data, args.tokenizer, args.max_length, args.max_prompt_length)
+            log(f"{task}: {len(workloads[task][1])} examples tokenized in {time.perf_counter() - t0:.1f} s")
+
+    # The plan: equal-batch comparisons of every config first (they matter most if time runs out), then
+    # the minialign ladders, then extra TRL runs.
+    plan: list[tuple[str, str, int, dict]] = []  # (phase, config, batch, extra)
+    for name in configs:
+        if not args.no_trl:
+            plan.append(("trl", name, trl_sizes[0], {}))
+        plan.append(("minialign", name, sizes[0], {}))
+    for name in configs:
+        for b in sizes[1:]:
+            plan.append(("minialign", name, b, {}))
+        if not args.no_trl:
+            for b in trl_sizes[1:]:
+                plan.append(("trl", name, b, {}))
+            if args.trl_gradient_checkpointing:
+                plan.append(("trl", name, trl_sizes[0], {"gradient_checkpointing": True}))
+
+    oom_at: dict[tuple[str, str, bool], int] = {}  # (trainer, config, checkpointing) -> smallest OOM batch
+    for i, (trainer, name, b, extra) in enumerate(plan, 1):
+        task, mode, packing = CONFIGS[name]
+        ckpt = bool(extra.get("gradient_checkpointing"))
+        base = {"trainer": trainer, "task": task, "mode": mode, "batch_size": b, "packing": packing,
+                "device": str(device), "steps": args.steps, "warmup": args.warmup, "mfu": None, "mfu_6n": None}
+        if ckpt:
+            base["gradient_checkpointing"] = True
+        label = f"({i}/{len(plan)}) {trainer} {name} batch {b}" + (" checkpointing" if ckpt else "")
+        key = (trainer, name, ckpt)
+        if key in oom_at and b > oom_at[key]:
+            log(f"skip {label}: out of memory at batch {oom_at[key]}")
+            continue
+        if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+            log(f"skip {label}: time budget of {args.budget_s:.0f} s spent")
+            doc["results"].append(dict(base, tokens_per_s=None, pairs_per_s=None, peak_memory_mb=None,
+                                       final_loss=None, error="skipped: time budget spent"))
+            write_json(out, doc)
+            continue
+        if trainer == "trl" and not have_trl:
+            row = dict(base, tokens_per_s=None, pairs_per_s=None, peak_memory_mb=None, final_loss=None,
+                       error="skipped: --no-trl" if args.no_trl else trl_import_error)
+        elif trainer == "trl":
+            row, oom = guarded(label, lambda: trl_peer.run_trl(
+                task, mode, b, args.steps, args.warmup, args.data, args.tokenizer, args.max_length, device,
+                max_prompt_length=args.max_prompt_length, model_name=args.model, packing=packing,
+                gradient_checkpointing=ckpt, lora_r=LORA_R, beta=BETA, workload=workloads[task]), base, device)
+            if oom:
+                oom_at[key] = min(b, oom_at.get(key, b))
+        else:
+            row, oom = guarded(label, lambda: run_minialign(task, mode, packing, b, workloads[task], args, device),
+                               base, device)
+            if oom:
+                oom_at[key] = min(b, oom_at.get(key, b))
+        doc["results"].append(add_mfu(row, shape, peak))
+        doc["total_s"] = time.perf_counter() - t_start
+        write_json(out, doc)
+
+    doc["total_s"] = time.perf_counter() - t_start
+    write_json(out, doc)
+    table = markdown(doc)
+    out.with_suffix(".md").write_text(table, encoding="utf-8")
+    print(table, flush=True)
+    log(f"wrote {out} and {out.with_suffix('.md')} in {doc['total_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

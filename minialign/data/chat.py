@@ -1,0 +1,39 @@
+"""HH dialogues in a chat model's own format.
+
+Instruction-tuned models (SmolLM2-Instruct, Llama-Instruct, ...) answer far better inside the chat template
+they were trained with than after a bare "\\n\\nHuman:" prompt. ``to_chat_format`` rewrites each pair's prompt
+turns with ``tokenizer.apply_chat_template`` (ending with the assistant's generation prompt) and strips the
+responses; the tokenizer's EOS (the template's end-of-turn token) is appended to each response at
+tokenization, as for plain text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from minialign.data.sources import PreferenceData, PreferencePair
+from minialign.errors import UserError
+
+_TURN = re.compile(r"\n\n(Human|Assistant):")
+_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def hh_messages(prompt: str) -> list[dict[str, str]]:
+    """``"\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:"`` -> user/assistant messages (a, b, c)."""
+    parts = _TURN.split(prompt)
+    messages = [{"role": _ROLES[role], "content": text.strip()} for role, text in zip(parts[1::2], parts[2::2])]
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()  # the open "Assistant:" the model answers
+    return messages
+
+
+def to_chat_format(pairs: Sequence[PreferencePair], tokenizer) -> PreferenceData:
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("chat_template is on, but this tokenizer has no chat template; turn it off for base models.")
+    out = []
+    for p in pairs:
+        prompt = tokenizer.apply_chat_template(hh_messages(p.prompt), tokenize=False, add_generation_prompt=True)
+        out.append(PreferencePair(prompt, p.chosen.strip(), p.rejected.strip()))
+    return PreferenceData(out, source=getattr(pairs, "source", ""), rows=getattr(pairs, "rows", len(out)),
+                          skipped=dict(getattr(pairs, "skipped", {})))

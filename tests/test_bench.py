@@ -1,0 +1,129 @@
+"""The GPU benchmark's pieces, on the CPU with the tiny model and the built-in demo data (a few seconds).
+
+The benchmark itself runs on a GPU (benchmarks/bench_gpu.py, see benchmarks/README.md); here we check that
+every configuration runs, that TRL is fed exactly the batches minialign is fed, and that the script writes
+the documented JSON.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minialign.bench import measure
+from minialign.models import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+ROW_KEYS = {"trainer", "task", "mode", "batch_size", "tokens_per_s", "pairs_per_s", "peak_memory_mb", "final_loss"}
+TOP_KEYS = {"device", "torch", "transformers", "trl", "peft", "command", "results"}
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench_gpu():
+    return _load("bench_gpu")
+
+
+@pytest.fixture(scope="module")
+def trl_peer(bench_gpu):
+    return sys.modules["trl_peer"]
+
+
+@pytest.fixture(scope="module")
+def workloads(trl_peer):
+    return {task: trl_peer.load_workload(task, "demo", "demo", 512, 256) for task in ("sft", "dpo")}
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_measure_tiny(bench_gpu, workloads, task, mode):
+    batches = bench_gpu.build_batches(task, False, workloads[task], 2, 3, 512)
+    m = measure(load_model("tiny"), batches, task=task, full=mode == "full", steps=2, warmup=1)
+    assert m.tokens_per_s > 0 and m.peak_memory_mb > 0
+    assert (m.pairs_per_s is not None and m.pairs_per_s > 0) == (task == "dpo")
+    assert m.memory_kind == "cpu_peak_rss" and torch.isfinite(torch.tensor(m.final_loss))
+
+
+def test_packed_batches_hold_every_token_once(bench_gpu, trl_peer, workloads):
+    tok, items, order = workloads["sft"]
+    batches = bench_gpu.build_batches("sft", True, workloads["sft"], 2, 10**6, 512)
+    rows = sum(b["input_ids"].shape[0] for b in batches)
+    assert all(b["input_ids"].shape == (2, 512) for b in batches)
+    total = sum(trl_peer.batch_stats(b)[0] for b in batches)
+    assert total <= sum(len(ex.prompt_ids) + len(ex.response_ids) for ex in items)
+    assert total > 0.9 * rows * 512  # dense rows
+
+
+def test_batch_stats_documents():
+    from trl_peer import batch_stats
+
+    padded = {"input_ids": torch.zeros(2, 4, dtype=torch.long),
+              "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
+    assert batch_stats(padded) == (5, 9 + 4)
+    packed = {"input_ids": torch.zeros(1, 6, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0]])}
+    assert batch_stats(packed) == (6, 9 + 4 + 1)
+
+
+def test_model_flops_formula(bench_gpu):
+    shape = {"matmul_params": 100, "lora_params": 10, "layers": 2, "hidden": 8}
+    attn = 4 * 2 * 8 * 50  # forward attention FLOPs for sum(n^2) = 50
+    assert bench_gpu.model_flops("sft", "full", 7, 50, shape) == 6 * 100 * 7 + 3 * attn
+    assert bench_gpu.model_flops("sft", "lora", 7, 50, shape) == (4 * 100 + 6 * 10) * 7 + 3 * attn
+    assert bench_gpu.model_flops("dpo", "full", 7, 50, shape) == 6 * 100 * 7 + 3 * attn + 2 * 100 * 7 + attn
+
+
+def test_a_failing_run_is_recorded_and_oom_is_named(bench_gpu):
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    row, was_oom = bench_gpu.guarded("x", oom, {"trainer": "minialign", "batch_size": 256}, torch.device("cpu"))
+    assert was_oom and row["error"] == "out of memory" and row["tokens_per_s"] is None
+    row, was_oom = bench_gpu.guarded("y", lambda: 1 / 0, {"trainer": "trl"}, torch.device("cpu"))
+    assert not was_oom and row["error"].startswith("ZeroDivisionError")
+
+
+def test_trl_peer_sees_the_same_batches(bench_gpu, trl_peer, workloads):
+    pytest.importorskip("trl")
+    row = trl_peer.run_trl("dpo", "lora", 2, 2, 1, "demo", "demo", 512, "cpu", model_name="tiny",
+                           workload=workloads["dpo"])
+    assert ROW_KEYS <= set(row) and row["trainer"] == "trl"
+    assert row["tokens_per_s"] > 0 and row["pairs_per_s"] > 0 and row["peak_memory_mb"] > 0
+    assert row["final_loss"] == pytest.approx(0.693, abs=0.05) and not row["gradient_checkpointing"]
+    # TRL trained on exactly minialign's batches 1 and 2 (after one warm-up batch): same real tokens.
+    ours = bench_gpu.build_batches("dpo", False, workloads["dpo"], 2, 3, 512)[1:3]
+    assert row["tokens"] == sum(trl_peer.batch_stats(b)[0] for b in ours)
+    assert row["attn_sq"] == sum(trl_peer.batch_stats(b)[1] for b in ours)
+
+
+def test_bench_gpu_small_writes_the_documented_json(tmp_path):
+    pytest.importorskip("trl")
+    out = tmp_path / "small.json"
+    cmd = [sys.executable, str(BENCH / "bench_gpu.py"), "--small", "--device", "cpu", "--out", str(out),
+           "--configs", "sft-full", "--batch-sizes", "2", "--trl-batch-sizes", "2", "--steps", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert TOP_KEYS <= set(doc) and doc["small"] is True
+    assert {r["trainer"] for r in doc["results"]} == {"trl", "minialign"}
+    for r in doc["results"]:
+        assert ROW_KEYS | {"mfu", "mfu_6n"} <= set(r), r
+        assert not r.get("error"), r
+        assert r["tokens_per_s"] > 0 and r["mfu"] > 0
+    trl_row, ours = doc["results"]
+    assert trl_row["tokens"] == ours["tokens"]  # the same batches in the same order
+    assert "| sft full | 2 |" in out.with_suffix(".md").read_text()
+    assert "no CUDA GPU" in proc.stdout or torch.cuda.is_available()
