@@ -15,6 +15,8 @@ built-in demo data, a few steps), which only checks that everything runs. See be
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import os
@@ -30,10 +32,9 @@ for p in (str(ROOT), str(HERE)):  # minialign need not be installed; trl_peer li
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import torch  # noqa: E402
-
-import trl_peer  # noqa: E402
-from trl_peer import GPT_NEOX_LINEARS, LR, batch_stats, load_workload, reset_memory  # noqa: E402
+import torch
+import trl_peer
+from trl_peer import GPT_NEOX_LINEARS, LR, batch_stats, load_workload, reset_memory
 
 HH = "data/hh-rlhf/harmless-base/test.jsonl.gz"
 TOKENIZER = "tokenizers/gpt-neox-20b/tokenizer.json"
@@ -214,9 +215,9 @@ def guarded(label: str, fn, base: dict, device) -> tuple[dict, bool]:
     if row.get("error"):
         log(f"FAILED {label}: {row['error'][:200]} ({row['wall_s']:.1f} s)")
     else:
-        pairs = f", {row['pairs_per_s']:,.1f} pairs/s" if row.get("pairs_per_s") else ""
-        log(f"done {label}: {row['tokens_per_s']:,.0f} tok/s{pairs}, peak {row['peak_memory_mb']:,.0f} MiB, "
-            f"loss {row['final_loss']:.4f} ({row['wall_s']:.1f} s)")
+        pairs = f", {_f(row.get('pairs_per_s'), '{:,.1f}')} pairs/s" if row.get("pairs_per_s") else ""
+        log(f"done {label}: {_f(row.get('tokens_per_s'))} tok/s{pairs}, peak {_f(row.get('peak_memory_mb'))} MiB, "
+            f"loss {_f(row.get('final_loss'), '{:.4f}')} ({row['wall_s']:.1f} s)")
     return row, oom
 
 
@@ -239,12 +240,12 @@ def markdown(doc: dict) -> str:
     rows = doc["results"]
     ok = [r for r in rows if not r.get("error")]
     out = [f"## minialign vs TRL {doc.get('trl')} + PEFT {doc.get('peft')} on {doc['device']}", "",
-           f"torch {doc['torch']}, transformers {doc['transformers']}; model {doc['workload']['model']}, "
-           f"max_length {doc['workload']['max_length']}, {doc['steps']} timed steps after {doc['warmup']} warm-up; "
-           f"matmul peak {doc['peak_tflops']:.3g} TFLOP/s ({doc['peak_measured_with']}).", "",
+           (f"torch {doc['torch']}, transformers {doc['transformers']}; model {doc['workload']['model']}, "
+            f"max_length {doc['workload']['max_length']}, {doc['steps']} timed steps after {doc['warmup']} warm-up; "
+            f"matmul peak {doc['peak_tflops']:.3g} TFLOP/s ({doc['peak_measured_with']})."), "",
            "### Equal batch (speed ratio = minialign / TRL tokens/s; memory ratio = minialign / TRL peak)", "",
-           "| config | batch | TRL tok/s | minialign tok/s | speed x | TRL peak MiB | minialign peak MiB | memory x "
-           "| TRL MFU | minialign MFU |",
+           ("| config | batch | TRL tok/s | minialign tok/s | speed x | TRL peak MiB | minialign peak MiB | memory x "
+            "| TRL MFU | minialign MFU |"),
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     trl_rows = [r for r in ok if r["trainer"] == "trl" and not r.get("gradient_checkpointing")]
     for t in trl_rows:
@@ -281,6 +282,17 @@ def markdown(doc: dict) -> str:
     if doc.get("small"):
         out += ["", "(--small: CPU smoke-test workload; the numbers mean nothing.)"]
     return "\n".join(out) + "\n"
+
+
+def write_markdown(path: Path, doc: dict) -> str:
+    """The tables, beside the JSON (``.md``); a bug here must not cost the results, so it only warns."""
+    try:
+        table = markdown(doc)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        return "(could not format the table; the JSON holds every result)\n"
+    path.with_suffix(".md").write_text(table, encoding="utf-8")
+    return table
 
 
 def write_json(path: Path, doc: dict) -> None:
@@ -337,7 +349,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     cuda = torch.cuda.is_available()
     if not cuda:
-        log("no CUDA GPU found: running the --small CPU smoke test (tiny model, demo data) instead of the GPU benchmark")
+        log("no CUDA GPU found: running in --small mode on the CPU instead of the GPU benchmark "
+            "(unless given: tiny model, demo data and tokenizer, 2 steps, batches 4 and 8)")
         args.small = True
     device = torch.device(args.device or ("cuda" if cuda else "cpu"))
     if device.type == "cuda":
@@ -361,15 +374,17 @@ def main(argv=None) -> int:
     out = Path(args.out)
     from minialign.bench import device_name
 
-    try:  # one line per run in the log, not a progress bar per dataset.map
+    # One line per run in the log, not a progress bar per dataset.map. datasets comes with trl: without it
+    # only the TRL rows fail (and say why).
+    with contextlib.suppress(Exception):
         import datasets
 
         datasets.disable_progress_bars()
-    except Exception:  # noqa: BLE001 - datasets comes with trl; without it only TRL rows fail
-        pass
 
     log(f"device {device_name(device)}; torch {torch.__version__}; model {args.model}; data {args.data}; "
         f"tokenizer {args.tokenizer}; steps {args.steps} after {args.warmup} warm-up")
+    log("versions: " + ", ".join(f"{n} {_version(n)}" for n in (
+        "transformers", "trl", "peft", "accelerate", "datasets", "pyarrow", "fsspec", "huggingface-hub")))
     peak, peak_how = matmul_peak(device)
     log(f"measured matmul peak: {peak / 1e12:.1f} TFLOP/s ({peak_how})")
     shape = model_shape(args.model)
@@ -378,16 +393,20 @@ def main(argv=None) -> int:
     have_trl, trl_import_error = False, ""
     if not args.no_trl:
         try:
-            import trl  # noqa: F401
+            import datasets
+            import peft  # noqa: F401
+            from trl import DPOTrainer, SFTTrainer  # noqa: F401
 
             have_trl = True
         except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
             log(f"TRL cannot be imported ({type(exc).__name__}: {exc}); TRL rows will record the error")
             trl_import_error = f"trl not importable: {type(exc).__name__}: {exc}"
     doc = {
         "device": device_name(device), "torch": torch.__version__, "transformers": _version("transformers"),
         "trl": trl_version, "peft": _version("peft"), "accelerate": _version("accelerate"),
-        "datasets": _version("datasets"), "python": platform.python_version(),
+        "datasets": _version("datasets"), "pyarrow": _version("pyarrow"), "fsspec": _version("fsspec"),
+        "python": platform.python_version(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "small": small,
         "steps": args.steps, "warmup": args.warmup, "peak_tflops": peak / 1e12, "peak_measured_with": peak_how,
         "workload": {"model": args.model, "data": args.data, "tokenizer": args.tokenizer,
@@ -445,25 +464,26 @@ def main(argv=None) -> int:
             row = dict(base, tokens_per_s=None, pairs_per_s=None, peak_memory_mb=None, final_loss=None,
                        error="skipped: --no-trl" if args.no_trl else trl_import_error)
         elif trainer == "trl":
-            row, oom = guarded(label, lambda: trl_peer.run_trl(
-                task, mode, b, args.steps, args.warmup, args.data, args.tokenizer, args.max_length, device,
-                max_prompt_length=args.max_prompt_length, model_name=args.model, packing=packing,
-                gradient_checkpointing=ckpt, lora_r=LORA_R, beta=BETA, workload=workloads[task]), base, device)
+            run = functools.partial(
+                trl_peer.run_trl, task, mode, b, args.steps, args.warmup, args.data, args.tokenizer, args.max_length,
+                device, max_prompt_length=args.max_prompt_length, model_name=args.model, packing=packing,
+                gradient_checkpointing=ckpt, lora_r=LORA_R, beta=BETA, workload=workloads[task])
+            row, oom = guarded(label, run, base, device)
             if oom:
                 oom_at[key] = min(b, oom_at.get(key, b))
         else:
-            row, oom = guarded(label, lambda: run_minialign(task, mode, packing, b, workloads[task], args, device),
-                               base, device)
+            run = functools.partial(run_minialign, task, mode, packing, b, workloads[task], args, device)
+            row, oom = guarded(label, run, base, device)
             if oom:
                 oom_at[key] = min(b, oom_at.get(key, b))
         doc["results"].append(add_mfu(row, shape, peak))
         doc["total_s"] = time.perf_counter() - t_start
         write_json(out, doc)
+        write_markdown(out, doc)
 
     doc["total_s"] = time.perf_counter() - t_start
     write_json(out, doc)
-    table = markdown(doc)
-    out.with_suffix(".md").write_text(table, encoding="utf-8")
+    table = write_markdown(out, doc)
     print(table, flush=True)
     log(f"wrote {out} and {out.with_suffix('.md')} in {doc['total_s']:.0f} s")
     return 0

@@ -39,6 +39,7 @@ How it is made comparable (see benchmarks/README.md for the whole workload):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import os
@@ -307,10 +308,8 @@ def run_trl(task: str, mode: str, batch_size: int, steps: int, warmup: int, data
             }
         finally:
             if trainer is not None:
-                try:
+                with contextlib.suppress(Exception):  # cleanup must not hide the real error
                     trainer.accelerator.free_memory()
-                except Exception:  # noqa: BLE001 - cleanup must not hide the real error
-                    pass
             del trainer, model
             tmp.cleanup()
             reset_memory(device)

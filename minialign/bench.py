@@ -45,18 +45,26 @@ def peak_rss_mb() -> float:
 
 
 def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 8, steps: int = 20, warmup: int = 3,
-            lr: float = 1e-4, beta: float = 0.1, device: torch.device | str = "cpu", compile: bool = False) -> Measurement:
-    """Train ``model`` (consumed: LoRA is applied in place) for ``warmup + steps`` steps over ``batches``."""
+            lr: float = 1e-4, beta: float = 0.1, device: torch.device | str = "cpu", compile: bool = False,
+            grad_checkpointing: bool = False) -> Measurement:
+    """Train ``model`` (consumed: LoRA is applied in place) for ``warmup + steps`` steps over ``batches``.
+
+    Set up exactly as ``minialign sft|dpo`` do: on a GPU, LoRA's frozen base weights are bf16.
+    """
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     if not full:
-        lora.apply_lora(model, lora.LoRAConfig(r=lora_r, alpha=2 * lora_r))
+        if device.type == "cuda":
+            model.to(torch.bfloat16)
+        lora.apply_lora(model, lora.LoRAConfig(r=lora_r, alpha=2 * lora_r), dtype=torch.float32)
     model.to(device).train()
-    policy = TokenLogps(model)
+    if grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compile:
-        policy = torch.compile(policy, dynamic=True)
+        model.base_model.compile()
+    policy = TokenLogps(model)
     if task == "sft":
         objective = SFTTask()
     else:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minialign.errors import UserError
@@ -90,7 +92,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         weights = load_file(str(path / "trainable.safetensors"))
         extra = torch.load(path / "optimizer.pt", weights_only=True)
         progress = json.loads((path / "progress.json").read_text())
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, EOFError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:
         raise UserError(f"Checkpoint {path} is damaged or incomplete ({exc}); delete it to resume from an earlier one.") from None
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]

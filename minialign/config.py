@@ -61,6 +61,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     packing: bool = False  # SFT only: fixed-length rows of several documents
     compile: bool = False
+    pad_to_multiple_of: int = 8  # fewer distinct shapes: tensor-core friendly, fewer recompiles
+    base_dtype: str = "auto"  # auto: frozen base weights in bf16 for LoRA on CUDA, else float32
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     tensorboard: bool = False
     merge: bool = False  # also save merged weights at the end
     dist: str = "auto"  # auto | none | ddp | fsdp (under torchrun)
@@ -80,6 +83,8 @@ class TrainConfig:
             (self.log_every >= 1, "log_every must be >= 1"),
             (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
             (self.dist in ("auto", "none", "ddp", "fsdp"), "dist must be auto, none, ddp or fsdp"),
+            (self.base_dtype in ("auto", "float32", "bfloat16"), "base_dtype must be auto, float32 or bfloat16"),
+            (self.pad_to_multiple_of >= 0, "pad_to_multiple_of must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -131,6 +136,7 @@ class RunConfig:
     eval_rows: str = ""
     chat_template: bool = False
     out: str = "runs/run"
+    stages: list[str] = field(default_factory=lambda: ["lora", "sft", "dpo", "eval", "report"])
     ranks: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
     bench_steps: int = 30
     bench_batch_size: int = 8

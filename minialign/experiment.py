@@ -179,6 +179,9 @@ def resume_config(run_dir: Path) -> RunConfig:
 
 
 def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    unknown = sorted(set(cfg.stages) - set(STAGES))
+    if unknown:
+        raise UserError(f"Unknown stage(s) {', '.join(unknown)}; --stages takes any of {' '.join(STAGES)}.")
     if not resume:
         _prepare(cfg, overwrite)
     ctx = Context(cfg)
@@ -189,6 +192,9 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     for i, stage in enumerate(STAGES, 1):
         if stage in done:
             print(f"[{i}/{len(STAGES)}] {stage}: done earlier, skipped")
+            continue
+        if stage not in cfg.stages:
+            print(f"[{i}/{len(STAGES)}] {stage}: not in --stages, skipped")
             continue
         print(f"[{i}/{len(STAGES)}] {stage} ...", flush=True)
         t0 = time.perf_counter()

@@ -97,7 +97,9 @@ class LoRALinear(nn.Linear):
         out = F.linear(x, self.weight, self.bias)
         if self.disabled:
             return out
-        h = x.to(self.lora_A.weight.dtype)  # a no-op (no copy) when dtypes already agree
+        h = x
+        if x.dtype != self.lora_A.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            h = x.to(self.lora_A.weight.dtype)  # under autocast the matmul casts for us: no activation copy
         if self.lora_dropout is not None:
             h = self.lora_dropout(h)
         update = self.lora_B(self.lora_A(h)).to(out.dtype)

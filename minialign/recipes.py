@@ -122,19 +122,29 @@ def load_base(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
     return model
 
 
-def attach_lora(model, cfg: TrainConfig):
+def base_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """Frozen LoRA base weights are only read: bf16 halves their memory on a GPU (adapters stay float32)."""
+    if cfg.base_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and not cfg.full else torch.float32
+    return getattr(torch, cfg.base_dtype)
+
+
+def attach_lora(model, cfg: TrainConfig, device: torch.device):
     targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
+    model.to(base_dtype(cfg, device))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return lora.apply_lora(model, lora.LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.use_rslora))
+        config = lora.LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.use_rslora)
+        return lora.apply_lora(model, config, dtype=torch.float32)
 
 
 def wrap_policy(model, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     model.to(device)
-    policy = TokenLogps(model)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
-        policy = torch.compile(policy, dynamic=True)
-    return dist.wrap(policy, cfg.dist, device)
+        model.base_model.compile()  # in place: parameter names (and checkpoints) stay as they are
+    return dist.wrap(TokenLogps(model), cfg.dist, device)
 
 
 def save_final(model, run_dir: Path, cfg: TrainConfig, tokenizer) -> None:
@@ -174,7 +184,7 @@ def sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     _announce(cfg, "sft", len(examples), len(held_out), examples.truncated)
     model = load_base(cfg, tokenizer)
     if not cfg.full:
-        attach_lora(model, cfg)
+        attach_lora(model, cfg, device)
     policy = wrap_policy(model, cfg, device)
     pad = tokenizer.pad_token_id
     if cfg.packing:
@@ -182,7 +192,7 @@ def sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
         collate = lambda idx: collate_packed(examples, [rows[i] for i in idx], row_length=cfg.max_length, pad_id=pad)
         n_items, lengths = len(rows), None
     else:
-        collate = lambda idx: collate_sft([examples[i] for i in idx], pad_id=pad)
+        collate = lambda idx: collate_sft([examples[i] for i in idx], pad_id=pad, pad_to_multiple_of=cfg.pad_to_multiple_of or None)
         n_items, lengths = len(examples), None
     eval_batches = [collate_sft(held_out[i : i + cfg.batch_size], pad_id=pad) for i in range(0, len(held_out), cfg.batch_size)]
     train(policy, SFTTask(), range(n_items), collate, cfg, run_dir, eval_batches=eval_batches, lengths=lengths,
@@ -225,7 +235,7 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     _announce(cfg, "dpo", len(pairs), len(held_out), pairs.truncated)
     model = dpo_start_model(cfg, tokenizer)
     pad = tokenizer.pad_token_id
-    collate = lambda idx: collate_pairs([pairs[i] for i in idx], pad_id=pad, index=idx)
+    collate = lambda idx: collate_pairs([pairs[i] for i in idx], pad_id=pad, index=idx, pad_to_multiple_of=cfg.pad_to_multiple_of or None)
     task = DPOTask(None, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma)
     if cfg.full:
         ref_model = copy.deepcopy(model).requires_grad_(False).eval()
@@ -233,7 +243,7 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
             ref_model.to(torch.bfloat16)  # the reference is only read: half the memory of an fp32 copy
         reference = frozen_reference(TokenLogps(ref_model.to(device)), task.normalise)
     else:
-        attach_lora(model, cfg)
+        attach_lora(model, cfg, device)
         reference = None
     policy = wrap_policy(model, cfg, device)
     if reference is None:

@@ -37,7 +37,12 @@ class TokenLogps(nn.Module):
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
         hidden = hidden.flatten(0, 1).index_select(0, tgt_index)
         head = self.model.get_output_embeddings()
-        return losses.token_logps(hidden, head.weight, tgt_ids, self.chunk_size)
+        return _token_logps(hidden, head.weight, tgt_ids, self.chunk_size)
+
+
+# The chunked loss has its own backward and a Python loop over chunks: torch.compile leaves it to eager
+# (a graph break) and compiles the transformer around it.
+_token_logps = torch.compiler.disable(losses.token_logps)
 
 
 def add_target_index(batch: dict) -> dict:
@@ -156,6 +161,8 @@ class DPOTask:
             "rewards/accuracies": (chosen_r > rejected_r).float().sum(),
             "logps/chosen": policy_logps[:b].detach().sum(),
             "logps/rejected": policy_logps[b:].detach().sum(),
+            # The policy alone prefers chosen (no reference): the held-out "preference accuracy".
+            "logps/accuracies": (policy_logps[:b] > policy_logps[b:]).float().sum(),
         }
         return loss, metrics
 

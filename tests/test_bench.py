@@ -7,6 +7,7 @@ the documented JSON.
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,7 +60,7 @@ def test_measure_tiny(bench_gpu, workloads, task, mode):
 
 
 def test_packed_batches_hold_every_token_once(bench_gpu, trl_peer, workloads):
-    tok, items, order = workloads["sft"]
+    items = workloads["sft"][1]
     batches = bench_gpu.build_batches("sft", True, workloads["sft"], 2, 10**6, 512)
     rows = sum(b["input_ids"].shape[0] for b in batches)
     assert all(b["input_ids"].shape == (2, 512) for b in batches)
@@ -114,7 +115,7 @@ def test_bench_gpu_small_writes_the_documented_json(tmp_path):
     out = tmp_path / "small.json"
     cmd = [sys.executable, str(BENCH / "bench_gpu.py"), "--small", "--device", "cpu", "--out", str(out),
            "--configs", "sft-full", "--batch-sizes", "2", "--trl-batch-sizes", "2", "--steps", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert TOP_KEYS <= set(doc) and doc["small"] is True
@@ -127,3 +128,27 @@ def test_bench_gpu_small_writes_the_documented_json(tmp_path):
     assert trl_row["tokens"] == ours["tokens"]  # the same batches in the same order
     assert "| sft full | 2 |" in out.with_suffix(".md").read_text()
     assert "no CUDA GPU" in proc.stdout or torch.cuda.is_available()
+
+
+def test_the_batch_ladder_stops_at_the_first_oom(bench_gpu, tmp_path, monkeypatch):
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM"):  # main() sets them
+        monkeypatch.setenv(name, os.environ.get(name, "1"))
+    tried = []
+
+    def fake_run(task, mode, packing, b, workload, args, device):
+        tried.append(b)
+        if b >= 4:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"trainer": "minialign", "task": task, "mode": mode, "batch_size": b, "tokens_per_s": 10.0,
+                "pairs_per_s": None, "peak_memory_mb": 1.0, "final_loss": 1.0, "tokens": 20, "attn_sq": 200,
+                "elapsed_s": 2.0, "packing": packing}
+
+    monkeypatch.setattr(bench_gpu, "run_minialign", fake_run)
+    out = tmp_path / "ladder.json"
+    assert bench_gpu.main(["--small", "--device", "cpu", "--no-trl", "--configs", "sft-full,dpo-lora",
+                           "--batch-sizes", "2,4,8", "--out", str(out)]) == 0
+    assert tried == [2, 2, 4, 4]  # equal-batch runs first, then each ladder up to its OOM
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["task"], r["batch_size"], r.get("error")) for r in rows] == [
+        ("sft", 2, None), ("dpo", 2, None), ("sft", 4, "out of memory"), ("dpo", 4, "out of memory")]
+    assert rows[0]["mfu"] > 0

@@ -264,12 +264,12 @@ def trl_batch(n_pairs: int = 6, length: int = 12, seed: int = 0) -> dict:
 
 def trl_dpo_loss(trainer_cls, accelerator, model, batch, ref_c, ref_r, *, beta, loss_type, ls):
     trainer = object.__new__(trainer_cls)
-    attrs = dict(
-        accelerator=accelerator, model=model, beta=beta, loss_types=[loss_type], loss_weights=[1.0],
-        label_smoothing=ls, precompute_ref_logps=True, ld_alpha=None, f_divergence_type="reverse_kl",
-        use_weighting=False, aux_loss_enabled=False, _tp_size=1, _total_train_tokens=0,
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-    )
+    attrs = {
+        "accelerator": accelerator, "model": model, "beta": beta, "loss_types": [loss_type], "loss_weights": [1.0],
+        "label_smoothing": ls, "precompute_ref_logps": True, "ld_alpha": None, "f_divergence_type": "reverse_kl",
+        "use_weighting": False, "aux_loss_enabled": False, "_tp_size": 1, "_total_train_tokens": 0,
+        "_metrics": {"train": defaultdict(list), "eval": defaultdict(list)},
+    }
     for name, value in attrs.items():
         setattr(trainer, name, value)
     with torch.no_grad():
