@@ -137,7 +137,18 @@ def add_mfu(row: dict, shape: dict, peak: float) -> dict:
 # ----------------------------------------------------------------------------- minialign runs
 
 
-def build_batches(task: str, packing: bool, workload, batch_size: int, needed: int, max_length: int) -> list[dict]:
+# minialign variants: torch.compile of the transformer (default mode, or CUDA graphs over batches padded
+# to max_length so every step has the same shapes), optionally with activation checkpointing.
+VARIANTS = {
+    "eager": dict(compile=False, grad_checkpointing=False, static=False),
+    "compile": dict(compile=True, grad_checkpointing=False, static=False),
+    "cudagraphs": dict(compile="reduce-overhead", grad_checkpointing=False, static=True),
+    "compile-gc": dict(compile=True, grad_checkpointing=True, static=False),
+}
+
+
+def build_batches(task: str, packing: bool, workload, batch_size: int, needed: int, max_length: int,
+                  pad_to: int | None = None) -> list[dict]:
     """minialign batches in the benchmark's order: batch k holds ordered examples k*B .. (k+1)*B-1 (no short
     last batch), exactly what TRL's sequential loader gives; packed SFT packs the ordered examples into rows
     of ``max_length`` and groups B rows per batch. At most ``needed`` batches (``measure`` cycles through them)."""
@@ -152,17 +163,21 @@ def build_batches(task: str, packing: bool, workload, batch_size: int, needed: i
         return [collate_packed(ordered, g, row_length=max_length, pad_id=pad) for g in groups]
     starts = list(range(0, len(ordered) - batch_size + 1, batch_size))[:needed]
     if task == "sft":
-        return [collate_sft(ordered[s:s + batch_size], pad_id=pad) for s in starts]
-    return [collate_pairs(ordered[s:s + batch_size], pad_id=pad, index=list(range(s, s + batch_size))) for s in starts]
+        return [collate_sft(ordered[s:s + batch_size], pad_id=pad, pad_to_multiple_of=pad_to) for s in starts]
+    return [collate_pairs(ordered[s:s + batch_size], pad_id=pad, index=list(range(s, s + batch_size)),
+                          pad_to_multiple_of=pad_to) for s in starts]
 
 
-def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload, args, device) -> dict:
+def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload, args, device,
+                  variant: str = "eager") -> dict:
     from minialign.bench import measure
     from minialign.models import load_model
 
+    v = VARIANTS[variant]
     needed = args.warmup + args.steps
     t0 = time.perf_counter()
-    batches = build_batches(task, packing, workload, batch_size, needed, args.max_length)
+    batches = build_batches(task, packing, workload, batch_size, needed, args.max_length,
+                            pad_to=args.max_length if v["static"] else 64 if v["compile"] else None)
     collate_ms = (time.perf_counter() - t0) * 1e3 / max(len(batches), 1)
     if not batches:
         raise ValueError(f"the data holds fewer than one batch of {batch_size}")
@@ -170,9 +185,11 @@ def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload
     model = load_model(args.model, seed=0)
     try:
         m = measure(model, batches, task=task, full=mode == "full", lora_r=LORA_R, steps=args.steps,
-                    warmup=args.warmup, lr=LR, beta=BETA, device=device, compile=args.compile)
+                    warmup=args.warmup, lr=LR, beta=BETA, device=device, compile=v["compile"],
+                    grad_checkpointing=v["grad_checkpointing"])
     finally:
         del model
+        torch._dynamo.reset()
     timed = [batch_stats(batches[i % len(batches)]) for i in range(args.warmup, needed)]
     tokens, attn_sq = sum(t for t, _ in timed), sum(s for _, s in timed)
     return {
@@ -180,7 +197,7 @@ def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload
         "tokens_per_s": m.tokens_per_s, "pairs_per_s": m.pairs_per_s, "peak_memory_mb": m.peak_memory_mb,
         "final_loss": m.final_loss, "memory_kind": m.memory_kind, "device": str(device), "steps": args.steps,
         "warmup": args.warmup, "elapsed_s": tokens / m.tokens_per_s, "tokens": tokens, "attn_sq": attn_sq,
-        "packing": packing, "gradient_checkpointing": False, "compile": args.compile,
+        "packing": packing, "gradient_checkpointing": v["grad_checkpointing"], "compile": v["compile"], "variant": variant,
         "distinct_batches": len(batches), "collate_ms_per_batch": collate_ms,
     }
 
@@ -244,18 +261,21 @@ def markdown(doc: dict) -> str:
             f"max_length {doc['workload']['max_length']}, {doc['steps']} timed steps after {doc['warmup']} warm-up; "
             f"matmul peak {doc['peak_tflops']:.3g} TFLOP/s ({doc['peak_measured_with']})."), "",
            "### Equal batch (speed ratio = minialign / TRL tokens/s; memory ratio = minialign / TRL peak)", "",
-           ("| config | batch | TRL tok/s | minialign tok/s | speed x | TRL peak MiB | minialign peak MiB | memory x "
-            "| TRL MFU | minialign MFU |"),
+           ("| config | batch | TRL tok/s | minialign tok/s (fastest variant) | speed x | TRL peak MiB "
+            "| minialign peak MiB (leanest variant) | memory x | TRL MFU | minialign MFU |"),
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     trl_rows = [r for r in ok if r["trainer"] == "trl" and not r.get("gradient_checkpointing")]
     for t in trl_rows:
         mine = [r for r in ok if r["trainer"] == "minialign" and _cfg(r) == _cfg(t) and r["batch_size"] == t["batch_size"]]
-        m = mine[0] if mine else {}
+        m = max(mine, key=lambda r: r["tokens_per_s"]) if mine else {}
+        lean = min(mine, key=lambda r: r["peak_memory_mb"]) if mine else {}
         speed = m.get("tokens_per_s") / t["tokens_per_s"] if m.get("tokens_per_s") and t["tokens_per_s"] else None
-        mem = m.get("peak_memory_mb") / t["peak_memory_mb"] if m.get("peak_memory_mb") and t["peak_memory_mb"] else None
-        out.append(f"| {_cfg_name(*_cfg(t))} | {t['batch_size']} | {_f(t['tokens_per_s'])} | {_f(m.get('tokens_per_s'))} "
-                   f"| {_f(speed, '{:.2f}')} | {_f(t['peak_memory_mb'])} | {_f(m.get('peak_memory_mb'))} "
-                   f"| {_f(mem, '{:.2f}')} | {_f(t.get('mfu'), '{:.1%}')} | {_f(m.get('mfu'), '{:.1%}')} |")
+        mem = lean.get("peak_memory_mb") / t["peak_memory_mb"] if lean.get("peak_memory_mb") and t["peak_memory_mb"] else None
+        out.append(f"| {_cfg_name(*_cfg(t))} | {t['batch_size']} | {_f(t['tokens_per_s'])} "
+                   f"| {_f(m.get('tokens_per_s'))} ({m.get('variant', '-')}) "
+                   f"| {_f(speed, '{:.2f}')} | {_f(t['peak_memory_mb'])} | {_f(lean.get('peak_memory_mb'))} "
+                   f"({lean.get('variant', '-')}) | {_f(mem, '{:.2f}')} | {_f(t.get('mfu'), '{:.1%}')} "
+                   f"| {_f(m.get('mfu'), '{:.1%}')} |")
     out += ["", "### minialign at its best batch (vs TRL's best measured batch)", "",
             "| config | batch | tok/s | pairs/s | peak MiB | MFU | MFU (6N) | x TRL best |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -274,7 +294,8 @@ def markdown(doc: dict) -> str:
             "| trainer | config | batch | tok/s | pairs/s | peak MiB | final loss | MFU | MFU (6N) | note |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        note = r.get("error") or ("gradient checkpointing" if r.get("gradient_checkpointing") else "")
+        note = r.get("error") or " ".join(filter(None, [r.get("variant", ""),
+                                                           "gradient checkpointing" if r.get("gradient_checkpointing") else ""]))
         out.append(f"| {r['trainer']} | {_cfg_name(*_cfg(r))} | {r['batch_size']} | {_f(r.get('tokens_per_s'))} "
                    f"| {_f(r.get('pairs_per_s'), '{:,.1f}')} | {_f(r.get('peak_memory_mb'))} "
                    f"| {_f(r.get('final_loss'), '{:.4f}')} | {_f(r.get('mfu'), '{:.1%}')} "
@@ -333,7 +354,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-trl", action="store_true", help="minialign only")
     p.add_argument("--trl-gradient-checkpointing", action="store_true",
                    help="also run TRL with gradient checkpointing on (TRL's own default) at its first batch size")
-    p.add_argument("--compile", action="store_true", help="minialign with torch.compile")
+    p.add_argument("--variants", default="eager,compile,cudagraphs,compile-gc",
+                   help=f"minialign variants at the TRL batch size, from {', '.join(VARIANTS)}")
+    p.add_argument("--ladder-variant", default="compile", help="minialign variant for the larger batches")
+    p.add_argument("--ladder-configs", default=None, help="configs that get the larger batches (default: all)")
     p.add_argument("--budget-s", type=float, default=0,
                    help="skip runs that would start after this many seconds (0: no limit); rows say 'skipped'")
     return p.parse_args(argv)
@@ -386,7 +410,7 @@ def main(argv=None) -> int:
     log("versions: " + ", ".join(f"{n} {_version(n)}" for n in (
         "transformers", "trl", "peft", "accelerate", "datasets", "pyarrow", "fsspec", "huggingface-hub")))
     peak, peak_how = matmul_peak(device)
-    log(f"measured matmul peak: {peak / 1e12:.1f} TFLOP/s ({peak_how})")
+    log(f"measured matmul peak: {peak / 1e12:.3g} TFLOP/s ({peak_how})")
     shape = model_shape(args.model)
     log(f"model shape: {shape}")
     trl_version = _version("trl")
@@ -431,10 +455,12 @@ def main(argv=None) -> int:
     for name in configs:
         if not args.no_trl:
             plan.append(("trl", name, trl_sizes[0], {}))
-        plan.append(("minialign", name, sizes[0], {}))
-    for name in configs:
+        for variant in args.variants.split(","):
+            plan.append(("minialign", name, sizes[0], {"variant": variant.strip()}))
+    ladder = [c.strip() for c in args.ladder_configs.split(",")] if args.ladder_configs else configs
+    for name in [c for c in configs if c in ladder]:
         for b in sizes[1:]:
-            plan.append(("minialign", name, b, {}))
+            plan.append(("minialign", name, b, {"variant": args.ladder_variant}))
         if not args.no_trl:
             for b in trl_sizes[1:]:
                 plan.append(("trl", name, b, {}))
@@ -449,8 +475,11 @@ def main(argv=None) -> int:
                 "device": str(device), "steps": args.steps, "warmup": args.warmup, "mfu": None, "mfu_6n": None}
         if ckpt:
             base["gradient_checkpointing"] = True
-        label = f"({i}/{len(plan)}) {trainer} {name} batch {b}" + (" checkpointing" if ckpt else "")
-        key = (trainer, name, ckpt)
+        variant = extra.get("variant", "")
+        if variant:
+            base["variant"] = variant
+        label = f"({i}/{len(plan)}) {trainer} {name} batch {b} {variant}" + (" checkpointing" if ckpt else "")
+        key = (trainer, name, ckpt or variant)
         if key in oom_at and b > oom_at[key]:
             log(f"skip {label}: out of memory at batch {oom_at[key]}")
             continue
@@ -472,7 +501,7 @@ def main(argv=None) -> int:
             if oom:
                 oom_at[key] = min(b, oom_at.get(key, b))
         else:
-            run = functools.partial(run_minialign, task, mode, packing, b, workloads[task], args, device)
+            run = functools.partial(run_minialign, task, mode, packing, b, workloads[task], args, device, variant)
             row, oom = guarded(label, run, base, device)
             if oom:
                 oom_at[key] = min(b, oom_at.get(key, b))

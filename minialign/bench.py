@@ -45,7 +45,7 @@ def peak_rss_mb() -> float:
 
 
 def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 8, steps: int = 20, warmup: int = 3,
-            lr: float = 1e-4, beta: float = 0.1, device: torch.device | str = "cpu", compile: bool = False,
+            lr: float = 1e-4, beta: float = 0.1, device: torch.device | str = "cpu", compile: bool | str = False,
             grad_checkpointing: bool = False) -> Measurement:
     """Train ``model`` (consumed: LoRA is applied in place) for ``warmup + steps`` steps over ``batches``.
 
@@ -62,8 +62,9 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
     model.to(device).train()
     if grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if compile:
-        model.base_model.compile()
+    if compile:  # True, or a torch.compile mode such as "reduce-overhead" (CUDA graphs; needs fixed shapes)
+        # dynamic=True: one compilation for every batch length (default mode); CUDA graphs want fixed shapes.
+        model.base_model.compile(**({"mode": compile} if isinstance(compile, str) else {"dynamic": True}))
     policy = TokenLogps(model)
     if task == "sft":
         objective = SFTTask()

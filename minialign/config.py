@@ -61,6 +61,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     packing: bool = False  # SFT only: fixed-length rows of several documents
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs (pad to max_length)
     pad_to_multiple_of: int = 8  # fewer distinct shapes: tensor-core friendly, fewer recompiles
     base_dtype: str = "auto"  # auto: frozen base weights in bf16 for LoRA on CUDA, else float32
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute

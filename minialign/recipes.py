@@ -143,7 +143,7 @@ def wrap_policy(model, cfg: TrainConfig, device: torch.device) -> torch.nn.Modul
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.compile:
-        model.base_model.compile()  # in place: parameter names (and checkpoints) stay as they are
+        model.base_model.compile(mode=cfg.compile_mode)  # in place: parameter names (and checkpoints) stay as they are
     return dist.wrap(TokenLogps(model), cfg.dist, device)
 
 

@@ -180,4 +180,8 @@ def reference_table(policy: nn.Module, reference: Reference, batches, n_pairs: i
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Copy a host batch to the device; through pinned memory on CUDA so the copy does not block the host."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from minialign import checkpoint, cli, lora, losses, recipes
 from minialign.config import DPOConfig, SFTConfig, build, load_yaml, preset
@@ -114,7 +115,6 @@ def wait_for(condition, proc: subprocess.Popen, log: Path, what: str, timeout: f
         if proc.poll() is not None:
             pytest.fail(f"the run exited (status {proc.returncode}) before {what}:\n{log.read_text()[-2000:]}")
         if time.monotonic() > deadline:
-            proc.kill()
             pytest.fail(f"timed out waiting for {what}")
         time.sleep(0.02)
 
@@ -244,8 +244,6 @@ def load_into_fresh_policy(run_dir: Path, path: Path) -> dict:
     optimizer = make_optimizer(params, cfg, torch.device("cpu"))
     progress = checkpoint.load_checkpoint(path, policy, optimizer, make_scheduler(optimizer, 10, cfg))
     weights = checkpoint.trainable_state(policy)
-    from safetensors.torch import load_file
-
     saved = load_file(str(path / "trainable.safetensors"))
     assert weights.keys() == saved.keys()
     for name, tensor in saved.items():
