@@ -46,7 +46,7 @@ def train_config(cfg: RunConfig, cls, stage: str, overrides: dict):
     base = dict(
         model=cfg.model, tokenizer=cfg.tokenizer, seed=cfg.seed, device=cfg.device, chat_template=cfg.chat_template,
         dataset=cfg.train_data or cfg.dataset, data_dir=cfg.data_dir, train_rows=cfg.train_rows,
-        eval_data=cfg.eval_data, eval_rows=cfg.eval_rows, out=str(Path(cfg.out) / stage),
+        eval_data=cfg.eval_data, eval_rows=cfg.eval_rows, eval_limit=cfg.eval_pairs, out=str(Path(cfg.out) / stage),
     )
     if cfg.train_data and not cfg.eval_data and not cfg.eval_rows:
         base["eval_data"] = ""  # one local source: recipes split it 90/10
