@@ -74,6 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("bench", help="training speed and peak memory of minialign on this machine "
+                       "(the side-by-side run with TRL is benchmarks/bench_gpu.py)")
+    p.add_argument("--small", action="store_true", help="CPU smoke run: tiny model, demo data")
+    p.add_argument("--model", default="pythia-70m")
+    p.add_argument("--tokenizer", default="../shared/tokenizers/gpt-neox-20b/tokenizer.json")
+    p.add_argument("--data", default="../shared/data/hh-rlhf/harmless-base/test.jsonl.gz")
+    p.add_argument("--tasks", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
+    p.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--variant", default="compile", choices=["eager", "compile", "cudagraphs"])
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("report", help="rebuild report.md / report.html from a finished run folder")
     p.add_argument("run_dir")
     return parser
@@ -149,6 +163,51 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from minialign.bench import measure
+    from minialign.data import collate_pairs, collate_sft, load_preference_pairs, tokenize_pairs, tokenize_sft
+    from minialign.models import load_model, load_tokenizer
+
+    if not torch.cuda.is_available() and not args.small:
+        raise UserError("No CUDA GPU is visible. `minialign bench --small` measures the tiny model on the demo data "
+                        "on this CPU instead (its numbers only show that the path works).")
+    if args.small:
+        args.model, args.tokenizer, args.data, args.steps = "tiny", "demo", "demo", min(args.steps, 3)
+        args.batch_sizes = [min(b, 8) for b in args.batch_sizes[:1]]
+    device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
+    tok = load_tokenizer(args.tokenizer)
+    pairs = load_preference_pairs(args.data, limit=8 * max(args.batch_sizes))
+    static = args.variant == "cudagraphs"
+    compile_arg = {"eager": False, "compile": True, "cudagraphs": "reduce-overhead"}[args.variant]
+    pad = 512 if static else 64
+    rows = []
+    for task in args.tasks:
+        tokenized = (tokenize_sft if task == "sft" else tokenize_pairs)(pairs, tok, max_length=512, max_prompt_length=256)
+        collate = collate_sft if task == "sft" else collate_pairs
+        for mode in args.modes:
+            for b in args.batch_sizes:
+                batches = [collate(tokenized[i:i + b], pad_id=tok.pad_token_id, pad_to_multiple_of=pad)
+                           for i in range(0, len(tokenized) - b + 1, b)][:8]
+                try:
+                    m = measure(load_model(args.model), batches, task=task, full=mode == "full", steps=args.steps,
+                                warmup=3, device=device, compile=compile_arg, grad_checkpointing=args.grad_checkpointing)
+                    row = dataclasses.asdict(m)
+                except torch.OutOfMemoryError:
+                    row = {"task": task, "mode": mode, "batch_size": b, "error": "out of memory"}
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                if not args.json:
+                    print(f"{task} {mode:>4} batch {b:>4}: " + (row.get("error") or
+                          f"{row['tokens_per_s']:>10,.0f} tok/s, peak {row['peak_memory_mb']:,.0f} MB ({row['memory_kind']})"))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
 def cmd_report(args) -> int:
     from minialign.report import write_report
 
@@ -184,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": cmd_run,
         "generate": cmd_generate,
         "report": cmd_report,
+        "bench": cmd_bench,
     }
     try:
         return commands[args.command](args)
