@@ -4,6 +4,9 @@ A checkpoint is a folder ``checkpoints/step-000042`` written as ``step-000042.tm
 only once every file is flushed; the previous ones are pruned only after that rename. So at every
 instant the newest *complete* checkpoint on disk is usable, and a half-written one is ignored.
 Weights are safetensors; the optimizer state is loaded with ``weights_only=True``.
+
+The format is the single-process one whatever the launch: under FSDP every rank takes part in gathering
+the whole tensors, rank 0 writes them, and loading cuts each rank's shard back out (``minialign.dist``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from minialign import dist
 from minialign.errors import UserError
 
 PREFIX = "step-"
@@ -46,19 +50,41 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _gather(items) -> dict:
+    """Whole CPU copies of (key, value) pairs, kept on rank 0 only; every rank must iterate (FSDP all-gathers)."""
+    out = {}
+    for key, value in items:
+        if torch.is_tensor(value):
+            value = dist.full_tensor(value.detach()).contiguous().cpu()
+        if dist.rank() == 0:
+            out[key] = value
+    return out
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    return _gather((n, p) for n, p in model.named_parameters() if p.requires_grad)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, progress: dict, keep_last: int) -> Path:
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` with whole CPU state tensors (FSDP-sharded moments are gathered)."""
+    state = optimizer.state_dict()
+    state["state"] = {i: _gather(per_param.items()) for i, per_param in sorted(state["state"].items())}
+    return state
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, progress: dict, keep_last: int) -> Path | None:
+    """Write checkpoint ``step``; call it on every rank (FSDP shards are gathered), only rank 0 writes."""
+    weights, optim = trainable_state(model), optimizer_state(optimizer)
+    if dist.rank() != 0:
+        return None
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f"{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "optimizer.pt")
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "optimizer.pt")
     (tmp / "progress.json").write_text(json.dumps(progress))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -102,8 +128,28 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         for name, tensor in weights.items():
             if name not in params or params[name].shape != tensor.shape:
                 raise UserError(f"Checkpoint {path} does not fit this model: parameter {name} differs.")
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(extra["optimizer"])
+            params[name].copy_(dist.shard_like(tensor, params[name]))
+    optimizer.load_state_dict(_shard_optimizer_state(extra["optimizer"], optimizer))
     scheduler.load_state_dict(extra["scheduler"])
     set_rng_state(extra["rng"])
     return progress
+
+
+def _shard_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """Whole saved moments cut to this rank's FSDP shards (matched to parameters by position); unchanged otherwise."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in saved["param_groups"] for i in group["params"]]
+    for i, param in zip(ids, params):
+        per_param = saved["state"].get(i, {})
+        for key, value in per_param.items():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                per_param[key] = dist.shard_like(value, param)
+    return saved
+
+
+def read_progress(path: Path) -> dict:
+    """A checkpoint's progress record (step, data position, global batch) without loading any weights."""
+    try:
+        return json.loads((Path(path) / "progress.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"Checkpoint {path} is damaged or incomplete ({exc}); delete it to resume from an earlier one.") from None

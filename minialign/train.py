@@ -38,9 +38,10 @@ class Progress:
     epoch: int = 0
     micro: int = 0  # next micro-batch within the epoch
     tokens: int = 0
+    global_batch: int = 0  # examples per optimiser step (0: unknown); a resumed run must keep it
 
     def as_dict(self) -> dict:
-        return dict(step=self.step, epoch=self.epoch, micro=self.micro, tokens=self.tokens)
+        return dict(step=self.step, epoch=self.epoch, micro=self.micro, tokens=self.tokens, global_batch=self.global_batch)
 
 
 class TrainingDiverged(UserError):
@@ -135,15 +136,24 @@ class StopRequested:
 
 
 def evaluate_task(policy, task, batches: Sequence[dict], device, autocast) -> dict[str, float]:
-    """Mean of the task's metrics over held-out batches (``eval/`` prefixed), without gradients."""
+    """Mean of the task's metrics over held-out batches (``eval/`` prefixed), without gradients.
+
+    Under torchrun each rank scores every world-th batch. Every rank runs the same number of forward passes
+    (FSDP gathers weights inside each), so a rank that has run out scores the first batch again and ignores it.
+    """
     was_training = policy.training
     policy.eval()
+    rank, world = dist.rank(), dist.world_size()
+    mine = list(batches[rank::world])
     sums: dict[str, torch.Tensor] = {}
     units = 0
     with torch.no_grad(), autocast():
-        for batch in batches:
-            units += task.units(batch)
+        for i in range(-(-len(batches) // world)):
+            batch = mine[i] if i < len(mine) else batches[0]
             _, metrics = task.loss(policy, to_device(add_target_index(dict(batch)), device))
+            if i >= len(mine):
+                continue
+            units += task.units(batch)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.float()
     policy.train(was_training)
@@ -179,7 +189,10 @@ def train(
             f"{cfg.grad_accum} accumulation) but there are only {len(examples)}; lower --batch-size or --grad-accum, "
             "or use more data (raise --limit)."
         )
-    batches_per_epoch = len(batch_indices(len(examples), cfg.batch_size, seed=cfg.seed, epoch=0, drop_last=world > 1,
+    # A short last global batch is kept, as one process keeps it, when every rank gets part of it; it is
+    # dropped when some rank would get nothing, since every rank must take part in every step.
+    drop_last = 0 < len(examples) % (cfg.batch_size * world) < world
+    batches_per_epoch = len(batch_indices(len(examples), cfg.batch_size, seed=cfg.seed, epoch=0, drop_last=drop_last,
                                           rank=rank, world_size=world))
     steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -188,6 +201,12 @@ def train(
     progress = Progress()
     if resume_from is not None:
         progress = Progress(**checkpoint.load_checkpoint(resume_from, dist.unwrap(policy), optimizer, scheduler))
+        if progress.global_batch not in (0, per_step):
+            raise UserError(
+                f"{resume_from} was trained with a global batch of {progress.global_batch} examples, but this run has "
+                f"{per_step} ({cfg.batch_size} x {world} rank(s) x {cfg.grad_accum}); resume with the same global batch."
+            )
+    progress.global_batch = per_step
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None and rank == 0 else None)
     autocast = _autocast(device)
     order: list[list[int]] = []
@@ -197,7 +216,7 @@ def train(
         if progress.micro >= steps_per_epoch * cfg.grad_accum:
             progress.epoch, progress.micro = progress.epoch + 1, 0
         if not order or order_epoch[0] != progress.epoch:
-            order = batch_indices(len(examples), cfg.batch_size, seed=cfg.seed, epoch=progress.epoch, drop_last=world > 1,
+            order = batch_indices(len(examples), cfg.batch_size, seed=cfg.seed, epoch=progress.epoch, drop_last=drop_last,
                                   lengths=lengths, group_by_length=lengths is not None, rank=rank, world_size=world)
             order_epoch[0] = progress.epoch
         batch = collate(order[progress.micro])
@@ -214,17 +233,18 @@ def train(
     with stop.installed():
         while progress.step < total:
             micro = [next_micro() for _ in range(cfg.grad_accum)]
-            units = dist.all_reduce_int(sum(task.units(b) for b in micro))
+            units, tokens = dist.all_reduce_ints([sum(task.units(b) for b in micro),
+                                                  sum(int(b["attention_mask"].sum()) for b in micro)])
+            progress.tokens += tokens
             sums: dict[str, torch.Tensor] = {}
             for i, batch in enumerate(micro):
-                progress.tokens += int(batch["attention_mask"].sum()) * world
                 batch = to_device(add_target_index(batch), device)
                 with dist.no_sync(policy, last=i == len(micro) - 1), autocast():
                     loss, metrics = task.loss(policy, batch)
                     (loss * (world / max(units, 1))).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0) + v.float()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = dist.full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))  # FSDP: a DTensor
             optimizer.step()
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
@@ -234,7 +254,8 @@ def train(
             log.add(progress.step, {**sums, "grad_norm": grad_norm, "lr": lr, "epoch": progress.epoch, "tokens": progress.tokens})
             done = progress.step == total
             eval_now = bool(eval_batches) and ((cfg.eval_every and progress.step % cfg.eval_every == 0) or done)
-            save_now = run_dir is not None and ((cfg.save_every and progress.step % cfg.save_every == 0) or done or stop.requested)
+            stopping = dist.any_rank(stop.requested)  # also keeps the ranks in step, as a barrier would
+            save_now = run_dir is not None and ((cfg.save_every and progress.step % cfg.save_every == 0) or done or stopping)
             if progress.step % cfg.log_every == 0 or eval_now or save_now:
                 rows = log.flush()
                 _check_finite(rows, run_dir)
@@ -246,11 +267,10 @@ def train(
                 ev = evaluate_task(policy, task, eval_batches, device, autocast)
                 log.write([{"step": progress.step, **ev}])
                 last = {**last, **ev}
-            if save_now and rank == 0:
+            if save_now:  # every rank: FSDP shards are gathered; rank 0 writes
                 checkpoint.save_checkpoint(run_dir, progress.step, dist.unwrap(policy), optimizer, scheduler,
                                            progress.as_dict(), cfg.keep_last)
-            dist.barrier()
-            if stop.requested:
+            if stopping:
                 bar.close()
                 raise KeyboardInterrupt(f"stopped at step {progress.step}; checkpoint saved, resume with --resume")
     bar.close()

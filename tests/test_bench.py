@@ -114,7 +114,7 @@ def test_bench_gpu_small_writes_the_documented_json(tmp_path):
     pytest.importorskip("trl")
     out = tmp_path / "small.json"
     cmd = [sys.executable, str(BENCH / "bench_gpu.py"), "--small", "--device", "cpu", "--out", str(out),
-           "--configs", "sft-full", "--batch-sizes", "2", "--trl-batch-sizes", "2", "--steps", "1"]
+           "--configs", "sft-full", "--batch-sizes", "2", "--trl-batch-sizes", "2", "--steps", "1", "--variants", "eager"]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
@@ -135,7 +135,7 @@ def test_the_batch_ladder_stops_at_the_first_oom(bench_gpu, tmp_path, monkeypatc
         monkeypatch.setenv(name, os.environ.get(name, "1"))
     tried = []
 
-    def fake_run(task, mode, packing, b, workload, args, device):
+    def fake_run(task, mode, packing, b, workload, args, device, variant="eager"):
         tried.append(b)
         if b >= 4:
             raise torch.OutOfMemoryError("CUDA out of memory")
@@ -146,7 +146,7 @@ def test_the_batch_ladder_stops_at_the_first_oom(bench_gpu, tmp_path, monkeypatc
     monkeypatch.setattr(bench_gpu, "run_minialign", fake_run)
     out = tmp_path / "ladder.json"
     assert bench_gpu.main(["--small", "--device", "cpu", "--no-trl", "--configs", "sft-full,dpo-lora",
-                           "--batch-sizes", "2,4,8", "--out", str(out)]) == 0
+                           "--batch-sizes", "2,4,8", "--variants", "eager", "--out", str(out)]) == 0
     assert tried == [2, 2, 4, 4]  # equal-batch runs first, then each ladder up to its OOM
     rows = json.loads(out.read_text())["results"]
     assert [(r["task"], r["batch_size"], r.get("error")) for r in rows] == [

@@ -7,7 +7,7 @@ import pytest
 
 from minialign import cli, experiment
 
-SMALL = ["--bench-steps", "2", "--samples", "2", "--max-new-tokens", "8", "--eval-pairs", "60"]
+SMALL = ["--bench-steps", "2", "--samples", "2", "--max-new-tokens", "8", "--eval-pairs", "100"]
 
 
 @pytest.fixture(scope="module")
