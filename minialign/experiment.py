@@ -24,7 +24,7 @@ import yaml
 from minialign import lora
 from minialign.bench import measure_fresh
 from minialign.config import DPOConfig, RunConfig, SFTConfig, build, check_keys, save_config
-from minialign.data import collate_sft, load_preference_pairs, tokenize_pairs, tokenize_sft
+from minialign.data import collate_sft, tokenize_pairs, tokenize_sft
 from minialign.errors import UserError
 from minialign.evaluate import dpo_eval, dpo_samples, heldout_loss, preference_metrics, pair_logps, sft_samples
 from minialign.models import load_model, load_tokenizer

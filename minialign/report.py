@@ -13,14 +13,10 @@ object-oriented API on the Agg canvas: no display, no pyplot global figure regis
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import json
 import math
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,53 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from minialign.errors import UserError
-
-# ----------------------------------------------------------------------------- document blocks
-
-
-@dataclass
-class Table:
-    headers: list[str]
-    rows: list[list[str]]
-
-
-@dataclass
-class Plot:
-    name: str  # file stem under plots/
-    png: bytes
-    caption: str
-
-
-@dataclass
-class Samples:
-    fields: list[str]  # the first field (the prompt) spans the width; the others sit side by side
-    items: list[dict[str, Any]]
-
-
-@dataclass
-class Note:
-    text: str
-
-
-@dataclass
-class Heading:
-    text: str
-
-
-@dataclass
-class Code:
-    summary: str
-    text: str
-
-
-@dataclass
-class Section:
-    title: str
-    blocks: list[Block]
-
-
-Block = Table | Plot | Samples | Note | Heading | Code
-
+from minialign.render import Block, Code, Heading, Note, Plot, Samples, Section, Table, duration, fmt, is_number, render_html, render_markdown
 
 NOT_RUN = "Not run: this stage has no results and no metrics in the run folder."
 
@@ -139,7 +89,7 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             row = None
-        if isinstance(row, dict) and _is_number(row.get("step")):
+        if isinstance(row, dict) and is_number(row.get("step")):
             rows.append(row)
         else:
             bad.append(number)
@@ -152,7 +102,7 @@ def series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[floa
     After a resume, steps between the checkpoint and the crash are logged twice; the later row is
     the one the finished model descends from.
     """
-    by_step = {row["step"]: row[key] for row in rows if _is_number(row.get(key))}
+    by_step = {row["step"]: row[key] for row in rows if is_number(row.get(key))}
     steps = sorted(by_step)
     return steps, [by_step[s] for s in steps]
 
@@ -164,7 +114,7 @@ def run_section(results: dict[str, Any]) -> Section:
     blocks: list = []
     timings = results.get("timings")
     if isinstance(timings, dict) and timings:
-        rows = [[str(stage), _duration(sec)] for stage, sec in timings.items()]
+        rows = [[str(stage), duration(sec)] for stage, sec in timings.items()]
         blocks.append(Table(["stage", "wall time"], rows))
     if "config" in results:
         blocks.append(Code("Configuration", json.dumps(results["config"], indent=2, default=str)))
@@ -177,8 +127,8 @@ def lora_section(lora: dict[str, Any] | None) -> Section:
     blocks: list = [Note(f"Model: {lora.get('model', 'unknown')}")]
     ranks = _records(lora, "ranks", "lora")
     if ranks:
-        rows = [[_fmt(r.get("rank")), _fmt(r.get("trainable")), _fmt(r.get("total")),
-                 _fmt(r.get("percent"), suffix="%")] for r in ranks]
+        rows = [[fmt(r.get("rank")), fmt(r.get("trainable")), fmt(r.get("total")),
+                 fmt(r.get("percent"), suffix="%")] for r in ranks]
         blocks.append(Table(["rank", "trainable parameters", "total parameters", "trainable %"], rows))
     else:
         blocks.append(Note("No rank table recorded."))
@@ -186,8 +136,8 @@ def lora_section(lora: dict[str, Any] | None) -> Section:
     if not bench:
         blocks.append(Note("Speed and memory benchmark not run."))
     else:
-        rows = [[_fmt(b.get("mode")), _fmt(b.get("tokens_per_s")), _fmt(b.get("peak_memory_mb")),
-                 _memory_kind(b), _fmt(b.get("device"))] for b in bench]
+        rows = [[fmt(b.get("mode")), fmt(b.get("tokens_per_s")), fmt(b.get("peak_memory_mb")),
+                 _memory_kind(b), fmt(b.get("device"))] for b in bench]
         blocks.append(Table(["mode", "tokens/s", "peak memory (MB)", "memory measured as", "device"], rows))
         caption = "Training throughput and peak memory, LoRA vs full fine-tuning"
         blocks.append(Plot("lora_vs_full", benchmark_chart(bench), caption))
@@ -205,8 +155,8 @@ def sft_section(sft: dict[str, Any] | None, rows: list[dict], bad: list[int]) ->
     blocks.append(Heading("Evaluation"))
     if any(k.startswith("eval_") for k in sft):
         blocks.append(Table(["metric", "before SFT", "after SFT"], [
-            ["held-out loss", _fmt(sft.get("eval_loss_before")), _fmt(sft.get("eval_loss_after"))],
-            ["held-out perplexity", _fmt(sft.get("eval_ppl_before")), _fmt(sft.get("eval_ppl_after"))],
+            ["held-out loss", fmt(sft.get("eval_loss_before")), fmt(sft.get("eval_loss_after"))],
+            ["held-out perplexity", fmt(sft.get("eval_ppl_before")), fmt(sft.get("eval_ppl_after"))],
         ]))
     else:
         blocks.append(Note("Evaluation not run."))
@@ -230,7 +180,7 @@ def dpo_section(dpo: dict[str, Any] | None, rows: list[dict], bad: list[int]) ->
                   "reward_accuracy": "reward accuracy", "reward_margin": "reward margin",
                   "n_pairs": "held-out pairs"}
         keys = [k for k in labels if k in evaluation] + [k for k in evaluation if k not in labels]
-        blocks.append(Table(["metric", "value"], [[labels.get(k, k), _fmt(evaluation[k])] for k in keys]))
+        blocks.append(Table(["metric", "value"], [[labels.get(k, k), fmt(evaluation[k])] for k in keys]))
     else:
         blocks.append(Note("Evaluation not run."))
     fields = ["prompt", "chosen", "rejected", "reference", "policy"]
@@ -287,9 +237,9 @@ def benchmark_chart(bench: list[dict[str, Any]]) -> bytes:
     fig = Figure(figsize=(9, 3.6), layout="constrained")
     panels = [("tokens_per_s", "tokens / second"), ("peak_memory_mb", memory_label)]
     for ax, (key, label) in zip(fig.subplots(1, 2), panels, strict=True):
-        values = [float(b[key]) if _is_number(b.get(key)) else math.nan for b in bench]
+        values = [float(b[key]) if is_number(b.get(key)) else math.nan for b in bench]
         bars = ax.bar(ticks, values, color=colours)
-        ax.bar_label(bars, labels=[_fmt(b.get(key)) for b in bench], padding=2)
+        ax.bar_label(bars, labels=[fmt(b.get(key)) for b in bench], padding=2)
         ax.set_ylabel(label)
         ax.margins(y=0.15)
         ax.grid(axis="y", alpha=0.3)
@@ -305,7 +255,7 @@ def _bar_label(row: dict[str, Any], show_device: bool, show_kind: bool) -> str:
 
 def _memory_kind(row: dict[str, Any]) -> str:
     kind = row.get("memory_kind")
-    return {"cuda_max_allocated": "CUDA max allocated", "cpu_peak_rss": "CPU peak RSS"}.get(kind, _fmt(kind))
+    return {"cuda_max_allocated": "CUDA max allocated", "cpu_peak_rss": "CPU peak RSS"}.get(kind, fmt(kind))
 
 
 def curves(panels: list[tuple[str, str, list[tuple[str, list, list]]]]) -> bytes:
@@ -330,139 +280,6 @@ def _png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buffer)
     return buffer.getvalue()
-
-
-# ----------------------------------------------------------------------------- renderers
-
-
-def render_markdown(title: str, sections: list[Section]) -> str:
-    out = [f"# {title}", ""]
-    for section in sections:
-        out += [f"## {section.title}", ""]
-        for block in section.blocks:
-            out += _markdown_block(block) + [""]
-    return "\n".join(out)
-
-
-def _markdown_block(block: Block) -> list[str]:
-    if isinstance(block, Note):
-        return [block.text]
-    if isinstance(block, Heading):
-        return [f"### {block.text}"]
-    if isinstance(block, Code):
-        return [f"**{block.summary}**", "", *_fenced(block.text, "json")]
-    if isinstance(block, Plot):
-        return [f"![{block.caption}](plots/{block.name}.png)"]
-    if isinstance(block, Table):
-        lines = [_markdown_row(block.headers), "|" + "---|" * len(block.headers)]
-        return lines + [_markdown_row(row) for row in block.rows]
-    lines = []
-    for number, item in enumerate(block.items, 1):
-        lines += [f"#### Sample {number}", ""]
-        for field in block.fields:
-            text = item.get(field)
-            body = ["_(missing)_"] if text is None else ["_(empty)_"] if text == "" else _fenced(str(text), "text")
-            lines += [f"**{field.upper()}**", "", *body, ""]
-    return lines
-
-
-def _markdown_row(cells: list[str]) -> str:
-    """One table row; pipes and newlines would break the table, raw HTML would be rendered."""
-    escaped = (html.escape(c, quote=False).replace("|", "\\|").replace("\n", " ") for c in cells)
-    return "| " + " | ".join(escaped) + " |"
-
-
-def _fenced(text: str, language: str) -> list[str]:
-    """A code fence longer than any run of backticks inside ``text``, so it cannot end early."""
-    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
-    fence = "`" * max(3, longest + 1)
-    return [fence + language, text, fence]
-
-
-_CSS = """
-body { font: 15px/1.5 system-ui, sans-serif; color: #1f2328; max-width: 1150px; margin: 0 auto; padding: 24px; }
-h1, h2 { border-bottom: 1px solid #d0d7de; padding-bottom: 6px; } h2 { margin-top: 36px; }
-h3 { margin: 26px 0 8px; } h4 { margin: 18px 0 6px; color: #57606a; }
-table { border-collapse: collapse; margin: 12px 0; } th { background: #f6f8fa; }
-th, td { border: 1px solid #d0d7de; padding: 5px 12px; text-align: left; font-variant-numeric: tabular-nums; }
-figure { margin: 16px 0; } figure img { max-width: 100%; } figcaption, .note { color: #57606a; }
-.note { font-style: italic; } .empty { color: #8c959f; font-style: italic; }
-.sample { display: grid; gap: 8px; margin-bottom: 18px; }
-.cell { border: 1px solid #d0d7de; border-radius: 6px; overflow: hidden; min-width: 0; }
-.cell.wide { grid-column: 1 / -1; } .cell.wide pre { max-height: 22em; overflow: auto; }
-.label { background: #f6f8fa; font-size: 12px; font-weight: 600; padding: 3px 8px;
-         border-bottom: 1px solid #d0d7de; }
-pre { margin: 0; padding: 8px; white-space: pre-wrap; overflow-wrap: anywhere;
-      font: 13px/1.45 ui-monospace, monospace; }
-details pre { background: #f6f8fa; border-radius: 6px; }
-"""
-
-
-def render_html(title: str, sections: list[Section]) -> str:
-    body = [f"<h1>{html.escape(title)}</h1>"]
-    for section in sections:
-        body.append(f"<h2>{html.escape(section.title)}</h2>")
-        body += [_html_block(block) for block in section.blocks]
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-            + "\n".join(body) + "\n</body>\n</html>\n")
-
-
-def _html_block(block: Block) -> str:
-    esc = html.escape
-    if isinstance(block, Note):
-        return f'<p class="note">{esc(block.text)}</p>'
-    if isinstance(block, Heading):
-        return f"<h3>{esc(block.text)}</h3>"
-    if isinstance(block, Code):
-        return f"<details><summary>{esc(block.summary)}</summary><pre>{esc(block.text)}</pre></details>"
-    if isinstance(block, Plot):
-        data = base64.b64encode(block.png).decode("ascii")
-        return (f'<figure><img src="data:image/png;base64,{data}" alt="{esc(block.caption)}">'
-                f"<figcaption>{esc(block.caption)}</figcaption></figure>")
-    if isinstance(block, Table):
-        head = "".join(f"<th>{esc(h)}</th>" for h in block.headers)
-        rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in block.rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-    columns = f"grid-template-columns: repeat({max(1, len(block.fields) - 1)}, minmax(0, 1fr))"
-    out = []
-    for number, item in enumerate(block.items, 1):
-        cells = [_html_cell(field, item.get(field), wide=i == 0) for i, field in enumerate(block.fields)]
-        out.append(f"<h4>Sample {number}</h4>\n<div class=\"sample\" style=\"{columns}\">{''.join(cells)}</div>")
-    return "\n".join(out)
-
-
-def _html_cell(field: str, text: Any, wide: bool) -> str:
-    if text is None or text == "":
-        content = f'<pre class="empty">({"missing" if text is None else "empty"})</pre>'
-    else:
-        content = f"<pre>{html.escape(str(text))}</pre>"
-    return f'<div class="cell{" wide" if wide else ""}"><div class="label">{field.upper()}</div>{content}</div>'
-
-
-# ----------------------------------------------------------------------------- small helpers
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _fmt(value: Any, suffix: str = "") -> str:
-    """Numbers for humans: thousands separators for counts, 4 significant digits otherwise."""
-    if value is None:
-        return "—"
-    if isinstance(value, bool) or not _is_number(value):
-        return str(value)
-    if isinstance(value, int) or (float(value).is_integer() and abs(value) >= 1000):
-        return f"{int(value):,}{suffix}"
-    return (f"{value:,.1f}" if abs(value) >= 1000 else f"{value:.4g}") + suffix
-
-
-def _duration(seconds: Any) -> str:
-    if not _is_number(seconds):
-        return str(seconds)
-    minutes, secs = divmod(float(seconds), 60)
-    return f"{int(minutes)} min {secs:.0f} s" if minutes else f"{secs:.1f} s"
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:
