@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from minialign.bench import measure

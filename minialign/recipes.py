@@ -18,6 +18,7 @@ import yaml
 from minialign import checkpoint, dist, lora
 from minialign.config import DPOConfig, SFTConfig, TrainConfig, build, save_config
 from minialign.data import (
+    batch_indices,
     collate_packed,
     collate_pairs,
     collate_sft,
@@ -51,6 +52,7 @@ def prepare_run_dir(cfg: TrainConfig, kind: str, *, overwrite: bool) -> Path:
             f"{run_dir} already holds a {'run with this config' if same else 'run with a different config'}. "
             f"Continue it with `minialign {kind} --resume {run_dir}`, start over with --overwrite, or choose another --out."
         )
+    dist.barrier()  # every rank has checked before rank 0 writes
     if overwrite and dist.rank() == 0:
         for name in ("checkpoints", "final", "metrics.jsonl", "ref_logps.safetensors", CONFIG_FILE):
             path = run_dir / name
@@ -147,19 +149,34 @@ def wrap_policy(model, cfg: TrainConfig, device: torch.device) -> torch.nn.Modul
     return dist.wrap(TokenLogps(model), cfg.dist, device)
 
 
-def save_final(model, run_dir: Path, cfg: TrainConfig, tokenizer) -> None:
-    """PEFT-format adapter (LoRA) or full weights, the tokenizer, and merged weights on request."""
-    if dist.rank() != 0:
-        return
-    final = run_dir / "final"
-    final.mkdir(exist_ok=True)
-    tokenizer.save_pretrained(str(final / "tokenizer"))
-    if getattr(model, "lora_config", None) is not None:
-        lora.save_adapter(model, final / "adapter")
-        if cfg.merge:
-            _save_pretrained(lora.merge_lora(copy.deepcopy(model)), final / "merged")
-    else:
-        _save_pretrained(model, final / "model")
+def save_final(model, policy, run_dir: Path, cfg: TrainConfig, tokenizer) -> None:
+    """PEFT-format adapter (LoRA) or full weights, the tokenizer, and merged weights on request.
+
+    Call it on every rank: FSDP shards are gathered whole (through ``policy``, the root), rank 0 writes.
+    """
+    with dist.gathered(policy):
+        if dist.rank() != 0:
+            return
+        final = run_dir / "final"
+        final.mkdir(exist_ok=True)
+        tokenizer.save_pretrained(str(final / "tokenizer"))
+        if getattr(model, "lora_config", None) is not None:
+            lora.save_adapter(model, final / "adapter")
+            if cfg.merge:
+                _save_pretrained(lora.merge_lora(_plain_copy(model)), final / "merged")
+        else:
+            _save_pretrained(model, final / "model")
+
+
+def _plain_copy(model):
+    """A deep copy; FSDP-sharded modules refuse one, so their (gathered) weights are put in a fresh skeleton."""
+    if not dist.is_sharded(model):
+        return copy.deepcopy(model)
+    with torch.device("meta"):
+        plain = type(model)(model.config)
+    lora.apply_lora(plain, model.lora_config)
+    plain.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()}, assign=True)
+    return plain
 
 
 def _save_pretrained(model, path: Path) -> None:
@@ -175,7 +192,9 @@ def _save_pretrained(model, path: Path) -> None:
 
 def sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     cfg.validate()
+    dist.check_same_config(dataclasses.asdict(cfg))
     run_dir = Path(cfg.out) if resume else prepare_run_dir(cfg, "sft", overwrite=overwrite)
+    point = _resume_point(run_dir, resume, cfg)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer(cfg.model))
     train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
@@ -196,8 +215,8 @@ def sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
         n_items, lengths = len(examples), None
     eval_batches = [collate_sft(held_out[i : i + cfg.batch_size], pad_id=pad) for i in range(0, len(held_out), cfg.batch_size)]
     train(policy, SFTTask(), range(n_items), collate, cfg, run_dir, eval_batches=eval_batches, lengths=lengths,
-          resume_from=_resume_point(run_dir, resume))
-    save_final(model, run_dir, cfg, tokenizer)
+          resume_from=point)
+    save_final(model, policy, run_dir, cfg, tokenizer)
     return run_dir
 
 
@@ -226,7 +245,9 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
         cfg.model = sft_cfg.model
         cfg.tokenizer = cfg.tokenizer or str(Path(cfg.sft) / "final" / "tokenizer")
     cfg.validate()
+    dist.check_same_config(dataclasses.asdict(cfg))
     run_dir = Path(cfg.out) if resume else prepare_run_dir(cfg, "dpo", overwrite=overwrite)
+    point = _resume_point(run_dir, resume, cfg)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer(cfg.model))
     train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
@@ -254,20 +275,30 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     task.reference = reference
     eval_batches = [collate_pairs(held_out[i : i + cfg.batch_size], pad_id=pad) for i in range(0, len(held_out), cfg.batch_size)]
     train(policy, task, range(len(pairs)), collate, cfg, run_dir, eval_batches=eval_batches,
-          lengths=sequence_lengths(pairs), resume_from=_resume_point(run_dir, resume))
-    save_final(model, run_dir, cfg, tokenizer)
+          lengths=sequence_lengths(pairs), resume_from=point)
+    save_final(model, policy, run_dir, cfg, tokenizer)
     return run_dir
 
 
 def _reference_cache(run_dir: Path, policy, reference, collate, n: int, cfg: TrainConfig, device) -> torch.Tensor:
-    """Reference log-probs of every training pair, computed once and kept in the run folder."""
+    """Reference log-probs of every training pair, computed once and kept in the run folder.
+
+    Under torchrun each rank scores its share of the pairs and a sum over ranks (of tables that are zero
+    outside each share) leaves every rank with the whole table. Every rank runs the same number of batches
+    (FSDP gathers weights inside each forward), so one with nothing left in the last batch scores pair 0 again
+    and drops it.
+    """
     from safetensors.torch import load_file, save_file
 
     path = run_dir / "ref_logps.safetensors"
     if path.is_file():
         return load_file(str(path))["logps"]
-    batches = (collate(list(range(i, min(i + cfg.batch_size, n)))) for i in range(0, n, cfg.batch_size))
-    table = reference_table(policy, reference, batches, n, device)
+    shares = batch_indices(n, cfg.batch_size, seed=cfg.seed, epoch=0, shuffle=False, rank=dist.rank(),
+                           world_size=dist.world_size())
+    table = reference_table(policy, reference, (collate(idx or [0]) for idx in shares), n, device)
+    mine = torch.zeros(n, dtype=torch.bool)
+    mine[[i for idx in shares for i in idx]] = True
+    table = dist.all_reduce_sum(table.masked_fill(~mine[:, None], 0.0).to(device)).cpu()
     if dist.rank() == 0:
         tmp = path.with_suffix(".tmp")
         save_file({"logps": table}, str(tmp))
@@ -275,13 +306,35 @@ def _reference_cache(run_dir: Path, policy, reference, collate, n: int, cfg: Tra
     return table
 
 
-def _resume_point(run_dir: Path, resume: bool) -> Path | None:
+def _resume_point(run_dir: Path, resume: bool, cfg: TrainConfig) -> Path | None:
+    """The checkpoint to continue from; ``cfg``'s per-device batch is fitted to the global batch it was trained with."""
     if not resume:
         return None
     point = checkpoint.latest_checkpoint(run_dir)
     if point is None:
-        print(f"minialign: {run_dir} has no complete checkpoint yet; starting from step 0.")
+        if dist.rank() == 0:
+            print(f"minialign: {run_dir} has no complete checkpoint yet; starting from step 0.")
+        return None
+    _keep_global_batch(cfg, point)
     return point
+
+
+def _keep_global_batch(cfg: TrainConfig, point: Path) -> None:
+    """A run resumed on another number of processes keeps its global batch: the per-device batch is rescaled."""
+    saved = checkpoint.read_progress(point).get("global_batch", 0)
+    world = dist.world_size()
+    if not saved or saved == cfg.batch_size * world * cfg.grad_accum:
+        return
+    per_device, rest = divmod(saved, world * cfg.grad_accum)
+    if rest or not per_device:
+        raise UserError(
+            f"{point} was trained with a global batch of {saved} examples, which {world} process(es) x {cfg.grad_accum} "
+            f"accumulation cannot split evenly; resume with a number of processes that divides {saved // cfg.grad_accum}."
+        )
+    if dist.rank() == 0:
+        print(f"minialign: resuming with {world} process(es): per-device batch {cfg.batch_size} -> {per_device}, "
+              f"keeping the global batch of {saved}.")
+    cfg.batch_size = per_device
 
 
 def _announce(cfg: TrainConfig, kind: str, n_train: int, n_eval: int, truncated: int) -> None:
