@@ -72,6 +72,7 @@ class MetricsLog:
     """Per-step metrics kept as device tensors until ``flush``, then appended as JSON lines."""
 
     path: Path | None
+    tensorboard: object | None = None  # a torch.utils.tensorboard SummaryWriter, when asked for
     pending: list[tuple[int, dict]] = field(default_factory=list)
 
     def add(self, step: int, values: dict) -> None:
@@ -99,6 +100,20 @@ class MetricsLog:
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
             fh.flush()
+        if self.tensorboard is not None:
+            for row in rows:
+                for key, value in row.items():
+                    if key != "step" and isinstance(value, (int, float)):
+                        self.tensorboard.add_scalar(key, value, row["step"])
+            self.tensorboard.flush()
+
+
+def tensorboard_writer(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: `pip install tensorboard`.") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -207,7 +222,9 @@ def train(
                 f"{per_step} ({cfg.batch_size} x {world} rank(s) x {cfg.grad_accum}); resume with the same global batch."
             )
     progress.global_batch = per_step
-    log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None and rank == 0 else None)
+    writes = run_dir is not None and rank == 0
+    log = MetricsLog(run_dir / "metrics.jsonl" if writes else None,
+                     tensorboard_writer(run_dir) if writes and cfg.tensorboard else None)
     autocast = _autocast(device)
     order: list[list[int]] = []
 
