@@ -182,9 +182,9 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     unknown = sorted(set(cfg.stages) - set(STAGES))
     if unknown:
         raise UserError(f"Unknown stage(s) {', '.join(unknown)}; --stages takes any of {' '.join(STAGES)}.")
+    ctx = Context(cfg)  # tokenizer and data first: a bad source fails before the run folder is written
     if not resume:
         _prepare(cfg, overwrite)
-    ctx = Context(cfg)
     stages_file, results_file = ctx.run_dir / "stages.json", ctx.run_dir / "results.json"
     done = _read_json(stages_file).get("done", [])
     steps = {"lora": stage_lora, "sft": lambda c: stage_train(c, "sft"), "dpo": lambda c: stage_train(c, "dpo"),
