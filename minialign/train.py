@@ -226,21 +226,21 @@ def train(
     log = MetricsLog(run_dir / "metrics.jsonl" if writes else None,
                      tensorboard_writer(run_dir) if writes and cfg.tensorboard else None)
     autocast = _autocast(device)
-    order: list[list[int]] = []
+    def epoch_order(epoch: int) -> list[list[int]]:
+        """Which examples form each micro-batch of ``epoch``: a pure function of (seed, epoch, rank)."""
+        return batch_indices(len(examples), cfg.batch_size, seed=cfg.seed, epoch=epoch, drop_last=drop_last,
+                             lengths=lengths, group_by_length=lengths is not None, rank=rank, world_size=world)
+
+    order = epoch_order(progress.epoch)
 
     def next_micro() -> dict:
         nonlocal order
         if progress.micro >= steps_per_epoch * cfg.grad_accum:
             progress.epoch, progress.micro = progress.epoch + 1, 0
-        if not order or order_epoch[0] != progress.epoch:
-            order = batch_indices(len(examples), cfg.batch_size, seed=cfg.seed, epoch=progress.epoch, drop_last=drop_last,
-                                  lengths=lengths, group_by_length=lengths is not None, rank=rank, world_size=world)
-            order_epoch[0] = progress.epoch
+            order = epoch_order(progress.epoch)
         batch = collate(order[progress.micro])
         progress.micro += 1
         return batch
-
-    order_epoch = [-1]
     last: dict = {}
     bar = tqdm(total=total, initial=progress.step, disable=rank != 0, desc=task.name, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 10.0)
