@@ -50,25 +50,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _gather(items) -> dict:
-    """Whole CPU copies of (key, value) pairs, kept on rank 0 only; every rank must iterate (FSDP all-gathers)."""
-    out = {}
-    for key, value in items:
-        if torch.is_tensor(value):
-            value = dist.full_tensor(value.detach()).contiguous().cpu()
-        if dist.rank() == 0:
-            out[key] = value
-    return out
-
-
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return _gather((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    return dist.gather_to_rank0((n, p) for n, p in model.named_parameters() if p.requires_grad)
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     """``optimizer.state_dict()`` with whole CPU state tensors (FSDP-sharded moments are gathered)."""
     state = optimizer.state_dict()
-    state["state"] = {i: _gather(per_param.items()) for i, per_param in sorted(state["state"].items())}
+    state["state"] = {i: dist.gather_to_rank0(per_param.items()) for i, per_param in sorted(state["state"].items())}
     return state
 
 

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from minialign import __version__
+from minialign import __version__, dist
 from minialign.config import (
     DPOConfig,
     RunConfig,
@@ -97,7 +97,10 @@ def _train_config(args, cls, kind: str):
     if args.resume:
         from minialign.recipes import resume_config
 
-        return resume_config(Path(args.resume), cls)
+        cfg = resume_config(Path(args.resume), cls)
+        # How a run is launched is not part of it: it may resume on another number of processes.
+        cfg.dist = getattr(args, "dist", cfg.dist if dist.launched_world() > 1 else "auto")
+        return cfg
     layers = []
     if args.demo:
         layers.append(load_yaml(preset(f"{kind}-demo"), cls))
@@ -112,8 +115,10 @@ def cmd_train(args, kind: str) -> int:
     cls = SFTConfig if kind == "sft" else DPOConfig
     cfg = _train_config(args, cls, kind)
     run = recipes.sft if kind == "sft" else recipes.dpo
-    run_dir = run(cfg, resume=bool(args.resume), overwrite=args.overwrite)
-    print(f"minialign {kind}: done; adapter/model in {run_dir / 'final'}, metrics in {run_dir / 'metrics.jsonl'}")
+    with dist.session(cfg.dist, cfg.device):  # under torchrun: join the process group, leave it at the end
+        run_dir = run(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+        if dist.rank() == 0:
+            print(f"minialign {kind}: done; adapter/model in {run_dir / 'final'}, metrics in {run_dir / 'metrics.jsonl'}")
     return 0
 
 
@@ -220,6 +225,8 @@ def cmd_report(args) -> int:
 def cmd_run(args) -> int:
     from minialign import experiment
 
+    if dist.launched_world() > 1:
+        raise UserError("`minialign run` runs in one process; under torchrun, launch `minialign sft` and `minialign dpo`.")
     if args.resume:
         cfg = experiment.resume_config(Path(args.resume))
     else:

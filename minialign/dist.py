@@ -89,7 +89,7 @@ def session(mode: str, device: str):
         yield
         ok = True
     finally:
-        if ok:  # gloo can abort at exit if a peer tears down while FSDP traffic is in flight: meet first
+        if ok:  # every rank is done before any closes its connections (after an error: leave at once)
             tdist.barrier()
         tdist.destroy_process_group()
 
@@ -168,10 +168,7 @@ def wrap(policy: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.M
         return shard(policy)
     from torch.nn.parallel import DistributedDataParallel
 
-    # The model's buffers are constants (rotary frequencies), equal on every rank: broadcasting them before
-    # each forward would only make every forward a collective.
-    return DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+    return DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def shard(policy: torch.nn.Module) -> torch.nn.Module:
@@ -199,6 +196,13 @@ def _is_fsdp(module: torch.nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def is_sharded(module: torch.nn.Module) -> bool:
+    """True if any weight of ``module`` is an FSDP shard (even if the FSDP unit is a parent, like the root)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
 def no_sync(module: torch.nn.Module, *, last: bool):
     """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on every accumulation micro-batch but the last."""
     if last:
@@ -219,27 +223,26 @@ def _fsdp_no_sync(module):
         module.set_requires_gradient_sync(True)
 
 
-@contextlib.contextmanager
-def gathered(module: torch.nn.Module):
-    """FSDP2: every rank all-gathers the whole weights into the module for the duration (e.g. to save them).
-
-    A collective: every rank must enter it. No-op without FSDP.
-    """
-    units = [m for m in module.modules() if _is_fsdp(m)]
-    for m in units:
-        m.unshard()
-    try:
-        yield module
-    finally:
-        for m in units:
-            m.reshard()
-
-
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind an FSDP shard (a collective: every rank calls it, in the same order); else ``t``."""
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def gather_to_rank0(items) -> dict:
+    """Whole CPU copies of (key, value) pairs on rank 0 ({} elsewhere); non-tensor values pass through.
+
+    Every rank must iterate, in the same order: FSDP shards are all-gathered one tensor at a time, so the
+    peak memory is one whole tensor beyond the shards.
+    """
+    out = {}
+    for key, value in items:
+        if torch.is_tensor(value):
+            value = full_tensor(value.detach()).contiguous().cpu()
+        if rank() == 0:
+            out[key] = value
+    return out
 
 
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

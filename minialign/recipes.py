@@ -149,33 +149,46 @@ def wrap_policy(model, cfg: TrainConfig, device: torch.device) -> torch.nn.Modul
     return dist.wrap(TokenLogps(model), cfg.dist, device)
 
 
-def save_final(model, policy, run_dir: Path, cfg: TrainConfig, tokenizer) -> None:
+def save_final(model, run_dir: Path, cfg: TrainConfig, tokenizer) -> None:
     """PEFT-format adapter (LoRA) or full weights, the tokenizer, and merged weights on request.
 
-    Call it on every rank: FSDP shards are gathered whole (through ``policy``, the root), rank 0 writes.
+    Call it on every rank: an FSDP-sharded model is gathered whole first; rank 0 writes.
     """
-    with dist.gathered(policy):
-        if dist.rank() != 0:
-            return
-        final = run_dir / "final"
-        final.mkdir(exist_ok=True)
-        tokenizer.save_pretrained(str(final / "tokenizer"))
-        if getattr(model, "lora_config", None) is not None:
-            lora.save_adapter(model, final / "adapter")
-            if cfg.merge:
-                _save_pretrained(lora.merge_lora(_plain_copy(model)), final / "merged")
-        else:
-            _save_pretrained(model, final / "model")
+    if dist.is_sharded(model):
+        model = _unsharded_copy(model)
+    if dist.rank() != 0:
+        return
+    final = run_dir / "final"
+    final.mkdir(exist_ok=True)
+    tokenizer.save_pretrained(str(final / "tokenizer"))
+    if getattr(model, "lora_config", None) is not None:
+        lora.save_adapter(model, final / "adapter")
+        if cfg.merge:
+            _save_pretrained(lora.merge_lora(copy.deepcopy(model)), final / "merged")
+    else:
+        _save_pretrained(model, final / "model")
 
 
-def _plain_copy(model):
-    """A deep copy; FSDP-sharded modules refuse one, so their (gathered) weights are put in a fresh skeleton."""
-    if not dist.is_sharded(model):
-        return copy.deepcopy(model)
+def _unsharded_copy(model):
+    """On rank 0, a plain model holding the whole weights of an FSDP-sharded one; None on the other ranks.
+
+    FSDP modules can be neither deep-copied nor saved with ``save_pretrained`` (their state dict holds shards),
+    so the weights are all-gathered (every rank takes part) into an empty skeleton of the same architecture.
+    """
+    weights = dist.gather_to_rank0(model.state_dict().items())
+    buffers = dist.gather_to_rank0(model.named_buffers())  # not sharded, but non-persistent ones are not in the state dict
+    if dist.rank() != 0:
+        return None
     with torch.device("meta"):
         plain = type(model)(model.config)
-    lora.apply_lora(plain, model.lora_config)
-    plain.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()}, assign=True)
+    if getattr(model, "lora_config", None) is not None:
+        lora.apply_lora(plain, model.lora_config)
+    plain.load_state_dict(weights, assign=True)
+    for name, buffer in buffers.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(plain.get_submodule(owner), attr, buffer)
+    if getattr(model.config, "tie_word_embeddings", False):
+        plain.tie_weights()
     return plain
 
 
@@ -216,7 +229,7 @@ def sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     eval_batches = [collate_sft(held_out[i : i + cfg.batch_size], pad_id=pad) for i in range(0, len(held_out), cfg.batch_size)]
     train(policy, SFTTask(), range(n_items), collate, cfg, run_dir, eval_batches=eval_batches, lengths=lengths,
           resume_from=point)
-    save_final(model, policy, run_dir, cfg, tokenizer)
+    save_final(model, run_dir, cfg, tokenizer)
     return run_dir
 
 
@@ -256,7 +269,9 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     _announce(cfg, "dpo", len(pairs), len(held_out), pairs.truncated)
     model = dpo_start_model(cfg, tokenizer)
     pad = tokenizer.pad_token_id
-    collate = lambda idx: collate_pairs([pairs[i] for i in idx], pad_id=pad, index=idx, pad_to_multiple_of=cfg.pad_to_multiple_of or None)
+    # Training pairs, then held-out pairs: one index space, so a precomputed reference table covers both.
+    both = [*pairs, *held_out]
+    collate = lambda idx: collate_pairs([both[i] for i in idx], pad_id=pad, index=idx, pad_to_multiple_of=cfg.pad_to_multiple_of or None)
     task = DPOTask(None, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma)
     if cfg.full:
         ref_model = copy.deepcopy(model).requires_grad_(False).eval()
@@ -270,18 +285,19 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     if reference is None:
         reference = adapter_reference(policy, task.normalise)
     if cfg.precompute_ref and cfg.loss_type != "simpo":
-        reference = cached_reference(_reference_cache(run_dir, policy, reference, collate, len(pairs), cfg, device))
+        reference = cached_reference(_reference_cache(run_dir, policy, reference, collate, len(both), cfg, device))
         ref_model = None  # the frozen copy is no longer needed
     task.reference = reference
-    eval_batches = [collate_pairs(held_out[i : i + cfg.batch_size], pad_id=pad) for i in range(0, len(held_out), cfg.batch_size)]
+    n, bs = len(pairs), cfg.batch_size
+    eval_batches = [collate(list(range(n + i, n + min(i + bs, len(held_out))))) for i in range(0, len(held_out), bs)]
     train(policy, task, range(len(pairs)), collate, cfg, run_dir, eval_batches=eval_batches,
           lengths=sequence_lengths(pairs), resume_from=point)
-    save_final(model, policy, run_dir, cfg, tokenizer)
+    save_final(model, run_dir, cfg, tokenizer)
     return run_dir
 
 
 def _reference_cache(run_dir: Path, policy, reference, collate, n: int, cfg: TrainConfig, device) -> torch.Tensor:
-    """Reference log-probs of every training pair, computed once and kept in the run folder.
+    """Reference log-probs of every training and held-out pair, computed once and kept in the run folder.
 
     Under torchrun each rank scores its share of the pairs and a sum over ranks (of tables that are zero
     outside each share) leaves every rank with the whole table. Every rank runs the same number of batches

@@ -428,3 +428,17 @@ def test_gradient_accumulation_normalises_by_the_tokens_of_the_whole_step():
     assert whole_params.keys() == split_params.keys()
     for name in whole_params:
         torch.testing.assert_close(split_params[name], whole_params[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_precomputed_reference_gives_the_same_losses_and_held_out_metrics(tmp_path):
+    """--precompute-ref caches training *and* held-out pairs: every logged number equals the live reference's."""
+    rows = {}
+    for name, extra in (("live", []), ("cached", ["--precompute-ref"])):
+        out = tmp_path / name
+        assert cli.main(["dpo", "--demo", "--out", str(out), "--max-steps", "4", "--eval-every", "2", *extra]) == 0
+        rows[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert (tmp_path / "cached" / "ref_logps.safetensors").is_file()
+    for live, cached in zip(rows["live"], rows["cached"], strict=True):
+        for key in ("loss", "eval/loss", "eval/rewards/margins"):
+            if key in live:
+                assert abs(live[key] - cached[key]) < 1e-5, (key, live, cached)
