@@ -187,7 +187,6 @@ def train(
     eval_batches: Sequence[dict] = (),
     lengths: Sequence[int] | None = None,
     resume_from: Path | None = None,
-    save_model: Callable[[Path], None] | None = None,
 ) -> dict:
     """Train ``policy`` on ``examples`` and return the last logged metrics.
 
@@ -226,6 +225,7 @@ def train(
     log = MetricsLog(run_dir / "metrics.jsonl" if writes else None,
                      tensorboard_writer(run_dir) if writes and cfg.tensorboard else None)
     autocast = _autocast(device)
+
     def epoch_order(epoch: int) -> list[list[int]]:
         """Which examples form each micro-batch of ``epoch``: a pure function of (seed, epoch, rank)."""
         return batch_indices(len(examples), cfg.batch_size, seed=cfg.seed, epoch=epoch, drop_last=drop_last,
@@ -241,6 +241,7 @@ def train(
         batch = collate(order[progress.micro])
         progress.micro += 1
         return batch
+
     last: dict = {}
     bar = tqdm(total=total, initial=progress.step, disable=rank != 0, desc=task.name, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 10.0)
