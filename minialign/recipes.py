@@ -33,7 +33,7 @@ from minialign.data.chat import to_chat_format
 from minialign.errors import UserError
 from minialign.models import BUILTIN_CONFIGS, check_vocab, load_model, load_tokenizer
 from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, cached_reference, frozen_reference, reference_table
-from minialign.train import train
+from minialign.train import check_enough_examples, train
 
 CONFIG_FILE = "config.yaml"
 
@@ -203,17 +203,27 @@ def _save_pretrained(model, path: Path) -> None:
 # ----------------------------------------------------------------------------- recipes
 
 
-def sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+def _prologue(cfg: TrainConfig, kind: str, tokenize, *, resume: bool, overwrite: bool):
+    """The first steps of both recipes. Tokenizer and data are read before the run folder is written, so a
+    bad source or setting leaves nothing behind."""
     cfg.validate()
     dist.check_same_config(dataclasses.asdict(cfg))
-    run_dir = Path(cfg.out) if resume else prepare_run_dir(cfg, "sft", overwrite=overwrite)
-    point = _resume_point(run_dir, resume, cfg)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer(cfg.model))
     train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
     tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    examples, held_out = tokenize_sft(train_pairs, tokenizer, **tok), tokenize_sft(eval_pairs, tokenizer, **tok)
-    _announce(cfg, "sft", len(examples), len(held_out), examples.truncated)
+    items, held_out = tokenize(train_pairs, tokenizer, **tok), tokenize(eval_pairs, tokenizer, **tok)
+    if not (resume or getattr(cfg, "packing", False)):  # packed rows are counted again by the loop
+        check_enough_examples(len(items), cfg, dist.world_size())
+    run_dir = Path(cfg.out) if resume else prepare_run_dir(cfg, kind, overwrite=overwrite)
+    point = _resume_point(run_dir, resume, cfg)
+    _announce(cfg, kind, len(items), len(held_out), items.truncated)
+    return run_dir, point, device, tokenizer, items, held_out
+
+
+def sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    run_dir, point, device, tokenizer, examples, held_out = _prologue(cfg, "sft", tokenize_sft, resume=resume,
+                                                                      overwrite=overwrite)
     model = load_base(cfg, tokenizer)
     if not cfg.full:
         attach_lora(model, cfg, device)
@@ -257,16 +267,8 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
         sft_cfg = load_run_config(Path(cfg.sft), SFTConfig)
         cfg.model = sft_cfg.model
         cfg.tokenizer = cfg.tokenizer or str(Path(cfg.sft) / "final" / "tokenizer")
-    cfg.validate()
-    dist.check_same_config(dataclasses.asdict(cfg))
-    run_dir = Path(cfg.out) if resume else prepare_run_dir(cfg, "dpo", overwrite=overwrite)
-    point = _resume_point(run_dir, resume, cfg)
-    device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer(cfg.model))
-    train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
-    tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    pairs, held_out = tokenize_pairs(train_pairs, tokenizer, **tok), tokenize_pairs(eval_pairs, tokenizer, **tok)
-    _announce(cfg, "dpo", len(pairs), len(held_out), pairs.truncated)
+    run_dir, point, device, tokenizer, pairs, held_out = _prologue(cfg, "dpo", tokenize_pairs, resume=resume,
+                                                                   overwrite=overwrite)
     model = dpo_start_model(cfg, tokenizer)
     pad = tokenizer.pad_token_id
     # Training pairs, then held-out pairs: one index space, so a precomputed reference table covers both.

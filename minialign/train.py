@@ -176,6 +176,18 @@ def evaluate_task(policy, task, batches: Sequence[dict], device, autocast) -> di
     return {f"eval/{k}": dist.all_reduce_sum(v).item() / max(units, 1) for k, v in sums.items()}
 
 
+def check_enough_examples(n: int, cfg: TrainConfig, world: int) -> int:
+    """The examples one optimiser step takes; fewer than that in the whole dataset is a user error."""
+    per_step = cfg.batch_size * world * cfg.grad_accum
+    if n < per_step:
+        raise UserError(
+            f"One optimiser step needs {per_step} training examples (batch size {cfg.batch_size} x {world} rank(s) x "
+            f"{cfg.grad_accum} accumulation) but there are only {n}; lower --batch-size or --grad-accum, "
+            "or use more data (raise --limit)."
+        )
+    return per_step
+
+
 def train(
     policy: torch.nn.Module,
     task,
@@ -196,13 +208,7 @@ def train(
     device = next(policy.parameters()).device
     rank, world = dist.rank(), dist.world_size()
     params = [p for p in policy.parameters() if p.requires_grad]
-    per_step = cfg.batch_size * world * cfg.grad_accum
-    if len(examples) < per_step:  # also guarantees an epoch holds at least grad_accum micro-batches
-        raise UserError(
-            f"One optimiser step needs {per_step} training examples (batch size {cfg.batch_size} x {world} rank(s) x "
-            f"{cfg.grad_accum} accumulation) but there are only {len(examples)}; lower --batch-size or --grad-accum, "
-            "or use more data (raise --limit)."
-        )
+    per_step = check_enough_examples(len(examples), cfg, world)  # an epoch holds >= grad_accum micro-batches
     # A short last global batch is kept, as one process keeps it, when every rank gets part of it; it is
     # dropped when some rank would get nothing, since every rank must take part in every step.
     drop_last = 0 < len(examples) % (cfg.batch_size * world) < world
