@@ -1,3 +1,14 @@
-from minialign.cli import main
+import os
+import sys
 
-raise SystemExit(main())
+from minialign.cli import main
+from minialign.dist import launched_world
+
+code = main()
+if launched_world() > 1:
+    # Under torchrun, a gloo thread left inside torch can abort the interpreter's teardown ("terminate called
+    # without an active exception") after the process group is gone. Every file is closed by now: skip it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+raise SystemExit(code)
