@@ -17,7 +17,7 @@ import torch
 
 from minialign import lora
 from minialign.config import TrainConfig
-from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, add_target_index, frozen_reference, to_device
+from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, add_target_index, frozen_copy, frozen_reference, to_device
 from minialign.train import _autocast, make_optimizer
 
 
@@ -70,7 +70,7 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
         objective = SFTTask()
     else:
         if full:
-            ref = TokenLogps(_frozen_copy(model, device))
+            ref = TokenLogps(frozen_copy(model, device))
             reference = frozen_reference(ref, False)
         else:
             reference = adapter_reference(policy, False)
@@ -109,15 +109,6 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
         tokens_per_s=tokens / elapsed, pairs_per_s=pairs / elapsed if task == "dpo" else None,
         peak_memory_mb=peak, memory_kind=kind, device=device_name(device), final_loss=float(loss), steps=steps,
     )
-
-
-def _frozen_copy(model, device):
-    import copy
-
-    ref = copy.deepcopy(model).requires_grad_(False).eval()
-    if device.type == "cuda":
-        ref.to(torch.bfloat16)
-    return ref.to(device)
 
 
 def _sync(device: torch.device) -> None:

@@ -14,8 +14,8 @@ import torch
 from minialign import lora
 from minialign.data import collate_pairs, collate_sft
 from minialign.generate import generate
-from minialign.losses import perplexity
-from minialign.tasks import TokenLogps, add_target_index, sequence_sums, to_device
+from minialign.losses import perplexity, sft_loss
+from minialign.tasks import TokenLogps, add_target_index, run_logps, sequence_sums, to_device
 from minialign.train import _autocast
 
 
@@ -23,14 +23,13 @@ from minialign.train import _autocast
 def heldout_loss(model, examples: Sequence, *, pad_id: int, batch_size: int = 16, device="cpu") -> dict[str, float]:
     """Mean negative log-likelihood per response token, and its perplexity."""
     policy = TokenLogps(model).to(device).eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), device=device), 0
     with _autocast(torch.device(device))():
         for i in range(0, len(examples), batch_size):
             batch = to_device(add_target_index(collate_sft(examples[i : i + batch_size], pad_id=pad_id)), device)
-            total += float(-policy(batch["input_ids"], batch["attention_mask"], batch["position_ids"],
-                                    batch["tgt_index"], batch["tgt_ids"]).sum())
+            total += sft_loss(run_logps(policy, batch))
             count += batch["n_targets"]
-    loss = total / max(count, 1)
+    loss = total.item() / max(count, 1)
     return {"loss": loss, "perplexity": perplexity(loss)}
 
 

@@ -32,7 +32,7 @@ from minialign.data import (
 from minialign.data.chat import to_chat_format
 from minialign.errors import UserError
 from minialign.models import BUILTIN_CONFIGS, check_vocab, load_model, load_tokenizer
-from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, cached_reference, frozen_reference, reference_table
+from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, cached_reference, frozen_copy, frozen_reference, reference_table
 from minialign.train import check_enough_examples, train
 
 CONFIG_FILE = "config.yaml"
@@ -276,10 +276,7 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     collate = lambda idx: collate_pairs([both[i] for i in idx], pad_id=pad, index=idx, pad_to_multiple_of=cfg.pad_to_multiple_of or None)
     task = DPOTask(None, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma)
     if cfg.full:
-        ref_model = copy.deepcopy(model).requires_grad_(False).eval()
-        if device.type == "cuda":
-            ref_model.to(torch.bfloat16)  # the reference is only read: half the memory of an fp32 copy
-        reference = frozen_reference(TokenLogps(ref_model.to(device)), task.normalise)
+        reference = frozen_reference(TokenLogps(frozen_copy(model, device)), task.normalise)
     else:
         attach_lora(model, cfg, device)
         reference = None
@@ -288,7 +285,6 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
         reference = adapter_reference(policy, task.normalise)
     if cfg.precompute_ref and cfg.loss_type != "simpo":
         reference = cached_reference(_reference_cache(run_dir, policy, reference, collate, len(both), cfg, device))
-        ref_model = None  # the frozen copy is no longer needed
     task.reference = reference
     n, bs = len(pairs), cfg.batch_size
     eval_batches = [collate(list(range(n + i, n + min(i + bs, len(held_out))))) for i in range(0, len(held_out), bs)]

@@ -10,6 +10,7 @@ so one loop serves every objective, with any gradient accumulation and any numbe
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -101,6 +102,14 @@ def adapter_reference(policy: nn.Module, normalise: bool) -> Reference:
     return reference
 
 
+def frozen_copy(model: nn.Module, device: torch.device) -> nn.Module:
+    """A frozen copy of ``model`` for full fine-tuning's reference; bf16 on a GPU, since it is only read."""
+    ref = copy.deepcopy(model).requires_grad_(False).eval()
+    if device.type == "cuda":
+        ref.to(torch.bfloat16)
+    return ref.to(device)
+
+
 def frozen_reference(ref_policy: nn.Module, normalise: bool) -> Reference:
     """A separate frozen copy (full fine-tuning)."""
 
@@ -114,8 +123,13 @@ def frozen_reference(ref_policy: nn.Module, normalise: bool) -> Reference:
 def cached_reference(table: torch.Tensor) -> Reference:
     """Reference log-probs computed once before training: ``table[i] = (chosen, rejected)`` of pair ``i``."""
 
+    on_device: dict = {}  # one copy per device, made at first use rather than on every step
+
     def reference(batch: dict) -> torch.Tensor:
-        rows = table.to(batch["index"].device)[batch["index"]]
+        device = batch["index"].device
+        if device not in on_device:
+            on_device[device] = table.to(device)
+        rows = on_device[device][batch["index"]]
         return torch.cat([rows[:, 0], rows[:, 1]])
 
     return reference
