@@ -34,6 +34,7 @@ for p in (str(ROOT), str(HERE)):  # minialign need not be installed; trl_peer li
 
 import torch
 import trl_peer
+from bench_table import _f, write_markdown
 from trl_peer import GPT_NEOX_LINEARS, LR, batch_stats, load_workload, reset_memory
 
 HH = "data/hh-rlhf/harmless-base/test.jsonl.gz"
@@ -62,6 +63,12 @@ def find_shared(rel: str) -> str | None:
         if (base / rel).is_file():
             return str(base / rel)
     return None
+
+
+def gpu_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100': the results file of that card."""
+    words = [w for w in name.lower().replace("nvidia", "").split() if w]
+    return words[0] if words else "gpu"
 
 
 def ints(text: str) -> list[int]:
@@ -137,18 +144,35 @@ def add_mfu(row: dict, shape: dict, peak: float) -> dict:
 # ----------------------------------------------------------------------------- minialign runs
 
 
-# minialign variants: torch.compile of the transformer (default mode, or CUDA graphs over batches padded
-# to max_length so every step has the same shapes), optionally with activation checkpointing.
+# minialign variants. "compile": torch.compile of the whole forward (transformer and log-probs; dynamic shapes);
+# "cudagraphs": mode="reduce-overhead" (CUDA graphs) over batches padded to max_length, the target count padded to
+# the largest batch's, so every step has the same shapes (one graph); "gc": activation checkpointing; "flat":
+# padding-free batches (the batch's sequences back to back in one row, FlexAttention document mask), eager, the
+# row rounded up to FLAT_BUCKET tokens; "flat-static": compiled with CUDA graphs, every row rounded up to the
+# longest of the run (one shape, one graph: FlexAttention under dynamic shapes does not compile in torch 2.11,
+# see benchmarks/NOTES.md); "oib": AdamW stepped inside the backward (no gradient buffer; no clipping), eager so
+# that each gradient is freed as soon as it is complete. Packed SFT rows are already free of padding and of one
+# fixed shape, so "flat" changes nothing for them.
 VARIANTS = {
-    "eager": dict(compile=False, grad_checkpointing=False, static=False),
-    "compile": dict(compile=True, grad_checkpointing=False, static=False),
-    "cudagraphs": dict(compile="reduce-overhead", grad_checkpointing=False, static=True),
-    "compile-gc": dict(compile=True, grad_checkpointing=True, static=False),
+    "eager": dict(compile=False),
+    "compile": dict(compile=True),
+    "cudagraphs": dict(compile="reduce-overhead", static=True),
+    "compile-gc": dict(compile=True, grad_checkpointing=True),
+    "flat": dict(compile=False, flat=True),
+    "flat-static": dict(compile="reduce-overhead", flat=True, static=True),
+    "flat-static-gc": dict(compile="reduce-overhead", flat=True, static=True, grad_checkpointing=True),
+    "flat-gc-oib": dict(compile=False, grad_checkpointing=True, flat=True, optim_in_backward=True),
 }
+FLAT_BUCKET = 256
+TARGET_MULTIPLE = 64
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def build_batches(task: str, packing: bool, workload, batch_size: int, needed: int, max_length: int,
-                  pad_to: int | None = None) -> list[dict]:
+                  pad_to: int | None = None, flat: bool = False) -> list[dict]:
     """minialign batches in the benchmark's order: batch k holds ordered examples k*B .. (k+1)*B-1 (no short
     last batch), exactly what TRL's sequential loader gives; packed SFT packs the ordered examples into rows
     of ``max_length`` and groups B rows per batch. At most ``needed`` batches (``measure`` cycles through them)."""
@@ -163,9 +187,9 @@ def build_batches(task: str, packing: bool, workload, batch_size: int, needed: i
         return [collate_packed(ordered, g, row_length=max_length, pad_id=pad) for g in groups]
     starts = list(range(0, len(ordered) - batch_size + 1, batch_size))[:needed]
     if task == "sft":
-        return [collate_sft(ordered[s:s + batch_size], pad_id=pad, pad_to_multiple_of=pad_to) for s in starts]
+        return [collate_sft(ordered[s:s + batch_size], pad_id=pad, pad_to_multiple_of=pad_to, flat=flat) for s in starts]
     return [collate_pairs(ordered[s:s + batch_size], pad_id=pad, index=list(range(s, s + batch_size)),
-                          pad_to_multiple_of=pad_to) for s in starts]
+                          pad_to_multiple_of=pad_to, flat=flat) for s in starts]
 
 
 def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload, args, device,
@@ -174,31 +198,45 @@ def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload
     from minialign.models import load_model
 
     v = VARIANTS[variant]
+    flat, static = v.get("flat", False) and not packing, v.get("static", False)
     needed = args.warmup + args.steps
     t0 = time.perf_counter()
-    batches = build_batches(task, packing, workload, batch_size, needed, args.max_length,
-                            pad_to=args.max_length if v["static"] else 64 if v["compile"] else None)
-    collate_ms = (time.perf_counter() - t0) * 1e3 / max(len(batches), 1)
+    pad_to = FLAT_BUCKET if flat else args.max_length if static else 64 if v["compile"] else None
+    batches = build_batches(task, packing, workload, batch_size, needed, args.max_length, pad_to=pad_to, flat=flat)
     if not batches:
         raise ValueError(f"the data holds fewer than one batch of {batch_size}")
+    target_multiple = TARGET_MULTIPLE
+    if static:  # every batch of the run rounded up to the largest one: one shape, one CUDA graph
+        if flat:
+            longest = max(b["input_ids"].shape[1] for b in batches)
+            batches = build_batches(task, packing, workload, batch_size, needed, args.max_length, pad_to=longest, flat=True)
+        target_multiple = round_up(max(int((b["targets"] != -100).sum()) for b in batches), TARGET_MULTIPLE)
+    collate_ms = (time.perf_counter() - t0) * 1e3 / max(len(batches), 1)
+    # CUDA graphs are recorded once per distinct shape: warm up over every distinct batch, so that the timed steps
+    # see the steady state a long run reaches (every shape recorded), not recordings.
+    warmup = max(args.warmup, len(batches)) if v["compile"] == "reduce-overhead" and not static else args.warmup
     reset_memory(device)
     model = load_model(args.model, seed=0)
     try:
         m = measure(model, batches, task=task, full=mode == "full", lora_r=LORA_R, steps=args.steps,
-                    warmup=args.warmup, lr=LR, beta=BETA, device=device, compile=v["compile"],
-                    grad_checkpointing=v["grad_checkpointing"])
+                    warmup=warmup, lr=LR, beta=BETA, device=device, compile=v["compile"],
+                    grad_checkpointing=v.get("grad_checkpointing", False),
+                    optim_in_backward=v.get("optim_in_backward", False), target_multiple=target_multiple)
     finally:
         del model
         torch._dynamo.reset()
-    timed = [batch_stats(batches[i % len(batches)]) for i in range(args.warmup, needed)]
+    timed = [batch_stats(batches[i % len(batches)]) for i in range(warmup, warmup + args.steps)]
     tokens, attn_sq = sum(t for t, _ in timed), sum(s for _, s in timed)
     return {
         "trainer": "minialign", "task": task, "mode": mode, "batch_size": batch_size,
         "tokens_per_s": m.tokens_per_s, "pairs_per_s": m.pairs_per_s, "peak_memory_mb": m.peak_memory_mb,
         "final_loss": m.final_loss, "memory_kind": m.memory_kind, "device": str(device), "steps": args.steps,
-        "warmup": args.warmup, "elapsed_s": tokens / m.tokens_per_s, "tokens": tokens, "attn_sq": attn_sq,
-        "packing": packing, "gradient_checkpointing": v["grad_checkpointing"], "compile": v["compile"], "variant": variant,
-        "distinct_batches": len(batches), "collate_ms_per_batch": collate_ms,
+        "warmup": warmup, "elapsed_s": tokens / m.tokens_per_s, "tokens": tokens, "attn_sq": attn_sq,
+        "packing": packing, "padding_free": flat or packing, "gradient_checkpointing": v.get("grad_checkpointing", False),
+        "optim_in_backward": v.get("optim_in_backward", False), "compile": v["compile"], "variant": variant,
+        "distinct_batches": len(batches), "collate_ms_per_batch": collate_ms, "target_multiple": target_multiple,
+        "distinct_shapes": len({(b["input_ids"].shape[1], round_up(int((b["targets"] != -100).sum()), target_multiple))
+                                for b in batches}),
     }
 
 
@@ -238,84 +276,6 @@ def guarded(label: str, fn, base: dict, device) -> tuple[dict, bool]:
     return row, oom
 
 
-# ----------------------------------------------------------------------------- report
-
-
-def _f(x, fmt="{:,.0f}") -> str:
-    return "-" if x is None else fmt.format(x)
-
-
-def _cfg(r: dict) -> tuple:
-    return (r["task"], r["mode"], bool(r.get("packing")))
-
-
-def _cfg_name(task, mode, packing) -> str:
-    return f"{task} {mode}" + (" packed" if packing else "")
-
-
-def markdown(doc: dict) -> str:
-    rows = doc["results"]
-    ok = [r for r in rows if not r.get("error")]
-    out = [f"## minialign vs TRL {doc.get('trl')} + PEFT {doc.get('peft')} on {doc['device']}", "",
-           (f"torch {doc['torch']}, transformers {doc['transformers']}; model {doc['workload']['model']}, "
-            f"max_length {doc['workload']['max_length']}, {doc['steps']} timed steps after {doc['warmup']} warm-up; "
-            f"matmul peak {doc['peak_tflops']:.3g} TFLOP/s ({doc['peak_measured_with']})."), "",
-           "### Equal batch (speed ratio = minialign / TRL tokens/s; memory ratio = minialign / TRL peak)", "",
-           ("| config | batch | TRL tok/s | minialign tok/s (fastest variant) | speed x | TRL peak MiB "
-            "| minialign peak MiB (leanest variant) | memory x | TRL MFU | minialign MFU |"),
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    trl_rows = [r for r in ok if r["trainer"] == "trl" and not r.get("gradient_checkpointing")]
-    for t in trl_rows:
-        mine = [r for r in ok if r["trainer"] == "minialign" and _cfg(r) == _cfg(t) and r["batch_size"] == t["batch_size"]]
-        m = max(mine, key=lambda r: r["tokens_per_s"]) if mine else {}
-        lean = min(mine, key=lambda r: r["peak_memory_mb"]) if mine else {}
-        speed = m.get("tokens_per_s") / t["tokens_per_s"] if m.get("tokens_per_s") and t["tokens_per_s"] else None
-        mem = lean.get("peak_memory_mb") / t["peak_memory_mb"] if lean.get("peak_memory_mb") and t["peak_memory_mb"] else None
-        out.append(f"| {_cfg_name(*_cfg(t))} | {t['batch_size']} | {_f(t['tokens_per_s'])} "
-                   f"| {_f(m.get('tokens_per_s'))} ({m.get('variant', '-')}) "
-                   f"| {_f(speed, '{:.2f}')} | {_f(t['peak_memory_mb'])} | {_f(lean.get('peak_memory_mb'))} "
-                   f"({lean.get('variant', '-')}) | {_f(mem, '{:.2f}')} | {_f(t.get('mfu'), '{:.1%}')} "
-                   f"| {_f(m.get('mfu'), '{:.1%}')} |")
-    out += ["", "### minialign at its best batch (vs TRL's best measured batch)", "",
-            "| config | batch | tok/s | pairs/s | peak MiB | MFU | MFU (6N) | x TRL best |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for cfg in dict.fromkeys(_cfg(r) for r in rows):
-        mine = [r for r in ok if r["trainer"] == "minialign" and _cfg(r) == cfg]
-        theirs = [r for r in ok if r["trainer"] == "trl" and _cfg(r) == cfg]
-        if not mine:
-            continue
-        best = max(mine, key=lambda r: r["tokens_per_s"])
-        tb = max(theirs, key=lambda r: r["tokens_per_s"]) if theirs else None
-        ratio = best["tokens_per_s"] / tb["tokens_per_s"] if tb else None
-        out.append(f"| {_cfg_name(*cfg)} | {best['batch_size']} | {_f(best['tokens_per_s'])} "
-                   f"| {_f(best.get('pairs_per_s'), '{:,.1f}')} | {_f(best['peak_memory_mb'])} "
-                   f"| {_f(best.get('mfu'), '{:.1%}')} | {_f(best.get('mfu_6n'), '{:.1%}')} | {_f(ratio, '{:.2f}')} |")
-    out += ["", "### All runs", "",
-            "| trainer | config | batch | tok/s | pairs/s | peak MiB | final loss | MFU | MFU (6N) | note |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        note = r.get("error") or " ".join(filter(None, [r.get("variant", ""),
-                                                           "gradient checkpointing" if r.get("gradient_checkpointing") else ""]))
-        out.append(f"| {r['trainer']} | {_cfg_name(*_cfg(r))} | {r['batch_size']} | {_f(r.get('tokens_per_s'))} "
-                   f"| {_f(r.get('pairs_per_s'), '{:,.1f}')} | {_f(r.get('peak_memory_mb'))} "
-                   f"| {_f(r.get('final_loss'), '{:.4f}')} | {_f(r.get('mfu'), '{:.1%}')} "
-                   f"| {_f(r.get('mfu_6n'), '{:.1%}')} | {note[:80]} |")
-    if doc.get("small"):
-        out += ["", "(--small: CPU smoke-test workload; the numbers mean nothing.)"]
-    return "\n".join(out) + "\n"
-
-
-def write_markdown(path: Path, doc: dict) -> str:
-    """The tables, beside the JSON (``.md``); a bug here must not cost the results, so it only warns."""
-    try:
-        table = markdown(doc)
-    except Exception:  # noqa: BLE001
-        traceback.print_exc()
-        return "(could not format the table; the JSON holds every result)\n"
-    path.with_suffix(".md").write_text(table, encoding="utf-8")
-    return table
-
-
 def write_json(path: Path, doc: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -337,7 +297,8 @@ def _version(name: str) -> str | None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "h100.json"), help="JSON to write (and .md)")
+    p.add_argument("--out", default=None,
+                   help="JSON to write (and .md); default benchmarks/results/<gpu>.json, e.g. h200.json (--small: cpu-small.json)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 20; --small 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 5; --small 1)")
     p.add_argument("--small", action="store_true", help="tiny model, demo data, a few steps: a CPU smoke test")
@@ -354,10 +315,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-trl", action="store_true", help="minialign only")
     p.add_argument("--trl-gradient-checkpointing", action="store_true",
                    help="also run TRL with gradient checkpointing on (TRL's own default) at its first batch size")
-    p.add_argument("--variants", default="eager,compile,cudagraphs,compile-gc",
+    p.add_argument("--variants", default="eager,cudagraphs,flat-static,flat-gc-oib",
                    help=f"minialign variants at the TRL batch size, from {', '.join(VARIANTS)}")
-    p.add_argument("--ladder-variant", default="compile", help="minialign variant for the larger batches")
+    p.add_argument("--ladder-variants", default="cudagraphs,flat-static",
+                   help="minialign variants for the larger batches (comma list)")
     p.add_argument("--ladder-configs", default=None, help="configs that get the larger batches (default: all)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows already in --out (same device) and add this run's; its command is added too")
     p.add_argument("--budget-s", type=float, default=0,
                    help="skip runs that would start after this many seconds (0: no limit); rows say 'skipped'")
     return p.parse_args(argv)
@@ -395,8 +359,9 @@ def main(argv=None) -> int:
                f"{[str(c) for c in SHARED_CANDIDATES]}: pass --data and --tokenizer (or set MINIALIGN_SHARED)")
         print(f"error: {msg}", file=sys.stderr)
         return 2
-    out = Path(args.out)
     from minialign.bench import device_name
+
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"{'cpu-small' if small else gpu_slug(device_name(device))}.json")
 
     # One line per run in the log, not a progress bar per dataset.map. datasets comes with trl: without it
     # only the TRL rows fail (and say why).
@@ -439,6 +404,14 @@ def main(argv=None) -> int:
                      if device.type == "cuda" else "fp32", "order": "minialign batch_indices(seed=0, epoch=0)"},
         "model_shape": shape, "flops_formula": "see benchmarks/README.md (MFU)", "results": [],
     }
+    doc["commands"] = [doc["command"]]
+    if args.append and out.is_file():
+        earlier = json.loads(out.read_text(encoding="utf-8"))
+        if earlier.get("device") != doc["device"]:
+            print(f"error: --append: {out} holds results of {earlier.get('device')}, not {doc['device']}", file=sys.stderr)
+            return 2
+        doc["commands"] = earlier.get("commands", [earlier.get("command")]) + doc["commands"]
+        doc["results"] = earlier["results"]
 
     # Tokenize once per task; the same ids in the same order feed both trainers.
     workloads: dict[str, tuple] = {}
@@ -460,7 +433,8 @@ def main(argv=None) -> int:
     ladder = [c.strip() for c in args.ladder_configs.split(",")] if args.ladder_configs else configs
     for name in [c for c in configs if c in ladder]:
         for b in sizes[1:]:
-            plan.append(("minialign", name, b, {"variant": args.ladder_variant}))
+            for variant in args.ladder_variants.split(","):
+                plan.append(("minialign", name, b, {"variant": variant.strip()}))
         if not args.no_trl:
             for b in trl_sizes[1:]:
                 plan.append(("trl", name, b, {}))

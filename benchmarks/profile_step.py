@@ -1,59 +1,67 @@
 """Where does a training step's time go? Profile minialign's step for one configuration on the GPU.
 
-    python benchmarks/profile_step.py --task sft --mode lora --batch-size 16 [--compile] [--out trace.json]
+    python benchmarks/profile_step.py --config sft-lora --batch-size 16 --variant cudagraphs [--trace t.json.gz]
 
-Prints the wall time per step, the GPU-busy time per step (sum of kernel times) and the top kernels/ops,
-so the CPU-dispatch wall and the GPU wall can be told apart (benchmarks/NOTES.md records what was found).
+Runs exactly what ``bench_gpu.py`` times (same workload, batches and variants), profiles only steady-state
+steps (after warm-up and compilation), and prints per step: the wall time, the summed kernel time and the
+top kernels / CPU ops, so the CPU-dispatch wall and the GPU wall can be told apart (benchmarks/NOTES.md
+records what was found).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-from torch.profiler import ProfilerActivity, profile
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.profiler import ProfilerActivity, profile, schedule
 
-from minialign.bench import measure
-from minialign.data import collate_pairs, collate_sft, load_preference_pairs, tokenize_pairs, tokenize_sft
-from minialign.models import load_model, load_tokenizer
-
-
-def batches(args, tok, n: int = 8) -> list[dict]:
-    pairs = load_preference_pairs(args.data, limit=n * args.batch_size)
-    kw = dict(max_length=512, max_prompt_length=256)
-    if args.task == "sft":
-        ex = tokenize_sft(pairs, tok, **kw)
-        return [collate_sft(ex[i * args.batch_size:(i + 1) * args.batch_size], pad_id=0, pad_to_multiple_of=args.pad) for i in range(n)]
-    ex = tokenize_pairs(pairs, tok, **kw)
-    return [collate_pairs(ex[i * args.batch_size:(i + 1) * args.batch_size], pad_id=0, pad_to_multiple_of=args.pad) for i in range(n)]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_gpu  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--task", default="sft", choices=["sft", "dpo"])
-    p.add_argument("--mode", default="lora", choices=["lora", "full"])
+    p.add_argument("--config", default="sft-lora", choices=list(bench_gpu.CONFIGS))
+    p.add_argument("--variant", default="cudagraphs", choices=list(bench_gpu.VARIANTS))
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--pad", type=int, default=64)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--data", default="../shared/data/hh-rlhf/harmless-base/test.jsonl.gz")
-    p.add_argument("--tokenizer", default="../shared/tokenizers/gpt-neox-20b/tokenizer.json")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--out", default=None, help="write a Chrome trace here")
+    p.add_argument("--warmup", type=int, default=6)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--trace", default=None, help="write a Chrome trace here (.json or .json.gz)")
     args = p.parse_args()
-    bs = batches(args, load_tokenizer(args.tokenizer))
-    kwargs = dict(task=args.task, full=args.mode == "full", device="cuda", compile=args.compile)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        m = measure(load_model("pythia-70m"), bs, steps=args.steps, warmup=4, **kwargs)
-        wall = time.perf_counter() - t0
+    bench_args = bench_gpu.parse_args(["--steps", str(args.steps), "--warmup", str(args.warmup)])
+    bench_args.model = "pythia-70m"
+    task, mode, packing = bench_gpu.CONFIGS[args.config]
+    data, tok = bench_gpu.find_shared(bench_gpu.HH), bench_gpu.find_shared(bench_gpu.TOKENIZER)
+    workload = bench_gpu.load_workload(task, data, tok, bench_args.max_length, bench_args.max_prompt_length)
+    device = torch.device(args.device)
+    # The profiler advances one step per optimiser step: it records only the last ``steps`` steps. Graph
+    # variants over batches of several shapes warm up over every distinct batch (see bench_gpu.run_minialign).
+    v = bench_gpu.VARIANTS[args.variant]
+    warmup = args.warmup + args.steps if v["compile"] == "reduce-overhead" and not v.get("static") else args.warmup
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                   schedule=schedule(wait=warmup - 1, warmup=1, active=args.steps, repeat=1))
+    handle = register_optimizer_step_post_hook(lambda *_: prof.step())
+    t0 = time.perf_counter()
+    with prof:
+        row = bench_gpu.run_minialign(task, mode, packing, args.batch_size, workload, bench_args, device, args.variant)
+    handle.remove()
     events = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") if hasattr(events[0], "device_type") else 0
-    print(f"{args.task} {args.mode} bs={args.batch_size} compile={args.compile}: {m.tokens_per_s:,.0f} tok/s, "
-          f"{m.peak_memory_mb:,.0f} MB; profiled {args.steps + 4} steps in {wall:.2f} s; GPU busy {gpu_us / 1e6:.3f} s")
-    print(events.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60))
-    print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
-    if args.out:
-        prof.export_chrome_trace(args.out)
+    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    steps = [e for e in prof.events() if e.name.startswith("ProfilerStep")]
+    step_ms = [e.time_range.elapsed_us() / 1e3 for e in steps]
+    print(f"== {args.config} {args.variant} batch {args.batch_size}: {row['tokens_per_s']:,.0f} tok/s, "
+          f"peak {row['peak_memory_mb']:,.0f} MiB, run {time.perf_counter() - t0:.0f} s")
+    print(f"   profiled steps (wall ms, host side): {[round(x, 2) for x in step_ms]}; "
+          f"kernel time per step {kernel_us / 1e3 / max(len(steps), 1):.2f} ms")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 from minialign import lora
 from minialign.config import TrainConfig
 from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, add_target_index, frozen_copy, frozen_reference, to_device
-from minialign.train import _autocast, make_optimizer
+from minialign.train import InBackwardAdamW, _autocast, grad_norm_step, make_optimizer
 
 
 @dataclass
@@ -46,10 +46,14 @@ def peak_rss_mb() -> float:
 
 def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 8, steps: int = 20, warmup: int = 3,
             lr: float = 1e-4, beta: float = 0.1, device: torch.device | str = "cpu", compile: bool | str = False,
-            grad_checkpointing: bool = False) -> Measurement:
+            grad_checkpointing: bool = False, optim_in_backward: bool = False,
+            chunk_size: int | None = None, target_multiple: int = 64) -> Measurement:
     """Train ``model`` (consumed: LoRA is applied in place) for ``warmup + steps`` steps over ``batches``.
 
-    Set up exactly as ``minialign sft|dpo`` do: on a GPU, LoRA's frozen base weights are bf16.
+    Set up exactly as ``minialign sft|dpo`` do: on a GPU, LoRA's frozen base weights are bf16. Gradients are
+    clipped to norm 1, except with ``optim_in_backward`` (AdamW stepped inside backward: no clipping, as in
+    training). ``chunk_size``: rows of the output projection computed at once (None: ``losses.default_chunk_size``);
+    ``target_multiple``: their count is rounded up to a multiple of it (``add_target_index``), as training does.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -62,21 +66,26 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
     model.to(device).train()
     if grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if compile:  # True, or a torch.compile mode such as "reduce-overhead" (CUDA graphs; needs fixed shapes)
-        # dynamic=True: one compilation for every batch length (default mode); CUDA graphs want fixed shapes.
-        model.base_model.compile(**({"mode": compile} if isinstance(compile, str) else {"dynamic": True}))
-    policy = TokenLogps(model)
+    # compile: True, or a torch.compile mode such as "reduce-overhead" (CUDA graphs, one per distinct shape).
+    # The whole forward is compiled, log-probs included, as --compile does.
+    compile_kwargs = ({"mode": compile} if isinstance(compile, str) else {"dynamic": True}) if compile else None
+    policy = TokenLogps(model, chunk_size)
+    if compile_kwargs:
+        policy.compile(**compile_kwargs)
     if task == "sft":
         objective = SFTTask()
     else:
         if full:
-            ref = TokenLogps(frozen_copy(model, device))
+            ref = TokenLogps(frozen_copy(model, device), chunk_size)
+            if compile_kwargs:
+                ref.compile(**compile_kwargs)
             reference = frozen_reference(ref, False)
         else:
             reference = adapter_reference(policy, False)
         objective = DPOTask(reference, beta=beta)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, TrainConfig(lr=lr), device)
+    cfg = TrainConfig(lr=lr, optim_in_backward=optim_in_backward, max_grad_norm=0.0 if optim_in_backward else 1.0)
+    optimizer = make_optimizer(params, cfg, device)
     autocast = _autocast(device)
     tokens = pairs = 0
     loss = torch.zeros((), device=device)
@@ -90,16 +99,18 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
             tokens += int(batch["attention_mask"].sum())
             pairs += batch.get("n_pairs", 0)
         units = objective.units(batch)
-        batch = to_device(add_target_index(dict(batch)), device)
+        batch = to_device(add_target_index(dict(batch), target_multiple), device)
         with autocast():
             loss, _ = objective.loss(policy, batch)
             (loss / units).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        grad_norm_step(optimizer, params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss = loss.detach() / units
     _sync(device)
     elapsed = time.perf_counter() - start
+    if isinstance(optimizer, InBackwardAdamW):
+        optimizer.remove_hooks()
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     else:

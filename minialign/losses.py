@@ -25,50 +25,76 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
-class _ChunkedTokenLogps(torch.autograd.Function):
+# The chunked log-prob is a custom operator with its own backward: opaque to torch.compile, which calls it as one
+# op inside the compiled (and CUDA-graphed) step whatever the number of targets, symbolic or not, instead of
+# unrolling its loop over chunks. Inputs arrive already in the compute dtype (autocast's, outside the op).
+
+
+@torch.library.custom_op("minialign::chunked_token_logps", mutates_args=())
+def _chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """log p(target | hidden) through the output projection, one chunk of rows at a time.
 
     The full [N, V] logits never exist: forward keeps only the [N] answers, backward recomputes each
     chunk's softmax (d logp_t / d logits = onehot(t) - softmax) and feeds it straight into the two matmuls.
     """
+    acc = torch.promote_types(hidden.dtype, torch.float32)  # float32 softmax math, float64 when checking
+    out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for s in range(0, hidden.shape[0], chunk_size):
+            logits = (hidden[s : s + chunk_size] @ weight.T).to(acc)
+            t = targets[s : s + chunk_size]
+            out[s : s + chunk_size] = logits.gather(1, t[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    return out
 
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int):
-        dtype = _compute_dtype(hidden)
-        acc = torch.promote_types(dtype, torch.float32)  # float32 softmax math, float64 when checking
-        h, w = hidden.to(dtype), weight.to(dtype)
-        out = torch.empty(h.shape[0], dtype=acc, device=h.device)
-        with torch.autocast(h.device.type, enabled=False):
-            for s in range(0, h.shape[0], chunk_size):
-                logits = (h[s : s + chunk_size] @ w.T).to(acc)
-                t = targets[s : s + chunk_size]
-                out[s : s + chunk_size] = logits.gather(1, t[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-        ctx.save_for_backward(hidden, weight, targets)
-        ctx.chunk_size, ctx.dtype, ctx.acc = chunk_size, dtype, acc
-        return out
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, targets = ctx.saved_tensors
-        h, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=ctx.acc, device=weight.device) if need_w else None
-        with torch.autocast(h.device.type, enabled=False):
-            for s in range(0, h.shape[0], ctx.chunk_size):
-                e = s + ctx.chunk_size
-                g = torch.softmax((h[s:e] @ w.T).to(ctx.acc), dim=-1)
-                go = grad_out[s:e].to(ctx.acc)
-                g.mul_(-go[:, None])
-                g.scatter_add_(1, targets[s:e, None], go[:, None])
-                g = g.to(ctx.dtype)
-                if need_h:
-                    grad_h[s:e] = g @ w
-                if need_w:
-                    grad_w.add_((g.T @ h[s:e]).to(ctx.acc))
-        grad_h = grad_h.to(hidden.dtype) if need_h else None
-        grad_w = grad_w.to(weight.dtype) if need_w else None
-        return grad_h, grad_w, None, None
+@_chunked_token_logps.register_fake
+def _(hidden, weight, targets, chunk_size):
+    return hidden.new_empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
+
+
+@torch.library.custom_op("minialign::chunked_token_logps_backward", mutates_args=())
+def _chunked_token_logps_backward(grad_out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
+                                  targets: torch.Tensor, chunk_size: int, need_hidden: bool,
+                                  need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. ``hidden`` and ``weight`` (an empty tensor for one that is not needed)."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    grad_h = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else weight.new_empty(0)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for s in range(0, hidden.shape[0], chunk_size):
+            e = s + chunk_size
+            g = torch.softmax((hidden[s:e] @ weight.T).to(acc), dim=-1)
+            go = grad_out[s:e].to(acc)
+            g.mul_(-go[:, None])
+            g.scatter_add_(1, targets[s:e, None], go[:, None])
+            g = g.to(hidden.dtype)
+            if need_hidden:
+                grad_h[s:e] = g @ weight
+            if need_weight:
+                grad_w.add_((g.T @ hidden[s:e]).to(acc))
+    return grad_h, grad_w.to(weight.dtype)
+
+
+@_chunked_token_logps_backward.register_fake
+def _(grad_out, hidden, weight, targets, chunk_size, need_hidden, need_weight):
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else weight.new_empty(0))
+
+
+def _save_inputs(ctx, inputs, output):
+    hidden, weight, targets, chunk_size = inputs
+    ctx.save_for_backward(hidden, weight, targets)
+    ctx.chunk_size = chunk_size
+
+
+def _token_logps_grad(ctx, grad_out):
+    hidden, weight, targets = ctx.saved_tensors
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_h, grad_w = _chunked_token_logps_backward(grad_out, hidden, weight, targets, ctx.chunk_size, need_h, need_w)
+    return (grad_h if need_h else None), (grad_w if need_w else None), None, None
+
+
+_chunked_token_logps.register_autograd(_token_logps_grad, setup_context=_save_inputs)
 
 
 def token_logps(
@@ -86,7 +112,8 @@ def token_logps(
         ``[N]`` float32 log-probabilities (float64 for float64 inputs). Differentiable w.r.t. ``hidden`` and ``weight``.
     """
     chunk_size = chunk_size or default_chunk_size(weight.shape[0])
-    return _ChunkedTokenLogps.apply(hidden, weight, targets, chunk_size)
+    dtype = _compute_dtype(hidden)
+    return _chunked_token_logps(hidden.to(dtype), weight.to(dtype), targets, chunk_size)
 
 
 def token_logps_reference(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -223,3 +223,66 @@ def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mode
             f"Tokenizer '{tokenizer_name}' has {len(tokenizer)} tokens but model '{model_name}' embeds only {n_embed}. "
             "Use the tokenizer that belongs to the model."
         )
+
+
+# ----------------------------------------------------------------------------- FlexAttention for packed rows
+
+# A model switched to this attention implementation runs SDPA exactly as before for every mask transformers builds
+# or is given as a tensor, and FlexAttention when it is given a ``BlockMask`` (packed rows: see
+# ``tasks.document_block_mask``). One model thus serves packed training batches and unpacked eval batches.
+FLEX_DOCUMENTS = "sdpa+flex_documents"
+_compiled_flex = None
+
+
+def _flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask, scale):
+    """FlexAttention [B, H, L, D] -> [B, H, L, D]: compiled (fused, block-sparse) on CUDA unless already inside a
+    compiled region; eager elsewhere (an unfused math path that materialises the scores: for CPU checks only)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = flex_attention
+    if query.device.type == "cuda" and not torch.compiler.is_compiling():
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention)
+        fn = _compiled_flex
+    return fn(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+
+
+def _sdpa_or_flex(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    from torch.nn.attention.flex_attention import BlockMask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if not isinstance(attention_mask, BlockMask):
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
+                                               dropout=dropout, **kwargs)
+    if dropout > 0:
+        raise UserError("FlexAttention (packed rows) has no attention dropout; set the model's attention dropout to 0 "
+                        "or train without --packing.")
+    out = _flex_attention(query, key, value, attention_mask, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def enable_flex_documents(model: PreTrainedModel) -> bool:
+    """Let ``model`` take a FlexAttention ``BlockMask`` as its ``attention_mask``; True if it now can.
+
+    Only models running SDPA are switched (every built-in and hub model here is, by default); anything else,
+    e.g. a model that was asked for eager attention, is left alone and keeps the dense mask. The switch is not
+    saved with the model (transformers does not serialise ``_attn_implementation``).
+    """
+    try:  # older torch / transformers: no FlexAttention or no mask interface to register with
+        from torch.nn.attention import flex_attention  # noqa: F401
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError:
+        return False
+
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current == FLEX_DOCUMENTS:
+        return True
+    if current != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return False
+    AttentionInterface.register(FLEX_DOCUMENTS, _sdpa_or_flex)
+    AttentionMaskInterface.register(FLEX_DOCUMENTS, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # same masks as SDPA
+    model.set_attn_implementation(FLEX_DOCUMENTS)
+    return model.config._attn_implementation == FLEX_DOCUMENTS

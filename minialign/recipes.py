@@ -144,9 +144,19 @@ def wrap_policy(model, cfg: TrainConfig, device: torch.device) -> torch.nn.Modul
     model.to(device)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = TokenLogps(model, cfg.loss_chunk_size or None, attention=cfg.attention)
     if cfg.compile:
-        model.base_model.compile(mode=cfg.compile_mode)  # in place: parameter names (and checkpoints) stay as they are
-    return dist.wrap(TokenLogps(model), cfg.dist, device)
+        compile_policy(policy, cfg)
+    return dist.wrap(policy, cfg.dist, device)
+
+
+def compile_policy(policy: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Compile the whole forward, log-probs included, in place (parameter names, and checkpoints, stay).
+
+    Padding-free rows change length every batch and FlexAttention does not compile for symbolic lengths (torch
+    2.11), so they compile one graph per distinct shape: round lengths coarsely (--pad-to-multiple-of 256 or more).
+    """
+    policy.compile(mode=cfg.compile_mode, **({"dynamic": False} if cfg.padding_free else {}))
 
 
 def save_final(model, run_dir: Path, cfg: TrainConfig, tokenizer) -> None:
@@ -209,6 +219,8 @@ def _prologue(cfg: TrainConfig, kind: str, tokenize, *, resume: bool, overwrite:
     cfg.validate()
     dist.check_same_config(dataclasses.asdict(cfg))
     device = resolve_device(cfg.device)
+    if cfg.attention == "flex" and device.type != "cuda":
+        raise UserError("--attention flex needs a CUDA device (FlexAttention has no backward on a CPU); use auto or sdpa.")
     tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer(cfg.model))
     train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
     tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
@@ -234,7 +246,8 @@ def sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
         collate = lambda idx: collate_packed(examples, [rows[i] for i in idx], row_length=cfg.max_length, pad_id=pad)
         n_items, lengths = len(rows), None
     else:
-        collate = lambda idx: collate_sft([examples[i] for i in idx], pad_id=pad, pad_to_multiple_of=cfg.pad_to_multiple_of or None)
+        collate = lambda idx: collate_sft([examples[i] for i in idx], pad_id=pad, pad_to_multiple_of=cfg.pad_to_multiple_of or None,
+                                          flat=cfg.padding_free)
         n_items, lengths = len(examples), None
     eval_batches = [collate_sft(held_out[i : i + cfg.batch_size], pad_id=pad) for i in range(0, len(held_out), cfg.batch_size)]
     train(policy, SFTTask(), range(n_items), collate, cfg, run_dir, eval_batches=eval_batches, lengths=lengths,
@@ -273,10 +286,14 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     pad = tokenizer.pad_token_id
     # Training pairs, then held-out pairs: one index space, so a precomputed reference table covers both.
     both = [*pairs, *held_out]
-    collate = lambda idx: collate_pairs([both[i] for i in idx], pad_id=pad, index=idx, pad_to_multiple_of=cfg.pad_to_multiple_of or None)
+    collate = lambda idx: collate_pairs([both[i] for i in idx], pad_id=pad, index=idx, pad_to_multiple_of=cfg.pad_to_multiple_of or None,
+                                        flat=cfg.padding_free)
     task = DPOTask(None, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma)
     if cfg.full:
-        reference = frozen_reference(TokenLogps(frozen_copy(model, device)), task.normalise)
+        ref_policy = TokenLogps(frozen_copy(model, device), cfg.loss_chunk_size or None, attention=cfg.attention)
+        if cfg.compile:
+            compile_policy(ref_policy, cfg)
+        reference = frozen_reference(ref_policy, task.normalise)
     else:
         attach_lora(model, cfg, device)
         reference = None

@@ -16,8 +16,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from minialign import losses, lora
+from minialign import losses, lora, models
 from minialign.data.batching import block_causal_mask
+from minialign.errors import UserError
+
+ATTENTION = ("auto", "sdpa", "flex")  # how packed rows mask attention: see TokenLogps
 
 
 class TokenLogps(nn.Module):
@@ -26,43 +29,102 @@ class TokenLogps(nn.Module):
     Only positions that have a target reach the output head, and through ``losses.token_logps`` in chunks,
     so the [tokens x vocab] float32 logits of a batch never exist. Wrapping (rather than calling
     sub-modules from outside) keeps DDP, FSDP and ``torch.compile`` working on one module.
+
+    Packed rows (``doc_ids`` given) attend within each document only. ``attention`` says how: ``auto`` uses a
+    FlexAttention ``BlockMask`` on CUDA (block-sparse, no [L, L] mask) and the dense ``block_causal_mask`` through
+    SDPA elsewhere; ``sdpa`` always the dense mask; ``flex`` always the BlockMask (on a CPU: forward only, slow).
+    Unpacked batches run SDPA with the padding mask, as they always did, whatever ``attention`` says.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int | None = None):
+    def __init__(self, model: nn.Module, chunk_size: int | None = None, *, attention: str = "auto"):
         super().__init__()
+        if attention not in ATTENTION:
+            raise UserError(f"attention must be one of {', '.join(ATTENTION)} (got '{attention}').")
         self.model = model
         self.chunk_size = chunk_size
+        self.attention = attention
+        self.flex = attention != "sdpa" and models.enable_flex_documents(model)
+        if attention == "flex" and not self.flex:
+            raise UserError("attention 'flex' needs a model running SDPA attention and a torch with FlexAttention "
+                            "(>= 2.5); use --attention auto or sdpa.")
 
-    def forward(self, input_ids, attention_mask, position_ids, tgt_index, tgt_ids, attn_bias=None):
-        mask = attention_mask if attn_bias is None else attn_bias
+    def forward(self, input_ids, attention_mask, position_ids, tgt_index, tgt_ids, doc_ids=None):
+        mask = attention_mask if doc_ids is None else self.document_mask(doc_ids)
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
         hidden = hidden.flatten(0, 1).index_select(0, tgt_index)
         head = self.model.get_output_embeddings()
-        return _token_logps(hidden, head.weight, tgt_ids, self.chunk_size)
+        logps = losses.token_logps(hidden, head.weight, tgt_ids.clamp(min=0), self.chunk_size)
+        return logps.masked_fill(tgt_ids < 0, 0.0)  # slots that only round the count up (see add_target_index)
+
+    def document_mask(self, doc_ids: torch.Tensor):
+        """The attention mask of packed rows ``doc_ids`` [R, L], built on their device (see ``attention``)."""
+        if self.flex and (self.attention == "flex" or doc_ids.device.type == "cuda"):
+            return document_block_mask(doc_ids)
+        return block_causal_mask(doc_ids)
 
 
-# The chunked loss has its own backward and a Python loop over chunks: torch.compile leaves it to eager
-# (a graph break) and compiles the transformer around it.
-_token_logps = torch.compiler.disable(losses.token_logps)
+def document_block_mask(doc_ids: torch.Tensor, block_size: int = 128):
+    """FlexAttention ``BlockMask`` of packed rows: query i sees key j iff j <= i and doc_ids agree in the row.
+
+    The same mask as ``block_causal_mask`` (padding, doc -1, is a document of its own, so no row is empty), kept
+    as [R, 1, L/block, L/block] block indices: blocks outside every document are skipped, blocks inside one
+    document skip the mask function. On CUDA a compiled kernel builds it from ``doc_ids`` without ever holding an
+    [R, L, L] tensor (eager ``create_block_mask`` would, for a moment). No host sync and shapes fixed by [R, L],
+    so the step around it can be compiled or CUDA-graphed.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_document_causal(b, h, q, kv):
+        return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
+
+    rows, length = doc_ids.shape
+    build = create_block_mask
+    if doc_ids.device.type == "cuda" and not torch.compiler.is_compiling():
+        build = _compiled_create_block_mask()
+    return build(same_document_causal, rows, None, length, length, device=doc_ids.device, BLOCK_SIZE=block_size)
 
 
-def add_target_index(batch: dict) -> dict:
-    """Host-side: flat positions, ids and rows of every target, so the device never has to search for them."""
+_create_block_mask = None
+
+
+def _compiled_create_block_mask():
+    """One compiled ``create_block_mask`` per process: a new mask function (closure) per batch does not recompile."""
+    global _create_block_mask
+    if _create_block_mask is None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        _create_block_mask = torch.compile(create_block_mask)
+    return _create_block_mask
+
+
+def add_target_index(batch: dict, multiple: int = 0) -> dict:
+    """Host-side: flat positions, ids and rows of every target, so the device never has to search for them.
+
+    ``multiple`` > 0 rounds the number of target slots up to a multiple of it: the extra slots point at
+    position 0 with id -100 and give log-prob 0 (no loss, no gradient). The output-projection matmuls then
+    see a few distinct shapes instead of one per batch, which is what lets cuBLAS, the caching allocator and
+    compiled / CUDA-graphed steps reuse their work.
+    """
     targets = batch["targets"]
     flat = targets.flatten()
     index = torch.nonzero(flat != -100).squeeze(1)
-    batch["tgt_index"] = index
-    batch["tgt_ids"] = flat[index]
-    batch["tgt_rows"] = torch.div(index, targets.shape[1], rounding_mode="floor")
-    if "doc_ids" in batch:
-        batch["attn_bias"] = block_causal_mask(batch["doc_ids"])
-    return batch
+    if "n_sequences" in batch:  # padding-free: one row of back-to-back sequences, numbered by doc_ids
+        rows = batch["doc_ids"].flatten()[index]
+    else:
+        rows = torch.div(index, targets.shape[1], rounding_mode="floor")
+    ids = flat[index]
+    extra = -len(index) % multiple if multiple > 0 else 0
+    if extra:
+        zeros = torch.zeros(extra, dtype=torch.long)
+        index, rows, ids = torch.cat([index, zeros]), torch.cat([rows, zeros]), torch.cat([ids, zeros - 100])
+    batch["tgt_index"], batch["tgt_ids"], batch["tgt_rows"] = index, ids, rows
+    return batch  # packed rows keep only doc_ids: TokenLogps builds their attention mask on the device
 
 
 def run_logps(policy: nn.Module, batch: dict) -> torch.Tensor:
     return policy(
         batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["tgt_index"], batch["tgt_ids"],
-        batch.get("attn_bias"),
+        batch.get("doc_ids"),
     )
 
 
@@ -81,10 +143,10 @@ class SFTTask:
 
 def sequence_sums(policy: nn.Module, batch: dict, normalise: bool) -> torch.Tensor:
     """``[2B]`` summed (or, for length-normalised losses, averaged) response log-probs of each row."""
-    n_rows = batch["input_ids"].shape[0]
+    n_rows = batch.get("n_sequences", batch["input_ids"].shape[0])
     sums = losses.sum_by_row(run_logps(policy, batch), batch["tgt_rows"], n_rows)
     if normalise:
-        counts = losses.sum_by_row(torch.ones_like(sums[batch["tgt_rows"]]), batch["tgt_rows"], n_rows)
+        counts = losses.sum_by_row((batch["tgt_ids"] >= 0).to(sums.dtype), batch["tgt_rows"], n_rows)
         sums = sums / counts.clamp(min=1)
     return sums
 

@@ -114,7 +114,7 @@ def test_bench_gpu_small_writes_the_documented_json(tmp_path):
     pytest.importorskip("trl")
     out = tmp_path / "small.json"
     cmd = [sys.executable, str(BENCH / "bench_gpu.py"), "--small", "--device", "cpu", "--out", str(out),
-           "--configs", "sft-full", "--batch-sizes", "2", "--trl-batch-sizes", "2", "--steps", "1", "--variants", "eager"]
+           "--configs", "sft-full", "--batch-sizes", "2", "--trl-batch-sizes", "2", "--steps", "1", "--variants", "eager,flat"]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
@@ -124,8 +124,10 @@ def test_bench_gpu_small_writes_the_documented_json(tmp_path):
         assert ROW_KEYS | {"mfu", "mfu_6n"} <= set(r), r
         assert not r.get("error"), r
         assert r["tokens_per_s"] > 0 and r["mfu"] > 0
-    trl_row, ours = doc["results"]
-    assert trl_row["tokens"] == ours["tokens"]  # the same batches in the same order
+    trl_row, ours, flat = doc["results"]
+    assert trl_row["tokens"] == ours["tokens"] == flat["tokens"]  # the same batches in the same order
+    assert flat["padding_free"] and not ours["padding_free"]
+    assert flat["final_loss"] == pytest.approx(ours["final_loss"], rel=1e-4)  # padding-free: the same numbers
     assert "| sft full | 2 |" in out.with_suffix(".md").read_text()
     assert "no CUDA GPU" in proc.stdout or torch.cuda.is_available()
 
@@ -146,7 +148,7 @@ def test_the_batch_ladder_stops_at_the_first_oom(bench_gpu, tmp_path, monkeypatc
     monkeypatch.setattr(bench_gpu, "run_minialign", fake_run)
     out = tmp_path / "ladder.json"
     assert bench_gpu.main(["--small", "--device", "cpu", "--no-trl", "--configs", "sft-full,dpo-lora",
-                           "--batch-sizes", "2,4,8", "--variants", "eager", "--out", str(out)]) == 0
+                           "--batch-sizes", "2,4,8", "--variants", "eager", "--ladder-variants", "eager", "--out", str(out)]) == 0
     assert tried == [2, 2, 4, 4]  # equal-batch runs first, then each ladder up to its OOM
     rows = json.loads(out.read_text())["results"]
     assert [(r["task"], r["batch_size"], r.get("error")) for r in rows] == [

@@ -65,22 +65,46 @@ def _padded_length(longest: int, pad_to_multiple_of: int | None) -> int:
     return longest
 
 
-def _collate(rows: list[tuple[list[int], int]], pad_id: int, pad_to_multiple_of: int | None) -> dict:
-    """Right-pad (sequence, prompt length) rows to one length and fill every key."""
+def _collate(rows: list[tuple[list[int], int]], pad_id: int, pad_to_multiple_of: int | None, flat: bool = False) -> dict:
+    """Right-pad (sequence, prompt length) rows to one length and fill every key (``flat``: see ``_collate_flat``)."""
     if not rows:
         raise ValueError("cannot collate an empty batch")
+    if flat:
+        return _collate_flat(rows, pad_id, pad_to_multiple_of)
     length = _padded_length(max(len(seq) for seq, _ in rows), pad_to_multiple_of)
     batch: dict = _empty_batch(len(rows), length, pad_id)
     batch["n_targets"] = sum(_place(batch, b, 0, seq, p) for b, (seq, p) in enumerate(rows))
     return batch
 
 
+def _collate_flat(rows: list[tuple[list[int], int]], pad_id: int, pad_to_multiple_of: int | None) -> dict:
+    """Padding-free: every sequence back to back in one row [1, T], T = their total (rounded up).
+
+    ``doc_ids`` number the sequences 0..n-1 (-1 on the rounding padding) and ``position_ids`` restart
+    for each, so with a document mask each sequence sees only itself: the same numbers as the padded
+    batch, without computing a padded position. ``n_sequences`` tells a per-sequence sum how many there are.
+    Rounding T to a multiple (``pad_to_multiple_of``) keeps the number of distinct shapes small for
+    compiled / CUDA-graphed steps.
+    """
+    length = _padded_length(sum(len(seq) for seq, _ in rows), pad_to_multiple_of)
+    batch: dict = _empty_batch(1, length, pad_id)
+    batch["doc_ids"] = torch.full((1, length), -1, dtype=torch.long)
+    offset = n_targets = 0
+    for i, (seq, prompt_len) in enumerate(rows):
+        n_targets += _place(batch, 0, offset, seq, prompt_len)
+        batch["doc_ids"][0, offset : offset + len(seq)] = i
+        offset += len(seq)
+    batch["n_targets"] = n_targets
+    batch["n_sequences"] = len(rows)
+    return batch
+
+
 def collate_sft(
-    examples: Sequence[TokenizedExample], *, pad_id: int, pad_to_multiple_of: int | None = None
+    examples: Sequence[TokenizedExample], *, pad_id: int, pad_to_multiple_of: int | None = None, flat: bool = False
 ) -> dict:
-    """An SFT batch [B, T]: targets cover the response tokens (EOS included) only."""
+    """An SFT batch [B, T] (``flat``: [1, total] without padding): targets cover the response tokens (EOS included) only."""
     rows = [(ex.prompt_ids + ex.response_ids, len(ex.prompt_ids)) for ex in examples]
-    return _collate(rows, pad_id, pad_to_multiple_of)
+    return _collate(rows, pad_id, pad_to_multiple_of, flat)
 
 
 def collate_pairs(
@@ -89,18 +113,20 @@ def collate_pairs(
     pad_id: int,
     pad_to_multiple_of: int | None = None,
     index: Sequence[int] | None = None,
+    flat: bool = False,
 ) -> dict:
     """A DPO batch [2B, T]: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected, same order.
 
     One common T for both halves lets a single forward pass score them, and ``index`` (each
     pair's position in its dataset) lets cached reference log-probs be looked up per pair.
+    ``flat``: the 2B sequences back to back in one row, in the same order, without padding.
     """
     index = list(range(len(pairs))) if index is None else list(index)
     if len(index) != len(pairs):
         raise ValueError(f"index has {len(index)} entries for {len(pairs)} pairs")
     rows = [(p.prompt_ids + p.chosen_ids, len(p.prompt_ids)) for p in pairs]
     rows += [(p.prompt_ids + p.rejected_ids, len(p.prompt_ids)) for p in pairs]
-    batch = _collate(rows, pad_id, pad_to_multiple_of)
+    batch = _collate(rows, pad_id, pad_to_multiple_of, flat)
     batch["n_pairs"] = len(pairs)
     batch["index"] = torch.tensor(index, dtype=torch.long)
     return batch

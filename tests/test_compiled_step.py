@@ -1,0 +1,122 @@
+"""The fast paths give the plain eager numbers: target counts rounded up, and the whole forward compiled.
+
+Rounded target counts (``add_target_index(multiple=...)``) add slots that must carry no loss and no gradient;
+``--compile`` compiles ``TokenLogps`` as a whole (transformer, target gather and the chunked log-prob with its
+own backward). Both are compared with the eager, unrounded batch: loss, per-sequence sums and every gradient.
+Compilation here uses the ``aot_eager`` backend, which traces exactly what Inductor would compile (the graph,
+autograd of the custom function included) without generating C++, so it fits the CPU suite's time.
+"""
+
+import random
+
+import pytest
+import torch
+
+from minialign import lora
+from minialign.data import TokenizedExample, TokenizedPair, collate_pairs, collate_sft
+from minialign.models import load_model
+from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, add_target_index, sequence_sums
+
+
+def _ids(rng, n):
+    return [rng.randint(1, 999) for _ in range(n)]
+
+
+def sft_examples() -> list[TokenizedExample]:
+    rng = random.Random(0)
+    return [TokenizedExample(_ids(rng, p), _ids(rng, r - 1) + [0]) for p, r in [(5, 9), (3, 14), (7, 6), (1, 11)]]
+
+
+def pairs() -> list[TokenizedPair]:
+    rng = random.Random(1)
+    return [TokenizedPair(_ids(rng, p), _ids(rng, c), _ids(rng, r)) for p, c, r in [(5, 9, 4), (3, 2, 12), (8, 6, 6)]]
+
+
+def make_policy(chunk_size=None) -> TokenLogps:
+    torch.manual_seed(0)
+    model = load_model("tiny", seed=0)
+    lora.apply_lora(model, lora.LoRAConfig(r=4, alpha=8))
+    for name, p in model.named_parameters():  # non-zero B so adapters matter in the gradients
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return TokenLogps(model, chunk_size, attention="sdpa")
+
+
+def loss_and_grads(policy, task, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    loss, _ = task.loss(policy, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    policy.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def assert_same(a, b):
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_rounded_target_slots_are_inert():
+    batch = collate_sft(sft_examples(), pad_id=0)
+    plain = add_target_index(dict(batch))
+    rounded = add_target_index(dict(batch), multiple=16)
+    n = len(plain["tgt_index"])
+    assert n == batch["n_targets"] == 40 and len(rounded["tgt_index"]) == 48
+    for key in ("tgt_index", "tgt_ids", "tgt_rows"):
+        assert torch.equal(rounded[key][:n], plain[key])
+    assert (rounded["tgt_ids"][n:] == -100).all() and (rounded["tgt_index"][n:] == 0).all()
+    assert len(add_target_index(dict(batch), multiple=10)["tgt_index"]) == 40  # already a multiple: nothing added
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_rounded_targets_give_the_same_sft_loss_and_grads(chunk_size):
+    policy = make_policy(chunk_size)
+    batch = collate_sft(sft_examples(), pad_id=0)
+    plain = loss_and_grads(policy, SFTTask(), add_target_index(dict(batch)))
+    rounded = loss_and_grads(policy, SFTTask(), add_target_index(dict(batch), multiple=32))
+    assert_same(rounded, plain)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_rounded_targets_keep_length_normalised_sums(flat):
+    policy = make_policy()
+    batch = collate_pairs(pairs(), pad_id=0, flat=flat)
+    with torch.no_grad():
+        for normalise in (False, True):
+            plain = sequence_sums(policy, add_target_index(dict(batch)), normalise)
+            rounded = sequence_sums(policy, add_target_index(dict(batch), multiple=64), normalise)
+            torch.testing.assert_close(rounded, plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["padded", "flat"])
+def test_compiled_forward_equals_eager_sft(flat):
+    batch = collate_sft(sft_examples(), pad_id=0, flat=flat, pad_to_multiple_of=8)
+    eager = loss_and_grads(make_policy(5), SFTTask(), add_target_index(dict(batch)))
+    compiled_policy = make_policy(5)
+    compiled_policy.compile(backend="aot_eager", dynamic=True)
+    torch._dynamo.reset()
+    compiled = loss_and_grads(compiled_policy, SFTTask(), add_target_index(dict(batch), multiple=16))
+    assert_same(compiled, eager)
+
+
+def test_compiled_forward_equals_eager_dpo_with_adapter_reference():
+    """The reference is the same compiled module with adapters off: a second graph, no stale adapter state."""
+    batch = collate_pairs(pairs(), pad_id=0, pad_to_multiple_of=8)
+    results = []
+    for compiled in (False, True):
+        policy = make_policy()
+        if compiled:
+            torch._dynamo.reset()
+            policy.compile(backend="aot_eager", dynamic=True)
+        task = DPOTask(adapter_reference(policy, False), beta=0.1)
+        b = add_target_index(dict(batch), multiple=16 if compiled else 0)
+        with torch.no_grad():
+            ref = task.reference(b)
+        results.append((ref, loss_and_grads(policy, task, b)))
+    (ref_e, eager), (ref_c, compiled) = results
+    torch.testing.assert_close(ref_c, ref_e, rtol=1e-5, atol=1e-5)
+    assert_same(compiled, eager)
+    with torch.no_grad():  # and adapters off really differs from on: the reference is not the policy
+        assert not torch.allclose(ref_e, sequence_sums(make_policy(), add_target_index(dict(batch)), False))

@@ -1,0 +1,237 @@
+"""--optim-in-backward (AdamW stepped by per-parameter hooks inside backward) and --loss-chunk-size.
+
+The reference for optim-in-backward is plain AdamW through the same loop with clipping off: the same
+parameters after every step, checkpoints interchangeable with it, resume equal to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from minialign import cli, losses, train as train_module
+from minialign.bench import measure
+from minialign.config import SFTConfig, TrainConfig, build, load_yaml, preset
+from minialign.data import collate_sft, load_preference_pairs, tokenize_sft
+from minialign.errors import UserError
+from minialign.models import load_model, load_tokenizer
+from minialign.tasks import SFTTask, TokenLogps, add_target_index
+from minialign.train import InBackwardAdamW, TrainingDiverged, make_optimizer, train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # as tests/test_train.py: the tiny model is as fast on one thread, and never stalls
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def config(**overrides) -> SFTConfig:
+    base = dict(limit=16, batch_size=4, max_steps=4, lr=1e-3, weight_decay=0.01, max_grad_norm=0.0)
+    return build(SFTConfig, load_yaml(preset("sft-demo"), SFTConfig), {**base, **overrides})
+
+
+def sft_pieces(cfg: SFTConfig):
+    """The tiny model (full fine-tuning), the first ``cfg.limit`` demo examples and their collate."""
+    tokenizer = load_tokenizer("demo")
+    raw = load_preference_pairs("demo", split="train", limit=cfg.limit)
+    examples = tokenize_sft(raw, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    collate = lambda idx: collate_sft([examples[i] for i in idx], pad_id=tokenizer.pad_token_id)
+    return load_model("tiny", seed=cfg.seed), examples, collate
+
+
+def run(cfg: SFTConfig, run_dir: Path | None = None, resume_from: Path | None = None):
+    model, examples, collate = sft_pieces(cfg)
+    last = train(TokenLogps(model), SFTTask(), range(len(examples)), collate, cfg, run_dir, resume_from=resume_from)
+    return last, {n: p.detach().clone() for n, p in model.named_parameters()}, model
+
+
+def assert_same_params(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+# ----------------------------------------------------------------------------- same numbers as plain AdamW
+
+
+def test_same_parameters_as_plain_adamw_and_no_gradient_is_kept(monkeypatch):
+    plain_last, plain, _ = run(config())
+
+    after_backward = []  # for every step: the parameters that still held a gradient when the loop got control back
+    real = train_module.grad_norm_step
+
+    def spy(optimizer, params, max_norm):
+        assert isinstance(optimizer, InBackwardAdamW)
+        after_backward.append([p for p in params if p.grad is not None])
+        return real(optimizer, params, max_norm)
+
+    monkeypatch.setattr(train_module, "grad_norm_step", spy)
+    fused_last, fused, model = run(config(optim_in_backward=True))
+
+    assert after_backward == [[]] * 4  # every gradient was freed inside backward, at every step
+    assert_same_params(fused, plain)
+    assert fused_last["loss"] == pytest.approx(plain_last["loss"], abs=1e-6)
+    # the norm is summed on the device from each hook's per-parameter norm: the norm of the whole gradient
+    assert fused_last["grad_norm"] == pytest.approx(plain_last["grad_norm"], rel=1e-5)
+    assert fused_last["grad_norm"] > 0
+    # the hooks are gone once training is over: a later backward leaves ordinary gradients and the weights alone
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _, examples, collate = sft_pieces(config())
+    loss, _ = SFTTask().loss(TokenLogps(model), add_target_index(collate([0, 1])))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert_same_params({n: p.detach() for n, p in model.named_parameters()}, before, atol=0)
+
+
+def test_one_gradient_at_a_time_and_state_dict_is_adamw():
+    """A hook registered before the optimizer's sees how many gradients are alive when each one is complete."""
+    model, examples, collate = sft_pieces(config())
+    params = list(model.parameters())
+    alive = []
+    for p in params:
+        p.register_post_accumulate_grad_hook(lambda _: alive.append(sum(q.grad is not None for q in params)))
+    optimizer = make_optimizer(params, config(optim_in_backward=True), torch.device("cpu"))
+    loss, _ = SFTTask().loss(TokenLogps(model), add_target_index(collate([0, 1, 2])))
+    loss.backward()
+    assert len(alive) == len(params) and max(alive) == 1
+    assert all(p.grad is None for p in params)
+    state = optimizer.state_dict()  # AdamW's own format: one entry per parameter, the usual keys
+    assert len(state["state"]) == len(params) and set(state["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert float(state["state"][0]["step"]) == 1
+    plain = torch.optim.AdamW(params, lr=1e-3)
+    plain.load_state_dict(state)  # and back: interchangeable with the plain optimizer
+    optimizer.remove_hooks()
+
+
+# ----------------------------------------------------------------------------- checkpoints and resume
+
+
+@pytest.mark.parametrize("first", ["optim_in_backward", "plain"])
+def test_resume_matches_an_uninterrupted_run(tmp_path, first):
+    """6 steps straight vs resumed from the step-3 checkpoint (written by either optimizer: one format)."""
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    straight_dir.mkdir()
+    resumed_dir.mkdir()
+    cfg = dict(max_steps=6, save_every=3, keep_last=2, warmup_ratio=0.3)  # the LR changes every step
+    _, straight, _ = run(config(optim_in_backward=first == "optim_in_backward", **cfg), straight_dir)
+    point = straight_dir / "checkpoints" / "step-000003"
+    assert point.is_dir()
+    _, resumed, _ = run(config(optim_in_backward=True, **cfg), resumed_dir, resume_from=point)
+    assert_same_params(resumed, straight)
+    a, b = metrics(straight_dir), metrics(resumed_dir)
+    assert sorted(b) == [4, 5, 6]
+    for step in b:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-6), step
+        assert b[step]["lr"] == pytest.approx(a[step]["lr"], rel=1e-12), step
+
+
+# ----------------------------------------------------------------------------- divergence is still caught
+
+
+@pytest.mark.parametrize("what,make_bad", [
+    ("loss", lambda loss: loss * float("nan")),
+    ("gradient norm", lambda loss: loss + torch.sqrt(loss * 0)),  # finite loss, NaN gradient
+])
+def test_nan_stops_the_run(monkeypatch, what, make_bad):
+    good, calls = losses.sft_loss, {"n": 0}
+
+    def sft_loss(logps):
+        calls["n"] += 1
+        return make_bad(good(logps)) if calls["n"] >= 2 else good(logps)
+
+    monkeypatch.setattr(losses, "sft_loss", sft_loss)
+    with pytest.raises(TrainingDiverged, match=f"The {what} became nan at step 2"):
+        run(config(optim_in_backward=True, max_steps=4))
+
+
+# ----------------------------------------------------------------------------- the CLI and bad input
+
+
+def test_cli_run_with_optim_in_backward_and_a_loss_chunk_size(tmp_path, monkeypatch):
+    chunk_sizes = set()
+    real = losses.token_logps
+
+    def spy(hidden, weight, targets, chunk_size=None):
+        chunk_sizes.add(chunk_size)
+        return real(hidden, weight, targets, chunk_size)
+
+    monkeypatch.setattr(losses, "token_logps", spy)
+    out = tmp_path / "run"
+    assert cli.main(["sft", "--demo", "--batch-size", "4", "--limit", "16", "--eval-limit", "4", "--max-steps", "2",
+                     "--optim-in-backward", "--max-grad-norm", "0", "--loss-chunk-size", "16", "--out", str(out)]) == 0
+    assert chunk_sizes == {16}
+    rows = metrics(out)
+    assert sorted(rows) == [1, 2] and all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows.values())
+    assert (out / "final" / "model").is_dir()
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--optim-in-backward"], "optim_in_backward needs max_grad_norm 0 (got 1)"),
+    (["--optim-in-backward", "--max-grad-norm", "0", "--grad-accum", "2"], "optim_in_backward needs grad_accum 1"),
+    (["--max-grad-norm=-1"], "max_grad_norm must be >= 0"),
+    (["--loss-chunk-size=-1"], "loss_chunk_size must be >= 0"),
+])
+def test_bad_combinations_are_refused(tmp_path, capsys, flags, match):
+    out = tmp_path / "run"
+    status = cli.main(["sft", "--demo", *flags, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2 and match in err and "Traceback" not in err, err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_several_processes_are_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    with pytest.raises(UserError, match="optim_in_backward runs in one process only"):
+        config(optim_in_backward=True).validate()
+    monkeypatch.setattr(train_module.dist, "world_size", lambda: 2)  # a process group already joined
+    with pytest.raises(UserError, match="optim_in_backward runs in one process only"):
+        make_optimizer([torch.nn.Parameter(torch.zeros(2))], config(optim_in_backward=True), torch.device("cpu"))
+
+
+def test_the_loop_refuses_clipping_or_accumulation_too():
+    with pytest.raises(UserError, match="max_grad_norm 0"):
+        run(config(optim_in_backward=True, max_grad_norm=1.0))
+    with pytest.raises(UserError, match="grad_accum 1"):
+        run(config(optim_in_backward=True, grad_accum=2))
+
+
+# ----------------------------------------------------------------------------- the benchmark's own loop
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+def test_bench_measure_with_optim_in_backward(task, monkeypatch):
+    from minialign.data import collate_pairs, tokenize_pairs
+
+    chunk_sizes = set()
+    real = losses.token_logps
+    monkeypatch.setattr(losses, "token_logps", lambda h, w, t, c=None: chunk_sizes.add(c) or real(h, w, t, c))
+    tokenizer = load_tokenizer("demo")
+    raw = load_preference_pairs("demo", split="train", limit=6)
+    if task == "sft":
+        items = tokenize_sft(raw, tokenizer, max_length=128, max_prompt_length=64)
+        batches = [collate_sft(items[i : i + 2], pad_id=tokenizer.pad_token_id) for i in range(0, 6, 2)]
+    else:
+        items = tokenize_pairs(raw, tokenizer, max_length=128, max_prompt_length=64)
+        batches = [collate_pairs(items[i : i + 2], pad_id=tokenizer.pad_token_id, index=list(range(i, i + 2)))
+                   for i in range(0, 6, 2)]
+    model = load_model("tiny")
+    m = measure(model, batches, task=task, full=True, steps=2, warmup=1, optim_in_backward=True, chunk_size=8)
+    assert m.tokens_per_s > 0 and math.isfinite(m.final_loss)
+    assert chunk_sizes == {8}
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())  # hooks removed at the end
+
+
+def test_train_config_defaults_are_off():
+    cfg = TrainConfig()
+    assert cfg.optim_in_backward is False and cfg.loss_chunk_size == 0
