@@ -12,6 +12,8 @@ One entry point each, ``load_model`` and ``load_tokenizer``, accepting:
 
 from __future__ import annotations
 
+import functools
+
 import sys
 from pathlib import Path
 
@@ -231,20 +233,24 @@ def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mode
 # or is given as a tensor, and FlexAttention when it is given a ``BlockMask`` (packed rows: see
 # ``tasks.document_block_mask``). One model thus serves packed training batches and unpacked eval batches.
 FLEX_DOCUMENTS = "sdpa+flex_documents"
-_compiled_flex = None
+
+
+@functools.cache
+def _compiled_flex_attention():
+    """Compiled once per process: the fused, block-sparse kernel (eager FlexAttention is a reference path)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
 
 
 def _flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask, scale):
     """FlexAttention [B, H, L, D] -> [B, H, L, D]: compiled (fused, block-sparse) on CUDA unless already inside a
     compiled region; eager elsewhere (an unfused math path that materialises the scores: for CPU checks only)."""
-    global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
     fn = flex_attention
     if query.device.type == "cuda" and not torch.compiler.is_compiling():
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention)
-        fn = _compiled_flex
+        fn = _compiled_flex_attention()
     return fn(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
 
 

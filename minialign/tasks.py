@@ -11,6 +11,7 @@ so one loop serves every objective, with any gradient accumulation and any numbe
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 
 import torch
@@ -84,17 +85,12 @@ def document_block_mask(doc_ids: torch.Tensor, block_size: int = 128):
     return build(same_document_causal, rows, None, length, length, device=doc_ids.device, BLOCK_SIZE=block_size)
 
 
-_create_block_mask = None
-
-
+@functools.cache
 def _compiled_create_block_mask():
     """One compiled ``create_block_mask`` per process: a new mask function (closure) per batch does not recompile."""
-    global _create_block_mask
-    if _create_block_mask is None:
-        from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask
 
-        _create_block_mask = torch.compile(create_block_mask)
-    return _create_block_mask
+    return torch.compile(create_block_mask)
 
 
 def add_target_index(batch: dict, multiple: int = 0) -> dict:
