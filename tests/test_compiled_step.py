@@ -12,50 +12,15 @@ import random
 import pytest
 import torch
 
-from minialign import lora
-from minialign.data import TokenizedExample, TokenizedPair, collate_pairs, collate_sft
-from minialign.models import load_model
-from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, add_target_index, sequence_sums
-
-
-def _ids(rng, n):
-    return [rng.randint(1, 999) for _ in range(n)]
+from minialign.data import TokenizedExample, collate_pairs, collate_sft
+from minialign.tasks import DPOTask, SFTTask, adapter_reference, add_target_index, sequence_sums
+from test_flat_batches import _ids, assert_same, loss_and_grads, pairs
+from test_flat_batches import lora_policy as make_policy
 
 
 def sft_examples() -> list[TokenizedExample]:
     rng = random.Random(0)
     return [TokenizedExample(_ids(rng, p), _ids(rng, r - 1) + [0]) for p, r in [(5, 9), (3, 14), (7, 6), (1, 11)]]
-
-
-def pairs() -> list[TokenizedPair]:
-    rng = random.Random(1)
-    return [TokenizedPair(_ids(rng, p), _ids(rng, c), _ids(rng, r)) for p, c, r in [(5, 9, 4), (3, 2, 12), (8, 6, 6)]]
-
-
-def make_policy(chunk_size=None) -> TokenLogps:
-    torch.manual_seed(0)
-    model = load_model("tiny", seed=0)
-    lora.apply_lora(model, lora.LoRAConfig(r=4, alpha=8))
-    for name, p in model.named_parameters():  # non-zero B so adapters matter in the gradients
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    return TokenLogps(model, chunk_size, attention="sdpa")
-
-
-def loss_and_grads(policy, task, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    loss, _ = task.loss(policy, batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
-    policy.zero_grad(set_to_none=True)
-    return loss.detach(), grads
-
-
-def assert_same(a, b):
-    (loss_a, grads_a), (loss_b, grads_b) = a, b
-    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-5)
-    assert grads_a.keys() == grads_b.keys() and grads_a
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_rounded_target_slots_are_inert():

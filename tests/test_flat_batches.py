@@ -30,21 +30,37 @@ def pairs() -> list[TokenizedPair]:
     return [TokenizedPair(_ids(rng, p), _ids(rng, c), _ids(rng, r)) for p, c, r in [(5, 9, 4), (3, 2, 12), (8, 6, 6)]]
 
 
-@pytest.fixture
-def policy():
+def lora_policy(chunk_size=None) -> TokenLogps:
+    """The tiny model with LoRA, non-zero B so that adapters matter in the gradients; dense-mask attention."""
     torch.manual_seed(0)
     model = load_model("tiny", seed=0)
     lora.apply_lora(model, lora.LoRAConfig(r=4, alpha=8))
-    for name, p in model.named_parameters():  # non-zero B so adapters matter in the gradients
+    for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
-    return TokenLogps(model, attention="sdpa")
+    return TokenLogps(model, chunk_size, attention="sdpa")
 
 
-def _grads(policy) -> dict[str, torch.Tensor]:
+@pytest.fixture
+def policy():
+    return lora_policy()
+
+
+def loss_and_grads(policy, task, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+    """The task's loss on ``batch``, every parameter's gradient (then cleared) and the task's metrics."""
+    loss, metrics = task.loss(policy, batch)
+    loss.backward()
     grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
     policy.zero_grad(set_to_none=True)
-    return grads
+    return loss.detach(), grads, metrics
+
+
+def assert_same(a, b, loss_atol=1e-5):
+    (loss_a, grads_a, _), (loss_b, grads_b, _) = a, b
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=loss_atol)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_flat_sft_batch_layout():
@@ -64,16 +80,7 @@ def test_flat_sft_loss_and_grads_equal_padded(policy):
     task = SFTTask()
     padded = add_target_index(collate_sft(exs, pad_id=0))
     flat = add_target_index(collate_sft(exs, pad_id=0, flat=True, pad_to_multiple_of=8))
-    loss_p, _ = task.loss(policy, padded)
-    loss_p.backward()
-    grads_p = _grads(policy)
-    loss_f, _ = task.loss(policy, flat)
-    loss_f.backward()
-    grads_f = _grads(policy)
-    torch.testing.assert_close(loss_f, loss_p, rtol=1e-5, atol=1e-5)
-    assert grads_p.keys() == grads_f.keys() and grads_p
-    for name in grads_p:
-        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same(loss_and_grads(policy, task, flat), loss_and_grads(policy, task, padded))
 
 
 def test_flat_dpo_sequence_sums_and_loss_equal_padded(policy):
@@ -87,16 +94,9 @@ def test_flat_dpo_sequence_sums_and_loss_equal_padded(policy):
                                        rtol=1e-5, atol=1e-5)
     reference = lambda batch: torch.zeros(2 * batch["n_pairs"])  # noqa: E731
     task = DPOTask(reference, beta=0.1)
-    loss_p, metrics_p = task.loss(policy, padded)
-    loss_p.backward()
-    grads_p = _grads(policy)
-    loss_f, metrics_f = task.loss(policy, flat)
-    loss_f.backward()
-    grads_f = _grads(policy)
-    torch.testing.assert_close(loss_f, loss_p, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(metrics_f["rewards/margins"], metrics_p["rewards/margins"], rtol=1e-5, atol=1e-5)
-    for name in grads_p:
-        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-4, atol=1e-6, msg=name)
+    padded_run, flat_run = loss_and_grads(policy, task, padded), loss_and_grads(policy, task, flat)
+    assert_same(flat_run, padded_run, loss_atol=1e-6)
+    torch.testing.assert_close(flat_run[2]["rewards/margins"], padded_run[2]["rewards/margins"], rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- through the CLI
