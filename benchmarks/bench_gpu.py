@@ -35,7 +35,9 @@ for p in (str(ROOT), str(HERE)):  # minialign need not be installed; trl_peer li
 import torch
 import trl_peer
 from bench_table import _f, write_markdown
-from trl_peer import GPT_NEOX_LINEARS, LR, batch_stats, load_workload, reset_memory
+from mfu import add_mfu, matmul_peak, model_flops, model_shape  # noqa: F401 - model_flops: used by the tests
+from minialign_runs import BETA, LORA_R, VARIANTS, build_batches, run_minialign  # noqa: F401
+from trl_peer import LR, load_workload, reset_memory
 
 HH = "data/hh-rlhf/harmless-base/test.jsonl.gz"
 TOKENIZER = "tokenizers/gpt-neox-20b/tokenizer.json"
@@ -49,8 +51,6 @@ CONFIGS = {
     "dpo-full": ("dpo", "full", False),
     "sft-lora-packed": ("sft", "lora", True),
 }
-LORA_R = 8
-BETA = 0.1
 
 
 def log(msg: str) -> None:
@@ -75,172 +75,17 @@ def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-# ----------------------------------------------------------------------------- FLOPs and MFU
-
-
-def model_shape(model_name: str) -> dict:
-    """Matmul parameter counts of the model (every nn.Linear weight, the output head included) and LoRA's."""
-    from minialign.models import load_model
-
-    model = load_model(model_name)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    n_matmul = sum(m.weight.numel() for m in linears.values())
-    n_lora = sum(LORA_R * (m.in_features + m.out_features) for n, m in linears.items()
-                 if n.rsplit(".", 1)[-1] in GPT_NEOX_LINEARS)
-    cfg = model.config
-    out = {"model": model_name, "params": sum(p.numel() for p in model.parameters()), "matmul_params": n_matmul,
-           "lora_params": n_lora, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size}
-    del model
-    gc.collect()
-    return out
-
-
-def model_flops(task: str, mode: str, tokens: int, attn_sq: int, shape: dict) -> float:
-    """Model FLOPs of the timed steps (formula in README.md).
-
-    Linear layers: 6 N per token (forward 2N, input gradients 2N, weight gradients 2N); LoRA: frozen weights
-    need no weight gradients, so 4 N + 6 N_lora. Attention (QK^T and AV): forward 4 L d n per token of a
-    document of n tokens, i.e. 4 L d sum(n^2) over documents, times 3 with the backward. DPO adds the
-    reference model's forward: 2 N per token + 4 L d sum(n^2).
-    """
-    n, n_lora, ld = shape["matmul_params"], shape["lora_params"], shape["layers"] * shape["hidden"]
-    attn_fwd = 4.0 * ld * attn_sq
-    linear = 6.0 * n * tokens if mode == "full" else (4.0 * n + 6.0 * n_lora) * tokens
-    flops = linear + 3.0 * attn_fwd
-    if task == "dpo":
-        flops += 2.0 * n * tokens + attn_fwd
-    return flops
-
-
-def matmul_peak(device: torch.device) -> tuple[float, str]:
-    """Measured dense matmul rate in FLOP/s: bf16 8192^3 on a GPU (the MFU denominator), fp32 512^3 on a CPU."""
-    n, dtype, warm, iters = (8192, torch.bfloat16, 5, 20) if device.type == "cuda" else (512, torch.float32, 2, 5)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(warm):
-        a @ b
-    trl_peer._sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    trl_peer._sync(device)
-    dt = time.perf_counter() - t0
-    del a, b
-    return 2.0 * n**3 * iters / dt, f"{str(dtype).replace('torch.', '')} {n}x{n}x{n} matmul, mean of {iters}"
-
-
-def add_mfu(row: dict, shape: dict, peak: float) -> dict:
-    if row.get("tokens") and row.get("elapsed_s"):
-        flops = model_flops(row["task"], row["mode"], row["tokens"], row["attn_sq"], shape)
-        row["model_tflops_per_s"] = flops / row["elapsed_s"] / 1e12
-        row["mfu"] = flops / row["elapsed_s"] / peak
-        row["mfu_6n"] = 6.0 * shape["matmul_params"] * row["tokens"] / row["elapsed_s"] / peak
-    else:
-        row.setdefault("mfu", None)
-        row.setdefault("mfu_6n", None)
-    return row
-
-
-# ----------------------------------------------------------------------------- minialign runs
-
-
-# minialign variants. "compile": torch.compile of the whole forward (transformer and log-probs; dynamic shapes);
-# "cudagraphs": mode="reduce-overhead" (CUDA graphs) over batches padded to max_length, the target count padded to
-# the largest batch's, so every step has the same shapes (one graph); "gc": activation checkpointing; "flat":
-# padding-free batches (the batch's sequences back to back in one row, FlexAttention document mask), eager, the
-# row rounded up to FLAT_BUCKET tokens; "flat-static": compiled with CUDA graphs, every row rounded up to the
-# longest of the run (one shape, one graph: FlexAttention under dynamic shapes does not compile in torch 2.11,
-# see benchmarks/NOTES.md); "oib": AdamW stepped inside the backward (no gradient buffer; no clipping), eager so
-# that each gradient is freed as soon as it is complete. Packed SFT rows are already free of padding and of one
-# fixed shape, so "flat" changes nothing for them.
-VARIANTS = {
-    "eager": dict(compile=False),
-    "compile": dict(compile=True),
-    "cudagraphs": dict(compile="reduce-overhead", static=True),
-    "compile-gc": dict(compile=True, grad_checkpointing=True),
-    "flat": dict(compile=False, flat=True),
-    "flat-static": dict(compile="reduce-overhead", flat=True, static=True),
-    "flat-static-gc": dict(compile="reduce-overhead", flat=True, static=True, grad_checkpointing=True),
-    "flat-gc-oib": dict(compile=False, grad_checkpointing=True, flat=True, optim_in_backward=True),
-}
-FLAT_BUCKET = 256
-TARGET_MULTIPLE = 64
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def build_batches(task: str, packing: bool, workload, batch_size: int, needed: int, max_length: int,
-                  pad_to: int | None = None, flat: bool = False) -> list[dict]:
-    """minialign batches in the benchmark's order: batch k holds ordered examples k*B .. (k+1)*B-1 (no short
-    last batch), exactly what TRL's sequential loader gives; packed SFT packs the ordered examples into rows
-    of ``max_length`` and groups B rows per batch. At most ``needed`` batches (``measure`` cycles through them)."""
-    from minialign.data import collate_packed, collate_pairs, collate_sft, pack_sft
-
-    tok, items, order = workload
-    pad = tok.pad_token_id
-    ordered = [items[i] for i in order]
-    if packing:
-        rows = pack_sft(ordered, max_length)
-        groups = [rows[s:s + batch_size] for s in range(0, len(rows) - batch_size + 1, batch_size)][:needed]
-        return [collate_packed(ordered, g, row_length=max_length, pad_id=pad) for g in groups]
-    starts = list(range(0, len(ordered) - batch_size + 1, batch_size))[:needed]
-    if task == "sft":
-        return [collate_sft(ordered[s:s + batch_size], pad_id=pad, pad_to_multiple_of=pad_to, flat=flat) for s in starts]
-    return [collate_pairs(ordered[s:s + batch_size], pad_id=pad, index=list(range(s, s + batch_size)),
-                          pad_to_multiple_of=pad_to, flat=flat) for s in starts]
-
-
-def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload, args, device,
-                  variant: str = "eager") -> dict:
-    from minialign.bench import measure
-    from minialign.models import load_model
-
-    v = VARIANTS[variant]
-    flat, static = v.get("flat", False) and not packing, v.get("static", False)
-    needed = args.warmup + args.steps
-    t0 = time.perf_counter()
-    pad_to = FLAT_BUCKET if flat else args.max_length if static else 64 if v["compile"] else None
-    batches = build_batches(task, packing, workload, batch_size, needed, args.max_length, pad_to=pad_to, flat=flat)
-    if not batches:
-        raise ValueError(f"the data holds fewer than one batch of {batch_size}")
-    target_multiple = TARGET_MULTIPLE
-    if static:  # every batch of the run rounded up to the largest one: one shape, one CUDA graph
-        if flat:
-            longest = max(b["input_ids"].shape[1] for b in batches)
-            batches = build_batches(task, packing, workload, batch_size, needed, args.max_length, pad_to=longest, flat=True)
-        target_multiple = round_up(max(int((b["targets"] != -100).sum()) for b in batches), TARGET_MULTIPLE)
-    collate_ms = (time.perf_counter() - t0) * 1e3 / max(len(batches), 1)
-    # CUDA graphs are recorded once per distinct shape: warm up over every distinct batch, so that the timed steps
-    # see the steady state a long run reaches (every shape recorded), not recordings.
-    warmup = max(args.warmup, len(batches)) if v["compile"] == "reduce-overhead" and not static else args.warmup
-    reset_memory(device)
-    model = load_model(args.model, seed=0)
-    try:
-        m = measure(model, batches, task=task, full=mode == "full", lora_r=LORA_R, steps=args.steps,
-                    warmup=warmup, lr=LR, beta=BETA, device=device, compile=v["compile"],
-                    grad_checkpointing=v.get("grad_checkpointing", False),
-                    optim_in_backward=v.get("optim_in_backward", False), target_multiple=target_multiple)
-    finally:
-        del model
-        torch._dynamo.reset()
-    timed = [batch_stats(batches[i % len(batches)]) for i in range(warmup, warmup + args.steps)]
-    tokens, attn_sq = sum(t for t, _ in timed), sum(s for _, s in timed)
-    return {
-        "trainer": "minialign", "task": task, "mode": mode, "batch_size": batch_size,
-        "tokens_per_s": m.tokens_per_s, "pairs_per_s": m.pairs_per_s, "peak_memory_mb": m.peak_memory_mb,
-        "final_loss": m.final_loss, "memory_kind": m.memory_kind, "device": str(device), "steps": args.steps,
-        "warmup": warmup, "elapsed_s": tokens / m.tokens_per_s, "tokens": tokens, "attn_sq": attn_sq,
-        "packing": packing, "padding_free": flat or packing, "gradient_checkpointing": v.get("grad_checkpointing", False),
-        "optim_in_backward": v.get("optim_in_backward", False), "compile": v["compile"], "variant": variant,
-        "distinct_batches": len(batches), "collate_ms_per_batch": collate_ms, "target_multiple": target_multiple,
-        "distinct_shapes": len({(b["input_ids"].shape[1], round_up(int((b["targets"] != -100).sum()), target_multiple))
-                                for b in batches}),
-    }
-
-
 # ----------------------------------------------------------------------------- one guarded run
+
+
+def torch_globals() -> dict:
+    """Process-wide torch settings that change kernel choice: recorded before every run, so runs can be compared."""
+    b = torch.backends
+    return {"float32_matmul_precision": torch.get_float32_matmul_precision(), "cuda_matmul_tf32": b.cuda.matmul.allow_tf32,
+            "cudnn_tf32": b.cudnn.allow_tf32, "bf16_reduced_reduction": b.cuda.matmul.allow_bf16_reduced_precision_reduction,
+            "sdp": [b.cuda.flash_sdp_enabled(), b.cuda.mem_efficient_sdp_enabled(), b.cuda.math_sdp_enabled()],
+            "deterministic": torch.are_deterministic_algorithms_enabled(), "grad_enabled": torch.is_grad_enabled(),
+            "default_dtype": str(torch.get_default_dtype()), "autocast_cache": torch.is_autocast_cache_enabled()}
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -252,6 +97,9 @@ def guarded(label: str, fn, base: dict, device) -> tuple[dict, bool]:
     log(f"start {label}")
     t0 = time.perf_counter()
     oom = False
+    # What earlier runs left allocated is inside this run's peak: recorded, so a leak would show.
+    before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    settings = torch_globals()
     try:
         row = fn()
     except Exception as exc:  # noqa: BLE001 - one failing configuration must not stop the benchmark
@@ -267,6 +115,8 @@ def guarded(label: str, fn, base: dict, device) -> tuple[dict, bool]:
     gc.collect()
     reset_memory(device)
     row["wall_s"] = time.perf_counter() - t0
+    row["allocated_before_mb"] = before
+    row["torch_globals_before"] = settings
     if row.get("error"):
         log(f"FAILED {label}: {row['error'][:200]} ({row['wall_s']:.1f} s)")
     else:
@@ -322,6 +172,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ladder-configs", default=None, help="configs that get the larger batches (default: all)")
     p.add_argument("--append", action="store_true",
                    help="keep the rows already in --out (same device) and add this run's; its command is added too")
+    p.add_argument("--loss-chunk-size", type=int, default=0,
+                   help="minialign: output-projection rows per chunk of the loss (0: its default, ~2^25 logits)")
+    p.add_argument("--process-warmup-s", type=float, default=None,
+                   help="untimed short training runs for this long before the first timed one (default 45; --small 0); "
+                        "see benchmarks/NOTES.md, entry 12")
     p.add_argument("--budget-s", type=float, default=0,
                    help="skip runs that would start after this many seconds (0: no limit); rows say 'skipped'")
     return p.parse_args(argv)
@@ -346,6 +201,7 @@ def main(argv=None) -> int:
     small = args.small
     args.steps = args.steps if args.steps is not None else (2 if small else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if small else 5)
+    args.process_warmup_s = args.process_warmup_s if args.process_warmup_s is not None else (0 if small else 45)
     args.model = args.model or ("tiny" if small else "pythia-70m")
     args.data = args.data or ("demo" if small else find_shared(HH))
     args.tokenizer = args.tokenizer or ("demo" if small else find_shared(TOKENIZER))
@@ -441,6 +297,26 @@ def main(argv=None) -> int:
             if args.trl_gradient_checkpointing:
                 plan.append(("trl", name, trl_sizes[0], {"gradient_checkpointing": True}))
 
+    # The first training runs of a process ran 6-7x slower than later ones on the H200, TRL and eager minialign alike
+    # (SFT full: TRL 7,436 then 60,550 tok/s; benchmarks/NOTES.md entry 12), with the same torch settings. So the
+    # process is first warmed for --process-warmup-s with untimed short TRL runs (eager minialign runs without TRL).
+    first = next((p for p in plan), None)
+    runs_before = 0
+    t_warm = time.perf_counter()
+    while first and args.process_warmup_s > 0 and time.perf_counter() - t_warm < args.process_warmup_s:
+        task, mode, packing = CONFIGS[first[1]]
+        if have_trl:
+            warm = functools.partial(
+                trl_peer.run_trl, task, mode, first[2], 8, 8, args.data, args.tokenizer, args.max_length, device,
+                max_prompt_length=args.max_prompt_length, model_name=args.model, packing=packing, lora_r=LORA_R,
+                beta=BETA, workload=workloads[task])
+        else:
+            warm = functools.partial(run_minialign, task, mode, packing, first[2], workloads[task], args, device, "eager")
+        guarded(f"process warm-up {runs_before + 1} ({first[1]}, untimed)", warm, {}, device)
+        runs_before += 1
+    doc["process_warmup"] = {"seconds": time.perf_counter() - t_warm, "runs": runs_before,
+                             "with": "trl" if have_trl else "minialign eager"}
+
     oom_at: dict[tuple[str, str, bool], int] = {}  # (trainer, config, checkpointing) -> smallest OOM batch
     for i, (trainer, name, b, extra) in enumerate(plan, 1):
         task, mode, packing = CONFIGS[name]
@@ -479,6 +355,11 @@ def main(argv=None) -> int:
             row, oom = guarded(label, run, base, device)
             if oom:
                 oom_at[key] = min(b, oom_at.get(key, b))
+        row["call"] = len(doc["commands"]) - 1  # which command made it
+        row["runs_before_in_process"] = runs_before
+        # The rule behind the committed results' flag (NOTES.md 12); compiled runs warm up while they compile.
+        row["cold_process"] = runs_before < 3 and not (trainer == "minialign" and row.get("compile"))
+        runs_before += 1
         doc["results"].append(add_mfu(row, shape, peak))
         doc["total_s"] = time.perf_counter() - t_start
         write_json(out, doc)

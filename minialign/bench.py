@@ -18,7 +18,8 @@ import torch
 from minialign import lora
 from minialign.config import TrainConfig
 from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, add_target_index, frozen_copy, frozen_reference, to_device
-from minialign.train import InBackwardAdamW, _autocast, grad_norm_step, make_optimizer
+from minialign.graphs import GraphedStep, graph_key
+from minialign.train import InBackwardAdamW, _autocast, make_optimizer, step_functions
 
 
 @dataclass
@@ -47,13 +48,15 @@ def peak_rss_mb() -> float:
 def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 8, steps: int = 20, warmup: int = 3,
             lr: float = 1e-4, beta: float = 0.1, device: torch.device | str = "cpu", compile: bool | str = False,
             grad_checkpointing: bool = False, optim_in_backward: bool = False,
-            chunk_size: int | None = None, target_multiple: int = 64) -> Measurement:
+            chunk_size: int | None = None, target_multiple: int = 64, cuda_graphs: bool = False) -> Measurement:
     """Train ``model`` (consumed: LoRA is applied in place) for ``warmup + steps`` steps over ``batches``.
 
     Set up exactly as ``minialign sft|dpo`` do: on a GPU, LoRA's frozen base weights are bf16. Gradients are
     clipped to norm 1, except with ``optim_in_backward`` (AdamW stepped inside backward: no clipping, as in
     training). ``chunk_size``: rows of the output projection computed at once (None: ``losses.default_chunk_size``);
     ``target_multiple``: their count is rounded up to a multiple of it (``add_target_index``), as training does.
+    ``cuda_graphs``: each step replayed as one CUDA graph (``minialign.graphs``); every distinct batch shape is
+    captured after the first step, before the timed ones, as a long run would have done by then.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -66,9 +69,9 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
     model.to(device).train()
     if grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # compile: True, or a torch.compile mode such as "reduce-overhead" (CUDA graphs, one per distinct shape).
-    # The whole forward is compiled, log-probs included, as --compile does.
-    compile_kwargs = ({"mode": compile} if isinstance(compile, str) else {"dynamic": True}) if compile else None
+    # compile: True (dynamic shapes), or a torch.compile mode such as "default" or "reduce-overhead" (static shapes:
+    # one graph per distinct shape, as FlexAttention needs). The whole forward is compiled, log-probs included.
+    compile_kwargs = ({"mode": compile, "dynamic": False} if isinstance(compile, str) else {"dynamic": True}) if compile else None
     policy = TokenLogps(model, chunk_size)
     if compile_kwargs:
         policy.compile(**compile_kwargs)
@@ -86,11 +89,15 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
     params = [p for p in model.parameters() if p.requires_grad]
     cfg = TrainConfig(lr=lr, optim_in_backward=optim_in_backward, max_grad_norm=0.0 if optim_in_backward else 1.0)
     optimizer = make_optimizer(params, cfg, device)
-    autocast = _autocast(device)
+    step = GraphedStep(*step_functions(policy, objective, optimizer, params, cfg, _autocast(device)), optimizer, device,
+                       enabled=cuda_graphs)
     tokens = pairs = 0
     loss = torch.zeros((), device=device)
     start = None
     for i in range(warmup + steps):
+        if i == 1 and cuda_graphs:
+            for shape in {graph_key(b): b for b in batches}.values():
+                step.prepare(to_device(add_target_index(dict(shape), target_multiple), device))
         if i == warmup:
             _sync(device)
             start = time.perf_counter()
@@ -99,14 +106,8 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
             tokens += int(batch["attention_mask"].sum())
             pairs += batch.get("n_pairs", 0)
         units = objective.units(batch)
-        batch = to_device(add_target_index(dict(batch), target_multiple), device)
-        with autocast():
-            loss, _ = objective.loss(policy, batch)
-            (loss / units).backward()
-        grad_norm_step(optimizer, params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss.detach() / units
+        sums, _ = step([to_device(add_target_index(dict(batch), target_multiple), device)], 1.0 / units)
+        loss = sums["loss"] / units
     _sync(device)
     elapsed = time.perf_counter() - start
     if isinstance(optimizer, InBackwardAdamW):
@@ -116,10 +117,15 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
     else:
         peak, kind = peak_rss_mb(), "cpu_peak_rss"
     return Measurement(
-        mode="full" if full else "lora", task=task, batch_size=batches[0].get("n_pairs", batches[0]["input_ids"].shape[0]),
+        mode="full" if full else "lora", task=task, batch_size=examples_in(batches[0]),
         tokens_per_s=tokens / elapsed, pairs_per_s=pairs / elapsed if task == "dpo" else None,
         peak_memory_mb=peak, memory_kind=kind, device=device_name(device), final_loss=float(loss), steps=steps,
     )
+
+
+def examples_in(batch: dict) -> int:
+    """Pairs of a DPO batch, sequences of an SFT one (one padding-free row holds them all)."""
+    return batch.get("n_pairs") or batch.get("n_sequences") or batch["input_ids"].shape[0]
 
 
 def _sync(device: torch.device) -> None:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from minialign import dist
 from minialign.errors import UserError
+from minialign.graphs import plain_lr
 
 PREFIX = "step-"
 
@@ -56,8 +57,15 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     """``optimizer.state_dict()`` with whole CPU state tensors (FSDP-sharded moments are gathered)."""
-    state = optimizer.state_dict()
+    state = plain_lr(optimizer.state_dict())  # CUDA-graphed steps keep the lr in a device tensor
     state["state"] = {i: dist.gather_to_rank0(per_param.items()) for i, per_param in sorted(state["state"].items())}
+    return state
+
+
+def scheduler_state(scheduler) -> dict:
+    """``scheduler.state_dict()`` with float learning rates (a tensor lr leaves tensors in ``_last_lr``)."""
+    state = scheduler.state_dict()
+    state["_last_lr"] = [float(x) for x in state.get("_last_lr", [])]
     return state
 
 
@@ -73,7 +81,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, progr
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "optimizer.pt")
+    torch.save({"optimizer": optim, "scheduler": scheduler_state(scheduler), "rng": rng_state()}, tmp / "optimizer.pt")
     (tmp / "progress.json").write_text(json.dumps(progress))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:

@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
     p.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
-    p.add_argument("--variant", default="compile", choices=["eager", "compile", "cudagraphs"])
+    p.add_argument("--variant", default="compile", choices=list(BENCH_VARIANTS),
+                   help="compile: dynamic shapes; cudagraphs: rows padded to 512, reduce-overhead; graphs: padding-free "
+                        "rows rounded to 512 tokens, each step one CUDA graph (--padding-free --compile --cuda-graphs)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--json", action="store_true")
@@ -168,6 +170,11 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# minialign bench --variant: (compile, padding-free, whole-step CUDA graphs, row length rounded up to a multiple of)
+BENCH_VARIANTS = {"eager": (False, False, False, 64), "compile": (True, False, False, 64),
+                  "cudagraphs": ("reduce-overhead", False, False, 512), "graphs": ("default", True, True, 512)}
+
+
 def cmd_bench(args) -> int:
     import dataclasses
 
@@ -186,20 +193,19 @@ def cmd_bench(args) -> int:
     device = "cuda" if torch.cuda.is_available() and not args.small else "cpu"
     tok = load_tokenizer(args.tokenizer)
     pairs = load_preference_pairs(args.data, limit=8 * max(args.batch_sizes))
-    static = args.variant == "cudagraphs"
-    compile_arg = {"eager": False, "compile": True, "cudagraphs": "reduce-overhead"}[args.variant]
-    pad = 512 if static else 64
+    compile_arg, flat, graphs, pad = BENCH_VARIANTS[args.variant]
     rows = []
     for task in args.tasks:
         tokenized = (tokenize_sft if task == "sft" else tokenize_pairs)(pairs, tok, max_length=512, max_prompt_length=256)
         collate = collate_sft if task == "sft" else collate_pairs
         for mode in args.modes:
             for b in args.batch_sizes:
-                batches = [collate(tokenized[i:i + b], pad_id=tok.pad_token_id, pad_to_multiple_of=pad)
+                batches = [collate(tokenized[i:i + b], pad_id=tok.pad_token_id, pad_to_multiple_of=pad, flat=flat)
                            for i in range(0, len(tokenized) - b + 1, b)][:8]
                 try:
                     m = measure(load_model(args.model), batches, task=task, full=mode == "full", steps=args.steps,
-                                warmup=3, device=device, compile=compile_arg, grad_checkpointing=args.grad_checkpointing)
+                                warmup=3, device=device, compile=compile_arg, grad_checkpointing=args.grad_checkpointing,
+                                cuda_graphs=graphs, target_multiple=512 if graphs else 64)
                     row = dataclasses.asdict(m)
                 except torch.OutOfMemoryError:
                     row = {"task": task, "mode": mode, "batch_size": b, "error": "out of memory"}

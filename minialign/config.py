@@ -73,6 +73,9 @@ class TrainConfig:
     # whole-model gradient never exists (full fine-tuning: 12 instead of 16 bytes a parameter). One process
     # only, and needs max_grad_norm 0 and grad_accum 1.
     optim_in_backward: bool = False
+    # Replay each training step (forward, backward, clipping, AdamW) as one CUDA graph per batch shape: no host
+    # cost per step. CUDA, one process, grad_accum 1; round shapes coarsely (padding_free + pad_to_multiple_of 512).
+    cuda_graphs: bool = False
     loss_chunk_size: int = 0  # rows of the output projection computed at once (0: ~2^25 logits); lower it to cut peak memory
     tensorboard: bool = False
     merge: bool = False  # also save merged weights at the end
@@ -105,10 +108,32 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(f"Invalid configuration: {message}.")
-        if self.optim_in_backward:
+        if self.optim_in_backward or self.cuda_graphs:
             from minialign.dist import launched_world
 
-            self.check_optim_in_backward(launched_world())
+            if self.optim_in_backward:
+                self.check_optim_in_backward(launched_world())
+            if self.cuda_graphs:
+                self.check_cuda_graphs(launched_world())
+
+    def check_cuda_graphs(self, world: int) -> None:
+        """What a captured step cannot hold: several micro-batches, collectives, hooks that free gradients, nested graphs."""
+        problems = [
+            (self.grad_accum != 1, f"grad_accum 1 (got {self.grad_accum}): one graph replays one micro-batch; raise "
+             "--batch-size instead"),
+            (world > 1, f"one process (this is one of {world} torchrun processes): gradients are reduced across ranks "
+             "outside the graph; drop --cuda-graphs under torchrun"),
+            (self.optim_in_backward, "no --optim-in-backward: its hooks free each gradient, the graph needs them"),
+            (self.compile_mode == "reduce-overhead", "compile_mode default: 'reduce-overhead' records its own CUDA "
+             "graphs, which cannot sit inside this one"),
+            # Only the compiled path was run on a GPU: eager checkpointing reads the CUDA RNG state in every
+            # recomputation, which a capture may not allow.
+            (self.grad_checkpointing and not self.compile, "--compile when --grad-checkpointing is on (the "
+             "combination measured on a GPU); add --compile or drop --grad-checkpointing"),
+        ]
+        for bad, need in problems:
+            if bad:
+                raise UserError(f"Invalid configuration: cuda_graphs needs {need}.")
 
     def check_optim_in_backward(self, world: int) -> None:
         """What ``optim_in_backward`` cannot do: each parameter is updated, and its gradient freed, inside backward."""

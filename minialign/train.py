@@ -27,6 +27,7 @@ from minialign import checkpoint, dist
 from minialign.config import TrainConfig
 from minialign.data import batch_indices
 from minialign.errors import UserError
+from minialign.graphs import ForwardBackward, GraphedStep, Update
 from minialign.tasks import add_target_index, to_device
 
 
@@ -125,6 +126,33 @@ def grad_norm_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Param
     if max_norm > 0:
         return dist.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))  # FSDP: a DTensor
     return dist.full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+
+
+def step_functions(policy, task, optimizer, params: list[torch.nn.Parameter], cfg: TrainConfig,
+                   autocast) -> tuple[ForwardBackward, Update]:
+    """One optimiser step in two halves, so that ``GraphedStep`` can warm up the first alone.
+
+    ``forward_backward(batches, scale)`` accumulates the gradient of ``scale`` x the summed loss of each micro-batch
+    (``scale`` = ranks / units of the whole step) and returns the summed metrics; ``update()`` clips, steps AdamW
+    and returns the gradient norm. Neither reads anything back from the device.
+    """
+
+    def forward_backward(batches: list[dict], scale) -> dict[str, torch.Tensor]:
+        sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(batches):
+            with dist.no_sync(policy, last=i == len(batches) - 1), autocast():
+                loss, metrics = task.loss(policy, batch)
+                (loss * scale).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.float()
+        return sums
+
+    def update() -> torch.Tensor:
+        grad_norm = grad_norm_step(optimizer, params, cfg.max_grad_norm)
+        optimizer.step()  # optim_in_backward: already done, in backward
+        return grad_norm
+
+    return forward_backward, update
 
 
 def make_scheduler(optimizer, total_steps: int, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -305,6 +333,8 @@ def train(
     log = MetricsLog(run_dir / "metrics.jsonl" if writes else None,
                      tensorboard_writer(run_dir) if writes and cfg.tensorboard else None)
     autocast = _autocast(device)
+    step = GraphedStep(*step_functions(policy, task, optimizer, params, cfg, autocast), optimizer, device,
+                       enabled=cfg.cuda_graphs)
 
     def epoch_order(epoch: int) -> list[list[int]]:
         """Which examples form each micro-batch of ``epoch``: a pure function of (seed, epoch, rank)."""
@@ -334,19 +364,10 @@ def train(
             units, tokens = dist.all_reduce_ints([sum(task.units(b) for b in micro),
                                                   sum(int(b["attention_mask"].sum()) for b in micro)])
             progress.tokens += tokens
-            sums: dict[str, torch.Tensor] = {}
-            for i, batch in enumerate(micro):
-                batch = to_device(add_target_index(batch, cfg.pad_targets_to_multiple_of), device)
-                with dist.no_sync(policy, last=i == len(micro) - 1), autocast():
-                    loss, metrics = task.loss(policy, batch)
-                    (loss * (world / max(units, 1))).backward()
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0) + v.float()
-            grad_norm = grad_norm_step(optimizer, params, cfg.max_grad_norm)
-            optimizer.step()  # optim_in_backward: already done, in backward
-            lr = scheduler.get_last_lr()[0]
+            batches = [to_device(add_target_index(b, cfg.pad_targets_to_multiple_of), device) for b in micro]
+            sums, grad_norm = step(batches, world / max(units, 1))
+            lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch)  # a host float, even if the lr is a tensor
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             progress.step += 1
             sums = {k: dist.all_reduce_sum(v) / max(units, 1) for k, v in sums.items()}
             log.add(progress.step, {**sums, "grad_norm": grad_norm, "lr": lr, "epoch": progress.epoch, "tokens": progress.tokens})

@@ -7,6 +7,7 @@ the documented JSON.
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -154,3 +155,27 @@ def test_the_batch_ladder_stops_at_the_first_oom(bench_gpu, tmp_path, monkeypatc
     assert [(r["task"], r["batch_size"], r.get("error")) for r in rows] == [
         ("sft", 2, None), ("dpo", 2, None), ("sft", 4, "out of memory"), ("dpo", 4, "out of memory")]
     assert rows[0]["mfu"] > 0
+
+
+# ----------------------------------------------------------------------------- `minialign bench`
+
+
+def test_minialign_bench_without_a_gpu_says_so_and_offers_small(capsys):
+    from minialign import cli
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert cli.main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert "No CUDA GPU is visible" in err and "--small" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("variant", ["eager", "graphs"])
+def test_minialign_bench_small_runs_each_variant(capsys, variant):
+    from minialign import cli
+
+    assert cli.main(["bench", "--small", "--json", "--tasks", "sft", "--modes", "full", "--steps", "2",
+                     "--variant", variant]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["task"], r["mode"], r["batch_size"]) for r in rows] == [("sft", "full", 8)]
+    assert rows[0]["tokens_per_s"] > 0 and math.isfinite(rows[0]["final_loss"])

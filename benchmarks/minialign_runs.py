@@ -1,0 +1,122 @@
+"""minialign's side of bench_gpu.py: the variants (settings) it is timed with, its batches, one timed run."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from trl_peer import LR, batch_stats, reset_memory
+
+LORA_R = 8
+BETA = 0.1
+
+
+# minialign variants. "compile": torch.compile of the whole forward (transformer and log-probs; dynamic shapes);
+# "cudagraphs": mode="reduce-overhead" (CUDA graphs) over batches padded to max_length, the target count padded to
+# the largest batch's, so every step has the same shapes (one graph); "gc": activation checkpointing; "flat":
+# padding-free batches (the batch's sequences back to back in one row, FlexAttention document mask), eager, the
+# row rounded up to FLAT_BUCKET tokens; "flat-static": compiled with CUDA graphs, every row rounded up to the
+# longest of the run (one shape, one graph: FlexAttention under dynamic shapes does not compile in torch 2.11,
+# see benchmarks/NOTES.md); "oib": AdamW stepped inside the backward (no gradient buffer; no clipping), eager so
+# that each gradient is freed as soon as it is complete; "graph": flat-static's shapes, compiled without CUDA graphs,
+# and the whole step (forward, backward, clipping, AdamW) replayed as one CUDA graph (--cuda-graphs); "graph-buckets":
+# the same with rows rounded up to GRAPH_BUCKET tokens (a few shapes, each captured before the timed steps) and the
+# target count fixed at the run's largest. Packed SFT rows are already free of padding and of one
+# fixed shape, so "flat" changes nothing for them.
+VARIANTS = {
+    "eager": dict(compile=False),
+    "compile": dict(compile=True),
+    "cudagraphs": dict(compile="reduce-overhead", static=True),
+    "compile-gc": dict(compile=True, grad_checkpointing=True),
+    "flat": dict(compile=False, flat=True),
+    "flat-static": dict(compile="reduce-overhead", flat=True, static=True),
+    "flat-static-gc": dict(compile="reduce-overhead", flat=True, static=True, grad_checkpointing=True),
+    "flat-gc-oib": dict(compile=False, grad_checkpointing=True, flat=True, optim_in_backward=True),
+    "graph": dict(compile="default", flat=True, static=True, cuda_graphs=True),
+    "graph-buckets": dict(compile="default", flat=True, buckets=True, cuda_graphs=True),
+    "graph-buckets-gc": dict(compile="default", flat=True, buckets=True, cuda_graphs=True, grad_checkpointing=True),
+}
+GRAPH_BUCKET = 512
+FLAT_BUCKET = 256
+TARGET_MULTIPLE = 64
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def n_targets(batch: dict) -> int:
+    return int((batch["targets"] != -100).sum())
+
+
+def build_batches(task: str, packing: bool, workload, batch_size: int, needed: int, max_length: int,
+                  pad_to: int | None = None, flat: bool = False) -> list[dict]:
+    """minialign batches in the benchmark's order: batch k holds ordered examples k*B .. (k+1)*B-1 (no short
+    last batch), exactly what TRL's sequential loader gives; packed SFT packs the ordered examples into rows
+    of ``max_length`` and groups B rows per batch. At most ``needed`` batches (``measure`` cycles through them)."""
+    from minialign.data import collate_packed, collate_pairs, collate_sft, pack_sft
+
+    tok, items, order = workload
+    pad = tok.pad_token_id
+    ordered = [items[i] for i in order]
+    if packing:
+        rows = pack_sft(ordered, max_length)
+        groups = [rows[s:s + batch_size] for s in range(0, len(rows) - batch_size + 1, batch_size)][:needed]
+        return [collate_packed(ordered, g, row_length=max_length, pad_id=pad) for g in groups]
+    starts = list(range(0, len(ordered) - batch_size + 1, batch_size))[:needed]
+    if task == "sft":
+        return [collate_sft(ordered[s:s + batch_size], pad_id=pad, pad_to_multiple_of=pad_to, flat=flat) for s in starts]
+    return [collate_pairs(ordered[s:s + batch_size], pad_id=pad, index=list(range(s, s + batch_size)),
+                          pad_to_multiple_of=pad_to, flat=flat) for s in starts]
+
+
+def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload, args, device,
+                  variant: str = "eager") -> dict:
+    from minialign.bench import measure
+    from minialign.models import load_model
+
+    v = VARIANTS[variant]
+    flat, static = v.get("flat", False) and not packing, v.get("static", False)
+    needed = args.warmup + args.steps
+    t0 = time.perf_counter()
+    buckets = v.get("buckets", False)
+    pad_to = GRAPH_BUCKET if buckets else FLAT_BUCKET if flat else args.max_length if static else 64 if v["compile"] else None
+    batches = build_batches(task, packing, workload, batch_size, needed, args.max_length, pad_to=pad_to, flat=flat)
+    if not batches:
+        raise ValueError(f"the data holds fewer than one batch of {batch_size}")
+    target_multiple = TARGET_MULTIPLE
+    if static or buckets:  # every target count (and with static, every row) rounded up to the run's largest
+        if flat and static:
+            longest = max(b["input_ids"].shape[1] for b in batches)
+            batches = build_batches(task, packing, workload, batch_size, needed, args.max_length, pad_to=longest, flat=True)
+        target_multiple = round_up(max(n_targets(b) for b in batches), TARGET_MULTIPLE)
+    collate_ms = (time.perf_counter() - t0) * 1e3 / max(len(batches), 1)
+    # CUDA graphs are recorded once per distinct shape: warm up over every distinct batch, so that the timed steps
+    # see the steady state a long run reaches (every shape recorded), not recordings.
+    warmup = max(args.warmup, len(batches)) if v["compile"] == "reduce-overhead" and not static else args.warmup
+    reset_memory(device)
+    model = load_model(args.model, seed=0)
+    try:
+        m = measure(model, batches, task=task, full=mode == "full", lora_r=LORA_R, steps=args.steps,
+                    warmup=warmup, lr=LR, beta=BETA, device=device, compile=v["compile"],
+                    grad_checkpointing=v.get("grad_checkpointing", False),
+                    optim_in_backward=v.get("optim_in_backward", False), target_multiple=target_multiple,
+                    chunk_size=getattr(args, "loss_chunk_size", None) or None,
+                    cuda_graphs=v.get("cuda_graphs", False))
+    finally:
+        del model
+        torch._dynamo.reset()
+    timed = [batch_stats(batches[i % len(batches)]) for i in range(warmup, warmup + args.steps)]
+    tokens, attn_sq = sum(t for t, _ in timed), sum(s for _, s in timed)
+    return {
+        "trainer": "minialign", "task": task, "mode": mode, "batch_size": batch_size,
+        "tokens_per_s": m.tokens_per_s, "pairs_per_s": m.pairs_per_s, "peak_memory_mb": m.peak_memory_mb,
+        "final_loss": m.final_loss, "memory_kind": m.memory_kind, "device": str(device), "steps": args.steps,
+        "warmup": warmup, "elapsed_s": tokens / m.tokens_per_s, "tokens": tokens, "attn_sq": attn_sq,
+        "packing": packing, "padding_free": flat or packing, "gradient_checkpointing": v.get("grad_checkpointing", False),
+        "optim_in_backward": v.get("optim_in_backward", False), "compile": v["compile"], "variant": variant,
+        "cuda_graphs": v.get("cuda_graphs", False), "loss_chunk_size": getattr(args, "loss_chunk_size", None) or None,
+        "distinct_batches": len(batches), "collate_ms_per_batch": collate_ms, "target_multiple": target_multiple,
+        "distinct_shapes": len({(b["input_ids"].shape[1], round_up(n_targets(b), target_multiple)) for b in batches}),
+    }

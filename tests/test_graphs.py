@@ -1,0 +1,96 @@
+"""--cuda-graphs: what can be checked without a GPU.
+
+Capture and replay need CUDA (checked on the GPU by benchmarks/check_graphs.py: the same per-step losses,
+gradient norms, learning rates and weights as the plain compiled run, and after a resume). Here: the graph key,
+the learning rate kept in a tensor that the scheduler fills (the same updates as a float lr), checkpoints that
+look the same either way, the eager fallback on a CPU, and the refused combinations.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minialign import checkpoint, cli
+from minialign.graphs import GraphedStep, graph_key, plain_lr, use_tensor_lr
+from minialign.train import make_scheduler
+from tests.test_optim_in_backward import assert_same_params, config, metrics, run
+
+
+def test_graph_key_holds_shapes_and_step_constants_not_host_counts():
+    batch = {"input_ids": torch.zeros(1, 512, dtype=torch.long), "n_pairs": 4, "n_targets": 37}
+    same = {"input_ids": torch.ones(1, 512, dtype=torch.long), "n_pairs": 4, "n_targets": 90}
+    assert graph_key(batch) == graph_key(same)  # values and host-only counts do not matter
+    assert graph_key(batch) != graph_key({**batch, "input_ids": torch.zeros(1, 1024, dtype=torch.long)})
+    assert graph_key(batch) != graph_key({**batch, "input_ids": torch.zeros(1, 512, dtype=torch.int32)})
+    assert graph_key(batch) != graph_key({**batch, "n_pairs": 5})  # a constant the step reads: another graph
+
+
+def _train(lr_as_tensor: bool, steps: int = 5) -> tuple[torch.nn.Linear, torch.optim.Optimizer, object]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    cfg = config(lr=1e-2, warmup_ratio=0.4, schedule="cosine")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, foreach=False)
+    scheduler = make_scheduler(optimizer, steps, cfg)
+    if lr_as_tensor:
+        use_tensor_lr(optimizer, torch.device("cpu"), capturable=False)  # capturable needs CUDA
+    x = torch.randn(8, 4)
+    for _ in range(steps):
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    return model, optimizer, scheduler
+
+
+def test_a_tensor_lr_filled_by_the_scheduler_gives_the_same_updates():
+    (a, opt_a, _), (b, opt_b, _) = _train(False), _train(True)
+    lr = opt_b.param_groups[0]["lr"]
+    assert torch.is_tensor(lr) and lr.item() == pytest.approx(opt_a.param_groups[0]["lr"], rel=1e-6)
+    torch.testing.assert_close(b.weight, a.weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(b.bias, a.bias, rtol=0, atol=1e-6)
+
+
+def test_checkpoints_keep_float_learning_rates():
+    _, optimizer, scheduler = _train(True)
+    saved = checkpoint.optimizer_state(optimizer)
+    assert all(type(g["lr"]) is float and g["capturable"] is False for g in saved["param_groups"])
+    assert all(type(x) is float for x in checkpoint.scheduler_state(scheduler)["_last_lr"])
+    assert torch.is_tensor(optimizer.param_groups[0]["lr"])  # the optimizer itself keeps its tensor
+    fresh = torch.optim.AdamW(torch.nn.Linear(4, 3).parameters(), lr=1.0)
+    fresh.load_state_dict(plain_lr(optimizer.state_dict()))
+    assert fresh.param_groups[0]["lr"] == pytest.approx(float(optimizer.param_groups[0]["lr"]))
+
+
+def test_on_a_cpu_the_step_runs_eagerly(tmp_path):
+    """--cuda-graphs on a CPU trains exactly as without it (and says nothing is captured)."""
+    plain_dir, graphs_dir = tmp_path / "plain", tmp_path / "graphs"
+    plain_dir.mkdir()
+    graphs_dir.mkdir()
+    _, plain, _ = run(config(max_grad_norm=1.0, warmup_ratio=0.3), plain_dir)
+    _, graphed, _ = run(config(max_grad_norm=1.0, warmup_ratio=0.3, cuda_graphs=True), graphs_dir)
+    assert_same_params(graphed, plain, atol=0)
+    assert metrics(graphs_dir) == metrics(plain_dir)
+    step = GraphedStep(lambda b, s: {}, lambda: torch.zeros(()), torch.optim.AdamW([torch.nn.Parameter(torch.ones(1))]),
+                       torch.device("cpu"))
+    assert not step.enabled and not step.graphs
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--grad-accum", "2"], "cuda_graphs needs grad_accum 1 (got 2)"),
+    (["--optim-in-backward", "--max-grad-norm", "0"], "cuda_graphs needs no --optim-in-backward"),
+    (["--compile", "--compile-mode", "reduce-overhead"], "cuda_graphs needs compile_mode default"),
+    (["--grad-checkpointing"], "cuda_graphs needs --compile when --grad-checkpointing is on"),
+])
+def test_bad_combinations_are_refused(tmp_path, capsys, flags, match):
+    out = tmp_path / "run"
+    status = cli.main(["sft", "--demo", "--cuda-graphs", *flags, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 2 and match in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_several_processes_are_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Exception, match="cuda_graphs needs one process"):
+        config(cuda_graphs=True).validate()
