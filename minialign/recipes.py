@@ -326,7 +326,8 @@ def _reference_cache(run_dir: Path, policy, reference, collate, n: int, cfg: Tra
         return load_file(str(path))["logps"]
     shares = batch_indices(n, cfg.batch_size, seed=cfg.seed, epoch=0, shuffle=False, rank=dist.rank(),
                            world_size=dist.world_size())
-    table = reference_table(policy, reference, (collate(idx or [0]) for idx in shares), n, device)
+    table = reference_table(policy, reference, (collate(idx or [0]) for idx in shares), n, device,
+                            cfg.pad_targets_to_multiple_of)
     mine = torch.zeros(n, dtype=torch.bool)
     mine[[i for idx in shares for i in idx]] = True
     table = dist.all_reduce_sum(table.masked_fill(~mine[:, None], 0.0).to(device)).cpu()

@@ -240,11 +240,15 @@ class DPOTask:
 
 
 @torch.no_grad()
-def reference_table(policy: nn.Module, reference: Reference, batches, n_pairs: int, device) -> torch.Tensor:
-    """Run the reference once over every training pair: ``[n_pairs, 2]`` (chosen, rejected) log-probs."""
+def reference_table(policy: nn.Module, reference: Reference, batches, n_pairs: int, device,
+                    target_multiple: int = 0) -> torch.Tensor:
+    """Run the reference once over every training pair: ``[n_pairs, 2]`` (chosen, rejected) log-probs.
+
+    ``target_multiple`` rounds target counts as training does, so a compiled policy sees few new shapes.
+    """
     table = torch.zeros(n_pairs, 2, dtype=torch.float32)
     for batch in batches:
-        batch = to_device(add_target_index(batch), device)
+        batch = to_device(add_target_index(batch, target_multiple), device)
         ref = reference(batch).float().cpu()
         b = batch["n_pairs"]
         table[batch["index"].cpu()] = torch.stack([ref[:b], ref[b:]], dim=1)

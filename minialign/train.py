@@ -252,8 +252,10 @@ class StopRequested:
                 signal.signal(s, h)
 
 
-def evaluate_task(policy, task, batches: Sequence[dict], device, autocast) -> dict[str, float]:
+def evaluate_task(policy, task, batches: Sequence[dict], device, autocast, target_multiple: int = 0) -> dict[str, float]:
     """Mean of the task's metrics over held-out batches (``eval/`` prefixed), without gradients.
+
+    ``target_multiple`` rounds target counts as training does, so a compiled policy sees few new shapes.
 
     Under torchrun each rank scores every world-th batch. Every rank runs the same number of forward passes
     (FSDP gathers weights inside each), so a rank that has run out scores the first batch again and ignores it.
@@ -267,7 +269,7 @@ def evaluate_task(policy, task, batches: Sequence[dict], device, autocast) -> di
     with torch.no_grad(), autocast():
         for i in range(-(-len(batches) // world)):
             batch = mine[i] if i < len(mine) else batches[0]
-            _, metrics = task.loss(policy, to_device(add_target_index(dict(batch)), device))
+            _, metrics = task.loss(policy, to_device(add_target_index(dict(batch), target_multiple), device))
             if i >= len(mine):
                 continue
             units += task.units(batch)
@@ -383,7 +385,7 @@ def train(
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{(progress.tokens - tokens0) / elapsed:,.0f}")
             bar.update(1)
             if eval_now:
-                ev = evaluate_task(policy, task, eval_batches, device, autocast)
+                ev = evaluate_task(policy, task, eval_batches, device, autocast, cfg.pad_targets_to_multiple_of)
                 log.write([{"step": progress.step, **ev}])
                 last = {**last, **ev}
             if save_now:  # every rank: FSDP shards are gathered; rank 0 writes

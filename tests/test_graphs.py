@@ -8,13 +8,15 @@ look the same either way, the eager fallback on a CPU, and the refused combinati
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 from minialign import checkpoint, cli
 from minialign.graphs import GraphedStep, graph_key, plain_lr, use_tensor_lr
 from minialign.train import make_scheduler
-from tests.test_optim_in_backward import assert_same_params, config, metrics, run
+from tests.test_optim_in_backward import assert_same_params, config, metrics, run, sft_pieces
 
 
 def test_graph_key_holds_shapes_and_step_constants_not_host_counts():
@@ -94,3 +96,38 @@ def test_several_processes_are_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(Exception, match="cuda_graphs needs one process"):
         config(cuda_graphs=True).validate()
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_gpu_presets_build_and_turn_everything_on(kind):
+    from minialign.config import DPOConfig, SFTConfig, build, load_yaml, preset
+
+    cls = SFTConfig if kind == "sft" else DPOConfig
+    cfg = build(cls, load_yaml(preset(f"{kind}-gpu"), cls), {})
+    cfg.validate()
+    assert cfg.padding_free and cfg.compile and cfg.cuda_graphs and cfg.grad_accum == 1
+    plain = build(cls, load_yaml(preset(kind), cls), {})
+    assert (cfg.lr, cfg.batch_size, cfg.lora_r) == (plain.lr, plain.batch_size, plain.lora_r)  # only speed differs
+
+
+def test_held_out_batches_are_rounded_like_training_batches(tmp_path, monkeypatch):
+    """Evaluation and the reference table round target counts as training does (a compiled policy would otherwise
+    compile one graph per held-out batch and hit torch's recompile limit); the numbers do not change."""
+    from minialign import tasks, train as train_module
+
+    seen = []
+    real = tasks.add_target_index
+
+    def spy(batch, multiple=0):
+        seen.append(multiple)
+        return real(batch, multiple)
+
+    monkeypatch.setattr(train_module, "add_target_index", spy)
+    model, examples, collate = sft_pieces(config())
+    batches = [collate(list(range(i, i + 4))) for i in range(0, 12, 4)]
+    policy, task = tasks.TokenLogps(model), tasks.SFTTask()
+
+    plain = train_module.evaluate_task(policy, task, batches, torch.device("cpu"), contextlib.nullcontext)
+    rounded = train_module.evaluate_task(policy, task, batches, torch.device("cpu"), contextlib.nullcontext, 64)
+    assert seen == [0] * 3 + [64] * 3
+    assert rounded == pytest.approx(plain, rel=1e-6)
