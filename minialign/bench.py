@@ -19,7 +19,8 @@ from minialign import lora
 from minialign.config import TrainConfig
 from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, add_target_index, frozen_copy, frozen_reference, to_device
 from minialign.graphs import GraphedStep, graph_key
-from minialign.train import InBackwardAdamW, _autocast, make_optimizer, step_functions
+from minialign.optim import InBackwardAdamW, make_optimizer
+from minialign.train import _autocast, step_functions
 
 
 @dataclass

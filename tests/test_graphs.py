@@ -15,7 +15,7 @@ import torch
 
 from minialign import checkpoint, cli
 from minialign.graphs import GraphedStep, graph_key, plain_lr, use_tensor_lr
-from minialign.train import make_scheduler
+from minialign.optim import make_scheduler
 from tests.test_optim_in_backward import assert_same_params, config, metrics, run, sft_pieces
 
 

@@ -20,7 +20,8 @@ from minialign.data import collate_sft, load_preference_pairs, tokenize_sft
 from minialign.errors import UserError
 from minialign.models import load_model, load_tokenizer
 from minialign.tasks import SFTTask, TokenLogps, add_target_index
-from minialign.train import InBackwardAdamW, TrainingDiverged, make_optimizer, train
+from minialign.optim import InBackwardAdamW, make_optimizer
+from minialign.train import TrainingDiverged, train
 
 
 @pytest.fixture(autouse=True)

@@ -36,7 +36,8 @@ from minialign.tasks import (
     add_target_index,
     sequence_sums,
 )
-from minialign.train import MetricsLog, make_optimizer, make_scheduler, train
+from minialign.optim import make_optimizer, make_scheduler
+from minialign.train import MetricsLog, train
 
 # Small runs: a handful of steps of the tiny model on a slice of the demo data.
 SMALL = ["--demo", "--batch-size", "4", "--limit", "32", "--eval-limit", "8"]
