@@ -268,7 +268,7 @@ def train(
     stop = StopRequested()
     policy.train()
     t0, tokens0 = time.perf_counter(), progress.tokens
-    with stop.installed(), _hooks_removed_after(optimizer):
+    with stop.installed(), _hooks_removed_after(optimizer), _room_for_shapes(cfg):
         while progress.step < total:
             micro = [next_micro() for _ in range(cfg.grad_accum)]
             units, tokens = dist.all_reduce_ints([sum(task.units(b) for b in micro),
@@ -305,6 +305,21 @@ def train(
     bar.close()
     last["tokens_per_s"] = (progress.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
     return last
+
+
+@contextlib.contextmanager
+def _room_for_shapes(cfg: TrainConfig):
+    """Let a compiled padding-free policy compile every distinct shape of the run, for this run only.
+
+    It compiles with static shapes (FlexAttention, see recipes.compile_policy): one graph per (row length, target
+    count), held-out batches included, e.g. 8 for HH at batch 16 with rows and targets rounded to 512. torch's
+    default of 8 graphs a function would run later shapes uncompiled.
+    """
+    if not (cfg.compile and cfg.padding_free):
+        yield
+        return
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
 
 
 @contextlib.contextmanager

@@ -131,3 +131,26 @@ def test_held_out_batches_are_rounded_like_training_batches(tmp_path, monkeypatc
     rounded = train_module.evaluate_task(policy, task, batches, torch.device("cpu"), contextlib.nullcontext, 64)
     assert seen == [0] * 3 + [64] * 3
     assert rounded == pytest.approx(plain, rel=1e-6)
+
+
+@pytest.mark.parametrize("compile_, padding_free, limit", [(True, True, 64), (True, False, 8), (False, True, 8)])
+def test_static_shape_runs_may_compile_every_shape(compile_, padding_free, limit):
+    """A compiled padding-free policy compiles one graph per shape: the loop lifts torch's limit of 8 for the run."""
+    from minialign.data import collate_sft
+    from minialign.tasks import SFTTask, TokenLogps
+    from minialign.train import train
+
+    seen = []
+
+    class Spy(SFTTask):
+        def loss(self, policy, batch):
+            seen.append(torch._dynamo.config.recompile_limit)
+            return super().loss(policy, batch)
+
+    cfg = config(compile=compile_, padding_free=padding_free, max_steps=2)
+    model, examples, _ = sft_pieces(cfg)
+    collate = lambda idx: collate_sft([examples[i] for i in idx], pad_id=0, flat=padding_free)  # noqa: E731
+    assert torch._dynamo.config.recompile_limit == 8  # torch's default
+    train(TokenLogps(model), Spy(), range(len(examples)), collate, cfg, None)  # the policy itself is not compiled here
+    assert seen and set(seen) == {limit}
+    assert torch._dynamo.config.recompile_limit == 8  # restored
