@@ -154,3 +154,55 @@ def test_static_shape_runs_may_compile_every_shape(compile_, padding_free, limit
     train(TokenLogps(model), Spy(), range(len(examples)), collate, cfg, None)  # the policy itself is not compiled here
     assert seen and set(seen) == {limit}
     assert torch._dynamo.config.recompile_limit == 8  # restored
+
+
+def test_one_capture_per_shape_and_the_first_step_eager(monkeypatch):
+    """GraphedStep's bookkeeping, with capture replaced by a stand-in that replays the step eagerly (CUDA graphs
+    need a GPU): the first step runs eagerly (AdamW's moments do not exist yet), each new shape is captured once
+    and replayed from then on, ``prepare`` of a known shape does nothing, and the parameters end exactly where plain
+    eager steps put them."""
+    from minialign.optim import make_optimizer
+    from minialign.tasks import SFTTask, TokenLogps, add_target_index
+    from minialign.train import step_functions
+
+    cfg = config(max_grad_norm=1.0)
+    batches = None
+
+    def run_steps(graphed: bool):
+        nonlocal batches
+        model, examples, collate = sft_pieces(cfg)
+        batches = [add_target_index(collate(list(range(i, i + 4))), 64) for i in (0, 4, 0, 8, 4, 12, 0)]
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(params, cfg, torch.device("cpu"))
+        fb, update = step_functions(TokenLogps(model), SFTTask(), optimizer, params, cfg, contextlib.nullcontext)
+        step = GraphedStep(fb, update, optimizer, torch.device("cpu"))
+        captured, replays, eager = [], [], []
+        if graphed:
+            step.enabled = True
+
+            class StandIn:
+                def __init__(self, batch):
+                    captured.append(graph_key(batch))
+
+                def replay(self, batch, scale):
+                    replays.append(graph_key(batch))
+                    return step._eager([batch], scale)
+
+            real_eager = step._eager
+            monkeypatch.setattr(step, "_capture", StandIn)
+            monkeypatch.setattr(step, "_eager", lambda b, s: (eager.append(1), real_eager(b, s))[1])
+        for b in batches:
+            step([b], 1.0 / b["n_targets"])
+        before = len(captured)
+        step.prepare(batches[0])  # already captured: nothing to do
+        assert len(captured) == before
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, captured, replays, eager
+
+    plain, *_ = run_steps(False)
+    graphed, captured, replays, eager = run_steps(True)
+    keys = [graph_key(b) for b in batches]
+    assert len(set(keys)) >= 3  # several shapes, some seen twice
+    assert len(eager) == 1 + len(replays)  # the first step, then the stand-in's own eager replays
+    assert captured == list(dict.fromkeys(keys[1:]))  # in order of first appearance, each once
+    assert replays == keys[1:]
+    assert_same_params(graphed, plain, atol=0)
