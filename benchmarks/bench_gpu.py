@@ -300,19 +300,23 @@ def main(argv=None) -> int:
     # The first training runs of a process ran 6-7x slower than later ones on the H200, TRL and eager minialign alike
     # (SFT full: TRL 7,436 then 60,550 tok/s; benchmarks/NOTES.md entry 12), with the same torch settings. So the
     # process is first warmed for --process-warmup-s with untimed short TRL runs (eager minialign runs without TRL).
-    first = next((p for p in plan), None)
+    def trl_run(name: str, b: int, steps: int, warmup: int, ckpt: bool = False):
+        task, mode, packing = CONFIGS[name]
+        return functools.partial(
+            trl_peer.run_trl, task, mode, b, steps, warmup, args.data, args.tokenizer, args.max_length, device,
+            max_prompt_length=args.max_prompt_length, model_name=args.model, packing=packing,
+            gradient_checkpointing=ckpt, lora_r=LORA_R, beta=BETA, workload=workloads[task])
+
+    def minialign_run(name: str, b: int, variant: str):
+        task, mode, packing = CONFIGS[name]
+        return functools.partial(run_minialign, task, mode, packing, b, workloads[task], args, device, variant)
+
     runs_before = 0
     t_warm = time.perf_counter()
-    while first and args.process_warmup_s > 0 and time.perf_counter() - t_warm < args.process_warmup_s:
-        task, mode, packing = CONFIGS[first[1]]
-        if have_trl:
-            warm = functools.partial(
-                trl_peer.run_trl, task, mode, first[2], 8, 8, args.data, args.tokenizer, args.max_length, device,
-                max_prompt_length=args.max_prompt_length, model_name=args.model, packing=packing, lora_r=LORA_R,
-                beta=BETA, workload=workloads[task])
-        else:
-            warm = functools.partial(run_minialign, task, mode, packing, first[2], workloads[task], args, device, "eager")
-        guarded(f"process warm-up {runs_before + 1} ({first[1]}, untimed)", warm, {}, device)
+    while plan and args.process_warmup_s > 0 and time.perf_counter() - t_warm < args.process_warmup_s:
+        name, b = plan[0][1], plan[0][2]
+        warm = trl_run(name, b, 8, 8) if have_trl else minialign_run(name, b, "eager")
+        guarded(f"process warm-up {runs_before + 1} ({name}, untimed)", warm, {}, device)
         runs_before += 1
     doc["process_warmup"] = {"seconds": time.perf_counter() - t_warm, "runs": runs_before,
                              "with": "trl" if have_trl else "minialign eager"}
@@ -342,16 +346,8 @@ def main(argv=None) -> int:
         if trainer == "trl" and not have_trl:
             row = dict(base, tokens_per_s=None, pairs_per_s=None, peak_memory_mb=None, final_loss=None,
                        error="skipped: --no-trl" if args.no_trl else trl_import_error)
-        elif trainer == "trl":
-            run = functools.partial(
-                trl_peer.run_trl, task, mode, b, args.steps, args.warmup, args.data, args.tokenizer, args.max_length,
-                device, max_prompt_length=args.max_prompt_length, model_name=args.model, packing=packing,
-                gradient_checkpointing=ckpt, lora_r=LORA_R, beta=BETA, workload=workloads[task])
-            row, oom = guarded(label, run, base, device)
-            if oom:
-                oom_at[key] = min(b, oom_at.get(key, b))
         else:
-            run = functools.partial(run_minialign, task, mode, packing, b, workloads[task], args, device, variant)
+            run = trl_run(name, b, args.steps, args.warmup, ckpt) if trainer == "trl" else minialign_run(name, b, variant)
             row, oom = guarded(label, run, base, device)
             if oom:
                 oom_at[key] = min(b, oom_at.get(key, b))

@@ -17,7 +17,7 @@ import torch
 
 from minialign import lora
 from minialign.config import TrainConfig
-from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, add_target_index, frozen_copy, frozen_reference, to_device
+from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, add_target_index, frozen_copy, frozen_reference
 from minialign.graphs import GraphedStep, graph_key
 from minialign.optim import InBackwardAdamW, make_optimizer
 from minialign.train import _autocast, step_functions
@@ -98,7 +98,7 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
     for i in range(warmup + steps):
         if i == 1 and cuda_graphs:
             for shape in {graph_key(b): b for b in batches}.values():
-                step.prepare(to_device(add_target_index(dict(shape), target_multiple), device))
+                step.prepare(add_target_index(dict(shape), target_multiple))
         if i == warmup:
             _sync(device)
             start = time.perf_counter()
@@ -107,7 +107,7 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
             tokens += int(batch["attention_mask"].sum())
             pairs += batch.get("n_pairs", 0)
         units = objective.units(batch)
-        sums, _ = step([to_device(add_target_index(dict(batch), target_multiple), device)], 1.0 / units)
+        sums, _ = step([add_target_index(dict(batch), target_multiple)], 1.0 / units)
         loss = sums["loss"] / units
     _sync(device)
     elapsed = time.perf_counter() - start

@@ -108,13 +108,12 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(f"Invalid configuration: {message}.")
-        if self.optim_in_backward or self.cuda_graphs:
-            from minialign.dist import launched_world
+        from minialign.dist import launched_world
 
-            if self.optim_in_backward:
-                self.check_optim_in_backward(launched_world())
-            if self.cuda_graphs:
-                self.check_cuda_graphs(launched_world())
+        if self.optim_in_backward:
+            self.check_optim_in_backward(launched_world())
+        if self.cuda_graphs:
+            self.check_cuda_graphs(launched_world())
 
     def check_cuda_graphs(self, world: int) -> None:
         """What a captured step cannot hold: several micro-batches, collectives, hooks that free gradients, nested graphs."""

@@ -25,6 +25,8 @@ from collections.abc import Callable
 
 import torch
 
+from minialign.tasks import to_device
+
 ForwardBackward = Callable[[list[dict], torch.Tensor], dict[str, torch.Tensor]]  # (batches, loss scale) -> sums
 Update = Callable[[], torch.Tensor]  # clip and step the optimizer; returns the gradient norm
 HOST_ONLY = frozenset({"n_targets"})  # batch entries the step never reads: not part of a graph's key
@@ -54,7 +56,8 @@ def plain_lr(state: dict) -> dict:
 class GraphedStep:
     """``step(batches, scale) -> (sums, grad_norm)`` that replays one CUDA graph per batch shape.
 
-    ``forward_backward`` accumulates the gradient of the summed loss times ``scale`` and returns summed metrics;
+    ``batches`` are host batches: a replay copies them straight into the graph's own input tensors (through pinned
+    memory), an eager step moves them to the device as usual. ``forward_backward`` accumulates the gradient of the summed loss times ``scale`` and returns summed metrics;
     ``update`` clips, steps the optimizer and returns the gradient norm. Gradients are set to None before each
     step: inside a capture, backward then allocates them from the graph's pool, where every replay rewrites them.
     """
@@ -72,12 +75,12 @@ class GraphedStep:
 
     def __call__(self, batches: list[dict], scale: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         if not self.enabled or len(batches) != 1:
-            return self._eager(batches, scale)
+            return self._eager([to_device(b, self.device) for b in batches], scale)
         key = graph_key(batches[0])
         captured = self.graphs.get(key)
         if captured is None:
             if not self.optimizer.state:  # the very first step creates AdamW's moments: run it eagerly
-                return self._eager(batches, scale)
+                return self._eager([to_device(batches[0], self.device)], scale)
             captured = self.graphs[key] = self._capture(batches[0])
         return captured.replay(batches[0], scale)
 
@@ -94,7 +97,7 @@ class GraphedStep:
         return sums, grad_norm
 
     def _capture(self, batch: dict) -> _Captured:
-        inputs = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+        inputs = to_device(batch, self.device)  # the graph's own input tensors
         scale = torch.ones((), device=self.device)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
@@ -121,7 +124,7 @@ class _Captured:
     def replay(self, batch: dict, scale: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         for k, v in batch.items():
             if torch.is_tensor(v):
-                self.inputs[k].copy_(v, non_blocking=True)
+                self.inputs[k].copy_(v.pin_memory(), non_blocking=True)
         self.scale.fill_(scale)
         self.graph.replay()
         out = self.outputs.clone()  # the next replay overwrites the graph's own outputs

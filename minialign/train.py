@@ -274,8 +274,8 @@ def train(
             units, tokens = dist.all_reduce_ints([sum(task.units(b) for b in micro),
                                                   sum(int(b["attention_mask"].sum()) for b in micro)])
             progress.tokens += tokens
-            batches = [to_device(add_target_index(b, cfg.pad_targets_to_multiple_of), device) for b in micro]
-            sums, grad_norm = step(batches, world / max(units, 1))
+            batches = [add_target_index(b, cfg.pad_targets_to_multiple_of) for b in micro]
+            sums, grad_norm = step(batches, world / max(units, 1))  # moves them to the device
             lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch)  # a host float, even if the lr is a tensor
             scheduler.step()
             progress.step += 1
