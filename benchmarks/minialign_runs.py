@@ -21,9 +21,10 @@ BETA = 0.1
 # see benchmarks/NOTES.md); "oib": AdamW stepped inside the backward (no gradient buffer; no clipping), eager so
 # that each gradient is freed as soon as it is complete; "graph": flat-static's shapes, compiled without CUDA graphs,
 # and the whole step (forward, backward, clipping, AdamW) replayed as one CUDA graph (--cuda-graphs); "graph-buckets":
-# the same with rows rounded up to GRAPH_BUCKET tokens (a few shapes, each captured before the timed steps) and the
-# target count fixed at the run's largest. Packed SFT rows are already free of padding and of one
-# fixed shape, so "flat" changes nothing for them.
+# the same with rows rounded up to GRAPH_BUCKET tokens (a few compiled shapes) and each batch's target count rounded
+# to TARGET_MULTIPLE (one capture per (row length, target count), each captured before the timed steps; the target
+# count is outside the compiled transformer, see TokenLogps.compile_body). Packed SFT rows are already free of
+# padding and of one fixed shape, so "flat" changes nothing for them.
 VARIANTS = {
     "eager": dict(compile=False),
     "compile": dict(compile=True),
@@ -86,8 +87,8 @@ def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload
     if not batches:
         raise ValueError(f"the data holds fewer than one batch of {batch_size}")
     target_multiple = TARGET_MULTIPLE
-    if static or buckets:  # every target count (and with static, every row) rounded up to the run's largest
-        if flat and static:
+    if static:  # every target count and row rounded up to the run's largest
+        if flat:
             longest = max(b["input_ids"].shape[1] for b in batches)
             batches = build_batches(task, packing, workload, batch_size, needed, args.max_length, pad_to=longest, flat=True)
         target_multiple = round_up(max(n_targets(b) for b in batches), TARGET_MULTIPLE)

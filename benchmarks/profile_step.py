@@ -1,6 +1,6 @@
 """Where does a training step's time go? Profile minialign's step for one configuration on the GPU.
 
-    python benchmarks/profile_step.py --config sft-lora --batch-size 16 --variant cudagraphs [--trace t.json.gz]
+    python benchmarks/profile_step.py --config sft-full --batch-size 16 --variant graph-buckets [--trace t.json.gz]
 
 Runs exactly what ``bench_gpu.py`` times (same workload, batches and variants), profiles only steady-state
 steps (after warm-up and compilation), and prints per step: the wall time, the summed kernel time and the
@@ -22,6 +22,8 @@ from torch.profiler import ProfilerActivity, profile, schedule
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu  # noqa: E402
 
+from minialign import graphs  # noqa: E402
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -41,15 +43,33 @@ def main() -> None:
     device = torch.device(args.device)
     # The profiler advances one step per optimiser step: it records only the last ``steps`` steps. Graph
     # variants over batches of several shapes warm up over every distinct batch (see bench_gpu.run_minialign).
+    # A whole-step graph (--cuda-graphs) fires no optimiser hook when replayed (and one per capture): the profiler
+    # advances per replay instead, and the first step, eager, is not counted.
     v = bench_gpu.VARIANTS[args.variant]
     warmup = args.warmup + args.steps if v["compile"] == "reduce-overhead" and not v.get("static") else args.warmup
+    whole_step = v.get("cuda_graphs", False)
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                   schedule=schedule(wait=warmup - 1, warmup=1, active=args.steps, repeat=1))
-    handle = register_optimizer_step_post_hook(lambda *_: prof.step())
+                   schedule=schedule(wait=max(warmup - 1 - whole_step, 0), warmup=1, active=args.steps, repeat=1))
+    replay = graphs._Captured.replay
+
+    def replay_and_count(self, *args):
+        out = replay(self, *args)
+        prof.step()
+        return out
+
+    if whole_step:
+        graphs._Captured.replay = replay_and_count
+        handle = None
+    else:
+        handle = register_optimizer_step_post_hook(lambda *_: prof.step())
     t0 = time.perf_counter()
-    with prof:
-        row = bench_gpu.run_minialign(task, mode, packing, args.batch_size, workload, bench_args, device, args.variant)
-    handle.remove()
+    try:
+        with prof:
+            row = bench_gpu.run_minialign(task, mode, packing, args.batch_size, workload, bench_args, device, args.variant)
+    finally:
+        graphs._Captured.replay = replay
+        if handle is not None:
+            handle.remove()
     events = prof.key_averages()
     kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     steps = [e for e in prof.events() if e.name.startswith("ProfilerStep")]

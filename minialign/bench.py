@@ -71,18 +71,18 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
     if grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # compile: True (dynamic shapes), or a torch.compile mode such as "default" or "reduce-overhead" (static shapes:
-    # one graph per distinct shape, as FlexAttention needs). The whole forward is compiled, log-probs included.
+    # one graph per distinct row length, as FlexAttention needs). The transformer is compiled, see compile_body.
     compile_kwargs = ({"mode": compile, "dynamic": False} if isinstance(compile, str) else {"dynamic": True}) if compile else None
     policy = TokenLogps(model, chunk_size)
     if compile_kwargs:
-        policy.compile(**compile_kwargs)
+        policy.compile_body(**compile_kwargs)
     if task == "sft":
         objective = SFTTask()
     else:
         if full:
             ref = TokenLogps(frozen_copy(model, device), chunk_size)
             if compile_kwargs:
-                ref.compile(**compile_kwargs)
+                ref.compile_body(**compile_kwargs)
             reference = frozen_reference(ref, False)
         else:
             reference = adapter_reference(policy, False)
@@ -97,8 +97,9 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
     start = None
     for i in range(warmup + steps):
         if i == 1 and cuda_graphs:
-            for shape in {graph_key(b): b for b in batches}.values():
-                step.prepare(add_target_index(dict(shape), target_multiple))
+            indexed = [add_target_index(dict(b), target_multiple) for b in batches]
+            for shape in {graph_key(b): b for b in indexed}.values():
+                step.prepare(shape)
         if i == warmup:
             _sync(device)
             start = time.perf_counter()

@@ -205,7 +205,7 @@ def cmd_bench(args) -> int:
                 try:
                     m = measure(load_model(args.model), batches, task=task, full=mode == "full", steps=args.steps,
                                 warmup=3, device=device, compile=compile_arg, grad_checkpointing=args.grad_checkpointing,
-                                cuda_graphs=graphs, target_multiple=512 if graphs else 64)
+                                cuda_graphs=graphs)
                     row = dataclasses.asdict(m)
                 except torch.OutOfMemoryError:
                     row = {"task": task, "mode": mode, "batch_size": b, "error": "out of memory"}

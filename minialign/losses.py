@@ -6,7 +6,9 @@ because only the loop knows the count across gradient-accumulation steps and ran
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,77 +30,112 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 # The chunked log-prob is a custom operator with its own backward: opaque to torch.compile, which calls it as one
 # op inside the compiled (and CUDA-graphed) step whatever the number of targets, symbolic or not, instead of
 # unrolling its loop over chunks. Inputs arrive already in the compute dtype (autocast's, outside the op).
+# ``fused`` runs the per-chunk softmax math through torch.compile (one kernel that reads the bf16 logits and writes
+# the bf16 gradient, instead of a float32 copy of the chunk that five eager kernels read and write again): on an
+# H200 that traffic was the largest part of the loss (benchmarks/NOTES.md, entry 13).
+
+
+def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[n, V]`` logits -> ``[n]`` log p(target), reduced in float32 (float64 for float64 logits)."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return x.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(x, dim=-1)
+
+
+def _chunk_grad(logits: torch.Tensor, targets: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """``grad_out * (onehot(target) - softmax(logits))``, the gradient of ``sum(grad_out * logp)`` w.r.t. the
+    ``[n, V]`` logits, in their dtype. In place over one float32 copy: the lean form for eager mode."""
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    go = grad_out.to(acc)[:, None]
+    g = torch.softmax(logits.to(acc), dim=-1).mul_(-go)
+    return g.scatter_add_(1, targets[:, None], go).to(logits.dtype)
+
+
+def _chunk_grad_pointwise(logits: torch.Tensor, targets: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """``_chunk_grad`` as one pointwise expression after the softmax, which torch.compile fuses into one kernel
+    (an in-place scatter would make it write the float32 chunk out first)."""
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    hit = torch.arange(logits.shape[1], device=logits.device) == targets[:, None]
+    return (grad_out.to(acc)[:, None] * (hit.to(acc) - torch.softmax(logits.to(acc), dim=-1))).to(logits.dtype)
+
+
+@functools.cache
+def _compiled_chunk_math() -> tuple[Callable, Callable]:
+    return torch.compile(_chunk_logps, dynamic=True), torch.compile(_chunk_grad_pointwise, dynamic=True)
+
+
+def _chunk_math(fused: bool) -> tuple[Callable, Callable]:
+    return _compiled_chunk_math() if fused else (_chunk_logps, _chunk_grad)
 
 
 @torch.library.custom_op("minialign::chunked_token_logps", mutates_args=())
-def _chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def _chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                         fused: bool) -> torch.Tensor:
     """log p(target | hidden) through the output projection, one chunk of rows at a time.
 
     The full [N, V] logits never exist: forward keeps only the [N] answers, backward recomputes each
-    chunk's softmax (d logp_t / d logits = onehot(t) - softmax) and feeds it straight into the two matmuls.
+    chunk's logits (d logp_t / d logits = onehot(t) - softmax) and feeds the gradient straight into the two matmuls.
     """
-    acc = torch.promote_types(hidden.dtype, torch.float32)  # float32 softmax math, float64 when checking
-    out = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
+    logps, _ = _chunk_math(fused)
+    out = torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
         for s in range(0, hidden.shape[0], chunk_size):
-            logits = (hidden[s : s + chunk_size] @ weight.T).to(acc)
-            t = targets[s : s + chunk_size]
-            out[s : s + chunk_size] = logits.gather(1, t[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+            out[s : s + chunk_size] = logps(hidden[s : s + chunk_size] @ weight.T, targets[s : s + chunk_size])
     return out
 
 
 @_chunked_token_logps.register_fake
-def _(hidden, weight, targets, chunk_size):
+def _(hidden, weight, targets, chunk_size, fused):
     return hidden.new_empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
 
 
 @torch.library.custom_op("minialign::chunked_token_logps_backward", mutates_args=())
 def _chunked_token_logps_backward(grad_out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
-                                  targets: torch.Tensor, chunk_size: int, need_hidden: bool,
+                                  targets: torch.Tensor, chunk_size: int, fused: bool, need_hidden: bool,
                                   need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients w.r.t. ``hidden`` and ``weight`` (an empty tensor for one that is not needed)."""
-    acc = torch.promote_types(hidden.dtype, torch.float32)
+    _, logits_grad = _chunk_math(fused)
+    n = hidden.shape[0]
     grad_h = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else weight.new_empty(0)
+    several = n > chunk_size  # one chunk writes its weight gradient directly; several sum theirs in float32
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight and several else weight.new_empty(0)
     with torch.autocast(hidden.device.type, enabled=False):
-        for s in range(0, hidden.shape[0], chunk_size):
+        for s in range(0, n, chunk_size):
             e = s + chunk_size
-            g = torch.softmax((hidden[s:e] @ weight.T).to(acc), dim=-1)
-            go = grad_out[s:e].to(acc)
-            g.mul_(-go[:, None])
-            g.scatter_add_(1, targets[s:e, None], go[:, None])
-            g = g.to(hidden.dtype)
+            g = logits_grad(hidden[s:e] @ weight.T, targets[s:e], grad_out[s:e])
             if need_hidden:
-                grad_h[s:e] = g @ weight
+                torch.mm(g, weight, out=grad_h[s:e])
             if need_weight:
-                grad_w.add_((g.T @ hidden[s:e]).to(acc))
+                grad_w = grad_w.add_(g.T @ hidden[s:e]) if several else g.T @ hidden[s:e]
     return grad_h, grad_w.to(weight.dtype)
 
 
 @_chunked_token_logps_backward.register_fake
-def _(grad_out, hidden, weight, targets, chunk_size, need_hidden, need_weight):
+def _(grad_out, hidden, weight, targets, chunk_size, fused, need_hidden, need_weight):
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else weight.new_empty(0))
 
 
 def _save_inputs(ctx, inputs, output):
-    hidden, weight, targets, chunk_size = inputs
+    hidden, weight, targets, chunk_size, fused = inputs
     ctx.save_for_backward(hidden, weight, targets)
-    ctx.chunk_size = chunk_size
+    ctx.chunk_size, ctx.fused = chunk_size, fused
 
 
 def _token_logps_grad(ctx, grad_out):
     hidden, weight, targets = ctx.saved_tensors
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_h, grad_w = _chunked_token_logps_backward(grad_out, hidden, weight, targets, ctx.chunk_size, need_h, need_w)
-    return (grad_h if need_h else None), (grad_w if need_w else None), None, None
+    grad_h, grad_w = _chunked_token_logps_backward(grad_out, hidden, weight, targets, ctx.chunk_size, ctx.fused,
+                                                   need_h, need_w)
+    return (grad_h if need_h else None), (grad_w if need_w else None), None, None, None
 
 
 _chunked_token_logps.register_autograd(_token_logps_grad, setup_context=_save_inputs)
 
 
 def token_logps(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Log-probability of each target token.
 
@@ -107,13 +144,15 @@ def token_logps(
         weight: ``[V, H]`` output-embedding (LM head) weight.
         targets: ``[N]`` target token ids (all valid; select positions before calling).
         chunk_size: rows per chunk; bounds the float32 logits held at once to ``[chunk_size, V]``.
+        fused: compile each chunk's softmax math into one kernel (needs a working ``torch.compile``; what
+            ``--compile`` turns on).
 
     Returns:
         ``[N]`` float32 log-probabilities (float64 for float64 inputs). Differentiable w.r.t. ``hidden`` and ``weight``.
     """
     chunk_size = chunk_size or default_chunk_size(weight.shape[0])
     dtype = _compute_dtype(hidden)
-    return _chunked_token_logps(hidden.to(dtype), weight.to(dtype), targets, chunk_size)
+    return _chunked_token_logps(hidden.to(dtype), weight.to(dtype), targets, chunk_size, fused)
 
 
 def token_logps_reference(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -150,13 +150,13 @@ def wrap_policy(model, cfg: TrainConfig, device: torch.device) -> torch.nn.Modul
     return dist.wrap(policy, cfg.dist, device)
 
 
-def compile_policy(policy: torch.nn.Module, cfg: TrainConfig) -> None:
-    """Compile the whole forward, log-probs included, in place (parameter names, and checkpoints, stay).
+def compile_policy(policy: TokenLogps, cfg: TrainConfig) -> None:
+    """Compile the transformer in place (parameter names, and checkpoints, stay); see ``TokenLogps.compile_body``.
 
     Padding-free rows change length every batch and FlexAttention does not compile for symbolic lengths (torch
-    2.11), so they compile one graph per distinct shape: round lengths coarsely (--pad-to-multiple-of 256 or more).
+    2.11), so they compile one graph per distinct row length: round lengths coarsely (--pad-to-multiple-of 256 or more).
     """
-    policy.compile(mode=cfg.compile_mode, **({"dynamic": False} if cfg.padding_free else {}))
+    policy.compile_body(mode=cfg.compile_mode, **({"dynamic": False} if cfg.padding_free else {}))
 
 
 def save_final(model, run_dir: Path, cfg: TrainConfig, tokenizer) -> None:

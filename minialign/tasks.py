@@ -45,17 +45,31 @@ class TokenLogps(nn.Module):
         self.chunk_size = chunk_size
         self.attention = attention
         self.flex = attention != "sdpa" and models.enable_flex_documents(model)
+        self._body, self.fused = self.body, False  # see compile_body
         if attention == "flex" and not self.flex:
             raise UserError("attention 'flex' needs a model running SDPA attention and a torch with FlexAttention "
                             "(>= 2.5); use --attention auto or sdpa.")
 
     def forward(self, input_ids, attention_mask, position_ids, tgt_index, tgt_ids, doc_ids=None):
-        mask = attention_mask if doc_ids is None else self.document_mask(doc_ids)
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
-        hidden = hidden.flatten(0, 1).index_select(0, tgt_index)
+        hidden = self._body(input_ids, attention_mask, position_ids, doc_ids).flatten(0, 1).index_select(0, tgt_index)
         head = self.model.get_output_embeddings()
-        logps = losses.token_logps(hidden, head.weight, tgt_ids.clamp(min=0), self.chunk_size)
+        logps = losses.token_logps(hidden, head.weight, tgt_ids.clamp(min=0), self.chunk_size, fused=self.fused)
         return logps.masked_fill(tgt_ids < 0, 0.0)  # slots that only round the count up (see add_target_index)
+
+    def body(self, input_ids, attention_mask, position_ids, doc_ids=None) -> torch.Tensor:
+        """``[R, L, H]`` final hidden states: everything whose shapes depend on the rows alone."""
+        mask = attention_mask if doc_ids is None else self.document_mask(doc_ids)
+        return self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+
+    def compile_body(self, **options) -> None:
+        """``torch.compile`` the transformer (``body``) and fuse the loss's softmax math.
+
+        The target count stays outside the compiled code, so static shapes (``dynamic=False``, what FlexAttention
+        needs) cost one compilation per row length, not per (row length, target count): target counts can then be
+        rounded finely, which is work the output projection does not waste. Parameter names do not change.
+        """
+        self._body = torch.compile(self.body, **options)
+        self.fused = True
 
     def document_mask(self, doc_ids: torch.Tensor):
         """The attention mask of packed rows ``doc_ids`` [R, L], built on their device (see ``attention``)."""

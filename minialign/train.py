@@ -311,9 +311,9 @@ def train(
 def _room_for_shapes(cfg: TrainConfig):
     """Let a compiled padding-free policy compile every distinct shape of the run, for this run only.
 
-    It compiles with static shapes (FlexAttention, see recipes.compile_policy): one graph per (row length, target
-    count), held-out batches included, e.g. 8 for HH at batch 16 with rows and targets rounded to 512. torch's
-    default of 8 graphs a function would run later shapes uncompiled.
+    It compiles with static shapes (FlexAttention, see recipes.compile_policy): one graph per row length, held-out
+    batches included, e.g. 6 for HH at batch 8 pairs with rows rounded to 512, more with finer rounding or longer
+    rows. torch's default of 8 graphs a function would run later shapes uncompiled.
     """
     if not (cfg.compile and cfg.padding_free):
         yield

@@ -1,8 +1,8 @@
 """The fast paths give the plain eager numbers: target counts rounded up, and the whole forward compiled.
 
 Rounded target counts (``add_target_index(multiple=...)``) add slots that must carry no loss and no gradient;
-``--compile`` compiles ``TokenLogps`` as a whole (transformer, target gather and the chunked log-prob with its
-own backward). Both are compared with the eager, unrounded batch: loss, per-sequence sums and every gradient.
+``--compile`` compiles the transformer (``TokenLogps.compile_body``) and fuses the chunked log-prob's softmax math.
+Both are compared with the eager, unrounded batch: loss, per-sequence sums and every gradient.
 Compilation here uses the ``aot_eager`` backend, which traces exactly what Inductor would compile (the graph,
 autograd of the custom function included) without generating C++, so it fits the CPU suite's time.
 """
@@ -60,7 +60,7 @@ def test_compiled_forward_equals_eager_sft(flat):
     batch = collate_sft(sft_examples(), pad_id=0, flat=flat, pad_to_multiple_of=8)
     eager = loss_and_grads(make_policy(5), SFTTask(), add_target_index(dict(batch)))
     compiled_policy = make_policy(5)
-    compiled_policy.compile(backend="aot_eager", dynamic=True)
+    compiled_policy.compile_body(backend="aot_eager", dynamic=True)
     torch._dynamo.reset()
     compiled = loss_and_grads(compiled_policy, SFTTask(), add_target_index(dict(batch), multiple=16))
     assert_same(compiled, eager)
@@ -74,7 +74,7 @@ def test_compiled_forward_equals_eager_dpo_with_adapter_reference():
         policy = make_policy()
         if compiled:
             torch._dynamo.reset()
-            policy.compile(backend="aot_eager", dynamic=True)
+            policy.compile_body(backend="aot_eager", dynamic=True)
         task = DPOTask(adapter_reference(policy, False), beta=0.1)
         b = add_target_index(dict(batch), multiple=16 if compiled else 0)
         with torch.no_grad():
@@ -85,3 +85,26 @@ def test_compiled_forward_equals_eager_dpo_with_adapter_reference():
     assert_same(compiled, eager)
     with torch.no_grad():  # and adapters off really differs from on: the reference is not the policy
         assert not torch.allclose(ref_e, sequence_sums(make_policy(), add_target_index(dict(batch)), False))
+
+
+def test_static_compile_is_per_row_length_not_per_target_count():
+    """With static shapes (padding-free, FlexAttention) only the row length picks the compiled graph: batches that
+    differ in target count alone reuse it, so target counts can be rounded finely."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    policy = make_policy(5)
+    policy.compile_body(backend=counting_backend, dynamic=False)
+    batch = collate_sft(sft_examples(), pad_id=0, flat=True, pad_to_multiple_of=64)
+    eager = loss_and_grads(make_policy(5), SFTTask(), add_target_index(dict(batch)))
+    for multiple in (0, 16, 64):  # 40, 48 and 64 target slots
+        assert_same(loss_and_grads(policy, SFTTask(), add_target_index(dict(batch), multiple=multiple)), eager)
+    assert len(graphs) == 1
+    longer = collate_sft(sft_examples(), pad_id=0, flat=True, pad_to_multiple_of=128)
+    loss_and_grads(policy, SFTTask(), add_target_index(dict(longer)))
+    assert len(graphs) == 2
+    torch._dynamo.reset()

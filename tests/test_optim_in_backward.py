@@ -163,9 +163,9 @@ def test_cli_run_with_optim_in_backward_and_a_loss_chunk_size(tmp_path, monkeypa
     chunk_sizes = set()
     real = losses.token_logps
 
-    def spy(hidden, weight, targets, chunk_size=None):
+    def spy(hidden, weight, targets, chunk_size=None, fused=False):
         chunk_sizes.add(chunk_size)
-        return real(hidden, weight, targets, chunk_size)
+        return real(hidden, weight, targets, chunk_size, fused)
 
     monkeypatch.setattr(losses, "token_logps", spy)
     out = tmp_path / "run"
@@ -216,7 +216,7 @@ def test_bench_measure_with_optim_in_backward(task, monkeypatch):
 
     chunk_sizes = set()
     real = losses.token_logps
-    monkeypatch.setattr(losses, "token_logps", lambda h, w, t, c=None: chunk_sizes.add(c) or real(h, w, t, c))
+    monkeypatch.setattr(losses, "token_logps", lambda h, w, t, c=None, fused=False: chunk_sizes.add(c) or real(h, w, t, c, fused))
     tokenizer = load_tokenizer("demo")
     raw = load_preference_pairs("demo", split="train", limit=6)
     if task == "sft":
