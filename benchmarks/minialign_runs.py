@@ -12,7 +12,7 @@ LORA_R = 8
 BETA = 0.1
 
 
-# minialign variants. "compile": torch.compile of the whole forward (transformer and log-probs; dynamic shapes);
+# minialign variants. "compile": torch.compile of the transformer (TokenLogps.compile_body; dynamic shapes);
 # "cudagraphs": mode="reduce-overhead" (CUDA graphs) over batches padded to max_length, the target count padded to
 # the largest batch's, so every step has the same shapes (one graph); "gc": activation checkpointing; "flat":
 # padding-free batches (the batch's sequences back to back in one row, FlexAttention document mask), eager, the

@@ -20,7 +20,7 @@ from minialign.config import TrainConfig
 from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, add_target_index, frozen_copy, frozen_reference
 from minialign.graphs import GraphedStep, graph_key
 from minialign.optim import InBackwardAdamW, make_optimizer
-from minialign.train import _autocast, step_functions
+from minialign.train import _autocast, room_for_shapes, step_functions
 
 
 @dataclass
@@ -95,21 +95,22 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
     tokens = pairs = 0
     loss = torch.zeros((), device=device)
     start = None
-    for i in range(warmup + steps):
-        if i == 1 and cuda_graphs:
-            indexed = [add_target_index(dict(b), target_multiple) for b in batches]
-            for shape in {graph_key(b): b for b in indexed}.values():
-                step.prepare(shape)
-        if i == warmup:
-            _sync(device)
-            start = time.perf_counter()
-        batch = batches[i % len(batches)]
-        if i >= warmup:
-            tokens += int(batch["attention_mask"].sum())
-            pairs += batch.get("n_pairs", 0)
-        units = objective.units(batch)
-        sums, _ = step([add_target_index(dict(batch), target_multiple)], 1.0 / units)
-        loss = sums["loss"] / units
+    with room_for_shapes(isinstance(compile, str)):  # static shapes: one compiled graph per row length
+        for i in range(warmup + steps):
+            if i == 1 and cuda_graphs:
+                indexed = [add_target_index(dict(b), target_multiple) for b in batches]
+                for shape in {graph_key(b): b for b in indexed}.values():
+                    step.prepare(shape)
+            if i == warmup:
+                _sync(device)
+                start = time.perf_counter()
+            batch = batches[i % len(batches)]
+            if i >= warmup:
+                tokens += int(batch["attention_mask"].sum())
+                pairs += batch.get("n_pairs", 0)
+            units = objective.units(batch)
+            sums, _ = step([add_target_index(dict(batch), target_multiple)], 1.0 / units)
+            loss = sums["loss"] / units
     _sync(device)
     elapsed = time.perf_counter() - start
     if isinstance(optimizer, InBackwardAdamW):

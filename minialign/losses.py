@@ -31,8 +31,8 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 # op inside the compiled (and CUDA-graphed) step whatever the number of targets, symbolic or not, instead of
 # unrolling its loop over chunks. Inputs arrive already in the compute dtype (autocast's, outside the op).
 # ``fused`` runs the per-chunk softmax math through torch.compile (one kernel that reads the bf16 logits and writes
-# the bf16 gradient, instead of a float32 copy of the chunk that five eager kernels read and write again): on an
-# H200 that traffic was the largest part of the loss (benchmarks/NOTES.md, entry 13).
+# the bf16 gradient, instead of a float32 copy of the chunk that five eager kernels read and write again; with
+# per-batch target counts it took full SFT on an H200 from 489k to 678k tokens/s, benchmarks/NOTES.md entry 13).
 
 
 def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

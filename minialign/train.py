@@ -268,7 +268,7 @@ def train(
     stop = StopRequested()
     policy.train()
     t0, tokens0 = time.perf_counter(), progress.tokens
-    with stop.installed(), _hooks_removed_after(optimizer), _room_for_shapes(cfg):
+    with stop.installed(), _hooks_removed_after(optimizer), room_for_shapes(bool(cfg.compile and cfg.padding_free)):
         while progress.step < total:
             micro = [next_micro() for _ in range(cfg.grad_accum)]
             units, tokens = dist.all_reduce_ints([sum(task.units(b) for b in micro),
@@ -308,17 +308,18 @@ def train(
 
 
 @contextlib.contextmanager
-def _room_for_shapes(cfg: TrainConfig):
-    """Let a compiled padding-free policy compile every distinct shape of the run, for this run only.
+def room_for_shapes(static_shapes: bool):
+    """Let a policy compiled for static shapes compile every distinct shape of the run, for this run only.
 
-    It compiles with static shapes (FlexAttention, see recipes.compile_policy): one graph per row length, held-out
-    batches included, e.g. 6 for HH at batch 8 pairs with rows rounded to 512, more with finer rounding or longer
-    rows. torch's default of 8 graphs a function would run later shapes uncompiled.
+    Static shapes (padding-free rows, FlexAttention, see recipes.compile_policy) compile one graph per row length
+    and per mode: a DPO reference runs the same code under no_grad, a full-DPO reference is a second module, and
+    held-out batches add their lengths, e.g. ~20 graphs for HH DPO at batch 8 with rows rounded to 512. torch's
+    default of 8 graphs per function would run the later ones uncompiled.
     """
-    if not (cfg.compile and cfg.padding_free):
+    if not static_shapes:
         yield
         return
-    with torch._dynamo.config.patch(recompile_limit=64):
+    with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=1024):
         yield
 
 

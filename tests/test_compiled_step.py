@@ -1,4 +1,4 @@
-"""The fast paths give the plain eager numbers: target counts rounded up, and the whole forward compiled.
+"""The fast paths give the plain eager numbers: target counts rounded up, and the transformer compiled.
 
 Rounded target counts (``add_target_index(multiple=...)``) add slots that must carry no loss and no gradient;
 ``--compile`` compiles the transformer (``TokenLogps.compile_body``) and fuses the chunked log-prob's softmax math.

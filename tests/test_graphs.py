@@ -133,7 +133,7 @@ def test_held_out_batches_are_rounded_like_training_batches(tmp_path, monkeypatc
     assert rounded == pytest.approx(plain, rel=1e-6)
 
 
-@pytest.mark.parametrize("compile_, padding_free, limit", [(True, True, 64), (True, False, 8), (False, True, 8)])
+@pytest.mark.parametrize("compile_, padding_free, limit", [(True, True, 256), (True, False, 8), (False, True, 8)])
 def test_static_shape_runs_may_compile_every_shape(compile_, padding_free, limit):
     """A compiled padding-free policy compiles one graph per shape: the loop lifts torch's limit of 8 for the run."""
     from minialign.data import collate_sft
@@ -206,3 +206,30 @@ def test_one_capture_per_shape_and_the_first_step_eager(monkeypatch):
     assert captured == list(dict.fromkeys(keys[1:]))  # in order of first appearance, each once
     assert replays == keys[1:]
     assert_same_params(graphed, plain, atol=0)
+
+
+def test_bench_measure_makes_room_for_static_shapes(monkeypatch):
+    """``minialign bench`` and bench_gpu.py time static-shape compiled runs through ``measure``: the limit is lifted
+    there too (a DPO full run has a policy and a reference, each compiled per row length)."""
+    from minialign import bench
+    from minialign.data import collate_sft
+
+    seen = []
+    real = bench.SFTTask.loss
+
+    def spy(self, policy, batch):
+        seen.append(torch._dynamo.config.recompile_limit)
+        return real(self, policy, batch)
+
+    monkeypatch.setattr(bench.SFTTask, "loss", spy)
+    cfg = config(max_steps=1)
+    model, examples, _ = sft_pieces(cfg)
+    batches = [collate_sft(examples[:4], pad_id=0, flat=True)]
+    bench.measure(model, batches, task="sft", full=True, steps=1, warmup=1)
+    assert set(seen) == {8}
+    torch._dynamo.reset()
+    seen.clear()
+    bench.measure(model, batches, task="sft", full=True, steps=1, warmup=1, compile="default")
+    assert seen and set(seen) == {256}
+    assert torch._dynamo.config.recompile_limit == 8
+    torch._dynamo.reset()
