@@ -61,15 +61,15 @@ class TokenLogps(nn.Module):
         mask = attention_mask if doc_ids is None else self.document_mask(doc_ids)
         return self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
 
-    def compile_body(self, **options) -> None:
-        """``torch.compile`` the transformer (``body``) and fuse the loss's softmax math.
+    def compile_body(self, fuse_loss: bool = True, **options) -> None:
+        """``torch.compile`` the transformer (``body``) and, with ``fuse_loss``, the loss's softmax math.
 
         The target count stays outside the compiled code, so static shapes (``dynamic=False``, what FlexAttention
         needs) cost one compilation per row length, not per (row length, target count): target counts can then be
         rounded finely, which is work the output projection does not waste. Parameter names do not change.
         """
         self._body = torch.compile(self.body, **options)
-        self.fused = True
+        self.fused = fuse_loss
 
     def document_mask(self, doc_ids: torch.Tensor):
         """The attention mask of packed rows ``doc_ids`` [R, L], built on their device (see ``attention``)."""
