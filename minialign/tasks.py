@@ -45,13 +45,14 @@ class TokenLogps(nn.Module):
         self.chunk_size = chunk_size
         self.attention = attention
         self.flex = attention != "sdpa" and models.enable_flex_documents(model)
-        self._body, self.fused = self.body, False  # see compile_body
+        self.compiled_body, self.fused = None, False  # see compile_body
         if attention == "flex" and not self.flex:
             raise UserError("attention 'flex' needs a model running SDPA attention and a torch with FlexAttention "
                             "(>= 2.5); use --attention auto or sdpa.")
 
     def forward(self, input_ids, attention_mask, position_ids, tgt_index, tgt_ids, doc_ids=None):
-        hidden = self._body(input_ids, attention_mask, position_ids, doc_ids).flatten(0, 1).index_select(0, tgt_index)
+        body = self.compiled_body or self.body
+        hidden = body(input_ids, attention_mask, position_ids, doc_ids).flatten(0, 1).index_select(0, tgt_index)
         head = self.model.get_output_embeddings()
         logps = losses.token_logps(hidden, head.weight, tgt_ids.clamp(min=0), self.chunk_size, fused=self.fused)
         return logps.masked_fill(tgt_ids < 0, 0.0)  # slots that only round the count up (see add_target_index)
@@ -68,7 +69,7 @@ class TokenLogps(nn.Module):
         needs) cost one compilation per row length, not per (row length, target count): target counts can then be
         rounded finely, which is work the output projection does not waste. Parameter names do not change.
         """
-        self._body = torch.compile(self.body, **options)
+        self.compiled_body = torch.compile(self.body, **options)
         self.fused = fuse_loss
 
     def document_mask(self, doc_ids: torch.Tensor):
