@@ -35,8 +35,8 @@ for p in (str(ROOT), str(HERE)):  # minialign need not be installed; trl_peer li
 import torch
 import trl_peer
 from bench_table import _f, write_markdown
-from mfu import add_mfu, matmul_peak, model_flops, model_shape  # noqa: F401 - model_flops: used by the tests
-from minialign_runs import BETA, LORA_R, VARIANTS, build_batches, run_minialign  # noqa: F401
+from mfu import add_mfu, matmul_peak, model_shape
+from minialign_runs import BETA, LORA_R, VARIANTS, run_minialign
 from trl_peer import LR, load_workload, reset_memory
 
 HH = "data/hh-rlhf/harmless-base/test.jsonl.gz"

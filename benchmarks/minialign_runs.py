@@ -47,10 +47,6 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def n_targets(batch: dict) -> int:
-    return int((batch["targets"] != -100).sum())
-
-
 def build_batches(task: str, packing: bool, workload, batch_size: int, needed: int, max_length: int,
                   pad_to: int | None = None, flat: bool = False) -> list[dict]:
     """minialign batches in the benchmark's order: batch k holds ordered examples k*B .. (k+1)*B-1 (no short
@@ -73,7 +69,7 @@ def build_batches(task: str, packing: bool, workload, batch_size: int, needed: i
 
 
 def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload, args, device,
-                  variant: str = "eager") -> dict:
+                  variant: str = "eager", on_step=None) -> dict:
     from minialign.bench import measure
     from minialign.models import load_model
 
@@ -91,7 +87,7 @@ def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload
         if flat:
             longest = max(b["input_ids"].shape[1] for b in batches)
             batches = build_batches(task, packing, workload, batch_size, needed, args.max_length, pad_to=longest, flat=True)
-        target_multiple = round_up(max(n_targets(b) for b in batches), TARGET_MULTIPLE)
+        target_multiple = round_up(max(b["n_targets"] for b in batches), TARGET_MULTIPLE)
     collate_ms = (time.perf_counter() - t0) * 1e3 / max(len(batches), 1)
     # CUDA graphs are recorded once per distinct shape: warm up over every distinct batch, so that the timed steps
     # see the steady state a long run reaches (every shape recorded), not recordings.
@@ -104,7 +100,7 @@ def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload
                     grad_checkpointing=v.get("grad_checkpointing", False),
                     optim_in_backward=v.get("optim_in_backward", False), target_multiple=target_multiple,
                     chunk_size=getattr(args, "loss_chunk_size", None) or None,
-                    cuda_graphs=v.get("cuda_graphs", False))
+                    cuda_graphs=v.get("cuda_graphs", False), on_step=on_step)
     finally:
         del model
         torch._dynamo.reset()
@@ -119,5 +115,5 @@ def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload
         "optim_in_backward": v.get("optim_in_backward", False), "compile": v["compile"], "variant": variant,
         "cuda_graphs": v.get("cuda_graphs", False), "loss_chunk_size": getattr(args, "loss_chunk_size", None) or None,
         "distinct_batches": len(batches), "collate_ms_per_batch": collate_ms, "target_multiple": target_multiple,
-        "distinct_shapes": len({(b["input_ids"].shape[1], round_up(n_targets(b), target_multiple)) for b in batches}),
+        "distinct_shapes": len({(b["input_ids"].shape[1], round_up(b["n_targets"], target_multiple)) for b in batches}),
     }

@@ -16,13 +16,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.profiler import ProfilerActivity, profile, schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gpu  # noqa: E402
-
-from minialign import graphs  # noqa: E402
 
 
 def main() -> None:
@@ -41,35 +38,16 @@ def main() -> None:
     data, tok = bench_gpu.find_shared(bench_gpu.HH), bench_gpu.find_shared(bench_gpu.TOKENIZER)
     workload = bench_gpu.load_workload(task, data, tok, bench_args.max_length, bench_args.max_prompt_length)
     device = torch.device(args.device)
-    # The profiler advances one step per optimiser step: it records only the last ``steps`` steps. Graph
-    # variants over batches of several shapes warm up over every distinct batch (see bench_gpu.run_minialign).
-    # A whole-step graph (--cuda-graphs) fires no optimiser hook when replayed (and one per capture): the profiler
-    # advances per replay instead, and the first step, eager, is not counted.
+    # The profiler advances once per training step (measure's on_step) and records only the last ``steps`` steps.
+    # Graph variants over batches of several shapes warm up over every distinct batch (see run_minialign).
     v = bench_gpu.VARIANTS[args.variant]
     warmup = args.warmup + args.steps if v["compile"] == "reduce-overhead" and not v.get("static") else args.warmup
-    whole_step = v.get("cuda_graphs", False)
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                   schedule=schedule(wait=max(warmup - 1 - whole_step, 0), warmup=1, active=args.steps, repeat=1))
-    replay = graphs._Captured.replay
-
-    def replay_and_count(self, *args):
-        out = replay(self, *args)
-        prof.step()
-        return out
-
-    if whole_step:
-        graphs._Captured.replay = replay_and_count
-        handle = None
-    else:
-        handle = register_optimizer_step_post_hook(lambda *_: prof.step())
+                   schedule=schedule(wait=warmup - 1, warmup=1, active=args.steps, repeat=1))
     t0 = time.perf_counter()
-    try:
-        with prof:
-            row = bench_gpu.run_minialign(task, mode, packing, args.batch_size, workload, bench_args, device, args.variant)
-    finally:
-        graphs._Captured.replay = replay
-        if handle is not None:
-            handle.remove()
+    with prof:
+        row = bench_gpu.run_minialign(task, mode, packing, args.batch_size, workload, bench_args, device, args.variant,
+                                      on_step=prof.step)
     events = prof.key_averages()
     kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     steps = [e for e in prof.events() if e.name.startswith("ProfilerStep")]

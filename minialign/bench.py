@@ -11,6 +11,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,8 @@ def peak_rss_mb() -> float:
 def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 8, steps: int = 20, warmup: int = 3,
             lr: float = 1e-4, beta: float = 0.1, device: torch.device | str = "cpu", compile: bool | str = False,
             grad_checkpointing: bool = False, optim_in_backward: bool = False,
-            chunk_size: int | None = None, target_multiple: int = 64, cuda_graphs: bool = False) -> Measurement:
+            chunk_size: int | None = None, target_multiple: int = 64, cuda_graphs: bool = False,
+            on_step: Callable[[], None] | None = None) -> Measurement:
     """Train ``model`` (consumed: LoRA is applied in place) for ``warmup + steps`` steps over ``batches``.
 
     Set up exactly as ``minialign sft|dpo`` do: on a GPU, LoRA's frozen base weights are bf16. Gradients are
@@ -58,6 +60,7 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
     ``target_multiple``: their count is rounded up to a multiple of it (``add_target_index``), as training does.
     ``cuda_graphs``: each step replayed as one CUDA graph (``minialign.graphs``); every distinct batch shape is
     captured after the first step, before the timed ones, as a long run would have done by then.
+    ``on_step``: called after every step, warm-up included (a profiler's step boundary).
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -95,22 +98,24 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
     tokens = pairs = 0
     loss = torch.zeros((), device=device)
     start = None
+    indexed = [add_target_index(dict(b), target_multiple) for b in batches]  # host work, once, outside the timing
     with room_for_shapes(isinstance(compile, str)):  # static shapes: one compiled graph per row length
         for i in range(warmup + steps):
             if i == 1 and cuda_graphs:
-                indexed = [add_target_index(dict(b), target_multiple) for b in batches]
                 for shape in {graph_key(b): b for b in indexed}.values():
                     step.prepare(shape)
             if i == warmup:
                 _sync(device)
                 start = time.perf_counter()
-            batch = batches[i % len(batches)]
+            batch = indexed[i % len(batches)]
             if i >= warmup:
                 tokens += int(batch["attention_mask"].sum())
                 pairs += batch.get("n_pairs", 0)
             units = objective.units(batch)
-            sums, _ = step([add_target_index(dict(batch), target_multiple)], 1.0 / units)
+            sums, _ = step([batch], 1.0 / units)
             loss = sums["loss"] / units
+            if on_step is not None:
+                on_step()
     _sync(device)
     elapsed = time.perf_counter() - start
     if isinstance(optimizer, InBackwardAdamW):

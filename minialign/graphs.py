@@ -86,8 +86,9 @@ class GraphedStep:
 
     def prepare(self, batch: dict) -> None:
         """Capture ``batch``'s shape now (it is not trained on), so the first step of that shape is a replay."""
-        if self.enabled and graph_key(batch) not in self.graphs and self.optimizer.state:
-            self.graphs[graph_key(batch)] = self._capture(batch)
+        key = graph_key(batch)
+        if self.enabled and key not in self.graphs and self.optimizer.state:
+            self.graphs[key] = self._capture(batch)
 
     def _eager(self, batches: list[dict], scale: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)  # after a replay, the gradients are the graph's

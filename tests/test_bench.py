@@ -46,23 +46,42 @@ def trl_peer(bench_gpu):
 
 
 @pytest.fixture(scope="module")
+def runs(bench_gpu):
+    """benchmarks/minialign_runs.py, as bench_gpu imported it."""
+    return sys.modules["minialign_runs"]
+
+
+@pytest.fixture(scope="module")
+def mfu(bench_gpu):
+    return sys.modules["mfu"]
+
+
+@pytest.fixture(scope="module")
 def workloads(trl_peer):
     return {task: trl_peer.load_workload(task, "demo", "demo", 512, 256) for task in ("sft", "dpo")}
 
 
 @pytest.mark.parametrize("task", ["sft", "dpo"])
 @pytest.mark.parametrize("mode", ["lora", "full"])
-def test_measure_tiny(bench_gpu, workloads, task, mode):
-    batches = bench_gpu.build_batches(task, False, workloads[task], 2, 3, 512)
+def test_measure_tiny(runs, workloads, task, mode):
+    batches = runs.build_batches(task, False, workloads[task], 2, 3, 512)
     m = measure(load_model("tiny"), batches, task=task, full=mode == "full", steps=2, warmup=1)
     assert m.tokens_per_s > 0 and m.peak_memory_mb > 0
     assert (m.pairs_per_s is not None and m.pairs_per_s > 0) == (task == "dpo")
     assert m.memory_kind == "cpu_peak_rss" and torch.isfinite(torch.tensor(m.final_loss))
 
 
-def test_packed_batches_hold_every_token_once(bench_gpu, trl_peer, workloads):
+def test_measure_calls_on_step_after_every_step(runs, workloads):
+    """profile_step.py's profiler advances on this boundary, whether or not steps are CUDA-graph replays."""
+    calls = []
+    batches = runs.build_batches("sft", False, workloads["sft"], 2, 3, 512)
+    measure(load_model("tiny"), batches, task="sft", full=True, steps=3, warmup=2, on_step=lambda: calls.append(1))
+    assert len(calls) == 5
+
+
+def test_packed_batches_hold_every_token_once(runs, trl_peer, workloads):
     items = workloads["sft"][1]
-    batches = bench_gpu.build_batches("sft", True, workloads["sft"], 2, 10**6, 512)
+    batches = runs.build_batches("sft", True, workloads["sft"], 2, 10**6, 512)
     rows = sum(b["input_ids"].shape[0] for b in batches)
     assert all(b["input_ids"].shape == (2, 512) for b in batches)
     total = sum(trl_peer.batch_stats(b)[0] for b in batches)
@@ -80,12 +99,12 @@ def test_batch_stats_documents():
     assert batch_stats(packed) == (6, 9 + 4 + 1)
 
 
-def test_model_flops_formula(bench_gpu):
+def test_model_flops_formula(mfu):
     shape = {"matmul_params": 100, "lora_params": 10, "layers": 2, "hidden": 8}
     attn = 4 * 2 * 8 * 50  # forward attention FLOPs for sum(n^2) = 50
-    assert bench_gpu.model_flops("sft", "full", 7, 50, shape) == 6 * 100 * 7 + 3 * attn
-    assert bench_gpu.model_flops("sft", "lora", 7, 50, shape) == (4 * 100 + 6 * 10) * 7 + 3 * attn
-    assert bench_gpu.model_flops("dpo", "full", 7, 50, shape) == 6 * 100 * 7 + 3 * attn + 2 * 100 * 7 + attn
+    assert mfu.model_flops("sft", "full", 7, 50, shape) == 6 * 100 * 7 + 3 * attn
+    assert mfu.model_flops("sft", "lora", 7, 50, shape) == (4 * 100 + 6 * 10) * 7 + 3 * attn
+    assert mfu.model_flops("dpo", "full", 7, 50, shape) == 6 * 100 * 7 + 3 * attn + 2 * 100 * 7 + attn
 
 
 def test_a_failing_run_is_recorded_and_oom_is_named(bench_gpu):
@@ -98,7 +117,7 @@ def test_a_failing_run_is_recorded_and_oom_is_named(bench_gpu):
     assert not was_oom and row["error"].startswith("ZeroDivisionError")
 
 
-def test_trl_peer_sees_the_same_batches(bench_gpu, trl_peer, workloads):
+def test_trl_peer_sees_the_same_batches(runs, trl_peer, workloads):
     pytest.importorskip("trl")
     row = trl_peer.run_trl("dpo", "lora", 2, 2, 1, "demo", "demo", 512, "cpu", model_name="tiny",
                            workload=workloads["dpo"])
@@ -106,7 +125,7 @@ def test_trl_peer_sees_the_same_batches(bench_gpu, trl_peer, workloads):
     assert row["tokens_per_s"] > 0 and row["pairs_per_s"] > 0 and row["peak_memory_mb"] > 0
     assert row["final_loss"] == pytest.approx(0.693, abs=0.05) and not row["gradient_checkpointing"]
     # TRL trained on exactly minialign's batches 1 and 2 (after one warm-up batch): same real tokens.
-    ours = bench_gpu.build_batches("dpo", False, workloads["dpo"], 2, 3, 512)[1:3]
+    ours = runs.build_batches("dpo", False, workloads["dpo"], 2, 3, 512)[1:3]
     assert row["tokens"] == sum(trl_peer.batch_stats(b)[0] for b in ours)
     assert row["attn_sq"] == sum(trl_peer.batch_stats(b)[1] for b in ours)
 
