@@ -23,8 +23,10 @@ BETA = 0.1
 # and the whole step (forward, backward, clipping, AdamW) replayed as one CUDA graph (--cuda-graphs); "graph-buckets":
 # the same with rows rounded up to GRAPH_BUCKET tokens (a few compiled shapes) and each batch's target count rounded
 # to TARGET_MULTIPLE (one capture per (row length, target count), each captured before the timed steps; the target
-# count is outside the compiled transformer, see TokenLogps.compile_body). Packed SFT rows are already free of
-# padding and of one fixed shape, so "flat" changes nothing for them.
+# count is outside the compiled transformer, see TokenLogps.compile_body). Compiled variants compile one transformer
+# block, which serves every block (compile scope "blocks"); "graph-buckets-model" compiles the whole transformer as
+# one graph instead. Packed SFT rows are already free of padding and of one fixed shape, so "flat" changes nothing
+# for them.
 VARIANTS = {
     "eager": dict(compile=False),
     "compile": dict(compile=True),
@@ -37,6 +39,7 @@ VARIANTS = {
     "graph": dict(compile="default", flat=True, static=True, cuda_graphs=True),
     "graph-buckets": dict(compile="default", flat=True, buckets=True, cuda_graphs=True),
     "graph-buckets-gc": dict(compile="default", flat=True, buckets=True, cuda_graphs=True, grad_checkpointing=True),
+    "graph-buckets-model": dict(compile="default", flat=True, buckets=True, cuda_graphs=True, compile_scope="model"),
 }
 GRAPH_BUCKET = 512
 FLAT_BUCKET = 256
@@ -100,7 +103,8 @@ def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload
                     grad_checkpointing=v.get("grad_checkpointing", False),
                     optim_in_backward=v.get("optim_in_backward", False), target_multiple=target_multiple,
                     chunk_size=getattr(args, "loss_chunk_size", None) or None,
-                    cuda_graphs=v.get("cuda_graphs", False), on_step=on_step)
+                    cuda_graphs=v.get("cuda_graphs", False), on_step=on_step,
+                    compile_scope=v.get("compile_scope", "blocks"))
     finally:
         del model
         torch._dynamo.reset()
@@ -113,6 +117,8 @@ def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload
         "warmup": warmup, "elapsed_s": tokens / m.tokens_per_s, "tokens": tokens, "attn_sq": attn_sq,
         "packing": packing, "padding_free": flat or packing, "gradient_checkpointing": v.get("grad_checkpointing", False),
         "optim_in_backward": v.get("optim_in_backward", False), "compile": v["compile"], "variant": variant,
+        "compile_scope": v.get("compile_scope", "blocks") if v["compile"] else None,
+        "run_wall_s": time.perf_counter() - t0,  # the whole run: batches, model, compilation, captures, every step
         "cuda_graphs": v.get("cuda_graphs", False), "loss_chunk_size": getattr(args, "loss_chunk_size", None) or None,
         "distinct_batches": len(batches), "collate_ms_per_batch": collate_ms, "target_multiple": target_multiple,
         "distinct_shapes": len({(b["input_ids"].shape[1], round_up(b["n_targets"], target_multiple)) for b in batches}),

@@ -51,7 +51,7 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
             lr: float = 1e-4, beta: float = 0.1, device: torch.device | str = "cpu", compile: bool | str = False,
             grad_checkpointing: bool = False, optim_in_backward: bool = False,
             chunk_size: int | None = None, target_multiple: int = 64, cuda_graphs: bool = False,
-            on_step: Callable[[], None] | None = None) -> Measurement:
+            on_step: Callable[[], None] | None = None, compile_scope: str = "blocks") -> Measurement:
     """Train ``model`` (consumed: LoRA is applied in place) for ``warmup + steps`` steps over ``batches``.
 
     Set up exactly as ``minialign sft|dpo`` do: on a GPU, LoRA's frozen base weights are bf16. Gradients are
@@ -76,6 +76,8 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
     # compile: True (dynamic shapes), or a torch.compile mode such as "default" or "reduce-overhead" (static shapes:
     # one graph per distinct row length, as FlexAttention needs). The transformer is compiled, see compile_body.
     compile_kwargs = ({"mode": compile, "dynamic": False} if isinstance(compile, str) else {"dynamic": True}) if compile else None
+    if compile_kwargs:
+        compile_kwargs["scope"] = compile_scope
     policy = TokenLogps(model, chunk_size)
     if compile_kwargs:
         policy.compile_body(**compile_kwargs)

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="compile", choices=list(BENCH_VARIANTS),
                    help="compile: dynamic shapes; cudagraphs: rows padded to 512, reduce-overhead; graphs: padding-free "
                         "rows rounded to 512 tokens, each step one CUDA graph (--padding-free --compile --cuda-graphs)")
+    p.add_argument("--compile-scope", default="blocks", choices=["blocks", "model"],
+                   help="compiled variants: one compiled block serves every block, or the whole transformer as one graph")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--json", action="store_true")
@@ -205,7 +207,7 @@ def cmd_bench(args) -> int:
                 try:
                     m = measure(load_model(args.model), batches, task=task, full=mode == "full", steps=args.steps,
                                 warmup=3, device=device, compile=compile_arg, grad_checkpointing=args.grad_checkpointing,
-                                cuda_graphs=graphs)
+                                cuda_graphs=graphs, compile_scope=args.compile_scope)
                     row = dataclasses.asdict(m)
                 except torch.OutOfMemoryError:
                     row = {"task": task, "mode": mode, "batch_size": b, "error": "out of memory"}

@@ -65,6 +65,7 @@ class TrainConfig:
     attention: str = "auto"  # packed rows: auto (FlexAttention document mask on CUDA, dense mask on CPU) | sdpa | flex
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs (pad to max_length)
+    compile_scope: str = "blocks"  # blocks: one compiled block serves every block (fast to compile) | model: one graph
     pad_to_multiple_of: int = 8  # fewer distinct shapes: tensor-core friendly, fewer recompiles
     pad_targets_to_multiple_of: int = 64  # round the output projection's rows up too (0: off); see add_target_index
     base_dtype: str = "auto"  # auto: frozen base weights in bf16 for LoRA on CUDA, else float32
@@ -102,6 +103,7 @@ class TrainConfig:
             (not (self.padding_free and self.packing), "padding_free and packing exclude each other: packed rows "
              "are already free of padding; choose one"),
             (self.attention in ("auto", "sdpa", "flex"), "attention must be auto, sdpa or flex"),
+            (self.compile_scope in ("blocks", "model"), "compile_scope must be blocks or model"),
             (self.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0: no clipping)"),
             (self.loss_chunk_size >= 0, "loss_chunk_size must be >= 0 (0: automatic)"),
         ]

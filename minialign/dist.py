@@ -14,6 +14,7 @@ import os
 import torch
 import torch.distributed as tdist
 
+from minialign import models
 from minialign.errors import UserError
 
 MODES = ("auto", "none", "ddp", "fsdp")
@@ -182,10 +183,8 @@ def shard(policy: torch.nn.Module) -> torch.nn.Module:
     """
     from torch.distributed.fsdp import fully_shard
 
-    blocks = {name for m in policy.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
-    for module in list(policy.modules())[1:]:
-        if type(module).__name__ in blocks:
-            fully_shard(module)
+    for block in models.transformer_blocks(policy):
+        fully_shard(block)
     fully_shard(policy)
     return policy
 

@@ -12,9 +12,11 @@ One entry point each, ``load_model`` and ``load_tokenizer``, accepting:
 
 from __future__ import annotations
 
+import contextlib
 import functools
-
 import sys
+import types
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -292,3 +294,43 @@ def enable_flex_documents(model: PreTrainedModel) -> bool:
     AttentionMaskInterface.register(FLEX_DOCUMENTS, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # same masks as SDPA
     model.set_attn_implementation(FLEX_DOCUMENTS)
     return model.config._attn_implementation == FLEX_DOCUMENTS
+
+
+# ----------------------------------------------------------------------------- regional compilation
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of ``model``, found by the model's own ``_no_split_modules`` (e.g. GPTNeoXLayer)."""
+    names = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def compile_blocks(model: torch.nn.Module, **options) -> list[tuple[torch.nn.Module, Callable]]:
+    """(block, compiled forward) for every transformer block; blocks of one class share one compiled function.
+
+    The function is compiled unbound (the block is its first argument), so its graphs are keyed by shapes and
+    grad mode, not by which block runs it, and a deep copy of the model holds nothing that calls the original.
+    """
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise UserError(f"{type(model).__name__} names no transformer block class (_no_split_modules), so its blocks "
+                        "cannot be compiled one by one; compile the whole model instead (--compile-scope model).")
+    compiled: dict = {}
+    for block in blocks:
+        forward = type(block).forward
+        if forward not in compiled:
+            compiled[forward] = torch.compile(forward, **options)
+    return [(block, compiled[type(block).forward]) for block in blocks]
+
+
+@contextlib.contextmanager
+def running_compiled(blocks: list[tuple[torch.nn.Module, Callable]]):
+    """Inside: every block runs its compiled forward (hooks, e.g. FSDP's, stay eager around it). Outside, the
+    blocks are as they were, so generation, evaluation and saving never meet the compiled code."""
+    for block, forward in blocks:
+        block.forward = types.MethodType(forward, block)
+    try:
+        yield
+    finally:
+        for block, _ in blocks:
+            del block.forward

@@ -156,7 +156,8 @@ def compile_policy(policy: TokenLogps, cfg: TrainConfig) -> None:
     Padding-free rows change length every batch and FlexAttention does not compile for symbolic lengths (torch
     2.11), so they compile one graph per distinct row length: round lengths coarsely (--pad-to-multiple-of 256 or more).
     """
-    policy.compile_body(mode=cfg.compile_mode, **({"dynamic": False} if cfg.padding_free else {}))
+    static = {"dynamic": False} if cfg.padding_free else {}
+    policy.compile_body(scope=cfg.compile_scope, mode=cfg.compile_mode, **static)
 
 
 def save_final(model, run_dir: Path, cfg: TrainConfig, tokenizer) -> None:

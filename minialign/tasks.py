@@ -22,6 +22,7 @@ from minialign.data.batching import block_causal_mask
 from minialign.errors import UserError
 
 ATTENTION = ("auto", "sdpa", "flex")  # how packed rows mask attention: see TokenLogps
+COMPILE_SCOPES = ("blocks", "model")  # what --compile compiles: see TokenLogps.compile_body
 
 
 class TokenLogps(nn.Module):
@@ -45,13 +46,13 @@ class TokenLogps(nn.Module):
         self.chunk_size = chunk_size
         self.attention = attention
         self.flex = attention != "sdpa" and models.enable_flex_documents(model)
-        self.compiled_body, self.fused = None, False  # see compile_body
+        self.compiled_body, self.compiled_blocks, self.fused = None, [], False  # see compile_body
         if attention == "flex" and not self.flex:
             raise UserError("attention 'flex' needs a model running SDPA attention and a torch with FlexAttention "
                             "(>= 2.5); use --attention auto or sdpa.")
 
     def forward(self, input_ids, attention_mask, position_ids, tgt_index, tgt_ids, doc_ids=None):
-        body = self.compiled_body or self.body
+        body = functools.partial(self.compiled_body, self) if self.compiled_body else self.body
         hidden = body(input_ids, attention_mask, position_ids, doc_ids).flatten(0, 1).index_select(0, tgt_index)
         head = self.model.get_output_embeddings()
         logps = losses.token_logps(hidden, head.weight, tgt_ids.clamp(min=0), self.chunk_size, fused=self.fused)
@@ -60,16 +61,28 @@ class TokenLogps(nn.Module):
     def body(self, input_ids, attention_mask, position_ids, doc_ids=None) -> torch.Tensor:
         """``[R, L, H]`` final hidden states: everything whose shapes depend on the rows alone."""
         mask = attention_mask if doc_ids is None else self.document_mask(doc_ids)
-        return self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).last_hidden_state
+        with models.running_compiled(self.compiled_blocks):
+            out = self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                        use_cache=False)
+        return out.last_hidden_state
 
-    def compile_body(self, fuse_loss: bool = True, **options) -> None:
+    def compile_body(self, fuse_loss: bool = True, scope: str = "blocks", **options) -> None:
         """``torch.compile`` the transformer (``body``) and, with ``fuse_loss``, the loss's softmax math.
 
-        The target count stays outside the compiled code, so static shapes (``dynamic=False``, what FlexAttention
-        needs) cost one compilation per row length, not per (row length, target count): target counts can then be
-        rounded finely, which is work the output projection does not waste. Parameter names do not change.
+        ``scope`` "blocks" compiles one transformer block's forward and runs every block through it (regional
+        compilation: the blocks are identical, so one graph serves them all and compiling costs about one block's
+        time); "model" compiles the whole transformer as one graph (kernels may fuse across blocks; compiling is
+        slower by about the number of blocks). Either way the target count stays outside the compiled code, so
+        static shapes (``dynamic=False``, what FlexAttention needs) cost one compilation per row length and grad
+        mode, not per target count: target counts can then be rounded finely. Parameter names do not change, and
+        the compiled blocks run only inside ``body`` (generation with the same model stays eager).
         """
-        self.compiled_body = torch.compile(self.body, **options)
+        if scope not in COMPILE_SCOPES:
+            raise UserError(f"compile scope must be one of {', '.join(COMPILE_SCOPES)} (got '{scope}').")
+        if scope == "blocks":
+            self.compiled_blocks = models.compile_blocks(self.model, **options)
+        else:
+            self.compiled_body = torch.compile(TokenLogps.body, **options)  # unbound: a deep copy runs its own
         self.fused = fuse_loss
 
     def document_mask(self, doc_ids: torch.Tensor):

@@ -8,13 +8,17 @@ autograd of the custom function included) without generating C++, so it fits the
 math, which Inductor does compile, is checked in test_losses.py and in the static-shape test below.
 """
 
+import copy
 import random
 
 import pytest
 import torch
 
+from minialign import models
 from minialign.data import TokenizedExample, collate_pairs, collate_sft
-from minialign.tasks import DPOTask, SFTTask, adapter_reference, add_target_index, sequence_sums
+from minialign.errors import UserError
+from minialign.models import load_model
+from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, add_target_index, sequence_sums
 from test_flat_batches import _ids, assert_same, loss_and_grads, pairs
 from test_flat_batches import lora_policy as make_policy
 
@@ -56,18 +60,20 @@ def test_rounded_targets_keep_length_normalised_sums(flat):
             torch.testing.assert_close(rounded, plain, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("scope", ["blocks", "model"])
 @pytest.mark.parametrize("flat", [False, True], ids=["padded", "flat"])
-def test_compiled_forward_equals_eager_sft(flat):
+def test_compiled_forward_equals_eager_sft(flat, scope):
     batch = collate_sft(sft_examples(), pad_id=0, flat=flat, pad_to_multiple_of=8)
     eager = loss_and_grads(make_policy(5), SFTTask(), add_target_index(dict(batch)))
     compiled_policy = make_policy(5)
-    compiled_policy.compile_body(fuse_loss=False, backend="aot_eager", dynamic=True)
+    compiled_policy.compile_body(fuse_loss=False, scope=scope, backend="aot_eager", dynamic=True)
     torch._dynamo.reset()
     compiled = loss_and_grads(compiled_policy, SFTTask(), add_target_index(dict(batch), multiple=16))
     assert_same(compiled, eager)
 
 
-def test_compiled_forward_equals_eager_dpo_with_adapter_reference():
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_compiled_forward_equals_eager_dpo_with_adapter_reference(scope):
     """The reference is the same compiled module with adapters off: a second graph, no stale adapter state."""
     batch = collate_pairs(pairs(), pad_id=0, pad_to_multiple_of=8)
     results = []
@@ -75,7 +81,7 @@ def test_compiled_forward_equals_eager_dpo_with_adapter_reference():
         policy = make_policy()
         if compiled:
             torch._dynamo.reset()
-            policy.compile_body(fuse_loss=False, backend="aot_eager", dynamic=True)
+            policy.compile_body(fuse_loss=False, scope=scope, backend="aot_eager", dynamic=True)
         task = DPOTask(adapter_reference(policy, False), beta=0.1)
         b = add_target_index(dict(batch), multiple=16 if compiled else 0)
         with torch.no_grad():
@@ -88,24 +94,75 @@ def test_compiled_forward_equals_eager_dpo_with_adapter_reference():
         assert not torch.allclose(ref_e, sequence_sums(make_policy(), add_target_index(dict(batch)), False))
 
 
-def test_static_compile_is_per_row_length_not_per_target_count():
-    """With static shapes (padding-free, FlexAttention) only the row length picks the compiled graph: batches that
-    differ in target count alone reuse it, so target counts can be rounded finely."""
-    graphs = []
+class CountingBackend:
+    """A torch.compile backend that runs each graph as traced and counts the graphs it was given."""
 
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
         return gm.forward
 
+
+def full_policy(chunk_size=None, layers: int = 2) -> TokenLogps:
+    """The tiny model, every weight trained (so every block's input requires grad), ``layers`` blocks."""
+    model = load_model("tiny", seed=0)
+    if layers != model.config.num_hidden_layers:
+        config = model.config
+        config.num_hidden_layers = layers
+        model = type(model)(config)
+    return TokenLogps(model, chunk_size, attention="sdpa")
+
+
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_static_compile_is_per_row_length_not_per_target_count(scope):
+    """With static shapes (padding-free, FlexAttention) only the row length picks the compiled graph: batches that
+    differ in target count alone reuse it, so target counts can be rounded finely. Compiling blocks, one graph
+    serves all four blocks."""
     torch._dynamo.reset()
-    policy = make_policy(5)
-    policy.compile_body(backend=counting_backend, dynamic=False)
+    backend = CountingBackend()
+    torch.manual_seed(0)
+    policy = full_policy(5, layers=4)
+    reference = copy.deepcopy(policy)
+    policy.compile_body(scope=scope, backend=backend, dynamic=False)
     batch = collate_sft(sft_examples(), pad_id=0, flat=True, pad_to_multiple_of=64)
-    eager = loss_and_grads(make_policy(5), SFTTask(), add_target_index(dict(batch)))
+    eager = loss_and_grads(reference, SFTTask(), add_target_index(dict(batch)))
     for multiple in (0, 16, 64):  # 40, 48 and 64 target slots
         assert_same(loss_and_grads(policy, SFTTask(), add_target_index(dict(batch), multiple=multiple)), eager)
-    assert len(graphs) == 1
+    assert len(backend.graphs) == 1
     longer = collate_sft(sft_examples(), pad_id=0, flat=True, pad_to_multiple_of=128)
     loss_and_grads(policy, SFTTask(), add_target_index(dict(longer)))
-    assert len(graphs) == 2
+    assert len(backend.graphs) == 2
     torch._dynamo.reset()
+
+
+def test_compiled_blocks_run_only_inside_the_body_and_copies_run_their_own():
+    """Generation and evaluation call the model directly: its blocks must be the eager ones there. A deep copy of a
+    compiled policy (a frozen reference, a merge) must compute with its own weights, not the original's."""
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    policy = full_policy(5)
+    policy.compile_body(scope="blocks", backend=backend, dynamic=True)
+    batch = add_target_index(collate_sft(sft_examples(), pad_id=0, pad_to_multiple_of=8))
+    with torch.no_grad():
+        policy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert backend.graphs == []
+    assert all("forward" not in vars(block) for block in models.transformer_blocks(policy))
+    copied, plain = copy.deepcopy(policy), full_policy(5)
+    with torch.no_grad():
+        for p in [*copied.parameters(), *plain.parameters()]:
+            p.mul_(0.5)
+    assert_same(loss_and_grads(copied, SFTTask(), batch), loss_and_grads(plain, SFTTask(), batch))
+    assert all(p.grad is None for p in policy.parameters())
+    assert len(backend.graphs) >= 1  # the copy did run compiled blocks
+
+
+def test_compiling_blocks_of_a_model_without_named_blocks_says_what_to_do():
+    policy = full_policy()
+    for module in policy.modules():
+        module._no_split_modules = None
+    with pytest.raises(UserError, match="compile-scope model"):
+        policy.compile_body(scope="blocks")
+    with pytest.raises(UserError, match="compile scope must be one of blocks, model"):
+        policy.compile_body(scope="layers")
