@@ -310,6 +310,9 @@ def compile_blocks(model: torch.nn.Module, **options) -> list[tuple[torch.nn.Mod
 
     The function is compiled unbound (the block is its first argument), so its graphs are keyed by shapes and
     grad mode, not by which block runs it, and a deep copy of the model holds nothing that calls the original.
+    A block with gradient checkpointing on (enable it before compiling) gets a forward that checkpoints itself
+    inside the compiled code, so its recomputation in backward replays the compiled graph: transformers' own
+    checkpointing would recompute the block's eager forward, after ``running_compiled`` has put it back.
     """
     blocks = transformer_blocks(model)
     if not blocks:
@@ -317,20 +320,37 @@ def compile_blocks(model: torch.nn.Module, **options) -> list[tuple[torch.nn.Mod
                         "cannot be compiled one by one; compile the whole model instead (--compile-scope model).")
     compiled: dict = {}
     for block in blocks:
-        forward = type(block).forward
-        if forward not in compiled:
-            compiled[forward] = torch.compile(forward, **options)
-    return [(block, compiled[type(block).forward]) for block in blocks]
+        key = (type(block).forward, bool(getattr(block, "gradient_checkpointing", False)))
+        if key not in compiled:
+            forward, checkpointed = key
+            compiled[key] = torch.compile(_checkpointing(forward) if checkpointed else forward, **options)
+    return [(block, compiled[type(block).forward, bool(getattr(block, "gradient_checkpointing", False))])
+            for block in blocks]
+
+
+def _checkpointing(forward: Callable) -> Callable:
+    def checkpointed(block, *args, **kwargs):
+        if not (block.training and torch.is_grad_enabled()):
+            return forward(block, *args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, block, *args, use_reentrant=False, **kwargs)
+
+    return checkpointed
 
 
 @contextlib.contextmanager
 def running_compiled(blocks: list[tuple[torch.nn.Module, Callable]]):
-    """Inside: every block runs its compiled forward (hooks, e.g. FSDP's, stay eager around it). Outside, the
-    blocks are as they were, so generation, evaluation and saving never meet the compiled code."""
+    """Inside: every block runs its compiled forward (hooks, e.g. FSDP's, stay eager around it; checkpointing is
+    inside it, see compile_blocks). Outside, the blocks are as they were, so generation, evaluation and saving
+    never meet the compiled code."""
+    saved = [getattr(block, "gradient_checkpointing", None) for block, _ in blocks]
     for block, forward in blocks:
         block.forward = types.MethodType(forward, block)
+        if hasattr(block, "gradient_checkpointing"):
+            block.gradient_checkpointing = False
     try:
         yield
     finally:
-        for block, _ in blocks:
+        for (block, _), checkpointing in zip(blocks, saved):
             del block.forward
+            if checkpointing is not None:
+                block.gradient_checkpointing = checkpointing

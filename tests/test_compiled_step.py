@@ -166,3 +166,30 @@ def test_compiling_blocks_of_a_model_without_named_blocks_says_what_to_do():
         policy.compile_body(scope="blocks")
     with pytest.raises(UserError, match="compile scope must be one of blocks, model"):
         policy.compile_body(scope="layers")
+
+
+def test_checkpointed_blocks_recompute_inside_their_compiled_graph(monkeypatch):
+    """With gradient checkpointing, backward recomputes each block: inside the compiled graph, never through the
+    block's eager forward (which ``body`` has put back by then, and whose outputs a GPU compiles differently)."""
+    batch = add_target_index(collate_sft(sft_examples(), pad_id=0, flat=True, pad_to_multiple_of=64))
+    eager = loss_and_grads(full_policy(5), SFTTask(), batch)
+    torch._dynamo.reset()
+    policy = full_policy(5)
+    policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()  # checkpointing is for training only
+    policy.compile_body(fuse_loss=False, backend="aot_eager", dynamic=False)
+    block_class = type(models.transformer_blocks(policy)[0])
+    eager_forward, calls = block_class.forward, []
+
+    def spy(self, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return eager_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(block_class, "forward", spy)
+    loss, _ = SFTTask().loss(policy, batch)
+    loss.backward()
+    assert calls == []
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    assert_same((loss.detach(), grads, {}), eager)
+    assert all(block.gradient_checkpointing for block in models.transformer_blocks(policy))  # switched back on
+    torch._dynamo.reset()
