@@ -25,7 +25,10 @@ BETA = 0.1
 # to TARGET_MULTIPLE (one capture per (row length, target count), each captured before the timed steps; the target
 # count is outside the compiled transformer, see TokenLogps.compile_body). Compiled variants compile one transformer
 # block, which serves every block (compile scope "blocks"); "graph-buckets-model" compiles the whole transformer as
-# one graph instead. Packed SFT rows are already free of padding and of one fixed shape, so "flat" changes nothing
+# one graph instead. Padding-free DPO batches compute each prompt once, both responses branching off it
+# (collate_pairs(share_prompt=True), what `minialign dpo --padding-free` does); "graph-buckets-unshared" lays each
+# pair out as two whole sequences instead. tokens/s counts the tokens of the two whole sequences either way (what TRL
+# computes), MFU the positions actually computed. Packed SFT rows are already free of padding and of one fixed shape, so "flat" changes nothing
 # for them.
 VARIANTS = {
     "eager": dict(compile=False),
@@ -40,6 +43,7 @@ VARIANTS = {
     "graph-buckets": dict(compile="default", flat=True, buckets=True, cuda_graphs=True),
     "graph-buckets-gc": dict(compile="default", flat=True, buckets=True, cuda_graphs=True, grad_checkpointing=True),
     "graph-buckets-model": dict(compile="default", flat=True, buckets=True, cuda_graphs=True, compile_scope="model"),
+    "graph-buckets-unshared": dict(compile="default", flat=True, buckets=True, cuda_graphs=True, share_prompt=False),
 }
 GRAPH_BUCKET = 512
 FLAT_BUCKET = 256
@@ -51,7 +55,7 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def build_batches(task: str, packing: bool, workload, batch_size: int, needed: int, max_length: int,
-                  pad_to: int | None = None, flat: bool = False) -> list[dict]:
+                  pad_to: int | None = None, flat: bool = False, share_prompt: bool = False) -> list[dict]:
     """minialign batches in the benchmark's order: batch k holds ordered examples k*B .. (k+1)*B-1 (no short
     last batch), exactly what TRL's sequential loader gives; packed SFT packs the ordered examples into rows
     of ``max_length`` and groups B rows per batch. At most ``needed`` batches (``measure`` cycles through them)."""
@@ -68,12 +72,28 @@ def build_batches(task: str, packing: bool, workload, batch_size: int, needed: i
     if task == "sft":
         return [collate_sft(ordered[s:s + batch_size], pad_id=pad, pad_to_multiple_of=pad_to, flat=flat) for s in starts]
     return [collate_pairs(ordered[s:s + batch_size], pad_id=pad, index=list(range(s, s + batch_size)),
-                          pad_to_multiple_of=pad_to, flat=flat) for s in starts]
+                          pad_to_multiple_of=pad_to, flat=flat, share_prompt=share_prompt) for s in starts]
+
+
+def computed_stats(batch: dict) -> tuple[int, int]:
+    """(positions computed, attention work as a sum of squared lengths) of one batch, for MFU.
+
+    A shared-prompt DPO batch computes prompt s once and branches c, r after it: its queries read
+    s^2/2 + (c s + c^2/2) + (r s + r^2/2) keys, i.e. ((s+c)^2 + (s+r)^2 - s^2)/2, so that is its sum of squares.
+    """
+    if "prefix_ids" not in batch:
+        return batch_stats(batch)
+    n = batch["n_pairs"]
+    counts = torch.bincount(batch["doc_ids"][batch["doc_ids"] >= 0], minlength=3 * n).tolist()
+    sq = sum((counts[2 * n + i] + counts[i]) ** 2 + (counts[2 * n + i] + counts[n + i]) ** 2 - counts[2 * n + i] ** 2
+             for i in range(n))
+    return int(batch["attention_mask"].sum()), sq
 
 
 def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload, args, device,
                   variant: str = "eager", on_step=None) -> dict:
     from minialign.bench import measure
+    from minialign.data import tokens_in
     from minialign.models import load_model
 
     v = VARIANTS[variant]
@@ -81,15 +101,18 @@ def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload
     needed = args.warmup + args.steps
     t0 = time.perf_counter()
     buckets = v.get("buckets", False)
+    share = task == "dpo" and flat and v.get("share_prompt", True)
     pad_to = GRAPH_BUCKET if buckets else FLAT_BUCKET if flat else args.max_length if static else 64 if v["compile"] else None
-    batches = build_batches(task, packing, workload, batch_size, needed, args.max_length, pad_to=pad_to, flat=flat)
+    batches = build_batches(task, packing, workload, batch_size, needed, args.max_length, pad_to=pad_to, flat=flat,
+                            share_prompt=share)
     if not batches:
         raise ValueError(f"the data holds fewer than one batch of {batch_size}")
     target_multiple = TARGET_MULTIPLE
     if static:  # every target count and row rounded up to the run's largest
         if flat:
             longest = max(b["input_ids"].shape[1] for b in batches)
-            batches = build_batches(task, packing, workload, batch_size, needed, args.max_length, pad_to=longest, flat=True)
+            batches = build_batches(task, packing, workload, batch_size, needed, args.max_length, pad_to=longest, flat=True,
+                                    share_prompt=share)
         target_multiple = round_up(max(b["n_targets"] for b in batches), TARGET_MULTIPLE)
     collate_ms = (time.perf_counter() - t0) * 1e3 / max(len(batches), 1)
     # CUDA graphs are recorded once per distinct shape: warm up over every distinct batch, so that the timed steps
@@ -108,13 +131,15 @@ def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload
     finally:
         del model
         torch._dynamo.reset()
-    timed = [batch_stats(batches[i % len(batches)]) for i in range(warmup, warmup + args.steps)]
+    timed = [computed_stats(batches[i % len(batches)]) for i in range(warmup, warmup + args.steps)]
     tokens, attn_sq = sum(t for t, _ in timed), sum(s for _, s in timed)
+    data_tokens = sum(tokens_in(batches[i % len(batches)]) for i in range(warmup, warmup + args.steps))
     return {
         "trainer": "minialign", "task": task, "mode": mode, "batch_size": batch_size,
         "tokens_per_s": m.tokens_per_s, "pairs_per_s": m.pairs_per_s, "peak_memory_mb": m.peak_memory_mb,
         "final_loss": m.final_loss, "memory_kind": m.memory_kind, "device": str(device), "steps": args.steps,
-        "warmup": warmup, "elapsed_s": tokens / m.tokens_per_s, "tokens": tokens, "attn_sq": attn_sq,
+        "warmup": warmup, "elapsed_s": data_tokens / m.tokens_per_s, "tokens": tokens, "attn_sq": attn_sq,
+        "data_tokens": data_tokens, "share_prompt": share,
         "packing": packing, "padding_free": flat or packing, "gradient_checkpointing": v.get("grad_checkpointing", False),
         "optim_in_backward": v.get("optim_in_backward", False), "compile": v["compile"], "variant": variant,
         "compile_scope": v.get("compile_scope", "blocks") if v["compile"] else None,

@@ -18,6 +18,7 @@ import torch
 
 from minialign import lora
 from minialign.config import TrainConfig
+from minialign.data import tokens_in
 from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, add_target_index, frozen_copy, frozen_reference
 from minialign.graphs import GraphedStep, graph_key
 from minialign.optim import InBackwardAdamW, make_optimizer
@@ -111,7 +112,7 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
                 start = time.perf_counter()
             batch = indexed[i % len(batches)]
             if i >= warmup:
-                tokens += int(batch["attention_mask"].sum())
+                tokens += tokens_in(batch)
                 pairs += batch.get("n_pairs", 0)
             units = objective.units(batch)
             sums, _ = step([batch], 1.0 / units)

@@ -172,6 +172,9 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     precompute_ref: bool = False
+    # Padding-free batches compute each prompt once and branch both responses off it (exact: same keys and
+    # positions); HH prompts are long, so ~1.5x fewer positions. --no-share-prompt lays pairs out as SFT does.
+    share_prompt: bool = True
     lr: float = 5e-5
     out: str = "runs/dpo"
 

@@ -29,7 +29,7 @@ from minialign.tasks import to_device
 
 ForwardBackward = Callable[[list[dict], torch.Tensor], dict[str, torch.Tensor]]  # (batches, loss scale) -> sums
 Update = Callable[[], torch.Tensor]  # clip and step the optimizer; returns the gradient norm
-HOST_ONLY = frozenset({"n_targets"})  # batch entries the step never reads: not part of a graph's key
+HOST_ONLY = frozenset({"n_targets", "n_tokens"})  # batch entries the step never reads: not part of a graph's key
 
 
 def use_tensor_lr(optimizer: torch.optim.Optimizer, device: torch.device, capturable: bool = True) -> None:

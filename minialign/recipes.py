@@ -288,7 +288,7 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     # Training pairs, then held-out pairs: one index space, so a precomputed reference table covers both.
     both = [*pairs, *held_out]
     collate = lambda idx: collate_pairs([both[i] for i in idx], pad_id=pad, index=idx, pad_to_multiple_of=cfg.pad_to_multiple_of or None,
-                                        flat=cfg.padding_free)
+                                        flat=cfg.padding_free, share_prompt=cfg.padding_free and cfg.share_prompt)
     task = DPOTask(None, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma)
     if cfg.full:
         ref_policy = TokenLogps(frozen_copy(model, device), cfg.loss_chunk_size or None, attention=cfg.attention)

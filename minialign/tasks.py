@@ -51,16 +51,17 @@ class TokenLogps(nn.Module):
             raise UserError("attention 'flex' needs a model running SDPA attention and a torch with FlexAttention "
                             "(>= 2.5); use --attention auto or sdpa.")
 
-    def forward(self, input_ids, attention_mask, position_ids, tgt_index, tgt_ids, doc_ids=None):
+    def forward(self, input_ids, attention_mask, position_ids, tgt_index, tgt_ids, doc_ids=None, prefix_ids=None):
         body = functools.partial(self.compiled_body, self) if self.compiled_body else self.body
-        hidden = body(input_ids, attention_mask, position_ids, doc_ids).flatten(0, 1).index_select(0, tgt_index)
+        hidden = body(input_ids, attention_mask, position_ids, doc_ids, prefix_ids)
+        hidden = hidden.flatten(0, 1).index_select(0, tgt_index)
         head = self.model.get_output_embeddings()
         logps = losses.token_logps(hidden, head.weight, tgt_ids.clamp(min=0), self.chunk_size, fused=self.fused)
         return logps.masked_fill(tgt_ids < 0, 0.0)  # slots that only round the count up (see add_target_index)
 
-    def body(self, input_ids, attention_mask, position_ids, doc_ids=None) -> torch.Tensor:
+    def body(self, input_ids, attention_mask, position_ids, doc_ids=None, prefix_ids=None) -> torch.Tensor:
         """``[R, L, H]`` final hidden states: everything whose shapes depend on the rows alone."""
-        mask = attention_mask if doc_ids is None else self.document_mask(doc_ids)
+        mask = attention_mask if doc_ids is None else self.document_mask(doc_ids, prefix_ids)
         with models.running_compiled(self.compiled_blocks):
             out = self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                         use_cache=False)
@@ -85,15 +86,16 @@ class TokenLogps(nn.Module):
             self.compiled_body = torch.compile(TokenLogps.body, **options)  # unbound: a deep copy runs its own
         self.fused = fuse_loss
 
-    def document_mask(self, doc_ids: torch.Tensor):
+    def document_mask(self, doc_ids: torch.Tensor, prefix_ids: torch.Tensor | None = None):
         """The attention mask of packed rows ``doc_ids`` [R, L], built on their device (see ``attention``)."""
         if self.flex and (self.attention == "flex" or doc_ids.device.type == "cuda"):
-            return document_block_mask(doc_ids)
-        return block_causal_mask(doc_ids)
+            return document_block_mask(doc_ids, prefix_ids)
+        return block_causal_mask(doc_ids, prefix_ids)
 
 
-def document_block_mask(doc_ids: torch.Tensor, block_size: int = 128):
-    """FlexAttention ``BlockMask`` of packed rows: query i sees key j iff j <= i and doc_ids agree in the row.
+def document_block_mask(doc_ids: torch.Tensor, prefix_ids: torch.Tensor | None = None, block_size: int = 128):
+    """FlexAttention ``BlockMask`` of packed rows: query i sees key j iff j <= i and doc_ids agree in the row
+    (or ``prefix_ids[i]`` names key j's document: a shared prompt, see ``data.batching._collate_shared``).
 
     The same mask as ``block_causal_mask`` (padding, doc -1, is a document of its own, so no row is empty), kept
     as [R, 1, L/block, L/block] block indices: blocks outside every document are skipped, blocks inside one
@@ -106,11 +108,16 @@ def document_block_mask(doc_ids: torch.Tensor, block_size: int = 128):
     def same_document_causal(b, h, q, kv):
         return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
 
+    def document_or_prefix_causal(b, h, q, kv):
+        readable = (doc_ids[b, q] == doc_ids[b, kv]) | (prefix_ids[b, q] == doc_ids[b, kv])
+        return readable & (q >= kv)
+
     rows, length = doc_ids.shape
     build = create_block_mask
     if doc_ids.device.type == "cuda" and not torch.compiler.is_compiling():
         build = _compiled_create_block_mask()
-    return build(same_document_causal, rows, None, length, length, device=doc_ids.device, BLOCK_SIZE=block_size)
+    mask_mod = same_document_causal if prefix_ids is None else document_or_prefix_causal
+    return build(mask_mod, rows, None, length, length, device=doc_ids.device, BLOCK_SIZE=block_size)
 
 
 @functools.cache
@@ -148,7 +155,7 @@ def add_target_index(batch: dict, multiple: int = 0) -> dict:
 def run_logps(policy: nn.Module, batch: dict) -> torch.Tensor:
     return policy(
         batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["tgt_index"], batch["tgt_ids"],
-        batch.get("doc_ids"),
+        batch.get("doc_ids"), batch.get("prefix_ids"),
     )
 
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from minialign import checkpoint, dist
 from minialign.config import TrainConfig
-from minialign.data import batch_indices
+from minialign.data import batch_indices, tokens_in
 from minialign.errors import UserError
 from minialign.graphs import ForwardBackward, GraphedStep, Update
 from minialign.optim import InBackwardAdamW, grad_norm_step, make_optimizer, make_scheduler
@@ -272,7 +272,7 @@ def train(
         while progress.step < total:
             micro = [next_micro() for _ in range(cfg.grad_accum)]
             units, tokens = dist.all_reduce_ints([sum(task.units(b) for b in micro),
-                                                  sum(int(b["attention_mask"].sum()) for b in micro)])
+                                                  sum(tokens_in(b) for b in micro)])
             progress.tokens += tokens
             batches = [add_target_index(b, cfg.pad_targets_to_multiple_of) for b in micro]
             sums, grad_norm = step(batches, world / max(units, 1))  # moves them to the device

@@ -99,6 +99,21 @@ def test_batch_stats_documents():
     assert batch_stats(packed) == (6, 9 + 4 + 1)
 
 
+def test_shared_prompt_batches_count_the_whole_sequences(runs, trl_peer, workloads):
+    """tokens/s counts what both trainers train on (two whole sequences a pair); MFU the positions computed."""
+    from minialign.data import TokenizedPair, collate_pairs, tokens_in
+
+    shared = runs.build_batches("dpo", False, workloads["dpo"], 2, 3, 512, flat=True, share_prompt=True)
+    whole = runs.build_batches("dpo", False, workloads["dpo"], 2, 3, 512, flat=True)
+    for s, w in zip(shared, whole, strict=True):
+        assert tokens_in(s) == tokens_in(w) == trl_peer.batch_stats(w)[0]
+        computed, attn = runs.computed_stats(s)
+        assert computed < tokens_in(w) and attn < trl_peer.batch_stats(w)[1]
+    # prompt 3, responses 2 and 4: shared 2 tokens, branches 3 and 5; causal key reads (5^2 + 7^2 - 2^2) / 2
+    one = collate_pairs([TokenizedPair([1, 2, 3], [4, 5], [6, 7, 8, 9])], pad_id=0, flat=True, share_prompt=True)
+    assert runs.computed_stats(one) == (10, 25 + 49 - 4)
+
+
 def test_model_flops_formula(mfu):
     shape = {"matmul_params": 100, "lora_params": 10, "layers": 2, "hidden": 8}
     attn = 4 * 2 * 8 * 50  # forward attention FLOPs for sum(n^2) = 50

@@ -9,6 +9,7 @@ from minialign.data.batching import (
     collate_sft,
     pack_sft,
     sequence_lengths,
+    tokens_in,
 )
 from minialign.data.demo import build_demo_tokenizer, demo_rows
 from minialign.data.sources import (
@@ -46,6 +47,7 @@ __all__ = [
     "load_preference_pairs",
     "pack_sft",
     "sequence_lengths",
+    "tokens_in",
     "split_dialogue",
     "split_pairs",
     "summarize_source",

@@ -40,19 +40,21 @@ def _empty_batch(rows: int, length: int, pad_id: int) -> dict[str, torch.Tensor]
     }
 
 
-def _place(batch: dict[str, torch.Tensor], row: int, offset: int, seq: list[int], prompt_len: int) -> int:
+def _place(batch: dict[str, torch.Tensor], row: int, offset: int, seq: list[int], prompt_len: int,
+           first_position: int = 0) -> int:
     """Write one sequence at ``batch[row, offset:]`` and return how many targets it has.
 
     Targets live one position to the left of the token they name: position t predicts seq[t+1],
     which is a target only if it is a response token. The last position of the sequence predicts
     nothing inside it, so it stays -100 (in packed rows, the next document is not its business).
+    ``first_position``: the position id of ``seq[0]`` (a branch that continues a shared prompt).
     """
     n = len(seq)
     end = offset + n
     ids = torch.tensor(seq, dtype=torch.long)
     batch["input_ids"][row, offset:end] = ids
     batch["attention_mask"][row, offset:end] = 1
-    batch["position_ids"][row, offset:end] = torch.arange(n)
+    batch["position_ids"][row, offset:end] = torch.arange(first_position, first_position + n)
     first = max(prompt_len, 1)  # index in seq of the first token that is predicted
     if n > first:
         batch["targets"][row, offset + first - 1 : end - 1] = ids[first:]
@@ -114,22 +116,72 @@ def collate_pairs(
     pad_to_multiple_of: int | None = None,
     index: Sequence[int] | None = None,
     flat: bool = False,
+    share_prompt: bool = False,
 ) -> dict:
     """A DPO batch [2B, T]: rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected, same order.
 
     One common T for both halves lets a single forward pass score them, and ``index`` (each
     pair's position in its dataset) lets cached reference log-probs be looked up per pair.
     ``flat``: the 2B sequences back to back in one row, in the same order, without padding.
+    ``share_prompt`` (with ``flat``): each prompt once, its two responses branching off it (see
+    ``_collate_shared``); sequence numbering, targets and results are those of the flat batch.
     """
     index = list(range(len(pairs))) if index is None else list(index)
     if len(index) != len(pairs):
         raise ValueError(f"index has {len(index)} entries for {len(pairs)} pairs")
-    rows = [(p.prompt_ids + p.chosen_ids, len(p.prompt_ids)) for p in pairs]
-    rows += [(p.prompt_ids + p.rejected_ids, len(p.prompt_ids)) for p in pairs]
-    batch = _collate(rows, pad_id, pad_to_multiple_of, flat)
+    if share_prompt:
+        if not flat:
+            raise ValueError("share_prompt needs flat (padding-free) batches: padded rows cannot branch")
+        batch = _collate_shared(pairs, pad_id, pad_to_multiple_of)
+    else:
+        rows = [(p.prompt_ids + p.chosen_ids, len(p.prompt_ids)) for p in pairs]
+        rows += [(p.prompt_ids + p.rejected_ids, len(p.prompt_ids)) for p in pairs]
+        batch = _collate(rows, pad_id, pad_to_multiple_of, flat)
     batch["n_pairs"] = len(pairs)
     batch["index"] = torch.tensor(index, dtype=torch.long)
     return batch
+
+
+def _collate_shared(pairs: Sequence[TokenizedPair], pad_id: int, pad_to_multiple_of: int | None) -> dict:
+    """Padding-free pairs with each prompt computed once: ``[shared prompt | chosen branch | rejected branch]``.
+
+    The shared part is the prompt without its last token; each branch starts with that token, so its first
+    position predicts the branch's first response token, exactly as in the unshared sequence (one target per
+    position still holds). Branch positions continue the prompt's, and ``prefix_ids`` gives each token the
+    document it may read besides its own: a branch reads its pair's shared prompt, so attention sees the same
+    keys as in ``prompt + response``. Documents are numbered as in the flat batch (chosen i, rejected B+i);
+    shared prompts take 2B+i and hold no targets. ``n_tokens`` is what the unshared batch holds, the number of
+    tokens this batch stands for (HH prompts are long: ~1.5x fewer positions to compute).
+    """
+    n = len(pairs)
+    total = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) + (1 if p.prompt_ids else 0)
+                for p in pairs)
+    length = _padded_length(total, pad_to_multiple_of)
+    batch: dict = _empty_batch(1, length, pad_id)
+    batch["doc_ids"] = torch.full((1, length), -1, dtype=torch.long)
+    batch["prefix_ids"] = torch.full((1, length), -1, dtype=torch.long)
+    offset = n_targets = 0
+    for i, p in enumerate(pairs):
+        shared, last = p.prompt_ids[:-1], p.prompt_ids[-1:]
+        _place(batch, 0, offset, shared, len(shared))
+        batch["doc_ids"][0, offset : offset + len(shared)] = 2 * n + i
+        batch["prefix_ids"][0, offset : offset + len(shared)] = 2 * n + i
+        offset += len(shared)
+        for doc, response in ((i, p.chosen_ids), (n + i, p.rejected_ids)):
+            branch = last + response
+            n_targets += _place(batch, 0, offset, branch, len(last), first_position=len(shared))
+            batch["doc_ids"][0, offset : offset + len(branch)] = doc
+            batch["prefix_ids"][0, offset : offset + len(branch)] = 2 * n + i
+            offset += len(branch)
+    batch["n_targets"] = n_targets
+    batch["n_sequences"] = 2 * n
+    batch["n_tokens"] = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    return batch
+
+
+def tokens_in(batch: dict) -> int:
+    """The tokens a batch stands for: its unpadded positions, or what a shared-prompt batch saves computing."""
+    return batch["n_tokens"] if "n_tokens" in batch else int(batch["attention_mask"].sum())
 
 
 def sequence_lengths(items: Sequence[TokenizedExample | TokenizedPair]) -> list[int]:
@@ -258,13 +310,16 @@ def collate_packed(
     return batch
 
 
-def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+def block_causal_mask(doc_ids: torch.Tensor, prefix_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean attention mask [R, 1, L, L]: True where query i may attend key j.
 
-    Causal and within one document. Padding (doc -1) attends only to padding, which keeps every
-    softmax row non-empty (no NaN) without letting real tokens see padding.
+    Causal and within one document, or within the document ``prefix_ids[i]`` names (a shared prompt,
+    see ``_collate_shared``). Padding (doc -1) attends only to padding, which keeps every softmax row
+    non-empty (no NaN) without letting real tokens see padding.
     """
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    readable = doc_ids[:, :, None] == doc_ids[:, None, :]
+    if prefix_ids is not None:
+        readable |= prefix_ids[:, :, None] == doc_ids[:, None, :]
     length = doc_ids.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=doc_ids.device).tril()
-    return (same_doc & causal)[:, None]
+    return (readable & causal)[:, None]
