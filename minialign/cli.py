@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -199,7 +200,8 @@ def cmd_bench(args) -> int:
     rows = []
     for task in args.tasks:
         tokenized = (tokenize_sft if task == "sft" else tokenize_pairs)(pairs, tok, max_length=512, max_prompt_length=256)
-        collate = collate_sft if task == "sft" else collate_pairs
+        # padding-free DPO shares each prompt between its two responses, as `minialign dpo --padding-free` does
+        collate = collate_sft if task == "sft" else functools.partial(collate_pairs, share_prompt=flat)
         for mode in args.modes:
             for b in args.batch_sizes:
                 batches = [collate(tokenized[i:i + b], pad_id=tok.pad_token_id, pad_to_multiple_of=pad, flat=flat)
