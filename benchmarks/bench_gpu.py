@@ -268,6 +268,8 @@ def main(argv=None) -> int:
             return 2
         doc["commands"] = earlier.get("commands", [earlier.get("command")]) + doc["commands"]
         doc["results"] = earlier["results"]
+        for key, value in earlier.items():  # notes added to the file by hand (e.g. which commit made which call)
+            doc.setdefault(key, value)
 
     # Tokenize once per task; the same ids in the same order feed both trainers.
     workloads: dict[str, tuple] = {}

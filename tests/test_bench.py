@@ -166,6 +166,16 @@ def test_bench_gpu_small_writes_the_documented_json(tmp_path):
     assert "| sft full | 2 |" in out.with_suffix(".md").read_text()
     assert "no CUDA GPU" in proc.stdout or torch.cuda.is_available()
 
+    # --append adds this call's rows and command, and keeps what was written into the file by hand
+    doc["code_by_call"] = {"0": "abc1234"}
+    out.write_text(json.dumps(doc))
+    more = [*cmd[:cmd.index("--variants")], "--variants", "eager", "--no-trl", "--process-warmup-s", "0", "--append"]
+    proc = subprocess.run(more, check=False, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    appended = json.loads(out.read_text())
+    assert appended["code_by_call"] == {"0": "abc1234"} and len(appended["commands"]) == 2
+    assert appended["results"][:3] == doc["results"] and len(appended["results"]) == 4
+
 
 def test_the_batch_ladder_stops_at_the_first_oom(bench_gpu, tmp_path, monkeypatch):
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM"):  # main() sets them
