@@ -58,13 +58,35 @@ def _chunk_grad_pointwise(logits: torch.Tensor, targets: torch.Tensor, grad_out:
     return (grad_out.to(acc)[:, None] * (hit.to(acc) - torch.softmax(logits.to(acc), dim=-1))).to(logits.dtype)
 
 
+def _chunk_logps_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n, V]`` logits -> ``[n]`` log p(target) in float32 and ``[n, V]`` d log p(target) / d logits
+    (``onehot(target) - softmax``) in the logits' dtype. In place over one float32 copy (which may be ``logits``
+    itself: it is consumed)."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    logp = (x.gather(1, targets[:, None]) - lse).squeeze(1)
+    grad = x.sub_(lse).exp_().neg_().scatter_add_(1, targets[:, None], torch.ones_like(logp)[:, None])
+    return logp, grad.to(logits.dtype)
+
+
+def _chunk_logps_and_grad_pointwise(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_chunk_logps_and_grad`` as pointwise expressions, which torch.compile fuses into one kernel."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = torch.logsumexp(x, dim=-1)
+    hit = torch.arange(logits.shape[1], device=logits.device) == targets[:, None]
+    grad = (hit.to(x.dtype) - torch.exp(x - lse[:, None])).to(logits.dtype)
+    return x.gather(1, targets[:, None]).squeeze(1) - lse, grad
+
+
 @functools.cache
-def _compiled_chunk_math() -> tuple[Callable, Callable]:
-    return torch.compile(_chunk_logps, dynamic=True), torch.compile(_chunk_grad_pointwise, dynamic=True)
+def _compiled_chunk_math() -> tuple[Callable, Callable, Callable]:
+    return tuple(torch.compile(f, dynamic=True) for f in (_chunk_logps, _chunk_grad_pointwise,
+                                                          _chunk_logps_and_grad_pointwise))
 
 
-def _chunk_math(fused: bool) -> tuple[Callable, Callable]:
-    return _compiled_chunk_math() if fused else (_chunk_logps, _chunk_grad)
+def _chunk_math(fused: bool) -> tuple[Callable, Callable, Callable]:
+    """(log-probs, scaled gradient, log-probs and unscaled gradient) of one chunk of logits."""
+    return _compiled_chunk_math() if fused else (_chunk_logps, _chunk_grad, _chunk_logps_and_grad)
 
 
 @torch.library.custom_op("minialign::chunked_token_logps", mutates_args=())
@@ -75,7 +97,7 @@ def _chunked_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     The full [N, V] logits never exist: forward keeps only the [N] answers, backward recomputes each
     chunk's logits (d logp_t / d logits = onehot(t) - softmax) and feeds the gradient straight into the two matmuls.
     """
-    logps, _ = _chunk_math(fused)
+    logps = _chunk_math(fused)[0]
     out = torch.empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
     with torch.autocast(hidden.device.type, enabled=False):
         for s in range(0, hidden.shape[0], chunk_size):
@@ -93,7 +115,7 @@ def _chunked_token_logps_backward(grad_out: torch.Tensor, hidden: torch.Tensor, 
                                   targets: torch.Tensor, chunk_size: int, fused: bool, need_hidden: bool,
                                   need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients w.r.t. ``hidden`` and ``weight`` (an empty tensor for one that is not needed)."""
-    _, logits_grad = _chunk_math(fused)
+    logits_grad = _chunk_math(fused)[1]
     n = hidden.shape[0]
     grad_h = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
     several = n > chunk_size  # one chunk writes its weight gradient directly; several sum theirs in float32
@@ -133,6 +155,74 @@ def _token_logps_grad(ctx, grad_out):
 _chunked_token_logps.register_autograd(_token_logps_grad, setup_context=_save_inputs)
 
 
+# The same log-probs with their gradient factors computed in the forward pass. The gradient of log p(t_i) w.r.t.
+# row i of the logits, onehot(t_i) - softmax_i, does not depend on what the loss does with the log-probs, and the
+# loss only scales each row by its grad_out[i]. So forward keeps A = (onehot - softmax) @ W ([N, H]) and, when the
+# weight is trained, the [N, V] factor itself; backward is then grad_h = grad_out * A (no matmul) and
+# grad_w = factor.T @ (grad_out * hidden) (one matmul over all rows: no float32 sum over chunks). Against the
+# recomputing op above this saves, per step, one [N, H] x [H, V] matmul and one pass of softmax over the [N, V]
+# logits (and the float32 weight-gradient sums when there are several chunks); with a frozen head (LoRA) the
+# whole backward of the output projection becomes one elementwise product.
+
+
+@torch.library.custom_op("minialign::token_logps_with_grads", mutates_args=())
+def _token_logps_with_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                            fused: bool, need_hidden: bool, need_weight: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[N]`` log p(target), ``[N, H]`` d logp / d hidden and ``[N, V]`` d logp / d logits (empty tensors for
+    gradients not needed), one chunk of logits at a time."""
+    both = _chunk_math(fused)[2]
+    n, vocab = hidden.shape[0], weight.shape[0]
+    out = torch.empty(n, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+    d_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    d_logits = hidden.new_empty((n, vocab) if need_weight and n > chunk_size else 0)
+    with torch.autocast(hidden.device.type, enabled=False):
+        for s in range(0, n, chunk_size):
+            e = s + chunk_size
+            out[s:e], grad = both(hidden[s:e] @ weight.T, targets[s:e])
+            if need_hidden:
+                torch.mm(grad, weight, out=d_hidden[s:e])
+            if need_weight and n > chunk_size:
+                d_logits[s:e] = grad
+            elif need_weight:
+                d_logits = grad  # one chunk: kept as it is
+    return out, d_hidden, d_logits
+
+
+@_token_logps_with_grads.register_fake
+def _(hidden, weight, targets, chunk_size, fused, need_hidden, need_weight):
+    out = hidden.new_empty(hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
+    return (out, torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            hidden.new_empty((hidden.shape[0], weight.shape[0]) if need_weight else 0))
+
+
+def _save_factors(ctx, inputs, output):
+    hidden, _, _, _, _, need_hidden, need_weight = inputs
+    _, d_hidden, d_logits = output
+    ctx.save_for_backward(d_hidden, d_logits, hidden if need_weight else None)
+    ctx.need_hidden, ctx.need_weight = need_hidden, need_weight
+    ctx.mark_non_differentiable(d_hidden, d_logits)
+
+
+def _token_logps_with_grads_grad(ctx, grad_out, _d_hidden_grad, _d_logits_grad):
+    d_hidden, d_logits, hidden = ctx.saved_tensors
+    scale = grad_out[:, None]
+    grad_h = (scale * d_hidden).to(d_hidden.dtype) if ctx.need_hidden else None
+    grad_w = d_logits.T @ (scale * hidden).to(d_logits.dtype) if ctx.need_weight else None
+    return grad_h, grad_w, None, None, None, None, None
+
+
+_token_logps_with_grads.register_autograd(_token_logps_with_grads_grad, setup_context=_save_factors)
+
+
+def keeps_logit_grads(n: int, vocab: int, hidden_size: int, chunk_size: int, element_size: int) -> bool:
+    """Whether keeping the ``[n, V]`` logit gradient from forward to backward (a trained output head) holds no more
+    memory than recomputing it chunk by chunk, whose backward holds one chunk's logits and gradient and, with
+    several chunks, the float32 sum of the weight gradient."""
+    recompute = 2 * min(n, chunk_size) * vocab * element_size + (4 * vocab * hidden_size if n > chunk_size else 0)
+    return n * vocab * element_size <= recompute
+
+
 def token_logps(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int | None = None,
     fused: bool = False,
@@ -149,10 +239,20 @@ def token_logps(
 
     Returns:
         ``[N]`` float32 log-probabilities (float64 for float64 inputs). Differentiable w.r.t. ``hidden`` and ``weight``.
+
+    When a gradient will be needed, its factors are computed in the forward pass (see
+    ``_token_logps_with_grads``), unless a trained head would make that hold more memory than recomputing
+    (``keeps_logit_grads``): then backward recomputes each chunk.
     """
     chunk_size = chunk_size or default_chunk_size(weight.shape[0])
     dtype = _compute_dtype(hidden)
-    return _chunked_token_logps(hidden.to(dtype), weight.to(dtype), targets, chunk_size, fused)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    need_h = torch.is_grad_enabled() and hidden.requires_grad
+    need_w = torch.is_grad_enabled() and weight.requires_grad
+    (n, h), v = hidden.shape, weight.shape[0]
+    if (need_h or need_w) and (not need_w or keeps_logit_grads(n, v, h, chunk_size, hidden.element_size())):
+        return _token_logps_with_grads(hidden, weight, targets, chunk_size, fused, need_h, need_w)[0]
+    return _chunked_token_logps(hidden, weight, targets, chunk_size, fused)
 
 
 def token_logps_reference(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -82,12 +82,29 @@ class InBackwardAdamW(torch.optim.AdamW):
 
 
 def grad_norm_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """The norm of the step's whole gradient (a device scalar), clipping it first to ``max_norm`` when > 0."""
+    """The norm of the step's whole gradient (a device scalar), clipping it first to ``max_norm`` when > 0.
+
+    With fused AdamW over plain tensors the clipping is folded into the optimizer: its kernel divides each
+    gradient by ``grad_scale`` as it reads it (the hook AMP's GradScaler uses), so the gradients are not read and
+    written once more by a separate multiply (~0.2 ms of a 7 ms DPO step for pythia-70m on an H200). The result is
+    ``clip_grad_norm_``'s to rounding: a division by 1 / coefficient instead of a multiplication.
+    """
     if isinstance(optimizer, InBackwardAdamW):
         return optimizer.take_grad_norm()
-    if max_norm > 0:
+    grads = [p.grad for p in params if p.grad is not None]
+    if max_norm > 0 and not folds_clipping(optimizer, grads):
         return dist.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))  # FSDP: a DTensor
-    return dist.full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    norm = dist.full_tensor(torch.nn.utils.get_total_norm(grads))
+    if max_norm > 0:
+        optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)  # clip_grad_norm_'s coefficient, inverted
+    return norm
+
+
+def folds_clipping(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]) -> bool:
+    """Whether ``optimizer`` can apply the clipping itself: a fused AdamW (or Adam) over plain tensors."""
+    return (type(optimizer) in (torch.optim.AdamW, torch.optim.Adam)
+            and all(group.get("fused") for group in optimizer.param_groups)
+            and all(type(g) is torch.Tensor for g in grads))
 
 
 def make_scheduler(optimizer, total_steps: int, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:

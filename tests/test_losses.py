@@ -63,6 +63,79 @@ def test_fused_chunk_gradient_equals_the_in_place_one_in_bfloat16():
     torch.testing.assert_close(fused, losses._chunk_grad(logits, targets, grad_out), rtol=0, atol=0)
 
 
+def test_fused_logps_and_gradient_equal_the_in_place_ones_in_bfloat16():
+    gen = torch.Generator().manual_seed(2)
+    logits = (3 * torch.randn(9, 50, generator=gen)).to(torch.bfloat16)
+    targets = torch.randint(0, 50, (9,), generator=gen)
+    fused = losses._chunk_logps_and_grad_pointwise(logits, targets)
+    eager = losses._chunk_logps_and_grad(logits.clone(), targets)
+    assert fused[0].dtype == torch.float32 and fused[1].dtype == torch.bfloat16
+    torch.testing.assert_close(fused[0], eager[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused[1], eager[1], rtol=0, atol=0)
+
+
+def path_of(out: torch.Tensor) -> str:
+    """Which op made ``out``: gradients from the forward pass, or recomputed in backward."""
+    return "forward" if "token_logps_with_grads" in type(out.grad_fn).__name__ else "recompute"
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("chunk", [4, 13, 64])
+@pytest.mark.parametrize("trained", ["both", "hidden", "weight"])
+def test_gradients_from_the_forward_pass_match_materialised_logits(trained, chunk, fused):
+    """The forward-pass gradient factors (any chunking, any input trained) against full logits, in float64."""
+    h, w, t = random_head()
+    h.requires_grad_(trained != "weight")
+    w.requires_grad_(trained != "hidden")
+    upstream = torch.randn(h.shape[0], dtype=h.dtype, generator=torch.Generator().manual_seed(1))
+    inputs = [x for x in (h, w) if x.requires_grad]
+
+    def run(fn):
+        out = fn(h, w, t)
+        return [out.detach(), *torch.autograd.grad((out * upstream).sum(), inputs)]
+
+    got = run(lambda h, w, t: losses._token_logps_with_grads(h, w, t, chunk, fused, h.requires_grad,
+                                                            w.requires_grad)[0])
+    for g, r in zip(got, run(materialised_logps)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_forward_pass_gradients_agree_with_recomputed_ones_in_bfloat16():
+    """Both paths in the training precision: the same log-probs, gradients within bf16 rounding."""
+    h64, w64, t = random_head(n=40, hidden=32, vocab=200, seed=5)
+    h = (0.3 * h64.detach()).to(torch.bfloat16).requires_grad_()
+    w = w64.detach().to(torch.bfloat16).requires_grad_()
+    upstream = torch.randn(40, generator=torch.Generator().manual_seed(6))
+    kept = value_and_grads(lambda *a: losses._token_logps_with_grads(*a, 16, False, True, True)[0], h, w, t, upstream)
+    recomputed = value_and_grads(lambda *a: losses._chunked_token_logps(*a, 16, False), h, w, t, upstream)
+    torch.testing.assert_close(kept[0], recomputed[0], rtol=0, atol=0)
+    for g, r in zip(kept[1:], recomputed[1:]):
+        assert g.dtype == torch.bfloat16
+        assert ((g.float() - r.float()).norm() / r.float().norm()) < 1e-2
+
+
+def test_forward_pass_gradient_op_passes_opcheck():
+    h, w, t = random_head()
+    for need_h, need_w in [(True, True), (True, False), (False, True)]:
+        torch.library.opcheck(losses._token_logps_with_grads, (h, w, t, 5, False, need_h, need_w))
+
+
+def test_token_logps_keeps_logit_gradients_only_where_that_holds_no_more_memory():
+    # Pythia's head in bf16 with the default chunk (667 rows): keeping [n, V] costs no more than recomputing
+    # (one chunk's logits and gradient, and the float32 weight-gradient sum) up to 2 * 667 + 4 * 512 / 2 rows.
+    vocab, hidden, chunk = 50_304, 512, losses.default_chunk_size(50_304)
+    assert chunk == 667
+    assert losses.keeps_logit_grads(2 * chunk + 1024, vocab, hidden, chunk, 2)
+    assert not losses.keeps_logit_grads(2 * chunk + 1025, vocab, hidden, chunk, 2)
+    assert losses.keeps_logit_grads(chunk, vocab, hidden, chunk, 2)  # one chunk: always
+    h, w, t = random_head()  # 13 rows, vocab 37, hidden 8, float64: kept up to 2 * chunk + 4 rows
+    assert path_of(losses.token_logps(h, w, t, chunk_size=5)) == "forward"
+    assert path_of(losses.token_logps(h, w, t, chunk_size=4)) == "recompute"
+    assert path_of(losses.token_logps(h, w.detach(), t, chunk_size=1)) == "forward"  # frozen head: nothing kept
+    with torch.no_grad():
+        assert losses.token_logps(h, w, t).grad_fn is None
+
+
 def test_token_logps_gradcheck_float64_uneven_chunks():
     h, w, t = random_head(n=7, hidden=4, vocab=11)
     # chunk 3 does not divide 7: the last chunk is short
