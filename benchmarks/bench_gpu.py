@@ -313,12 +313,20 @@ def main(argv=None) -> int:
         task, mode, packing = CONFIGS[name]
         return functools.partial(run_minialign, task, mode, packing, b, workloads[task], args, device, variant)
 
-    runs_before = 0
+    # The warm-up takes turns over the plan's tasks: TRL's first DPOTrainer run of a process was cold (14k tok/s, then
+    # 50-145k) even after ten SFTTrainer runs had warmed the process (NOTES.md entry 17).
+    runs_before, trl_tasks_run = 0, set()
+    firsts: dict[str, tuple[str, int]] = {}  # task -> its first (config, batch) in the plan
+    for _, name, b, _ in plan:
+        firsts.setdefault(CONFIGS[name][0], (name, b))
+    warm_plan = list(firsts.values())
     t_warm = time.perf_counter()
     while plan and args.process_warmup_s > 0 and time.perf_counter() - t_warm < args.process_warmup_s:
-        name, b = plan[0][1], plan[0][2]
+        name, b = warm_plan[runs_before % len(warm_plan)]
         warm = trl_run(name, b, 8, 8) if have_trl else minialign_run(name, b, "eager")
         guarded(f"process warm-up {runs_before + 1} ({name}, untimed)", warm, {}, device)
+        if have_trl:
+            trl_tasks_run.add(CONFIGS[name][0])
         runs_before += 1
     doc["process_warmup"] = {"seconds": time.perf_counter() - t_warm, "runs": runs_before,
                              "with": "trl" if have_trl else "minialign eager"}
@@ -356,7 +364,10 @@ def main(argv=None) -> int:
         row["call"] = len(doc["commands"]) - 1  # which command made it
         row["runs_before_in_process"] = runs_before
         # The rule behind the committed results' flag (NOTES.md 12); compiled runs warm up while they compile.
-        row["cold_process"] = runs_before < 3 and not (trainer == "minialign" and row.get("compile"))
+        # A TRL run is cold too when it is the first of its task in the process.
+        cold = runs_before < 3 or (trainer == "trl" and task not in trl_tasks_run)
+        row["cold_process"] = cold and not (trainer == "minialign" and row.get("compile"))
+        trl_tasks_run.update([task] if trainer == "trl" else [])
         runs_before += 1
         doc["results"].append(add_mfu(row, shape, peak))
         doc["total_s"] = time.perf_counter() - t_start
