@@ -367,7 +367,8 @@ def main(argv=None) -> int:
         # A TRL run is cold too when it is the first of its task in the process.
         cold = runs_before < 3 or (trainer == "trl" and task not in trl_tasks_run)
         row["cold_process"] = cold and not (trainer == "minialign" and row.get("compile"))
-        trl_tasks_run.update([task] if trainer == "trl" else [])
+        if trainer == "trl":
+            trl_tasks_run.add(task)
         runs_before += 1
         doc["results"].append(add_mfu(row, shape, peak))
         doc["total_s"] = time.perf_counter() - t_start

@@ -77,7 +77,7 @@ class TrainConfig:
     # Replay each training step (forward, backward, clipping, AdamW) as one CUDA graph per batch shape: no host
     # cost per step. CUDA, one process, grad_accum 1; round shapes coarsely (padding_free + pad_to_multiple_of 512).
     cuda_graphs: bool = False
-    loss_chunk_size: int = 0  # rows of the output projection computed at once (0: ~2^25 logits); lower it to cut peak memory
+    loss_chunk_size: int = 0  # rows of the output projection computed at once (0: 128 MiB chunks); lower it to cut peak memory
     tensorboard: bool = False
     merge: bool = False  # also save merged weights at the end
     dist: str = "auto"  # auto | none | ddp | fsdp (under torchrun)

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo")
 
 
-def default_chunk_size(vocab_size: int, budget: int = 1 << 25) -> int:
-    """Rows per chunk so one float32 logits chunk stays near ``budget`` elements (128 MiB)."""
-    return max(16, budget // max(vocab_size, 1))
+def default_chunk_size(vocab_size: int, element_size: int = 4, budget: int = 1 << 27) -> int:
+    """Rows per chunk so the chunk's largest temporary of ``element_size`` bytes a logit stays near ``budget`` bytes
+    (128 MiB): the float32 copy of the logits when eager, the logits themselves when the softmax math is fused."""
+    return max(16, budget // (element_size * max(vocab_size, 1)))
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -174,18 +175,19 @@ def _token_logps_with_grads(hidden: torch.Tensor, weight: torch.Tensor, targets:
     both = _chunk_math(fused)[2]
     n, vocab = hidden.shape[0], weight.shape[0]
     out = torch.empty(n, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+    several = n > chunk_size  # one chunk's gradient is kept as it is; several are written into one [N, V]
     d_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
-    d_logits = hidden.new_empty((n, vocab) if need_weight and n > chunk_size else 0)
+    d_logits = hidden.new_empty((n, vocab) if need_weight and several else 0)
     with torch.autocast(hidden.device.type, enabled=False):
         for s in range(0, n, chunk_size):
             e = s + chunk_size
             out[s:e], grad = both(hidden[s:e] @ weight.T, targets[s:e])
             if need_hidden:
                 torch.mm(grad, weight, out=d_hidden[s:e])
-            if need_weight and n > chunk_size:
+            if need_weight and several:
                 d_logits[s:e] = grad
             elif need_weight:
-                d_logits = grad  # one chunk: kept as it is
+                d_logits = grad
     return out, d_hidden, d_logits
 
 
@@ -215,12 +217,12 @@ def _token_logps_with_grads_grad(ctx, grad_out, _d_hidden_grad, _d_logits_grad):
 _token_logps_with_grads.register_autograd(_token_logps_with_grads_grad, setup_context=_save_factors)
 
 
-def keeps_logit_grads(n: int, vocab: int, hidden_size: int, chunk_size: int, element_size: int) -> bool:
+def keeps_logit_grads(n: int, hidden_size: int, chunk_size: int, element_size: int) -> bool:
     """Whether keeping the ``[n, V]`` logit gradient from forward to backward (a trained output head) holds no more
-    memory than recomputing it chunk by chunk, whose backward holds one chunk's logits and gradient and, with
-    several chunks, the float32 sum of the weight gradient."""
-    recompute = 2 * min(n, chunk_size) * vocab * element_size + (4 * vocab * hidden_size if n > chunk_size else 0)
-    return n * vocab * element_size <= recompute
+    memory than recomputing it. Both hold one chunk's logits and gradient at their peak (the end of the forward, the
+    start of the backward); keeping adds the ``[n, V]`` factor, minus the chunk itself when there is only one, and
+    recomputing several chunks adds the float32 ``[V, H]`` sum of the weight gradient."""
+    return n <= chunk_size or n * element_size <= 4 * hidden_size
 
 
 def token_logps(
@@ -233,7 +235,7 @@ def token_logps(
         hidden: ``[N, H]`` final hidden states at the positions that have a target.
         weight: ``[V, H]`` output-embedding (LM head) weight.
         targets: ``[N]`` target token ids (all valid; select positions before calling).
-        chunk_size: rows per chunk; bounds the float32 logits held at once to ``[chunk_size, V]``.
+        chunk_size: rows per chunk; bounds the logits held at once to ``[chunk_size, V]`` (default: ``default_chunk_size``).
         fused: compile each chunk's softmax math into one kernel (needs a working ``torch.compile``; what
             ``--compile`` turns on).
 
@@ -244,13 +246,14 @@ def token_logps(
     ``_token_logps_with_grads``), unless a trained head would make that hold more memory than recomputing
     (``keeps_logit_grads``): then backward recomputes each chunk.
     """
-    chunk_size = chunk_size or default_chunk_size(weight.shape[0])
     dtype = _compute_dtype(hidden)
     hidden, weight = hidden.to(dtype), weight.to(dtype)
+    size = hidden.element_size()
+    chunk_size = chunk_size or default_chunk_size(weight.shape[0], size if fused else max(size, 4))
     need_h = torch.is_grad_enabled() and hidden.requires_grad
     need_w = torch.is_grad_enabled() and weight.requires_grad
-    (n, h), v = hidden.shape, weight.shape[0]
-    if (need_h or need_w) and (not need_w or keeps_logit_grads(n, v, h, chunk_size, hidden.element_size())):
+    keep = need_w and keeps_logit_grads(hidden.shape[0], hidden.shape[1], chunk_size, size)
+    if keep or (need_h and not need_w):
         return _token_logps_with_grads(hidden, weight, targets, chunk_size, fused, need_h, need_w)[0]
     return _chunked_token_logps(hidden, weight, targets, chunk_size, fused)
 

@@ -121,16 +121,17 @@ def test_forward_pass_gradient_op_passes_opcheck():
 
 
 def test_token_logps_keeps_logit_gradients_only_where_that_holds_no_more_memory():
-    # Pythia's head in bf16 with the default chunk (667 rows): keeping [n, V] costs no more than recomputing
-    # (one chunk's logits and gradient, and the float32 weight-gradient sum) up to 2 * 667 + 4 * 512 / 2 rows.
-    vocab, hidden, chunk = 50_304, 512, losses.default_chunk_size(50_304)
-    assert chunk == 667
-    assert losses.keeps_logit_grads(2 * chunk + 1024, vocab, hidden, chunk, 2)
-    assert not losses.keeps_logit_grads(2 * chunk + 1025, vocab, hidden, chunk, 2)
-    assert losses.keeps_logit_grads(chunk, vocab, hidden, chunk, 2)  # one chunk: always
-    h, w, t = random_head()  # 13 rows, vocab 37, hidden 8, float64: kept up to 2 * chunk + 4 rows
-    assert path_of(losses.token_logps(h, w, t, chunk_size=5)) == "forward"
-    assert path_of(losses.token_logps(h, w, t, chunk_size=4)) == "recompute"
+    # Pythia's head: 128 MiB chunks are 667 rows of float32 copies (eager) or 1,334 rows of bf16 logits (fused).
+    vocab, hidden = 50_304, 512
+    assert losses.default_chunk_size(vocab) == 667 and losses.default_chunk_size(vocab, 2) == 1334
+    # One chunk: always kept. Several: kept while [n, V] in bf16 is no larger than the float32 [V, H] sum it replaces.
+    assert losses.keeps_logit_grads(1334, hidden, 1334, 2)
+    assert losses.keeps_logit_grads(1024, hidden, 128, 2)
+    assert not losses.keeps_logit_grads(1025, hidden, 128, 2)
+    h, w, t = random_head()  # 13 rows, hidden 8, float64: several chunks keep up to 4 rows
+    assert path_of(losses.token_logps(h, w, t, chunk_size=13)) == "forward"
+    assert path_of(losses.token_logps(h, w, t, chunk_size=5)) == "recompute"
+    assert path_of(losses.token_logps(h[:4], w, t[:4], chunk_size=1)) == "forward"
     assert path_of(losses.token_logps(h, w.detach(), t, chunk_size=1)) == "forward"  # frozen head: nothing kept
     with torch.no_grad():
         assert losses.token_logps(h, w, t).grad_fn is None
