@@ -53,21 +53,29 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | linear | constant
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0: no clipping
     seed: int = 0
-    log_every: int = 1
+    log_every: int = 10  # read metrics back from the device every N steps (each step still gets its metrics row)
     eval_every: int = 0  # 0: only at the end
-    save_every: int = 0  # 0: only at the end
+    save_every: int = 0  # checkpoint every N steps and at the end (0: none, except when stopped by a signal)
     keep_last: int = 2
     out: str = ""
     device: str = "auto"  # auto | cpu | cuda
     packing: bool = False  # SFT only: fixed-length rows of several documents
     # Each batch as one row of its sequences back to back (document-masked attention): no FLOPs on padding.
     padding_free: bool = False
-    attention: str = "auto"  # packed rows: auto (FlexAttention document mask on CUDA, dense mask on CPU) | sdpa | flex
+    # The fast GPU setting in one switch: padding-free batches with shapes planned up front, varlen attention and
+    # whole-step CUDA graphs where the run allows them. auto: on with CUDA, off elsewhere; off leaves each flag as set.
+    fast: str = "auto"  # auto | on | off
+    # packed / padding-free rows: auto (varlen attention on CUDA, dense mask on CPU) | varlen | sdpa | flex
+    attention: str = "auto"
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs (pad to max_length)
     compile_scope: str = "blocks"  # blocks: one compiled block serves every block (fast to compile) | model: one graph
     pad_to_multiple_of: int = 8  # fewer distinct shapes: tensor-core friendly, fewer recompiles
     pad_targets_to_multiple_of: int = 64  # round the output projection's rows up too (0: off); see add_target_index
+    # Padding-free runs plan their batch shapes before the first step (shapes.plan_shapes): at most this many row
+    # lengths, each with at most target_buckets target counts, so captures and compilations are counted up front.
+    shape_buckets: int = 4  # 0: no plan (row lengths rounded to pad_to_multiple_of, one shape per length)
+    target_buckets: int = 1  # a capture costs more than padding the output projection's rows of a whole epoch
     base_dtype: str = "auto"  # auto: frozen base weights in bf16 for LoRA on CUDA, else float32
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     # Step AdamW on each parameter as soon as its gradient is complete and free that gradient at once, so the
@@ -102,7 +110,10 @@ class TrainConfig:
             (self.pad_targets_to_multiple_of >= 0, "pad_targets_to_multiple_of must be >= 0 (0: off)"),
             (not (self.padding_free and self.packing), "padding_free and packing exclude each other: packed rows "
              "are already free of padding; choose one"),
-            (self.attention in ("auto", "sdpa", "flex"), "attention must be auto, sdpa or flex"),
+            (self.attention in ("auto", "sdpa", "flex", "varlen"), "attention must be auto, varlen, sdpa or flex"),
+            (self.fast in ("auto", "on", "off"), "fast must be auto, on or off"),
+            (self.shape_buckets >= 0, "shape_buckets must be >= 0 (0: no shape plan)"),
+            (self.target_buckets >= 1, "target_buckets must be >= 1"),
             (self.compile_scope in ("blocks", "model"), "compile_scope must be blocks or model"),
             (self.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0: no clipping)"),
             (self.loss_chunk_size >= 0, "loss_chunk_size must be >= 0 (0: automatic)"),
@@ -116,6 +127,18 @@ class TrainConfig:
             self.check_optim_in_backward(launched_world())
         if self.cuda_graphs:
             self.check_cuda_graphs(launched_world())
+
+    def apply_fast(self, device_type: str, world: int) -> None:
+        """Turn on the fast setting (``fast``: on, or auto with CUDA): padding-free batches (unless packing), and
+        whole-step CUDA graphs where the run allows them (one process, no accumulation, ...). Flags already on stay."""
+        if self.fast == "off" or (self.fast == "auto" and device_type != "cuda"):
+            return
+        if not self.packing:
+            self.padding_free = True
+        graphs_ok = (self.grad_accum == 1 and world == 1 and not self.optim_in_backward
+                     and self.compile_mode != "reduce-overhead" and (self.compile or not self.grad_checkpointing))
+        if graphs_ok and device_type == "cuda":
+            self.cuda_graphs = True
 
     def check_cuda_graphs(self, world: int) -> None:
         """What a captured step cannot hold: several micro-batches, collectives, hooks that free gradients, nested graphs."""

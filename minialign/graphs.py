@@ -63,8 +63,9 @@ class GraphedStep:
     """
 
     def __init__(self, forward_backward: ForwardBackward, update: Update, optimizer: torch.optim.Optimizer,
-                 device: torch.device, *, enabled: bool = True):
+                 device: torch.device, *, enabled: bool = True, warm_up: bool = True):
         self.forward_backward, self.update, self.optimizer = forward_backward, update, optimizer
+        self.warm_up = warm_up  # every new shape (compiled code); else only the first capture
         self.device = device
         self.enabled = enabled and device.type == "cuda"
         self.graphs: dict[tuple, _Captured] = {}
@@ -101,11 +102,13 @@ class GraphedStep:
         inputs = to_device(batch, self.device)  # the graph's own input tensors
         scale = torch.ones((), device=self.device)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            # Warm-up without an update: compiles this shape and initialises whatever is lazy, outside the capture.
-            self.optimizer.zero_grad(set_to_none=True)
-            self.forward_backward([inputs], scale)
-            self.optimizer.zero_grad(set_to_none=True)
+        if self.warm_up or not self.graphs:
+            with torch.cuda.stream(self.stream):
+                # Warm-up without an update: compiles this shape and initialises whatever is lazy (cuBLAS workspaces,
+                # kernel caches), outside the capture. Eager code needs it once only: later shapes run the same kernels.
+                self.optimizer.zero_grad(set_to_none=True)
+                self.forward_backward([inputs], scale)
+                self.optimizer.zero_grad(set_to_none=True)
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):

@@ -24,15 +24,16 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    GPTNeoXConfig,
-    GPTNeoXForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
+from minialign.attention import varlen_attention
 from minialign.errors import UserError
 
 # EleutherAI's published configs (config.json of each hub repo); 70m has exactly 70,426,624 parameters.
@@ -49,11 +50,24 @@ _PYTHIA_COMMON = dict(
     eos_token_id=0,
     initializer_range=0.02,
 )
+_NEOX = dict(model_type="gpt_neox")
+# Llama-architecture shapes on SmolLM2's tokenizer (vocab 49,152): `llama-1b` is Llama-3.2-1B's body (hidden 2048,
+# 16 layers, 32 query / 8 key-value heads, MLP 8192; 1,074M parameters with tied embeddings), for GPU benchmarks.
+_LLAMA = dict(model_type="llama", vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
+              rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu", bos_token_id=1, eos_token_id=2,
+              initializer_range=0.02)
 BUILTIN_CONFIGS: dict[str, dict] = {
-    "pythia-70m": dict(_PYTHIA_COMMON, hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
-    "pythia-160m": dict(_PYTHIA_COMMON, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "pythia-410m": dict(_PYTHIA_COMMON, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-    "tiny": dict(_PYTHIA_COMMON, vocab_size=1024, max_position_embeddings=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+    "pythia-70m": dict(_NEOX, **_PYTHIA_COMMON, hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
+    "pythia-160m": dict(_NEOX, **_PYTHIA_COMMON, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "pythia-410m": dict(_NEOX, **_PYTHIA_COMMON, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "tiny": dict(_NEOX, **dict(_PYTHIA_COMMON, vocab_size=1024, max_position_embeddings=512), hidden_size=64,
+                 num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+    "llama-1b": dict(_LLAMA, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                     intermediate_size=8192),
+    # For tests and CPU checks of the Llama code paths (grouped-query attention, RMSNorm, SwiGLU, tied head).
+    "tiny-llama": dict(_LLAMA, vocab_size=1024, max_position_embeddings=512, hidden_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, bos_token_id=0,
+                       eos_token_id=0),
 }
 SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -95,13 +109,13 @@ def _gguf_file(name_or_path: str) -> Path | None:
     return None
 
 
-def builtin_config(name: str, vocab_size: int | None = None) -> GPTNeoXConfig:
+def builtin_config(name: str, vocab_size: int | None = None) -> PretrainedConfig:
     if name not in BUILTIN_CONFIGS:
         raise UserError(f"Unknown built-in model '{name}'. {_alternatives()}")
     kwargs = dict(BUILTIN_CONFIGS[name])
     if vocab_size is not None:
         kwargs["vocab_size"] = vocab_size
-    return GPTNeoXConfig(**kwargs)
+    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
 
 
 def load_model(
@@ -113,7 +127,7 @@ def load_model(
         config = builtin_config(name_or_path, vocab_size)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = GPTNeoXForCausalLM(config).to(dtype)
+            model = AutoModelForCausalLM.from_config(config).to(dtype)
         model.config._name_or_path = name_or_path
         print(f"minialign: '{name_or_path}' is a built-in config with random weights (seed {seed}).", file=sys.stderr)
         return model
@@ -235,9 +249,12 @@ def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mode
 # ----------------------------------------------------------------------------- FlexAttention for packed rows
 
 # A model switched to this attention implementation runs SDPA exactly as before for every mask transformers builds
-# or is given as a tensor, and FlexAttention when it is given a ``BlockMask`` (packed rows: see
-# ``tasks.document_block_mask``). One model thus serves packed training batches and unpacked eval batches.
+# or is given as a tensor, FlexAttention when it is given a ``BlockMask`` (packed rows: see
+# ``tasks.document_block_mask``), and varlen attention when the forward is given segment boundaries as the keyword
+# ``VARLEN_KWARG`` (``attention.varlen_attention``; transformers hands unknown keywords down to the attention
+# function). One model thus serves packed training batches and unpacked eval batches.
 FLEX_DOCUMENTS = "sdpa+flex_documents"
+VARLEN_KWARG = "minialign_varlen"
 
 
 @functools.cache
@@ -263,6 +280,11 @@ def _sdpa_or_flex(module, query, key, value, attention_mask, scaling=None, dropo
     from torch.nn.attention.flex_attention import BlockMask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    varlen = kwargs.pop(VARLEN_KWARG, None)
+    if varlen is not None:
+        if dropout > 0:
+            raise UserError("Padding-free attention has no attention dropout; set the model's attention dropout to 0.")
+        return varlen_attention(query, key, value, varlen, scaling), None
     if not isinstance(attention_mask, BlockMask):
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
                                                dropout=dropout, **kwargs)

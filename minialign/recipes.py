@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import shutil
 from functools import partial
 from pathlib import Path
@@ -22,6 +23,7 @@ from minialign.data import (
     collate_packed,
     collate_pairs,
     collate_sft,
+    flat_sizes,
     load_preference_pairs,
     pack_sft,
     sequence_lengths,
@@ -31,9 +33,9 @@ from minialign.data import (
 )
 from minialign.data.chat import to_chat_format
 from minialign.errors import UserError
-from minialign.models import BUILTIN_CONFIGS, check_vocab, load_model, load_tokenizer
+from minialign.models import BUILTIN_CONFIGS, SMOLLM2, check_vocab, load_model, load_tokenizer
 from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, cached_reference, frozen_copy, frozen_reference, reference_table
-from minialign.train import check_enough_examples, train
+from minialign.train import check_enough_examples, train, use_varlen
 
 CONFIG_FILE = "config.yaml"
 
@@ -54,7 +56,7 @@ def prepare_run_dir(cfg: TrainConfig, kind: str, *, overwrite: bool) -> Path:
         )
     dist.barrier()  # every rank has checked before rank 0 writes
     if overwrite and dist.rank() == 0:
-        for name in ("checkpoints", "final", "metrics.jsonl", "ref_logps.safetensors", CONFIG_FILE):
+        for name in ("checkpoints", "final", "metrics.jsonl", "summary.json", "ref_logps.safetensors", CONFIG_FILE):
             path = run_dir / name
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     if dist.rank() == 0:
@@ -84,10 +86,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def default_tokenizer(model: str) -> str:
-    if model == "tiny":
+    if model in ("tiny", "tiny-llama"):
         return "demo"
     if model in BUILTIN_CONFIGS:
-        return "EleutherAI/pythia-70m"
+        return SMOLLM2 if BUILTIN_CONFIGS[model]["model_type"] == "llama" else "EleutherAI/pythia-70m"
     return model
 
 
@@ -220,6 +222,7 @@ def _prologue(cfg: TrainConfig, kind: str, tokenize, *, resume: bool, overwrite:
     cfg.validate()
     dist.check_same_config(dataclasses.asdict(cfg))
     device = resolve_device(cfg.device)
+    cfg.apply_fast(device.type, dist.world_size())
     if cfg.attention == "flex" and device.type != "cuda":
         raise UserError("--attention flex needs a CUDA device (FlexAttention has no backward on a CPU); use auto or sdpa.")
     tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer(cfg.model))
@@ -250,10 +253,13 @@ def sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
         collate = lambda idx: collate_sft([examples[i] for i in idx], pad_id=pad, pad_to_multiple_of=cfg.pad_to_multiple_of or None,
                                           flat=cfg.padding_free)
         n_items, lengths = len(examples), None
-    eval_batches = [collate_sft(held_out[i : i + cfg.batch_size], pad_id=pad) for i in range(0, len(held_out), cfg.batch_size)]
-    train(policy, SFTTask(), range(n_items), collate, cfg, run_dir, eval_batches=eval_batches, lengths=lengths,
-          resume_from=point)
+    eval_batches = [collate_sft(held_out[i : i + cfg.batch_size], pad_id=pad, flat=cfg.padding_free)
+                    for i in range(0, len(held_out), cfg.batch_size)]
+    sizes = flat_sizes(examples) if cfg.padding_free else None
+    last = train(policy, SFTTask(), range(n_items), collate, cfg, run_dir, eval_batches=eval_batches, lengths=lengths,
+                 sizes=sizes, resume_from=point)
     save_final(model, run_dir, cfg, tokenizer)
+    write_summary(run_dir, last)
     return run_dir
 
 
@@ -306,10 +312,24 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     task.reference = reference
     n, bs = len(pairs), cfg.batch_size
     eval_batches = [collate(list(range(n + i, n + min(i + bs, len(held_out))))) for i in range(0, len(held_out), bs)]
-    train(policy, task, range(len(pairs)), collate, cfg, run_dir, eval_batches=eval_batches,
-          lengths=sequence_lengths(pairs), resume_from=point)
+    sizes = flat_sizes(pairs, share_prompt=cfg.share_prompt) if cfg.padding_free else None
+    last = train(policy, task, range(len(pairs)), collate, cfg, run_dir, eval_batches=eval_batches,
+                 lengths=sequence_lengths(pairs), sizes=sizes, resume_from=point)
     save_final(model, run_dir, cfg, tokenizer)
+    write_summary(run_dir, last)
     return run_dir
+
+
+def write_summary(run_dir: Path, last: dict) -> None:
+    """``summary.json``: what the run cost (time, tokens/s, peak memory, shapes) and its last held-out metrics."""
+    if dist.rank() != 0:
+        return
+    summary = dict(last.get("summary", {}))
+    summary["eval"] = {k: v for k, v in last.items() if k.startswith("eval/")}
+    summary["final_loss"] = last.get("loss")
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    tmp.replace(run_dir / "summary.json")
 
 
 def _reference_cache(run_dir: Path, policy, reference, collate, n: int, cfg: TrainConfig, device) -> torch.Tensor:
@@ -328,7 +348,7 @@ def _reference_cache(run_dir: Path, policy, reference, collate, n: int, cfg: Tra
     shares = batch_indices(n, cfg.batch_size, seed=cfg.seed, epoch=0, shuffle=False, rank=dist.rank(),
                            world_size=dist.world_size())
     table = reference_table(policy, reference, (collate(idx or [0]) for idx in shares), n, device,
-                            cfg.pad_targets_to_multiple_of)
+                            cfg.pad_targets_to_multiple_of, varlen=use_varlen(cfg, device))
     mine = torch.zeros(n, dtype=torch.bool)
     mine[[i for idx in shares for i in idx]] = True
     table = dist.all_reduce_sum(table.masked_fill(~mine[:, None], 0.0).to(device)).cpu()

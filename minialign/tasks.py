@@ -18,10 +18,12 @@ import torch
 from torch import nn
 
 from minialign import losses, lora, models
-from minialign.data.batching import block_causal_mask
+from minialign.attention import kv_slots, varlen_index
+from minialign.data.batching import block_causal_mask, pad_row
 from minialign.errors import UserError
+from minialign.shapes import ShapePlan
 
-ATTENTION = ("auto", "sdpa", "flex")  # how packed rows mask attention: see TokenLogps
+ATTENTION = ("auto", "sdpa", "flex", "varlen")  # how packed rows mask attention: see TokenLogps
 COMPILE_SCOPES = ("blocks", "model")  # what --compile compiles: see TokenLogps.compile_body
 
 
@@ -32,9 +34,11 @@ class TokenLogps(nn.Module):
     so the [tokens x vocab] float32 logits of a batch never exist. Wrapping (rather than calling
     sub-modules from outside) keeps DDP, FSDP and ``torch.compile`` working on one module.
 
-    Packed rows (``doc_ids`` given) attend within each document only. ``attention`` says how: ``auto`` uses a
-    FlexAttention ``BlockMask`` on CUDA (block-sparse, no [L, L] mask) and the dense ``block_causal_mask`` through
-    SDPA elsewhere; ``sdpa`` always the dense mask; ``flex`` always the BlockMask (on a CPU: forward only, slow).
+    Packed rows (``doc_ids`` given) attend within each document only. A batch that carries segment boundaries
+    (``prepare_batch(varlen=True)``: ``cu_seqlens_q`` ...) runs varlen attention (``minialign.attention``): any
+    row length, nothing to compile. Otherwise ``attention`` says how: ``auto`` uses a FlexAttention ``BlockMask`` on
+    CUDA (block-sparse, no [L, L] mask; compiled per row length) and the dense ``block_causal_mask`` through SDPA
+    elsewhere; ``sdpa`` always the dense mask; ``flex`` always the BlockMask (on a CPU: forward only, slow).
     Unpacked batches run SDPA with the padding mask, as they always did, whatever ``attention`` says.
     """
 
@@ -47,24 +51,31 @@ class TokenLogps(nn.Module):
         self.attention = attention
         self.flex = attention != "sdpa" and models.enable_flex_documents(model)
         self.compiled_body, self.compiled_blocks, self.fused = None, [], False  # see compile_body
-        if attention == "flex" and not self.flex:
-            raise UserError("attention 'flex' needs a model running SDPA attention and a torch with FlexAttention "
-                            "(>= 2.5); use --attention auto or sdpa.")
+        if attention in ("flex", "varlen") and not self.flex:
+            raise UserError(f"attention '{attention}' needs a model running SDPA attention and a torch with "
+                            "FlexAttention (>= 2.5); use --attention auto or sdpa.")
 
-    def forward(self, input_ids, attention_mask, position_ids, tgt_index, tgt_ids, doc_ids=None, prefix_ids=None):
+    def forward(self, input_ids, attention_mask, position_ids, tgt_index, tgt_ids, doc_ids=None, prefix_ids=None,
+                varlen: tuple | None = None):
         body = functools.partial(self.compiled_body, self) if self.compiled_body else self.body
-        hidden = body(input_ids, attention_mask, position_ids, doc_ids, prefix_ids)
+        hidden = body(input_ids, attention_mask, position_ids, doc_ids, prefix_ids, varlen)
         hidden = hidden.flatten(0, 1).index_select(0, tgt_index)
         head = self.model.get_output_embeddings()
         logps = losses.token_logps(hidden, head.weight, tgt_ids.clamp(min=0), self.chunk_size, fused=self.fused)
         return logps.masked_fill(tgt_ids < 0, 0.0)  # slots that only round the count up (see add_target_index)
 
-    def body(self, input_ids, attention_mask, position_ids, doc_ids=None, prefix_ids=None) -> torch.Tensor:
+    def body(self, input_ids, attention_mask, position_ids, doc_ids=None, prefix_ids=None, varlen=None) -> torch.Tensor:
         """``[R, L, H]`` final hidden states: everything whose shapes depend on the rows alone."""
-        mask = attention_mask if doc_ids is None else self.document_mask(doc_ids, prefix_ids)
+        extra = {}
+        if varlen is not None:
+            # A ready-made 4-D mask makes transformers skip building one; the segments replace it.
+            mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
+            extra[models.VARLEN_KWARG] = varlen
+        else:
+            mask = attention_mask if doc_ids is None else self.document_mask(doc_ids, prefix_ids)
         with models.running_compiled(self.compiled_blocks):
             out = self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                        use_cache=False)
+                                        use_cache=False, **extra)
         return out.last_hidden_state
 
     def compile_body(self, fuse_loss: bool = True, scope: str = "blocks", **options) -> None:
@@ -128,13 +139,13 @@ def _compiled_create_block_mask():
     return torch.compile(create_block_mask)
 
 
-def add_target_index(batch: dict, multiple: int = 0) -> dict:
+def add_target_index(batch: dict, multiple: int = 0, slots: int | None = None) -> dict:
     """Host-side: flat positions, ids and rows of every target, so the device never has to search for them.
 
-    ``multiple`` > 0 rounds the number of target slots up to a multiple of it: the extra slots point at
-    position 0 with id -100 and give log-prob 0 (no loss, no gradient). The output-projection matmuls then
-    see a few distinct shapes instead of one per batch, which is what lets cuBLAS, the caching allocator and
-    compiled / CUDA-graphed steps reuse their work.
+    ``multiple`` > 0 rounds the number of target slots up to a multiple of it (``slots``: up to exactly that
+    many): the extra slots point at position 0 with id -100 and give log-prob 0 (no loss, no gradient). The
+    output-projection matmuls then see a few distinct shapes instead of one per batch, which is what lets cuBLAS,
+    the caching allocator and compiled / CUDA-graphed steps reuse their work.
     """
     targets = batch["targets"]
     flat = targets.flatten()
@@ -145,6 +156,10 @@ def add_target_index(batch: dict, multiple: int = 0) -> dict:
         rows = torch.div(index, targets.shape[1], rounding_mode="floor")
     ids = flat[index]
     extra = -len(index) % multiple if multiple > 0 else 0
+    if slots is not None:
+        if slots < len(index):
+            raise ValueError(f"{len(index)} targets do not fit {slots} slots")
+        extra = slots - len(index)
     if extra:
         zeros = torch.zeros(extra, dtype=torch.long)
         index, rows, ids = torch.cat([index, zeros]), torch.cat([rows, zeros]), torch.cat([ids, zeros - 100])
@@ -152,10 +167,32 @@ def add_target_index(batch: dict, multiple: int = 0) -> dict:
     return batch  # packed rows keep only doc_ids: TokenLogps builds their attention mask on the device
 
 
+def prepare_batch(batch: dict, *, target_multiple: int = 0, shapes: ShapePlan | None = None,
+                  varlen: bool = False) -> dict:
+    """A collated host batch made ready for the step: padded to its planned shape (padding-free batches, when a
+    plan is given), its targets indexed (``add_target_index``) and, with ``varlen``, its attention segments described
+    (``attention.varlen_index``; padding-free and packed batches only, as others have no documents)."""
+    batch, slots = dict(batch), None
+    if shapes is not None and "n_sequences" in batch:
+        shape = shapes.fit(int((batch["doc_ids"] >= 0).sum()), batch["n_targets"])
+        batch, slots = pad_row(batch, shape.length, pad_id=0), shape.targets
+    add_target_index(batch, target_multiple, slots)
+    if varlen and "doc_ids" in batch:
+        length = batch["input_ids"].shape[1]
+        shared = "prefix_ids" in batch
+        max_seqlen = shapes.max_seqlen if shapes is not None and "n_sequences" in batch else None
+        batch.update(varlen_index(batch["doc_ids"], batch.get("prefix_ids"), kv_length=kv_slots(length) if shared
+                                  else None, max_seqlen=max_seqlen))
+    return batch
+
+
 def run_logps(policy: nn.Module, batch: dict) -> torch.Tensor:
+    varlen = None
+    if "cu_seqlens_q" in batch:
+        varlen = (batch["cu_seqlens_q"], batch["cu_seqlens_k"], batch.get("kv_index"), batch["max_seqlen"])
     return policy(
         batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["tgt_index"], batch["tgt_ids"],
-        batch.get("doc_ids"), batch.get("prefix_ids"),
+        batch.get("doc_ids"), batch.get("prefix_ids"), varlen,
     )
 
 
@@ -278,14 +315,14 @@ class DPOTask:
 
 @torch.no_grad()
 def reference_table(policy: nn.Module, reference: Reference, batches, n_pairs: int, device,
-                    target_multiple: int = 0) -> torch.Tensor:
+                    target_multiple: int = 0, varlen: bool = False) -> torch.Tensor:
     """Run the reference once over every training pair: ``[n_pairs, 2]`` (chosen, rejected) log-probs.
 
     ``target_multiple`` rounds target counts as training does, so a compiled policy sees few new shapes.
     """
     table = torch.zeros(n_pairs, 2, dtype=torch.float32)
     for batch in batches:
-        batch = to_device(add_target_index(batch, target_multiple), device)
+        batch = to_device(prepare_batch(batch, target_multiple=target_multiple, varlen=varlen), device)
         ref = reference(batch).float().cpu()
         b = batch["n_pairs"]
         table[batch["index"].cpu()] = torch.stack([ref[:b], ref[b:]], dim=1)

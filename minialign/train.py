@@ -29,7 +29,9 @@ from minialign.data import batch_indices, tokens_in
 from minialign.errors import UserError
 from minialign.graphs import ForwardBackward, GraphedStep, Update
 from minialign.optim import InBackwardAdamW, grad_norm_step, make_optimizer, make_scheduler
-from minialign.tasks import add_target_index, to_device
+from minialign.attention import flash_varlen_available
+from minialign.shapes import ShapePlan, plan_shapes
+from minialign.tasks import prepare_batch, to_device
 
 
 @dataclass
@@ -160,10 +162,12 @@ class StopRequested:
                 signal.signal(s, h)
 
 
-def evaluate_task(policy, task, batches: Sequence[dict], device, autocast, target_multiple: int = 0) -> dict[str, float]:
+def evaluate_task(policy, task, batches: Sequence[dict], device, autocast, target_multiple: int = 0, *,
+                  shapes: ShapePlan | None = None, varlen: bool = False) -> dict[str, float]:
     """Mean of the task's metrics over held-out batches (``eval/`` prefixed), without gradients.
 
-    ``target_multiple`` rounds target counts as training does, so a compiled policy sees few new shapes.
+    ``target_multiple`` and ``shapes`` shape the batches as training does (``tasks.prepare_batch``), so a compiled
+    policy sees no new shapes.
 
     Under torchrun each rank scores every world-th batch. Every rank runs the same number of forward passes
     (FSDP gathers weights inside each), so a rank that has run out scores the first batch again and ignores it.
@@ -177,7 +181,8 @@ def evaluate_task(policy, task, batches: Sequence[dict], device, autocast, targe
     with torch.no_grad(), autocast():
         for i in range(-(-len(batches) // world)):
             batch = mine[i] if i < len(mine) else batches[0]
-            _, metrics = task.loss(policy, to_device(add_target_index(dict(batch), target_multiple), device))
+            ready = prepare_batch(batch, target_multiple=target_multiple, shapes=shapes, varlen=varlen)
+            _, metrics = task.loss(policy, to_device(ready, device))
             if i >= len(mine):
                 continue
             units += task.units(batch)
@@ -210,12 +215,15 @@ def train(
     *,
     eval_batches: Sequence[dict] = (),
     lengths: Sequence[int] | None = None,
+    sizes: Sequence[tuple[int, int]] | None = None,
     resume_from: Path | None = None,
 ) -> dict:
-    """Train ``policy`` on ``examples`` and return the last logged metrics.
+    """Train ``policy`` on ``examples`` and return the last logged metrics and a summary of the run.
 
     ``collate(indices)`` builds a host-side batch from dataset positions. ``policy`` is the (possibly
-    DDP/FSDP-wrapped) module the task calls; its trainable parameters are the ones optimised.
+    DDP/FSDP-wrapped) module the task calls; its trainable parameters are the ones optimised. ``sizes`` (padding-free
+    runs: each example's positions and targets, ``data.flat_sizes``) lets the loop fix every batch's shape before the
+    first step (``shapes.plan_shapes``).
     """
     device = next(policy.parameters()).device
     rank, world = dist.rank(), dist.world_size()
@@ -244,7 +252,7 @@ def train(
                      tensorboard_writer(run_dir) if writes and cfg.tensorboard else None)
     autocast = _autocast(device)
     step = GraphedStep(*step_functions(policy, task, optimizer, params, cfg, autocast), optimizer, device,
-                       enabled=cfg.cuda_graphs)
+                       enabled=cfg.cuda_graphs, warm_up=cfg.compile)
 
     def epoch_order(epoch: int) -> list[list[int]]:
         """Which examples form each micro-batch of ``epoch``: a pure function of (seed, epoch, rank)."""
@@ -252,6 +260,17 @@ def train(
                              lengths=lengths, group_by_length=lengths is not None, rank=rank, world_size=world)
 
     order = epoch_order(progress.epoch)
+    varlen = use_varlen(cfg, device)
+    shapes = None
+    if sizes is not None and cfg.shape_buckets > 0:
+        run_sizes = _run_batch_sizes(sizes, epoch_order, progress, total, steps_per_epoch * cfg.grad_accum, cfg.grad_accum)
+        run_sizes += [(int((b["doc_ids"] >= 0).sum()), b["n_targets"]) for b in eval_batches if "n_sequences" in b]
+        shapes = plan_shapes(run_sizes, max_lengths=cfg.shape_buckets, max_targets=cfg.target_buckets,
+                             target_multiple=cfg.pad_targets_to_multiple_of or 64, longest_sequence=cfg.max_length)
+        if rank == 0:
+            print(f"minialign: shapes fixed for the run: {shapes.describe()}; at most {shapes.n_shapes} CUDA-graph "
+                  f"captures{f' and {len(shapes.lengths)} compilations per module and mode' if cfg.compile else ''} "
+                  "(a short last batch of an epoch adds its own).", file=sys.stderr)
 
     def next_micro() -> dict:
         nonlocal order
@@ -267,14 +286,17 @@ def train(
                mininterval=0.5 if sys.stderr.isatty() else 10.0)
     stop = StopRequested()
     policy.train()
-    t0, tokens0 = time.perf_counter(), progress.tokens
+    t0, tokens0, step0 = time.perf_counter(), progress.tokens, progress.step
+    steady_from = _steady_from(step0, total)
+    marks: dict[int, tuple[int, float]] = {}  # step -> (tokens, seconds): times read right after a device sync
     with stop.installed(), _hooks_removed_after(optimizer), room_for_shapes(bool(cfg.compile and cfg.padding_free)):
         while progress.step < total:
             micro = [next_micro() for _ in range(cfg.grad_accum)]
             units, tokens = dist.all_reduce_ints([sum(task.units(b) for b in micro),
                                                   sum(tokens_in(b) for b in micro)])
             progress.tokens += tokens
-            batches = [add_target_index(b, cfg.pad_targets_to_multiple_of) for b in micro]
+            batches = [prepare_batch(b, target_multiple=cfg.pad_targets_to_multiple_of, shapes=shapes, varlen=varlen)
+                       for b in micro]
             sums, grad_norm = step(batches, world / max(units, 1))  # moves them to the device
             lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch)  # a host float, even if the lr is a tensor
             scheduler.step()
@@ -284,16 +306,21 @@ def train(
             done = progress.step == total
             eval_now = bool(eval_batches) and ((cfg.eval_every and progress.step % cfg.eval_every == 0) or done)
             stopping = dist.any_rank(stop.requested)  # also keeps the ranks in step, as a barrier would
-            save_now = run_dir is not None and ((cfg.save_every and progress.step % cfg.save_every == 0) or done or stopping)
-            if progress.step % cfg.log_every == 0 or eval_now or save_now:
+            # The last step needs no checkpoint of its own unless checkpoints were asked for: the final weights are saved
+            # anyway, and a full fine-tuning checkpoint (weights and AdamW moments, 12-16 bytes a parameter) costs seconds.
+            save_now = run_dir is not None and (bool(cfg.save_every and (progress.step % cfg.save_every == 0 or done))
+                                                or stopping)
+            if progress.step % cfg.log_every == 0 or eval_now or save_now or done or progress.step == steady_from:
                 rows = log.flush()
                 _check_finite(rows, run_dir)
                 last = rows[-1]
                 elapsed = time.perf_counter() - t0
+                marks[progress.step] = (progress.tokens, elapsed)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{(progress.tokens - tokens0) / elapsed:,.0f}")
             bar.update(1)
             if eval_now:
-                ev = evaluate_task(policy, task, eval_batches, device, autocast, cfg.pad_targets_to_multiple_of)
+                ev = evaluate_task(policy, task, eval_batches, device, autocast, cfg.pad_targets_to_multiple_of,
+                                   shapes=shapes, varlen=varlen)
                 log.write([{"step": progress.step, **ev}])
                 last = {**last, **ev}
             if save_now:  # every rank: FSDP shards are gathered; rank 0 writes
@@ -303,8 +330,57 @@ def train(
                 bar.close()
                 raise KeyboardInterrupt(f"stopped at step {progress.step}; checkpoint saved, resume with --resume")
     bar.close()
-    last["tokens_per_s"] = (progress.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
+    elapsed = time.perf_counter() - t0
+    last["tokens_per_s"] = (progress.tokens - tokens0) / max(elapsed, 1e-9)
+    last["summary"] = _summary(marks, steady_from, progress, tokens0, step0, elapsed, device, step, shapes)
     return last
+
+
+def use_varlen(cfg: TrainConfig, device: torch.device) -> bool:
+    """Varlen attention for padding-free and packed batches: asked for, or ``auto`` where FlashAttention runs it."""
+    return cfg.attention == "varlen" or (cfg.attention == "auto" and flash_varlen_available(device))
+
+
+def _steady_from(step0: int, total: int) -> int:
+    """The step after which throughput counts as steady: the first multiple of 10 past a tenth of the run."""
+    first = step0 + max(1, math.ceil(0.1 * (total - step0)))
+    mark = -(-first // 10) * 10
+    return mark if mark < total else step0
+
+
+def _run_batch_sizes(sizes, epoch_order, progress: Progress, total: int, micro_per_epoch: int,
+                     grad_accum: int) -> list[tuple[int, int]]:
+    """(positions, targets) of every micro-batch the run will train on, from its current point to its last step."""
+    out, epoch, micro = [], progress.epoch, progress.micro
+    needed = (total - progress.step) * grad_accum
+    while len(out) < needed:
+        order = epoch_order(epoch)
+        for indices in order[micro:micro_per_epoch]:
+            out.append((sum(sizes[i][0] for i in indices), sum(sizes[i][1] for i in indices)))
+        epoch, micro = epoch + 1, 0
+    return out[:needed]
+
+
+def _summary(marks: dict, steady_from: int, progress: Progress, tokens0: int, step0: int, elapsed: float, device,
+             step: GraphedStep, shapes: ShapePlan | None) -> dict:
+    """What a run costs, for ``summary.json``: throughput (whole loop, and after the first tenth of the steps, which
+    holds the compilations and captures of a fast run), peak memory, how many step graphs and shapes it took."""
+    start = marks.get(steady_from, (tokens0, 0.0)) if steady_from != step0 else (tokens0, 0.0)
+    end = marks[max(marks)] if marks else (progress.tokens, elapsed)  # the last step, before a final evaluation
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    else:
+        from minialign.bench import peak_rss_mb
+
+        peak, kind = peak_rss_mb(), "cpu_peak_rss"
+    return {
+        "steps": progress.step - step0, "tokens": progress.tokens - tokens0, "train_s": elapsed,
+        "tokens_per_s": (progress.tokens - tokens0) / max(elapsed, 1e-9),
+        "steady_from_step": steady_from, "steady_tokens_per_s": (end[0] - start[0]) / max(end[1] - start[1], 1e-9),
+        "peak_memory_mb": peak, "memory_kind": kind, "graphs": len(step.graphs),
+        "shape_plan": shapes.describe() if shapes is not None else None,
+        "unplanned_shapes": len(shapes.unplanned) if shapes is not None else 0,
+    }
 
 
 @contextlib.contextmanager

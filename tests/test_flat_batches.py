@@ -7,6 +7,8 @@ target were attributed to the wrong sequence, these comparisons fail.
 
 import random
 
+import json
+
 import pytest
 import torch
 
@@ -112,25 +114,31 @@ def _losses(run_dir) -> list[float]:
 
 @pytest.mark.parametrize("command", ["sft", "dpo"])
 def test_padding_free_run_trains_like_the_padded_run(tmp_path, monkeypatch, command):
-    """Same seed, same batches: the flag changes the layout, not a single logged loss."""
+    """Same seed, same batches: the layout (padded rows, one flat row, one flat row of a planned shape with varlen
+    attention segments) changes not a single logged loss."""
     from minialign import cli
     from minialign import train as train_module
 
     rows_seen = []
-    real = train_module.add_target_index
-    monkeypatch.setattr(train_module, "add_target_index",
-                        lambda batch, *a: rows_seen.append(batch["input_ids"].shape[0]) or real(batch, *a))
+    real = train_module.prepare_batch
+    monkeypatch.setattr(train_module, "prepare_batch",
+                        lambda batch, **kw: rows_seen.append(batch["input_ids"].shape[0]) or real(batch, **kw))
     runs = {}
-    for flag in ([], ["--padding-free"]):
-        out = tmp_path / ("flat" if flag else "padded")
+    for name, flags in (("padded", ["--fast", "off"]), ("flat", ["--padding-free", "--shape-buckets", "0"]),
+                        ("fast", ["--fast", "on", "--attention", "varlen"])):
+        out = tmp_path / name
         assert cli.main([command, "--demo", "--batch-size", "4", "--limit", "16", "--eval-limit", "4",
-                         "--max-steps", "3", "--out", str(out), *flag]) == 0
-        runs[bool(flag)] = _losses(out)
+                         "--max-steps", "3", "--out", str(out), *flags]) == 0
+        runs[name] = _losses(out)
     rows = 4 if command == "sft" else 8
-    # 3 training steps then the held-out batch: padded rows, then one flat row a batch (SFT holds out padded batches)
-    assert rows_seen == [rows] * 4 + [1] * 3 + [rows if command == "sft" else 1]
-    assert len(runs[False]) == 3
-    assert runs[True] == pytest.approx(runs[False], rel=1e-4)
+    # 3 training steps then the held-out batch: padded rows, then one flat row a batch (twice)
+    assert rows_seen == [rows] * 4 + [1] * 4 + [1] * 4
+    assert len(runs["padded"]) == 3
+    assert runs["flat"] == pytest.approx(runs["padded"], rel=1e-4)
+    assert runs["fast"] == pytest.approx(runs["padded"], rel=1e-4)
+    summary = json.loads((tmp_path / "fast" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["unplanned_shapes"] == 0 and "row length" in summary["shape_plan"]
+    assert "eval/loss" in summary["eval"]
 
 
 def test_padding_free_with_packing_is_refused(tmp_path, capsys):

@@ -116,13 +116,13 @@ def test_held_out_batches_are_rounded_like_training_batches(tmp_path, monkeypatc
     from minialign import tasks, train as train_module
 
     seen = []
-    real = tasks.add_target_index
+    real = tasks.prepare_batch
 
-    def spy(batch, multiple=0):
-        seen.append(multiple)
-        return real(batch, multiple)
+    def spy(batch, **options):
+        seen.append(options["target_multiple"])
+        return real(batch, **options)
 
-    monkeypatch.setattr(train_module, "add_target_index", spy)
+    monkeypatch.setattr(train_module, "prepare_batch", spy)
     model, examples, collate = sft_pieces(config())
     batches = [collate(list(range(i, i + 4))) for i in range(0, 12, 4)]
     policy, task = tasks.TokenLogps(model), tasks.SFTTask()

@@ -184,6 +184,48 @@ def tokens_in(batch: dict) -> int:
     return batch["n_tokens"] if "n_tokens" in batch else int(batch["attention_mask"].sum())
 
 
+def pad_row(batch: dict, length: int, pad_id: int = 0) -> dict:
+    """A padding-free batch ``[1, T]`` laid out again as ``[1, length]``: its sequences, then padding exactly as
+    ``_collate_flat`` writes it (doc -1, no target, masked out). Padding it already had may be dropped, so any
+    planned shape that holds its sequences fits (see ``shapes.plan_shapes``)."""
+    current = batch["input_ids"].shape[1]
+    content = int((batch["doc_ids"][0] >= 0).sum())
+    if length < content:
+        raise ValueError(f"cannot fit a row of {content} positions into {length}")
+    if length == current:
+        return batch
+    fill = {"input_ids": pad_id, "attention_mask": 0, "position_ids": 0, "targets": IGNORE_INDEX, "doc_ids": -1,
+            "prefix_ids": -1}
+    out = dict(batch)
+    for key, value in fill.items():
+        if key in batch:
+            kept = batch[key][:, :content]
+            out[key] = torch.cat([kept, torch.full((1, length - content), value, dtype=kept.dtype)], dim=1)
+    return out
+
+
+def _targets_of(n: int, prompt_len: int) -> int:
+    return max(n - max(prompt_len, 1), 0)  # as _place counts them
+
+
+def flat_sizes(items: Sequence[TokenizedExample | TokenizedPair], *, share_prompt: bool = False) -> list[tuple[int, int]]:
+    """(positions, targets) each example adds to a padding-free batch, as ``collate_sft`` / ``collate_pairs`` lay it
+    out: a batch's sizes are the sums over its examples, known before collating (for ``shapes.plan_shapes``)."""
+    out = []
+    for it in items:
+        if isinstance(it, TokenizedExample):
+            n, p = len(it.prompt_ids) + len(it.response_ids), len(it.prompt_ids)
+            out.append((n, _targets_of(n, p)))
+        elif share_prompt:
+            p, c, r = len(it.prompt_ids), len(it.chosen_ids), len(it.rejected_ids)
+            last = min(p, 1)
+            out.append((max(p - 1, 0) + 2 * last + c + r, _targets_of(last + c, last) + _targets_of(last + r, last)))
+        else:
+            p, c, r = len(it.prompt_ids), len(it.chosen_ids), len(it.rejected_ids)
+            out.append((2 * p + c + r, _targets_of(p + c, p) + _targets_of(p + r, p)))
+    return out
+
+
 def sequence_lengths(items: Sequence[TokenizedExample | TokenizedPair]) -> list[int]:
     """Length of each example's longest row, for length-grouped batching."""
     out = []

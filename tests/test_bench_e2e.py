@@ -1,0 +1,91 @@
+"""benchmarks/bench_e2e.py end to end on the CPU: TRL's user script and minialign's CLI on the same rows of the real
+HH-RLHF file, the tiny model, one epoch (~30 s on 2 cores). The numbers mean nothing on a CPU; what is checked is
+that every part runs and measures what it says: wall clocks, tokens, the shared held-out evaluator, the ratios."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+HH = "data/hh-rlhf/harmless-base/test.jsonl.gz"
+
+
+def _load(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    return _load("bench_e2e")
+
+
+def test_trl_and_minialign_race_on_the_same_run(tmp_path, shared_dir):
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    out = tmp_path / "e2e.json"
+    cmd = [sys.executable, str(BENCH / "bench_e2e.py"), "--task", "dpo", "--mode", "lora", "--model", "tiny",
+           "--tokenizer", "demo", "--data", str(shared_dir / HH), "--train-rows", "300:340", "--eval-rows", "0:16",
+           "--epochs", "1", "--batch-size", "8", "--runners", "trl,minialign-eager", "--label", "tiny-dpo",
+           "--work", str(tmp_path / "work"), "--out", str(out), "--timeout-s", "120", "--no-warm"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["device"] == "cpu" and doc["versions"]["trl"] and doc["commands"] == [doc["command"]]
+    trl, ours = doc["runs"]
+    assert (trl["runner"], ours["runner"]) == ("trl", "minialign-eager")
+    for row in (trl, ours):
+        assert row["returncode"] == 0 and not row["timed_out"], row.get("log_tail")
+        assert (tmp_path / "work" / "logs" / row["log"]).is_file()
+        assert row["wall_s"] > row["train_s"] > 0  # the command holds start-up, loading and evaluation too
+        assert row["steps"] == 5 and row["tokens"] > 0 and row["tokens_per_s"] > 0 and row["steady_tokens_per_s"] > 0
+        assert row["peak_memory_mb"] > 0 and row["memory_kind"] == "cpu_peak_rss"
+        held = row["heldout"]
+        assert held["n_pairs"] == 16, held
+        for key in ("reward_accuracy", "policy_accuracy", "reference_accuracy"):
+            assert 0.0 <= held[key] <= 1.0
+    assert trl["wall_s"] <= trl["wall_to_exit_s"]  # t_done comes before the save and the exit
+    assert trl["own_eval"]["eval_rewards/accuracies"] is not None and not trl["gradient_checkpointing"]
+    # The shared evaluator scores minialign's adapter exactly as minialign's own final evaluation did ...
+    assert ours["heldout"]["reward_accuracy"] == pytest.approx(ours["own_eval"]["eval/rewards/accuracies"])
+    assert ours["heldout"]["reward_margin"] == pytest.approx(ours["own_eval"]["eval/rewards/margins"], rel=1e-3, abs=1e-5)
+    # ... and reads TRL's PEFT adapter: an adapter left at its initialisation (B = 0) would give a zero margin.
+    assert trl["heldout"]["reward_margin"] != 0.0
+    (ratio,) = doc["ratios"]
+    assert ratio["runner"] == "minialign-eager" and ratio["label"] == "tiny-dpo"
+    assert ratio["wall_speedup_vs_trl"] == pytest.approx(trl["wall_s"] / ours["wall_s"])
+    assert ratio["steady_speedup_vs_trl"] == pytest.approx(ours["steady_tokens_per_s"] / trl["steady_tokens_per_s"])
+    assert ratio["memory_ratio_vs_trl"] == pytest.approx(ours["peak_memory_mb"] / trl["peak_memory_mb"])
+    assert ratio["reward_accuracy_delta"] == pytest.approx(
+        ours["heldout"]["reward_accuracy"] - trl["heldout"]["reward_accuracy"])
+    table = out.with_suffix(".md").read_text()
+    assert "| tiny-dpo | trl | 0 |" in table and "| tiny-dpo | minialign-eager |" in table
+
+
+def test_a_failed_or_overlong_run_is_recorded(e2e, tmp_path):
+    failed = e2e.run_timed([sys.executable, "-c", "print('x' * 5000); raise SystemExit(3)"], tmp_path / "f.log", 60)
+    assert failed["returncode"] == 3 and not failed["timed_out"]
+    assert len(failed["log_tail"]) == e2e.LOG_TAIL and failed["t_exit"] > failed["t_spawn"]
+    slow = e2e.run_timed([sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "s.log", 0.5)
+    assert slow["timed_out"] and slow["returncode"] != 0 and slow["t_exit"] - slow["t_spawn"] < 30
+    # Ratios only pair rows that succeeded.
+    rows = [{"runner": "trl", "label": "a", "returncode": 0, "wall_s": 10.0, "call": 0},
+            {"runner": "minialign", "label": "a", "returncode": 1, "wall_s": None, "call": 0}]
+    assert e2e.ratios(rows) == []
+
+
+def test_the_steady_window_starts_where_minialigns_does():
+    """steady tokens/s of both trainers covers the same steps (minialign's summary.json picks them in train.py)."""
+    from minialign.train import _steady_from
+
+    trl_e2e = _load("trl_e2e")
+    assert [trl_e2e.steady_from(n) for n in range(1, 400)] == [_steady_from(0, n) for n in range(1, 400)]
