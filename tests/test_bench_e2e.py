@@ -45,7 +45,7 @@ def test_trl_and_minialign_race_on_the_same_run(tmp_path, shared_dir):
     assert (trl["runner"], ours["runner"]) == ("trl", "minialign-eager")
     for row in (trl, ours):
         assert row["returncode"] == 0 and not row["timed_out"], row.get("log_tail")
-        assert (tmp_path / "work" / "logs" / row["log"]).is_file()
+        assert Path(row["log"]).is_file() and row["config"]["train_rows"] == "300:340"
         assert row["wall_s"] > row["train_s"] > 0  # the command holds start-up, loading and evaluation too
         assert row["steps"] == 5 and row["tokens"] > 0 and row["tokens_per_s"] > 0 and row["steady_tokens_per_s"] > 0
         assert row["peak_memory_mb"] > 0 and row["memory_kind"] == "cpu_peak_rss"
@@ -53,7 +53,8 @@ def test_trl_and_minialign_race_on_the_same_run(tmp_path, shared_dir):
         assert held["n_pairs"] == 16, held
         for key in ("reward_accuracy", "policy_accuracy", "reference_accuracy"):
             assert 0.0 <= held[key] <= 1.0
-    assert trl["wall_s"] <= trl["wall_to_exit_s"]  # t_done comes before the save and the exit
+    assert trl["wall_s"] <= trl["elapsed_s"]  # TRL's t_done comes before its save and exit
+    assert ours["wall_s"] == ours["elapsed_s"] and ours["wall_to_eval_s"] <= ours["wall_s"]
     assert trl["own_eval"]["eval_rewards/accuracies"] is not None and not trl["gradient_checkpointing"]
     # The shared evaluator scores minialign's adapter exactly as minialign's own final evaluation did ...
     assert ours["heldout"]["reward_accuracy"] == pytest.approx(ours["own_eval"]["eval/rewards/accuracies"])

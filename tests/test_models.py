@@ -69,3 +69,21 @@ def test_smollm2_loads_generates_and_lora_matches_peft(smollm2_gguf):
     ours = lora.apply_lora(model, lora.LoRAConfig(r=8))
     assert lora.count_parameters(ours)[0] == n_peft
     assert sorted(ours.lora_targets) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def test_llama_builtins():
+    """llama-1b is Llama-3.2-1B's body on SmolLM2's vocabulary (counted on the meta device: no 4 GB allocation)."""
+    from transformers import AutoModelForCausalLM
+
+    from minialign.models import builtin_config
+    from minialign.recipes import default_tokenizer
+
+    config = builtin_config("llama-1b")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert sum(p.numel() for p in model.parameters()) == 1_073_809_408
+    assert (config.num_attention_heads, config.num_key_value_heads, config.tie_word_embeddings) == (32, 8, True)
+    tiny = load_model("tiny-llama")
+    assert tiny.config.num_key_value_heads * 2 == tiny.config.num_attention_heads
+    assert default_tokenizer("llama-1b") == "smollm2-135m-instruct" and default_tokenizer("tiny-llama") == "demo"

@@ -1,0 +1,89 @@
+"""The tables of a bench_e2e.py result: per-label ratios against TRL (in the JSON) and the markdown next to it."""
+
+from __future__ import annotations
+
+
+def _ok(r: dict) -> bool:
+    return r.get("returncode") == 0 and bool(r.get("wall_s"))
+
+
+def _div(a, b) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _delta(mine: dict, trl: dict, key: str) -> float | None:
+    a, b = (mine.get("heldout") or {}).get(key), (trl.get("heldout") or {}).get(key)
+    return a - b if a is not None and b is not None else None
+
+
+def ratios(runs: list[dict]) -> list[dict]:
+    """minialign vs TRL per label: each minialign row against the TRL row of its call (else the label's latest)."""
+    out = []
+    for r in runs:
+        if r["runner"] == "trl" or not _ok(r):
+            continue
+        trls = [t for t in runs if t["runner"] == "trl" and t.get("label") == r.get("label") and _ok(t)]
+        if not trls:
+            continue
+        t = next((t for t in trls if t.get("call") == r.get("call")), trls[-1])
+        out.append({
+            "label": r.get("label"), "runner": r["runner"], "call": r.get("call"), "trl_call": t.get("call"),
+            "wall_speedup_vs_trl": _div(t["wall_s"], r["wall_s"]),
+            # like for like: both clocks stopped after the final evaluation (minialign's last metrics write)
+            "wall_to_eval_speedup_vs_trl": _div(t["wall_s"], r.get("wall_to_eval_s")),
+            "steady_speedup_vs_trl": _div(r.get("steady_tokens_per_s"), t.get("steady_tokens_per_s")),
+            "throughput_speedup_vs_trl": _div(r.get("tokens_per_s"), t.get("tokens_per_s")),
+            "memory_ratio_vs_trl": _div(r.get("peak_memory_mb"), t.get("peak_memory_mb")),
+            **({"reward_accuracy_delta": _delta(r, t, "reward_accuracy"), "policy_accuracy_delta":
+                _delta(r, t, "policy_accuracy"), "reward_margin_delta": _delta(r, t, "reward_margin")}
+               if r.get("task") == "dpo" else {"heldout_loss_delta": _delta(r, t, "loss")}),
+        })
+    return out
+
+
+def fmt(x, spec: str = "{:,.0f}") -> str:
+    """A number for the markdown table ("-" when missing)."""
+    return "-" if x is None else spec.format(x)
+
+
+def _heldout(h: dict | None) -> str:
+    if not h or "error" in h:
+        return "error" if h else "-"
+    if "reward_accuracy" in h:
+        return (f"reward acc {h['reward_accuracy']:.3f}, margin {h['reward_margin']:.3f}, "
+                f"policy acc {h['policy_accuracy']:.3f}")
+    return f"loss {h['loss']:.4f} (base {h.get('base_loss', float('nan')):.4f})"
+
+
+def _rc(r: dict) -> str:
+    return f"{r.get('returncode')}{' (timeout)' if r.get('timed_out') else ''}"
+
+
+def markdown(doc: dict) -> str:
+    """Every run, then every ratio; a run that failed shows its return code (its log's end is in the JSON)."""
+    v = doc.get("versions", {})
+    lines = [f"## End to end: minialign vs TRL {v.get('trl')} + PEFT {v.get('peft')} on {doc['device']}", "",
+             f"torch {v.get('torch')}, transformers {v.get('transformers')}. Wall clock: from spawn to TRL's `t_done` "
+             "(right after its final evaluation) or to minialign's exit (in brackets: to its final evaluation's "
+             "metrics write, before its checkpoint and final save). Held-out: the same minialign evaluator on every "
+             "trained result.", "",
+             "| label | runner | rc | wall s | train s | steps | tokens | tok/s | steady tok/s | peak MiB | held-out |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in doc["runs"]:
+        to_eval = f" ({fmt(r['wall_to_eval_s'], '{:.1f}')})" if r.get("wall_to_eval_s") else ""
+        lines.append(f"| {r.get('label')} | {r['runner']} | {_rc(r)} | {fmt(r.get('wall_s'), '{:.1f}')}{to_eval} "
+                     f"| {fmt(r.get('train_s'), '{:.1f}')} | {fmt(r.get('steps'))} | {fmt(r.get('tokens'))} "
+                     f"| {fmt(r.get('tokens_per_s'))} | {fmt(r.get('steady_tokens_per_s'))} "
+                     f"| {fmt(r.get('peak_memory_mb'))} | {_heldout(r.get('heldout'))} |")
+    lines += ["", "| label | runner | wall speed-up (to eval) | steady speed-up | memory x | held-out delta |",
+              "|---|---|---:|---:|---:|---|"]
+    for q in doc.get("ratios", []):
+        delta = (f"reward acc {fmt(q.get('reward_accuracy_delta'), '{:+.3f}')}, policy acc "
+                 f"{fmt(q.get('policy_accuracy_delta'), '{:+.3f}')}" if "reward_accuracy_delta" in q
+                 else f"loss {fmt(q.get('heldout_loss_delta'), '{:+.4f}')}")
+        lines.append(f"| {q['label']} | {q['runner']} | {fmt(q['wall_speedup_vs_trl'], '{:.2f}x')} "
+                     f"({fmt(q.get('wall_to_eval_speedup_vs_trl'), '{:.2f}x')}) "
+                     f"| {fmt(q['steady_speedup_vs_trl'], '{:.2f}x')} | {fmt(q['memory_ratio_vs_trl'], '{:.2f}x')} "
+                     f"| {delta} |")
+    lines += ["", "Commands:", "", *[f"    {c}" for c in doc.get("commands", [])], ""]
+    return "\n".join(lines)
