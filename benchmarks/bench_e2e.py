@@ -39,6 +39,7 @@ ROOT = HERE.parent
 if str(HERE) not in sys.path:  # bench_gpu (default data and results names) lives beside this file
     sys.path.insert(0, str(HERE))
 from e2e_table import fmt, markdown, ratios  # noqa: E402
+from trl_e2e import add_run_args  # noqa: E402
 # Runner name -> extra minialign flags (None: the TRL script). `--fast` is minialign's one switch for its GPU setting.
 RUNNERS: dict[str, list[str] | None] = {
     "trl": None,
@@ -59,25 +60,9 @@ CONFIG_KEYS = ("tokenizer", "data", "train_rows", "eval_rows", "limit", "epochs"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", choices=["dpo", "sft"], required=True)
-    p.add_argument("--mode", choices=["lora", "full"], required=True)
-    p.add_argument("--model", required=True, help="hub id, save_pretrained dir, .gguf or built-in name")
-    p.add_argument("--tokenizer", required=True)
+    add_run_args(p)
     p.add_argument("--data", default=None, help="preference data (default: shared/ HH-RLHF harmless-base test file)")
-    p.add_argument("--train-rows", default="300:")
-    p.add_argument("--eval-rows", default="0:300")
-    p.add_argument("--limit", type=int, default=0, help="cap on training pairs (0: all)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear")
-    p.add_argument("--warmup-ratio", type=float, default=0.0)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--max-prompt-length", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runners", default="trl,minialign-eager,minialign", help=f"comma list of {', '.join(RUNNERS)}")
     p.add_argument("--minialign-args", default="", help="extra flags for every minialign runner (one string)")
     p.add_argument("--label", default="", help="names this configuration in the results (default model-task-mode)")

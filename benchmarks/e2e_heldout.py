@@ -57,24 +57,23 @@ def score(args: argparse.Namespace) -> dict:
     pad, bs = tok.pad_token_id, args.batch_size
     base = load_model(args.model, seed=args.seed)  # the evaluators move each model to the device themselves
     trained = lora.load_adapter(base, args.adapter) if args.adapter else load_model(args.model_dir)
+    def on_base(score):
+        """``score`` of the starting model: the adapter switched off, or the base weights loaded alone."""
+        if not args.adapter:
+            return score(base)
+        with lora.disabled(trained):
+            return score(trained)
+
     if args.task == "dpo":
         items = tokenize_pairs(pairs, tok, **limits)
-        policy = pair_logps(trained, items, pad_id=pad, batch_size=bs, device=device)
-        if args.adapter:
-            with lora.disabled(trained):
-                reference = pair_logps(trained, items, pad_id=pad, batch_size=bs, device=device)
-        else:
-            reference = pair_logps(base, items, pad_id=pad, batch_size=bs, device=device)
-        out = preference_metrics(policy, reference, args.beta)
+        score = lambda model: pair_logps(model, items, pad_id=pad, batch_size=bs, device=device)  # noqa: E731
+        out = preference_metrics(score(trained), on_base(score), args.beta)
     else:
         items = tokenize_sft(pairs, tok, **limits)
-        out = heldout_loss(trained, items, pad_id=pad, batch_size=bs, device=device)
-        if args.adapter:
-            with lora.disabled(trained):
-                base_out = heldout_loss(trained, items, pad_id=pad, batch_size=bs, device=device)
-        else:
-            base_out = heldout_loss(base, items, pad_id=pad, batch_size=bs, device=device)
-        out = {**out, "base_loss": base_out["loss"], "base_perplexity": base_out["perplexity"], "n_examples": len(items)}
+        score = lambda model: heldout_loss(model, items, pad_id=pad, batch_size=bs, device=device)  # noqa: E731
+        base_out = on_base(score)
+        out = {**score(trained), "base_loss": base_out["loss"], "base_perplexity": base_out["perplexity"],
+               "n_examples": len(items)}
     out["truncated"] = items.truncated
     out["scored_on"] = device
     return out

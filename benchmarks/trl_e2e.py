@@ -43,13 +43,12 @@ def steady_from(total: int) -> int:
     return mark if mark < total else 0
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The run both trainers are given (bench_e2e.py passes the same flags on to each runner)."""
     p.add_argument("--task", choices=["dpo", "sft"], required=True)
     p.add_argument("--mode", choices=["lora", "full"], required=True)
     p.add_argument("--model", required=True, help="anything minialign.models.load_model takes")
     p.add_argument("--tokenizer", required=True, help="anything minialign.models.load_tokenizer takes")
-    p.add_argument("--data", required=True)
     p.add_argument("--train-rows", default="300:")
     p.add_argument("--eval-rows", default="0:300")
     p.add_argument("--limit", type=int, default=0, help="cap on training pairs (0: all), as minialign's --limit")
@@ -62,9 +61,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_args(p)
+    p.add_argument("--data", required=True)
     p.add_argument("--max-prompt-length", type=int, default=256,
                    help="recorded only: TRL 1.16 has no prompt-length limit (max_length cuts whole sequences)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-json", required=True)
     p.add_argument("--adapter-out", default="", help="where the trained adapter (or full model) goes; "
                    "default: final/ beside --out-json")
