@@ -76,7 +76,10 @@ class TrainConfig:
     # lengths, each with at most target_buckets target counts, so captures and compilations are counted up front.
     shape_buckets: int = 4  # 0: no plan (row lengths rounded to pad_to_multiple_of, one shape per length)
     target_buckets: int = 1  # a capture costs more than padding the output projection's rows of a whole epoch
-    base_dtype: str = "auto"  # auto: frozen base weights in bf16 for LoRA on CUDA, else float32
+    # The model's own weights: the frozen base under LoRA (auto: bf16 on CUDA, else float32), or the trained weights
+    # with --full (auto: float32; bfloat16: AdamW keeps float32 moments and rounds each update stochastically, so
+    # 12 instead of 16 bytes a parameter and no bf16 copies in the forward; one process only).
+    base_dtype: str = "auto"
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     # Step AdamW on each parameter as soon as its gradient is complete and free that gradient at once, so the
     # whole-model gradient never exists (full fine-tuning: 12 instead of 16 bytes a parameter). One process
@@ -125,6 +128,8 @@ class TrainConfig:
 
         if self.optim_in_backward:
             self.check_optim_in_backward(launched_world())
+        if self.full and self.base_dtype == "bfloat16":
+            self.check_bf16_weights(launched_world())
         if self.cuda_graphs:
             self.check_cuda_graphs(launched_world())
 
@@ -158,6 +163,17 @@ class TrainConfig:
         for bad, need in problems:
             if bad:
                 raise UserError(f"Invalid configuration: cuda_graphs needs {need}.")
+
+    def check_bf16_weights(self, world: int) -> None:
+        """What full fine-tuning in bf16 (``StochasticAdamW``) has not been built for."""
+        if self.optim_in_backward:
+            raise UserError("Invalid configuration: --full with base_dtype bfloat16 steps its own AdamW (stochastic "
+                            "rounding), which does not run inside backward: drop --optim-in-backward, or use "
+                            "--base-dtype float32 with it.")
+        if world > 1:
+            raise UserError(f"Invalid configuration: --full with base_dtype bfloat16 runs in one process only (this is "
+                            f"one of {world} torchrun processes): its rounding has not been checked on sharded "
+                            "weights. Use --base-dtype float32 under torchrun.")
 
     def check_optim_in_backward(self, world: int) -> None:
         """What ``optim_in_backward`` cannot do: each parameter is updated, and its gradient freed, inside backward."""

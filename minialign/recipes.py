@@ -127,10 +127,16 @@ def load_base(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
 
 
 def base_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    """Frozen LoRA base weights are only read: bf16 halves their memory on a GPU (adapters stay float32)."""
+    """Frozen LoRA base weights are only read: bf16 halves their memory on a GPU (adapters stay float32). Trained
+    weights (full fine-tuning) stay float32 unless asked: bf16 changes the numbers (``optim.StochasticAdamW``)."""
     if cfg.base_dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" and not cfg.full else torch.float32
     return getattr(torch, cfg.base_dtype)
+
+
+def trainable_weights(model, cfg: TrainConfig, device: torch.device):
+    """Full fine-tuning trains the model's own weights, in ``base_dtype``; LoRA freezes them and adds adapters."""
+    return model.to(base_dtype(cfg, device)) if cfg.full else attach_lora(model, cfg, device)
 
 
 def attach_lora(model, cfg: TrainConfig, device: torch.device):
@@ -241,8 +247,7 @@ def sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     run_dir, point, device, tokenizer, examples, held_out = _prologue(cfg, "sft", tokenize_sft, resume=resume,
                                                                       overwrite=overwrite)
     model = load_base(cfg, tokenizer)
-    if not cfg.full:
-        attach_lora(model, cfg, device)
+    trainable_weights(model, cfg, device)
     policy = wrap_policy(model, cfg, device)
     pad = tokenizer.pad_token_id
     if cfg.packing:
@@ -302,8 +307,8 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
             compile_policy(ref_policy, cfg)
         reference = frozen_reference(ref_policy, task.normalise)
     else:
-        attach_lora(model, cfg, device)
         reference = None
+    trainable_weights(model, cfg, device)
     policy = wrap_policy(model, cfg, device)
     if reference is None:
         reference = adapter_reference(policy, task.normalise)
