@@ -11,12 +11,21 @@ from minialign import dist
 from minialign.config import TrainConfig
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+# Compiling StochasticAdamW's update costs ~7-10 s once (H200, empty caches); run op by op it costs ~25-50 ms more
+# a step per 1e9 parameters (benchmarks/results/check_bf16_adamw-h200.json). Below this many parameter-steps
+# the compilation does not pay for itself.
+COMPILE_UPDATE_FROM = 2e11
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device,
+                   steps: int | None = None) -> torch.optim.Optimizer:
     """AdamW: the fused kernel on CUDA, the for-loop one elsewhere; stepped inside backward with ``optim_in_backward``;
-    ``StochasticAdamW`` when the trained weights are bf16 (full fine-tuning with ``base_dtype`` bfloat16)."""
+    ``StochasticAdamW`` when the trained weights are bf16 (full fine-tuning with ``base_dtype`` bfloat16), its
+    update compiled on CUDA when the run (``steps``; None: open-ended) is long enough to repay the compilation."""
     if any(p.dtype != torch.float32 for p in params):
+        work = float("inf") if steps is None else steps * sum(p.numel() for p in params)
         return StochasticAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
-                               compiled=device.type == "cuda")
+                               compiled=device.type == "cuda" and work >= COMPILE_UPDATE_FROM)
     kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=device.type == "cuda")
     if cfg.optim_in_backward:
         cfg.check_optim_in_backward(dist.world_size())

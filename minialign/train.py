@@ -236,7 +236,7 @@ def train(
                                           rank=rank, world_size=world))
     steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    optimizer = make_optimizer(params, cfg, device)
+    optimizer = make_optimizer(params, cfg, device, steps=total)
     scheduler = make_scheduler(optimizer, total, cfg)
     progress = Progress()
     if resume_from is not None:

@@ -137,6 +137,20 @@ def test_make_optimizer_picks_by_weight_dtype():
     assert type(make_optimizer([torch.nn.Parameter(torch.zeros(3))], cfg, cpu)) is torch.optim.AdamW
     bf16 = [torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))]
     assert isinstance(make_optimizer(bf16, cfg, cpu), StochasticAdamW)
+    assert not make_optimizer(bf16, cfg, cpu).compiled  # no compilation on a CPU
+
+
+def test_the_update_is_compiled_only_when_the_run_repays_it(monkeypatch):
+    """On CUDA: 1B parameters x 126 steps (one HH epoch at batch 16) run op by op; x 1,000 steps, compiled."""
+    from minialign import optim
+
+    monkeypatch.setattr(optim.torch, "compile", lambda fn, **kw: fn)  # what is compiled is not under test here
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    monkeypatch.setattr(torch.Tensor, "numel", lambda self: 1_073_809_408)
+    cfg, cuda = SFTConfig(), torch.device("cuda")
+    assert not make_optimizer([p], cfg, cuda, steps=126).compiled
+    assert make_optimizer([p], cfg, cuda, steps=1000).compiled
+    assert make_optimizer([p], cfg, cuda).compiled  # an open-ended run (the step benchmark)
 
 
 def metrics(run_dir) -> list[dict]:
