@@ -46,7 +46,12 @@ def fmt(x, spec: str = "{:,.0f}") -> str:
     return "-" if x is None else spec.format(x)
 
 
-def _heldout(h: dict | None) -> str:
+def _heldout(h: dict | None, own: dict | None = None) -> str:
+    """The shared evaluator's numbers; without them (``--no-heldout``), the trainer's own final evaluation."""
+    if not h and own:
+        loss = own.get("eval/loss", own.get("eval_loss"))
+        acc = own.get("eval/rewards/accuracies", own.get("eval_rewards/accuracies"))
+        return f"own eval: loss {loss:.4f}" + (f", reward acc {acc:.3f}" if acc is not None else "")
     if not h or "error" in h:
         return "error" if h else "-"
     if "reward_accuracy" in h:
@@ -74,7 +79,7 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {r.get('label')} | {r['runner']} | {_rc(r)} | {fmt(r.get('wall_s'), '{:.1f}')}{to_eval} "
                      f"| {fmt(r.get('train_s'), '{:.1f}')} | {fmt(r.get('steps'))} | {fmt(r.get('tokens'))} "
                      f"| {fmt(r.get('tokens_per_s'))} | {fmt(r.get('steady_tokens_per_s'))} "
-                     f"| {fmt(r.get('peak_memory_mb'))} | {_heldout(r.get('heldout'))} |")
+                     f"| {fmt(r.get('peak_memory_mb'))} | {_heldout(r.get('heldout'), r.get('own_eval'))} |")
     lines += ["", "| label | runner | wall speed-up (to eval) | steady speed-up | memory x | held-out delta |",
               "|---|---|---:|---:|---:|---|"]
     for q in doc.get("ratios", []):
@@ -85,5 +90,14 @@ def markdown(doc: dict) -> str:
                      f"({fmt(q.get('wall_to_eval_speedup_vs_trl'), '{:.2f}x')}) "
                      f"| {fmt(q['steady_speedup_vs_trl'], '{:.2f}x')} | {fmt(q['memory_ratio_vs_trl'], '{:.2f}x')} "
                      f"| {delta} |")
+    if doc.get("mfu"):
+        m = doc["mfu"]
+        lines += ["", f"MFU: {m['formula']} ({doc.get('peak_tflops', 0):.0f} TFLOP/s; also against the 989 TFLOP/s "
+                  "datasheet figure).", "", "| label | runner | call | batch | steady tok/s | MFU (measured peak) "
+                  "| MFU (989) |", "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {x['label']} | {x['runner']} | {x['call']} | {x['batch']} | {fmt(x['steady_tokens_per_s'])} "
+                  f"| {x['mfu_6n_measured_peak']:.1%} | {x['mfu_6n_989_spec']:.1%} |" for x in m["rows"]]
+    notes = [f"- call {r['call']} {r['label']} {r['runner']}: {r['note']}" for r in doc["runs"] if r.get("note")]
+    lines += ["", "Notes:", "", *notes] if notes else []
     lines += ["", "Commands:", "", *[f"    {c}" for c in doc.get("commands", [])], ""]
     return "\n".join(lines)

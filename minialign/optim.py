@@ -11,10 +11,10 @@ from minialign import dist
 from minialign.config import TrainConfig
 
 
-# Compiling StochasticAdamW's update costs ~7-10 s once (H200, empty caches); run op by op it costs ~25-50 ms more
-# a step per 1e9 parameters (benchmarks/results/check_bf16_adamw-h200.json). Below this many parameter-steps
-# the compilation does not pay for itself.
-COMPILE_UPDATE_FROM = 2e11
+# Compiling StochasticAdamW's update costs ~6-10 s once (H200, empty caches: check_bf16_adamw-h200.json); run op by
+# op inside a CUDA graph it costs ~40 ms more a step per 1e9 parameters. At 1.35e11 parameter-steps (llama-1b, one
+# HH epoch at batch 16) both took the same training time (e2e-h200-llama1b-epoch.json); longer runs compile.
+COMPILE_UPDATE_FROM = 1.5e11
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device,
