@@ -154,6 +154,8 @@ class StochasticAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, (b1, b2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            if self.compiled and not torch.is_tensor(lr):  # a Python float would be a constant of the compiled code
+                lr = torch.tensor(lr, dtype=torch.float32, device=group["params"][0].device)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -164,9 +166,8 @@ class StochasticAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 state["step"] += 1
                 tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
-                if self.compiled:  # a device lr: a Python float would be a constant of the compiled code
-                    lr_t = lr if torch.is_tensor(lr) else torch.tensor(lr, dtype=torch.float32, device=p.device)
-                    self.update(*(t.view(-1) for t in tensors), lr_t, state["step"], b1, b2, eps, decay)
+                if self.compiled:
+                    self.update(*(t.view(-1) for t in tensors), lr, state["step"], b1, b2, eps, decay)
                     continue
                 for w, g, m, v in zip(*(_slices(t, self.chunk) for t in tensors)):
                     self.update(w, g, m, v, lr, state["step"], b1, b2, eps, decay)

@@ -141,15 +141,15 @@ def test_make_optimizer_picks_by_weight_dtype():
 
 
 def test_the_update_is_compiled_only_when_the_run_repays_it(monkeypatch):
-    """On CUDA: 1B parameters x 126 steps (one HH epoch at batch 16) run op by op; x 1,000 steps, compiled."""
+    """On CUDA: compiled from COMPILE_UPDATE_FROM parameter-steps (1B parameters: ~140 steps), op by op below."""
     from minialign import optim
 
     monkeypatch.setattr(optim.torch, "compile", lambda fn, **kw: fn)  # what is compiled is not under test here
-    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
-    monkeypatch.setattr(torch.Tensor, "numel", lambda self: 1_073_809_408)
+    p = torch.nn.Parameter(torch.zeros(1_000_000, dtype=torch.bfloat16))
     cfg, cuda = SFTConfig(), torch.device("cuda")
-    assert not make_optimizer([p], cfg, cuda, steps=126).compiled
-    assert make_optimizer([p], cfg, cuda, steps=1000).compiled
+    steps = int(optim.COMPILE_UPDATE_FROM / 1_000_000)
+    assert not make_optimizer([p], cfg, cuda, steps=steps - 1).compiled
+    assert make_optimizer([p], cfg, cuda, steps=steps).compiled
     assert make_optimizer([p], cfg, cuda).compiled  # an open-ended run (the step benchmark)
 
 
