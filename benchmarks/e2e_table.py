@@ -51,7 +51,7 @@ def _heldout(h: dict | None, own: dict | None = None) -> str:
     if not h and own:
         loss = own.get("eval/loss", own.get("eval_loss"))
         acc = own.get("eval/rewards/accuracies", own.get("eval_rewards/accuracies"))
-        return f"own eval: loss {loss:.4f}" + (f", reward acc {acc:.3f}" if acc is not None else "")
+        return f"own eval: loss {fmt(loss, '{:.4f}')}" + (f", reward acc {acc:.3f}" if acc is not None else "")
     if not h or "error" in h:
         return "error" if h else "-"
     if "reward_accuracy" in h:

@@ -301,13 +301,12 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     collate = lambda idx: collate_pairs([both[i] for i in idx], pad_id=pad, index=idx, pad_to_multiple_of=cfg.pad_to_multiple_of or None,
                                         flat=cfg.padding_free, share_prompt=cfg.padding_free and cfg.share_prompt)
     task = DPOTask(None, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma)
+    reference = None  # LoRA: the policy with its adapters off (below)
     if cfg.full:
         ref_policy = TokenLogps(frozen_copy(model, device), cfg.loss_chunk_size or None, attention=cfg.attention)
         if cfg.compile:
             compile_policy(ref_policy, cfg)
         reference = frozen_reference(ref_policy, task.normalise)
-    else:
-        reference = None
     trainable_weights(model, cfg, device)
     policy = wrap_policy(model, cfg, device)
     if reference is None:
