@@ -18,6 +18,21 @@ from minialign.errors import UserError
 
 PRESETS = Path(__file__).parent / "configs"
 
+# Flag groups, in the order `--help` lists them.
+GROUPS = ("model", "data", "lora", "training", "speed", "memory", "distributed", "dpo", "rm", "eval", "run", "output")
+
+
+def opt(default, help: str, *, group: str, choices: tuple | None = None, metavar: str | None = None):
+    """A config field with its one-line ``--help`` text, flag group and allowed values.
+
+    The description lives here, beside the field, and nowhere else: ``add_flags`` builds the CLI from it, so
+    the help cannot drift from the config. Lists get a ``default_factory``.
+    """
+    meta = {"help": help, "group": group, "choices": choices, "metavar": metavar}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
 
 @dataclass
 class TrainConfig:
