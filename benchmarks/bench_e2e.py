@@ -57,7 +57,8 @@ PROBE = ("import json, platform, torch; from importlib.metadata import version; 
 WARM = "import torch, transformers, trl, peft, datasets, minialign.cli, minialign.evaluate"
 LOG_TAIL = 2000
 CONFIG_KEYS = ("tokenizer", "data", "train_rows", "eval_rows", "limit", "epochs", "batch_size", "lr", "schedule",
-               "warmup_ratio", "beta", "lora_r", "lora_alpha", "max_length", "max_prompt_length", "seed", "compile_cache")
+               "warmup_ratio", "beta", "lora_r", "lora_alpha", "max_length", "max_prompt_length", "seed", "compile_cache",
+               "chat_template")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -146,7 +147,7 @@ def runner_command(args: argparse.Namespace, runner: str, run_dir: Path) -> list
             "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--schedule", args.schedule,
             "--warmup-ratio", str(args.warmup_ratio), "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha),
             "--max-length", str(args.max_length), "--max-prompt-length", str(args.max_prompt_length),
-            "--seed", str(args.seed)]
+            "--seed", str(args.seed), *(["--chat-template"] if args.chat_template else [])]
     limit = ["--limit", str(args.limit)] if args.limit else []
     if RUNNERS[runner] is None:
         return [sys.executable, str(HERE / "trl_e2e.py"), "--task", args.task, "--mode", args.mode, *same,
@@ -199,7 +200,8 @@ def score(args: argparse.Namespace, row: dict, result: Path, run_dir: Path, env:
     cmd = [sys.executable, str(HERE / "e2e_heldout.py"), "--task", args.task, "--model", args.model, "--tokenizer",
            args.tokenizer, "--data", args.data, "--eval-rows", args.eval_rows, which, str(result), "--beta", str(args.beta),
            "--max-length", str(args.max_length), "--max-prompt-length", str(args.max_prompt_length),
-           "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--out-json", str(run_dir / "heldout.json")]
+           "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--out-json", str(run_dir / "heldout.json"),
+           *(["--chat-template"] if args.chat_template else [])]
     done = run_timed(cmd, run_dir.parent / "logs" / f"{run_dir.name}-heldout.log", args.timeout_s, env)
     found = _read_json(run_dir / "heldout.json") if done["returncode"] == 0 else None
     return found if found is not None else {"error": f"returncode {done['returncode']}", "log_tail": done.get("log_tail")}

@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-prompt-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="the built-in models' random init (the runs' --seed)")
+    p.add_argument("--chat-template", action="store_true", help="the run trained on chat-template text")
     p.add_argument("--out-json", required=True)
     return p.parse_args(argv)
 
@@ -53,6 +54,10 @@ def score(args: argparse.Namespace) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(args.tokenizer)
     pairs = load_preference_pairs(args.data, rows=args.eval_rows or None)
+    if args.chat_template:
+        from minialign.data.chat import to_chat_format
+
+        pairs = to_chat_format(pairs, tok)
     limits = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
     pad, bs = tok.pad_token_id, args.batch_size
     base = load_model(args.model, seed=args.seed)  # the evaluators move each model to the device themselves

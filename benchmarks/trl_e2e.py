@@ -62,6 +62,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat-template", action="store_true",
+                   help="rewrite HH dialogues in the tokenizer's chat template first (minialign's --chat-template)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from minialign.data import load_preference_pairs
+    from minialign.data.chat import to_chat_format
     from minialign.models import load_model, load_tokenizer
 
     marks = {"imports": time.time()}
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(args.tokenizer)
     train_pairs = load_preference_pairs(args.data, rows=args.train_rows or None, limit=args.limit or None)
     eval_pairs = load_preference_pairs(args.data, rows=args.eval_rows or None)
+    if args.chat_template:  # the same text minialign trains on: TRL gets explicit prompt/chosen/rejected strings
+        train_pairs, eval_pairs = to_chat_format(train_pairs, tok), to_chat_format(eval_pairs, tok)
     train_ds = _dataset(args.task, None, range(len(train_pairs)), False, train_pairs)
     eval_ds = _dataset(args.task, None, range(len(eval_pairs)), False, eval_pairs)
     marks["data"] = time.time()
