@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="the built-in models' random init (the runs' --seed)")
     p.add_argument("--chat-template", action="store_true", help="the run trained on chat-template text")
+    p.add_argument("--sft-run", default="", help="a DPO run that started from this minialign SFT run folder: the "
+                   "base (and reference) is that run's merged model, not --model")
     p.add_argument("--out-json", required=True)
     return p.parse_args(argv)
 
@@ -60,7 +62,13 @@ def score(args: argparse.Namespace) -> dict:
         pairs = to_chat_format(pairs, tok)
     limits = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
     pad, bs = tok.pad_token_id, args.batch_size
-    base = load_model(args.model, seed=args.seed)  # the evaluators move each model to the device themselves
+    if args.sft_run:
+        from minialign.config import DPOConfig
+        from minialign.recipes import dpo_start_model
+
+        base = dpo_start_model(DPOConfig(sft=args.sft_run, tokenizer=args.tokenizer), tok)
+    else:
+        base = load_model(args.model, seed=args.seed)  # the evaluators move each model to the device themselves
     trained = lora.load_adapter(base, args.adapter) if args.adapter else load_model(args.model_dir)
     def on_base(score):
         """``score`` of the starting model: the adapter switched off, or the base weights loaded alone."""
