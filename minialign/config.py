@@ -224,6 +224,9 @@ class DPOConfig(TrainConfig):
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid | hinge | ipo | robust | simpo
     label_smoothing: float = 0.0
+    rpo_alpha: float = opt(0.0, "RPO: add this x the chosen response's mean token NLL to each pair's loss (0: plain "
+                           "DPO); per response, where TRL's rpo_alpha averages over a batch's chosen tokens",
+                           group="dpo")
     simpo_gamma: float = 0.5
     precompute_ref: bool = False
     # Padding-free batches compute each prompt once and branch both responses off it (exact: same keys and
@@ -240,6 +243,9 @@ class DPOConfig(TrainConfig):
             raise UserError("Invalid configuration: beta must be > 0 (try 0.1).")
         if not 0 <= self.label_smoothing < 0.5:
             raise UserError("Invalid configuration: label_smoothing must be in [0, 0.5).")
+        if self.rpo_alpha < 0:
+            raise UserError(f"Invalid configuration: rpo_alpha must be >= 0 (got {self.rpo_alpha}; try 1.0, or 0 "
+                            "for plain DPO).")
         if self.loss_type not in LOSS_TYPES:
             raise UserError(f"Invalid configuration: loss_type must be one of {', '.join(LOSS_TYPES)}.")
         if self.sft and self.adapter:

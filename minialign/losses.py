@@ -337,5 +337,25 @@ def dpo_loss(
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
+def rpo_nll(chosen_logp_sums: torch.Tensor, chosen_counts: torch.Tensor) -> torch.Tensor:
+    """Per-pair NLL term of RPO (DPO + ``rpo_alpha`` x NLL of the chosen response): each chosen response's mean
+    token negative log-likelihood.
+
+    Args:
+        chosen_logp_sums: ``[B]`` summed log-probs of each chosen response's target tokens.
+        chosen_counts: ``[B]`` how many target tokens each chosen response has (float or int, on the device).
+
+    Returns:
+        ``[B]`` ``-sum / count`` (a response without targets contributes 0).
+
+    A per-pair value, so it sums over pairs like ``dpo_loss`` and the loop's division by the pair count of the
+    whole step makes it the mean over pairs of per-response mean NLLs, the same under any accumulation or number
+    of ranks. TRL (``rpo_alpha``; ``loss_type=["sigmoid", "sft"]`` with ``loss_weights=[1, alpha]`` since 1.x)
+    instead averages over all chosen tokens of a device's micro-batch, so its long answers weigh more and its
+    value depends on how a batch is split. The two agree when every chosen response has the same length.
+    """
+    return -chosen_logp_sums / chosen_counts.to(chosen_logp_sums.dtype).clamp(min=1)
+
+
 def perplexity(mean_nll: float) -> float:
     return math.exp(min(mean_nll, 50.0))

@@ -300,7 +300,8 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     both = [*pairs, *held_out]
     collate = lambda idx: collate_pairs([both[i] for i in idx], pad_id=pad, index=idx, pad_to_multiple_of=cfg.pad_to_multiple_of or None,
                                         flat=cfg.padding_free, share_prompt=cfg.padding_free and cfg.share_prompt)
-    task = DPOTask(None, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma)
+    task = DPOTask(None, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma,
+                   rpo_alpha=cfg.rpo_alpha)
     reference = None  # LoRA: the policy with its adapters off (below)
     if cfg.full:
         ref_policy = TokenLogps(frozen_copy(model, device), cfg.loss_chunk_size or None, attention=cfg.attention)

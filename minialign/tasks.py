@@ -209,13 +209,19 @@ class SFTTask:
         return loss, {"loss": loss.detach()}
 
 
+def target_counts(batch: dict, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[2B]`` target count of each sequence, computed on the batch's device (a step must not read it back);
+    the inert slots of ``add_target_index`` (id -100) are not counted."""
+    n_rows = batch.get("n_sequences", batch["input_ids"].shape[0])
+    return losses.sum_by_row((batch["tgt_ids"] >= 0).to(dtype), batch["tgt_rows"], n_rows)
+
+
 def sequence_sums(policy: nn.Module, batch: dict, normalise: bool) -> torch.Tensor:
     """``[2B]`` summed (or, for length-normalised losses, averaged) response log-probs of each row."""
     n_rows = batch.get("n_sequences", batch["input_ids"].shape[0])
     sums = losses.sum_by_row(run_logps(policy, batch), batch["tgt_rows"], n_rows)
     if normalise:
-        counts = losses.sum_by_row((batch["tgt_ids"] >= 0).to(sums.dtype), batch["tgt_rows"], n_rows)
-        sums = sums / counts.clamp(min=1)
+        sums = sums / target_counts(batch, sums.dtype).clamp(min=1)
     return sums
 
 
@@ -266,14 +272,20 @@ def cached_reference(table: torch.Tensor) -> Reference:
 
 
 class DPOTask:
-    """Preference optimisation: chosen and rejected rows go through the policy in one forward pass."""
+    """Preference optimisation: chosen and rejected rows go through the policy in one forward pass.
+
+    ``rpo_alpha`` > 0 adds ``rpo_alpha`` x each chosen response's mean token NLL to its pair's loss (RPO, TRL's
+    ``rpo_alpha``): the chosen answers' likelihood is held up while the margin grows. Per pair, so it is summed and
+    normalised by the pair count like the DPO term; TRL averages over the chosen tokens of a micro-batch instead
+    (see ``losses.rpo_nll``).
+    """
 
     name = "dpo"
 
     def __init__(self, reference: Reference | None, *, beta: float, loss_type: str = "sigmoid",
-                 label_smoothing: float = 0.0, gamma: float = 0.5):
+                 label_smoothing: float = 0.0, gamma: float = 0.5, rpo_alpha: float = 0.0):
         self.reference, self.beta, self.loss_type = reference, beta, loss_type
-        self.label_smoothing, self.gamma = label_smoothing, gamma
+        self.label_smoothing, self.gamma, self.rpo_alpha = label_smoothing, gamma, rpo_alpha
 
     @property
     def normalise(self) -> bool:
@@ -283,21 +295,30 @@ class DPOTask:
     def units(self, batch: dict) -> int:
         return batch["n_pairs"]
 
-    def logps(self, policy: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def logps(self, policy: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Policy ``[2B]`` and reference ``[2B]`` log-probs as the loss type wants them, and with ``rpo_alpha`` the
+        ``[B]`` mean token NLL of each chosen response (else None)."""
         # The reference first: it keeps nothing once it returns, so its forward never runs on top of the policy's
         # saved activations and kept loss gradients (a lower peak for the same work).
         ref_logps = None if self.loss_type == "simpo" else self.reference(batch)
-        policy_logps = sequence_sums(policy, batch, self.normalise)
-        return policy_logps, ref_logps
+        if not self.rpo_alpha:
+            return sequence_sums(policy, batch, self.normalise), ref_logps, None
+        b = batch["n_pairs"]
+        sums = sequence_sums(policy, batch, False)
+        counts = target_counts(batch, sums.dtype)
+        policy_logps = sums / counts.clamp(min=1) if self.normalise else sums
+        return policy_logps, ref_logps, losses.rpo_nll(sums[:b], counts[:b])
 
     def loss(self, policy: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         b = batch["n_pairs"]
-        policy_logps, ref_logps = self.logps(policy, batch)
+        policy_logps, ref_logps, nll = self.logps(policy, batch)
         ref_c, ref_r = (None, None) if ref_logps is None else (ref_logps[:b], ref_logps[b:])
         per_pair, chosen_r, rejected_r = losses.dpo_loss(
             policy_logps[:b], policy_logps[b:], ref_c, ref_r, beta=self.beta, loss_type=self.loss_type,
             label_smoothing=self.label_smoothing, gamma=self.gamma,
         )
+        if nll is not None:
+            per_pair = per_pair + self.rpo_alpha * nll
         loss = per_pair.sum()
         metrics = {
             "loss": loss.detach(),
@@ -310,6 +331,8 @@ class DPOTask:
             # The policy alone prefers chosen (no reference): the held-out "preference accuracy".
             "logps/accuracies": (policy_logps[:b] > policy_logps[b:]).float().sum(),
         }
+        if nll is not None:
+            metrics["nll"] = nll.detach().sum()  # the loop's division makes it the mean over pairs
         return loss, metrics
 
 

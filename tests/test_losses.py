@@ -408,3 +408,66 @@ def test_dpo_loss_matches_trl(trl_setup, loss_type, ls):
     if loss_type == "hinge":  # the comparison covered both sides of the hinge
         margin = beta * ((pc - ref_c) - (pr - ref_r))
         assert (margin > 1).any() and (margin < 1).any()
+
+
+# ----------------------------------------------------------------------------- rpo_nll (DPO + NLL of the chosen)
+
+
+def test_rpo_nll_against_float64_per_token_recomputation():
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.tensor([0, 0, 0, 1, 2, 2, 2, 2, 2, 0, 0])  # sequence 3 has no targets at all
+    token_logps = -3 * torch.rand(len(rows), generator=gen)
+    valid = torch.ones(len(rows), dtype=torch.bool)
+    valid[-2:] = False  # inert slots (add_target_index's rounding): log-prob 0, not counted
+    token_logps = token_logps.masked_fill(~valid, 0.0)
+    sums = losses.sum_by_row(token_logps, rows, 4)
+    counts = losses.sum_by_row(valid.float(), rows, 4)
+    got = losses.rpo_nll(sums, counts)
+    want = torch.zeros(4, dtype=torch.float64)
+    for seq in range(4):
+        picked = [float(token_logps[i]) for i in range(len(rows)) if rows[i] == seq and valid[i]]
+        want[seq] = -sum(picked) / len(picked) if picked else 0.0
+    assert got.shape == (4,) and got[3] == 0
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    # integer counts work as well (and the gradient is -1 / count per summed log-prob)
+    x = sums.double().requires_grad_()
+    (grad,) = torch.autograd.grad(losses.rpo_nll(x, counts.long()).sum(), x)
+    torch.testing.assert_close(grad, -1 / counts.double().clamp(min=1))
+
+
+@pytest.mark.parametrize("equal_lengths", [True, False])
+def test_dpo_plus_rpo_nll_against_trl_sft_term(trl_setup, equal_lengths):
+    """TRL 1.16 spells rpo_alpha as ``loss_type=["sigmoid", "sft"]``, ``loss_weights=[1, alpha]``; its NLL is the mean
+    over every chosen token of the batch, ours the mean over pairs of each chosen response's mean. Equal chosen
+    lengths: the same number. Unequal: TRL's equals the token-weighted mean of the same per-token log-probs."""
+    trainer_cls, accelerator, model = trl_setup
+    batch = trl_batch(n_pairs=5, length=12, seed=2)
+    b = batch["input_ids"].shape[0] // 2
+    if equal_lengths:  # every chosen row: prompt 3, response 7
+        pos = torch.arange(12)[None]
+        batch["attention_mask"][:b] = (pos < 10).long()
+        batch["completion_mask"][:b] = ((pos >= 3) & (pos < 10)).long()
+    logps, lengths = trl_policy_logps(model, batch)
+    pc, pr, n_c = logps[:b], logps[b:], lengths[:b]
+    assert (n_c == n_c[0]).all() == equal_lengths
+    ref_c, ref_r = pc - 1.0, pr + 0.5
+    alpha = 0.7
+    trainer = object.__new__(trainer_cls)
+    attrs = {
+        "accelerator": accelerator, "model": model, "beta": 0.2, "loss_types": ["sigmoid", "sft"],
+        "loss_weights": [1.0, alpha], "label_smoothing": 0.0, "precompute_ref_logps": True, "ld_alpha": None,
+        "f_divergence_type": "reverse_kl", "use_weighting": False, "aux_loss_enabled": False, "_tp_size": 1,
+        "_total_train_tokens": 0, "_metrics": {"train": defaultdict(list), "eval": defaultdict(list)},
+    }
+    for name, value in attrs.items():
+        setattr(trainer, name, value)
+    with torch.no_grad():
+        trl_loss = trainer._compute_loss(model, {**batch, "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}, False)
+    dpo, _, _ = losses.dpo_loss(pc, pr, ref_c, ref_r, beta=0.2)
+    ours = (dpo + alpha * losses.rpo_nll(pc, n_c)).mean()
+    token_weighted = dpo.mean() + alpha * (-pc.sum() / n_c.sum())
+    assert token_weighted.item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-6)
+    if equal_lengths:
+        assert ours.item() == pytest.approx(trl_loss.item(), rel=1e-5, abs=1e-6)
+    else:
+        assert abs(ours.item() - trl_loss.item()) > 1e-3
