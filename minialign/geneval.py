@@ -22,6 +22,7 @@ from minialign.render import Block, Heading, Note, Samples, Table, fmt
 from minialign.textmetrics import distinct_n, loops, mean, share, win_rate
 
 SIDES = ("reference", "policy")
+NO_GENERATION = "No generation metrics recorded (eval_prompts was 0, or the eval stage did not finish)."
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ def sample_items(results: dict[str, Any], show: int) -> list[dict[str, str]]:
 def generation_blocks(results: dict[str, Any] | None, show: int = 8) -> list[Block]:
     """The report blocks: settings, the metric table, win rates (with a judge) and the first samples."""
     if not results:
-        return [Note("Generation metrics not run.")]
+        return [Note(NO_GENERATION)]
     d = results.get("decoding", {})
     blocks: list[Block] = [Note(
         f"{results['n_prompts']} held-out prompts (raw rows {_rows_label(results.get('rows', []))}); greedy, and "
