@@ -11,6 +11,7 @@ from pathlib import Path
 from minialign import __version__, dist
 from minialign.config import (
     DPOConfig,
+    EvalConfig,
     RunConfig,
     SFTConfig,
     add_flags,
@@ -95,7 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="rebuild report.md / report.html from a finished run folder")
     p.add_argument("run_dir")
+    _eval_parser(sub)
     return parser
+
+
+def _eval_parser(sub) -> None:
+    help = ("compare a policy's answers with its reference's on held-out prompts: loops, distinct-2, EOS share, "
+            "length, and with --judge a reward model's scores and the policy's win rate")
+    p = sub.add_parser("eval", help=help, description=help)
+    p.add_argument("--config", help="YAML file of eval settings; flags override it")
+    add_flags(p, EvalConfig)
+
+
+def cmd_eval(args) -> int:
+    from minialign.evalcmd import run_eval
+
+    layers = [load_yaml(args.config, EvalConfig)] if args.config else []
+    run_eval(build(EvalConfig, *layers, flag_values(args, EvalConfig)))
+    return 0
 
 
 def _train_config(args, cls, kind: str):
@@ -261,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": cmd_generate,
         "report": cmd_report,
         "bench": cmd_bench,
+        "eval": cmd_eval,
     }
     try:
         return commands[args.command](args)

@@ -275,6 +275,12 @@ class RunConfig:
     max_new_tokens: int = 64
     seed: int = 0
     device: str = "auto"
+    eval_prompts: int = opt(100, "held-out prompts the eval stage answers with the reference and the DPO policy "
+                            "for the generation metrics (0: skip them)", group="eval")
+    eval_samples: int = opt(4, "sampled answers per prompt for the generation metrics, besides the greedy one",
+                            group="eval")
+    eval_temperature: float = opt(0.7, "sampling temperature of the generation metrics", group="eval")
+    eval_top_p: float = opt(0.9, "nucleus sampling top-p of the generation metrics", group="eval")
     sft: dict = field(default_factory=dict)  # overrides of SFTConfig fields
     dpo: dict = field(default_factory=dict)  # overrides of DPOConfig fields
 
@@ -361,3 +367,62 @@ def save_config(config, path: Path) -> None:
 
 def preset(name: str) -> Path:
     return PRESETS / f"{name}.yaml"
+
+
+@dataclass
+class EvalConfig:
+    """`minialign eval`: generation-level comparison of a policy with its reference on held-out prompts."""
+
+    policy: str = opt("", "the model to evaluate: a minialign sft/dpo (or run) folder, or a model name/path",
+                      group="model", metavar="RUN_DIR|MODEL")
+    adapter: str = opt("", "a PEFT-format LoRA adapter to load over --policy (a model name/path)", group="model",
+                       metavar="DIR")
+    reference: str = opt("", "what the policy is compared with (default: the model it started from): a run "
+                         "folder or a model name/path", group="model", metavar="RUN_DIR|MODEL")
+    tokenizer: str = opt("", "tokenizer (default: the policy run's, else the model's own)", group="model")
+    dataset: str = opt("", "prompt source: hub id, local file(s), or demo (default: the policy run's held-out "
+                       "data; for a plain model, Anthropic/hh-rlhf harmless-base test rows 0:300)", group="data")
+    data_dir: str = opt("", "hub data_dir of --dataset (e.g. harmless-base)", group="data")
+    split: str = opt("", "split of --dataset (default: the policy run's eval split, else test)", group="data")
+    rows: str = opt("", "START:STOP over the raw rows of the prompt source (default: the run's eval rows)",
+                    group="data")
+    n: int = opt(100, "number of prompts: the first N usable ones of the rows, in order", group="eval")
+    chat_template: str = opt("auto", "rewrite prompts in the tokenizer's chat template (auto: as the policy "
+                             "run was trained)", group="eval", choices=("auto", "on", "off"))
+    samples: int = opt(4, "sampled answers per prompt, besides the greedy one (0: greedy only)", group="eval")
+    temperature: float = opt(0.7, "sampling temperature", group="eval")
+    top_p: float = opt(0.9, "nucleus sampling: keep the smallest token set with this probability", group="eval")
+    seed: int = opt(0, "seed of the sampled answers and of the win-rate bootstrap", group="eval")
+    max_new_tokens: int = opt(128, "new tokens at most per answer", group="eval")
+    batch_size: int = opt(0, "rows decoded at once (0: 128 on CUDA, 8 on CPU)", group="eval")
+    judge: str = opt("", "a reward-model run folder (`minialign rm`) that scores answers: adds win rates",
+                     group="eval", metavar="RUN_DIR")
+    judge_batch_size: int = opt(32, "answers the judge scores at once", group="eval")
+    show: int = opt(8, "prompts shown side by side in eval.md and on the terminal", group="eval")
+    device: str = opt("auto", "where to run", group="eval", choices=("auto", "cpu", "cuda"))
+    out: str = opt("", "output folder for eval.json and eval.md (default: <policy run>/eval, else runs/eval)",
+                   group="output")
+
+    def validate(self) -> None:
+        checks = [
+            (bool(self.policy), "--policy is required (a minialign sft/dpo run folder, or a model name/path)"),
+            (self.n >= 1, "n must be >= 1"),
+            (self.samples >= 0, "samples must be >= 0 (0: greedy only)"),
+            (self.samples == 0 or self.temperature > 0, "temperature must be > 0 when sampling"),
+            (self.samples == 0 or 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.batch_size >= 0, "batch_size must be >= 0 (0: automatic)"),
+            (self.judge_batch_size >= 1, "judge_batch_size must be >= 1"),
+            (self.show >= 0, "show must be >= 0"),
+            (self.chat_template in ("auto", "on", "off"), "chat_template must be auto, on or off"),
+            (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
+            (not (self.adapter and _is_run_dir(self.policy)), "--adapter goes with a model name/path, not a run "
+             "folder (a run folder brings its own final adapter)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"Invalid configuration: {message}.")
+
+
+def _is_run_dir(path: str) -> bool:
+    return (Path(path) / "config.yaml").is_file() or (Path(path) / "run.yaml").is_file()

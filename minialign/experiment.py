@@ -142,7 +142,29 @@ def stage_eval(ctx: Context) -> dict:
     print(f"  SFT held-out loss {before['loss']:.3f} -> {after['loss']:.3f}; preference accuracy "
           f"reference {metrics['reference_accuracy']:.3f} -> policy {metrics['policy_accuracy']:.3f}; "
           f"reward accuracy {metrics['reward_accuracy']:.3f}, margin {metrics['reward_margin']:.3f}")
-    return {"sft": sft, "dpo": {"eval": metrics, "samples": samples}}
+    adapter = (final / "adapter").is_dir()
+    generation = generation_eval(ctx, dpo_cfg, policy, None if adapter else sft_model)
+    return {"sft": sft, "dpo": {"eval": metrics, "samples": samples}, "generation": generation}
+
+
+def generation_eval(ctx: Context, dpo_cfg: DPOConfig, policy, reference) -> dict | None:
+    """The generation metrics of `minialign eval` (same code path) for the DPO policy and its reference
+    (None: the policy with its adapters off), over the first ``eval_prompts`` held-out prompts of the DPO run."""
+    from minialign.evalrows import heldout_rows, load_prompts
+    from minialign.geneval import Decoding, compare, metrics_table, text_table
+
+    cfg = ctx.cfg
+    if cfg.eval_prompts < 1:
+        return None
+    chat = ctx.tokenizer if dpo_cfg.chat_template else None
+    prompts = load_prompts(heldout_rows(dpo_cfg), cfg.eval_prompts, chat_tokenizer=chat, strict=False)
+    policy.to(ctx.device)
+    if reference is not None:
+        reference.to(ctx.device)
+    decoding = Decoding(cfg.max_new_tokens, cfg.eval_samples, cfg.eval_temperature, cfg.eval_top_p, cfg.seed)
+    results = compare(policy, reference, ctx.tokenizer, prompts, decoding)
+    print("  generation metrics (reference vs DPO policy):\n" + text_table(metrics_table(results)))
+    return results
 
 
 def stage_report(ctx: Context) -> dict:

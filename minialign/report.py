@@ -42,6 +42,7 @@ def write_report(run_dir: Path) -> dict[str, Path]:
         lora_section(_stage(results, "lora")),
         sft_section(_stage(results, "sft"), sft_rows, sft_bad),
         dpo_section(_stage(results, "dpo"), dpo_rows, dpo_bad),
+        generation_section(_stage(results, "generation")),
     ]
     title = f"minialign report: {run_dir.resolve().name}"
     written: dict[str, Path] = {}
@@ -185,6 +186,13 @@ def dpo_section(dpo: dict[str, Any] | None, rows: list[dict], bad: list[int]) ->
         blocks.append(Note("Evaluation not run."))
     fields = ["prompt", "chosen", "rejected", "reference", "policy"]
     return Section("DPO", blocks + _samples(dpo or {}, "dpo", fields))
+
+
+def generation_section(generation: dict[str, Any] | None) -> Section:
+    """Reference vs DPO policy answers on held-out prompts: loops, distinct-2, EOS share, length, samples."""
+    from minialign.geneval import generation_blocks
+
+    return Section("Generation", generation_blocks(generation))
 
 
 def _samples(stage: dict[str, Any], name: str, fields: list[str]) -> list[Block]:

@@ -133,6 +133,31 @@ def test_eos_ends_a_completion_and_comes_from_the_tokenizer(tokenizer):
     assert generate(model, tokenizer, [prompt], eos_token_id=stop_id) == [" I"]
 
 
+def test_details_count_tokens_and_say_how_each_answer_ended(tokenizer):
+    eos_prompt = "\n\nHuman: Hello\n\nAssistant:"
+    stop_prompt = "\n\nHuman: What is the quick brown fox doing?\n\nAssistant: The"
+    fine, hello = ids(tokenizer, " I am fine"), ids(tokenizer, " Hello world\n\nHuman: are")
+    model = chain_model(len(tokenizer), [ids(tokenizer, stop_prompt)[-1], *hello])
+    eos_model = chain_model(len(tokenizer), [ids(tokenizer, eos_prompt)[-1], *fine])
+    [done] = generate(eos_model, tokenizer, [eos_prompt], max_new_tokens=20, details=True)
+    assert (done.text, done.n_tokens, done.finished, done.stop) == (" I am fine", len(fine), True, "eos")
+    [cut] = generate(model, tokenizer, [stop_prompt], max_new_tokens=30, details=True)
+    assert (cut.text, cut.stop, cut.finished) == (" Hello world", "stop", True)
+    assert cut.n_tokens == len(ids(tokenizer, " Hello world"))  # the stop string's tokens are not counted
+    [short] = generate(eos_model, tokenizer, [eos_prompt], max_new_tokens=2, details=True)
+    assert (short.text, short.n_tokens, short.finished, short.stop) == (" I am", 2, False, "length")
+
+
+def test_several_samples_per_prompt_in_prompt_order(tokenizer):
+    model = tiny_model(len(tokenizer), seed=3)
+    kwargs = {"do_sample": True, "temperature": 1.5, "max_new_tokens": 6, "stop_strings": (), "seed": 4}
+    out = generate(model, tokenizer, PROMPTS, num_samples=3, details=True, batch_size=5, **kwargs)
+    assert [(c.prompt, c.sample) for c in out] == [(i, j) for i in range(len(PROMPTS)) for j in range(3)]
+    assert len({c.text for c in out if c.prompt == 0}) > 1, "samples of one prompt should differ"
+    greedy = generate(model, tokenizer, PROMPTS, num_samples=2, max_new_tokens=6)
+    assert greedy[0::2] == greedy[1::2] == generate(model, tokenizer, PROMPTS, max_new_tokens=6)
+
+
 def test_left_padded_batches_match_one_by_one_generation(tokenizer):
     model = tiny_model(len(tokenizer), seed=3)
     lengths = {len(ids(tokenizer, p)) for p in PROMPTS}

@@ -1,0 +1,242 @@
+"""`minialign eval`: resolve the policy, its reference, the prompts and the judge from a config, compare the
+two models' answers (``geneval.compare``), write ``eval.json`` and ``eval.md``, print the tables.
+
+Defaults are chosen so that the honest comparison is the easy one: the reference is the model the policy
+started from, the prompts are the policy run's own held-out rows, and rows it trained on are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from minialign import lora
+from minialign.config import DPOConfig, EvalConfig, SFTConfig, TrainConfig
+from minialign.errors import UserError
+from minialign.evalrows import RowSet, check_not_trained_on, heldout_rows, judge_rows, load_prompts, train_rows
+from minialign.geneval import Decoding, compare, generation_blocks, metrics_table, text_table, win_table
+
+HH_DEFAULT = RowSet("Anthropic/hh-rlhf", "test", "harmless-base", "0:300")
+
+
+@dataclass
+class Side:
+    """A loaded model and where it came from."""
+
+    model: torch.nn.Module
+    label: str
+    run_dir: Path | None = None
+    kind: str | None = None  # sft | dpo for a run folder
+    cfg: TrainConfig | None = None
+    adapter: bool = False  # LoRA on top: its adapters switched off give the starting model
+    tokenizer: str = ""  # the tokenizer this side brings (run folders save theirs)
+
+
+def run_folder(path: str, flag: str) -> tuple[Path, str] | None:
+    """(folder, "sft" | "dpo") when ``path`` is a minialign training run (a `minialign run` folder means its
+    DPO stage); None for anything else. A reward-model run is refused: it scores text, it does not write it."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    kind_file = folder / "kind"
+    if kind_file.is_file():
+        kind = kind_file.read_text(encoding="utf-8").strip()
+        if kind == "rm":
+            raise UserError(
+                f"{flag} {path} is a reward-model run (`minialign rm`; its 'kind' file says rm): it scores answers, "
+                f"it cannot write them. {flag} needs a causal LM (an sft/dpo run folder or a model); give the reward "
+                "model as --judge instead.")
+        if kind not in ("sft", "dpo"):
+            raise UserError(f"{flag} {path} is a minialign '{kind}' run; {flag} needs an sft or dpo run or a model.")
+        return folder, kind
+    if (folder / "run.yaml").is_file():
+        if not (folder / "dpo" / "kind").is_file():
+            raise UserError(f"{flag} {path} is a `minialign run` folder whose DPO stage has not run; resume it first.")
+        return run_folder(str(folder / "dpo"), flag)
+    if (folder / "config.yaml").is_file():
+        data = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        return folder, "dpo" if "beta" in data else "sft"
+    return None
+
+
+def start_model(cfg: TrainConfig, kind: str, tokenizer) -> torch.nn.Module:
+    """The model a run started from: the base for SFT; the base with its SFT result merged in for DPO."""
+    from minialign import recipes
+
+    if kind == "dpo":
+        return recipes.dpo_start_model(cfg, tokenizer)
+    return recipes.load_base(cfg, tokenizer)
+
+
+def run_tokenizer(spec: str) -> str:
+    """The tokenizer a run or model brings: a run's saved final/tokenizer, else its model's own."""
+    from minialign.recipes import default_tokenizer, load_run_config
+
+    found = run_folder(spec, "--policy")
+    if found is None:
+        return default_tokenizer(spec)
+    folder, kind = found
+    saved = folder / "final" / "tokenizer"
+    if saved.is_dir():
+        return str(saved)
+    cfg = load_run_config(folder, DPOConfig if kind == "dpo" else SFTConfig)
+    return cfg.tokenizer or default_tokenizer(cfg.model)
+
+
+def load_side(spec: str, adapter: str, flag: str, tokenizer) -> Side:
+    """The final model of a run folder (its adapter over its starting model, or final/model), or a model
+    name/path with an optional adapter."""
+    from minialign.models import load_model
+    from minialign.recipes import load_run_config
+
+    found = run_folder(spec, flag)
+    if found is None:
+        model = load_model(spec)
+        if adapter:
+            lora.load_adapter(model, adapter)
+        return Side(model, spec + (f" + adapter {adapter}" if adapter else ""), adapter=bool(adapter),
+                    tokenizer=run_tokenizer(spec))
+    folder, kind = found
+    cfg = load_run_config(folder, DPOConfig if kind == "dpo" else SFTConfig)
+    final = folder / "final"
+    if (final / "adapter").is_dir():
+        model = lora.load_adapter(start_model(cfg, kind, tokenizer), final / "adapter")
+        has_adapter = True
+    elif (final / "model").is_dir():
+        model, has_adapter = load_model(str(final / "model")), False
+    else:
+        raise UserError(f"{flag} {spec}: the {kind} run has no final/adapter or final/model: did it finish? "
+                        f"Resume it with `minialign {kind} --resume {folder}`.")
+    return Side(model, f"{kind} run {folder}", folder, kind, cfg, has_adapter, run_tokenizer(str(folder)))
+
+
+def default_reference(policy: Side, tokenizer) -> tuple[torch.nn.Module | None, str]:
+    """What the policy started from: its adapters switched off (None), or a separately loaded start model."""
+    if policy.adapter:
+        return None, f"the policy's starting model ({policy.label} with its LoRA adapters off)"
+    if policy.cfg is not None:
+        what = "its SFT model" if policy.kind == "dpo" else f"its base model {policy.cfg.model}"
+        return start_model(policy.cfg, policy.kind, tokenizer), f"the policy's starting model ({what})"
+    raise UserError(f"--policy {policy.label} is a plain model without an adapter, so it has no starting model to "
+                    "compare with: give --reference MODEL_OR_RUN_DIR (or --adapter with the base model as --policy).")
+
+
+def same_vocab(a, b) -> bool:
+    return a.get_vocab() == b.get_vocab()
+
+
+def policy_training(policy: Side) -> list[tuple[str, RowSet]]:
+    """Every row set the policy learned from: its own run's, and for DPO from an SFT run, that run's too."""
+    from minialign.recipes import load_run_config
+
+    if policy.cfg is None:
+        return []
+    trained = [(f"the policy's {policy.kind} run", train_rows(policy.cfg))]
+    sft = getattr(policy.cfg, "sft", "")
+    if sft and (Path(sft) / "config.yaml").is_file():
+        trained.append(("the policy's SFT run", train_rows(load_run_config(Path(sft), SFTConfig))))
+    return trained
+
+
+def prompt_rows(cfg: EvalConfig, policy: Side) -> RowSet:
+    """--dataset/--rows when given; else the policy run's held-out rows; else HH harmless-base test 0:300."""
+    if cfg.dataset:
+        return RowSet(cfg.dataset, cfg.split or "test", cfg.data_dir, cfg.rows)
+    if policy.cfg is None:
+        return dataclasses.replace(HH_DEFAULT, split=cfg.split or HH_DEFAULT.split,
+                                   data_dir=cfg.data_dir or HH_DEFAULT.data_dir, rows=cfg.rows or HH_DEFAULT.rows)
+    rows = heldout_rows(policy.cfg)
+    if cfg.rows or cfg.split or cfg.data_dir:
+        rows = RowSet(rows.dataset, cfg.split or rows.split, cfg.data_dir or rows.data_dir, cfg.rows or rows.rows)
+    return rows
+
+
+def load_checked_judge(cfg: EvalConfig, tokenizer, device, prompts, rows: RowSet, trained) -> tuple[Any, dict]:
+    """The judge, after checking it is a reward model that reads text as the policy does; and what to print
+    beside its win rates (held-out accuracy, the rows it and the policy trained on, overlaps)."""
+    kind_file = Path(cfg.judge) / "kind"
+    kind = kind_file.read_text(encoding="utf-8").strip() if kind_file.is_file() else None
+    if kind != "rm":
+        raise UserError(f"--judge {cfg.judge} is not a reward-model run folder (its 'kind' file should say rm; it says "
+                        f"{kind!r}). Train one with `minialign rm` and pass its run folder.")
+    from minialign.reward import load_judge
+
+    judge = load_judge(cfg.judge, device=device)
+    if not same_vocab(judge.tokenizer, tokenizer):
+        raise UserError(f"--judge {cfg.judge} reads text with a different tokenizer than the policy (the vocabularies "
+                        f"differ: {len(judge.tokenizer.get_vocab())} vs {len(tokenizer.get_vocab())} tokens). A judge "
+                        "must be trained from the policy's model family; train `minialign rm` on the same base model.")
+    info = judge.info
+    jrows = judge_rows(info)
+    context = {
+        "run_dir": str(info.get("run_dir", cfg.judge)), "model": info.get("model"),
+        "heldout_accuracy": info.get("heldout_accuracy"), "n_train": info.get("n_train"),
+        "judge_rows": jrows.label(), "judge_eval": f"{info.get('eval_data') or info.get('dataset')} rows "
+                                                   f"{info.get('eval_rows') or 'all'}",
+        "policy_rows": "; ".join(r.label() for _, r in trained) or "unknown (not a minialign run)",
+        "overlap_policy": any(jrows.overlaps(r) for _, r in trained),
+        "overlap_prompts": jrows.key == rows.key and bool(jrows.members([p.row for p in prompts])),
+    }
+    return judge, context
+
+
+def run_eval(cfg: EvalConfig) -> Path:
+    """`minialign eval`: every input checked before the first answer is generated."""
+    from minialign.models import load_tokenizer
+    from minialign.recipes import resolve_device
+
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    tokenizer = load_tokenizer(cfg.tokenizer or run_tokenizer(cfg.policy))
+    policy = load_side(cfg.policy, cfg.adapter, "--policy", tokenizer)
+    if cfg.reference:
+        ref_side = load_side(cfg.reference, "", "--reference", tokenizer)
+        if not same_vocab(load_tokenizer(ref_side.tokenizer), tokenizer):
+            raise UserError(f"--reference {cfg.reference} uses another tokenizer than the policy; compare models of "
+                            "one family (same vocabulary).")
+        reference, ref_label = ref_side.model, ref_side.label
+    else:
+        reference, ref_label = default_reference(policy, tokenizer)
+    rows = prompt_rows(cfg, policy)
+    chat = cfg.chat_template == "on" or (cfg.chat_template == "auto" and bool(policy.cfg and policy.cfg.chat_template))
+    prompts = load_prompts(rows, cfg.n, chat_tokenizer=tokenizer if chat else None)
+    trained = policy_training(policy)
+    check_not_trained_on(prompts, rows, trained)
+    judge, context = (None, None)
+    if cfg.judge:
+        judge, context = load_checked_judge(cfg, tokenizer, device, prompts, rows, trained)
+    out = Path(cfg.out or (policy.run_dir / "eval" if policy.run_dir else "runs/eval"))
+    print(f"minialign eval: policy {policy.label}; reference {ref_label}; {len(prompts)} prompts from {rows.label()}")
+    policy.model.to(device)
+    if reference is not None:
+        reference.to(device)
+    decoding = Decoding(cfg.max_new_tokens, cfg.samples, cfg.temperature, cfg.top_p, cfg.seed, cfg.batch_size or None)
+    results = compare(policy.model, reference, tokenizer, prompts, decoding, judge=judge,
+                      judge_batch_size=cfg.judge_batch_size, judge_context=context)
+    results = {"policy": policy.label, "reference": ref_label, "prompt_source": rows.label(),
+               "chat_template": chat, "config": dataclasses.asdict(cfg), **results}
+    write_outputs(out, results, cfg.show)
+    print(text_table(metrics_table(results)))
+    wins = win_table(results)
+    if wins is not None:
+        print("\n" + text_table(wins))
+    print(f"\nminialign eval: wrote {out / 'eval.json'} and {out / 'eval.md'}")
+    return out
+
+
+def write_outputs(out: Path, results: dict, show: int) -> None:
+    """eval.json (every number and answer) and eval.md (tables and the first ``show`` prompts), atomically."""
+    from minialign.render import Note, Section, render_markdown
+    from minialign.report import _write_atomic
+
+    head = Note(f"Policy: {results['policy']}. Reference: {results['reference']}. Prompts: {results['prompt_source']}"
+                f"{' (chat template)' if results['chat_template'] else ''}.")
+    markdown = render_markdown("minialign eval", [Section("Generation", [head, *generation_blocks(results, show)])])
+    _write_atomic(out / "eval.json", json.dumps(results, indent=1).encode())
+    _write_atomic(out / "eval.md", markdown.encode())

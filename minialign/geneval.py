@@ -1,0 +1,226 @@
+"""Generation-level comparison of a policy with its reference: the one code path behind `minialign eval`
+and the "Generation" section of `minialign run`'s report.
+
+Both models answer the same held-out prompts greedily and by sampling (several answers a prompt); the
+answers are measured with ``textmetrics`` (loops, distinct-2, finished share, length) and, when a judge
+(a reward model from `minialign rm`) is given, scored, and the policy's win rate over the reference is
+computed with its confidence interval. Everything is kept per prompt, with the prompt's raw row index,
+so a sample can be named by its row ("row 3") and any number re-derived from eval.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from minialign import lora
+from minialign.generate import Completion, generate
+from minialign.render import Block, Heading, Note, Samples, Table, fmt
+from minialign.textmetrics import distinct_n, loops, mean, share, win_rate
+
+SIDES = ("reference", "policy")
+NO_GENERATION = "No generation metrics recorded (eval_prompts was 0, or the eval stage did not finish)."
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    """A held-out prompt: ``text`` as the models see it (chat template applied when the policy was
+    trained with one), ``raw`` as the dataset holds it (HH dialogue), ``row`` its raw row index."""
+
+    text: str
+    raw: str
+    row: int
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How answers are decoded. Greedy always; ``samples`` sampled answers a prompt (0: none)."""
+
+    max_new_tokens: int = 128
+    samples: int = 4
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+    batch_size: int | None = None  # None: 128 rows on CUDA, 8 elsewhere
+
+
+def decode(model, tokenizer, prompts: list[str], decoding: Decoding) -> dict[str, list[list[Completion]]]:
+    """``{"greedy": [[c]] * N, "sampled": [[c_1..c_S]] * N}``: answers grouped by prompt."""
+    common = dict(max_new_tokens=decoding.max_new_tokens, batch_size=decoding.batch_size, details=True)
+    out = {"greedy": [[c] for c in generate(model, tokenizer, prompts, **common)]}
+    if decoding.samples > 0:
+        flat = generate(model, tokenizer, prompts, do_sample=True, temperature=decoding.temperature,
+                        top_p=decoding.top_p, seed=decoding.seed, num_samples=decoding.samples, **common)
+        s = decoding.samples
+        out["sampled"] = [flat[i * s : (i + 1) * s] for i in range(len(prompts))]
+    return out
+
+
+def answer_metrics(groups: list[list[Completion]]) -> dict[str, float]:
+    """Loop share, distinct-2, finished (EOS or stop string) share and mean length over all answers."""
+    answers = [c for group in groups for c in group]
+    return {
+        "loop_share": share([loops(c.text) for c in answers]),
+        "distinct_2": distinct_n([c.text for c in answers], 2),
+        "finished_share": share([c.finished for c in answers]),
+        "mean_tokens": mean([c.n_tokens for c in answers]),
+        "n_answers": len(answers),
+    }
+
+
+def judge_inputs(judge, prompt: EvalPrompt, answer: str) -> tuple[str, str]:
+    """The (prompt, response) pair in the form the judge was trained on: its own chat template, or HH text."""
+    if judge.info.get("chat_template"):
+        from minialign.data.chat import hh_messages
+
+        text = judge.tokenizer.apply_chat_template(hh_messages(prompt.raw), tokenize=False, add_generation_prompt=True)
+        return text, answer.strip()
+    return prompt.raw, answer
+
+
+def score_answers(judge, prompts: list[EvalPrompt], groups: list[list[Completion]], batch_size: int) -> torch.Tensor:
+    """Judge scores ``[N, S]`` of each prompt's answers (S = 1 for greedy)."""
+    pairs = [judge_inputs(judge, p, c.text) for p, group in zip(prompts, groups, strict=True) for c in group]
+    scores = judge.score([a for a, _ in pairs], [b for _, b in pairs], batch_size=batch_size)
+    return torch.as_tensor(scores, dtype=torch.float32).reshape(len(groups), -1)
+
+
+def compare(policy, reference, tokenizer, prompts: list[EvalPrompt], decoding: Decoding, *, judge=None,
+            judge_batch_size: int = 32, judge_context: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Answers of both models to ``prompts``, their metrics, and (with a judge) scores and win rates.
+
+    ``reference=None`` means the policy with its LoRA adapters switched off, which is the model a LoRA
+    policy started from: one model in memory serves both sides. ``judge_context`` (which rows the judge
+    and the policy trained on, the judge's held-out accuracy, overlap flags) is stored beside every win
+    rate, because a win rate means little without it.
+    """
+    texts = [p.text for p in prompts]
+    answers = {"policy": decode(policy, tokenizer, texts, decoding)}
+    if reference is None:
+        with lora.disabled(policy):
+            answers["reference"] = decode(policy, tokenizer, texts, decoding)
+    else:
+        answers["reference"] = decode(reference, tokenizer, texts, decoding)
+    modes: dict[str, Any] = {}
+    scores: dict[tuple[str, str], torch.Tensor] = {}
+    for mode in answers["policy"]:
+        entry: dict[str, Any] = {side: answer_metrics(answers[side][mode]) for side in SIDES}
+        if judge is not None:
+            for side in SIDES:
+                scores[side, mode] = score_answers(judge, prompts, answers[side][mode], judge_batch_size)
+                entry[side]["judge_score"] = scores[side, mode].double().mean().item()
+            entry["win_rate"] = win_rate(scores["policy", mode], scores["reference", mode], seed=decoding.seed).as_dict()
+            entry["win_rate"]["judge"] = dict(judge_context or {})
+        modes[mode] = entry
+    per_prompt = []
+    for i, prompt in enumerate(prompts):
+        record: dict[str, Any] = {"row": prompt.row, "prompt": prompt.text}
+        for side in SIDES:
+            record[side] = {mode: [_answer(c, scores.get((side, mode)), i) for c in answers[side][mode][i]]
+                            for mode in answers[side]}
+        per_prompt.append(record)
+    return {"decoding": dataclasses.asdict(decoding), "n_prompts": len(prompts), "rows": [p.row for p in prompts],
+            "judge": dict(judge_context or {}) if judge is not None else None, "modes": modes, "prompts": per_prompt}
+
+
+def _answer(c: Completion, scores: torch.Tensor | None, i: int) -> dict[str, Any]:
+    out = {"text": c.text, "n_tokens": c.n_tokens, "finished": c.finished, "stop": c.stop, "loops": loops(c.text)}
+    if scores is not None:
+        out["judge_score"] = float(scores[i, c.sample])
+    return out
+
+
+# ----------------------------------------------------------------------------- presentation
+
+METRICS = (("loop_share", "loop share (4-gram x3)"), ("distinct_2", "distinct-2"),
+           ("finished_share", "EOS/stop share"), ("mean_tokens", "mean length (tokens)"),
+           ("judge_score", "mean judge score"))
+
+
+def metrics_table(results: dict[str, Any]) -> Table:
+    """Reference and policy side by side, greedy then sampled."""
+    modes = list(results.get("modes", {}))
+    headers = ["metric"] + [f"{mode} {side}" for mode in modes for side in SIDES]
+    rows = []
+    for key, label in METRICS:
+        cells = [results["modes"][mode][side].get(key) for mode in modes for side in SIDES]
+        if any(c is not None for c in cells):
+            rows.append([label, *(fmt(c) for c in cells)])
+    return Table(headers, rows)
+
+
+def win_table(results: dict[str, Any]) -> Table | None:
+    """Every win rate, with the judge's held-out accuracy and the rows judge and policy trained on beside it."""
+    rows = []
+    for mode, entry in results.get("modes", {}).items():
+        w = entry.get("win_rate")
+        if not w:
+            continue
+        j = w.get("judge", {})
+        flags = [name for name, bad in (("judge/policy train rows", j.get("overlap_policy")),
+                                        ("judge train/eval prompts", j.get("overlap_prompts"))) if bad]
+        rows.append([mode, f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}]",
+                     f"{w['wins']}/{w['ties']}/{w['losses']}", fmt(j.get("heldout_accuracy")),
+                     str(j.get("judge_rows", "?")), str(j.get("policy_rows", "?")),
+                     ("OVERLAP: " + ", ".join(flags)) if flags else "none"])
+    if not rows:
+        return None
+    return Table(["decoding", "policy win rate [95% CI]", "wins/ties/losses", "judge held-out accuracy",
+                  "judge trained on", "policy trained on", "overlap"], rows)
+
+
+def sample_items(results: dict[str, Any], show: int) -> list[dict[str, str]]:
+    """The first ``show`` prompts, greedy answers side by side, each headed by its flags."""
+    items = []
+    for record in results.get("prompts", [])[:show]:
+        item = {"prompt": f"[row {record['row']}]\n{record['prompt']}"}
+        for side in SIDES:
+            a = record[side]["greedy"][0]
+            head = [("LOOPS" if a["loops"] else "no loop"), a["stop"], f"{a['n_tokens']} tokens"]
+            if "judge_score" in a:
+                head.append(f"judge {a['judge_score']:.3f}")
+            item[side] = f"[{', '.join(head)}]\n{a['text']}"
+        items.append(item)
+    return items
+
+
+def generation_blocks(results: dict[str, Any] | None, show: int = 8) -> list[Block]:
+    """The report blocks: settings, the metric table, win rates (with a judge) and the first samples."""
+    if not results:
+        return [Note(NO_GENERATION)]
+    d = results.get("decoding", {})
+    blocks: list[Block] = [Note(
+        f"{results['n_prompts']} held-out prompts (raw rows {_rows_label(results.get('rows', []))}); greedy, and "
+        f"{d.get('samples')} sampled answers a prompt at temperature {d.get('temperature')}, top-p {d.get('top_p')}, "
+        f"seed {d.get('seed')}; at most {d.get('max_new_tokens')} new tokens. A loop: some 4-word sequence occurs "
+        "3+ times in an answer."), metrics_table(results)]
+    wins = win_table(results)
+    if wins is not None:
+        blocks += [Heading("Win rate by the judge"), wins, Note(
+            "Win rate: share of prompts where the judge scores the policy's answer above the reference's (ties "
+            "count 1/2; sampled: paired samples averaged per prompt); 95% CI by percentile bootstrap over prompts.")]
+    items = sample_items(results, show)
+    if items:
+        blocks += [Heading("Greedy answers side by side"), Samples(["prompt", "reference", "policy"], items)]
+    return blocks
+
+
+def _rows_label(rows: list[int]) -> str:
+    """"0-99" for a contiguous run, else the first few and a count."""
+    if not rows:
+        return "none"
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return f"{rows[0]}-{rows[-1]}"
+    return ", ".join(map(str, rows[:6])) + (f", ... ({len(rows)} in all)" if len(rows) > 6 else "")
+
+
+def text_table(table: Table) -> str:
+    """A plain-text rendering for the terminal: columns padded to their widest cell."""
+    cells = [table.headers, *table.rows]
+    widths = [max(len(str(row[i])) for row in cells) for i in range(len(table.headers))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
