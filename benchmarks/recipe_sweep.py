@@ -243,8 +243,30 @@ def judge_accuracy(s: Sweep, judge: str) -> float | None:
 
 
 def headline(ev: dict, keep_samples: bool = False) -> dict:
-    """The numbers a sweep row shows, from one eval.json (see minialign.evaluate / `minialign eval`)."""
-    return ev  # refined once the eval.json schema is final
+    """The numbers a sweep row shows, from one eval.json (``minialign.geneval.compare``'s output).
+
+    ``win_rate``: the policy's win rate over the reference by the judge, greedy and sampled answers pooled by
+    prompt count (each decoding's rate weighted equally); ``greedy_loop_share``: the policy's greedy answers.
+    """
+    if "modes" not in ev:
+        return ev
+    out: dict = {"n_prompts": ev.get("n_prompts"), "judge": ev.get("judge")}
+    for mode, entry in ev["modes"].items():
+        for side in ("policy", "reference"):
+            for key, value in entry[side].items():
+                out[f"{mode}_{side}_{key}"] = value
+        if "win_rate" in entry:
+            w = entry["win_rate"]
+            out[f"{mode}_win_rate"], out[f"{mode}_win_ci"] = w["rate"], [w["low"], w["high"]]
+    rates = [out[k] for k in ("greedy_win_rate", "sampled_win_rate") if k in out]
+    out["win_rate"] = sum(rates) / len(rates) if rates else None
+    out["greedy_loop_share"] = out.get("greedy_policy_loop_share")
+    if keep_samples:  # the write-up's tests (rows 0, 1, 3, 6, 7) and the first prompts, greedy, side by side
+        out["samples"] = [{"row": r["row"], "prompt": r["prompt"],
+                           **{side: {k: r[side]["greedy"][0].get(k) for k in ("text", "loops", "stop", "judge_score")}
+                              for side in ("reference", "policy")}}
+                          for r in ev.get("prompts", [])[:8]]
+    return out
 
 
 def markdown(doc: dict) -> str:
