@@ -12,6 +12,7 @@ from minialign import __version__, dist
 from minialign.config import (
     DPOConfig,
     EvalConfig,
+    RMConfig,
     RunConfig,
     SFTConfig,
     add_flags,
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _train_parser(sub, "sft", SFTConfig, "supervised fine-tuning on the chosen responses")
     _train_parser(sub, "dpo", DPOConfig, "direct preference optimisation against a frozen reference")
+    _rm_parser(sub)
 
     p = sub.add_parser("run", help="the whole experiment: LoRA table + benchmark, SFT, DPO, evaluation, report")
     p.add_argument("--config", help="YAML preset (see configs/run.yaml)")
@@ -142,6 +144,25 @@ def cmd_train(args, kind: str) -> int:
         run_dir = run(cfg, resume=bool(args.resume), overwrite=args.overwrite)
         if dist.rank() == 0:
             print(f"minialign {kind}: done; adapter/model in {run_dir / 'final'}, metrics in {run_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def _rm_parser(sub) -> None:
+    _train_parser(sub, "rm", RMConfig, "a Bradley-Terry reward model (judge) on the preference pairs: a scalar head on "
+                  "the last token, LoRA or full")
+
+
+def cmd_rm(args) -> int:
+    from minialign import reward
+
+    cfg = _train_config(args, RMConfig, "rm")
+    with dist.session(cfg.dist, cfg.device):
+        run_dir = reward.rm(cfg, resume=bool(args.resume), overwrite=args.overwrite)
+        if dist.rank() == 0:
+            summary = json.loads((run_dir / "summary.json").read_text())
+            accuracy = summary.get("eval", {}).get("eval/accuracy")
+            held = f"held-out pair accuracy {accuracy:.3f}; " if accuracy is not None else ""
+            print(f"minialign rm: done; {held}reward model in {run_dir / 'final'}, metrics in {run_dir / 'metrics.jsonl'}")
     return 0
 
 
@@ -275,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": cmd_data,
         "sft": lambda a: cmd_train(a, "sft"),
         "dpo": lambda a: cmd_train(a, "dpo"),
+        "rm": cmd_rm,
         "run": cmd_run,
         "generate": cmd_generate,
         "report": cmd_report,

@@ -426,3 +426,24 @@ class EvalConfig:
 
 def _is_run_dir(path: str) -> bool:
     return (Path(path) / "config.yaml").is_file() or (Path(path) / "run.yaml").is_file()
+
+
+@dataclass
+class RMConfig(TrainConfig):
+    """`minialign rm`: a Bradley-Terry reward model (scalar head on the last token) on the same preference data."""
+
+    center_rewards_coefficient: float = opt(
+        0.0, "weight of (r_chosen + r_rejected)^2 in the loss, keeping rewards centred on 0 (TRL's "
+        "center_rewards_coefficient; 0: off)", group="rm")
+    share_prompt: bool = opt(True, "padding-free batches compute each prompt once, both responses branching off it "
+                             "(exact; HH prompts are long)", group="speed")
+    lr: float = opt(1e-4, "peak learning rate", group="training")
+    out: str = opt("runs/rm", "run folder", group="output")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.center_rewards_coefficient < 0:
+            raise UserError("Invalid configuration: center_rewards_coefficient must be >= 0 (TRL suggests 0.01; 0: off).")
+        if self.packing:
+            raise UserError("Invalid configuration: packing is for SFT; reward models train on pairs. Use --padding-free "
+                            "(or --fast on) for batches without padding.")

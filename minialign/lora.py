@@ -284,10 +284,12 @@ def _model_name(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
+def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None, *,
+                 task_type: str = "CAUSAL_LM", modules_to_save: tuple[str, ...] = ()) -> None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained`` loads.
 
-    Atomic: everything goes to a temporary sibling folder which then takes the directory's place, so
+    ``modules_to_save`` names modules trained in full beside the adapters (a reward model's ``score`` head): their
+    whole weights are saved under PEFT's keys, ``base_model.model.<module>.<param>``. Atomic: everything goes to a temporary sibling folder which then takes the directory's place, so
     a crash never leaves a half-written adapter and an existing one is replaced only once complete.
     """
     config: LoRAConfig | None = getattr(model, "lora_config", None)
@@ -300,10 +302,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         raise UserError(f"Cannot save the adapter to {directory}: it exists and is not a directory. "
                         "Choose another path or remove that file.")
     peft_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.alpha,
+        "peft_type": "LORA", "task_type": task_type, "r": config.r, "lora_alpha": config.alpha,
         "lora_dropout": config.dropout, "target_modules": list(model.lora_targets), "use_rslora": config.use_rslora,
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None,
-        "init_lora_weights": True, "use_dora": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "modules_to_save": list(modules_to_save) or None, "init_lora_weights": True, "use_dora": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
         "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None, "revision": None,
         "base_model_name_or_path": base_model_name_or_path or _model_name(model),
     }
@@ -311,6 +313,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     for name, layer in layers:
         for part in ("lora_A", "lora_B"):
             tensors[f"{PEFT_PREFIX}{name}.{part}.weight"] = getattr(layer, part).weight.detach().to("cpu").contiguous()
+    for name in modules_to_save:
+        for key, value in model.get_submodule(name).state_dict().items():
+            tensors[f"{PEFT_PREFIX}{name}.{key}"] = value.detach().to("cpu").contiguous()
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
@@ -331,8 +336,10 @@ _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lor
                 "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
 
 
-def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The adapter's JSON config and its tensors, or a UserError saying which file is missing or wrong."""
+def _read_adapter(directory: Path, allowed: tuple[str, ...] = ()) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The adapter's JSON config and its tensors, or a UserError saying which file is missing or wrong.
+
+    ``allowed``: modules the caller loads in full (``modules_to_save`` may name them)."""
     missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (directory / name).is_file()]
     if missing:
         raise UserError(f"{directory} is not a complete LoRA adapter: missing {', '.join(missing)}. Point to the "
@@ -348,6 +355,8 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
                         "loaded; convert or retrain the adapter as LoRA.")
     for key, default in _UNSUPPORTED.items():
         value = config.get(key)
+        if key == "modules_to_save" and allowed and value:
+            value = [name for name in value if name not in allowed] or None
         if value is not None and value != default and value not in ([], {}):
             raise UserError(f"{directory / CONFIG_FILE} sets {key}={config[key]!r}, which minialign's LoRA does "
                             f"not support (expected {default!r}); load this adapter with PEFT instead.")
@@ -373,16 +382,20 @@ def _layer_weights(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, di
     return layers
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, *, modules_to_save: tuple[str, ...] = ()) -> nn.Module:
     """Load a LoRA adapter saved by PEFT or by ``save_adapter``; apply LoRA first if the model has none.
+
+    ``modules_to_save``: modules whose whole weights the adapter must also hold (PEFT's ``modules_to_save``, e.g. a
+    reward model's ``score``); they are loaded as they are.
 
     Which layers get adapters comes from the weight file's keys (exact module paths), so adapters
     whose config uses a regex, ``layers_to_transform`` or ``exclude_modules`` still load exactly.
     A model that already has LoRA (e.g. when resuming) must have the same layers, r and scaling.
     """
     directory = Path(directory)
-    raw, tensors = _read_adapter(directory)
+    raw, tensors = _read_adapter(directory, modules_to_save)
     weights = directory / WEIGHTS_FILE
+    saved = _split_saved_modules(tensors, modules_to_save, model, weights)
     layer_weights = _layer_weights(tensors, weights)
     linear = _linear_modules(model)
     for module in layer_weights:
@@ -421,8 +434,28 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             layer = model.get_submodule(module)
             for part, value in parts.items():
                 getattr(layer, part).weight.copy_(value)
+        for name, state in saved.items():
+            for key, value in state.items():
+                model.get_submodule(name).get_parameter(key).copy_(value)
     saved_for, ours = raw.get("base_model_name_or_path"), _model_name(model)
     if saved_for and ours and str(saved_for).rstrip("/") != str(ours).rstrip("/"):
         print(f"warning: adapter {directory} was trained on {saved_for!r} but is loaded into {ours!r}; "
               "the shapes fit, so loading continues", file=sys.stderr)
     return model
+
+
+def _split_saved_modules(tensors: dict[str, torch.Tensor], names: tuple[str, ...], model: nn.Module,
+                         path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Take the whole-module weights of ``names`` out of ``tensors``, checked against the model's parameters."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name in names:
+        prefix = f"{PEFT_PREFIX}{name}."
+        state = {k.removeprefix(prefix).replace("modules_to_save.default.", ""): tensors.pop(k)
+                 for k in [k for k in tensors if k.startswith(prefix)]}
+        params = dict(model.get_submodule(name).named_parameters())
+        if set(state) != set(params) or any(state[k].shape != params[k].shape for k in params):
+            raise UserError(f"{path} should hold the whole weights of module {name!r} ({sorted(params)}, shapes "
+                            f"{[list(p.shape) for p in params.values()]}) but holds {sorted(state) or 'none'}; it was "
+                            "saved for another model or without that module. Re-save the adapter.")
+        out[name] = state
+    return out

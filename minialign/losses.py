@@ -357,5 +357,28 @@ def rpo_nll(chosen_logp_sums: torch.Tensor, chosen_counts: torch.Tensor) -> torc
     return -chosen_logp_sums / chosen_counts.to(chosen_logp_sums.dtype).clamp(min=1)
 
 
+def rm_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
+            center_coef: float = 0.0) -> torch.Tensor:
+    """Bradley-Terry reward-model loss, summed over pairs (the loop divides by the pair count).
+
+    Args:
+        chosen, rejected: ``[B]`` scalar rewards of each pair's preferred and dispreferred sequence.
+        margin: ``[B]`` or None: how much the chosen reward must exceed the rejected one (TRL's ``margin`` column,
+            e.g. a rating gap); the pair's loss is ``-log sigmoid(r_c - r_r - margin)``.
+        center_coef: weight of ``(r_c + r_r)^2`` (TRL's ``center_rewards_coefficient``): the loss only sees
+            reward differences, so this keeps rewards centred on zero, where a judge's scores compare across runs.
+
+    Returns:
+        A scalar: the sum over pairs. TRL's per-batch mean is this divided by ``B``.
+    """
+    diff = chosen - rejected
+    if margin is not None:
+        diff = diff - margin.to(diff.dtype)
+    loss = -F.logsigmoid(diff).sum()
+    if center_coef:
+        loss = loss + center_coef * (chosen + rejected).square().sum()
+    return loss
+
+
 def perplexity(mean_nll: float) -> float:
     return math.exp(min(mean_nll, 50.0))

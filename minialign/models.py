@@ -134,7 +134,28 @@ def load_model(
     gguf = _gguf_file(name_or_path)
     if gguf is not None:
         return _load_gguf_model(gguf, dtype, name_or_path)
+    refuse_reward_model(name_or_path)
     return _from_pretrained(AutoModelForCausalLM, name_or_path, "model", dtype=dtype)
+
+
+def refuse_reward_model(path: str | Path, what: str = "a causal language model") -> None:
+    """UserError if ``path`` is a reward model (a ``minialign rm`` run folder, or a local model folder whose
+    architecture is a *ForSequenceClassification) given where ``what`` is expected: it has no language-model head."""
+    import json
+
+    path = Path(path)
+    kind = path / "kind"
+    is_rm_run = kind.is_file() and kind.read_text().strip() == "rm"
+    architectures = []
+    if (path / "config.json").is_file():
+        try:
+            architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+        except (ValueError, AttributeError):
+            architectures = []
+    if is_rm_run or any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        raise UserError(f"{path} is a reward model (sequence classification), not {what}: it scores text and cannot "
+                        "generate or be fine-tuned as a policy. Pass it as --judge to minialign eval, and give a "
+                        "causal LM (a hub id, a built-in name, or an SFT/DPO run's final/model) here.")
 
 
 def _load_gguf_model(path: Path, dtype: torch.dtype, name: str) -> PreTrainedModel:

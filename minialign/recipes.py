@@ -33,7 +33,7 @@ from minialign.data import (
 )
 from minialign.data.chat import to_chat_format
 from minialign.errors import UserError
-from minialign.models import BUILTIN_CONFIGS, SMOLLM2, check_vocab, load_model, load_tokenizer
+from minialign.models import BUILTIN_CONFIGS, SMOLLM2, check_vocab, load_model, load_tokenizer, refuse_reward_model
 from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, cached_reference, frozen_copy, frozen_reference, reference_table
 from minialign.train import check_enough_examples, train, use_varlen
 
@@ -289,6 +289,7 @@ def dpo_start_model(cfg: DPOConfig, tokenizer):
 
 def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     if cfg.sft and not resume:
+        refuse_reward_model(cfg.sft, "an SFT run (--sft)")
         sft_cfg = load_run_config(Path(cfg.sft), SFTConfig)
         cfg.model = sft_cfg.model
         cfg.tokenizer = cfg.tokenizer or str(Path(cfg.sft) / "final" / "tokenizer")

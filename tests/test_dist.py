@@ -258,3 +258,24 @@ def test_distribution_modes():
     assert dist.resolve_mode("fsdp", 2) == "fsdp" and dist.resolve_mode("none", 1) == "none"
     with pytest.raises(UserError, match="every one would train its own copy"):
         dist.resolve_mode("none", 2)
+
+
+def test_reward_model_under_fsdp_matches_one_process(tmp_path):
+    """`minialign rm` (full, the demo preset): 2 FSDP2 processes at batch 4 log the losses of one process at batch 8
+    and save the same sequence-classification model (gathered from the shards)."""
+    small = ["rm", "--demo", "--limit", 64, "--eval-limit", 8, "--max-steps", 4]
+    assert cli.main([str(a) for a in (*small, "--batch-size", 8, "--out", tmp_path / "one")]) == 0
+    status, output = torchrun([*small, "--batch-size", 4, "--dist", "fsdp", "--out", tmp_path / "two"],
+                              tmp_path / "two.log")
+    assert status == 0, output[-3000:]
+    one, two = steps(metrics(tmp_path / "one")), steps(metrics(tmp_path / "two"))
+    assert sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step]["loss"] == pytest.approx(one[step]["loss"], abs=1e-5), step
+    a = load_file(str(tmp_path / "one" / "final" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "final" / "model" / "model.safetensors"))
+    # The final norm's bias adds the same amount to every reward, which the loss (a function of reward differences)
+    # does not see: its gradient is zero up to rounding, which AdamW's normalisation turns into steps of any sign.
+    bias = "gpt_neox.final_layer_norm.bias"
+    assert "score.weight" in a and bias in b
+    assert_same_tensors({k: v for k, v in a.items() if k != bias}, {k: v for k, v in b.items() if k != bias}, atol=1e-4)

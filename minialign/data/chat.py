@@ -34,6 +34,6 @@ def to_chat_format(pairs: Sequence[PreferencePair], tokenizer) -> PreferenceData
     out = []
     for p in pairs:
         prompt = tokenizer.apply_chat_template(hh_messages(p.prompt), tokenize=False, add_generation_prompt=True)
-        out.append(PreferencePair(prompt, p.chosen.strip(), p.rejected.strip()))
+        out.append(PreferencePair(prompt, p.chosen.strip(), p.rejected.strip(), p.margin))
     return PreferenceData(out, source=getattr(pairs, "source", ""), rows=getattr(pairs, "rows", len(out)),
                           skipped=dict(getattr(pairs, "skipped", {})))

@@ -40,11 +40,15 @@ ALTERNATIVES = (
 
 @dataclass(frozen=True)
 class PreferencePair:
-    """One prompt and two responses to it; ``chosen`` is the one people preferred."""
+    """One prompt and two responses to it; ``chosen`` is the one people preferred.
+
+    ``margin``: how strongly (a row's numeric ``margin`` field, TRL's convention; 0 without one). Only reward-model
+    training reads it."""
 
     prompt: str
     chosen: str
     rejected: str
+    margin: float = 0.0
 
 
 class PreferenceData(list):
@@ -134,7 +138,18 @@ def row_to_pair(row: Any, where: str, *, drop_blank: bool = False) -> Preference
             return split
         prompt, chosen, rejected = split
     reason = check_responses(chosen, rejected, drop_blank=drop_blank)
-    return reason if reason else PreferencePair(prompt, chosen, rejected)
+    return reason if reason else PreferencePair(prompt, chosen, rejected, _margin(row, where))
+
+
+def _margin(row: dict[str, Any], where: str) -> float:
+    """A row's optional numeric ``margin`` (absent or null: 0)."""
+    value = row.get("margin")
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        raise UserError(f"{where}: field 'margin' is {value!r}, but it must be a finite number (how much more the "
+                        "chosen response is preferred, as in TRL's reward data); fix the value or drop the field.")
+    return float(value)
 
 
 # ----------------------------------------------------------------------------- reading raw rows

@@ -26,6 +26,7 @@ class TokenizedPair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    margin: float = 0.0  # the pair's PreferencePair.margin (reward models only)
 
 
 @dataclass
@@ -94,9 +95,9 @@ def tokenize_pairs(
     chosen = encode([p.chosen for p in pairs], tokenizer)
     rejected = encode([p.rejected for p in pairs], tokenizer)
     out, truncated = [], 0
-    for p, c, r in zip(prompts, chosen, rejected):
+    for pair, p, c, r in zip(pairs, prompts, chosen, rejected):
         p, (c, r), was_cut = truncate(p, [c + [eos], r + [eos]], **limits)
-        out.append(TokenizedPair(p, c, r))
+        out.append(TokenizedPair(p, c, r, getattr(pair, "margin", 0.0)))
         truncated += was_cut
     return TokenizedData(out, truncated=truncated)
 
