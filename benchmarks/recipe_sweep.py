@@ -145,8 +145,14 @@ def phase_judges(s: Sweep) -> None:
     s.save()
 
 
+def chosen_judge(s: Sweep) -> str:
+    if "judge" not in s.doc:
+        raise SystemExit(f"recipe_sweep: no judge trained (see the judges' logs in {s.work / 'logs'}); run --phases judges")
+    return s.doc["judges"][s.doc["judge"]]["run_dir"]
+
+
 def phase_sweep(s: Sweep) -> None:
-    judge = s.doc["judges"][s.doc["judge"]]["run_dir"]
+    judge = chosen_judge(s)
     for name in s.args.candidates.split(","):
         sft_flags, dpo_flags = CANDIDATES[name]
         run_dir = s.work / name
@@ -183,7 +189,7 @@ def choose(candidates: dict) -> str | None:
 def phase_final(s: Sweep) -> None:
     chosen = choose(s.doc["candidates"])
     s.doc["chosen"] = chosen
-    judge = s.doc["judges"][s.doc["judge"]]["run_dir"]
+    judge = chosen_judge(s)
     final = s.doc.setdefault("final", {})
     final["judge_eval_accuracy"] = judge_accuracy(s, judge)
     s.save()
