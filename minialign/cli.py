@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from minialign import __version__, dist
+from minialign.cli_help import Parser
 from minialign.config import (
     DPOConfig,
     EvalConfig,
@@ -20,84 +21,119 @@ from minialign.config import (
     flag_values,
     load_yaml,
     preset,
+    prompt_length,
 )
 from minialign.errors import UserError
 
 
+USAGE = "%(prog)s [--demo | --config FILE | --resume RUN_DIR] [--overwrite] [options]"
+EXAMPLES = {
+    "sft": ("Fine-tune a model on the chosen responses of preference pairs (LoRA unless --full); the run folder "
+            "gets config.yaml, metrics.jsonl, checkpoints and final/.",
+            "examples:\n  minialign sft --demo\n"
+            "  minialign sft --model smollm2-135m-instruct --chat-template --dataset my.jsonl "
+            "--max-length 1024 --out runs/my-sft"),
+    "dpo": ("Direct preference optimisation: raise the likelihood of chosen over rejected responses against a frozen "
+            "reference (the starting model).",
+            "examples:\n  minialign dpo --demo\n  minialign dpo --sft runs/my-sft --dataset my.jsonl --beta 0.1 "
+            "--loss-type sigmoid --out runs/my-dpo"),
+    "rm": ("Train a Bradley-Terry reward model (a judge for `minialign eval`): a scalar head read at each sequence's "
+           "last token, loss -log sigmoid(r_chosen - r_rejected); saved as a transformers sequence-classification "
+           "model (--full) or a PEFT SEQ_CLS adapter with its score head.",
+           "examples:\n  minialign rm --demo\n  minialign rm --model smollm2-135m-instruct --chat-template --dataset "
+           "judge-pairs.jsonl --eval-data held-out.jsonl --out runs/judge"),
+    "run": ("The whole reference experiment as resumable stages: LoRA parameter table and speed, SFT, DPO, held-out "
+            "evaluation, report.",
+            "examples:\n  minialign run --demo --out runs/demo\n  minialign run --config my-run.yaml --stages sft dpo"),
+}
+
+
 def _train_parser(sub, name: str, cls, help: str) -> None:
-    p = sub.add_parser(name, help=help, description=help)
-    p.add_argument("--config", help="YAML preset (see configs/); flags override it")
-    p.add_argument("--demo", action="store_true", help="tiny model + built-in demo data: runs in seconds on a CPU")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    description, epilog = EXAMPLES[name]
+    p = sub.add_parser(name, help=help, description=description, epilog=epilog, usage=USAGE)
+    _run_options(p, f"{name}-demo")
+    p.add_argument("--tensorboard", dest="report_to", action="store_const", const="tensorboard",
+                   default=argparse.SUPPRESS, help="deprecated: use --report-to tensorboard")
     add_flags(p, cls)
 
 
+def _run_options(p, demo: str) -> None:
+    """The options every training command shares, outside its config: where the config comes from."""
+    p.add_argument("--config", metavar="FILE", help="YAML preset (see minialign/configs/); flags override it")
+    p.add_argument("--demo", action="store_true", help=f"start from the {demo} preset: tiny model + built-in demo "
+                   "data, runs offline on a CPU")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from where it stopped (its config.yaml and "
+                   "last complete checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minialign", description=__doc__)
+    parser = Parser(prog="minialign", description="Align small causal language models: LoRA, SFT and DPO, with "
+                    "evaluation and reports. `minialign COMMAND --help` lists a command's options.")
     parser.add_argument("--version", action="version", version=f"minialign {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("lora-params", help="rank-sweep table of LoRA trainable parameters")
-    p.add_argument("--model", default="pythia-70m")
-    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8, 16])
+    p.add_argument("--model", default="pythia-70m", help="hub id, local folder, .gguf file or built-in name")
+    p.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8, 16], metavar="R", help="LoRA ranks to count")
     p.add_argument("--targets", default="all-linear", help="all-linear or comma-separated module names")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
 
     p = sub.add_parser("data", help="validate and summarise a preference-data source")
     p.add_argument("source", help="hub id, local .jsonl/.jsonl.gz/.json/.parquet file(s) or glob, or demo")
-    p.add_argument("--split", default="train")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", default="train", help="split to read")
+    p.add_argument("--data-dir", default=None, help="sub-folder of a hub dataset (HH-RLHF: harmless-base, ...)")
     p.add_argument("--rows", default=None, help="START:STOP over raw rows, e.g. 300: or 0:300")
     p.add_argument("--tokenizer", default=None, help="give one for token-length statistics")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--max-prompt-length", type=int, default=256)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--max-length", type=int, default=512, help="tokens of prompt + response kept (truncation counts)")
+    p.add_argument("--max-prompt-length", type=int, default=0, help="prompt tokens kept; 0: half of --max-length")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     _train_parser(sub, "sft", SFTConfig, "supervised fine-tuning on the chosen responses")
     _train_parser(sub, "dpo", DPOConfig, "direct preference optimisation against a frozen reference")
     _rm_parser(sub)
 
-    p = sub.add_parser("run", help="the whole experiment: LoRA table + benchmark, SFT, DPO, evaluation, report")
-    p.add_argument("--config", help="YAML preset (see configs/run.yaml)")
-    p.add_argument("--demo", action="store_true", help="tiny model + demo data; minutes on a CPU")
-    p.add_argument("--resume", metavar="RUN_DIR", help="pick up a run at its first unfinished stage")
-    p.add_argument("--overwrite", action="store_true")
+    description, epilog = EXAMPLES["run"]
+    p = sub.add_parser("run", help="the whole experiment: LoRA table + benchmark, SFT, DPO, evaluation, report",
+                       description=description, epilog=epilog, usage=USAGE)
+    _run_options(p, "run-demo")
     add_flags(p, RunConfig)
 
     p = sub.add_parser("generate", help="generate responses from a model (optionally with an adapter)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter", default=None)
-    p.add_argument("--tokenizer", default=None)
-    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--model", required=True, help="hub id, local folder, .gguf file or built-in name")
+    p.add_argument("--adapter", default=None, help="a PEFT-format adapter folder (e.g. RUN_DIR/final/adapter)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer to use; default: the model's own")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for several prompts")
     p.add_argument("--hh", action="store_true", help="wrap each prompt as '\\n\\nHuman: ...\\n\\nAssistant:'")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt at most")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest token set of this "
+                   "probability mass (with --sample; 1: off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (with --sample; 0: off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of sampling")
 
     p = sub.add_parser("bench", help="training speed and peak memory of minialign on this machine "
                        "(the side-by-side run with TRL is benchmarks/bench_gpu.py)")
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny model, demo data")
-    p.add_argument("--model", default="pythia-70m")
-    p.add_argument("--tokenizer", default="../shared/tokenizers/gpt-neox-20b/tokenizer.json")
-    p.add_argument("--data", default="../shared/data/hh-rlhf/harmless-base/test.jsonl.gz")
-    p.add_argument("--tasks", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
-    p.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--model", default="pythia-70m", help="hub id, local folder, .gguf file or built-in name")
+    p.add_argument("--tokenizer", default="../shared/tokenizers/gpt-neox-20b/tokenizer.json", help="tokenizer file or id")
+    p.add_argument("--data", default="../shared/data/hh-rlhf/harmless-base/test.jsonl.gz", help="preference data")
+    p.add_argument("--tasks", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"], help="tasks to measure")
+    p.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"], help="LoRA and/or full "
+                   "fine-tuning")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64], metavar="B", help="batch sizes to measure")
     p.add_argument("--variant", default="compile", choices=list(BENCH_VARIANTS),
                    help="compile: dynamic shapes; cudagraphs: rows padded to 512, reduce-overhead; graphs: padding-free "
                         "rows rounded to 512 tokens, each step one CUDA graph (--padding-free --compile --cuda-graphs)")
     p.add_argument("--compile-scope", default="blocks", choices=["blocks", "model"],
                    help="compiled variants: one compiled block serves every block, or the whole transformer as one graph")
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (after 3 warm-up steps)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
 
     p = sub.add_parser("report", help="rebuild report.md / report.html from a finished run folder")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the folder of a `minialign run`")
     _eval_parser(sub)
     return parser
 
@@ -187,9 +223,10 @@ def cmd_data(args) -> int:
     from minialign.data import format_summary, summarize_source
     from minialign.models import load_tokenizer
 
+    max_prompt_length = prompt_length(args.max_length, args.max_prompt_length)  # before loading anything
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     summary = summarize_source(args.source, split=args.split, data_dir=args.data_dir, rows=args.rows, tokenizer=tokenizer,
-                               max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+                               max_length=args.max_length, max_prompt_length=max_prompt_length)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
 

@@ -22,91 +22,160 @@ PRESETS = Path(__file__).parent / "configs"
 GROUPS = ("model", "data", "lora", "training", "speed", "memory", "distributed", "dpo", "rm", "eval", "run", "output")
 
 
-def opt(default, help: str, *, group: str, choices: tuple | None = None, metavar: str | None = None):
+# Choices shared with other modules, kept here so that `--help` needs no torch import (tests check they agree).
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo")  # minialign.losses.LOSS_TYPES
+TRACKERS = ("none", "tensorboard", "trackio", "wandb", "mlflow")  # minialign.trackers
+
+
+def opt(default, help: str, *, group: str, choices: tuple | None = None, metavar: str | None = None,
+        multiple: bool = False):
     """A config field with its one-line ``--help`` text, flag group and allowed values.
 
     The description lives here, beside the field, and nowhere else: ``add_flags`` builds the CLI from it, so
-    the help cannot drift from the config. Lists get a ``default_factory``.
+    the help cannot drift from the config. Lists get a ``default_factory``. ``multiple``: a string field that
+    holds a comma-separated list of ``choices`` (as transformers' ``report_to`` does).
     """
-    meta = {"help": help, "group": group, "choices": choices, "metavar": metavar}
+    meta = {"help": help, "group": group, "choices": choices, "metavar": metavar, "multiple": multiple}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def check_choices(cfg) -> None:
+    """Every field declared with ``choices`` holds one of them (YAML presets and resumed runs skip argparse)."""
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        if not choices:
+            continue
+        value = getattr(cfg, f.name)
+        if f.metadata.get("multiple"):
+            values = split_list(value)
+        else:
+            values = value if isinstance(value, list) else [value]
+        bad = [v for v in values if v not in choices]
+        if bad:
+            raise UserError(f"Invalid configuration: {f.name} (--{f.name.replace('_', '-')}) must be "
+                            f"{'a comma-separated list of' if f.metadata.get('multiple') else 'one of'} "
+                            f"{', '.join(map(str, choices))}; got {', '.join(map(repr, bad))}.")
+
+
+def split_list(value: str) -> list[str]:
+    """``"tensorboard, wandb"`` -> ``["tensorboard", "wandb"]`` (empty parts dropped)."""
+    return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
+def prompt_length(max_length: int, max_prompt_length: int) -> int:
+    """``max_prompt_length``, where 0 follows ``max_length`` (half of it); an explicit value must leave the
+    response at least one token."""
+    if max_prompt_length == 0:
+        return max(1, max_length // 2)
+    if not 0 < max_prompt_length < max_length:
+        raise UserError(
+            f"Invalid configuration: --max-prompt-length {max_prompt_length} must be at least 1 and smaller than "
+            f"--max-length {max_length}, so that every response keeps at least one token. Lower --max-prompt-length, "
+            f"raise --max-length, or drop --max-prompt-length (0) to keep half of --max-length ({max_length // 2})."
+        )
+    return max_prompt_length
 
 
 @dataclass
 class TrainConfig:
     """Everything SFT and DPO share: model, data, adapter, optimisation, run folder."""
 
-    model: str = "EleutherAI/pythia-70m"
-    tokenizer: str = ""  # empty: the model's own
-    dataset: str = "Anthropic/hh-rlhf"  # hub id, local file(s)/glob, or "demo"
-    data_dir: str = "harmless-base"
-    train_split: str = "train"
-    train_rows: str = ""  # "START:STOP" over raw rows, e.g. "300:"
-    eval_data: str = ""  # empty: the same source as training
-    eval_split: str = "test"
-    eval_rows: str = ""
-    limit: int = 0  # cap on training pairs (0 = all)
-    eval_limit: int = 200  # cap on held-out pairs used for evaluation during training
-    max_length: int = 512
-    max_prompt_length: int = 256
-    chat_template: bool = False  # rewrite HH dialogues in the tokenizer's chat template (instruct models)
-    full: bool = False  # full fine-tuning instead of LoRA
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "all-linear"  # or comma-separated module names
-    use_rslora: bool = False
-    epochs: int = 1
-    max_steps: int = 0  # 0: run the epochs
-    batch_size: int = 8  # per device
-    grad_accum: int = 1
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.05
-    schedule: str = "cosine"  # cosine | linear | constant
-    max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0: no clipping
-    seed: int = 0
-    log_every: int = 10  # read metrics back from the device every N steps (each step still gets its metrics row)
-    eval_every: int = 0  # 0: only at the end
-    save_every: int = 0  # checkpoint every N steps and at the end (0: none, except when stopped by a signal)
-    keep_last: int = 2
-    out: str = ""
-    device: str = "auto"  # auto | cpu | cuda
-    packing: bool = False  # SFT only: fixed-length rows of several documents
-    # Each batch as one row of its sequences back to back (document-masked attention): no FLOPs on padding.
-    padding_free: bool = False
-    # The fast GPU setting in one switch: padding-free batches with shapes planned up front, varlen attention and
-    # whole-step CUDA graphs where the run allows them. auto: on with CUDA, off elsewhere; off leaves each flag as set.
-    fast: str = "auto"  # auto | on | off
-    # packed / padding-free rows: auto (varlen attention on CUDA, dense mask on CPU) | varlen | sdpa | flex
-    attention: str = "auto"
-    compile: bool = False
-    compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs (pad to max_length)
-    compile_scope: str = "blocks"  # blocks: one compiled block serves every block (fast to compile) | model: one graph
-    pad_to_multiple_of: int = 8  # fewer distinct shapes: tensor-core friendly, fewer recompiles
-    pad_targets_to_multiple_of: int = 64  # round the output projection's rows up too (0: off); see add_target_index
-    # Padding-free runs plan their batch shapes before the first step (shapes.plan_shapes): at most this many row
-    # lengths, each with at most target_buckets target counts, so captures and compilations are counted up front.
-    shape_buckets: int = 4  # 0: no plan (row lengths rounded to pad_to_multiple_of, one shape per length)
-    target_buckets: int = 1  # a capture costs more than padding the output projection's rows of a whole epoch
-    # The model's own weights: the frozen base under LoRA (auto: bf16 on CUDA, else float32), or the trained weights
-    # with --full (auto: float32; bfloat16: AdamW keeps float32 moments and rounds each update stochastically, so
-    # 12 instead of 16 bytes a parameter and no bf16 copies in the forward; one process only).
-    base_dtype: str = "auto"
-    grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
-    # Step AdamW on each parameter as soon as its gradient is complete and free that gradient at once, so the
-    # whole-model gradient never exists (full fine-tuning: 12 instead of 16 bytes a parameter). One process
-    # only, and needs max_grad_norm 0 and grad_accum 1.
-    optim_in_backward: bool = False
-    # Replay each training step (forward, backward, clipping, AdamW) as one CUDA graph per batch shape: no host
-    # cost per step. CUDA, one process, grad_accum 1; round shapes coarsely (padding_free + pad_to_multiple_of 512).
-    cuda_graphs: bool = False
-    loss_chunk_size: int = 0  # rows of the output projection computed at once (0: 128 MiB chunks); lower it to cut peak memory
-    tensorboard: bool = False
-    merge: bool = False  # also save merged weights at the end
-    dist: str = "auto"  # auto | none | ddp | fsdp (under torchrun)
+    model: str = opt("EleutherAI/pythia-70m", "hub id, local folder, .gguf file or built-in name (tiny, tiny-llama, "
+                     "smollm2-135m-instruct)", group="model")
+    tokenizer: str = opt("", "tokenizer to use; empty: the model's own", group="model")
+    dataset: str = opt("Anthropic/hh-rlhf", "preference data: hub id, local file(s) or glob (.jsonl[.gz], .json, "
+                       ".parquet), or demo", group="data", metavar="SOURCE")
+    data_dir: str = opt("harmless-base", "sub-folder of a hub dataset (HH-RLHF: harmless-base, helpful-base, ...)",
+                        group="data")
+    train_split: str = opt("train", "split used for training", group="data")
+    train_rows: str = opt("", 'START:STOP over the raw training rows, e.g. "300:"; empty: all', group="data",
+                          metavar="START:STOP")
+    eval_data: str = opt("", "held-out data source; empty: the same source as training", group="data")
+    eval_split: str = opt("test", "split used for held-out evaluation", group="data")
+    eval_rows: str = opt("", "START:STOP over the raw held-out rows; empty: all", group="data", metavar="START:STOP")
+    limit: int = opt(0, "cap on training pairs (0: all)", group="data")
+    eval_limit: int = opt(200, "cap on held-out pairs used for evaluation during training", group="data")
+    max_length: int = opt(512, "tokens of prompt + response kept per example (longer ones are cut)", group="data")
+    max_prompt_length: int = opt(0, "prompt tokens kept (its end); 0: half of --max-length", group="data")
+    chat_template: bool = opt(False, "rewrite HH dialogues in the tokenizer's chat template (instruct models)",
+                              group="data")
+    full: bool = opt(False, "full fine-tuning instead of LoRA", group="lora")
+    lora_r: int = opt(8, "LoRA rank", group="lora")
+    lora_alpha: float = opt(16.0, "LoRA scale numerator: updates are scaled by alpha / r", group="lora")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA input", group="lora")
+    lora_targets: str = opt("all-linear", "modules that get LoRA: all-linear or comma-separated module names",
+                            group="lora", metavar="MODULES")
+    use_rslora: bool = opt(False, "rank-stabilised LoRA: scale by alpha / sqrt(r)", group="lora")
+    epochs: int = opt(1, "passes over the training data", group="training")
+    max_steps: int = opt(0, "stop after this many optimizer steps; 0: run the epochs", group="training")
+    batch_size: int = opt(8, "examples (DPO: pairs) per micro-batch, per device", group="training")
+    grad_accum: int = opt(1, "micro-batches summed into one optimizer step", group="training")
+    lr: float = opt(2e-4, "peak learning rate", group="training")
+    weight_decay: float = opt(0.0, "AdamW weight decay", group="training")
+    warmup_ratio: float = opt(0.05, "fraction of the steps spent warming the learning rate up", group="training")
+    schedule: str = opt("cosine", "learning-rate schedule after warm-up", group="training",
+                        choices=("cosine", "linear", "constant"))
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this; 0: no clipping", group="training")
+    seed: int = opt(0, "random seed: LoRA initialisation, data order, dropout", group="training")
+    log_every: int = opt(10, "read metrics back from the device every N steps (each step still gets its metrics row)",
+                         group="output")
+    eval_every: int = opt(0, "evaluate on held-out data every N steps; 0: only at the end", group="run")
+    save_every: int = opt(0, "checkpoint every N steps and at the end (0: none, except when stopped by a signal)",
+                          group="run")
+    keep_last: int = opt(2, "checkpoints kept (older ones are deleted)", group="run")
+    out: str = opt("", "run folder", group="output", metavar="DIR")
+    device: str = opt("auto", "where to train; auto: CUDA if visible, else CPU", group="run",
+                      choices=("auto", "cpu", "cuda"))
+    packing: bool = opt(False, "SFT only: fixed-length rows of several documents", group="speed")
+    padding_free: bool = opt(False, "each batch as one row of its sequences back to back (document-masked "
+                             "attention): no FLOPs on padding", group="speed")
+    fast: str = opt("auto", "the fast GPU setting in one switch: padding-free batches with shapes planned up front, "
+                    "varlen attention and whole-step CUDA graphs where the run allows them; auto: on with CUDA; off "
+                    "leaves each flag as set", group="speed", choices=("auto", "on", "off"))
+    attention: str = opt("auto", "attention of packed / padding-free rows; auto: varlen on CUDA, a dense mask on CPU",
+                         group="speed", choices=("auto", "varlen", "sdpa", "flex"))
+    compile: bool = opt(False, "torch.compile the transformer", group="speed")
+    compile_mode: str = opt("default", 'torch.compile mode; "reduce-overhead" adds CUDA graphs (pad to max_length)',
+                            group="speed", metavar="MODE")
+    compile_scope: str = opt("blocks", "blocks: one compiled block serves every block (fast to compile); model: the "
+                             "whole transformer as one graph", group="speed", choices=("blocks", "model"))
+    pad_to_multiple_of: int = opt(8, "round row lengths up to a multiple of this: tensor-core friendly, fewer shapes "
+                                  "and recompiles",
+                                  group="speed")
+    pad_targets_to_multiple_of: int = opt(64, "round the output projection's rows up too (0: off)", group="speed")
+    shape_buckets: int = opt(4, "padding-free runs plan at most this many row lengths before the first step, so "
+                             "captures and compilations are counted up front (0: no plan; one shape per length)",
+                             group="speed")
+    target_buckets: int = opt(1, "target counts planned per row length (a capture costs more than padding the "
+                              "output projection's rows of a whole epoch)", group="speed")
+    base_dtype: str = opt("auto", "dtype of the model's own weights: the frozen base under LoRA (auto: bf16 on CUDA, "
+                          "else float32) or the trained weights with --full (auto: float32; bfloat16: stochastically "
+                          "rounded AdamW, 12 instead of 16 bytes a parameter, one process only)", group="memory",
+                          choices=("auto", "float32", "bfloat16"))
+    grad_checkpointing: bool = opt(False, "recompute activations in backward: less memory, more compute",
+                                   group="memory")
+    optim_in_backward: bool = opt(False, "step AdamW on each parameter as soon as its gradient is complete and free "
+                                  "it: no whole-model gradient (one process; needs --max-grad-norm 0, --grad-accum 1)",
+                                  group="memory")
+    cuda_graphs: bool = opt(False, "replay each training step (forward, backward, clipping, AdamW) as one CUDA graph "
+                            "per batch shape: no host cost per step (CUDA, one process, --grad-accum 1; round shapes "
+                            "coarsely: --padding-free --pad-to-multiple-of 512)", group="speed")
+    loss_chunk_size: int = opt(0, "rows of the output projection computed at once (0: 128 MiB chunks); lower it to "
+                               "cut peak memory", group="memory")
+    report_to: str = opt("none", "send metrics to these trackers too (comma-separated), under TRL's names; each "
+                         "needs its package (pip install 'minialign[NAME]')", group="output", choices=TRACKERS,
+                         multiple=True)
+    merge: bool = opt(False, "also save merged weights (LoRA folded into the model) at the end", group="output")
+    dist: str = opt("auto", "how several torchrun processes share the work; auto: DDP under torchrun",
+                    group="distributed", choices=("auto", "none", "ddp", "fsdp"))
+
+    def __post_init__(self) -> None:
+        # Resolved at once, so every reader (recipes, `minialign run`'s stages, tests) sees the length used and
+        # config.yaml records it; validate() reports an explicit bad combination.
+        if self.max_prompt_length == 0:
+            self.max_prompt_length = prompt_length(self.max_length, 0)
 
     def validate(self) -> None:
         checks = [
@@ -116,31 +185,27 @@ class TrainConfig:
             (self.epochs >= 1 or self.max_steps > 0, "epochs must be >= 1 (or set max_steps)"),
             (self.max_steps >= 0, "max_steps must be >= 0"),
             (self.max_length >= 8, "max_length must be >= 8"),
-            (0 < self.max_prompt_length < self.max_length, "max_prompt_length must be in (0, max_length)"),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-            (self.schedule in ("cosine", "linear", "constant"), "schedule must be cosine, linear or constant"),
             (self.keep_last >= 1, "keep_last must be >= 1"),
             (self.log_every >= 1, "log_every must be >= 1"),
-            (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
-            (self.dist in ("auto", "none", "ddp", "fsdp"), "dist must be auto, none, ddp or fsdp"),
-            (self.base_dtype in ("auto", "float32", "bfloat16"), "base_dtype must be auto, float32 or bfloat16"),
             (self.pad_to_multiple_of >= 0, "pad_to_multiple_of must be >= 0"),
             (self.pad_targets_to_multiple_of >= 0, "pad_targets_to_multiple_of must be >= 0 (0: off)"),
             (not (self.padding_free and self.packing), "padding_free and packing exclude each other: packed rows "
              "are already free of padding; choose one"),
-            (self.attention in ("auto", "sdpa", "flex", "varlen"), "attention must be auto, varlen, sdpa or flex"),
-            (self.fast in ("auto", "on", "off"), "fast must be auto, on or off"),
             (self.shape_buckets >= 0, "shape_buckets must be >= 0 (0: no shape plan)"),
             (self.target_buckets >= 1, "target_buckets must be >= 1"),
-            (self.compile_scope in ("blocks", "model"), "compile_scope must be blocks or model"),
             (self.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0: no clipping)"),
             (self.loss_chunk_size >= 0, "loss_chunk_size must be >= 0 (0: automatic)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(f"Invalid configuration: {message}.")
+        check_choices(self)
+        self.max_prompt_length = prompt_length(self.max_length, self.max_prompt_length)
         from minialign.dist import launched_world
+        from minialign.trackers import check_available
 
+        check_available(self.report_to)  # a missing package fails before the run folder is written
         if self.optim_in_backward:
             self.check_optim_in_backward(launched_world())
         if self.full and self.base_dtype == "bfloat16":
@@ -214,31 +279,32 @@ class TrainConfig:
 
 @dataclass
 class SFTConfig(TrainConfig):
-    out: str = "runs/sft"
+    out: str = opt("runs/sft", "run folder", group="output", metavar="DIR")
 
 
 @dataclass
 class DPOConfig(TrainConfig):
-    sft: str = ""  # an SFT run folder to start from (its final adapter is merged into the base)
-    adapter: str = ""  # or a PEFT-format adapter for --model
-    beta: float = 0.1
-    loss_type: str = "sigmoid"  # sigmoid | hinge | ipo | robust | simpo
-    label_smoothing: float = 0.0
+    sft: str = opt("", "an SFT run folder to start from (its final adapter is merged into the base)", group="dpo",
+                   metavar="RUN_DIR")
+    adapter: str = opt("", "or a PEFT-format adapter for --model, merged before training", group="dpo", metavar="DIR")
+    beta: float = opt(0.1, "strength of the pull towards the reference (the KL coefficient)", group="dpo")
+    loss_type: str = opt("sigmoid", "DPO loss; simpo needs no reference model", group="dpo", choices=LOSS_TYPES)
+    label_smoothing: float = opt(0.0, "assumed fraction of flipped preference labels (sigmoid and robust losses)",
+                                 group="dpo")
     rpo_alpha: float = opt(0.0, "RPO: add this x the chosen response's mean token NLL to each pair's loss (0: plain "
                            "DPO); per response, where TRL's rpo_alpha averages over a batch's chosen tokens",
                            group="dpo")
-    simpo_gamma: float = 0.5
-    precompute_ref: bool = False
-    # Padding-free batches compute each prompt once and branch both responses off it (exact: same keys and
-    # positions); HH prompts are long, so ~1.5x fewer positions. --no-share-prompt lays pairs out as SFT does.
-    share_prompt: bool = True
-    lr: float = 5e-5
-    out: str = "runs/dpo"
+    simpo_gamma: float = opt(0.5, "SimPO's target reward margin", group="dpo")
+    precompute_ref: bool = opt(False, "score every pair with the reference once before training, then drop the "
+                               "reference model", group="dpo")
+    share_prompt: bool = opt(True, "padding-free batches compute each prompt once and branch both responses off it "
+                             "(exact; HH prompts are long, so ~1.5x fewer positions); --no-share-prompt lays pairs "
+                             "out as SFT does", group="dpo")
+    lr: float = opt(5e-5, "peak learning rate", group="training")
+    out: str = opt("runs/dpo", "run folder", group="output", metavar="DIR")
 
     def validate(self) -> None:
         super().validate()
-        from minialign.losses import LOSS_TYPES
-
         if self.beta <= 0:
             raise UserError("Invalid configuration: beta must be > 0 (try 0.1).")
         if not 0 <= self.label_smoothing < 0.5:
@@ -246,8 +312,6 @@ class DPOConfig(TrainConfig):
         if self.rpo_alpha < 0:
             raise UserError(f"Invalid configuration: rpo_alpha must be >= 0 (got {self.rpo_alpha}; try 1.0, or 0 "
                             "for plain DPO).")
-        if self.loss_type not in LOSS_TYPES:
-            raise UserError(f"Invalid configuration: loss_type must be one of {', '.join(LOSS_TYPES)}.")
         if self.sft and self.adapter:
             raise UserError("Give either --sft RUN_DIR or --adapter DIR, not both.")
 
@@ -256,33 +320,38 @@ class DPOConfig(TrainConfig):
 class RunConfig:
     """`minialign run`: the reference experiment — LoRA table and benchmark, SFT, DPO, evaluation, report."""
 
-    model: str = "EleutherAI/pythia-70m"
-    tokenizer: str = ""
-    dataset: str = "Anthropic/hh-rlhf"
-    data_dir: str = "harmless-base"
-    train_data: str = ""  # local files for training (default: the dataset's train split)
-    train_rows: str = ""
-    eval_data: str = ""  # local files for evaluation (default: the dataset's test split)
-    eval_rows: str = ""
-    chat_template: bool = False
-    out: str = "runs/run"
-    stages: list[str] = field(default_factory=lambda: ["lora", "sft", "dpo", "eval", "report"])
-    ranks: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
-    bench_steps: int = 30
-    bench_batch_size: int = 8
-    eval_pairs: int = 200
-    samples: int = 5
-    max_new_tokens: int = 64
-    seed: int = 0
-    device: str = "auto"
+    model: str = opt("EleutherAI/pythia-70m", "hub id, local folder, .gguf file or built-in name", group="model")
+    tokenizer: str = opt("", "tokenizer to use; empty: the model's own", group="model")
+    dataset: str = opt("Anthropic/hh-rlhf", "preference data: hub id, local file(s) or glob, or demo", group="data")
+    data_dir: str = opt("harmless-base", "sub-folder of a hub dataset", group="data")
+    train_data: str = opt("", "local files for training; empty: the dataset's train split", group="data")
+    train_rows: str = opt("", 'START:STOP over the raw training rows, e.g. "300:"; empty: all', group="data",
+                          metavar="START:STOP")
+    eval_data: str = opt("", "local files for evaluation; empty: the dataset's test split", group="data")
+    eval_rows: str = opt("", "START:STOP over the raw held-out rows; empty: all", group="data", metavar="START:STOP")
+    chat_template: bool = opt(False, "rewrite HH dialogues in the tokenizer's chat template (instruct models)",
+                              group="data")
+    out: str = opt("runs/run", "run folder (one sub-folder per training stage)", group="output", metavar="DIR")
+    stages: list[str] = opt(["lora", "sft", "dpo", "eval", "report"], "stages to run (always in this order)", group="run",
+                            choices=("lora", "sft", "dpo", "eval", "report"))
+    ranks: list[int] = opt([2, 4, 8, 16], "LoRA ranks of the trainable-parameter table", group="lora", metavar="R")
+    bench_steps: int = opt(30, "timed steps of the LoRA-vs-full speed measurement", group="run")
+    bench_batch_size: int = opt(8, "batch size of the LoRA-vs-full speed measurement", group="run")
+    eval_pairs: int = opt(200, "held-out pairs scored by the eval stage", group="eval")
+    samples: int = opt(5, "held-out prompts answered by the SFT and DPO models side by side in the report",
+                       group="eval")
+    max_new_tokens: int = opt(64, "tokens generated per sample", group="eval")
+    seed: int = opt(0, "random seed of every stage", group="run")
+    device: str = opt("auto", "where to run; auto: CUDA if visible, else CPU", group="run",
+                      choices=("auto", "cpu", "cuda"))
     eval_prompts: int = opt(100, "held-out prompts the eval stage answers with the reference and the DPO policy "
                             "for the generation metrics (0: skip them)", group="eval")
     eval_samples: int = opt(4, "sampled answers per prompt for the generation metrics, besides the greedy one",
                             group="eval")
     eval_temperature: float = opt(0.7, "sampling temperature of the generation metrics", group="eval")
     eval_top_p: float = opt(0.9, "nucleus sampling top-p of the generation metrics", group="eval")
-    sft: dict = field(default_factory=dict)  # overrides of SFTConfig fields
-    dpo: dict = field(default_factory=dict)  # overrides of DPOConfig fields
+    sft: dict = opt({}, "overrides of SFTConfig fields (YAML only)", group="run")
+    dpo: dict = opt({}, "overrides of DPOConfig fields (YAML only)", group="run")
 
 
 def _field_types(cls) -> dict[str, type]:
@@ -330,6 +399,8 @@ def _coerce(value, kind, key: str):
                 return False
             raise UserError(f"Field {key}: expected true or false, got {value!r}.")
         return bool(value)
+    if kind is str and isinstance(value, list):  # a YAML list for a comma-separated field (report_to)
+        value = ",".join(map(str, value))
     if kind in (int, float, str):
         if kind is int and isinstance(value, float) and not value.is_integer():
             value = None  # 2.5 is no int; fall through to the error
@@ -341,19 +412,10 @@ def _coerce(value, kind, key: str):
 
 
 def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per dataclass field; defaults are suppressed so only typed flags override presets."""
-    types = _field_types(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip or types[f.name] is dict:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = types[f.name]
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
-        elif typing.get_origin(kind) is list:
-            parser.add_argument(flag, dest=f.name, nargs="+", type=typing.get_args(kind)[0], default=argparse.SUPPRESS)
-        else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper())
+    """One ``--flag`` per dataclass field with its help, default and choices (``cli_help.add_config_flags``)."""
+    from minialign.cli_help import add_config_flags
+
+    add_config_flags(parser, cls, skip)
 
 
 def flag_values(args: argparse.Namespace, cls) -> dict:

@@ -10,6 +10,7 @@ same however the global batch is split. Metrics stay on the device and are read 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from minialign.optim import InBackwardAdamW, grad_norm_step, make_optimizer, mak
 from minialign.attention import flash_varlen_available
 from minialign.shapes import ShapePlan, plan_shapes
 from minialign.tasks import prepare_batch, to_device
+from minialign.trackers import Trackers, requested
 
 
 @dataclass
@@ -84,8 +86,21 @@ class MetricsLog:
     """Per-step metrics kept as device tensors until ``flush``, then appended as JSON lines."""
 
     path: Path | None
-    tensorboard: object | None = None  # a torch.utils.tensorboard SummaryWriter, when asked for
+    trackers: Trackers | None = None  # --report-to: rows mirrored to TensorBoard, W&B, ... (rank 0)
     pending: list[tuple[int, dict]] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def tracking(self, cfg: TrainConfig, run_dir: Path | None):
+        """Open the trackers ``cfg.report_to`` names for the loop's duration (only where metrics are written)."""
+        if self.path is None or run_dir is None or not requested(cfg.report_to):
+            yield self
+            return
+        self.trackers = Trackers(cfg.report_to, run_dir, dataclasses.asdict(cfg))
+        try:
+            yield self
+        finally:
+            self.trackers.close()
+            self.trackers = None
 
     def add(self, step: int, values: dict) -> None:
         self.pending.append((step, values))
@@ -112,20 +127,9 @@ class MetricsLog:
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
             fh.flush()
-        if self.tensorboard is not None:
+        if self.trackers is not None:
             for row in rows:
-                for key, value in row.items():
-                    if key != "step" and isinstance(value, (int, float)):
-                        self.tensorboard.add_scalar(key, value, row["step"])
-            self.tensorboard.flush()
-
-
-def tensorboard_writer(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError("--tensorboard needs the tensorboard package: `pip install tensorboard`.") from None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+                self.trackers.log(row["step"], row)
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -248,8 +252,7 @@ def train(
             )
     progress.global_batch = per_step
     writes = run_dir is not None and rank == 0
-    log = MetricsLog(run_dir / "metrics.jsonl" if writes else None,
-                     tensorboard_writer(run_dir) if writes and cfg.tensorboard else None)
+    log = MetricsLog(run_dir / "metrics.jsonl" if writes else None)
     autocast = _autocast(device)
     step = GraphedStep(*step_functions(policy, task, optimizer, params, cfg, autocast), optimizer, device,
                        enabled=cfg.cuda_graphs, warm_up=cfg.compile)
@@ -289,7 +292,8 @@ def train(
     t0, tokens0, step0 = time.perf_counter(), progress.tokens, progress.step
     steady_from = _steady_from(step0, total)
     marks: dict[int, tuple[int, float]] = {}  # step -> (tokens, seconds): times read right after a device sync
-    with stop.installed(), _hooks_removed_after(optimizer), room_for_shapes(bool(cfg.compile and cfg.padding_free)):
+    with (stop.installed(), _hooks_removed_after(optimizer), room_for_shapes(bool(cfg.compile and cfg.padding_free)),
+          log.tracking(cfg, run_dir)):
         while progress.step < total:
             micro = [next_micro() for _ in range(cfg.grad_accum)]
             units, tokens = dist.all_reduce_ints([sum(task.units(b) for b in micro),

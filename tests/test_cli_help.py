@@ -1,0 +1,128 @@
+"""`--help` documents every flag (help text, default, choices), from one description beside each config field;
+--max-prompt-length follows --max-length unless given."""
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+
+from minialign import cli, config
+from minialign.config import DPOConfig, SFTConfig, build
+from minialign.errors import UserError
+
+
+def sub_parsers(parser: argparse.ArgumentParser, prefix: str = "minialign"):
+    """Every (name, parser) reachable from ``parser``, nested sub-commands included."""
+    yield prefix, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from sub_parsers(sub, f"{prefix} {name}")
+
+
+def help_of(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit:
+        cli.main([*argv, "--help"])
+    assert exit.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare word sequences
+
+
+def config_classes():
+    return [cls for cls in vars(config).values()
+            if dataclasses.is_dataclass(cls) and isinstance(cls, type) and cls.__module__ == config.__name__]
+
+
+def test_every_option_of_every_command_has_help():
+    commands = list(sub_parsers(cli.build_parser()))
+    assert {"minialign sft", "minialign dpo", "minialign run", "minialign data"} <= {name for name, _ in commands}
+    missing = [f"{name} {action.option_strings or action.dest}" for name, parser in commands
+               for action in parser._actions
+               if not isinstance(action, argparse._SubParsersAction)
+               and (not action.help or action.help == argparse.SUPPRESS or not action.help.strip())]
+    assert not missing, f"options without help: {missing}"
+
+
+def test_every_config_field_has_help_and_a_known_group():
+    classes = config_classes()
+    assert {SFTConfig, DPOConfig, config.RunConfig} <= set(classes)
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            where = f"{cls.__name__}.{f.name}"
+            assert f.metadata.get("help", "").strip(), f"{where} has no help: declare it with config.opt(...)"
+            assert f.metadata.get("group") in config.GROUPS, f"{where}: group {f.metadata.get('group')!r}"
+            choices = f.metadata.get("choices")
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if choices:  # the default is one of the choices (every element of a list default)
+                values = default if isinstance(default, list) else config.split_list(default) \
+                    if f.metadata.get("multiple") else [default]
+                assert set(values) <= set(choices), where
+
+
+def test_dpo_help_shows_groups_choices_and_defaults(capsys):
+    text = help_of(capsys, "dpo")
+    assert "--loss-type {sigmoid,hinge,ipo,robust,simpo}" in text
+    assert "peak learning rate (default: 5e-5)" in text  # DPOConfig's own default, not TrainConfig's 2e-4
+    assert "--share-prompt, --no-share-prompt" in text and "(default: true)" in text
+    assert "--report-to NAME[,NAME]" in text and "tensorboard, trackio, wandb, mlflow" in text
+    for title in ("model options", "data options", "LoRA options", "training options", "speed options",
+                  "memory options", "distributed (torchrun) options", "DPO options", "output options"):
+        assert title in text
+    assert text.index("model options") < text.index("LoRA options") < text.index("DPO options")
+    assert "examples: minialign dpo --demo" in text
+    assert "peak learning rate (default: 2e-4)" in help_of(capsys, "sft")
+
+
+def test_hand_written_parsers_show_defaults(capsys):
+    assert "tokens generated per prompt at most (default: 64)" in help_of(capsys, "generate")
+    assert "(default: 16 64)" in help_of(capsys, "bench")
+    assert "0: half of --max-length (default: 0)" in help_of(capsys, "data")
+
+
+def test_choices_are_shared_with_the_code_that_uses_them():
+    from minialign import losses
+
+    assert config.LOSS_TYPES == losses.LOSS_TYPES
+
+
+def test_bad_choice_from_yaml_names_the_flag_and_the_choices():
+    with pytest.raises(UserError, match=r"loss_type \(--loss-type\) must be one of sigmoid, hinge, ipo, robust, simpo"):
+        build(DPOConfig, {"loss_type": "kto"}).validate()
+    with pytest.raises(UserError, match="report_to .* comma-separated list"):
+        build(SFTConfig, {"report_to": "tensorboard,comet"}).validate()
+    assert build(SFTConfig, {"report_to": ["tensorboard", "none"]}).report_to == "tensorboard,none"
+
+
+def test_flags_override_only_what_was_typed():
+    args = cli.build_parser().parse_args(["dpo", "--lr", "1e-5", "--no-share-prompt", "--beta", "0.2"])
+    assert config.flag_values(args, DPOConfig) == {"lr": 1e-5, "share_prompt": False, "beta": 0.2}
+    run = cli.build_parser().parse_args(["run", "--stages", "sft", "dpo", "--ranks", "4", "8"])
+    assert (run.stages, run.ranks) == (["sft", "dpo"], [4, 8])
+
+
+def test_max_prompt_length_follows_max_length():
+    args = cli.build_parser().parse_args(["sft", "--demo", "--max-length", "256"])
+    cfg = cli._train_config(args, SFTConfig, "sft")
+    cfg.validate()
+    assert (cfg.max_length, cfg.max_prompt_length) == (256, 128)
+    assert SFTConfig().max_prompt_length == 256  # the old default, now derived from max_length 512
+    explicit = build(DPOConfig, {"max_length": 256, "max_prompt_length": 200})
+    explicit.validate()
+    assert explicit.max_prompt_length == 200
+
+
+def test_bad_explicit_prompt_length_names_both_flags(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["sft", "--demo", "--max-length", "64", "--max-prompt-length", "64", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--max-prompt-length 64" in err and "--max-length 64" in err and "drop --max-prompt-length" in err
+    assert not out.exists()
+
+
+def test_data_command_prompt_length_follows_max_length(capsys):
+    assert cli.main(["data", "demo", "--tokenizer", "demo", "--max-length", "64", "--json"]) == 0
+    limits = json.loads(capsys.readouterr().out)["truncated"]
+    assert (limits["max_length"], limits["max_prompt_length"]) == (64, 32)
+    assert cli.main(["data", "demo", "--max-length", "64", "--max-prompt-length", "80"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-prompt-length 80" in err and "--max-length 64" in err
