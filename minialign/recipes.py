@@ -33,7 +33,7 @@ from minialign.data import (
 )
 from minialign.data.chat import to_chat_format
 from minialign.errors import UserError
-from minialign.models import BUILTIN_CONFIGS, SMOLLM2, check_vocab, load_model, load_tokenizer
+from minialign.models import BUILTIN_CONFIGS, SMOLLM2, check_vocab, fast_path_support, load_model, load_tokenizer
 from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, cached_reference, frozen_copy, frozen_reference, reference_table
 from minialign.train import check_enough_examples, train, use_varlen
 
@@ -86,7 +86,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def default_tokenizer(model: str) -> str:
-    if model in ("tiny", "tiny-llama"):
+    if model in BUILTIN_CONFIGS and (model == "tiny" or model.startswith("tiny-")):
         return "demo"
     if model in BUILTIN_CONFIGS:
         return SMOLLM2 if BUILTIN_CONFIGS[model]["model_type"] == "llama" else "EleutherAI/pythia-70m"
@@ -124,6 +124,22 @@ def load_base(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
     model = load_model(cfg.model, seed=cfg.seed)
     check_vocab(model, tokenizer, cfg.model, cfg.tokenizer or default_tokenizer(cfg.model))
     return model
+
+
+def check_fast_path(cfg: TrainConfig, model, device: torch.device) -> None:
+    """Padding-free / packed rows only for a model whose attention they compute exactly (``fast_path_support``):
+    ``--fast`` falls back to padded batches and says so; an explicit --padding-free or --packing is refused."""
+    reason = fast_path_support(model)
+    if reason is None or not (cfg.padding_free or cfg.packing):
+        return
+    by_fast = cfg.fast == "on" or (cfg.fast == "auto" and device.type == "cuda")
+    if cfg.packing or not by_fast:
+        flag = "--packing" if cfg.packing else "--padding-free"
+        raise UserError(f"{flag} cannot train '{cfg.model}': it has {reason}, so its rows would attend differently "
+                        f"from the model's own attention. Drop {flag} (padded batches compute the same function).")
+    if dist.rank() == 0:
+        print(f"minialign: --fast falls back to padded batches for '{cfg.model}': it has {reason}.")
+    cfg.padding_free, cfg.cuda_graphs = False, False
 
 
 def base_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -247,6 +263,7 @@ def sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     run_dir, point, device, tokenizer, examples, held_out = _prologue(cfg, "sft", tokenize_sft, resume=resume,
                                                                       overwrite=overwrite)
     model = load_base(cfg, tokenizer)
+    check_fast_path(cfg, model, device)
     trainable_weights(model, cfg, device)
     policy = wrap_policy(model, cfg, device)
     pad = tokenizer.pad_token_id
@@ -295,6 +312,7 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     run_dir, point, device, tokenizer, pairs, held_out = _prologue(cfg, "dpo", tokenize_pairs, resume=resume,
                                                                    overwrite=overwrite)
     model = dpo_start_model(cfg, tokenizer)
+    check_fast_path(cfg, model, device)
     pad = tokenizer.pad_token_id
     # Training pairs, then held-out pairs: one index space, so a precomputed reference table covers both.
     both = [*pairs, *held_out]
