@@ -122,7 +122,8 @@ def check(name: str, batches: list[dict], dev) -> dict:
 
     ref_w = grads(reference_w, q, k, v, grad_out.float())
     result[f"window{window}_out_vs_reference"] = (flash_w[0] - ref_w[0]).abs().max().item()
-    result[f"window{window}_dq_dk_dv_vs_reference"] = [(a - b).abs().max().item() for a, b in zip(flash_w[1:], ref_w[1:])]
+    result[f"window{window}_dq_dk_dv_vs_reference"] = [(a - b).abs().max().item()
+                                                        for a, b in zip(flash_w[1:], ref_w[1:])]
     result[f"window{window}_changes_out_by"] = (flash_w[0] - flash[0]).abs().max().item()  # the window really bites
     if dev.type != "cuda":  # a CPU run checks the script and the reference only
         print(name, json.dumps(result))
@@ -243,9 +244,10 @@ def check_architecture(name: str, dev, dtype: torch.dtype, scale: int) -> dict:
     ``fast_path_support`` gives a reason) against the float32 eager reference, per token and in gradients."""
     model32 = arch_model(name)
     reason = fast_path_support(model32)
-    result = {"dtype": str(dtype).removeprefix("torch."), "fallback": reason, "path": "padded (fallback)" if reason else "varlen",
-              "window": getattr(model32.config, "sliding_window", None), "head_dim": model32.config.head_dim
-              if getattr(model32.config, "head_dim", None) else model32.config.hidden_size // model32.config.num_attention_heads}
+    config = model32.config
+    result = {"dtype": str(dtype).removeprefix("torch."), "fallback": reason,
+              "path": "padded (fallback)" if reason else "varlen", "window": getattr(config, "sliding_window", None),
+              "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads}
     model = copy.deepcopy(model32).to(dev, dtype)
     model32 = model32.to(dev)
     for layout, (flat, padded, seqs) in arch_batches(random.Random(1), scale).items():

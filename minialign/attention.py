@@ -90,7 +90,8 @@ def kv_slots(length: int) -> int:
 
 
 def varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-                     kv_index: torch.Tensor | None, scale: float | None = None, window: int | None = None) -> torch.Tensor:
+                     kv_index: torch.Tensor | None, scale: float | None = None,
+                     window: int | None = None) -> torch.Tensor:
     """``[Tq, H, D]`` attention of ``q`` over ``k``/``v`` ``[T, Hk, D]`` as the segments say, through SDPA and a dense
     ``[Tq, Tk]`` mask: the definition the FlashAttention path is checked against, and what runs without CUDA.
     ``window``: a query sees only keys fewer than ``window`` positions back (transformers' sliding window)."""

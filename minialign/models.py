@@ -288,6 +288,26 @@ def fast_path_support(model: PreTrainedModel) -> str | None:
     return None
 
 
+def check_fast_path(cfg, model: PreTrainedModel, device: torch.device) -> None:
+    """Padding-free / packed rows only for a model whose attention they compute exactly (``fast_path_support``):
+    ``--fast`` falls back to padded batches and says so; an explicit --padding-free or --packing is refused.
+    ``cfg`` is a ``config.TrainConfig``, resolved by ``apply_fast`` before the model was loaded."""
+    reason = fast_path_support(model)
+    if reason is None or not (cfg.padding_free or cfg.packing):
+        return
+    by_fast = cfg.fast == "on" or (cfg.fast == "auto" and device.type == "cuda")
+    if cfg.packing or not by_fast:
+        flag = "--packing" if cfg.packing else "--padding-free"
+        raise UserError(f"{flag} cannot train '{cfg.model}': it has {reason}, so its rows would attend differently "
+                        f"from the model's own attention. Drop {flag} (padded batches compute the same function).")
+    from minialign import dist
+
+    if dist.rank() == 0:
+        graphs = " without CUDA graphs" if cfg.cuda_graphs else ""
+        print(f"minialign: --fast falls back to padded batches{graphs} for '{cfg.model}': it has {reason}.")
+    cfg.padding_free, cfg.cuda_graphs = False, False
+
+
 def sliding_window(model: PreTrainedModel) -> int | None:
     """The model's sliding window if some layer uses one (Qwen2 only with ``use_sliding_window``), else None."""
     config = getattr(model, "config", None)

@@ -33,7 +33,7 @@ from minialign.data import (
 )
 from minialign.data.chat import to_chat_format
 from minialign.errors import UserError
-from minialign.models import BUILTIN_CONFIGS, SMOLLM2, check_vocab, fast_path_support, load_model, load_tokenizer
+from minialign.models import BUILTIN_CONFIGS, SMOLLM2, check_fast_path, check_vocab, load_model, load_tokenizer
 from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, cached_reference, frozen_copy, frozen_reference, reference_table
 from minialign.train import check_enough_examples, train, use_varlen
 
@@ -124,22 +124,6 @@ def load_base(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
     model = load_model(cfg.model, seed=cfg.seed)
     check_vocab(model, tokenizer, cfg.model, cfg.tokenizer or default_tokenizer(cfg.model))
     return model
-
-
-def check_fast_path(cfg: TrainConfig, model, device: torch.device) -> None:
-    """Padding-free / packed rows only for a model whose attention they compute exactly (``fast_path_support``):
-    ``--fast`` falls back to padded batches and says so; an explicit --padding-free or --packing is refused."""
-    reason = fast_path_support(model)
-    if reason is None or not (cfg.padding_free or cfg.packing):
-        return
-    by_fast = cfg.fast == "on" or (cfg.fast == "auto" and device.type == "cuda")
-    if cfg.packing or not by_fast:
-        flag = "--packing" if cfg.packing else "--padding-free"
-        raise UserError(f"{flag} cannot train '{cfg.model}': it has {reason}, so its rows would attend differently "
-                        f"from the model's own attention. Drop {flag} (padded batches compute the same function).")
-    if dist.rank() == 0:
-        print(f"minialign: --fast falls back to padded batches for '{cfg.model}': it has {reason}.")
-    cfg.padding_free, cfg.cuda_graphs = False, False
 
 
 def base_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:

@@ -91,7 +91,8 @@ class TokenLogps(nn.Module):
             mask = attention_mask if doc_ids is None else self.document_mask(doc_ids, prefix_ids)
             if doc_ids is not None and not self.windowed_documents:
                 raise UserError(f"{type(self.model).__name__} (attention '{self.model.config._attn_implementation}') "
-                                "cannot bound packed rows' attention by its sliding window; see models.fast_path_support.")
+                                "cannot bound packed rows' attention by its sliding window; see "
+                                "models.fast_path_support.")
             if doc_ids is not None and self.window is not None:
                 extra[POSITIONS_KWARG] = position_ids  # the attention function bounds the mask by the window
         with models.running_compiled(self.compiled_blocks):
@@ -126,7 +127,8 @@ class TokenLogps(nn.Module):
 
 
 def capped_token_logps(logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
-    """Log-probs of ``targets`` under ``cap * tanh(logits / cap)`` (Gemma2's final soft-capping), at least in float32."""
+    """Log-probs of ``targets`` under ``cap * tanh(logits / cap)`` (Gemma2's final soft-capping), in float32 or
+    wider."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     capped = torch.tanh(logits / cap) * cap
     return torch.log_softmax(capped, dim=-1).gather(1, targets[:, None]).squeeze(1)

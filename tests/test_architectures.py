@@ -55,7 +55,7 @@ def examples() -> list[TokenizedExample]:
 
 
 def sequences(layout: str) -> list[tuple[list[int], int]]:
-    """(token ids, prompt length) of every sequence of a batch, in the batch's row order (DPO: chosen, then rejected)."""
+    """(token ids, prompt length) of every sequence of a batch, in its row order (DPO: chosen, then rejected)."""
     if layout == "sft":
         return [(e.prompt_ids + e.response_ids, len(e.prompt_ids)) for e in examples()]
     ps = pairs()
@@ -145,7 +145,8 @@ def test_gemma2_keeps_its_soft_caps_on_padded_batches():
     with torch.no_grad():  # random weights give logits near 0, where tanh is the identity: make the final cap bite
         model.model.norm.weight.fill_(300.0)
     config = model.config
-    assert config.attn_logit_softcapping and config.final_logit_softcapping and config.query_pre_attn_scalar != config.head_dim
+    assert config.attn_logit_softcapping and config.final_logit_softcapping
+    assert config.query_pre_attn_scalar != config.head_dim
     assert config.layer_types[:2] == ["sliding_attention", "full_attention"]
     reason = fast_path_support(model)
     assert reason is not None and "soft-capping" in reason
@@ -156,7 +157,8 @@ def test_gemma2_keeps_its_soft_caps_on_padded_batches():
     uncapped = copy.copy(policy)
     uncapped.final_softcap = None
     with torch.no_grad():
-        assert (sequence_sums(uncapped, prepare_batch(collate_pairs(pairs(), pad_id=0)), False) - got).abs().max() > 1e-3
+        plain = sequence_sums(uncapped, prepare_batch(collate_pairs(pairs(), pad_id=0)), False)
+    assert (plain - got).abs().max() > 1e-3
     with pytest.raises(UserError, match="SDPA"):
         TokenLogps(model, attention="varlen")
 
