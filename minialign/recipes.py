@@ -33,7 +33,8 @@ from minialign.data import (
 )
 from minialign.data.chat import to_chat_format
 from minialign.errors import UserError
-from minialign.models import BUILTIN_CONFIGS, SMOLLM2, check_vocab, load_model, load_tokenizer, refuse_reward_model
+from minialign.models import (BUILTIN_CONFIGS, SMOLLM2, check_fast_path, check_vocab, load_model, load_tokenizer,
+                              refuse_reward_model)
 from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, cached_reference, frozen_copy, frozen_reference, reference_table
 from minialign.train import check_enough_examples, train, use_varlen
 
@@ -86,7 +87,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def default_tokenizer(model: str) -> str:
-    if model in ("tiny", "tiny-llama"):
+    if model in BUILTIN_CONFIGS and (model == "tiny" or model.startswith("tiny-")):
         return "demo"
     if model in BUILTIN_CONFIGS:
         return SMOLLM2 if BUILTIN_CONFIGS[model]["model_type"] == "llama" else "EleutherAI/pythia-70m"
@@ -247,6 +248,7 @@ def sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     run_dir, point, device, tokenizer, examples, held_out = _prologue(cfg, "sft", tokenize_sft, resume=resume,
                                                                       overwrite=overwrite)
     model = load_base(cfg, tokenizer)
+    check_fast_path(cfg, model, device)
     trainable_weights(model, cfg, device)
     policy = wrap_policy(model, cfg, device)
     pad = tokenizer.pad_token_id
@@ -296,6 +298,7 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     run_dir, point, device, tokenizer, pairs, held_out = _prologue(cfg, "dpo", tokenize_pairs, resume=resume,
                                                                    overwrite=overwrite)
     model = dpo_start_model(cfg, tokenizer)
+    check_fast_path(cfg, model, device)
     pad = tokenizer.pad_token_id
     # Training pairs, then held-out pairs: one index space, so a precomputed reference table covers both.
     both = [*pairs, *held_out]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from minialign import losses, lora, models
-from minialign.attention import kv_slots, varlen_index
+from minialign.attention import POSITIONS_KWARG, kv_slots, varlen_index
 from minialign.data.batching import block_causal_mask, pad_row
 from minialign.errors import UserError
 from minialign.shapes import ShapePlan
@@ -40,6 +40,11 @@ class TokenLogps(nn.Module):
     CUDA (block-sparse, no [L, L] mask; compiled per row length) and the dense ``block_causal_mask`` through SDPA
     elsewhere; ``sdpa`` always the dense mask; ``flex`` always the BlockMask (on a CPU: forward only, slow).
     Unpacked batches run SDPA with the padding mask, as they always did, whatever ``attention`` says.
+
+    Sliding-window layers keep their window on every path (``attention.window_mask`` bounds the dense document mask
+    by position distance; varlen segments use the kernel's window); with one, ``auto`` uses the dense mask rather
+    than a BlockMask, which holds no window. A model that soft-caps its final logits (Gemma2) gets its log-probs
+    from the capped logits of its target positions, through plain autograd: the chunked op has no cap.
     """
 
     def __init__(self, model: nn.Module, chunk_size: int | None = None, *, attention: str = "auto"):
@@ -49,8 +54,16 @@ class TokenLogps(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
         self.attention = attention
-        self.flex = attention != "sdpa" and models.enable_flex_documents(model)
+        self.window = models.sliding_window(model)
+        # Sliding windows reach a document mask only through minialign's attention function, even for "sdpa".
+        switched = (attention != "sdpa" or self.window is not None) and models.enable_flex_documents(model)
+        self.flex = attention != "sdpa" and switched
+        self.windowed_documents = self.window is None or switched
         self.compiled_body, self.compiled_blocks, self.fused = None, [], False  # see compile_body
+        self.final_softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+        if attention == "flex" and self.window is not None:
+            raise UserError(f"attention 'flex' cannot apply {type(model).__name__}'s sliding window ({self.window} "
+                            "tokens): its BlockMask holds none. Use --attention auto, varlen or sdpa.")
         if attention in ("flex", "varlen") and not self.flex:
             raise UserError(f"attention '{attention}' needs a model running SDPA attention and a torch with "
                             "FlexAttention (>= 2.5); use --attention auto or sdpa.")
@@ -61,7 +74,10 @@ class TokenLogps(nn.Module):
         hidden = body(input_ids, attention_mask, position_ids, doc_ids, prefix_ids, varlen)
         hidden = hidden.flatten(0, 1).index_select(0, tgt_index)
         head = self.model.get_output_embeddings()
-        logps = losses.token_logps(hidden, head.weight, tgt_ids.clamp(min=0), self.chunk_size, fused=self.fused)
+        if self.final_softcap is not None:
+            logps = capped_token_logps(head(hidden), tgt_ids.clamp(min=0), self.final_softcap)
+        else:
+            logps = losses.token_logps(hidden, head.weight, tgt_ids.clamp(min=0), self.chunk_size, fused=self.fused)
         return logps.masked_fill(tgt_ids < 0, 0.0)  # slots that only round the count up (see add_target_index)
 
     def body(self, input_ids, attention_mask, position_ids, doc_ids=None, prefix_ids=None, varlen=None) -> torch.Tensor:
@@ -73,6 +89,12 @@ class TokenLogps(nn.Module):
             extra[models.VARLEN_KWARG] = varlen
         else:
             mask = attention_mask if doc_ids is None else self.document_mask(doc_ids, prefix_ids)
+            if doc_ids is not None and not self.windowed_documents:
+                raise UserError(f"{type(self.model).__name__} (attention '{self.model.config._attn_implementation}') "
+                                "cannot bound packed rows' attention by its sliding window; see "
+                                "models.fast_path_support.")
+            if doc_ids is not None and self.window is not None:
+                extra[POSITIONS_KWARG] = position_ids  # the attention function bounds the mask by the window
         with models.running_compiled(self.compiled_blocks):
             out = self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                         use_cache=False, **extra)
@@ -99,9 +121,17 @@ class TokenLogps(nn.Module):
 
     def document_mask(self, doc_ids: torch.Tensor, prefix_ids: torch.Tensor | None = None):
         """The attention mask of packed rows ``doc_ids`` [R, L], built on their device (see ``attention``)."""
-        if self.flex and (self.attention == "flex" or doc_ids.device.type == "cuda"):
+        if self.flex and self.window is None and (self.attention == "flex" or doc_ids.device.type == "cuda"):
             return document_block_mask(doc_ids, prefix_ids)
         return block_causal_mask(doc_ids, prefix_ids)
+
+
+def capped_token_logps(logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
+    """Log-probs of ``targets`` under ``cap * tanh(logits / cap)`` (Gemma2's final soft-capping), in float32 or
+    wider."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    capped = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(capped, dim=-1).gather(1, targets[:, None]).squeeze(1)
 
 
 def document_block_mask(doc_ids: torch.Tensor, prefix_ids: torch.Tensor | None = None, block_size: int = 128):
