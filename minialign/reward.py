@@ -47,7 +47,7 @@ from minialign.data import PreferencePair, collate_pairs, collate_sft, flat_size
 from minialign.data.chat import to_chat_format
 from minialign.data.tokenize import tokenize_sft
 from minialign.errors import UserError
-from minialign.models import load_model, load_tokenizer
+from minialign.models import check_fast_path, load_model, load_tokenizer
 from minialign.tasks import TokenLogps
 from minialign.train import train
 
@@ -221,7 +221,9 @@ def rm(cfg: RMConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     run_dir, point, device, tokenizer, pairs, held_out = recipes._prologue(cfg, "rm", tokenize_pairs, resume=resume,
                                                                            overwrite=overwrite)
     eos = tokenizer.eos_token_id
-    model = sequence_classifier(recipes.load_base(cfg, tokenizer), eos, cfg.seed)
+    lm = recipes.load_base(cfg, tokenizer)
+    check_fast_path(cfg, lm, device)  # an architecture the fast path cannot honour falls back (or is refused)
+    model = sequence_classifier(lm, eos, cfg.seed)
     make_trainable(model, cfg, device)
     policy = wrap(model, cfg, device)
     share = cfg.padding_free and cfg.share_prompt
