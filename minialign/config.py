@@ -107,6 +107,9 @@ class TrainConfig:
     tensorboard: bool = False
     merge: bool = False  # also save merged weights at the end
     dist: str = "auto"  # auto | none | ddp | fsdp (under torchrun)
+    cache: bool = opt(True, "keep a converted model (GGUF) in $MINIALIGN_CACHE, else $XDG_CACHE_HOME/minialign or "
+                      "~/.cache/minialign, so later starts skip the conversion; --no-cache converts in memory, writes "
+                      "nothing", group="model")
 
     def validate(self) -> None:
         checks = [
@@ -264,11 +267,15 @@ class RunConfig:
     ranks: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
     bench_steps: int = 30
     bench_batch_size: int = 8
+    bench_repeats: int = opt(3, "LoRA-vs-full benchmark: timed runs of each mode, taken in turns after one warm-up run "
+                             "each; the table gives their median and spread", group="run")
     eval_pairs: int = 200
     samples: int = 5
     max_new_tokens: int = 64
     seed: int = 0
     device: str = "auto"
+    cache: bool = opt(True, "keep a converted model (GGUF) in the cache (see sft --help); --no-cache converts in "
+                      "memory, writes nothing", group="model")
     sft: dict = field(default_factory=dict)  # overrides of SFTConfig fields
     dpo: dict = field(default_factory=dict)  # overrides of DPOConfig fields
 
