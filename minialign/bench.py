@@ -24,10 +24,12 @@ from minialign.devices import autocast, device_name, peak_memory, peak_rss_mb, r
 from minialign.graphs import GraphedStep, graph_key
 from minialign.optim import InBackwardAdamW, make_optimizer
 from minialign.shapes import ShapePlan
-from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, frozen_copy, frozen_reference, prepare_batch
+from minialign.tasks import (DPOTask, SFTTask, TokenLogps, adapter_reference, frozen_copy, frozen_reference,
+                             prepare_batch)
 from minialign.train import room_for_shapes, step_functions
 
-__all__ = ["Measurement", "measure", "compare_modes", "alternating_schedule", "examples_in", "device_name", "peak_rss_mb"]
+__all__ = ["Measurement", "measure", "compare_modes", "alternating_schedule", "examples_in", "device_name",
+           "peak_rss_mb"]
 
 
 @dataclass
@@ -144,8 +146,8 @@ def alternating_schedule(modes: Sequence[str], repeats: int) -> list[tuple[str, 
 
 
 def compare_modes(load: Callable[[], torch.nn.Module], batches: list[dict], *, repeats: int = 3,
-                  modes: Sequence[str] = ("lora", "full"), on_run: Callable[[str, bool, Measurement], None] | None = None,
-                  **kwargs) -> dict:
+                  modes: Sequence[str] = ("lora", "full"),
+                  on_run: Callable[[str, bool, Measurement], None] | None = None, **kwargs) -> dict:
     """LoRA vs full fine-tuning measured fairly in this one process: ``alternating_schedule``'s runs, each on a fresh
     model from ``load()`` and the same ``batches`` (``measure``'s other settings in ``kwargs``).
 

@@ -113,7 +113,8 @@ def stage_lora(ctx: Context) -> dict:
     print(f"  method: {method}")
 
     def show(mode: str, timed: bool, m: Measurement) -> None:
-        print(f"  {'run' if timed else 'warm-up'} {mode:>4}: {m.tokens_per_s:,.0f} tokens/s, peak {m.peak_memory_mb:,.1f} MB")
+        print(f"  {'run' if timed else 'warm-up'} {mode:>4}: {m.tokens_per_s:,.0f} tokens/s, "
+              f"peak {m.peak_memory_mb:,.1f} MB")
 
     result = compare_modes(lambda: copy.deepcopy(base), batches, repeats=cfg.bench_repeats, on_run=show, task="sft",
                            lora_r=8, steps=cfg.bench_steps, warmup=warmup, device=ctx.device, **settings)
@@ -137,8 +138,8 @@ def _bench_batches(cfg: SFTConfig, examples, batch_size: int, pad: int, device) 
                              target_multiple=cfg.pad_targets_to_multiple_of or 64, longest_sequence=cfg.max_length)
     varlen = use_varlen(cfg, device)
     compiled = (cfg.compile_mode if cfg.padding_free else True) if cfg.compile else False
-    settings = dict(shapes=shapes, varlen=varlen, attention=cfg.attention, cuda_graphs=cfg.cuda_graphs, compile=compiled,
-                    compile_scope=cfg.compile_scope, grad_checkpointing=cfg.grad_checkpointing,
+    settings = dict(shapes=shapes, varlen=varlen, attention=cfg.attention, cuda_graphs=cfg.cuda_graphs,
+                    compile=compiled, compile_scope=cfg.compile_scope, grad_checkpointing=cfg.grad_checkpointing,
                     chunk_size=cfg.loss_chunk_size or None, target_multiple=cfg.pad_targets_to_multiple_of)
     parts = ["padding-free batches" if cfg.padding_free else "padded batches"]
     if shapes is not None:

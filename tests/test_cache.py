@@ -143,3 +143,14 @@ def test_cache_root_follows_the_documented_order(monkeypatch, tmp_path):
     assert cache.cache_root() == tmp_path / "home" / ".cache" / "minialign"
     monkeypatch.setenv(cache.ENV, str(tmp_path / "mine"))
     assert cache.cache_root() == tmp_path / "mine"
+
+
+def test_sft_threads_no_cache_through_to_the_loader(stand_in, tmp_path):
+    from minialign.cli import main
+
+    gguf, calls, folder = stand_in
+    common = ["sft", "--demo", "--model", str(gguf), "--tokenizer", "demo", "--max-steps", "1", "--limit", "16"]
+    assert main([*common, "--no-cache", "--out", str(tmp_path / "a")]) == 0
+    assert len(calls) == 1 and not folder.exists()
+    assert main([*common, "--out", str(tmp_path / "b")]) == 0
+    assert len(calls) == 2 and cache.complete(cache.gguf_entry(gguf, "model"))

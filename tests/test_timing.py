@@ -13,7 +13,8 @@ PHASES = ("load_s", "tokenize_s", "train_s", "save_s", "other_s")
 @pytest.mark.parametrize("kind, extra", [("sft", []), ("dpo", ["--precompute-ref"])])
 def test_summary_and_final_line_split_the_wall_time(tmp_path, capsys, kind, extra):
     out = tmp_path / kind
-    assert main([kind, "--demo", "--out", str(out), "--max-steps", "2", "--limit", "32", "--eval-limit", "8", *extra]) == 0
+    args = ["--out", str(out), "--max-steps", "2", "--limit", "32", "--eval-limit", "8", *extra]
+    assert main([kind, "--demo", *args]) == 0
     summary = json.loads((out / "summary.json").read_text())
     phases = [*PHASES, "reference_s"] if kind == "dpo" else list(PHASES)
     assert all(summary[k] >= 0 for k in phases)
