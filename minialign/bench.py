@@ -1,17 +1,18 @@
 """Measure training speed and peak memory of one configuration on fixed batches.
 
-Used by `minialign run` (LoRA vs full fine-tuning) and by `benchmarks/bench_gpu.py` (against TRL + PEFT).
-Throughput counts real (non-padding) tokens over steady-state steps only: the first ``warmup`` steps
+Used by `minialign run` (LoRA vs full fine-tuning, ``compare_modes``) and by `benchmarks/bench_gpu.py` (against
+TRL + PEFT). Throughput counts real (non-padding) tokens over steady-state steps only: the first ``warmup`` steps
 (allocator growth, kernel selection, compilation) are excluded. Memory is the CUDA allocator's peak on a
 GPU and the process's peak resident set on a CPU — a different quantity, so it is labelled.
 """
 
 from __future__ import annotations
 
-import resource
-import sys
+import dataclasses
+import gc
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,10 +20,16 @@ import torch
 from minialign import lora
 from minialign.config import TrainConfig
 from minialign.data import tokens_in
-from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, add_target_index, frozen_copy, frozen_reference
+from minialign.devices import autocast, device_name, peak_memory, peak_rss_mb, reset_peak_memory, sync
 from minialign.graphs import GraphedStep, graph_key
 from minialign.optim import InBackwardAdamW, make_optimizer
-from minialign.train import _autocast, room_for_shapes, step_functions
+from minialign.shapes import ShapePlan
+from minialign.tasks import (DPOTask, SFTTask, TokenLogps, adapter_reference, frozen_copy, frozen_reference,
+                             prepare_batch)
+from minialign.train import room_for_shapes, step_functions
+
+__all__ = ["Measurement", "measure", "compare_modes", "alternating_schedule", "examples_in", "device_name",
+           "peak_rss_mb"]
 
 
 @dataclass
@@ -39,20 +46,12 @@ class Measurement:
     steps: int
 
 
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-
-
-def peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
-
-
 def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 8, steps: int = 20, warmup: int = 3,
             lr: float = 1e-4, beta: float = 0.1, device: torch.device | str = "cpu", compile: bool | str = False,
             grad_checkpointing: bool = False, optim_in_backward: bool = False,
             chunk_size: int | None = None, target_multiple: int = 64, cuda_graphs: bool = False,
-            on_step: Callable[[], None] | None = None, compile_scope: str = "blocks") -> Measurement:
+            on_step: Callable[[], None] | None = None, compile_scope: str = "blocks",
+            shapes: ShapePlan | None = None, varlen: bool = False, attention: str = "auto") -> Measurement:
     """Train ``model`` (consumed: LoRA is applied in place) for ``warmup + steps`` steps over ``batches``.
 
     Set up exactly as ``minialign sft|dpo`` do: on a GPU, LoRA's frozen base weights are bf16. Gradients are
@@ -62,11 +61,13 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
     ``cuda_graphs``: each step replayed as one CUDA graph (``minialign.graphs``); every distinct batch shape is
     captured after the first step, before the timed ones, as a long run would have done by then.
     ``on_step``: called after every step, warm-up included (a profiler's step boundary).
+    ``shapes`` / ``varlen``: padding-free batches padded to their planned shapes and run with varlen attention, as
+    ``train.train`` prepares them (``tasks.prepare_batch``); ``attention``: as ``--attention``.
     """
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     if not full:
         if device.type == "cuda":
             model.to(torch.bfloat16)
@@ -79,14 +80,14 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
     compile_kwargs = ({"mode": compile, "dynamic": False} if isinstance(compile, str) else {"dynamic": True}) if compile else None
     if compile_kwargs:
         compile_kwargs["scope"] = compile_scope
-    policy = TokenLogps(model, chunk_size)
+    policy = TokenLogps(model, chunk_size, attention=attention)
     if compile_kwargs:
         policy.compile_body(**compile_kwargs)
     if task == "sft":
         objective = SFTTask()
     else:
         if full:
-            ref = TokenLogps(frozen_copy(model, device), chunk_size)
+            ref = TokenLogps(frozen_copy(model, device), chunk_size, attention=attention)
             if compile_kwargs:
                 ref.compile_body(**compile_kwargs)
             reference = frozen_reference(ref, False)
@@ -96,19 +97,20 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
     params = [p for p in model.parameters() if p.requires_grad]
     cfg = TrainConfig(lr=lr, optim_in_backward=optim_in_backward, max_grad_norm=0.0 if optim_in_backward else 1.0)
     optimizer = make_optimizer(params, cfg, device)
-    step = GraphedStep(*step_functions(policy, objective, optimizer, params, cfg, _autocast(device)), optimizer, device,
+    step = GraphedStep(*step_functions(policy, objective, optimizer, params, cfg, autocast(device)), optimizer, device,
                        enabled=cuda_graphs)
     tokens = pairs = 0
     loss = torch.zeros((), device=device)
     start = None
-    indexed = [add_target_index(dict(b), target_multiple) for b in batches]  # host work, once, outside the timing
+    # host work, once, outside the timing
+    indexed = [prepare_batch(b, target_multiple=target_multiple, shapes=shapes, varlen=varlen) for b in batches]
     with room_for_shapes(isinstance(compile, str)):  # static shapes: one compiled graph per row length
         for i in range(warmup + steps):
             if i == 1 and cuda_graphs:
                 for shape in {graph_key(b): b for b in indexed}.values():
                     step.prepare(shape)
             if i == warmup:
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
             batch = indexed[i % len(batches)]
             if i >= warmup:
@@ -119,14 +121,11 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
             loss = sums["loss"] / units
             if on_step is not None:
                 on_step()
-    _sync(device)
+    sync(device)
     elapsed = time.perf_counter() - start
     if isinstance(optimizer, InBackwardAdamW):
         optimizer.remove_hooks()
-    if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    else:
-        peak, kind = peak_rss_mb(), "cpu_peak_rss"
+    peak, kind = peak_memory(device)
     return Measurement(
         mode="full" if full else "lora", task=task, batch_size=examples_in(batches[0]),
         tokens_per_s=tokens / elapsed, pairs_per_s=pairs / elapsed if task == "dpo" else None,
@@ -139,26 +138,46 @@ def examples_in(batch: dict) -> int:
     return batch.get("n_pairs") or batch.get("n_sequences") or batch["input_ids"].shape[0]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def alternating_schedule(modes: Sequence[str], repeats: int) -> list[tuple[str, bool]]:
+    """(mode, timed) in the order the runs happen: one untimed warm-up run of each mode, then the modes in turn,
+    ``repeats`` times (L F L F L F). The first run of a process is several times slower than later ones
+    (benchmarks/NOTES.md, entry 12) and a machine's speed drifts; taking turns spreads both over every mode."""
+    return [(mode, False) for mode in modes] + [(mode, True) for _ in range(repeats) for mode in modes]
 
 
-def measure_fresh(model_name: str, seed: int, batches: list[dict], **kwargs) -> Measurement:
-    """``measure`` on a freshly loaded model; on a CPU in a fresh process, so its peak RSS is its own."""
-    from minialign.models import load_model
+def compare_modes(load: Callable[[], torch.nn.Module], batches: list[dict], *, repeats: int = 3,
+                  modes: Sequence[str] = ("lora", "full"),
+                  on_run: Callable[[str, bool, Measurement], None] | None = None, **kwargs) -> dict:
+    """LoRA vs full fine-tuning measured fairly in this one process: ``alternating_schedule``'s runs, each on a fresh
+    model from ``load()`` and the same ``batches`` (``measure``'s other settings in ``kwargs``).
 
-    if torch.device(kwargs.get("device", "cpu")).type == "cuda":
-        return measure(load_model(model_name, seed=seed), batches, **kwargs)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    Returns ``runs`` (every run in order, warm-ups marked ``timed: False``) and ``modes``: per mode, the median
+    tokens/s and peak memory of its timed runs with their spread (``*_min``, ``*_max``) and count (``repeats``).
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    device = torch.device(kwargs.get("device", "cpu"))
+    runs = []
+    for mode, timed in alternating_schedule(modes, repeats):
+        gc.collect()  # the previous run's model, optimizer and graphs, before this run's peak is counted
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        m = measure(load(), batches, full=mode == "full", **kwargs)
+        runs.append({**dataclasses.asdict(m), "timed": timed})
+        if on_run is not None:
+            on_run(mode, timed, m)
+    return {"runs": runs, "modes": [_mode_summary([r for r in runs if r["mode"] == mode and r["timed"]])
+                                    for mode in modes]}
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_measure_in_child, model_name, seed, batches, kwargs).result()
 
-
-def _measure_in_child(model_name: str, seed: int, batches: list[dict], kwargs: dict) -> Measurement:
-    from minialign.models import load_model
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    return measure(load_model(model_name, seed=seed), batches, **kwargs)
+def _mode_summary(runs: list[dict]) -> dict:
+    """One row per mode: its first timed run's fields, with the median and spread of tokens/s, pairs/s and memory."""
+    row = dict(runs[0])
+    del row["timed"]
+    for key in ("tokens_per_s", "pairs_per_s", "peak_memory_mb"):
+        values = [r[key] for r in runs if r[key] is not None]
+        if values:
+            row[key] = statistics.median(values)
+            row[f"{key}_min"], row[f"{key}_max"] = min(values), max(values)
+    row["repeats"] = len(runs)
+    return row

@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "probability mass (with --sample; 1: off)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (with --sample; 0: off)")
     p.add_argument("--seed", type=int, default=0, help="random seed of sampling")
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse a GGUF model's converted weights from the cache (--no-cache: convert in memory)")
 
     p = sub.add_parser("bench", help="training speed and peak memory of minialign on this machine "
                        "(the side-by-side run with TRL is benchmarks/bench_gpu.py)")
@@ -172,6 +174,7 @@ def _train_config(args, cls, kind: str):
 
 def cmd_train(args, kind: str) -> int:
     from minialign import recipes
+    from minialign.timing import done_line
 
     cls = SFTConfig if kind == "sft" else DPOConfig
     cfg = _train_config(args, cls, kind)
@@ -179,7 +182,7 @@ def cmd_train(args, kind: str) -> int:
     with dist.session(cfg.dist, cfg.device):  # under torchrun: join the process group, leave it at the end
         run_dir = run(cfg, resume=bool(args.resume), overwrite=args.overwrite)
         if dist.rank() == 0:
-            print(f"minialign {kind}: done; adapter/model in {run_dir / 'final'}, metrics in {run_dir / 'metrics.jsonl'}")
+            print(done_line(kind, run_dir))
     return 0
 
 
@@ -237,10 +240,10 @@ def cmd_generate(args) -> int:
     from minialign.models import load_model, load_tokenizer
     from minialign.recipes import default_tokenizer
 
-    model = load_model(args.model)
+    model = load_model(args.model, cache=args.cache)
     if args.adapter:
         load_adapter(model, args.adapter)
-    tokenizer = load_tokenizer(args.tokenizer or default_tokenizer(args.model))
+    tokenizer = load_tokenizer(args.tokenizer or default_tokenizer(args.model), cache=args.cache)
     prompts = [f"\n\nHuman: {p}\n\nAssistant:" if args.hh else p for p in args.prompt]
     outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)

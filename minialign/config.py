@@ -170,6 +170,9 @@ class TrainConfig:
     merge: bool = opt(False, "also save merged weights (LoRA folded into the model) at the end", group="output")
     dist: str = opt("auto", "how several torchrun processes share the work; auto: DDP under torchrun",
                     group="distributed", choices=("auto", "none", "ddp", "fsdp"))
+    cache: bool = opt(True, "keep a converted model (GGUF) in $MINIALIGN_CACHE, else $XDG_CACHE_HOME/minialign or "
+                      "~/.cache/minialign, so later starts skip the conversion; --no-cache converts in memory, writes "
+                      "nothing", group="model")
 
     def __post_init__(self) -> None:
         # Resolved at once, so every reader (recipes, `minialign run`'s stages, tests) sees the length used and
@@ -337,6 +340,8 @@ class RunConfig:
     ranks: list[int] = opt([2, 4, 8, 16], "LoRA ranks of the trainable-parameter table", group="lora", metavar="R")
     bench_steps: int = opt(30, "timed steps of the LoRA-vs-full speed measurement", group="run")
     bench_batch_size: int = opt(8, "batch size of the LoRA-vs-full speed measurement", group="run")
+    bench_repeats: int = opt(3, "LoRA-vs-full benchmark: timed runs of each mode, taken in turns after one warm-up run "
+                             "each; the table gives their median and spread", group="run")
     eval_pairs: int = opt(200, "held-out pairs scored by the eval stage", group="eval")
     samples: int = opt(5, "held-out prompts answered by the SFT and DPO models side by side in the report",
                        group="eval")
@@ -350,6 +355,8 @@ class RunConfig:
                             group="eval")
     eval_temperature: float = opt(0.7, "sampling temperature of the generation metrics", group="eval")
     eval_top_p: float = opt(0.9, "nucleus sampling top-p of the generation metrics", group="eval")
+    cache: bool = opt(True, "keep a converted model (GGUF) in the cache (see sft --help); --no-cache converts in "
+                      "memory, writes nothing", group="model")
     sft: dict = opt({}, "overrides of SFTConfig fields (YAML only)", group="run")
     dpo: dict = opt({}, "overrides of DPOConfig fields (YAML only)", group="run")
 

@@ -1,6 +1,6 @@
 """`minialign run`: the reference experiment in one command, as five resumable stages.
 
-    lora    rank table + LoRA-vs-full speed and memory on the same batches
+    lora    rank table + LoRA-vs-full speed and memory on the same batches (bench.compare_modes)
     sft     LoRA SFT on the chosen responses            -> RUN_DIR/sft/
     dpo     LoRA DPO from the SFT model (its reference) -> RUN_DIR/dpo/
     eval    held-out loss, preference accuracies, side-by-side samples
@@ -13,6 +13,7 @@ first unfinished one (an interrupted SFT or DPO continues from its last checkpoi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -22,13 +23,15 @@ from pathlib import Path
 import yaml
 
 from minialign import lora
-from minialign.bench import measure_fresh
+from minialign.bench import Measurement, compare_modes
 from minialign.config import DPOConfig, RunConfig, SFTConfig, build, check_keys, save_config
 from minialign.data import collate_sft, tokenize_pairs, tokenize_sft
 from minialign.errors import UserError
 from minialign.evaluate import dpo_eval, dpo_samples, heldout_loss, preference_metrics, pair_logps, sft_samples
 from minialign.models import load_model, load_tokenizer
 from minialign import recipes
+from minialign.shapes import plan_shapes
+from minialign.train import use_varlen
 
 STAGES = ("lora", "sft", "dpo", "eval", "report")
 RUN_FILE = "run.yaml"
@@ -47,6 +50,7 @@ def train_config(cfg: RunConfig, cls, stage: str, overrides: dict):
         model=cfg.model, tokenizer=cfg.tokenizer, seed=cfg.seed, device=cfg.device, chat_template=cfg.chat_template,
         dataset=cfg.train_data or cfg.dataset, data_dir=cfg.data_dir, train_rows=cfg.train_rows,
         eval_data=cfg.eval_data, eval_rows=cfg.eval_rows, eval_limit=cfg.eval_pairs, out=str(Path(cfg.out) / stage),
+        cache=cfg.cache,
     )
     if cfg.train_data and not cfg.eval_data and not cfg.eval_rows:
         base["eval_data"] = ""  # one local source: recipes split it 90/10
@@ -73,7 +77,7 @@ class Context:
         self.dpo_cfg = train_config(cfg, DPOConfig, "dpo", cfg.dpo)
         self.device = recipes.resolve_device(cfg.device)
         try:
-            self.tokenizer = load_tokenizer(cfg.tokenizer or recipes.default_tokenizer(cfg.model))
+            self.tokenizer = load_tokenizer(cfg.tokenizer or recipes.default_tokenizer(cfg.model), cache=cfg.cache)
             self.train_pairs, self.eval_pairs = recipes.load_pairs(self.sft_cfg, self.tokenizer)
         except UserError as exc:
             raise UserError(f"{exc} {HINT}") from None
@@ -86,17 +90,67 @@ class Context:
 
 
 def stage_lora(ctx: Context) -> dict:
+    """LoRA's parameter counts per rank, and LoRA vs full fine-tuning timed fairly (``bench.compare_modes``): both
+    on the batches and fast path SFT trains with on this device, in one warmed process, taking turns."""
     cfg = ctx.cfg
-    ranks = lora.lora_param_table(load_model(cfg.model, seed=cfg.seed), cfg.ranks)
+    if cfg.bench_repeats < 1:
+        raise UserError(f"Invalid configuration: bench_repeats must be >= 1 (got {cfg.bench_repeats}).")
+    base = load_model(cfg.model, seed=cfg.seed, cache=cfg.cache)
+    ranks = lora.lora_param_table(base, cfg.ranks)
+    train = copy.deepcopy(ctx.sft_cfg)
+    train.apply_fast(ctx.device.type, 1)  # what `minialign sft` would run on this device (one process)
     examples = ctx.tokenize("sft", ctx.train_pairs[: cfg.bench_batch_size * 4])
-    batches = [collate_sft(examples[i : i + cfg.bench_batch_size], pad_id=ctx.pad) for i in range(0, len(examples), cfg.bench_batch_size)]
-    bench = []
-    for mode in ("lora", "full"):
-        m = measure_fresh(cfg.model, cfg.seed, batches, task="sft", full=mode == "full", lora_r=8,
-                          steps=cfg.bench_steps, warmup=3, device=ctx.device)
-        bench.append(dataclasses.asdict(m))
-        print(f"  {mode:>4}: {m.tokens_per_s:,.0f} tokens/s, peak {m.peak_memory_mb:,.1f} MB ({m.memory_kind}, {m.device})")
-    return {"lora": {"model": cfg.model, "ranks": ranks, "benchmark": bench}}
+    batches, settings, path = _bench_batches(train, examples, cfg.bench_batch_size, ctx.pad, ctx.device)
+    warmup = 3
+    order = " ".join("L" if m == "lora" else "F" for _ in range(cfg.bench_repeats) for m in ("lora", "full"))
+    method = (f"{path}. Both modes run in one process on the same {len(batches)} batches of {cfg.bench_batch_size}: "
+              f"a warm-up run of each mode first (not counted), then {order}; every run starts from a fresh copy of "
+              f"the model and times {cfg.bench_steps} steps after {warmup} warm-up steps. tokens/s and peak memory are "
+              f"the median of the {cfg.bench_repeats} timed runs of each mode, with their spread (min-max).")
+    if ctx.device.type != "cuda":
+        method += " On a CPU, peak memory is the process's peak resident set during a run, which includes what the " \
+                  "process already holds."
+    print(f"  method: {method}")
+
+    def show(mode: str, timed: bool, m: Measurement) -> None:
+        print(f"  {'run' if timed else 'warm-up'} {mode:>4}: {m.tokens_per_s:,.0f} tokens/s, "
+              f"peak {m.peak_memory_mb:,.1f} MB")
+
+    result = compare_modes(lambda: copy.deepcopy(base), batches, repeats=cfg.bench_repeats, on_run=show, task="sft",
+                           lora_r=8, steps=cfg.bench_steps, warmup=warmup, device=ctx.device, **settings)
+    for m in result["modes"]:
+        print(f"  {m['mode']:>4}: {m['tokens_per_s']:,.0f} tokens/s (median of {m['repeats']}; "
+              f"{m['tokens_per_s_min']:,.0f}-{m['tokens_per_s_max']:,.0f}), peak {m['peak_memory_mb']:,.1f} MB "
+              f"({m['peak_memory_mb_min']:,.1f}-{m['peak_memory_mb_max']:,.1f}; {m['memory_kind']}, {m['device']})")
+    return {"lora": {"model": cfg.model, "ranks": ranks, "benchmark": result["modes"], "benchmark_runs": result["runs"],
+                     "benchmark_method": method}}
+
+
+def _bench_batches(cfg: SFTConfig, examples, batch_size: int, pad: int, device) -> tuple[list[dict], dict, str]:
+    """The benchmark's batches and ``bench.measure`` settings as `minialign sft` would lay out and run them with
+    ``cfg`` (its fast setting applied), and that path in words."""
+    batches = [collate_sft(examples[i : i + batch_size], pad_id=pad, pad_to_multiple_of=cfg.pad_to_multiple_of or None,
+                           flat=cfg.padding_free) for i in range(0, len(examples), batch_size)]
+    shapes = None
+    if cfg.padding_free and cfg.shape_buckets > 0:  # as train.train plans them
+        sizes = [(int((b["doc_ids"] >= 0).sum()), b["n_targets"]) for b in batches]
+        shapes = plan_shapes(sizes, max_lengths=cfg.shape_buckets, max_targets=cfg.target_buckets,
+                             target_multiple=cfg.pad_targets_to_multiple_of or 64, longest_sequence=cfg.max_length)
+    varlen = use_varlen(cfg, device)
+    compiled = (cfg.compile_mode if cfg.padding_free else True) if cfg.compile else False
+    settings = dict(shapes=shapes, varlen=varlen, attention=cfg.attention, cuda_graphs=cfg.cuda_graphs,
+                    compile=compiled, compile_scope=cfg.compile_scope, grad_checkpointing=cfg.grad_checkpointing,
+                    chunk_size=cfg.loss_chunk_size or None, target_multiple=cfg.pad_targets_to_multiple_of)
+    parts = ["padding-free batches" if cfg.padding_free else "padded batches"]
+    if shapes is not None:
+        parts.append(f"shapes planned up front ({shapes.n_shapes})")
+    if varlen and cfg.padding_free:
+        parts.append("varlen attention")
+    parts.append(f"torch.compile ({cfg.compile_scope})" if compiled else "eager")
+    if cfg.cuda_graphs and device.type == "cuda":
+        parts.append("whole-step CUDA graphs")
+    path = f"Measured on the path `minialign sft --fast {cfg.fast}` trains on {device.type}: {', '.join(parts)}"
+    return batches, settings, path
 
 
 def stage_train(ctx: Context, kind: str) -> dict:
@@ -119,7 +173,7 @@ def stage_eval(ctx: Context) -> dict:
     pairs = ctx.tokenize("dpo", ctx.eval_pairs)
     shown = ctx.eval_pairs[: cfg.samples]
     kw = dict(pad_id=ctx.pad, device=ctx.device)
-    before = heldout_loss(load_model(sft_cfg.model, seed=sft_cfg.seed), examples, **kw)
+    before = heldout_loss(load_model(sft_cfg.model, seed=sft_cfg.seed, cache=cfg.cache), examples, **kw)
     sft_model = recipes.dpo_start_model(dpo_cfg, ctx.tokenizer)
     after = heldout_loss(sft_model, examples, **kw)
     sft = {

@@ -138,9 +138,11 @@ def builtin_config(name: str, vocab_size: int | None = None) -> PretrainedConfig
 
 
 def load_model(
-    name_or_path: str, *, seed: int = 0, dtype: torch.dtype | None = None, vocab_size: int | None = None
+    name_or_path: str, *, seed: int = 0, dtype: torch.dtype | None = None, vocab_size: int | None = None,
+    cache: bool = True,
 ) -> PreTrainedModel:
-    """Load a causal LM; ``vocab_size`` only resizes built-in configs (to fit a smaller tokenizer)."""
+    """Load a causal LM; ``vocab_size`` only resizes built-in configs (to fit a smaller tokenizer); ``cache``: a
+    GGUF file's converted weights are kept and reused (``minialign.cache``)."""
     dtype = dtype or torch.float32
     if name_or_path in BUILTIN_CONFIGS:
         config = builtin_config(name_or_path, vocab_size)
@@ -152,7 +154,7 @@ def load_model(
         return model
     gguf = _gguf_file(name_or_path)
     if gguf is not None:
-        return _load_gguf_model(gguf, dtype, name_or_path)
+        return _load_gguf_model(gguf, dtype, name_or_path, cache)
     refuse_reward_model(name_or_path)
     return _from_pretrained(AutoModelForCausalLM, name_or_path, "model", dtype=dtype)
 
@@ -177,8 +179,23 @@ def refuse_reward_model(path: str | Path, what: str = "a causal language model")
                         "causal LM (a hub id, a built-in name, or an SFT/DPO run's final/model) here.")
 
 
-def _load_gguf_model(path: Path, dtype: torch.dtype, name: str) -> PreTrainedModel:
+def _load_gguf_model(path: Path, dtype: torch.dtype, name: str, cache: bool = True) -> PreTrainedModel:
     _require_gguf()
+    if cache:  # kept in float32, the dequantised weights as they are; cast on load
+        from minialign.cache import cached_gguf
+
+        model = cached_gguf(path, "model", lambda: _convert_gguf_model(path, torch.float32),
+                            lambda m, folder: m.save_pretrained(str(folder)),
+                            lambda folder: AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                                                local_files_only=True))
+        model = model.to(dtype)
+    else:
+        model = _convert_gguf_model(path, dtype)
+    model.config._name_or_path = name
+    return model
+
+
+def _convert_gguf_model(path: Path, dtype: torch.dtype) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     # The GGUF weights are dequantised on load, but transformers still marks the model as quantised,
     # which makes Trainer refuse it and save_pretrained write a bogus quantization_config.
@@ -186,7 +203,6 @@ def _load_gguf_model(path: Path, dtype: torch.dtype, name: str) -> PreTrainedMod
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    model.config._name_or_path = name
     return model
 
 
@@ -241,10 +257,11 @@ def _from_pretrained(cls, name_or_path: str, what: str, **kwargs):
         raise UserError(f"Could not load {what} '{name_or_path}' as a {where}: {first}. {_alternatives()}") from None
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str, *, cache: bool = True) -> PreTrainedTokenizerBase:
     """Load a tokenizer and make its EOS/pad tokens usable for training.
 
-    ``demo`` builds the byte-level BPE of the offline demo; a ``tokenizer.json`` file is read directly.
+    ``demo`` builds the byte-level BPE of the offline demo; a ``tokenizer.json`` file is read directly; a GGUF
+    file's converted tokenizer is kept and reused unless ``cache`` is off (``minialign.cache``).
     """
     if name_or_path == "demo":
         from minialign.data.demo import build_demo_tokenizer
@@ -253,10 +270,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     gguf = _gguf_file(name_or_path)
     if gguf is not None:
         _require_gguf()
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        # SmolLM2's GGUF reports <|im_start|> as EOS; its model config (and chat format) end turns with <|im_end|>.
-        if "<|im_end|>" in tok.get_vocab():
-            tok.eos_token = "<|im_end|>"
+        tok = _load_gguf_tokenizer(gguf, cache)
     elif name_or_path.endswith(".json"):
         path = Path(name_or_path)
         if not path.is_file():
@@ -274,6 +288,22 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # padding is masked by position, so sharing the EOS id is safe
     return tok
+
+
+def _load_gguf_tokenizer(path: Path, cache: bool) -> PreTrainedTokenizerBase:
+    def convert() -> PreTrainedTokenizerBase:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        # SmolLM2's GGUF reports <|im_start|> as EOS; its model config (and chat format) end turns with <|im_end|>.
+        if "<|im_end|>" in tok.get_vocab():
+            tok.eos_token = "<|im_end|>"
+        return tok
+
+    if not cache:
+        return convert()
+    from minialign.cache import cached_gguf
+
+    return cached_gguf(path, "tokenizer", convert, lambda tok, folder: tok.save_pretrained(str(folder)),
+                       lambda folder: AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
 
 
 def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_name: str, tokenizer_name: str) -> None:

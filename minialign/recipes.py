@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import shutil
 from functools import partial
 from pathlib import Path
@@ -36,6 +35,7 @@ from minialign.errors import UserError
 from minialign.models import (BUILTIN_CONFIGS, SMOLLM2, check_fast_path, check_vocab, load_model, load_tokenizer,
                               refuse_reward_model)
 from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, cached_reference, frozen_copy, frozen_reference, reference_table
+from minialign.timing import Stopwatch, write_summary
 from minialign.train import check_enough_examples, train, use_varlen
 
 CONFIG_FILE = "config.yaml"
@@ -122,7 +122,7 @@ def _is_files(source: str) -> bool:
 
 
 def load_base(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
-    model = load_model(cfg.model, seed=cfg.seed)
+    model = load_model(cfg.model, seed=cfg.seed, cache=cfg.cache)
     check_vocab(model, tokenizer, cfg.model, cfg.tokenizer or default_tokenizer(cfg.model))
     return model
 
@@ -223,7 +223,7 @@ def _save_pretrained(model, path: Path) -> None:
 # ----------------------------------------------------------------------------- recipes
 
 
-def _prologue(cfg: TrainConfig, kind: str, tokenize, *, resume: bool, overwrite: bool):
+def _prologue(cfg: TrainConfig, kind: str, tokenize, *, resume: bool, overwrite: bool, clock: Stopwatch):
     """The first steps of both recipes. Tokenizer and data are read before the run folder is written, so a
     bad source or setting leaves nothing behind."""
     cfg.validate()
@@ -232,10 +232,12 @@ def _prologue(cfg: TrainConfig, kind: str, tokenize, *, resume: bool, overwrite:
     cfg.apply_fast(device.type, dist.world_size())
     if cfg.attention == "flex" and device.type != "cuda":
         raise UserError("--attention flex needs a CUDA device (FlexAttention has no backward on a CPU); use auto or sdpa.")
-    tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer(cfg.model))
-    train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
-    tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-    items, held_out = tokenize(train_pairs, tokenizer, **tok), tokenize(eval_pairs, tokenizer, **tok)
+    with clock.phase("load"):
+        tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer(cfg.model), cache=cfg.cache)
+    with clock.phase("tokenize"):  # reading the data too
+        train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
+        tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+        items, held_out = tokenize(train_pairs, tokenizer, **tok), tokenize(eval_pairs, tokenizer, **tok)
     if not (resume or getattr(cfg, "packing", False)):  # packed rows are counted again by the loop
         check_enough_examples(len(items), cfg, dist.world_size())
     run_dir = Path(cfg.out) if resume else prepare_run_dir(cfg, kind, overwrite=overwrite)
@@ -245,12 +247,14 @@ def _prologue(cfg: TrainConfig, kind: str, tokenize, *, resume: bool, overwrite:
 
 
 def sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    clock = Stopwatch()
     run_dir, point, device, tokenizer, examples, held_out = _prologue(cfg, "sft", tokenize_sft, resume=resume,
-                                                                      overwrite=overwrite)
-    model = load_base(cfg, tokenizer)
-    check_fast_path(cfg, model, device)
-    trainable_weights(model, cfg, device)
-    policy = wrap_policy(model, cfg, device)
+                                                                      overwrite=overwrite, clock=clock)
+    with clock.phase("load"):  # and made ready to train: adapters attached, moved to the device
+        model = load_base(cfg, tokenizer)
+        check_fast_path(cfg, model, device)
+        trainable_weights(model, cfg, device)
+        policy = wrap_policy(model, cfg, device)
     pad = tokenizer.pad_token_id
     if cfg.packing:
         rows = pack_sft(examples, cfg.max_length)
@@ -265,8 +269,9 @@ def sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     sizes = flat_sizes(examples) if cfg.padding_free else None
     last = train(policy, SFTTask(), range(n_items), collate, cfg, run_dir, eval_batches=eval_batches, lengths=lengths,
                  sizes=sizes, resume_from=point)
-    save_final(model, run_dir, cfg, tokenizer)
-    write_summary(run_dir, last)
+    with clock.phase("save"):
+        save_final(model, run_dir, cfg, tokenizer)
+    write_summary(run_dir, last, clock)
     return run_dir
 
 
@@ -280,7 +285,7 @@ def dpo_start_model(cfg: DPOConfig, tokenizer):
             return load_model(str(final / "model"))
         if not (final / "adapter").is_dir():
             raise UserError(f"SFT run {sft_dir} has no final/adapter or final/model: did it finish? Resume it first.")
-        model = load_model(sft_cfg.model, seed=sft_cfg.seed)
+        model = load_model(sft_cfg.model, seed=sft_cfg.seed, cache=cfg.cache)
         check_vocab(model, tokenizer, sft_cfg.model, cfg.tokenizer)
         return lora.merge_lora(lora.load_adapter(model, final / "adapter"))
     model = load_base(cfg, tokenizer)
@@ -295,9 +300,11 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
         sft_cfg = load_run_config(Path(cfg.sft), SFTConfig)
         cfg.model = sft_cfg.model
         cfg.tokenizer = cfg.tokenizer or str(Path(cfg.sft) / "final" / "tokenizer")
+    clock = Stopwatch()
     run_dir, point, device, tokenizer, pairs, held_out = _prologue(cfg, "dpo", tokenize_pairs, resume=resume,
-                                                                   overwrite=overwrite)
-    model = dpo_start_model(cfg, tokenizer)
+                                                                   overwrite=overwrite, clock=clock)
+    with clock.phase("load"):
+        model = dpo_start_model(cfg, tokenizer)
     check_fast_path(cfg, model, device)
     pad = tokenizer.pad_token_id
     # Training pairs, then held-out pairs: one index space, so a precomputed reference table covers both.
@@ -307,38 +314,29 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     task = DPOTask(None, beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma,
                    rpo_alpha=cfg.rpo_alpha)
     reference = None  # LoRA: the policy with its adapters off (below)
-    if cfg.full:
-        ref_policy = TokenLogps(frozen_copy(model, device), cfg.loss_chunk_size or None, attention=cfg.attention)
-        if cfg.compile:
-            compile_policy(ref_policy, cfg)
-        reference = frozen_reference(ref_policy, task.normalise)
-    trainable_weights(model, cfg, device)
-    policy = wrap_policy(model, cfg, device)
+    with clock.phase("load"):
+        if cfg.full:
+            ref_policy = TokenLogps(frozen_copy(model, device), cfg.loss_chunk_size or None, attention=cfg.attention)
+            if cfg.compile:
+                compile_policy(ref_policy, cfg)
+            reference = frozen_reference(ref_policy, task.normalise)
+        trainable_weights(model, cfg, device)
+        policy = wrap_policy(model, cfg, device)
     if reference is None:
         reference = adapter_reference(policy, task.normalise)
     if cfg.precompute_ref and cfg.loss_type != "simpo":
-        reference = cached_reference(_reference_cache(run_dir, policy, reference, collate, len(both), cfg, device))
+        with clock.phase("reference"):
+            reference = cached_reference(_reference_cache(run_dir, policy, reference, collate, len(both), cfg, device))
     task.reference = reference
     n, bs = len(pairs), cfg.batch_size
     eval_batches = [collate(list(range(n + i, n + min(i + bs, len(held_out))))) for i in range(0, len(held_out), bs)]
     sizes = flat_sizes(pairs, share_prompt=cfg.share_prompt) if cfg.padding_free else None
     last = train(policy, task, range(len(pairs)), collate, cfg, run_dir, eval_batches=eval_batches,
                  lengths=sequence_lengths(pairs), sizes=sizes, resume_from=point)
-    save_final(model, run_dir, cfg, tokenizer)
-    write_summary(run_dir, last)
+    with clock.phase("save"):
+        save_final(model, run_dir, cfg, tokenizer)
+    write_summary(run_dir, last, clock)
     return run_dir
-
-
-def write_summary(run_dir: Path, last: dict) -> None:
-    """``summary.json``: what the run cost (time, tokens/s, peak memory, shapes) and its last held-out metrics."""
-    if dist.rank() != 0:
-        return
-    summary = dict(last.get("summary", {}))
-    summary["eval"] = {k: v for k, v in last.items() if k.startswith("eval/")}
-    summary["final_loss"] = last.get("loss")
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    tmp.replace(run_dir / "summary.json")
 
 
 def _reference_cache(run_dir: Path, policy, reference, collate, n: int, cfg: TrainConfig, device) -> torch.Tensor:
@@ -415,4 +413,4 @@ def resume_config(run_dir: Path, cls) -> TrainConfig:
     return cfg
 
 
-__all__ = ["sft", "dpo", "resume_config", "prepare_run_dir", "load_run_config", "partial"]
+__all__ = ["sft", "dpo", "resume_config", "prepare_run_dir", "load_run_config", "partial", "write_summary"]

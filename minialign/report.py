@@ -137,12 +137,27 @@ def lora_section(lora: dict[str, Any] | None) -> Section:
     if not bench:
         blocks.append(Note("Speed and memory benchmark not run."))
     else:
+        method = lora.get("benchmark_method")
+        blocks.append(Note(f"Method: {method}" if method else "Method not recorded: each mode timed once (an older "
+                                                              "run), so the numbers may hold a cold start."))
+        spread = any("tokens_per_s_min" in b for b in bench)
         rows = [[fmt(b.get("mode")), fmt(b.get("tokens_per_s")), fmt(b.get("peak_memory_mb")),
                  _memory_kind(b), fmt(b.get("device"))] for b in bench]
-        blocks.append(Table(["mode", "tokens/s", "peak memory (MB)", "memory measured as", "device"], rows))
-        caption = "Training throughput and peak memory, LoRA vs full fine-tuning"
+        head = ["mode", "tokens/s", "peak memory (MB)", "memory measured as", "device"]
+        if spread:
+            head = ["mode", "runs", "tokens/s (median)", "tokens/s (min-max)", "peak memory (MB, median)",
+                    "peak memory (min-max)", "memory measured as", "device"]
+            rows = [[fmt(b.get("mode")), fmt(b.get("repeats")), fmt(b.get("tokens_per_s")), _span(b, "tokens_per_s"),
+                     fmt(b.get("peak_memory_mb")), _span(b, "peak_memory_mb"), _memory_kind(b), fmt(b.get("device"))]
+                    for b in bench]
+        blocks.append(Table(head, rows))
+        caption = "Training throughput and peak memory, LoRA vs full fine-tuning" + (" (medians)" if spread else "")
         blocks.append(Plot("lora_vs_full", benchmark_chart(bench), caption))
     return Section("LoRA", blocks)
+
+
+def _span(row: dict[str, Any], key: str) -> str:
+    return f"{fmt(row.get(f'{key}_min'))}-{fmt(row.get(f'{key}_max'))}"
 
 
 def sft_section(sft: dict[str, Any] | None, rows: list[dict], bad: list[int]) -> Section:

