@@ -193,6 +193,7 @@ def _rm_parser(sub) -> None:
 
 def cmd_rm(args) -> int:
     from minialign import reward
+    from minialign.timing import done_line
 
     cfg = _train_config(args, RMConfig, "rm")
     with dist.session(cfg.dist, cfg.device):
@@ -200,8 +201,9 @@ def cmd_rm(args) -> int:
         if dist.rank() == 0:
             summary = json.loads((run_dir / "summary.json").read_text())
             accuracy = summary.get("eval", {}).get("eval/accuracy")
-            held = f"held-out pair accuracy {accuracy:.3f}; " if accuracy is not None else ""
-            print(f"minialign rm: done; {held}reward model in {run_dir / 'final'}, metrics in {run_dir / 'metrics.jsonl'}")
+            if accuracy is not None:
+                print(f"minialign rm: held-out pair accuracy {accuracy:.3f}")
+            print(done_line("rm", run_dir))
     return 0
 
 

@@ -49,6 +49,7 @@ from minialign.data.tokenize import tokenize_sft
 from minialign.errors import UserError
 from minialign.models import check_fast_path, load_model, load_tokenizer
 from minialign.tasks import TokenLogps
+from minialign.timing import Stopwatch, write_summary
 from minialign.train import train
 
 HEAD = "score"  # transformers' *ForSequenceClassification head name
@@ -218,14 +219,16 @@ def wrap(model: nn.Module, cfg: RMConfig, device: torch.device) -> nn.Module:
 
 
 def rm(cfg: RMConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    clock = Stopwatch()
     run_dir, point, device, tokenizer, pairs, held_out = recipes._prologue(cfg, "rm", tokenize_pairs, resume=resume,
-                                                                           overwrite=overwrite)
+                                                                           overwrite=overwrite, clock=clock)
     eos = tokenizer.eos_token_id
-    lm = recipes.load_base(cfg, tokenizer)
-    check_fast_path(cfg, lm, device)  # an architecture the fast path cannot honour falls back (or is refused)
-    model = sequence_classifier(lm, eos, cfg.seed)
-    make_trainable(model, cfg, device)
-    policy = wrap(model, cfg, device)
+    with clock.phase("load"):
+        lm = recipes.load_base(cfg, tokenizer)
+        check_fast_path(cfg, lm, device)  # an architecture the fast path cannot honour falls back (or is refused)
+        model = sequence_classifier(lm, eos, cfg.seed)
+        make_trainable(model, cfg, device)
+        policy = wrap(model, cfg, device)
     share = cfg.padding_free and cfg.share_prompt
     collate_items = functools.partial(collate_rm, pad_id=tokenizer.pad_token_id, eos_id=eos, flat=cfg.padding_free,
                                       share_prompt=share, pad_to_multiple_of=cfg.pad_to_multiple_of or None)
@@ -235,9 +238,10 @@ def rm(cfg: RMConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     last = train(policy, RMTask(cfg.center_rewards_coefficient), range(len(pairs)),
                  lambda idx: collate_items([pairs[i] for i in idx]), cfg, run_dir, eval_batches=eval_batches,
                  lengths=sequence_lengths(pairs), sizes=sizes, resume_from=point)
-    save_reward_model(model, run_dir, cfg, tokenizer)
+    with clock.phase("save"):
+        save_reward_model(model, run_dir, cfg, tokenizer)
     last.setdefault("summary", {}).update(n_train=len(pairs), n_eval=len(held_out))
-    recipes.write_summary(run_dir, last)
+    write_summary(run_dir, last, clock)
     return run_dir
 
 
