@@ -62,13 +62,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default="runs/recipe", help="run folders and logs")
     p.add_argument("--out", required=True, help="the JSON (+ .md beside it)")
     p.add_argument("--phases", default="judges,sweep,final")
-    p.add_argument("--candidates", default=",".join(CANDIDATES))
+    p.add_argument("--candidates", default="trl-settings,rpo1,rpo1-beta0.25,rpo1-3ep,rpo1-r16,sft-dpo-rpo1",
+                   help=f"comma list of {', '.join(CANDIDATES)}")
     p.add_argument("--judges", default=",".join(JUDGES))
     p.add_argument("--n", type=int, default=100, help="prompts for the generation metrics")
     p.add_argument("--val-samples", type=int, default=2, help="sampled answers a prompt in the sweep")
     p.add_argument("--final-samples", type=int, default=4, help="sampled answers a prompt in the final phase")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--gen-batch-size", type=int, default=256, help="generation batch of `minialign eval`")
     p.add_argument("--extra", default="--chat-template", help="flags for every training command")
     p.add_argument("--timeout-s", type=float, default=300)
     p.add_argument("--no-trl", action="store_true", help="final phase without TRL (CPU smoke runs)")
@@ -114,7 +116,7 @@ class Sweep:
         ok = self.minialign(name, "eval", *policy, "--reference", self.args.model, "--judge", judge,
                             "--dataset", self.data["harmless"], "--rows", rows, "--n", str(self.args.n),
                             "--samples", str(samples), "--max-new-tokens", str(self.args.max_new_tokens),
-                            "--out", str(out))
+                            "--batch-size", str(self.args.gen_batch_size), "--out", str(out))
         return (_read_json(out / "eval.json") or {}) if ok else {"error": f"{name} failed"}
 
     def save(self) -> None:
