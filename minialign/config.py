@@ -281,6 +281,9 @@ class RunConfig:
                             group="eval")
     eval_temperature: float = opt(0.7, "sampling temperature of the generation metrics", group="eval")
     eval_top_p: float = opt(0.9, "nucleus sampling top-p of the generation metrics", group="eval")
+    judge: str = opt("", "a reward-model run folder (`minialign rm`) that scores the generation metrics' answers: "
+                     "adds the policy's win rate over the reference (95% CI) to the report", group="eval",
+                     metavar="RUN_DIR")
     sft: dict = field(default_factory=dict)  # overrides of SFTConfig fields
     dpo: dict = field(default_factory=dict)  # overrides of DPOConfig fields
 
