@@ -23,6 +23,16 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 RM = ["rm", "--demo", "--max-steps", "3", "--eval-limit", "16"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    """One thread (overrides conftest's two, for the module fixtures too): these models are tiny, and on a shared
+    2-core machine a second thread mostly waits for the first."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def run_cli(*args) -> int:
     return cli.main([str(a) for a in args])
 
@@ -37,6 +47,15 @@ def judge_dir(root) -> Path:
     """A real reward model: tiny, full fine-tuning, 3 steps on the demo train split (the policy's rows too)."""
     assert run_cli(*RM, "--out", root / "rm") == 0
     return root / "rm"
+
+
+@pytest.fixture(scope="module")
+def chat_tok(root) -> Path:
+    """The demo tokenizer with a ChatML template: the same vocabulary, so the policy and the judges accept it."""
+    tok = load_tokenizer("demo")
+    tok.chat_template = CHATML
+    tok.save_pretrained(root / "chat-tok")
+    return root / "chat-tok"
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +137,17 @@ def test_eval_end_to_end_with_a_real_judge(run_dir, judge_dir, root, capsys):
         assert text in md, text
 
 
-def test_a_run_folder_policy_with_a_judge_on_other_rows_is_not_flagged(run_dir, root):
+def test_a_run_folder_policy_with_a_judge_on_other_rows_is_not_flagged(run_dir, root, chat_tok):
+    """Also: the policy reads chat-formatted prompts, the judge (no chat template) the dataset's HH text."""
     other = root / "rm-test-rows"  # trained on demo test rows 50:, the prompts are test rows 0-3
     assert run_cli(*RM, "--train-split", "test", "--train-rows", "50:", "--eval-rows", "40:50", "--out", other) == 0
     out = root / "eval-disjoint"
-    assert run_cli("eval", "--policy", run_dir, *SMALL, "--samples", "0", "--judge", other, "--out", out) == 0
+    assert run_cli("eval", "--policy", run_dir, *SMALL, "--samples", "0", "--judge", other, "--out", out,
+                   "--tokenizer", chat_tok, "--chat-template", "on") == 0
     results = json.loads((out / "eval.json").read_text())
-    assert "dpo run" in results["policy"] and set(results["modes"]) == {"greedy"}
+    assert "dpo run" in results["policy"] and set(results["modes"]) == {"greedy"} and results["chat_template"]
+    assert all(r["prompt"].startswith("<|im_start|>") and r["raw_prompt"].startswith("\n\nHuman:")
+               for r in results["prompts"])
     check_judged(results, other, {"greedy": 1})
     judge = results["modes"]["greedy"]["win_rate"]["judge"]
     assert judge["overlap_policy"] is False and judge["overlap_prompts"] is False
@@ -132,15 +155,13 @@ def test_a_run_folder_policy_with_a_judge_on_other_rows_is_not_flagged(run_dir, 
     assert "| none |" in (out / "eval.md").read_text()
 
 
-def test_a_chat_template_judge_scores_eval_answers_as_judge_score_does(run_dir, root, capsys):
+def test_a_chat_template_judge_scores_eval_answers_as_judge_score_does(run_dir, root, chat_tok, capsys):
     """A judge trained with --chat-template (tiny-llama, LoRA, ChatML). Eval hands it the dataset's HH prompt and
     Judge.score alone formats it: each stored score is the judge's on the chat-formatted text, whether the policy
     read bare HH prompts or (--chat-template on) chat-formatted ones, which must not be formatted twice."""
-    tok = load_tokenizer("demo")
-    tok.chat_template = CHATML
-    tok.save_pretrained(root / "chat-tok")
+    tok = load_tokenizer(str(chat_tok))
     judge_dir = root / "rm-chat"
-    assert run_cli(*RM, "--model", "tiny-llama", "--no-full", "--tokenizer", root / "chat-tok", "--chat-template",
+    assert run_cli(*RM, "--model", "tiny-llama", "--no-full", "--tokenizer", chat_tok, "--chat-template",
                    "--max-length", 96, "--max-prompt-length", 64, "--out", judge_dir) == 0
     assert (judge_dir / "final" / "adapter").is_dir()
     judge = reward.load_judge(judge_dir)
@@ -152,7 +173,7 @@ def test_a_chat_template_judge_scores_eval_answers_as_judge_score_does(run_dir, 
 
     for policy_chat in ("off", "on"):
         out = root / f"eval-chat-{policy_chat}"
-        assert run_cli("eval", "--policy", run_dir / "dpo", "--tokenizer", root / "chat-tok", "--chat-template",
+        assert run_cli("eval", "--policy", run_dir / "dpo", "--tokenizer", chat_tok, "--chat-template",
                        policy_chat, "--n", 3, "--samples", 0, "--max-new-tokens", 8, "--judge", judge_dir,
                        "--out", out) == 0
         results = json.loads((out / "eval.json").read_text())
