@@ -357,6 +357,9 @@ class RunConfig:
     eval_top_p: float = opt(0.9, "nucleus sampling top-p of the generation metrics", group="eval")
     cache: bool = opt(True, "keep a converted model (GGUF) in the cache (see sft --help); --no-cache converts in "
                       "memory, writes nothing", group="model")
+    judge: str = opt("", "a reward-model run folder (`minialign rm`) that scores the generation metrics' answers: "
+                     "adds the policy's win rate over the reference (95% CI) to the report", group="eval",
+                     metavar="RUN_DIR")
     sft: dict = opt({}, "overrides of SFTConfig fields (YAML only)", group="run")
     dpo: dict = opt({}, "overrides of DPOConfig fields (YAML only)", group="run")
 

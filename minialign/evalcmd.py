@@ -132,13 +132,17 @@ def same_vocab(a, b) -> bool:
 
 
 def policy_training(policy: Side) -> list[tuple[str, RowSet]]:
-    """Every row set the policy learned from: its own run's, and for DPO from an SFT run, that run's too."""
+    return config_training(policy.cfg, policy.kind or "")
+
+
+def config_training(cfg: TrainConfig | None, kind: str) -> list[tuple[str, RowSet]]:
+    """Every row set a policy learned from: its own run's, and for DPO from an SFT run, that run's too."""
     from minialign.recipes import load_run_config
 
-    if policy.cfg is None:
+    if cfg is None:
         return []
-    trained = [(f"the policy's {policy.kind} run", train_rows(policy.cfg))]
-    sft = getattr(policy.cfg, "sft", "")
+    trained = [(f"the policy's {kind} run", train_rows(cfg))]
+    sft = getattr(cfg, "sft", "")
     if sft and (Path(sft) / "config.yaml").is_file():
         trained.append(("the policy's SFT run", train_rows(load_run_config(Path(sft), SFTConfig))))
     return trained
@@ -157,25 +161,42 @@ def prompt_rows(cfg: EvalConfig, policy: Side) -> RowSet:
     return rows
 
 
-def load_checked_judge(cfg: EvalConfig, tokenizer, device, prompts, rows: RowSet, trained) -> tuple[Any, dict]:
-    """The judge, after checking it is a reward model that reads text as the policy does; and what to print
-    beside its win rates (held-out accuracy, the rows it and the policy trained on, overlaps)."""
-    kind_file = Path(cfg.judge) / "kind"
+def check_judge(path: str, flag: str, tokenizer, tokenizer_label: str) -> None:
+    """Refuse, before any model is loaded, a judge that is no finished reward-model run or that reads text with
+    another vocabulary than the policy (its scores would be of other token ids). Only the judge's saved
+    tokenizer is read, so this is cheap enough to run first."""
+    from minialign.models import load_tokenizer
+
+    kind_file = Path(path) / "kind"
     kind = kind_file.read_text(encoding="utf-8").strip() if kind_file.is_file() else None
     if kind != "rm":
-        raise UserError(f"--judge {cfg.judge} is not a reward-model run folder (its 'kind' file should say rm; it says "
+        raise UserError(f"{flag} {path} is not a reward-model run folder (its 'kind' file should say rm; it says "
                         f"{kind!r}). Train one with `minialign rm` and pass its run folder.")
+    saved = Path(path) / "final" / "tokenizer"
+    if not saved.is_dir():
+        raise UserError(f"{flag} {path}: the reward-model run has no final/tokenizer, so it has not finished. "
+                        f"Resume it with `minialign rm --resume {path}`, then pass it again.")
+    judge_tokenizer = load_tokenizer(str(saved))
+    if not same_vocab(judge_tokenizer, tokenizer):
+        config = Path(path) / "config.yaml"
+        base = (yaml.safe_load(config.read_text()) or {}).get("model", "?") if config.is_file() else "?"
+        raise UserError(
+            f"{flag} {path} reads text with a different tokenizer than the policy: the judge's (trained from {base}) "
+            f"is {saved} ({len(judge_tokenizer.get_vocab())} tokens), the policy's is {tokenizer_label} "
+            f"({len(tokenizer.get_vocab())} tokens), and their vocabularies differ. A judge must be trained from "
+            "the policy's model family: train `minialign rm` on the same base model (or --tokenizer).")
+
+
+def load_checked_judge(path: str, device, prompts, rows: RowSet, trained) -> tuple[Any, dict]:
+    """The judge (``check_judge`` has let it through), and what to print beside its win rates (held-out
+    accuracy, the rows it and the policy trained on, overlaps)."""
     from minialign.reward import load_judge
 
-    judge = load_judge(cfg.judge, device=device)
-    if not same_vocab(judge.tokenizer, tokenizer):
-        raise UserError(f"--judge {cfg.judge} reads text with a different tokenizer than the policy (the vocabularies "
-                        f"differ: {len(judge.tokenizer.get_vocab())} vs {len(tokenizer.get_vocab())} tokens). A judge "
-                        "must be trained from the policy's model family; train `minialign rm` on the same base model.")
+    judge = load_judge(path, device=device)  # cache left on (EvalConfig has no such setting): one load a process
     info = judge.info
     jrows = judge_rows(info)
     context = {
-        "run_dir": str(info.get("run_dir", cfg.judge)), "model": info.get("model"),
+        "run_dir": str(info.get("run_dir", path)), "model": info.get("model"),
         "heldout_accuracy": info.get("heldout_accuracy"), "n_train": info.get("n_train"),
         "judge_rows": jrows.label(), "judge_eval": f"{info.get('eval_data') or info.get('dataset')} rows "
                                                    f"{info.get('eval_rows') or 'all'}",
@@ -193,7 +214,10 @@ def run_eval(cfg: EvalConfig) -> Path:
 
     cfg.validate()
     device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.tokenizer or run_tokenizer(cfg.policy))
+    tokenizer_label = cfg.tokenizer or run_tokenizer(cfg.policy)
+    tokenizer = load_tokenizer(tokenizer_label)
+    if cfg.judge:
+        check_judge(cfg.judge, "--judge", tokenizer, tokenizer_label)
     policy = load_side(cfg.policy, cfg.adapter, "--policy", tokenizer)
     if cfg.reference:
         ref_side = load_side(cfg.reference, "", "--reference", tokenizer)
@@ -210,7 +234,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     check_not_trained_on(prompts, rows, trained)
     judge, context = (None, None)
     if cfg.judge:
-        judge, context = load_checked_judge(cfg, tokenizer, device, prompts, rows, trained)
+        judge, context = load_checked_judge(cfg.judge, device, prompts, rows, trained)
     out = Path(cfg.out or (policy.run_dir / "eval" if policy.run_dir else "runs/eval"))
     print(f"minialign eval: policy {policy.label}; reference {ref_label}; {len(prompts)} prompts from {rows.label()}")
     policy.model.to(device)

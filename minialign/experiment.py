@@ -203,21 +203,30 @@ def stage_eval(ctx: Context) -> dict:
 
 def generation_eval(ctx: Context, dpo_cfg: DPOConfig, policy, reference) -> dict | None:
     """The generation metrics of `minialign eval` (same code path) for the DPO policy and its reference
-    (None: the policy with its adapters off), over the first ``eval_prompts`` held-out prompts of the DPO run."""
+    (None: the policy with its adapters off), over the first ``eval_prompts`` held-out prompts of the DPO run;
+    with ``judge`` (RunConfig.judge), also the judge's scores and the policy's win rate, beside the judge's held-out accuracy."""
+    from minialign.evalcmd import config_training, load_checked_judge
     from minialign.evalrows import heldout_rows, load_prompts
-    from minialign.geneval import Decoding, compare, metrics_table, text_table
+    from minialign.geneval import Decoding, compare, metrics_table, text_table, win_table
 
     cfg = ctx.cfg
     if cfg.eval_prompts < 1:
         return None
     chat = ctx.tokenizer if dpo_cfg.chat_template else None
-    prompts = load_prompts(heldout_rows(dpo_cfg), cfg.eval_prompts, chat_tokenizer=chat, strict=False)
+    rows = heldout_rows(dpo_cfg)
+    prompts = load_prompts(rows, cfg.eval_prompts, chat_tokenizer=chat, strict=False)
+    judge, context = None, None
+    if cfg.judge:
+        judge, context = load_checked_judge(cfg.judge, ctx.device, prompts, rows, config_training(dpo_cfg, "dpo"))
     policy.to(ctx.device)
     if reference is not None:
         reference.to(ctx.device)
     decoding = Decoding(cfg.max_new_tokens, cfg.eval_samples, cfg.eval_temperature, cfg.eval_top_p, cfg.seed)
-    results = compare(policy, reference, ctx.tokenizer, prompts, decoding)
+    results = compare(policy, reference, ctx.tokenizer, prompts, decoding, judge=judge, judge_context=context)
     print("  generation metrics (reference vs DPO policy):\n" + text_table(metrics_table(results)))
+    wins = win_table(results)
+    if wins is not None:
+        print(text_table(wins))
     return results
 
 
@@ -259,9 +268,13 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     if unknown:
         raise UserError(f"Unknown stage(s) {', '.join(unknown)}; --stages takes any of {' '.join(STAGES)}.")
     ctx = Context(cfg)  # tokenizer and data first: a bad source fails before the run folder is written
+    stages_file, results_file = ctx.run_dir / "stages.json", ctx.run_dir / "results.json"
+    if cfg.judge and "eval" in cfg.stages and not (resume and "eval" in _read_json(stages_file).get("done", [])):
+        from minialign.evalcmd import check_judge
+
+        check_judge(cfg.judge, "--judge", ctx.tokenizer, cfg.tokenizer or recipes.default_tokenizer(cfg.model))
     if not resume:
         _prepare(cfg, overwrite)
-    stages_file, results_file = ctx.run_dir / "stages.json", ctx.run_dir / "results.json"
     done = _read_json(stages_file).get("done", [])
     steps = {"lora": stage_lora, "sft": lambda c: stage_train(c, "sft"), "dpo": lambda c: stage_train(c, "dpo"),
              "eval": stage_eval, "report": stage_report}

@@ -71,20 +71,15 @@ def answer_metrics(groups: list[list[Completion]]) -> dict[str, float]:
     }
 
 
-def judge_inputs(judge, prompt: EvalPrompt, answer: str) -> tuple[str, str]:
-    """The (prompt, response) pair in the form the judge was trained on: its own chat template, or HH text."""
-    if judge.info.get("chat_template"):
-        from minialign.data.chat import hh_messages
-
-        text = judge.tokenizer.apply_chat_template(hh_messages(prompt.raw), tokenize=False, add_generation_prompt=True)
-        return text, answer.strip()
-    return prompt.raw, answer
-
-
 def score_answers(judge, prompts: list[EvalPrompt], groups: list[list[Completion]], batch_size: int) -> torch.Tensor:
-    """Judge scores ``[N, S]`` of each prompt's answers (S = 1 for greedy)."""
-    pairs = [judge_inputs(judge, p, c.text) for p, group in zip(prompts, groups, strict=True) for c in group]
-    scores = judge.score([a for a, _ in pairs], [b for _, b in pairs], batch_size=batch_size)
+    """Judge scores ``[N, S]`` of each prompt's answers (S = 1 for greedy).
+
+    The judge gets each prompt as the dataset holds it (``raw``, HH text), never the policy's chat-formatted
+    ``text``: ``Judge.score`` alone puts it in the form the judge trained on (its own chat template, or HH text),
+    so a judge reads the same text whichever template the policy used.
+    """
+    raw = [p.raw for p, group in zip(prompts, groups, strict=True) for _ in group]
+    scores = judge.score(raw, [c.text for group in groups for c in group], batch_size=batch_size)
     return torch.as_tensor(scores, dtype=torch.float32).reshape(len(groups), -1)
 
 
@@ -118,6 +113,8 @@ def compare(policy, reference, tokenizer, prompts: list[EvalPrompt], decoding: D
     per_prompt = []
     for i, prompt in enumerate(prompts):
         record: dict[str, Any] = {"row": prompt.row, "prompt": prompt.text}
+        if prompt.raw != prompt.text:  # what the judge read: the dataset's prompt, not the policy's template
+            record["raw_prompt"] = prompt.raw
         for side in SIDES:
             record[side] = {mode: [_answer(c, scores.get((side, mode)), i) for c in answers[side][mode][i]]
                             for mode in answers[side]}

@@ -1,189 +1,270 @@
-"""`minialign eval` end to end on a tiny demo DPO run, with a test judge; every bad input; the report section.
+"""`minialign eval` and `minialign run`'s generation metrics with REAL judges (tiny `minialign rm` runs): every
+number of eval.json recomputed (judge scores through the judge itself, means, win rate and CI, loop flags), the
+judge's chat template applied in one place, every bad input, and the report's Generation section."""
 
-The judge here is a test double of the reward-model interface (``minialign.reward.load_judge`` returning an
-object with ``tokenizer``, ``info`` and ``score``): it scores an answer by its number of distinct words, a
-deterministic rule the test can recompute. It stands in for a `minialign rm` run, which another module builds.
-"""
-
-import copy
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from minialign import cli
-from minialign.geneval import NO_GENERATION
+from minialign import cli, reward
+from minialign.data import PreferencePair
+from minialign.data.chat import to_chat_format
+from minialign.geneval import NO_GENERATION, SIDES
 from minialign.models import load_tokenizer
-from minialign.textmetrics import loops, win_rate
+from minialign.render import fmt
+from minialign.textmetrics import distinct_n, loops, win_rate
 
 SMALL = ["--n", "4", "--samples", "2", "--max-new-tokens", "8", "--show", "2"]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+RM = ["rm", "--demo", "--max-steps", "3", "--eval-limit", "16"]
 
 
-def distinct_words(text: str) -> float:
-    return float(len(set(text.split())))
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    """One thread (overrides conftest's two, for the module fixtures too): these models are tiny, and on a shared
+    2-core machine a second thread mostly waits for the first."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
-class DistinctWordsJudge:
-    """Test double of minialign.reward's judge: same attributes and ``score`` signature."""
-
-    def __init__(self, run_dir: Path, tokenizer, info: dict):
-        self.tokenizer = tokenizer
-        self.info = {"run_dir": str(run_dir), "model": "tiny", "eval_data": "", "eval_rows": "", "chat_template": False,
-                     "n_train": 50, **info}
-        self.calls = []
-
-    def score(self, prompts: list[str], responses: list[str], batch_size: int = 32) -> torch.Tensor:
-        assert len(prompts) == len(responses)
-        self.calls.append(list(prompts))
-        return torch.tensor([distinct_words(r) for r in responses], dtype=torch.float32)
-
-
-def make_judge_dir(root: Path, name: str, info: dict, tokenizer=None, split: str = "train") -> Path:
-    run_dir = root / name
-    run_dir.mkdir()
-    (run_dir / "kind").write_text("rm")
-    (run_dir / "config.yaml").write_text(f"train_split: {split}\ndata_dir: ''\n")
-    (run_dir / "judge.json").write_text(json.dumps(info))
-    return run_dir
-
-
-@pytest.fixture
-def judges(monkeypatch):
-    """Installs ``minialign.reward`` with a ``load_judge`` that builds the test judge from judge.json."""
-    built = {}
-    tokenizers = {"demo": load_tokenizer("demo")}
-
-    def load_judge(path, device=None, cache=None):
-        info = json.loads((Path(path) / "judge.json").read_text())
-        tok = tokenizers["demo"]
-        if info.pop("other_tokenizer", False):
-            tok = copy.deepcopy(tok)
-            tok.add_tokens(["<judge-only-token>"])
-        built[str(path)] = DistinctWordsJudge(Path(path), tok, info)
-        return built[str(path)]
-
-    module = types.ModuleType("minialign.reward")
-    module.load_judge = load_judge
-    monkeypatch.setitem(sys.modules, "minialign.reward", module)
-    return built
+def run_cli(*args) -> int:
+    return cli.main([str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
-def dpo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "dpo"
-    assert cli.main(["dpo", "--demo", "--out", str(out), "--max-steps", "2", "--epochs", "1", "--eval-limit", "8"]) == 0
-    return out
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("eval")
 
 
-def test_eval_end_to_end_with_a_judge(dpo_run, tmp_path, judges, capsys):
-    judge_dir = make_judge_dir(tmp_path, "rm", {"dataset": "demo", "train_rows": "0:200", "heldout_accuracy": 0.71})
-    out = tmp_path / "eval"
-    assert cli.main(["eval", "--policy", str(dpo_run), *SMALL, "--judge", str(judge_dir), "--out", str(out)]) == 0
+@pytest.fixture(scope="module")
+def judge_dir(root) -> Path:
+    """A real reward model: tiny, full fine-tuning, 3 steps on the demo train split (the policy's rows too)."""
+    assert run_cli(*RM, "--out", root / "rm") == 0
+    return root / "rm"
+
+
+@pytest.fixture(scope="module")
+def chat_tok(root) -> Path:
+    """The demo tokenizer with a ChatML template: the same vocabulary, so the policy and the judges accept it."""
+    tok = load_tokenizer("demo")
+    tok.chat_template = CHATML
+    tok.save_pretrained(root / "chat-tok")
+    return root / "chat-tok"
+
+
+@pytest.fixture(scope="module")
+def run_dir(root, judge_dir) -> Path:
+    """`minialign run` (SFT 2 steps, DPO 2 steps, eval, report) with the judge: the policy of every eval test."""
+    preset = {"model": "tiny", "dataset": "demo", "data_dir": "", "stages": ["sft", "dpo", "eval", "report"],
+              "eval_pairs": 8, "samples": 1, "max_new_tokens": 8, "eval_prompts": 4, "eval_samples": 2,
+              "sft": {"full": True, "batch_size": 16, "max_steps": 2, "lr": 3e-3},
+              "dpo": {"batch_size": 16, "max_steps": 2, "lr": 2e-3, "lora_r": 16, "lora_alpha": 32}}
+    (root / "run.yaml").write_text(yaml.safe_dump(preset))
+    assert run_cli("run", "--config", root / "run.yaml", "--judge", judge_dir, "--out", root / "run") == 0
+    return root / "run"
+
+
+def heldout_accuracy(judge: Path) -> float:
+    return json.loads((judge / "summary.json").read_text())["eval"]["eval/accuracy"]
+
+
+def check_judged(results: dict, judge: Path, per_prompt: dict[str, int]) -> None:
+    """Every judged number of an eval.json (or a run's "generation") recomputed from its answers and the judge."""
+    scorer = reward.load_judge(judge)
+    records = results["prompts"]
+    assert set(results["modes"]) == set(per_prompt)
+    for mode, s in per_prompt.items():
+        entry = results["modes"][mode]
+        scores = {}
+        for side in SIDES:
+            answers = [a for r in records for a in r[side][mode]]
+            assert all(len(r[side][mode]) == s for r in records)
+            # each score is the judge's on (the dataset's prompt, the answer): recomputed one answer at a time
+            raw = [r.get("raw_prompt", r["prompt"]) for r in records for _ in range(s)]
+            direct = torch.cat([scorer.score([p], [a["text"]]) for p, a in zip(raw, answers)])
+            assert [a["judge_score"] for a in answers] == pytest.approx(direct.tolist(), abs=1e-5)
+            assert entry[side]["judge_score"] == pytest.approx(direct.double().mean().item(), abs=1e-6)
+            assert entry[side]["n_answers"] == len(answers) == len(records) * s
+            assert [a["loops"] for a in answers] == [loops(a["text"]) for a in answers]
+            assert entry[side]["loop_share"] == sum(a["loops"] for a in answers) / len(answers)
+            assert entry[side]["finished_share"] == sum(a["finished"] for a in answers) / len(answers)
+            assert entry[side]["distinct_2"] == distinct_n([a["text"] for a in answers], 2)
+            scores[side] = [[a["judge_score"] for a in r[side][mode]] for r in records]
+        # win rate by hand: per prompt the mean over paired samples of 1 / 1/2 / 0, then the mean over prompts
+        outcome = [[1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(ps, rs)]
+                   for ps, rs in zip(scores["policy"], scores["reference"])]
+        w = entry["win_rate"]
+        assert w["rate"] == pytest.approx(sum(sum(o) / len(o) for o in outcome) / len(outcome), abs=1e-12)
+        flat = [x for o in outcome for x in o]
+        assert (w["wins"], w["ties"], w["losses"]) == (flat.count(1.0), flat.count(0.5), flat.count(0.0))
+        again = win_rate(scores["policy"], scores["reference"], seed=results["decoding"]["seed"])
+        assert (w["low"], w["high"]) == pytest.approx((again.low, again.high), abs=1e-12)
+        assert 0 <= w["low"] <= w["rate"] <= w["high"] <= 1 and w["n_prompts"] == len(records)
+        assert w["judge"]["heldout_accuracy"] == heldout_accuracy(judge)
+        assert w["judge"]["run_dir"] == str(judge) and w["judge"]["model"] == "tiny"
+
+
+def test_eval_end_to_end_with_a_real_judge(run_dir, judge_dir, root, capsys):
+    out = root / "eval-judged"
+    assert run_cli("eval", "--policy", run_dir / "dpo", *SMALL, "--judge", judge_dir, "--out", out) == 0
     printed = capsys.readouterr().out
+    accuracy = fmt(heldout_accuracy(judge_dir))
     for text in ("greedy reference", "sampled policy", "loop share", "distinct-2", "EOS/stop share",
-                 "mean length", "mean judge score", "policy win rate", "0.71", "OVERLAP"):
+                 "mean length", "mean judge score", "policy win rate", accuracy, "OVERLAP"):
         assert text in printed, text
     results = json.loads((out / "eval.json").read_text())
     # default prompts: the run's held-out rows (demo test split), the first N in row order
     assert results["rows"] == [0, 1, 2, 3] and results["n_prompts"] == 4
-    assert results["prompt_source"].startswith("demo (test)")
-    assert set(results["modes"]) == {"greedy", "sampled"}
-    assert "adapters off" in results["reference"]
-    for mode, per_prompt in (("greedy", 1), ("sampled", 2)):
-        entry = results["modes"][mode]
-        answers = {side: [a for p in results["prompts"] for a in p[side][mode]] for side in ("reference", "policy")}
-        for side in ("reference", "policy"):
-            got = entry[side]
-            assert got["n_answers"] == 4 * per_prompt
-            assert got["loop_share"] == sum(loops(a["text"]) for a in answers[side]) / (4 * per_prompt)
-            assert got["finished_share"] == sum(a["finished"] for a in answers[side]) / (4 * per_prompt)
-            assert all(1 <= a["n_tokens"] <= 8 for a in answers[side] if a["text"])
-            for a in answers[side]:
-                assert a["judge_score"] == distinct_words(a["text"])
-            assert got["judge_score"] == pytest.approx(sum(a["judge_score"] for a in answers[side]) / len(answers[side]))
-        # the win rate recomputed from the stored per-answer scores
-        pol = [[a["judge_score"] for a in p["policy"][mode]] for p in results["prompts"]]
-        ref = [[a["judge_score"] for a in p["reference"][mode]] for p in results["prompts"]]
-        assert entry["win_rate"]["rate"] == pytest.approx(win_rate(pol, ref).rate)
-        judge = entry["win_rate"]["judge"]
-        assert judge["heldout_accuracy"] == 0.71 and judge["overlap_policy"] is True  # both trained on demo train
-        assert judge["overlap_prompts"] is False and "demo (train) rows 0:200" in judge["judge_rows"]
+    assert results["prompt_source"].startswith("demo (test)") and "adapters off" in results["reference"]
+    assert all(1 <= a["n_tokens"] <= 8 for r in results["prompts"] for side in SIDES
+               for mode in ("greedy", "sampled") for a in r[side][mode] if a["text"])
+    check_judged(results, judge_dir, {"greedy": 1, "sampled": 2})
+    judge = results["modes"]["greedy"]["win_rate"]["judge"]
+    # judge, SFT and DPO all trained on the demo train split; the prompts are test rows
+    assert judge["overlap_policy"] is True and judge["overlap_prompts"] is False
+    assert judge["judge_rows"] == "demo (train) all rows"
+    assert judge["policy_rows"].count("demo (train)") == 2  # the DPO run's rows and its SFT run's
     md = (out / "eval.md").read_text()
-    for text in ("| metric |", "policy win rate", "PROMPT", "REFERENCE", "POLICY", "[row 0]", "OVERLAP"):
+    greedy = results["modes"]["greedy"]["win_rate"]
+    for text in ("| metric |", f"{greedy['rate']:.3f} [{greedy['low']:.3f}, {greedy['high']:.3f}]", accuracy,
+                 "PROMPT", "REFERENCE", "POLICY", "[row 0]", "OVERLAP"):
         assert text in md, text
 
 
-def test_sampling_is_seeded_and_greedy_matches_plain_generate(dpo_run, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
+def test_a_run_folder_policy_with_a_judge_on_other_rows_is_not_flagged(run_dir, root, chat_tok):
+    """Also: the policy reads chat-formatted prompts, the judge (no chat template) the dataset's HH text."""
+    other = root / "rm-test-rows"  # trained on demo test rows 50:, the prompts are test rows 0-3
+    assert run_cli(*RM, "--train-split", "test", "--train-rows", "50:", "--eval-rows", "40:50", "--out", other) == 0
+    out = root / "eval-disjoint"
+    assert run_cli("eval", "--policy", run_dir, *SMALL, "--samples", "0", "--judge", other, "--out", out,
+                   "--tokenizer", chat_tok, "--chat-template", "on") == 0
+    results = json.loads((out / "eval.json").read_text())
+    assert "dpo run" in results["policy"] and set(results["modes"]) == {"greedy"} and results["chat_template"]
+    assert all(r["prompt"].startswith("<|im_start|>") and r["raw_prompt"].startswith("\n\nHuman:")
+               for r in results["prompts"])
+    check_judged(results, other, {"greedy": 1})
+    judge = results["modes"]["greedy"]["win_rate"]["judge"]
+    assert judge["overlap_policy"] is False and judge["overlap_prompts"] is False
+    assert judge["judge_rows"] == "demo (test) rows 50:"
+    assert "| none |" in (out / "eval.md").read_text()
+
+
+def test_a_chat_template_judge_scores_eval_answers_as_judge_score_does(run_dir, root, chat_tok, capsys):
+    """A judge trained with --chat-template (tiny-llama, LoRA, ChatML). Eval hands it the dataset's HH prompt and
+    Judge.score alone formats it: each stored score is the judge's on the chat-formatted text, whether the policy
+    read bare HH prompts or (--chat-template on) chat-formatted ones, which must not be formatted twice."""
+    tok = load_tokenizer(str(chat_tok))
+    judge_dir = root / "rm-chat"
+    assert run_cli(*RM, "--model", "tiny-llama", "--no-full", "--tokenizer", chat_tok, "--chat-template",
+                   "--max-length", 96, "--max-prompt-length", 64, "--out", judge_dir) == 0
+    assert (judge_dir / "final" / "adapter").is_dir()
+    judge = reward.load_judge(judge_dir)
+    assert judge.info["chat_template"]
+
+    def ids(prompt: str, response: str) -> torch.Tensor:
+        return torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]
+                             + tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
+
+    for policy_chat in ("off", "on"):
+        out = root / f"eval-chat-{policy_chat}"
+        assert run_cli("eval", "--policy", run_dir / "dpo", "--tokenizer", chat_tok, "--chat-template",
+                       policy_chat, "--n", 3, "--samples", 0, "--max-new-tokens", 8, "--judge", judge_dir,
+                       "--out", out) == 0
+        results = json.loads((out / "eval.json").read_text())
+        assert results["chat_template"] is (policy_chat == "on")
+        for record in results["prompts"]:
+            answer = record["policy"]["greedy"][0]
+            raw = record.get("raw_prompt", record["prompt"])
+            assert raw.startswith("\n\nHuman:") and record["prompt"].startswith(
+                "<|im_start|>user\n" if policy_chat == "on" else "\n\nHuman:")
+            formatted = to_chat_format([PreferencePair(raw, answer["text"], answer["text"])], tok)[0]
+            assert formatted.prompt.startswith("<|im_start|>user\n") and formatted.prompt.endswith("assistant\n")
+            if policy_chat == "on":
+                assert formatted.prompt == record["prompt"]  # the policy read what the judge reads
+            direct = judge.score([formatted.prompt], [formatted.chosen])  # already formatted: taken as it is
+            assert answer["judge_score"] == pytest.approx(direct.item(), abs=1e-5)
+            # the judge's model itself on prompt ids + response ids + EOS of the chat text, not of the HH text
+            with torch.no_grad():
+                chat = judge.model(input_ids=ids(formatted.prompt, formatted.chosen)).logits[0, 0].item()
+                plain = judge.model(input_ids=ids(raw, answer["text"])).logits[0, 0].item()
+            assert answer["judge_score"] == pytest.approx(chat, abs=1e-5)
+            assert abs(plain - chat) > 1e-4  # the template changes what the judge reads
+    assert "mean judge score" in capsys.readouterr().out
+
+
+def test_sampling_is_seeded_and_greedy_matches_plain_generate(run_dir, root):
+    a, b = root / "seed-a", root / "seed-b"
     for out in (a, b):
-        assert cli.main(["eval", "--policy", str(dpo_run), *SMALL, "--out", str(out)]) == 0
+        assert run_cli("eval", "--policy", run_dir / "dpo", *SMALL, "--out", out) == 0
     ra, rb = (json.loads((o / "eval.json").read_text()) for o in (a, b))
-    assert ra["prompts"] == rb["prompts"]
+    assert ra["prompts"] == rb["prompts"] and ra["modes"]["greedy"]["policy"].get("judge_score") is None
     from minialign.evalcmd import load_side
     from minialign.generate import generate
 
-    tok = load_tokenizer(str(dpo_run / "final" / "tokenizer"))
-    policy = load_side(str(dpo_run), "", "--policy", tok).model
+    tok = load_tokenizer(str(run_dir / "dpo" / "final" / "tokenizer"))
+    policy = load_side(str(run_dir / "dpo"), "", "--policy", tok).model
     texts = generate(policy, tok, [p["prompt"] for p in ra["prompts"]], max_new_tokens=8, batch_size=1)
     assert texts == [p["policy"]["greedy"][0]["text"] for p in ra["prompts"]]
 
 
-def test_judge_disjoint_from_policy_rows_is_not_flagged(dpo_run, tmp_path, judges):
-    judge_dir = make_judge_dir(tmp_path, "rm", {"dataset": "demo", "train_rows": "50:", "heldout_accuracy": 0.6},
-                               split="test")
-    out = tmp_path / "eval"
-    assert cli.main(["eval", "--policy", str(dpo_run), *SMALL, "--samples", "0", "--judge", str(judge_dir),
-                     "--out", str(out)]) == 0
-    judge = json.loads((out / "eval.json").read_text())["modes"]["greedy"]["win_rate"]["judge"]
-    assert judge["overlap_policy"] is False and judge["overlap_prompts"] is False
-    assert "none" in (out / "eval.md").read_text()
-
-
-def _error(capsys, argv) -> str:
-    assert cli.main(argv) == 2
+def _error(capsys, *argv) -> str:
+    assert run_cli(*argv) == 2
     return capsys.readouterr().err
 
 
-def test_bad_inputs_exit_2(dpo_run, tmp_path, judges, capsys):
-    policy = ["eval", "--policy", str(dpo_run), *SMALL]
-    err = _error(capsys, [*policy, "--n", "1000"])
+def test_bad_inputs_exit_2(run_dir, judge_dir, root, capsys):
+    policy = ["eval", "--policy", run_dir / "dpo", *SMALL]
+    err = _error(capsys, *policy, "--n", "1000")
     assert "100 usable prompts" in err and "--n" in err
-    err = _error(capsys, [*policy, "--dataset", "demo", "--split", "train", "--rows", "0:10"])
+    err = _error(capsys, *policy, "--dataset", "demo", "--split", "train", "--rows", "0:10")
     assert "trained on" in err and "rows 0, 1" in err
-    other = make_judge_dir(tmp_path, "other", {"dataset": "demo", "train_rows": "", "heldout_accuracy": 0.7,
-                                               "other_tokenizer": True})
-    assert "different tokenizer" in _error(capsys, [*policy, "--judge", str(other)])
-    rm = make_judge_dir(tmp_path, "rm", {"dataset": "demo", "train_rows": "", "heldout_accuracy": 0.7})
-    assert "reward-model run" in _error(capsys, ["eval", "--policy", str(rm), *SMALL])
-    assert "reward-model run" in _error(capsys, [*policy, "--reference", str(rm)])
-    assert "not a reward-model run" in _error(capsys, [*policy, "--judge", str(dpo_run)])
-    assert "--reference" in _error(capsys, ["eval", "--policy", "tiny", "--dataset", "demo", *SMALL])
-    assert "--policy is required" in _error(capsys, ["eval", *SMALL])
+    # the real reward-model run where a causal LM is expected, and a policy run given as the judge
+    assert "reward-model run" in _error(capsys, "eval", "--policy", judge_dir, *SMALL)
+    assert "reward-model run" in _error(capsys, *policy, "--reference", judge_dir)
+    assert "not a reward-model run" in _error(capsys, *policy, "--judge", run_dir / "dpo")
+    assert "--reference" in _error(capsys, "eval", "--policy", "tiny", "--dataset", "demo", *SMALL)
+    assert "--policy is required" in _error(capsys, "eval", *SMALL)
 
 
-def test_run_stage_and_report_section(dpo_run, tmp_path):
-    """`minialign run`'s eval stage calls the same comparison; report.py renders it as "Generation"."""
-    from minialign import experiment, lora
-    from minialign.config import DPOConfig, RunConfig
-    from minialign.recipes import dpo_start_model, load_run_config
+def test_a_judge_on_another_tokenizer_is_refused_naming_both(judge_dir, root, shared_dir, capsys):
+    """A judge on `tiny` (demo tokenizer) for a pythia-70m policy (GPT-NeoX tokenizer): refused before any model
+    loads, by `minialign eval` and by `minialign run` (before its run folder is written)."""
+    neox = shared_dir / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+    saved = judge_dir / "final" / "tokenizer"
+    err = _error(capsys, "eval", "--policy", "pythia-70m", "--reference", "pythia-70m", "--tokenizer", neox,
+                 "--dataset", "demo", *SMALL, "--judge", judge_dir)
+    assert "different tokenizer" in err and str(saved) in err and str(neox) in err, err
+    assert "trained from tiny" in err
+    out = root / "run-other-tokenizer"
+    err = _error(capsys, "run", "--demo", "--model", "pythia-70m", "--tokenizer", neox, "--judge", judge_dir,
+                 "--out", out)
+    assert "different tokenizer" in err and str(saved) in err and str(neox) in err, err
+    assert not (out / "run.yaml").exists()
+
+
+def test_run_with_a_judge_reports_win_rate_and_judge_accuracy(run_dir, judge_dir, tmp_path):
+    """`minialign run --judge`: the eval stage's generation metrics carry the judge's scores and win rates
+    (recomputed here), and the report's Generation section shows them with the judge's held-out accuracy."""
     from minialign.report import write_report
 
-    cfg = RunConfig(model="tiny", dataset="demo", data_dir="", out=str(tmp_path / "run"), eval_prompts=3,
-                    eval_samples=2, max_new_tokens=6, device="cpu")
-    ctx = experiment.Context(cfg)
-    dpo_cfg = load_run_config(dpo_run, DPOConfig)
-    policy = lora.load_adapter(dpo_start_model(dpo_cfg, ctx.tokenizer), dpo_run / "final" / "adapter")
-    generation = experiment.generation_eval(ctx, dpo_cfg, policy, None)
-    assert generation["rows"] == [0, 1, 2] and set(generation["modes"]) == {"greedy", "sampled"}
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "results.json").write_text(json.dumps({"generation": generation}))
-    write_report(run_dir)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert yaml.safe_load((run_dir / "run.yaml").read_text())["judge"] == str(judge_dir)
+    generation = results["generation"]
+    assert generation["rows"] == [0, 1, 2, 3] and generation["judge"]["heldout_accuracy"] == heldout_accuracy(judge_dir)
+    check_judged(generation, judge_dir, {"greedy": 1, "sampled": 2})
     md = (run_dir / "report.md").read_text()
-    assert "## Generation" in md and "| loop share (4-gram x3) |" in md and "[row 0]" in md
-    (run_dir / "results.json").write_text(json.dumps({}))
-    write_report(run_dir)
-    assert NO_GENERATION in (run_dir / "report.md").read_text()
+    section = md[md.index("## Generation"):]
+    assert "| loop share (4-gram x3) |" in section and "[row 0]" in section and "Win rate by the judge" in section
+    assert "judge held-out accuracy" in section and fmt(heldout_accuracy(judge_dir)) in section
+    for mode in ("greedy", "sampled"):
+        w = generation["modes"][mode]["win_rate"]
+        assert f"| {mode} | {w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}] |" in section
+    (tmp_path / "results.json").write_text(json.dumps({}))
+    write_report(tmp_path)
+    assert NO_GENERATION in (tmp_path / "report.md").read_text()
