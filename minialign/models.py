@@ -191,7 +191,8 @@ def _load_gguf_model(path: Path, dtype: torch.dtype, name: str, cache: bool = Tr
         model = model.to(dtype)
     else:
         model = _convert_gguf_model(path, dtype)
-    model.config._name_or_path = name
+    # Both names, so a PEFT adapter trained on it records the GGUF, not the cache folder it was read from.
+    model.config._name_or_path = model.name_or_path = name
     return model
 
 
