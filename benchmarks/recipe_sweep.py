@@ -277,23 +277,99 @@ def headline(ev: dict, keep_samples: bool = False) -> dict:
     return out
 
 
+def _f(x, spec="{:.3f}") -> str:
+    return "-" if x is None else spec.format(x)
+
+
+def _win(g: dict, mode: str) -> str:
+    ci = g.get(f"{mode}_win_ci")
+    return "-" if ci is None else f"{g[f'{mode}_win_rate']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
 def markdown(doc: dict) -> str:
     lines = ["# SmolLM2-135M-Instruct x HH harmless-base: the recipe sweep", "",
-             f"Rows: {doc['rows']}. Targets: {doc['targets']}.", ""]
+             f"Device: {doc.get('device', '-')}. Rows of harmless-base: {doc['rows']}. Targets: {doc['targets']}.", ""]
     for name, j in doc.get("judges", {}).items():
         lines.append(f"- judge {name}: rows {j['rows']} of {j['dataset']}, validation accuracy "
-                     f"{j.get('validation_accuracy')}")
-    lines += ["", "| candidate | reward acc (val) | win rate (val) | greedy loops (val) | train s |",
-              "|---|---:|---:|---:|---:|"]
+                     f"{_f(j.get('validation_accuracy'))}{' (chosen)' if doc.get('judge') == name else ''}")
+    lines += ["", "Validation rows (1812:2012): DPO's held-out reward accuracy, and 100 prompts answered greedily and "
+              "with samples; win rate = the judge's, policy over the starting model.", "",
+              "| candidate | reward acc | win greedy | win sampled | greedy loops | finished | mean tokens | train s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, c in doc.get("candidates", {}).items():
         v = c.get("validation", {})
         g = v.get("generations", {})
-        lines.append(f"| {name} | {v.get('dpo', {}).get('eval/rewards/accuracies')} | {g.get('win_rate')} | "
-                     f"{g.get('greedy_loop_share')} | {v.get('train_s')} |")
+        lines.append(f"| {name} | {_f(v.get('dpo', {}).get('eval/rewards/accuracies'))} | {_win(g, 'greedy')} | "
+                     f"{_win(g, 'sampled')} | {_f(g.get('greedy_policy_loop_share'), '{:.2f}')} | "
+                     f"{_f(g.get('greedy_policy_finished_share'), '{:.2f}')} | "
+                     f"{_f(g.get('greedy_policy_mean_tokens'), '{:.1f}')} | {_f(v.get('train_s'), '{:.1f}')} |")
+    if any("generations" in c.get("validation", {}) for c in doc.get("candidates", {}).values()):
+        g = next(c["validation"]["generations"] for c in doc["candidates"].values() if "generations" in c.get("validation", {}))
+        lines.append(f"| *starting model* | | | | {_f(g.get('greedy_reference_loop_share'), '{:.2f}')} | "
+                     f"{_f(g.get('greedy_reference_finished_share'), '{:.2f}')} | "
+                     f"{_f(g.get('greedy_reference_mean_tokens'), '{:.1f}')} | |")
     if doc.get("chosen"):
         lines += ["", f"Chosen: **{doc['chosen']}** (rule: `choose` in benchmarks/recipe_sweep.py)."]
-    lines += ["", "Commands:", "", *[f"    {c}" for c in doc.get("invocations", [])]]
+    final = doc.get("final", {})
+    if final:
+        lines += ["", f"Eval rows 0:300, touched once. Judge accuracy on them: {_f(final.get('judge_eval_accuracy'))}.", "",
+                  "| model | reward acc (300 pairs) | greedy loops | sampled loops | finished (greedy) | mean tokens | "
+                  "distinct-2 | win greedy | win sampled |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        rows = [("recipe", "recipe", (final.get("recipe_heldout") or {}).get("reward_accuracy"))]
+        e2e = {r["runner"]: r for r in (final.get("e2e") or {}).get("runs", [])}
+        rows.append(("minialign, TRL's settings", "minialign-trl-settings",
+                     (e2e.get("minialign", {}).get("heldout") or {}).get("reward_accuracy")))
+        rerun = doc.get("trl_rerun")
+        if rerun:
+            trl_e2e = {r["runner"]: r for r in rerun["e2e"].get("runs", [])}.get("trl", {})
+            rows.append(("TRL (rerun, chat template)", None, (trl_e2e.get("heldout") or {}).get("reward_accuracy")))
+        for label, key, acc in rows:
+            g = final.get(key, {}) if key else rerun["generations"]
+            lines.append(f"| {label} | {_f(acc)} | {_f(g.get('greedy_policy_loop_share'), '{:.2f}')} | "
+                         f"{_f(g.get('sampled_policy_loop_share'), '{:.2f}')} | "
+                         f"{_f(g.get('greedy_policy_finished_share'), '{:.2f}')} | "
+                         f"{_f(g.get('greedy_policy_mean_tokens'), '{:.1f}')} | "
+                         f"{_f(g.get('greedy_policy_distinct_2'), '{:.3f}')} | {_win(g, 'greedy')} | {_win(g, 'sampled')} |")
+        g = final.get("recipe", {})
+        lines.append(f"| starting model | - | {_f(g.get('greedy_reference_loop_share'), '{:.2f}')} | "
+                     f"{_f(g.get('sampled_reference_loop_share'), '{:.2f}')} | "
+                     f"{_f(g.get('greedy_reference_finished_share'), '{:.2f}')} | "
+                     f"{_f(g.get('greedy_reference_mean_tokens'), '{:.1f}')} | "
+                     f"{_f(g.get('greedy_reference_distinct_2'), '{:.3f}')} | | |")
+    lines += ["", "Commands:", "", *[f"    {c}" for c in doc.get("invocations", [])],
+              *[f"    {c}" for c in doc.get("device_commands", [])]]
+    if doc.get("trl_rerun"):
+        lines.append(f"    {doc['trl_rerun']['command']}")
     return "\n".join(lines) + "\n"
+
+
+def plot_sweep(doc: dict, path: Path) -> None:
+    """One bar group per candidate: validation reward accuracy, greedy win rate, greedy loop share, finished share."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, c in doc["candidates"].items() if "generations" in c.get("validation", {})]
+    series = {"reward accuracy": [doc["candidates"][n]["validation"]["dpo"].get("eval/rewards/accuracies") for n in names],
+              "win rate, greedy (judge)": [doc["candidates"][n]["validation"]["generations"].get("greedy_win_rate")
+                                           for n in names],
+              "greedy answers that loop": [doc["candidates"][n]["validation"]["generations"]["greedy_policy_loop_share"]
+                                           for n in names],
+              "greedy answers ending on EOS": [doc["candidates"][n]["validation"]["generations"]
+                                               ["greedy_policy_finished_share"] for n in names]}
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([x + i * width for x in range(len(names))], [v or 0 for v in values], width, label=label)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names)
+    ax.axhline(0.5, color="grey", lw=0.5)
+    ax.set_ylim(0, 1)
+    ax.set_title("DPO variants of SmolLM2-135M-Instruct on HH harmless-base, validation rows 1812:2012")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:

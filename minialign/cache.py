@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from minialign.checkpoint import fsync_path
+
 ENV = "MINIALIGN_CACHE"
 MANIFEST = "minialign-cache.json"
 T = TypeVar("T")
@@ -92,7 +94,7 @@ def _publish(entry: Path, write: Callable[[Path], None], gguf: Path, *, replace:
         manifest = {"source": str(gguf), "sha256": entry.parent.name, "part": entry.name, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         for name in [*files, MANIFEST]:
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
         if replace:  # a damaged entry: set it aside (another process may have done so already), then take its place
             old = Path(tempfile.mkdtemp(prefix=f".{entry.name}.old-", dir=entry.parent))
             try:
@@ -107,14 +109,6 @@ def _publish(entry: Path, write: Callable[[Path], None], gguf: Path, *, replace:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -169,8 +169,9 @@ def compile_policy(policy: TokenLogps, cfg: TrainConfig) -> None:
     policy.compile_body(scope=cfg.compile_scope, mode=cfg.compile_mode, **static)
 
 
-def save_final(model, run_dir: Path, cfg: TrainConfig, tokenizer) -> None:
-    """PEFT-format adapter (LoRA) or full weights, the tokenizer, and merged weights on request.
+def save_final(model, run_dir: Path, cfg: TrainConfig, tokenizer, **adapter) -> None:
+    """PEFT-format adapter (LoRA) or full weights, the tokenizer, and merged weights on request; ``adapter``: extra
+    ``lora.save_adapter`` arguments (a reward model's ``task_type`` and ``modules_to_save``).
 
     Call it on every rank: an FSDP-sharded model is gathered whole first; rank 0 writes.
     """
@@ -182,7 +183,7 @@ def save_final(model, run_dir: Path, cfg: TrainConfig, tokenizer) -> None:
     final.mkdir(exist_ok=True)
     tokenizer.save_pretrained(str(final / "tokenizer"))
     if getattr(model, "lora_config", None) is not None:
-        lora.save_adapter(model, final / "adapter")
+        lora.save_adapter(model, final / "adapter", **adapter)
         if cfg.merge:
             _save_pretrained(lora.merge_lora(copy.deepcopy(model)), final / "merged")
     else:

@@ -31,7 +31,6 @@ Loading a finished run (``RUN`` = the ``--out`` folder) outside minialign:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -239,28 +238,11 @@ def rm(cfg: RMConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
                  lambda idx: collate_items([pairs[i] for i in idx]), cfg, run_dir, eval_batches=eval_batches,
                  lengths=sequence_lengths(pairs), sizes=sizes, resume_from=point)
     with clock.phase("save"):
-        save_reward_model(model, run_dir, cfg, tokenizer)
+        # a sequence-classification folder, or a PEFT SEQ_CLS adapter whose score head is in modules_to_save
+        recipes.save_final(model, run_dir, cfg, tokenizer, task_type="SEQ_CLS", modules_to_save=(HEAD,))
     last.setdefault("summary", {}).update(n_train=len(pairs), n_eval=len(held_out))
     write_summary(run_dir, last, clock)
     return run_dir
-
-
-def save_reward_model(model: nn.Module, run_dir: Path, cfg: RMConfig, tokenizer) -> None:
-    """``final/model`` (a sequence-classification folder) or ``final/adapter`` (PEFT SEQ_CLS, head in
-    ``modules_to_save``), and ``final/tokenizer``. Call it on every rank: FSDP shards are gathered; rank 0 writes."""
-    if dist.is_sharded(model):
-        model = recipes._unsharded_copy(model)
-    if dist.rank() != 0:
-        return
-    final = run_dir / "final"
-    final.mkdir(exist_ok=True)
-    tokenizer.save_pretrained(str(final / "tokenizer"))
-    if getattr(model, "lora_config", None) is not None:
-        lora.save_adapter(model, final / "adapter", task_type="SEQ_CLS", modules_to_save=(HEAD,))
-        if cfg.merge:
-            recipes._save_pretrained(lora.merge_lora(copy.deepcopy(model)), final / "merged")
-    else:
-        recipes._save_pretrained(model, final / "model")
 
 
 # ----------------------------------------------------------------------------- judge

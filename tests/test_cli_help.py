@@ -126,3 +126,19 @@ def test_data_command_prompt_length_follows_max_length(capsys):
     assert cli.main(["data", "demo", "--max-length", "64", "--max-prompt-length", "80"]) == 2
     err = capsys.readouterr().err
     assert "--max-prompt-length 80" in err and "--max-length 64" in err
+
+
+def test_every_shipped_preset_builds_its_command_config():
+    """Each YAML in configs/ names only fields of its command's config and validates (a typo fails here, not on a GPU)."""
+    from minialign.config import PRESETS, DPOConfig, RMConfig, RunConfig, SFTConfig, build, load_yaml
+
+    kinds = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RMConfig, "run": RunConfig, "smollm2-hh": DPOConfig}
+    names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    assert "smollm2-hh" in names
+    for name in names:
+        cls = kinds.get(name) or kinds[name.split("-")[0]]
+        cfg = build(cls, load_yaml(PRESETS / f"{name}.yaml", cls), {})
+        if hasattr(cfg, "validate") and not name.endswith("-gpu"):
+            cfg.validate()
+    smol = build(DPOConfig, load_yaml(PRESETS / "smollm2-hh.yaml", DPOConfig), {})
+    assert (smol.rpo_alpha, smol.lora_r, smol.chat_template) == (1.0, 16, True)
