@@ -44,6 +44,7 @@ class Measurement:
     device: str
     final_loss: float
     steps: int
+    held_before_mb: float = 0.0  # CUDA memory still allocated when the run started (earlier runs of the process)
 
 
 def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 8, steps: int = 20, warmup: int = 3,
@@ -68,6 +69,7 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     reset_peak_memory(device)
+    held = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
     if not full:
         if device.type == "cuda":
             model.to(torch.bfloat16)
@@ -130,6 +132,7 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
         mode="full" if full else "lora", task=task, batch_size=examples_in(batches[0]),
         tokens_per_s=tokens / elapsed, pairs_per_s=pairs / elapsed if task == "dpo" else None,
         peak_memory_mb=peak, memory_kind=kind, device=device_name(device), final_loss=float(loss), steps=steps,
+        held_before_mb=held,
     )
 
 
@@ -163,6 +166,8 @@ def compare_modes(load: Callable[[], torch.nn.Module], batches: list[dict], *, r
         if device.type == "cuda":
             torch.cuda.empty_cache()
         m = measure(load(), batches, full=mode == "full", **kwargs)
+        # Each run's own peak: what an earlier run of the process still holds is not this mode's memory.
+        m = dataclasses.replace(m, peak_memory_mb=m.peak_memory_mb - m.held_before_mb)
         runs.append({**dataclasses.asdict(m), "timed": timed})
         if on_run is not None:
             on_run(mode, timed, m)

@@ -107,7 +107,9 @@ def stage_lora(ctx: Context) -> dict:
               f"a warm-up run of each mode first (not counted), then {order}; every run starts from a fresh copy of "
               f"the model and times {cfg.bench_steps} steps after {warmup} warm-up steps. tokens/s and peak memory are "
               f"the median of the {cfg.bench_repeats} timed runs of each mode, with their spread (min-max).")
-    if ctx.device.type != "cuda":
+    if ctx.device.type == "cuda":
+        method += " Peak memory is each run's own: the allocator's peak less what the process still held when it began."
+    else:
         method += " On a CPU, peak memory is the process's peak resident set during a run, which includes what the " \
                   "process already holds."
     print(f"  method: {method}")
