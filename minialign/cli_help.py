@@ -39,7 +39,7 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help = action.help or ""
-        if ("%(default)" in help or not action.option_strings
+        if ("%(default)" in help or "(default:" in help or not action.option_strings
                 or any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS))):
             return help
         return help + f" (default: {show_value(action.default)})".replace("%", "%%")
@@ -91,8 +91,10 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...]
         help = meta.get("help")
         if help and choices and meta.get("multiple"):
             help += f"; any of {', '.join(choices)}"
-        if help:
+        if help and "(default:" not in help:  # a help text that explains its own default keeps its words
             help = f"{help} (default: {show_value(default)})".replace("%", "%%")
+        elif help:
+            help = help.replace("%", "%%")
         common = dict(dest=f.name, default=argparse.SUPPRESS, help=help)
         if kind is bool:
             target.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
