@@ -250,7 +250,9 @@ def run_eval(cfg: EvalConfig) -> Path:
     wins = win_table(results)
     if wins is not None:
         print("\n" + text_table(wins))
-    print(f"\nminialign eval: wrote {out / 'eval.json'} and {out / 'eval.md'}")
+    spent = ", ".join(f"{mode} {sec:.1f} s" for mode, sec in results["generation_s"].items())
+    print(f"\nminialign eval: generation for {len(prompts)} prompts x 2 models: {spent}")
+    print(f"minialign eval: wrote {out / 'eval.json'} and {out / 'eval.md'}")
     return out
 
 

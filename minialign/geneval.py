@@ -11,6 +11,7 @@ so a sample can be named by its row ("row 3") and any number re-derived from eva
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,13 +48,20 @@ class Decoding:
     batch_size: int | None = None  # None: 128 rows on CUDA, 8 elsewhere
 
 
-def decode(model, tokenizer, prompts: list[str], decoding: Decoding) -> dict[str, list[list[Completion]]]:
-    """``{"greedy": [[c]] * N, "sampled": [[c_1..c_S]] * N}``: answers grouped by prompt."""
+def decode(model, tokenizer, prompts: list[str], decoding: Decoding,
+           seconds: dict[str, float] | None = None) -> dict[str, list[list[Completion]]]:
+    """``{"greedy": [[c]] * N, "sampled": [[c_1..c_S]] * N}``: answers grouped by prompt; ``seconds`` gets each
+    decoding's wall time (the texts are on the host when ``generate`` returns, so no sync is missing)."""
     common = dict(max_new_tokens=decoding.max_new_tokens, batch_size=decoding.batch_size, details=True)
+    seconds = {} if seconds is None else seconds
+    t0 = time.perf_counter()
     out = {"greedy": [[c] for c in generate(model, tokenizer, prompts, **common)]}
+    seconds["greedy"] = seconds.get("greedy", 0.0) + time.perf_counter() - t0
     if decoding.samples > 0:
+        t0 = time.perf_counter()
         flat = generate(model, tokenizer, prompts, do_sample=True, temperature=decoding.temperature,
                         top_p=decoding.top_p, seed=decoding.seed, num_samples=decoding.samples, **common)
+        seconds["sampled"] = seconds.get("sampled", 0.0) + time.perf_counter() - t0
         s = decoding.samples
         out["sampled"] = [flat[i * s : (i + 1) * s] for i in range(len(prompts))]
     return out
@@ -93,12 +101,13 @@ def compare(policy, reference, tokenizer, prompts: list[EvalPrompt], decoding: D
     rate, because a win rate means little without it.
     """
     texts = [p.text for p in prompts]
-    answers = {"policy": decode(policy, tokenizer, texts, decoding)}
+    seconds: dict[str, float] = {}  # per decoding, both models together: what "N prompts x 2 models" costs
+    answers = {"policy": decode(policy, tokenizer, texts, decoding, seconds)}
     if reference is None:
         with lora.disabled(policy):
-            answers["reference"] = decode(policy, tokenizer, texts, decoding)
+            answers["reference"] = decode(policy, tokenizer, texts, decoding, seconds)
     else:
-        answers["reference"] = decode(reference, tokenizer, texts, decoding)
+        answers["reference"] = decode(reference, tokenizer, texts, decoding, seconds)
     modes: dict[str, Any] = {}
     scores: dict[tuple[str, str], torch.Tensor] = {}
     for mode in answers["policy"]:
@@ -120,6 +129,7 @@ def compare(policy, reference, tokenizer, prompts: list[EvalPrompt], decoding: D
                             for mode in answers[side]}
         per_prompt.append(record)
     return {"decoding": dataclasses.asdict(decoding), "n_prompts": len(prompts), "rows": [p.row for p in prompts],
+            "generation_s": {k: round(v, 3) for k, v in seconds.items()},
             "judge": dict(judge_context or {}) if judge is not None else None, "modes": modes, "prompts": per_prompt}
 
 

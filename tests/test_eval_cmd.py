@@ -121,6 +121,7 @@ def test_eval_end_to_end_with_a_real_judge(run_dir, judge_dir, root, capsys):
     results = json.loads((out / "eval.json").read_text())
     # default prompts: the run's held-out rows (demo test split), the first N in row order
     assert results["rows"] == [0, 1, 2, 3] and results["n_prompts"] == 4
+    assert set(results["generation_s"]) == set(results["modes"]) and all(v > 0 for v in results["generation_s"].values())
     assert results["prompt_source"].startswith("demo (test)") and "adapters off" in results["reference"]
     assert all(1 <= a["n_tokens"] <= 8 for r in results["prompts"] for side in SIDES
                for mode in ("greedy", "sampled") for a in r[side][mode] if a["text"])
