@@ -10,20 +10,9 @@ from pathlib import Path
 
 from minialign import __version__, dist
 from minialign.cli_help import Parser
-from minialign.config import (
-    DPOConfig,
-    EvalConfig,
-    RMConfig,
-    RunConfig,
-    SFTConfig,
-    add_flags,
-    build,
-    flag_values,
-    load_yaml,
-    preset,
-    prompt_length,
-)
+from minialign.config import DPOConfig, EvalConfig, RMConfig, RunConfig, SFTConfig, prompt_length
 from minialign.errors import UserError
+from minialign.presets import add_flags, build, flag_values, load_yaml, preset
 
 
 USAGE = "%(prog)s [--demo | --config FILE | --resume RUN_DIR] [--overwrite] [options]"

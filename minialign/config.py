@@ -1,22 +1,15 @@
-"""One dataclass config per command, YAML presets, and flag overrides.
+"""One dataclass config per command: its fields (with their ``--help`` text) and its validation.
 
-Precedence, lowest first: the dataclass defaults, a YAML preset (``--config FILE`` or ``--demo``), then the
-flags a user typed. The resolved config is written to the run folder, so ``--resume RUN_DIR`` needs nothing else.
+Turning YAML presets and typed flags into one of these lives in ``minialign.presets``; this module reads no files.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from minialign.errors import UserError
-
-PRESETS = Path(__file__).parent / "configs"
 
 # Flag groups, in the order `--help` lists them.
 GROUPS = ("model", "data", "lora", "training", "speed", "memory", "distributed", "dpo", "rm", "eval", "run", "output")
@@ -31,7 +24,7 @@ def opt(default, help: str, *, group: str, choices: tuple | None = None, metavar
         multiple: bool = False):
     """A config field with its one-line ``--help`` text, flag group and allowed values.
 
-    The description lives here, beside the field, and nowhere else: ``add_flags`` builds the CLI from it, so
+    The description lives here, beside the field, and nowhere else: ``presets.add_flags`` builds the CLI from it, so
     the help cannot drift from the config. Lists get a ``default_factory``. ``multiple``: a string field that
     holds a comma-separated list of ``choices`` (as transformers' ``report_to`` does).
     """
@@ -362,83 +355,6 @@ class RunConfig:
                      metavar="RUN_DIR")
     sft: dict = opt({}, "overrides of SFTConfig fields (YAML only)", group="run")
     dpo: dict = opt({}, "overrides of DPOConfig fields (YAML only)", group="run")
-
-
-def _field_types(cls) -> dict[str, type]:
-    return typing.get_type_hints(cls)
-
-
-def load_yaml(path: str | Path, cls) -> dict:
-    """Read a preset and check every key against the dataclass, naming the file and the bad key."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Config file {path} does not exist (presets live in {PRESETS}).")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"Config file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"Config file {path} must hold a mapping of field: value, not {type(data).__name__}.")
-    check_keys(data, cls, str(path))
-    return data
-
-
-def check_keys(data: dict, cls, where: str) -> None:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise UserError(f"{where}: unknown field(s) {', '.join(unknown)}. Valid fields: {', '.join(sorted(names))}.")
-
-
-def build(cls, *layers: dict):
-    """Instantiate ``cls`` from dicts applied in order, coercing YAML scalars to the field types."""
-    types = _field_types(cls)
-    values: dict = {}
-    for layer in layers:
-        for key, value in layer.items():
-            values[key] = _coerce(value, types[key], key)
-    return cls(**values)
-
-
-def _coerce(value, kind, key: str):
-    if kind is bool:
-        if isinstance(value, str):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise UserError(f"Field {key}: expected true or false, got {value!r}.")
-        return bool(value)
-    if kind is str and isinstance(value, list):  # a YAML list for a comma-separated field (report_to)
-        value = ",".join(map(str, value))
-    if kind in (int, float, str):
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            value = None  # 2.5 is no int; fall through to the error
-        try:
-            return kind(value)
-        except (TypeError, ValueError):
-            raise UserError(f"Field {key}: expected {kind.__name__}, got {value!r}.") from None
-    return value
-
-
-def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per dataclass field with its help, default and choices (``cli_help.add_config_flags``)."""
-    from minialign.cli_help import add_config_flags
-
-    add_config_flags(parser, cls, skip)
-
-
-def flag_values(args: argparse.Namespace, cls) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in names}
-
-
-def save_config(config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), encoding="utf-8")
-
-
-def preset(name: str) -> Path:
-    return PRESETS / f"{name}.yaml"
 
 
 @dataclass

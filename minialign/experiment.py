@@ -24,11 +24,12 @@ import yaml
 
 from minialign import lora
 from minialign.bench import Measurement, compare_modes
-from minialign.config import DPOConfig, RunConfig, SFTConfig, build, check_keys, save_config
+from minialign.config import DPOConfig, RunConfig, SFTConfig
 from minialign.data import collate_sft, tokenize_pairs, tokenize_sft
 from minialign.errors import UserError
 from minialign.evaluate import dpo_eval, dpo_samples, heldout_loss, preference_metrics, pair_logps, sft_samples
 from minialign.models import load_model, load_tokenizer
+from minialign.presets import build, check_keys, save_config
 from minialign import recipes
 from minialign.shapes import plan_shapes
 from minialign.train import use_varlen

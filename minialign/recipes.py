@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from minialign import checkpoint, dist, lora
-from minialign.config import DPOConfig, SFTConfig, TrainConfig, build, save_config
+from minialign.config import DPOConfig, SFTConfig, TrainConfig
 from minialign.data import (
     batch_indices,
     collate_packed,
@@ -34,6 +34,7 @@ from minialign.data.chat import to_chat_format
 from minialign.errors import UserError
 from minialign.models import (BUILTIN_CONFIGS, SMOLLM2, check_fast_path, check_vocab, load_model, load_tokenizer,
                               refuse_reward_model)
+from minialign.presets import build, save_config
 from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, cached_reference, frozen_copy, frozen_reference, reference_table
 from minialign.timing import Stopwatch, write_summary
 from minialign.train import check_enough_examples, train, use_varlen

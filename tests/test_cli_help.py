@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from minialign import cli, config
-from minialign.config import DPOConfig, SFTConfig, build
+from minialign import cli, config, presets
+from minialign.config import DPOConfig, SFTConfig
+from minialign.presets import build
 from minialign.errors import UserError
 
 
@@ -95,7 +96,7 @@ def test_bad_choice_from_yaml_names_the_flag_and_the_choices():
 
 def test_flags_override_only_what_was_typed():
     args = cli.build_parser().parse_args(["dpo", "--lr", "1e-5", "--no-share-prompt", "--beta", "0.2"])
-    assert config.flag_values(args, DPOConfig) == {"lr": 1e-5, "share_prompt": False, "beta": 0.2}
+    assert presets.flag_values(args, DPOConfig) == {"lr": 1e-5, "share_prompt": False, "beta": 0.2}
     run = cli.build_parser().parse_args(["run", "--stages", "sft", "dpo", "--ranks", "4", "8"])
     assert (run.stages, run.ranks) == (["sft", "dpo"], [4, 8])
 
@@ -130,7 +131,8 @@ def test_data_command_prompt_length_follows_max_length(capsys):
 
 def test_every_shipped_preset_builds_its_command_config():
     """Each YAML in configs/ names only fields of its command's config and validates (a typo fails here, not on a GPU)."""
-    from minialign.config import PRESETS, DPOConfig, RMConfig, RunConfig, SFTConfig, build, load_yaml
+    from minialign.config import DPOConfig, RMConfig, RunConfig, SFTConfig
+    from minialign.presets import PRESETS, load_yaml
 
     kinds = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RMConfig, "run": RunConfig, "smollm2-hh": DPOConfig}
     names = sorted(p.stem for p in PRESETS.glob("*.yaml"))

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 from minialign import bench
-from minialign.config import RunConfig, SFTConfig, build, load_yaml, preset
+from minialign.config import RunConfig, SFTConfig
 from minialign.data import load_preference_pairs, tokenize_sft
 from minialign.experiment import _bench_batches, run
 from minialign.models import load_model, load_tokenizer
+from minialign.presets import build, load_yaml, preset
 from minialign.render import render_markdown
 from minialign.report import lora_section
 

@@ -15,10 +15,11 @@ import torch
 
 from minialign import cli, losses, train as train_module
 from minialign.bench import measure
-from minialign.config import SFTConfig, TrainConfig, build, load_yaml, preset
+from minialign.config import SFTConfig, TrainConfig
 from minialign.data import collate_sft, load_preference_pairs, tokenize_sft
 from minialign.errors import UserError
 from minialign.models import load_model, load_tokenizer
+from minialign.presets import build, load_yaml, preset
 from minialign.tasks import SFTTask, TokenLogps, add_target_index
 from minialign.optim import InBackwardAdamW, make_optimizer
 from minialign.train import TrainingDiverged, train

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from minialign import checkpoint, cli, lora, losses, recipes
-from minialign.config import DPOConfig, SFTConfig, build, load_yaml, preset
+from minialign.config import DPOConfig, SFTConfig
 from minialign.data import (
     batch_indices,
     collate_pairs,
@@ -28,6 +28,7 @@ from minialign.data import (
     tokenize_sft,
 )
 from minialign.models import load_model, load_tokenizer
+from minialign.presets import build, load_yaml, preset
 from minialign.tasks import (
     DPOTask,
     SFTTask,
