@@ -89,7 +89,10 @@ def flag_values(args: argparse.Namespace, cls) -> dict:
 
 
 def save_config(config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), encoding="utf-8")
+    """The resolved config as YAML, written whole or not at all (a run folder's config.yaml is what --resume reads)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
 
 
 def preset(name: str) -> Path:
