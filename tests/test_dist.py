@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from minialign import cli, dist
 from minialign.errors import UserError
+from test_train import _one_thread  # noqa: F401 (autouse fixture; the subprocesses run OMP_NUM_THREADS=1 too)
 
 pytestmark = pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -33,15 +34,6 @@ pytestmark = pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_avai
 SMALL = ["--demo", "--limit", 64, "--eval-limit", 8, "--max-steps", 6, "--save-every", 3, "--eval-every", 6]
 GLOBAL_BATCH, WORLD = 8, 2
 TIMEOUT = 120  # seconds for one launch; a hang fails the test instead of blocking CI
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The same thread count as the subprocesses (OMP_NUM_THREADS=1): same float reductions, no oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -9,13 +9,14 @@ import pytest
 import torch
 import yaml
 
-from minialign import cli, reward
+from minialign import reward
 from minialign.data import PreferencePair
 from minialign.data.chat import to_chat_format
 from minialign.geneval import NO_GENERATION, SIDES
 from minialign.models import load_tokenizer
 from minialign.render import fmt
 from minialign.textmetrics import distinct_n, loops, win_rate
+from test_train import run_cli
 
 SMALL = ["--n", "4", "--samples", "2", "--max-new-tokens", "8", "--show", "2"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
@@ -31,10 +32,6 @@ def _threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def run_cli(*args) -> int:
-    return cli.main([str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

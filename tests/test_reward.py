@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from minialign import cli, lora, losses, reward
+from minialign import lora, losses, reward
 from minialign.data import TokenizedPair, load_preference_pairs
 from minialign.errors import UserError
 from minialign.models import load_model, load_tokenizer
+from test_train import _one_thread, run_cli  # noqa: F401 (_one_thread: autouse fixture)
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -23,16 +24,6 @@ WORDS = ["the", "a", "sea", "cat", "car", "moon", "bread", "song", "rain", "city
          "old", "red", "big", "small", "and", "it", "was", "good", "bad", "green", "blue", "day", "night"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def run_cli(*args) -> int:
-    return cli.main([str(a) for a in args])
 
 
 def planted(path: Path, n: int, seed: int) -> Path:

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from minialign import cli, lora
+from minialign import cli
 from minialign.data import TokenizedPair, collate_pairs
 from minialign.losses import dpo_loss
-from minialign.models import load_model
 from minialign.tasks import DPOTask, TokenLogps, add_target_index, run_logps, sequence_sums
+from test_flat_batches import lora_policy
 
 
 def pairs() -> list[TokenizedPair]:
@@ -30,13 +30,7 @@ def pairs() -> list[TokenizedPair]:
 
 @pytest.fixture(scope="module")
 def policy() -> TokenLogps:
-    torch.manual_seed(0)
-    model = load_model("tiny", seed=0)
-    lora.apply_lora(model, lora.LoRAConfig(r=4, alpha=8))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    return TokenLogps(model, attention="sdpa")
+    return lora_policy()
 
 
 def reference(batch: dict) -> torch.Tensor:
