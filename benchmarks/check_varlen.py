@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from minialign.attention import flash_varlen_available, kv_slots, varlen_attention, varlen_index, varlen_reference
 from minialign.data import TokenizedExample, TokenizedPair, block_causal_mask, collate_pairs, collate_sft, pad_row
 from minialign.models import BUILTIN_CONFIGS, fast_path_support, load_model
-from minialign.tasks import TokenLogps, prepare_batch, to_device
+from minialign.tasks import TokenLogps, prepare_batch, run_logps, to_device
 
 HEADS, KV_HEADS, DIM = 9, 3, 64
 
@@ -226,10 +226,7 @@ def logps_and_grads(model, batch: dict, dev, attention: str, n: int) -> tuple[li
     policy = TokenLogps(model, attention=attention)
     model.zero_grad()
     batch = to_device(prepare_batch(batch, target_multiple=64, varlen=attention == "varlen"), dev)
-    logps = policy(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["tgt_index"],
-                   batch["tgt_ids"], batch.get("doc_ids"), batch.get("prefix_ids"),
-                   (batch["cu_seqlens_q"], batch["cu_seqlens_k"], batch.get("kv_index"), batch["max_seqlen"])
-                   if "cu_seqlens_q" in batch else None)
+    logps = run_logps(policy, batch)
     logps.float().sum().backward()
     return per_sequence(logps.detach(), batch, n), [p.grad.float().clone() for p in model.parameters()]
 

@@ -141,8 +141,10 @@ def trainable_weights(model, cfg: TrainConfig, device: torch.device):
     return model.to(base_dtype(cfg, device)) if cfg.full else attach_lora(model, cfg, device)
 
 
-def attach_lora(model, cfg: TrainConfig, device: torch.device):
-    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
+def attach_lora(model, cfg: TrainConfig, device: torch.device, targets: str | list[str] | None = None):
+    """``targets``: the layers to adapt when ``--lora-targets`` alone cannot say (a reward model's head is no target)."""
+    if targets is None:
+        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
     model.to(base_dtype(cfg, device))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -150,11 +152,12 @@ def attach_lora(model, cfg: TrainConfig, device: torch.device):
         return lora.apply_lora(model, config, dtype=torch.float32)
 
 
-def wrap_policy(model, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+def wrap_policy(model, cfg: TrainConfig, device: torch.device, cls: type[TokenLogps] = TokenLogps) -> torch.nn.Module:
+    """``cls``: the wrapper that runs the body (``reward.RewardModel`` for a reward model)."""
     model.to(device)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = TokenLogps(model, cfg.loss_chunk_size or None, attention=cfg.attention)
+    policy = cls(model, cfg.loss_chunk_size or None, attention=cfg.attention)
     if cfg.compile:
         compile_policy(policy, cfg)
     return dist.wrap(policy, cfg.dist, device)

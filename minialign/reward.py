@@ -47,7 +47,7 @@ from minialign.data.chat import to_chat_format
 from minialign.data.tokenize import tokenize_sft
 from minialign.errors import UserError
 from minialign.models import check_fast_path, load_model, load_tokenizer
-from minialign.tasks import TokenLogps
+from minialign.tasks import TokenLogps, varlen_args
 from minialign.timing import Stopwatch, write_summary
 from minialign.train import train
 
@@ -106,11 +106,8 @@ class RewardModel(TokenLogps):
 
 
 def run_rewards(policy: nn.Module, batch: dict) -> torch.Tensor:
-    varlen = None
-    if "cu_seqlens_q" in batch:
-        varlen = (batch["cu_seqlens_q"], batch["cu_seqlens_k"], batch.get("kv_index"), batch["max_seqlen"])
     return policy(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["pool_index"],
-                  batch.get("doc_ids"), batch.get("prefix_ids"), varlen)
+                  batch.get("doc_ids"), batch.get("prefix_ids"), varlen_args(batch))
 
 
 # ----------------------------------------------------------------------------- batches
@@ -188,33 +185,18 @@ class RMTask:
 def make_trainable(model: nn.Module, cfg: RMConfig, device: torch.device) -> nn.Module:
     """Full fine-tuning trains every weight (in ``base_dtype``); LoRA adds adapters to the body's linear layers and
     trains the score head in full, in float32."""
-    model.to(recipes.base_dtype(cfg, device))
     if cfg.full:
-        return model
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != HEAD]
-    if cfg.lora_targets == "all-linear":
-        targets = linear
+        return recipes.trainable_weights(model, cfg, device)
+    if cfg.lora_targets == "all-linear":  # lora's own "all-linear" knows the LM heads only, not the score head
+        targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != HEAD]
     else:
         targets = [t.strip() for t in cfg.lora_targets.split(",")]
         if HEAD in targets:
             raise UserError(f"--lora-targets names '{HEAD}', the reward head, which is always trained in full; "
                             "list only body layers.")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        config = lora.LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.use_rslora)
-        lora.apply_lora(model, config, dtype=torch.float32)
+    recipes.attach_lora(model, cfg, device, targets)
     model.score.float().requires_grad_(True)
     return model
-
-
-def wrap(model: nn.Module, cfg: RMConfig, device: torch.device) -> nn.Module:
-    model.to(device)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = RewardModel(model, attention=cfg.attention)
-    if cfg.compile:
-        recipes.compile_policy(policy, cfg)
-    return dist.wrap(policy, cfg.dist, device)
 
 
 def rm(cfg: RMConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
@@ -227,7 +209,7 @@ def rm(cfg: RMConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
         check_fast_path(cfg, lm, device)  # an architecture the fast path cannot honour falls back (or is refused)
         model = sequence_classifier(lm, eos, cfg.seed)
         make_trainable(model, cfg, device)
-        policy = wrap(model, cfg, device)
+        policy = recipes.wrap_policy(model, cfg, device, cls=RewardModel)
     share = cfg.padding_free and cfg.share_prompt
     collate_items = functools.partial(collate_rm, pad_id=tokenizer.pad_token_id, eos_id=eos, flat=cfg.padding_free,
                                       share_prompt=share, pad_to_multiple_of=cfg.pad_to_multiple_of or None)

@@ -216,13 +216,17 @@ def prepare_batch(batch: dict, *, target_multiple: int = 0, shapes: ShapePlan | 
     return batch
 
 
+def varlen_args(batch: dict) -> tuple | None:
+    """The ``varlen`` argument of ``TokenLogps.body``: a prepared batch's segment bounds, or None without them."""
+    if "cu_seqlens_q" not in batch:
+        return None
+    return batch["cu_seqlens_q"], batch["cu_seqlens_k"], batch.get("kv_index"), batch["max_seqlen"]
+
+
 def run_logps(policy: nn.Module, batch: dict) -> torch.Tensor:
-    varlen = None
-    if "cu_seqlens_q" in batch:
-        varlen = (batch["cu_seqlens_q"], batch["cu_seqlens_k"], batch.get("kv_index"), batch["max_seqlen"])
     return policy(
         batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["tgt_index"], batch["tgt_ids"],
-        batch.get("doc_ids"), batch.get("prefix_ids"), varlen,
+        batch.get("doc_ids"), batch.get("prefix_ids"), varlen_args(batch),
     )
 
 
