@@ -402,14 +402,13 @@ class EvalConfig:
             (self.batch_size >= 0, "batch_size must be >= 0 (0: automatic)"),
             (self.judge_batch_size >= 1, "judge_batch_size must be >= 1"),
             (self.show >= 0, "show must be >= 0"),
-            (self.chat_template in ("auto", "on", "off"), "chat_template must be auto, on or off"),
-            (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
             (not (self.adapter and _is_run_dir(self.policy)), "--adapter goes with a model name/path, not a run "
              "folder (a run folder brings its own final adapter)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(f"Invalid configuration: {message}.")
+        check_choices(self)  # chat_template, device
 
 
 def _is_run_dir(path: str) -> bool:
