@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 from minialign import __version__, dist
-from minialign.cli_help import Parser
+from minialign.cli_help import Parser, add_config_flags
 from minialign.config import DPOConfig, EvalConfig, RMConfig, RunConfig, SFTConfig, prompt_length
 from minialign.errors import UserError
-from minialign.presets import add_flags, build, flag_values, load_yaml, preset
+from minialign.presets import build, flag_values, load_yaml, preset
 
 
 USAGE = "%(prog)s [--demo | --config FILE | --resume RUN_DIR] [--overwrite] [options]"
@@ -43,7 +43,7 @@ def _train_parser(sub, name: str, cls, help: str) -> None:
     _run_options(p, f"{name}-demo")
     p.add_argument("--tensorboard", dest="report_to", action="store_const", const="tensorboard",
                    default=argparse.SUPPRESS, help="deprecated: use --report-to tensorboard")
-    add_flags(p, cls)
+    add_config_flags(p, cls)
 
 
 def _run_options(p, demo: str) -> None:
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole experiment: LoRA table + benchmark, SFT, DPO, evaluation, report",
                        description=description, epilog=epilog, usage=USAGE)
     _run_options(p, "run-demo")
-    add_flags(p, RunConfig)
+    add_config_flags(p, RunConfig)
 
     p = sub.add_parser("generate", help="generate responses from a model (optionally with an adapter)")
     p.add_argument("--model", required=True, help="hub id, local folder, .gguf file or built-in name")
@@ -134,7 +134,7 @@ def _eval_parser(sub) -> None:
             "length, and with --judge a reward model's scores and the policy's win rate")
     p = sub.add_parser("eval", help=help, description=help)
     p.add_argument("--config", help="YAML file of eval settings; flags override it")
-    add_flags(p, EvalConfig)
+    add_config_flags(p, EvalConfig)
 
 
 def cmd_eval(args) -> int:

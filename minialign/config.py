@@ -24,8 +24,8 @@ def opt(default, help: str, *, group: str, choices: tuple | None = None, metavar
         multiple: bool = False):
     """A config field with its one-line ``--help`` text, flag group and allowed values.
 
-    The description lives here, beside the field, and nowhere else: ``presets.add_flags`` builds the CLI from it, so
-    the help cannot drift from the config. Lists get a ``default_factory``. ``multiple``: a string field that
+    The description lives here, beside the field, and nowhere else: ``cli_help.add_config_flags`` builds the CLI
+    from it, so the help cannot drift from the config. Lists get a ``default_factory``. ``multiple``: a string field that
     holds a comma-separated list of ``choices`` (as transformers' ``report_to`` does).
     """
     meta = {"help": help, "group": group, "choices": choices, "metavar": metavar, "multiple": multiple}
