@@ -50,13 +50,17 @@ def gguf_entry(gguf: Path, part: str) -> Path:
     return cache_root() / "gguf" / file_sha256(gguf) / part
 
 
-def cached_gguf(gguf: Path, part: str, convert: Callable[[], T], save: Callable[[T, Path], None],
-                load: Callable[[Path], T]) -> T:
-    """``part`` of ``gguf``: read from its cache entry, or made by ``convert()`` and then saved there.
+def cached_gguf(gguf: Path, part: str, convert: Callable[[], T], load: Callable[[Path], T], *,
+                enabled: bool = True) -> T:
+    """``part`` of ``gguf``: read from its cache entry, or made by ``convert()`` and then saved there
+    (``enabled`` False: only converted, nothing read or written).
 
-    ``save(obj, folder)`` writes what ``load(folder)`` reads back. A cache that cannot be written (read-only home,
-    full disk) costs only the speed-up: the converted object is returned all the same.
+    ``convert()`` makes a transformers model or tokenizer; its ``save_pretrained(folder)`` writes what
+    ``load(folder)`` reads back. A cache that cannot be written (read-only home, full disk) costs only the
+    speed-up: the converted object is returned all the same.
     """
+    if not enabled:
+        return convert()
     entry = gguf_entry(gguf, part)
     replace = entry.exists()
     if complete(entry):
@@ -68,7 +72,7 @@ def cached_gguf(gguf: Path, part: str, convert: Callable[[], T], save: Callable[
             _say(f"the cached {part} in {entry} could not be read ({_first_line(exc)}); converting {gguf.name} again")
     obj = convert()
     try:
-        _publish(entry, lambda folder: save(obj, folder), gguf, replace=replace)
+        _publish(entry, lambda folder: obj.save_pretrained(str(folder)), gguf, replace=replace)
         _say(f"{part} of {gguf.name} converted and cached in {entry} (--no-cache skips the cache)")
     except OSError as exc:
         _say(f"could not cache the converted {part} in {entry} ({exc}); the next start converts it again. Set "

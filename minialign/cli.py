@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 from minialign import __version__, dist
-from minialign.cli_help import Parser
+from minialign.cli_help import Parser, add_config_flags
 from minialign.config import DPOConfig, EvalConfig, RMConfig, RunConfig, SFTConfig, prompt_length
 from minialign.errors import UserError
-from minialign.presets import add_flags, build, flag_values, load_yaml, preset
+from minialign.presets import build, flag_values, load_yaml, preset
 
 
+MODEL_HELP = "hub id, local folder, .gguf file or built-in name"
 USAGE = "%(prog)s [--demo | --config FILE | --resume RUN_DIR] [--overwrite] [options]"
 EXAMPLES = {
     "sft": ("Fine-tune a model on the chosen responses of preference pairs (LoRA unless --full); the run folder "
@@ -43,7 +44,7 @@ def _train_parser(sub, name: str, cls, help: str) -> None:
     _run_options(p, f"{name}-demo")
     p.add_argument("--tensorboard", dest="report_to", action="store_const", const="tensorboard",
                    default=argparse.SUPPRESS, help="deprecated: use --report-to tensorboard")
-    add_flags(p, cls)
+    add_config_flags(p, cls)
 
 
 def _run_options(p, demo: str) -> None:
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("lora-params", help="rank-sweep table of LoRA trainable parameters")
-    p.add_argument("--model", default="pythia-70m", help="hub id, local folder, .gguf file or built-in name")
+    p.add_argument("--model", default="pythia-70m", help=MODEL_HELP)
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8, 16], metavar="R", help="LoRA ranks to count")
     p.add_argument("--targets", default="all-linear", help="all-linear or comma-separated module names")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
@@ -86,10 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole experiment: LoRA table + benchmark, SFT, DPO, evaluation, report",
                        description=description, epilog=epilog, usage=USAGE)
     _run_options(p, "run-demo")
-    add_flags(p, RunConfig)
+    add_config_flags(p, RunConfig)
 
     p = sub.add_parser("generate", help="generate responses from a model (optionally with an adapter)")
-    p.add_argument("--model", required=True, help="hub id, local folder, .gguf file or built-in name")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--adapter", default=None, help="a PEFT-format adapter folder (e.g. RUN_DIR/final/adapter)")
     p.add_argument("--tokenizer", default=None, help="tokenizer to use; default: the model's own")
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for several prompts")
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="training speed and peak memory of minialign on this machine "
                        "(the side-by-side run with TRL is benchmarks/bench_gpu.py)")
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny model, demo data")
-    p.add_argument("--model", default="pythia-70m", help="hub id, local folder, .gguf file or built-in name")
+    p.add_argument("--model", default="pythia-70m", help=MODEL_HELP)
     p.add_argument("--tokenizer", default="../shared/tokenizers/gpt-neox-20b/tokenizer.json", help="tokenizer file or id")
     p.add_argument("--data", default="../shared/data/hh-rlhf/harmless-base/test.jsonl.gz", help="preference data")
     p.add_argument("--tasks", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"], help="tasks to measure")
@@ -134,14 +135,13 @@ def _eval_parser(sub) -> None:
             "length, and with --judge a reward model's scores and the policy's win rate")
     p = sub.add_parser("eval", help=help, description=help)
     p.add_argument("--config", help="YAML file of eval settings; flags override it")
-    add_flags(p, EvalConfig)
+    add_config_flags(p, EvalConfig)
 
 
 def cmd_eval(args) -> int:
     from minialign.evalcmd import run_eval
 
-    layers = [load_yaml(args.config, EvalConfig)] if args.config else []
-    run_eval(build(EvalConfig, *layers, flag_values(args, EvalConfig)))
+    run_eval(_config(args, EvalConfig))
     return 0
 
 
@@ -153,9 +153,14 @@ def _train_config(args, cls, kind: str):
         # How a run is launched is not part of it: it may resume on another number of processes.
         cfg.dist = getattr(args, "dist", cfg.dist if dist.launched_world() > 1 else "auto")
         return cfg
+    return _config(args, cls, f"{kind}-demo")
+
+
+def _config(args, cls, demo: str | None = None):
+    """``cls`` from its defaults, then the ``demo`` preset (with --demo), then --config FILE, then the typed flags."""
     layers = []
-    if args.demo:
-        layers.append(load_yaml(preset(f"{kind}-demo"), cls))
+    if demo and args.demo:
+        layers.append(load_yaml(preset(demo), cls))
     if args.config:
         layers.append(load_yaml(args.config, cls))
     return build(cls, *layers, flag_values(args, cls))
@@ -310,12 +315,7 @@ def cmd_run(args) -> int:
     if args.resume:
         cfg = experiment.resume_config(Path(args.resume))
     else:
-        layers = []
-        if args.demo:
-            layers.append(load_yaml(preset("run-demo"), RunConfig))
-        if args.config:
-            layers.append(load_yaml(args.config, RunConfig))
-        cfg = build(RunConfig, *layers, flag_values(args, RunConfig))
+        cfg = _config(args, RunConfig, "run-demo")
     experiment.run(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     return 0
 

@@ -72,11 +72,11 @@ def _list_of(choices: tuple):
     return parse
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
     """One ``--flag`` per dataclass field, in argument groups (``GROUPS`` order), with the field's help, default
     and choices. Defaults are suppressed in the namespace so only typed flags override presets."""
     types = typing.get_type_hints(cls)
-    fields = [f for f in dataclasses.fields(cls) if f.name not in skip and types[f.name] is not dict]
+    fields = [f for f in dataclasses.fields(cls) if types[f.name] is not dict]
     groups = {}
     for name in GROUPS:
         if any(f.metadata.get("group") == name for f in fields):
@@ -91,9 +91,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...]
         help = meta.get("help")
         if help and choices and meta.get("multiple"):
             help += f"; any of {', '.join(choices)}"
-        if help and "(default:" not in help:  # a help text that explains its own default keeps its words
-            help = f"{help} (default: {show_value(default)})".replace("%", "%%")
-        elif help:
+        if help:
+            if "(default:" not in help:  # a help text that explains its own default keeps its words
+                help += f" (default: {show_value(default)})"
             help = help.replace("%", "%%")
         common = dict(dest=f.name, default=argparse.SUPPRESS, help=help)
         if kind is bool:

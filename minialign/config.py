@@ -24,8 +24,8 @@ def opt(default, help: str, *, group: str, choices: tuple | None = None, metavar
         multiple: bool = False):
     """A config field with its one-line ``--help`` text, flag group and allowed values.
 
-    The description lives here, beside the field, and nowhere else: ``presets.add_flags`` builds the CLI from it, so
-    the help cannot drift from the config. Lists get a ``default_factory``. ``multiple``: a string field that
+    The description lives here, beside the field, and nowhere else: ``cli_help.add_config_flags`` builds the CLI
+    from it, so the help cannot drift from the config. Lists get a ``default_factory``. ``multiple``: a string field that
     holds a comma-separated list of ``choices`` (as transformers' ``report_to`` does).
     """
     meta = {"help": help, "group": group, "choices": choices, "metavar": metavar, "multiple": multiple}
@@ -402,14 +402,13 @@ class EvalConfig:
             (self.batch_size >= 0, "batch_size must be >= 0 (0: automatic)"),
             (self.judge_batch_size >= 1, "judge_batch_size must be >= 1"),
             (self.show >= 0, "show must be >= 0"),
-            (self.chat_template in ("auto", "on", "off"), "chat_template must be auto, on or off"),
-            (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
             (not (self.adapter and _is_run_dir(self.policy)), "--adapter goes with a model name/path, not a run "
              "folder (a run folder brings its own final adapter)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(f"Invalid configuration: {message}.")
+        check_choices(self)  # chat_template, device
 
 
 def _is_run_dir(path: str) -> bool:

@@ -289,8 +289,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained`` loads.
 
     ``modules_to_save`` names modules trained in full beside the adapters (a reward model's ``score`` head): their
-    whole weights are saved under PEFT's keys, ``base_model.model.<module>.<param>``. Atomic: everything goes to a temporary sibling folder which then takes the directory's place, so
-    a crash never leaves a half-written adapter and an existing one is replaced only once complete.
+    whole weights are saved under PEFT's keys, ``base_model.model.<module>.<param>``. Atomic: everything goes to a
+    temporary sibling folder which then takes the directory's place, so a crash never leaves a half-written adapter
+    and an existing one is replaced only once complete.
     """
     config: LoRAConfig | None = getattr(model, "lora_config", None)
     layers = list(lora_layers(model))
@@ -305,7 +306,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         "peft_type": "LORA", "task_type": task_type, "r": config.r, "lora_alpha": config.alpha,
         "lora_dropout": config.dropout, "target_modules": list(model.lora_targets), "use_rslora": config.use_rslora,
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "modules_to_save": list(modules_to_save) or None, "init_lora_weights": True, "use_dora": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
+        "modules_to_save": list(modules_to_save) or None, "init_lora_weights": True, "use_dora": False,
+        "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
         "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None, "revision": None,
         "base_model_name_or_path": base_model_name_or_path or _model_name(model),
     }

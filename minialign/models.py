@@ -180,17 +180,14 @@ def refuse_reward_model(path: str | Path, what: str = "a causal language model")
 
 
 def _load_gguf_model(path: Path, dtype: torch.dtype, name: str, cache: bool = True) -> PreTrainedModel:
-    _require_gguf()
-    if cache:  # kept in float32, the dequantised weights as they are; cast on load
-        from minialign.cache import cached_gguf
+    from minialign.cache import cached_gguf
 
-        model = cached_gguf(path, "model", lambda: _convert_gguf_model(path, torch.float32),
-                            lambda m, folder: m.save_pretrained(str(folder)),
-                            lambda folder: AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
-                                                                                local_files_only=True))
-        model = model.to(dtype)
-    else:
-        model = _convert_gguf_model(path, dtype)
+    _require_gguf()
+    # The cache keeps float32, the dequantised weights as they are, and the load casts them.
+    model = cached_gguf(path, "model", lambda: _convert_gguf_model(path, torch.float32 if cache else dtype),
+                        lambda folder: AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                                            local_files_only=True),
+                        enabled=cache).to(dtype)
     # Both names, so a PEFT adapter trained on it records the GGUF, not the cache folder it was read from.
     model.config._name_or_path = model.name_or_path = name
     return model
@@ -271,7 +268,10 @@ def load_tokenizer(name_or_path: str, *, cache: bool = True) -> PreTrainedTokeni
     gguf = _gguf_file(name_or_path)
     if gguf is not None:
         _require_gguf()
-        tok = _load_gguf_tokenizer(gguf, cache)
+        from minialign.cache import cached_gguf
+
+        tok = cached_gguf(gguf, "tokenizer", lambda: _convert_gguf_tokenizer(gguf),
+                          lambda folder: AutoTokenizer.from_pretrained(str(folder), local_files_only=True), enabled=cache)
     elif name_or_path.endswith(".json"):
         path = Path(name_or_path)
         if not path.is_file():
@@ -291,20 +291,12 @@ def load_tokenizer(name_or_path: str, *, cache: bool = True) -> PreTrainedTokeni
     return tok
 
 
-def _load_gguf_tokenizer(path: Path, cache: bool) -> PreTrainedTokenizerBase:
-    def convert() -> PreTrainedTokenizerBase:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        # SmolLM2's GGUF reports <|im_start|> as EOS; its model config (and chat format) end turns with <|im_end|>.
-        if "<|im_end|>" in tok.get_vocab():
-            tok.eos_token = "<|im_end|>"
-        return tok
-
-    if not cache:
-        return convert()
-    from minialign.cache import cached_gguf
-
-    return cached_gguf(path, "tokenizer", convert, lambda tok, folder: tok.save_pretrained(str(folder)),
-                       lambda folder: AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+def _convert_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    # SmolLM2's GGUF reports <|im_start|> as EOS; its model config (and chat format) end turns with <|im_end|>.
+    if "<|im_end|>" in tok.get_vocab():
+        tok.eos_token = "<|im_end|>"
+    return tok
 
 
 def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_name: str, tokenizer_name: str) -> None:

@@ -15,14 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from minialign.cli_help import add_config_flags
 from minialign.errors import UserError
 
 PRESETS = Path(__file__).parent / "configs"
-
-
-def _field_types(cls) -> dict[str, type]:
-    return typing.get_type_hints(cls)
 
 
 def load_yaml(path: str | Path, cls) -> dict:
@@ -49,7 +44,7 @@ def check_keys(data: dict, cls, where: str) -> None:
 
 def build(cls, *layers: dict):
     """Instantiate ``cls`` from dicts applied in order, coercing YAML scalars to the field types."""
-    types = _field_types(cls)
+    types = typing.get_type_hints(cls)
     values: dict = {}
     for layer in layers:
         for key, value in layer.items():
@@ -76,11 +71,6 @@ def _coerce(value, kind, key: str):
         except (TypeError, ValueError):
             raise UserError(f"Field {key}: expected {kind.__name__}, got {value!r}.") from None
     return value
-
-
-def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per dataclass field with its help, default and choices (``cli_help.add_config_flags``)."""
-    add_config_flags(parser, cls, skip)
 
 
 def flag_values(args: argparse.Namespace, cls) -> dict:

@@ -8,6 +8,8 @@ package is optional (``pip install 'minialign[wandb]'``); only rank 0 opens one.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 from pathlib import Path
 from typing import Protocol
@@ -80,31 +82,20 @@ class TensorBoard:
         self.writer.close()
 
 
-class WandB:
-    def __init__(self, run_dir: Path, project: str, name: str, config: dict) -> None:
-        import wandb
+class WandBStyle:
+    """wandb, and trackio, which copies its module-level API: ``init(project, name, config)``,
+    ``log(metrics, step=)``, ``finish()``. Only wandb takes a folder for its files; trackio keeps its own store."""
 
-        self.run = wandb.init(project=project, name=name, dir=str(run_dir), config=config)
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log(metrics, step=step)
-
-    def close(self) -> None:
-        self.run.finish()
-
-
-class Trackio:
-    def __init__(self, run_dir: Path, project: str, name: str, config: dict) -> None:
-        import trackio
-
-        self.trackio = trackio
-        trackio.init(project=project, name=name, config=config)
+    def __init__(self, package: str, run_dir: Path, project: str, name: str, config: dict) -> None:
+        self.module = importlib.import_module(package)
+        where = {"dir": str(run_dir)} if package == "wandb" else {}
+        self.module.init(project=project, name=name, config=config, **where)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.trackio.log(metrics, step=step)
+        self.module.log(metrics, step=step)
 
     def close(self) -> None:
-        self.trackio.finish()
+        self.module.finish()
 
 
 class MLflow:
@@ -123,7 +114,8 @@ class MLflow:
         self.mlflow.end_run()
 
 
-BACKENDS = {"tensorboard": TensorBoard, "wandb": WandB, "trackio": Trackio, "mlflow": MLflow}
+BACKENDS = {"tensorboard": TensorBoard, "wandb": functools.partial(WandBStyle, "wandb"),
+            "trackio": functools.partial(WandBStyle, "trackio"), "mlflow": MLflow}
 
 
 class Trackers:

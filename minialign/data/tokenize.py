@@ -97,7 +97,7 @@ def tokenize_pairs(
     out, truncated = [], 0
     for pair, p, c, r in zip(pairs, prompts, chosen, rejected):
         p, (c, r), was_cut = truncate(p, [c + [eos], r + [eos]], **limits)
-        out.append(TokenizedPair(p, c, r, getattr(pair, "margin", 0.0)))
+        out.append(TokenizedPair(p, c, r, pair.margin))
         truncated += was_cut
     return TokenizedData(out, truncated=truncated)
 
