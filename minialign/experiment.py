@@ -24,7 +24,7 @@ import yaml
 
 from minialign import lora
 from minialign.bench import Measurement, compare_modes
-from minialign.config import DPOConfig, RunConfig, SFTConfig
+from minialign.config import DPOConfig, RunConfig, SFTConfig, check_choices
 from minialign.data import collate_sft, tokenize_pairs, tokenize_sft
 from minialign.errors import UserError
 from minialign.evaluate import dpo_eval, dpo_samples, heldout_loss, preference_metrics, pair_logps, sft_samples
@@ -267,9 +267,7 @@ def resume_config(run_dir: Path) -> RunConfig:
 
 
 def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
-    unknown = sorted(set(cfg.stages) - set(STAGES))
-    if unknown:
-        raise UserError(f"Unknown stage(s) {', '.join(unknown)}; --stages takes any of {' '.join(STAGES)}.")
+    check_choices(cfg)  # stages, device: a YAML preset or a resumed run.yaml does not pass through argparse
     ctx = Context(cfg)  # tokenizer and data first: a bad source fails before the run folder is written
     stages_file, results_file = ctx.run_dir / "stages.json", ctx.run_dir / "results.json"
     if cfg.judge and "eval" in cfg.stages and not (resume and "eval" in _read_json(stages_file).get("done", [])):

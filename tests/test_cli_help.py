@@ -144,3 +144,11 @@ def test_every_shipped_preset_builds_its_command_config():
             cfg.validate()
     smol = build(DPOConfig, load_yaml(PRESETS / "smollm2-hh.yaml", DPOConfig), {})
     assert (smol.rpo_alpha, smol.lora_r, smol.chat_template) == (1.0, 16, True)
+
+
+def test_run_config_choices_are_checked_outside_argparse(tmp_path):
+    """A run.yaml preset is not parsed by argparse: an unknown stage or device still stops with the field's choices."""
+    bad = tmp_path / "run.yaml"
+    bad.write_text("stages: [sft, train]\n")
+    assert cli.main(["run", "--demo", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r" / "run.yaml").exists()
