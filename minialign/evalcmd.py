@@ -59,10 +59,7 @@ def run_folder(path: str, flag: str) -> tuple[Path, str] | None:
         if not (folder / "dpo" / "kind").is_file():
             raise UserError(f"{flag} {path} is a `minialign run` folder whose DPO stage has not run; resume it first.")
         return run_folder(str(folder / "dpo"), flag)
-    if (folder / "config.yaml").is_file():
-        data = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-        return folder, "dpo" if "beta" in data else "sft"
-    return None
+    return None  # every sft/dpo run folder has a 'kind' file (recipes.prepare_run_dir writes it with config.yaml)
 
 
 def start_model(cfg: TrainConfig, kind: str, tokenizer) -> torch.nn.Module:
@@ -74,26 +71,36 @@ def start_model(cfg: TrainConfig, kind: str, tokenizer) -> torch.nn.Module:
     return recipes.load_base(cfg, tokenizer)
 
 
+def run_config(folder: Path, kind: str) -> TrainConfig:
+    from minialign.recipes import load_run_config
+
+    return load_run_config(folder, DPOConfig if kind == "dpo" else SFTConfig)
+
+
+def folder_tokenizer(folder: Path, cfg: TrainConfig) -> str:
+    """The tokenizer a run brings: its saved final/tokenizer, else the one its config names."""
+    from minialign.recipes import default_tokenizer
+
+    saved = folder / "final" / "tokenizer"
+    return str(saved) if saved.is_dir() else cfg.tokenizer or default_tokenizer(cfg.model)
+
+
 def run_tokenizer(spec: str) -> str:
-    """The tokenizer a run or model brings: a run's saved final/tokenizer, else its model's own."""
-    from minialign.recipes import default_tokenizer, load_run_config
+    """The tokenizer a run or model brings: a run's (``folder_tokenizer``), else its model's own."""
+    from minialign.recipes import default_tokenizer
 
     found = run_folder(spec, "--policy")
     if found is None:
         return default_tokenizer(spec)
     folder, kind = found
-    saved = folder / "final" / "tokenizer"
-    if saved.is_dir():
-        return str(saved)
-    cfg = load_run_config(folder, DPOConfig if kind == "dpo" else SFTConfig)
-    return cfg.tokenizer or default_tokenizer(cfg.model)
+    return folder_tokenizer(folder, run_config(folder, kind))
 
 
 def load_side(spec: str, adapter: str, flag: str, tokenizer) -> Side:
     """The final model of a run folder (its adapter over its starting model, or final/model), or a model
     name/path with an optional adapter."""
     from minialign.models import load_model
-    from minialign.recipes import load_run_config
+    from minialign.recipes import default_tokenizer
 
     found = run_folder(spec, flag)
     if found is None:
@@ -101,9 +108,9 @@ def load_side(spec: str, adapter: str, flag: str, tokenizer) -> Side:
         if adapter:
             lora.load_adapter(model, adapter)
         return Side(model, spec + (f" + adapter {adapter}" if adapter else ""), adapter=bool(adapter),
-                    tokenizer=run_tokenizer(spec))
+                    tokenizer=default_tokenizer(spec))
     folder, kind = found
-    cfg = load_run_config(folder, DPOConfig if kind == "dpo" else SFTConfig)
+    cfg = run_config(folder, kind)
     final = folder / "final"
     if (final / "adapter").is_dir():
         model = lora.load_adapter(start_model(cfg, kind, tokenizer), final / "adapter")
@@ -113,7 +120,7 @@ def load_side(spec: str, adapter: str, flag: str, tokenizer) -> Side:
     else:
         raise UserError(f"{flag} {spec}: the {kind} run has no final/adapter or final/model: did it finish? "
                         f"Resume it with `minialign {kind} --resume {folder}`.")
-    return Side(model, f"{kind} run {folder}", folder, kind, cfg, has_adapter, run_tokenizer(str(folder)))
+    return Side(model, f"{kind} run {folder}", folder, kind, cfg, has_adapter, folder_tokenizer(folder, cfg))
 
 
 def default_reference(policy: Side, tokenizer) -> tuple[torch.nn.Module | None, str]:
@@ -131,20 +138,14 @@ def same_vocab(a, b) -> bool:
     return a.get_vocab() == b.get_vocab()
 
 
-def policy_training(policy: Side) -> list[tuple[str, RowSet]]:
-    return config_training(policy.cfg, policy.kind or "")
-
-
 def config_training(cfg: TrainConfig | None, kind: str) -> list[tuple[str, RowSet]]:
     """Every row set a policy learned from: its own run's, and for DPO from an SFT run, that run's too."""
-    from minialign.recipes import load_run_config
-
     if cfg is None:
         return []
     trained = [(f"the policy's {kind} run", train_rows(cfg))]
     sft = getattr(cfg, "sft", "")
     if sft and (Path(sft) / "config.yaml").is_file():
-        trained.append(("the policy's SFT run", train_rows(load_run_config(Path(sft), SFTConfig))))
+        trained.append(("the policy's SFT run", train_rows(run_config(Path(sft), "sft"))))
     return trained
 
 
@@ -194,7 +195,7 @@ def load_checked_judge(path: str, device, prompts, rows: RowSet, trained) -> tup
 
     judge = load_judge(path, device=device)  # cache left on (EvalConfig has no such setting): one load a process
     info = judge.info
-    jrows = judge_rows(info)
+    jrows = judge_rows(judge.config)
     context = {
         "run_dir": str(info.get("run_dir", path)), "model": info.get("model"),
         "heldout_accuracy": info.get("heldout_accuracy"), "n_train": info.get("n_train"),
@@ -230,7 +231,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     rows = prompt_rows(cfg, policy)
     chat = cfg.chat_template == "on" or (cfg.chat_template == "auto" and bool(policy.cfg and policy.cfg.chat_template))
     prompts = load_prompts(rows, cfg.n, chat_tokenizer=tokenizer if chat else None)
-    trained = policy_training(policy)
+    trained = config_training(policy.cfg, policy.kind or "")
     check_not_trained_on(prompts, rows, trained)
     judge, context = (None, None)
     if cfg.judge:
