@@ -20,7 +20,7 @@ from minialign import lora
 from minialign.config import DPOConfig, EvalConfig, SFTConfig, TrainConfig
 from minialign.errors import UserError
 from minialign.evalrows import RowSet, check_not_trained_on, heldout_rows, judge_rows, load_prompts, train_rows
-from minialign.geneval import Decoding, compare, generation_blocks, metrics_table, text_table, win_table
+from minialign.geneval import Decoding, EvalPrompt, compare, generation_blocks, tables_text
 
 HH_DEFAULT = RowSet("Anthropic/hh-rlhf", "test", "harmless-base", "0:300")
 
@@ -208,6 +208,21 @@ def load_checked_judge(path: str, device, prompts, rows: RowSet, trained) -> tup
     return judge, context
 
 
+def judged_compare(policy, reference, tokenizer, prompts: list[EvalPrompt], rows: RowSet,
+                   trained: list[tuple[str, RowSet]], decoding: Decoding, device, *, judge_path: str = "",
+                   judge_batch_size: int = 32) -> dict:
+    """``geneval.compare`` on ``device``, with the judge at ``judge_path`` (if any) and its context: the one path
+    behind `minialign eval` and the generation metrics of `minialign run`."""
+    judge, context = None, None
+    if judge_path:
+        judge, context = load_checked_judge(judge_path, device, prompts, rows, trained)
+    policy.to(device)
+    if reference is not None:
+        reference.to(device)
+    return compare(policy, reference, tokenizer, prompts, decoding, judge=judge, judge_batch_size=judge_batch_size,
+                   judge_context=context)
+
+
 def run_eval(cfg: EvalConfig) -> Path:
     """`minialign eval`: every input checked before the first answer is generated."""
     from minialign.models import load_tokenizer
@@ -233,24 +248,15 @@ def run_eval(cfg: EvalConfig) -> Path:
     prompts = load_prompts(rows, cfg.n, chat_tokenizer=tokenizer if chat else None)
     trained = config_training(policy.cfg, policy.kind or "")
     check_not_trained_on(prompts, rows, trained)
-    judge, context = (None, None)
-    if cfg.judge:
-        judge, context = load_checked_judge(cfg.judge, device, prompts, rows, trained)
     out = Path(cfg.out or (policy.run_dir / "eval" if policy.run_dir else "runs/eval"))
     print(f"minialign eval: policy {policy.label}; reference {ref_label}; {len(prompts)} prompts from {rows.label()}")
-    policy.model.to(device)
-    if reference is not None:
-        reference.to(device)
     decoding = Decoding(cfg.max_new_tokens, cfg.samples, cfg.temperature, cfg.top_p, cfg.seed, cfg.batch_size or None)
-    results = compare(policy.model, reference, tokenizer, prompts, decoding, judge=judge,
-                      judge_batch_size=cfg.judge_batch_size, judge_context=context)
+    results = judged_compare(policy.model, reference, tokenizer, prompts, rows, trained, decoding, device,
+                             judge_path=cfg.judge, judge_batch_size=cfg.judge_batch_size)
     results = {"policy": policy.label, "reference": ref_label, "prompt_source": rows.label(),
                "chat_template": chat, "config": dataclasses.asdict(cfg), **results}
     write_outputs(out, results, cfg.show)
-    print(text_table(metrics_table(results)))
-    wins = win_table(results)
-    if wins is not None:
-        print("\n" + text_table(wins))
+    print(tables_text(results))
     spent = ", ".join(f"{mode} {sec:.1f} s" for mode, sec in results["generation_s"].items())
     print(f"\nminialign eval: generation for {len(prompts)} prompts x 2 models: {spent}")
     print(f"minialign eval: wrote {out / 'eval.json'} and {out / 'eval.md'}")
