@@ -185,22 +185,18 @@ def stage_eval(ctx: Context) -> dict:
         "samples": sft_samples(sft_model, ctx.tokenizer, shown, max_new_tokens=cfg.max_new_tokens, device=ctx.device),
     }
     final = ctx.run_dir / "dpo" / "final"
-    if (final / "adapter").is_dir():
-        policy = lora.load_adapter(sft_model, final / "adapter")
+    if (final / "adapter").is_dir():  # the reference is the policy with its adapters off (None)
+        policy, reference = lora.load_adapter(sft_model, final / "adapter"), None
         metrics = dpo_eval(policy, pairs, beta=dpo_cfg.beta, **kw)
-        samples = dpo_samples(policy, ctx.tokenizer, shown, max_new_tokens=cfg.max_new_tokens, device=ctx.device)
     else:  # full fine-tuning: a separate policy model, the SFT model as reference
-        policy = load_model(str(final / "model"))
+        policy, reference = load_model(str(final / "model")), sft_model
         metrics = preference_metrics(pair_logps(policy, pairs, **kw), pair_logps(sft_model, pairs, **kw), dpo_cfg.beta)
-        ref_out = sft_samples(sft_model, ctx.tokenizer, shown, max_new_tokens=cfg.max_new_tokens, device=ctx.device)
-        pol_out = sft_samples(policy, ctx.tokenizer, shown, max_new_tokens=cfg.max_new_tokens, device=ctx.device)
-        samples = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "reference": r["model"], "policy": o["model"]}
-                   for p, r, o in zip(shown, ref_out, pol_out)]
+    samples = dpo_samples(policy, ctx.tokenizer, shown, max_new_tokens=cfg.max_new_tokens, device=ctx.device,
+                          reference=reference)
     print(f"  SFT held-out loss {before['loss']:.3f} -> {after['loss']:.3f}; preference accuracy "
           f"reference {metrics['reference_accuracy']:.3f} -> policy {metrics['policy_accuracy']:.3f}; "
           f"reward accuracy {metrics['reward_accuracy']:.3f}, margin {metrics['reward_margin']:.3f}")
-    adapter = (final / "adapter").is_dir()
-    generation = generation_eval(ctx, dpo_cfg, policy, None if adapter else sft_model)
+    generation = generation_eval(ctx, dpo_cfg, policy, reference)
     return {"sft": sft, "dpo": {"eval": metrics, "samples": samples}, "generation": generation}
 
 
