@@ -20,7 +20,7 @@ from minialign import lora
 from minialign.config import DPOConfig, EvalConfig, SFTConfig, TrainConfig
 from minialign.errors import UserError
 from minialign.evalrows import RowSet, check_not_trained_on, heldout_rows, judge_rows, load_prompts, train_rows
-from minialign.geneval import Decoding, compare, generation_blocks, metrics_table, text_table, win_table
+from minialign.geneval import Decoding, EvalPrompt, compare, generation_blocks, tables_text
 
 HH_DEFAULT = RowSet("Anthropic/hh-rlhf", "test", "harmless-base", "0:300")
 
@@ -59,10 +59,7 @@ def run_folder(path: str, flag: str) -> tuple[Path, str] | None:
         if not (folder / "dpo" / "kind").is_file():
             raise UserError(f"{flag} {path} is a `minialign run` folder whose DPO stage has not run; resume it first.")
         return run_folder(str(folder / "dpo"), flag)
-    if (folder / "config.yaml").is_file():
-        data = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-        return folder, "dpo" if "beta" in data else "sft"
-    return None
+    return None  # every sft/dpo run folder has a 'kind' file (recipes.prepare_run_dir writes it with config.yaml)
 
 
 def start_model(cfg: TrainConfig, kind: str, tokenizer) -> torch.nn.Module:
@@ -74,26 +71,36 @@ def start_model(cfg: TrainConfig, kind: str, tokenizer) -> torch.nn.Module:
     return recipes.load_base(cfg, tokenizer)
 
 
+def run_config(folder: Path, kind: str) -> TrainConfig:
+    from minialign.recipes import load_run_config
+
+    return load_run_config(folder, DPOConfig if kind == "dpo" else SFTConfig)
+
+
+def folder_tokenizer(folder: Path, cfg: TrainConfig) -> str:
+    """The tokenizer a run brings: its saved final/tokenizer, else the one its config names."""
+    from minialign.recipes import default_tokenizer
+
+    saved = folder / "final" / "tokenizer"
+    return str(saved) if saved.is_dir() else cfg.tokenizer or default_tokenizer(cfg.model)
+
+
 def run_tokenizer(spec: str) -> str:
-    """The tokenizer a run or model brings: a run's saved final/tokenizer, else its model's own."""
-    from minialign.recipes import default_tokenizer, load_run_config
+    """The tokenizer a run or model brings: a run's (``folder_tokenizer``), else its model's own."""
+    from minialign.recipes import default_tokenizer
 
     found = run_folder(spec, "--policy")
     if found is None:
         return default_tokenizer(spec)
     folder, kind = found
-    saved = folder / "final" / "tokenizer"
-    if saved.is_dir():
-        return str(saved)
-    cfg = load_run_config(folder, DPOConfig if kind == "dpo" else SFTConfig)
-    return cfg.tokenizer or default_tokenizer(cfg.model)
+    return folder_tokenizer(folder, run_config(folder, kind))
 
 
 def load_side(spec: str, adapter: str, flag: str, tokenizer) -> Side:
     """The final model of a run folder (its adapter over its starting model, or final/model), or a model
     name/path with an optional adapter."""
     from minialign.models import load_model
-    from minialign.recipes import load_run_config
+    from minialign.recipes import default_tokenizer
 
     found = run_folder(spec, flag)
     if found is None:
@@ -101,9 +108,9 @@ def load_side(spec: str, adapter: str, flag: str, tokenizer) -> Side:
         if adapter:
             lora.load_adapter(model, adapter)
         return Side(model, spec + (f" + adapter {adapter}" if adapter else ""), adapter=bool(adapter),
-                    tokenizer=run_tokenizer(spec))
+                    tokenizer=default_tokenizer(spec))
     folder, kind = found
-    cfg = load_run_config(folder, DPOConfig if kind == "dpo" else SFTConfig)
+    cfg = run_config(folder, kind)
     final = folder / "final"
     if (final / "adapter").is_dir():
         model = lora.load_adapter(start_model(cfg, kind, tokenizer), final / "adapter")
@@ -113,7 +120,7 @@ def load_side(spec: str, adapter: str, flag: str, tokenizer) -> Side:
     else:
         raise UserError(f"{flag} {spec}: the {kind} run has no final/adapter or final/model: did it finish? "
                         f"Resume it with `minialign {kind} --resume {folder}`.")
-    return Side(model, f"{kind} run {folder}", folder, kind, cfg, has_adapter, run_tokenizer(str(folder)))
+    return Side(model, f"{kind} run {folder}", folder, kind, cfg, has_adapter, folder_tokenizer(folder, cfg))
 
 
 def default_reference(policy: Side, tokenizer) -> tuple[torch.nn.Module | None, str]:
@@ -131,20 +138,14 @@ def same_vocab(a, b) -> bool:
     return a.get_vocab() == b.get_vocab()
 
 
-def policy_training(policy: Side) -> list[tuple[str, RowSet]]:
-    return config_training(policy.cfg, policy.kind or "")
-
-
 def config_training(cfg: TrainConfig | None, kind: str) -> list[tuple[str, RowSet]]:
     """Every row set a policy learned from: its own run's, and for DPO from an SFT run, that run's too."""
-    from minialign.recipes import load_run_config
-
     if cfg is None:
         return []
     trained = [(f"the policy's {kind} run", train_rows(cfg))]
     sft = getattr(cfg, "sft", "")
     if sft and (Path(sft) / "config.yaml").is_file():
-        trained.append(("the policy's SFT run", train_rows(load_run_config(Path(sft), SFTConfig))))
+        trained.append(("the policy's SFT run", train_rows(run_config(Path(sft), "sft"))))
     return trained
 
 
@@ -194,7 +195,7 @@ def load_checked_judge(path: str, device, prompts, rows: RowSet, trained) -> tup
 
     judge = load_judge(path, device=device)  # cache left on (EvalConfig has no such setting): one load a process
     info = judge.info
-    jrows = judge_rows(info)
+    jrows = judge_rows(judge.config)
     context = {
         "run_dir": str(info.get("run_dir", path)), "model": info.get("model"),
         "heldout_accuracy": info.get("heldout_accuracy"), "n_train": info.get("n_train"),
@@ -205,6 +206,21 @@ def load_checked_judge(path: str, device, prompts, rows: RowSet, trained) -> tup
         "overlap_prompts": jrows.key == rows.key and bool(jrows.members([p.row for p in prompts])),
     }
     return judge, context
+
+
+def judged_compare(policy, reference, tokenizer, prompts: list[EvalPrompt], rows: RowSet,
+                   trained: list[tuple[str, RowSet]], decoding: Decoding, device, *, judge_path: str = "",
+                   judge_batch_size: int = 32) -> dict:
+    """``geneval.compare`` on ``device``, with the judge at ``judge_path`` (if any) and its context: the one path
+    behind `minialign eval` and the generation metrics of `minialign run`."""
+    judge, context = None, None
+    if judge_path:
+        judge, context = load_checked_judge(judge_path, device, prompts, rows, trained)
+    policy.to(device)
+    if reference is not None:
+        reference.to(device)
+    return compare(policy, reference, tokenizer, prompts, decoding, judge=judge, judge_batch_size=judge_batch_size,
+                   judge_context=context)
 
 
 def run_eval(cfg: EvalConfig) -> Path:
@@ -230,26 +246,17 @@ def run_eval(cfg: EvalConfig) -> Path:
     rows = prompt_rows(cfg, policy)
     chat = cfg.chat_template == "on" or (cfg.chat_template == "auto" and bool(policy.cfg and policy.cfg.chat_template))
     prompts = load_prompts(rows, cfg.n, chat_tokenizer=tokenizer if chat else None)
-    trained = policy_training(policy)
+    trained = config_training(policy.cfg, policy.kind or "")
     check_not_trained_on(prompts, rows, trained)
-    judge, context = (None, None)
-    if cfg.judge:
-        judge, context = load_checked_judge(cfg.judge, device, prompts, rows, trained)
     out = Path(cfg.out or (policy.run_dir / "eval" if policy.run_dir else "runs/eval"))
     print(f"minialign eval: policy {policy.label}; reference {ref_label}; {len(prompts)} prompts from {rows.label()}")
-    policy.model.to(device)
-    if reference is not None:
-        reference.to(device)
     decoding = Decoding(cfg.max_new_tokens, cfg.samples, cfg.temperature, cfg.top_p, cfg.seed, cfg.batch_size or None)
-    results = compare(policy.model, reference, tokenizer, prompts, decoding, judge=judge,
-                      judge_batch_size=cfg.judge_batch_size, judge_context=context)
+    results = judged_compare(policy.model, reference, tokenizer, prompts, rows, trained, decoding, device,
+                             judge_path=cfg.judge, judge_batch_size=cfg.judge_batch_size)
     results = {"policy": policy.label, "reference": ref_label, "prompt_source": rows.label(),
                "chat_template": chat, "config": dataclasses.asdict(cfg), **results}
     write_outputs(out, results, cfg.show)
-    print(text_table(metrics_table(results)))
-    wins = win_table(results)
-    if wins is not None:
-        print("\n" + text_table(wins))
+    print(tables_text(results))
     spent = ", ".join(f"{mode} {sec:.1f} s" for mode, sec in results["generation_s"].items())
     print(f"\nminialign eval: generation for {len(prompts)} prompts x 2 models: {spent}")
     print(f"minialign eval: wrote {out / 'eval.json'} and {out / 'eval.md'}")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from minialign.config import TrainConfig
-from minialign.data.sources import PreferencePair, parse_rows, read_rows, resolve_paths, row_to_pair, split_pairs
+from minialign.data.sources import (PreferencePair, _select, parse_rows, read_rows, resolve_paths, row_to_pair,
+                                    split_pairs)
 from minialign.errors import UserError
 from minialign.geneval import EvalPrompt
 
@@ -73,13 +73,8 @@ class RowSet:
 
 def indexed_pairs(dataset: str, split: str, data_dir: str, rows: str) -> Iterator[tuple[int, PreferencePair]]:
     """Usable (raw row index, pair) of a source's row span, lazily, in row order (unusable rows skipped)."""
-    span = parse_rows(rows or None)
     indexed = enumerate(read_rows(dataset, split=split, data_dir=data_dir or None))
-    if (span.start or 0) >= 0 and (span.stop is None or span.stop >= 0):
-        selected = itertools.islice(indexed, span.start, span.stop)
-    else:
-        selected = iter(list(indexed)[span])
-    for index, (where, row) in selected:
+    for index, (where, row) in _select(indexed, parse_rows(rows or None)):
         pair = row_to_pair(row, where)
         if not isinstance(pair, str):
             yield index, pair
@@ -156,13 +151,6 @@ def check_not_trained_on(prompts: list[EvalPrompt], prompt_rows: RowSet, trained
                 "eval rows, or pick --rows outside its training span.")
 
 
-def judge_rows(info: dict) -> RowSet:
-    """The rows a judge (`minialign rm` run) trained on, from its info and, for split and data_dir, its config."""
-    split, data_dir = "train", ""
-    config = Path(str(info.get("run_dir", ""))) / "config.yaml"
-    if config.is_file():
-        import yaml
-
-        data = yaml.safe_load(config.read_text()) or {}
-        split, data_dir = str(data.get("train_split", split)), str(data.get("data_dir") or "")
-    return RowSet(str(info.get("dataset", "")), split, data_dir, str(info.get("train_rows") or ""))
+def judge_rows(cfg: TrainConfig) -> RowSet:
+    """The rows a judge (`minialign rm` run, ``Judge.config``) trained on: its source and train span."""
+    return RowSet(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.train_rows)

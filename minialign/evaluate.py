@@ -77,13 +77,19 @@ def sft_samples(model, tokenizer, pairs: Sequence, *, max_new_tokens: int, devic
     return [{"prompt": p.prompt, "expected": p.chosen, "model": o} for p, o in zip(pairs, outputs)]
 
 
-def dpo_samples(model, tokenizer, pairs: Sequence, *, max_new_tokens: int, device="cpu") -> list[dict[str, str]]:
+def dpo_samples(model, tokenizer, pairs: Sequence, *, max_new_tokens: int, device="cpu",
+                reference=None) -> list[dict[str, str]]:
+    """Greedy answers of the policy ``model`` and its reference side by side; ``reference=None`` is the policy
+    with its LoRA adapters switched off (the model it started from), as in ``geneval.compare``."""
     prompts = [p.prompt for p in pairs]
     model.to(device)
     policy = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
-    with lora.disabled(model):
-        reference = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    if reference is None:
+        with lora.disabled(model):
+            reference_out = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    else:
+        reference_out = generate(reference.to(device), tokenizer, prompts, max_new_tokens=max_new_tokens)
     return [
         {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "reference": r, "policy": o}
-        for p, r, o in zip(pairs, reference, policy)
+        for p, r, o in zip(pairs, reference_out, policy)
     ]

@@ -185,22 +185,18 @@ def stage_eval(ctx: Context) -> dict:
         "samples": sft_samples(sft_model, ctx.tokenizer, shown, max_new_tokens=cfg.max_new_tokens, device=ctx.device),
     }
     final = ctx.run_dir / "dpo" / "final"
-    if (final / "adapter").is_dir():
-        policy = lora.load_adapter(sft_model, final / "adapter")
+    if (final / "adapter").is_dir():  # the reference is the policy with its adapters off (None)
+        policy, reference = lora.load_adapter(sft_model, final / "adapter"), None
         metrics = dpo_eval(policy, pairs, beta=dpo_cfg.beta, **kw)
-        samples = dpo_samples(policy, ctx.tokenizer, shown, max_new_tokens=cfg.max_new_tokens, device=ctx.device)
     else:  # full fine-tuning: a separate policy model, the SFT model as reference
-        policy = load_model(str(final / "model"))
+        policy, reference = load_model(str(final / "model")), sft_model
         metrics = preference_metrics(pair_logps(policy, pairs, **kw), pair_logps(sft_model, pairs, **kw), dpo_cfg.beta)
-        ref_out = sft_samples(sft_model, ctx.tokenizer, shown, max_new_tokens=cfg.max_new_tokens, device=ctx.device)
-        pol_out = sft_samples(policy, ctx.tokenizer, shown, max_new_tokens=cfg.max_new_tokens, device=ctx.device)
-        samples = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "reference": r["model"], "policy": o["model"]}
-                   for p, r, o in zip(shown, ref_out, pol_out)]
+    samples = dpo_samples(policy, ctx.tokenizer, shown, max_new_tokens=cfg.max_new_tokens, device=ctx.device,
+                          reference=reference)
     print(f"  SFT held-out loss {before['loss']:.3f} -> {after['loss']:.3f}; preference accuracy "
           f"reference {metrics['reference_accuracy']:.3f} -> policy {metrics['policy_accuracy']:.3f}; "
           f"reward accuracy {metrics['reward_accuracy']:.3f}, margin {metrics['reward_margin']:.3f}")
-    adapter = (final / "adapter").is_dir()
-    generation = generation_eval(ctx, dpo_cfg, policy, None if adapter else sft_model)
+    generation = generation_eval(ctx, dpo_cfg, policy, reference)
     return {"sft": sft, "dpo": {"eval": metrics, "samples": samples}, "generation": generation}
 
 
@@ -208,9 +204,9 @@ def generation_eval(ctx: Context, dpo_cfg: DPOConfig, policy, reference) -> dict
     """The generation metrics of `minialign eval` (same code path) for the DPO policy and its reference
     (None: the policy with its adapters off), over the first ``eval_prompts`` held-out prompts of the DPO run;
     with ``judge`` (RunConfig.judge), also the judge's scores and the policy's win rate, beside the judge's held-out accuracy."""
-    from minialign.evalcmd import config_training, load_checked_judge
+    from minialign.evalcmd import config_training, judged_compare
     from minialign.evalrows import heldout_rows, load_prompts
-    from minialign.geneval import Decoding, compare, metrics_table, text_table, win_table
+    from minialign.geneval import Decoding, tables_text
 
     cfg = ctx.cfg
     if cfg.eval_prompts < 1:
@@ -218,18 +214,10 @@ def generation_eval(ctx: Context, dpo_cfg: DPOConfig, policy, reference) -> dict
     chat = ctx.tokenizer if dpo_cfg.chat_template else None
     rows = heldout_rows(dpo_cfg)
     prompts = load_prompts(rows, cfg.eval_prompts, chat_tokenizer=chat, strict=False)
-    judge, context = None, None
-    if cfg.judge:
-        judge, context = load_checked_judge(cfg.judge, ctx.device, prompts, rows, config_training(dpo_cfg, "dpo"))
-    policy.to(ctx.device)
-    if reference is not None:
-        reference.to(ctx.device)
     decoding = Decoding(cfg.max_new_tokens, cfg.eval_samples, cfg.eval_temperature, cfg.eval_top_p, cfg.seed)
-    results = compare(policy, reference, ctx.tokenizer, prompts, decoding, judge=judge, judge_context=context)
-    print("  generation metrics (reference vs DPO policy):\n" + text_table(metrics_table(results)))
-    wins = win_table(results)
-    if wins is not None:
-        print(text_table(wins))
+    results = judged_compare(policy, reference, ctx.tokenizer, prompts, rows, config_training(dpo_cfg, "dpo"),
+                             decoding, ctx.device, judge_path=cfg.judge)
+    print("  generation metrics (reference vs DPO policy):\n" + tables_text(results))
     return results
 
 

@@ -89,8 +89,9 @@ def generate(
     cache on (each new token attends to cached keys, not a recomputed prefix).
     """
     prompts = list(prompts)
+    device = next(model.parameters()).device
     if batch_size is None:
-        batch_size = CUDA_BATCH_SIZE if next(model.parameters()).device.type == "cuda" else CPU_BATCH_SIZE
+        batch_size = CUDA_BATCH_SIZE if device.type == "cuda" else CPU_BATCH_SIZE
     _check_arguments(prompts, max_new_tokens, temperature, top_p, top_k, batch_size, do_sample)
     if num_samples < 1:
         raise UserError(f"num_samples is {num_samples}; it must be at least 1 (answers per prompt).")
@@ -104,7 +105,6 @@ def generate(
     config = _generation_config(
         max_new_tokens, do_sample, temperature, top_p, top_k, eos_ids, pad_id, stop_strings
     )
-    device = next(model.parameters()).device
     encoded = _encode(tokenizer, prompts)
     # Rows are (prompt, sample) pairs, longest prompt first: each batch holds prompts of similar
     # length, so little of it is left padding. A stable sort keeps a prompt's samples together.
@@ -128,8 +128,7 @@ def generate(
             for r, ids in zip(chunk, new_tokens, strict=True):
                 text, n_tokens, stop = _decode(tokenizer, ids, eos_ids, stop_strings)
                 results[r] = Completion(text, n_tokens, stop != "length", stop, *rows[r])
-    done = [c for c in results if c is not None]
-    return done if details else [c.text for c in done]
+    return results if details else [c.text for c in results]  # every row filled above
 
 
 def _check_arguments(

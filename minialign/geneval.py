@@ -224,6 +224,12 @@ def _rows_label(rows: list[int]) -> str:
     return ", ".join(map(str, rows[:6])) + (f", ... ({len(rows)} in all)" if len(rows) > 6 else "")
 
 
+def tables_text(results: dict[str, Any]) -> str:
+    """The metric table and, with a judge, the win rates, as the terminal shows them."""
+    wins = win_table(results)
+    return text_table(metrics_table(results)) + ("" if wins is None else "\n\n" + text_table(wins))
+
+
 def text_table(table: Table) -> str:
     """A plain-text rendering for the terminal: columns padded to their widest cell."""
     cells = [table.headers, *table.rows]
