@@ -16,6 +16,7 @@ from minialign.data.sources import (PreferencePair, _select, parse_rows, read_ro
                                     split_pairs)
 from minialign.errors import UserError
 from minialign.geneval import EvalPrompt
+from minialign.recipes import single_split
 
 
 def source_key(dataset: str, split: str, data_dir: str) -> tuple:
@@ -80,12 +81,6 @@ def indexed_pairs(dataset: str, split: str, data_dir: str, rows: str) -> Iterato
             yield index, pair
 
 
-def _single_split(cfg: TrainConfig) -> bool:
-    from minialign.recipes import _is_files
-
-    return not cfg.eval_data and not cfg.eval_rows and _is_files(cfg.dataset)
-
-
 def _split_rows(cfg: TrainConfig) -> tuple[list[int], list[int]]:
     """Raw rows of the (train, held-out) parts of a local source that training split 90/10 itself.
 
@@ -101,7 +96,7 @@ def _split_rows(cfg: TrainConfig) -> tuple[list[int], list[int]]:
 
 def train_rows(cfg: TrainConfig) -> RowSet:
     """The raw rows a training run learned from."""
-    if _single_split(cfg):
+    if single_split(cfg):
         train, _ = _split_rows(cfg)
         return RowSet(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.train_rows, frozenset(train))
     return RowSet(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.train_rows)
@@ -109,7 +104,7 @@ def train_rows(cfg: TrainConfig) -> RowSet:
 
 def heldout_rows(cfg: TrainConfig) -> RowSet:
     """The raw rows a training run held out for evaluation."""
-    if _single_split(cfg):
+    if single_split(cfg):
         _, held = _split_rows(cfg)
         return RowSet(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.train_rows, frozenset(held))
     return RowSet(cfg.eval_data or cfg.dataset, cfg.eval_split, cfg.data_dir, cfg.eval_rows)

@@ -103,8 +103,7 @@ def load_pairs(cfg: TrainConfig, tokenizer):
     train_pairs = load_preference_pairs(cfg.dataset, split=cfg.train_split, data_dir=cfg.data_dir or None,
                                         rows=cfg.train_rows or None, limit=cfg.limit or None)
     eval_source = cfg.eval_data or cfg.dataset
-    single_split = not cfg.eval_data and not cfg.eval_rows and _is_files(cfg.dataset)
-    if single_split:
+    if single_split(cfg):
         train_pairs, eval_pairs = split_pairs(train_pairs, 0.1, cfg.seed)
         eval_pairs = eval_pairs[: cfg.eval_limit]
     else:
@@ -113,6 +112,11 @@ def load_pairs(cfg: TrainConfig, tokenizer):
     if cfg.chat_template:
         train_pairs, eval_pairs = to_chat_format(train_pairs, tokenizer), to_chat_format(eval_pairs, tokenizer)
     return train_pairs, eval_pairs
+
+
+def single_split(cfg: TrainConfig) -> bool:
+    """One local source with neither its own eval data nor eval rows: ``load_pairs`` holds 10% of it out."""
+    return not cfg.eval_data and not cfg.eval_rows and _is_files(cfg.dataset)
 
 
 def _is_files(source: str) -> bool:
