@@ -34,7 +34,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from minialign.attention import FLEX_DOCUMENTS, VARLEN_KWARG, enable_flex_documents  # noqa: F401 (re-exported)
+from minialign.attention import FLEX_DOCUMENTS
 from minialign.errors import UserError
 
 # EleutherAI's published configs (config.json of each hub repo); 70m has exactly 70,426,624 parameters.

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minialign import dist, lora, losses, recipes
+from minialign import lora, losses, recipes
 from minialign.config import RMConfig
 from minialign.data import PreferencePair, collate_pairs, collate_sft, flat_sizes, sequence_lengths, tokenize_pairs
 from minialign.data.chat import to_chat_format

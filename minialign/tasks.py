@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from minialign import losses, lora, models
-from minialign.attention import POSITIONS_KWARG, kv_slots, varlen_index
+from minialign.attention import POSITIONS_KWARG, VARLEN_KWARG, enable_flex_documents, kv_slots, varlen_index
 from minialign.data.batching import block_causal_mask, pad_row
 from minialign.errors import UserError
 from minialign.shapes import ShapePlan
@@ -56,7 +56,7 @@ class TokenLogps(nn.Module):
         self.attention = attention
         self.window = models.sliding_window(model)
         # Sliding windows reach a document mask only through minialign's attention function, even for "sdpa".
-        switched = (attention != "sdpa" or self.window is not None) and models.enable_flex_documents(model)
+        switched = (attention != "sdpa" or self.window is not None) and enable_flex_documents(model)
         self.flex = attention != "sdpa" and switched
         self.windowed_documents = self.window is None or switched
         self.compiled_body, self.compiled_blocks, self.fused = None, [], False  # see compile_body
@@ -86,7 +86,7 @@ class TokenLogps(nn.Module):
         if varlen is not None:
             # A ready-made 4-D mask makes transformers skip building one; the segments replace it.
             mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
-            extra[models.VARLEN_KWARG] = varlen
+            extra[VARLEN_KWARG] = varlen
         else:
             mask = attention_mask if doc_ids is None else self.document_mask(doc_ids, prefix_ids)
             if doc_ids is not None and not self.windowed_documents:

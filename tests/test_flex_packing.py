@@ -15,7 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from minialign import lora
 from minialign.data import TokenizedExample, block_causal_mask, collate_packed, collate_sft
-from minialign.models import FLEX_DOCUMENTS, load_model
+from minialign.attention import FLEX_DOCUMENTS
+from minialign.models import load_model
 from minialign.tasks import TokenLogps, add_target_index, document_block_mask, run_logps
 
 ROW = 48  # not a multiple of the block sizes below: the last block of every row is ragged
