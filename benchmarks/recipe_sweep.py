@@ -47,6 +47,13 @@ CANDIDATES: dict[str, tuple[list[str] | None, list[str]]] = {
     "rpo1-lr1e-3": (None, [*TRL_SETTINGS, "--rpo-alpha", "1", "--lr", "1e-3"]),
     "sft-dpo": (SFT, TRL_SETTINGS),
     "sft-dpo-rpo1": (SFT, [*TRL_SETTINGS, "--rpo-alpha", "1"]),
+    # round 2 (recipe_round2.py): between round 1's loop-free and high-accuracy points, and full fine-tuning
+    "rpo0.25-r16": (None, [*TRL_SETTINGS, "--rpo-alpha", "0.25", "--lora-r", "16", "--lora-alpha", "32"]),
+    "rpo0.5-r16": (None, [*TRL_SETTINGS, "--rpo-alpha", "0.5", "--lora-r", "16", "--lora-alpha", "32"]),
+    "full-dpo": (None, [*TRL_SETTINGS, "--full", "--lr", "5e-6"]),
+    "full-rpo1": (None, [*TRL_SETTINGS, "--full", "--lr", "5e-6", "--rpo-alpha", "1"]),
+    "lr2.5e-4": (None, [*TRL_SETTINGS, "--lr", "2.5e-4"]),  # the learning rate, round 1 held at TRL's 5e-4
+    "lr1e-3": (None, [*TRL_SETTINGS, "--lr", "1e-3"]),
 }
 JUDGES = {  # name -> (dataset key, rows, extra flags)
     "judge-harmless": ("harmless", ROWS["judge"], ["--epochs", "2"]),
@@ -80,8 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Sweep:
     """The run's state: paths, the JSON document, and how to run one recorded command."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, render=None):
         self.args = args
+        self.render = render or markdown  # the .md written beside the JSON
         self.work = Path(args.work).resolve()
         self.out = Path(args.out)
         hh = Path(args.data_root) / "data" / "hh-rlhf"
@@ -124,7 +132,7 @@ class Sweep:
         tmp = self.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.doc, indent=1), encoding="utf-8")
         tmp.replace(self.out)
-        self.out.with_suffix(".md").write_text(markdown(self.doc), encoding="utf-8")
+        self.out.with_suffix(".md").write_text(self.render(self.doc), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- phases
@@ -153,8 +161,8 @@ def chosen_judge(s: Sweep) -> str:
     return s.doc["judges"][s.doc["judge"]]["run_dir"]
 
 
-def phase_sweep(s: Sweep) -> None:
-    judge = chosen_judge(s)
+def phase_sweep(s: Sweep, judge: str | None = None) -> None:
+    judge = judge or chosen_judge(s)
     for name in s.args.candidates.split(","):
         sft_flags, dpo_flags = CANDIDATES[name]
         run_dir = s.work / name
@@ -221,7 +229,8 @@ def heldout(s: Sweep, name: str, run_dir: Path, sft_run: Path | None) -> dict | 
     out = run_dir / "heldout-eval.json"
     ok = s.run(name, [str(HERE / "e2e_heldout.py"), "--task", "dpo", "--model", s.args.model, "--tokenizer",
                       str(run_dir / "final" / "tokenizer"), "--data", s.data["harmless"], "--eval-rows", ROWS["eval"],
-                      "--adapter", str(run_dir / "final" / "adapter"), "--beta", _flag(run_dir, "beta"),
+                      *(["--adapter", str(run_dir / "final" / "adapter")] if (run_dir / "final" / "adapter").is_dir()
+                        else ["--model-dir", str(run_dir / "final" / "model")]), "--beta", _flag(run_dir, "beta"),
                       *(["--sft-run", str(sft_run)] if sft_run else []),
                       *(["--chat-template"] if "--chat-template" in s.args.extra else []), "--out-json", str(out)])
     return _read_json(out) if ok else None
@@ -233,8 +242,8 @@ def _flag(run_dir: Path, key: str) -> str:
     return str((yaml.safe_load((run_dir / "config.yaml").read_text()) or {})[key])
 
 
-def judge_accuracy(s: Sweep, judge: str) -> float | None:
-    """The judge's own pair accuracy on the eval rows: printed beside every win rate it gives."""
+def judge_accuracy(s: Sweep, judge: str, rows: str = ROWS["eval"], name: str = "judge-eval-accuracy") -> float | None:
+    """The judge's own pair accuracy on ``rows`` (the eval rows: printed beside every win rate it gives)."""
     code = ("import sys, json; from minialign.reward import load_judge; from minialign.data import load_preference_pairs;"
             "from minialign.data.chat import to_chat_format;"
             "j = load_judge(sys.argv[1], device='cuda' if __import__('torch').cuda.is_available() else 'cpu');"
@@ -242,8 +251,8 @@ def judge_accuracy(s: Sweep, judge: str) -> float | None:
             "p = to_chat_format(p, j.tokenizer) if j.info.get('chat_template') else p;"
             "c = j.score([x.prompt for x in p], [x.chosen for x in p]); r = j.score([x.prompt for x in p], [x.rejected for x in p]);"
             "json.dump({'accuracy': (c > r).float().mean().item(), 'n': len(p)}, open(sys.argv[4], 'w'))")
-    out = s.work / "judge-eval.json"
-    ok = s.run("judge-eval-accuracy", ["-c", code, judge, s.data["harmless"], ROWS["eval"], str(out)])
+    out = s.work / f"{name}.json"
+    ok = s.run(name, ["-c", code, judge, s.data["harmless"], rows, str(out)])
     return (_read_json(out) or {}).get("accuracy") if ok else None
 
 
@@ -286,28 +295,34 @@ def _win(g: dict, mode: str) -> str:
     return "-" if ci is None else f"{g[f'{mode}_win_rate']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
-def markdown(doc: dict) -> str:
-    lines = ["# SmolLM2-135M-Instruct x HH harmless-base: the recipe sweep", "",
-             f"Device: {doc.get('device', '-')}. Rows of harmless-base: {doc['rows']}. Targets: {doc['targets']}.", ""]
-    for name, j in doc.get("judges", {}).items():
-        lines.append(f"- judge {name}: rows {j['rows']} of {j['dataset']}, validation accuracy "
-                     f"{_f(j.get('validation_accuracy'))}{' (chosen)' if doc.get('judge') == name else ''}")
-    lines += ["", "Validation rows (1812:2012): DPO's held-out reward accuracy, and 100 prompts answered greedily and "
-              "with samples; win rate = the judge's, policy over the starting model.", "",
-              "| candidate | reward acc | win greedy | win sampled | greedy loops | finished | mean tokens | train s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, c in doc.get("candidates", {}).items():
+def candidate_lines(candidates: dict) -> list[str]:
+    """The validation table: one row per candidate, and the starting model's own answers below them."""
+    lines = ["Validation rows (1812:2012): DPO's held-out reward accuracy, and 100 prompts answered greedily and "
+             "with samples; win rate = the judge's, policy over the starting model.", "",
+             "| candidate | reward acc | win greedy | win sampled | greedy loops | finished | mean tokens | train s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, c in candidates.items():
         v = c.get("validation", {})
         g = v.get("generations", {})
         lines.append(f"| {name} | {_f(v.get('dpo', {}).get('eval/rewards/accuracies'))} | {_win(g, 'greedy')} | "
                      f"{_win(g, 'sampled')} | {_f(g.get('greedy_policy_loop_share'), '{:.2f}')} | "
                      f"{_f(g.get('greedy_policy_finished_share'), '{:.2f}')} | "
                      f"{_f(g.get('greedy_policy_mean_tokens'), '{:.1f}')} | {_f(v.get('train_s'), '{:.1f}')} |")
-    if any("generations" in c.get("validation", {}) for c in doc.get("candidates", {}).values()):
-        g = next(c["validation"]["generations"] for c in doc["candidates"].values() if "generations" in c.get("validation", {}))
+    if any("generations" in c.get("validation", {}) for c in candidates.values()):
+        g = next(c["validation"]["generations"] for c in candidates.values() if "generations" in c.get("validation", {}))
         lines.append(f"| *starting model* | | | | {_f(g.get('greedy_reference_loop_share'), '{:.2f}')} | "
                      f"{_f(g.get('greedy_reference_finished_share'), '{:.2f}')} | "
                      f"{_f(g.get('greedy_reference_mean_tokens'), '{:.1f}')} | |")
+    return lines
+
+
+def markdown(doc: dict) -> str:
+    lines = ["# SmolLM2-135M-Instruct x HH harmless-base: the recipe sweep", "",
+             f"Device: {doc.get('device', '-')}. Rows of harmless-base: {doc['rows']}. Targets: {doc['targets']}.", ""]
+    for name, j in doc.get("judges", {}).items():
+        lines.append(f"- judge {name}: rows {j['rows']} of {j['dataset']}, validation accuracy "
+                     f"{_f(j.get('validation_accuracy'))}{' (chosen)' if doc.get('judge') == name else ''}")
+    lines += ["", *candidate_lines(doc.get("candidates", {}))]
     if doc.get("chosen"):
         lines += ["", f"Chosen: **{doc['chosen']}** (rule: `choose` in benchmarks/recipe_sweep.py)."]
     final = doc.get("final", {})

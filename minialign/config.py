@@ -386,6 +386,9 @@ class EvalConfig:
     judge: str = opt("", "a reward-model run folder (`minialign rm`) that scores answers: adds win rates",
                      group="eval", metavar="RUN_DIR")
     judge_batch_size: int = opt(32, "answers the judge scores at once", group="eval")
+    answers: str = opt("", "score the answers saved by an earlier `minialign eval` (its --out folder) with --judge "
+                       "instead of generating: same prompts, same answers, another judge", group="eval",
+                       metavar="EVAL_DIR")
     show: int = opt(8, "prompts shown side by side in eval.md and on the terminal", group="eval")
     device: str = opt("auto", "where to run", group="eval", choices=("auto", "cpu", "cuda"))
     out: str = opt("", "output folder for eval.json and eval.md (default: <policy run>/eval, else runs/eval)",
@@ -393,7 +396,12 @@ class EvalConfig:
 
     def validate(self) -> None:
         checks = [
-            (bool(self.policy), "--policy is required (a minialign sft/dpo run folder, or a model name/path)"),
+            (bool(self.policy) or bool(self.answers),
+             "--policy is required (a minialign sft/dpo run folder, or a model name/path)"),
+            (not self.answers or bool(self.judge), "--answers re-scores saved answers, so it needs --judge"),
+            (not (self.answers and (self.policy or self.adapter or self.reference or self.dataset or self.rows)),
+             "--answers reuses the policy, reference and prompts of the eval it names; drop --policy, --adapter, "
+             "--reference, --dataset and --rows (or drop --answers to generate new answers)"),
             (self.n >= 1, "n must be >= 1"),
             (self.samples >= 0, "samples must be >= 0 (0: greedy only)"),
             (self.samples == 0 or self.temperature > 0, "temperature must be > 0 when sampling"),

@@ -188,9 +188,10 @@ def check_judge(path: str, flag: str, tokenizer, tokenizer_label: str) -> None:
             "the policy's model family: train `minialign rm` on the same base model (or --tokenizer).")
 
 
-def load_checked_judge(path: str, device, prompts, rows: RowSet, trained) -> tuple[Any, dict]:
+def load_checked_judge(path: str, device, prompts, rows: RowSet | None, trained) -> tuple[Any, dict]:
     """The judge (``check_judge`` has let it through), and what to print beside its win rates (held-out
-    accuracy, the rows it and the policy trained on, overlaps)."""
+    accuracy, the rows it and the policy trained on, overlaps). ``rows`` or ``trained`` None: not known (answers
+    saved before eval.json recorded them), and the overlap they decide is None rather than a guess."""
     from minialign.reward import load_judge
 
     judge = load_judge(path, device=device)  # cache left on (EvalConfig has no such setting): one load a process
@@ -201,9 +202,11 @@ def load_checked_judge(path: str, device, prompts, rows: RowSet, trained) -> tup
         "heldout_accuracy": info.get("heldout_accuracy"), "n_train": info.get("n_train"),
         "judge_rows": jrows.label(), "judge_eval": f"{info.get('eval_data') or info.get('dataset')} rows "
                                                    f"{info.get('eval_rows') or 'all'}",
-        "policy_rows": "; ".join(r.label() for _, r in trained) or "unknown (not a minialign run)",
-        "overlap_policy": any(jrows.overlaps(r) for _, r in trained),
-        "overlap_prompts": jrows.key == rows.key and bool(jrows.members([p.row for p in prompts])),
+        "policy_rows": ("not recorded with the saved answers" if trained is None else
+                        "; ".join(r.label() for _, r in trained) or "unknown (not a minialign run)"),
+        "overlap_policy": None if trained is None else any(jrows.overlaps(r) for _, r in trained),
+        "overlap_prompts": None if rows is None else (jrows.key == rows.key
+                                                      and bool(jrows.members([p.row for p in prompts]))),
     }
     return judge, context
 
@@ -229,6 +232,8 @@ def run_eval(cfg: EvalConfig) -> Path:
     from minialign.recipes import resolve_device
 
     cfg.validate()
+    if cfg.answers:
+        return rescore(cfg)
     device = resolve_device(cfg.device)
     tokenizer_label = cfg.tokenizer or run_tokenizer(cfg.policy)
     tokenizer = load_tokenizer(tokenizer_label)
@@ -254,11 +259,67 @@ def run_eval(cfg: EvalConfig) -> Path:
     results = judged_compare(policy.model, reference, tokenizer, prompts, rows, trained, decoding, device,
                              judge_path=cfg.judge, judge_batch_size=cfg.judge_batch_size)
     results = {"policy": policy.label, "reference": ref_label, "prompt_source": rows.label(),
-               "chat_template": chat, "config": dataclasses.asdict(cfg), **results}
+               "chat_template": chat, "tokenizer": tokenizer_label, "prompt_rows": rows.to_dict(),
+               "policy_trained": [{"what": what, **r.to_dict()} for what, r in trained],
+               "config": dataclasses.asdict(cfg), **results}
     write_outputs(out, results, cfg.show)
     print(tables_text(results))
     spent = ", ".join(f"{mode} {sec:.1f} s" for mode, sec in results["generation_s"].items())
     print(f"\nminialign eval: generation for {len(prompts)} prompts x 2 models: {spent}")
+    print(f"minialign eval: wrote {out / 'eval.json'} and {out / 'eval.md'}")
+    return out
+
+
+def read_answers(spec: str) -> tuple[Path, dict]:
+    """The eval.json of an earlier `minialign eval` (its folder or the file), checked for what re-scoring needs."""
+    path = Path(spec) / "eval.json" if Path(spec).is_dir() else Path(spec)
+    if not path.is_file():
+        raise UserError(f"--answers {spec}: no eval.json there. Give the --out folder of an earlier `minialign eval` "
+                        "(it holds eval.json with every answer).")
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--answers {path} is not valid JSON ({e}); it is not an eval.json written by "
+                        "`minialign eval`. Generate the answers again.") from e
+    missing = [k for k in ("prompts", "decoding", "policy", "reference") if k not in results]
+    if missing or not results["prompts"]:
+        raise UserError(f"--answers {path} has no {', '.join(missing) or 'answers (its prompt list is empty)'}: it "
+                        "is not an eval.json written by `minialign eval`. Generate the answers again.")
+    return path, results
+
+
+def rescore(cfg: EvalConfig) -> Path:
+    """`minialign eval --answers DIR --judge J`: the saved answers scored by another judge, without a policy,
+    a reference or any generation. Everything but the judge's numbers is what the earlier eval recorded."""
+    from minialign.geneval import saved_answers, summarize
+    from minialign.models import load_tokenizer
+    from minialign.recipes import default_tokenizer, resolve_device
+
+    path, saved = read_answers(cfg.answers)
+    out = Path(cfg.out or path.parent / f"judged-{Path(cfg.judge).resolve().name}")
+    if out.resolve() == path.parent.resolve():
+        raise UserError(f"--out {out} is the folder of the answers being re-scored: its eval.json would be "
+                        "replaced. Give another --out.")
+    tokenizer_label = cfg.tokenizer or saved.get("tokenizer") or saved.get("config", {}).get("tokenizer") or ""
+    if not tokenizer_label:
+        raise UserError(f"--answers {path} does not record the policy's tokenizer (it predates that field): pass "
+                        "--tokenizer, the tokenizer the policy generated with, so the judge's vocabulary can be checked.")
+    tokenizer_label = default_tokenizer(tokenizer_label)  # a model name stands for its tokenizer, as with --policy
+    check_judge(cfg.judge, "--judge", load_tokenizer(tokenizer_label), tokenizer_label)
+    prompts, answers, decoding = saved_answers(saved)
+    rows = RowSet.from_dict(saved["prompt_rows"]) if "prompt_rows" in saved else None
+    trained = ([(t["what"], RowSet.from_dict(t)) for t in saved["policy_trained"]]
+               if "policy_trained" in saved else None)
+    judge, context = load_checked_judge(cfg.judge, resolve_device(cfg.device), prompts, rows, trained)
+    print(f"minialign eval: re-scoring {path} ({len(prompts)} prompts) with the judge {cfg.judge}")
+    results = summarize(prompts, answers, decoding, judge=judge, judge_batch_size=cfg.judge_batch_size,
+                        judge_context=context)
+    keep = ("policy", "reference", "prompt_source", "chat_template", "tokenizer", "prompt_rows", "policy_trained",
+            "generation_s")
+    results = {**{k: saved[k] for k in keep if k in saved}, "answers_from": str(path),
+               "generation_config": saved.get("config"), "config": dataclasses.asdict(cfg), **results}
+    write_outputs(out, results, cfg.show)
+    print(tables_text(results))
     print(f"minialign eval: wrote {out / 'eval.json'} and {out / 'eval.md'}")
     return out
 
@@ -269,7 +330,9 @@ def write_outputs(out: Path, results: dict, show: int) -> None:
     from minialign.report import _write_atomic
 
     head = Note(f"Policy: {results['policy']}. Reference: {results['reference']}. Prompts: {results['prompt_source']}"
-                f"{' (chat template)' if results['chat_template'] else ''}.")
+                f"{' (chat template)' if results['chat_template'] else ''}."
+                + (f" Answers generated earlier ({results['answers_from']}), scored here by another judge."
+                   if results.get("answers_from") else ""))
     markdown = render_markdown("minialign eval", [Section("Generation", [head, *generation_blocks(results, show)])])
     _write_atomic(out / "eval.json", json.dumps(results, indent=1).encode())
     _write_atomic(out / "eval.md", markdown.encode())

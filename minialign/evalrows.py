@@ -48,6 +48,17 @@ class RowSet:
         part = f", {len(self.only)} of them (random 90% split)" if self.only is not None else ""
         return f"{where} ({self.split}) {span}{part}"
 
+    def to_dict(self) -> dict:
+        """For eval.json: what ``from_dict`` reads back, so saved answers can be judged again later."""
+        return {"dataset": self.dataset, "split": self.split, "data_dir": self.data_dir, "rows": self.rows,
+                "only": None if self.only is None else sorted(self.only)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RowSet:
+        only = d.get("only")
+        return cls(d["dataset"], d["split"], d["data_dir"], d.get("rows", ""),
+                   None if only is None else frozenset(only))
+
     def _range(self) -> range:
         span = parse_rows(self.rows or None)
         if (span.start or 0) >= 0 and (span.stop is None or span.stop >= 0):

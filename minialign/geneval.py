@@ -108,6 +108,15 @@ def compare(policy, reference, tokenizer, prompts: list[EvalPrompt], decoding: D
             answers["reference"] = decode(policy, tokenizer, texts, decoding, seconds)
     else:
         answers["reference"] = decode(reference, tokenizer, texts, decoding, seconds)
+    return {**summarize(prompts, answers, decoding, judge=judge, judge_batch_size=judge_batch_size,
+                        judge_context=judge_context),
+            "generation_s": {k: round(v, 3) for k, v in seconds.items()}}
+
+
+def summarize(prompts: list[EvalPrompt], answers: dict[str, dict[str, list[list[Completion]]]], decoding: Decoding,
+              *, judge=None, judge_batch_size: int = 32, judge_context: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Metrics, judge scores and win rates of ``answers[side][mode]`` (grouped by prompt), and every answer kept
+    per prompt with its row: eval.json less the generation timings."""
     modes: dict[str, Any] = {}
     scores: dict[tuple[str, str], torch.Tensor] = {}
     for mode in answers["policy"]:
@@ -129,8 +138,19 @@ def compare(policy, reference, tokenizer, prompts: list[EvalPrompt], decoding: D
                             for mode in answers[side]}
         per_prompt.append(record)
     return {"decoding": dataclasses.asdict(decoding), "n_prompts": len(prompts), "rows": [p.row for p in prompts],
-            "generation_s": {k: round(v, 3) for k, v in seconds.items()},
             "judge": dict(judge_context or {}) if judge is not None else None, "modes": modes, "prompts": per_prompt}
+
+
+def saved_answers(results: dict[str, Any]) -> tuple[list[EvalPrompt], dict[str, dict[str, list[list[Completion]]]],
+                                                     Decoding]:
+    """The prompts, answers and decoding stored in an eval.json (``compare``'s output), as ``summarize`` takes
+    them: so a new judge can score the same answers without generating them again."""
+    prompts = [EvalPrompt(r["prompt"], r.get("raw_prompt", r["prompt"]), r["row"]) for r in results["prompts"]]
+    modes = list(results["prompts"][0]["policy"]) if results["prompts"] else []
+    answers = {side: {mode: [[Completion(a["text"], a["n_tokens"], a["finished"], a["stop"], i, k)
+                              for k, a in enumerate(r[side][mode])] for i, r in enumerate(results["prompts"])]
+                      for mode in modes} for side in SIDES}
+    return prompts, answers, Decoding(**results["decoding"])
 
 
 def _answer(c: Completion, scores: torch.Tensor | None, i: int) -> dict[str, Any]:
@@ -167,12 +187,14 @@ def win_table(results: dict[str, Any]) -> Table | None:
         if not w:
             continue
         j = w.get("judge", {})
-        flags = [name for name, bad in (("judge/policy train rows", j.get("overlap_policy")),
-                                        ("judge train/eval prompts", j.get("overlap_prompts"))) if bad]
+        checks = (("judge/policy train rows", j.get("overlap_policy")), ("judge train/eval prompts", j.get("overlap_prompts")))
+        flags = [name for name, bad in checks if bad]
+        unknown = [name for name, bad in checks if bad is None and j]
         rows.append([mode, f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}]",
                      f"{w['wins']}/{w['ties']}/{w['losses']}", fmt(j.get("heldout_accuracy")),
                      str(j.get("judge_rows", "?")), str(j.get("policy_rows", "?")),
-                     ("OVERLAP: " + ", ".join(flags)) if flags else "none"])
+                     ("OVERLAP: " + ", ".join(flags)) if flags else
+                     ("not known: " + ", ".join(unknown)) if unknown else "none"])
     if not rows:
         return None
     return Table(["decoding", "policy win rate [95% CI]", "wins/ties/losses", "judge held-out accuracy",

@@ -266,3 +266,64 @@ def test_run_with_a_judge_reports_win_rate_and_judge_accuracy(run_dir, judge_dir
     (tmp_path / "results.json").write_text(json.dumps({}))
     write_report(tmp_path)
     assert NO_GENERATION in (tmp_path / "report.md").read_text()
+
+
+def test_saved_answers_are_scored_again_by_another_judge(run_dir, judge_dir, root, capsys):
+    """`--answers`: the same judge reproduces every judged number of the eval it reads; another judge scores the
+    very same answers (recomputed through that judge), with the overlaps decided from the rows eval.json recorded."""
+    first = root / "eval-to-rescore"
+    assert run_cli("eval", "--policy", run_dir / "dpo", *SMALL, "--judge", judge_dir, "--out", first) == 0
+    saved = json.loads((first / "eval.json").read_text())
+    assert saved["prompt_rows"]["dataset"] == "demo" and len(saved["policy_trained"]) == 2
+    same = root / "rescored-same"
+    assert run_cli("eval", "--answers", first, "--judge", judge_dir, "--out", same) == 0
+    again = json.loads((same / "eval.json").read_text())
+    for key in ("modes", "prompts", "rows", "decoding", "judge", "generation_s", "policy", "reference"):
+        assert again[key] == saved[key], key
+    assert again["answers_from"] == str(first / "eval.json") and "scored here by another judge" in (
+        same / "eval.md").read_text()
+
+    other = root / "rm-rescore"  # trained on demo test rows 50:, so neither the policy's rows nor the prompts
+    assert run_cli(*RM, "--train-split", "test", "--train-rows", "50:", "--eval-rows", "40:50", "--out", other) == 0
+    assert run_cli("eval", "--answers", first, "--judge", other) == 0  # default --out: inside the answers folder
+    rescored = json.loads((first / "judged-rm-rescore" / "eval.json").read_text())
+    strip = lambda records: [{side: {m: [{k: a[k] for k in ("text", "n_tokens", "stop")} for a in r[side][m]]
+                                     for m in r[side]} for side in SIDES} for r in records]
+    assert strip(rescored["prompts"]) == strip(saved["prompts"])  # the same answers, not new ones
+    check_judged(rescored, other, {"greedy": 1, "sampled": 2})
+    judge = rescored["modes"]["greedy"]["win_rate"]["judge"]
+    assert judge["overlap_policy"] is False and judge["overlap_prompts"] is False
+    assert judge["policy_rows"] == saved["modes"]["greedy"]["win_rate"]["judge"]["policy_rows"]
+    assert "re-scoring" in capsys.readouterr().out
+
+    # an eval.json from before the rows were recorded: --tokenizer is asked for, and the overlaps print as not known
+    old = root / "eval-old-format"
+    old.mkdir()
+    legacy = {k: v for k, v in saved.items() if k not in ("tokenizer", "prompt_rows", "policy_trained")}
+    (old / "eval.json").write_text(json.dumps(legacy))
+    assert "--tokenizer" in _error(capsys, "eval", "--answers", old, "--judge", other)
+    tok = run_dir / "dpo" / "final" / "tokenizer"
+    assert run_cli("eval", "--answers", old, "--judge", other, "--tokenizer", tok, "--out", root / "old-rescored") == 0
+    judge = json.loads((root / "old-rescored" / "eval.json").read_text())["modes"]["greedy"]["win_rate"]["judge"]
+    assert judge["overlap_policy"] is None and judge["overlap_prompts"] is None
+    assert "not known: judge/policy train rows" in (root / "old-rescored" / "eval.md").read_text()
+
+
+def test_bad_answers_inputs_exit_2(run_dir, judge_dir, root, capsys):
+    first = root / "eval-bad-answers"
+    assert run_cli("eval", "--policy", run_dir / "dpo", *SMALL, "--samples", "0", "--out", first) == 0
+    before = (first / "eval.json").read_bytes()
+    assert "needs --judge" in _error(capsys, "eval", "--answers", first)
+    assert "drop --policy" in _error(capsys, "eval", "--answers", first, "--judge", judge_dir, "--policy", run_dir)
+    assert "no eval.json" in _error(capsys, "eval", "--answers", root / "nowhere", "--judge", judge_dir)
+    assert "would be replaced" in _error(capsys, "eval", "--answers", first, "--judge", judge_dir, "--out", first)
+    assert "not a reward-model run" in _error(capsys, "eval", "--answers", first, "--judge", run_dir / "dpo")
+    broken = root / "eval-broken"
+    broken.mkdir()
+    (broken / "eval.json").write_text('{"prompts": [')
+    err = _error(capsys, "eval", "--answers", broken, "--judge", judge_dir)
+    assert "not valid JSON" in err and str(broken / "eval.json") in err
+    (broken / "eval.json").write_text('{"modes": {}}')
+    assert "not an eval.json written by `minialign eval`" in _error(capsys, "eval", "--answers", broken,
+                                                                   "--judge", judge_dir)
+    assert (first / "eval.json").read_bytes() == before  # nothing refused touched the saved answers

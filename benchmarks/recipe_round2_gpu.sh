@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Round 2 of the recipe on the device tool's GPU machine, as one daemon (set-up as recipe_gpu.sh: .whl/ and
+# .carry/b carried, /tmp/part_00 copied by the call before):
+#
+#   bash benchmarks/recipe_round2_gpu.sh start   # join the model, install the wheels, start the daemon, follow it
+#   bash benchmarks/recipe_round2_gpu.sh wait    # follow it until it ends or this call's time is nearly up
+#
+# In order, so a cut-off run keeps the most wanted numbers: the judges, the reward-model number and round 1's answers
+# judged again (recipe_round2.py); the whole-command wall clock against TRL (bench_e2e.py, as round 1's final phase
+# ran it); `minialign run`'s LoRA-vs-full table; then round 2's candidates and, if one is chosen, its final phase.
+set -u
+W=/tmp/round2
+case "${1:-}" in
+start)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  cat /tmp/part_00 .carry/b/part_01 > /tmp/model.gguf && sha256sum /tmp/model.gguf
+  mkdir -p $W /tmp/repo && cp -r .whl/shared /tmp/shared && tar cf - --exclude=.carry --exclude=.whl . | tar xf - -C /tmp/repo
+  cd /tmp/repo
+  M=/tmp/model.gguf HH=/tmp/shared/data/hh-rlhf/harmless-base/test.jsonl.gz
+  R2="python3 benchmarks/recipe_round2.py --round1 benchmarks/results/recipe-h200.json --answers examples/hh-smollm2/eval"
+  R2="$R2 --model $M --data-root /tmp/shared --work $W --out $W/recipe-round2.json"
+  cat > $W/pipeline.sh <<EOF
+$R2 --phases judges,rm,rescore
+python3 benchmarks/bench_e2e.py --task dpo --mode lora --model $M --tokenizer $M --data $HH --train-rows 300:1812 \
+  --eval-rows 0:300 --batch-size 16 --lora-r 8 --lora-alpha 16 --lr 5e-4 --beta 0.1 --epochs 2 --schedule linear \
+  --warmup-ratio 0 --runners trl,minialign --label smollm2-dpo --work $W/e2e --out $W/e2e-smollm2.json \
+  --timeout-s 300 --chat-template
+python3 -m minialign run --stages lora --model pythia-70m --tokenizer /tmp/shared/tokenizers/gpt-neox-20b/tokenizer.json \
+  --train-data $HH --train-rows 300: --eval-data $HH --eval-rows 0:300 --out $W/lora-check --overwrite
+$R2 --phases sweep,final
+EOF
+  env PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+    MINIALIGN_CACHE=/tmp/mcache PYTHONPATH=/tmp/site:/tmp/repo \
+    setsid nohup sh -c "sh -x $W/pipeline.sh; echo \$? > $W/DONE" > $W/log.txt 2>&1 < /dev/null &
+  sleep 5
+  ;&
+wait)
+  # a machine handed back between calls comes back bare: say so at once rather than wait for a pipeline that is gone
+  [ -f $W/log.txt ] || { echo "no pipeline on this machine ($W/log.txt missing): it was handed back; start again"; exit 3; }
+  end=$(( $(date +%s) + ${WAIT_S:-540} ))
+  while [ ! -f $W/DONE ] && [ "$(date +%s)" -lt "$end" ]; do sleep 10; done
+  grep -E "\[recipe\]|\[e2e\]|^\+ |minialign run|lora" $W/log.txt | cut -c1-220 | tail -60
+  [ -f $W/DONE ] && echo "pipeline exit code $(cat $W/DONE)"
+  cp $W/recipe-round2.json $W/recipe-round2.md $W/e2e-smollm2.json $W/e2e-smollm2.md "$OUT"/ 2>/dev/null
+  cp $W/lora-check/results.json "$OUT"/run-lora.json 2>/dev/null
+  tar czf "$OUT"/round2-runs.tgz -C $W --exclude='*.safetensors' --exclude='*.pt' --exclude=checkpoints \
+    --exclude=cache --exclude=tokenizer --exclude=trainer --exclude='*.gguf' . 2>/dev/null
+  ls -la "$OUT"
+  ;;
+*) echo "usage: $0 start|wait"; exit 2 ;;
+esac
