@@ -161,7 +161,10 @@ def markdown(doc: dict) -> str:
         lines += ["", f"Final (eval rows 0:300): reward accuracy {f((final.get('heldout') or {}).get('reward_accuracy'))}"
                   f", greedy loops {f(g.get('greedy_policy_loop_share'), '{:.2f}')}, win greedy {r1._win(g, 'greedy')}, "
                   f"win sampled {r1._win(g, 'sampled')}."]
-    lines += ["", "Commands:", "", *[f"    {c}" for c in doc.get("invocations", [])]]
+    lines += ["", "Commands:", "", *[f"    {c}" for c in doc.get("invocations", [])],
+              *[f"    {c}" for c in doc.get("device_commands", [])]]
+    if doc.get("note"):
+        lines += ["", doc["note"]]
     return "\n".join(lines) + "\n"
 
 
