@@ -386,9 +386,9 @@ class EvalConfig:
     judge: str = opt("", "a reward-model run folder (`minialign rm`) that scores answers: adds win rates",
                      group="eval", metavar="RUN_DIR")
     judge_batch_size: int = opt(32, "answers the judge scores at once", group="eval")
-    answers: str = opt("", "score the answers saved by an earlier `minialign eval` (its --out folder) with --judge "
-                       "instead of generating: same prompts, same answers, another judge", group="eval",
-                       metavar="EVAL_DIR")
+    answers: str = opt("", "score the answers saved by an earlier `minialign eval` (its --out folder) or `minialign "
+                       "run` (its folder) with --judge instead of generating: same answers, another judge",
+                       group="eval", metavar="EVAL_OR_RUN_DIR")
     show: int = opt(8, "prompts shown side by side in eval.md and on the terminal", group="eval")
     device: str = opt("auto", "where to run", group="eval", choices=("auto", "cpu", "cuda"))
     out: str = opt("", "output folder for eval.json and eval.md (default: <policy run>/eval, else runs/eval)",

@@ -271,11 +271,15 @@ def run_eval(cfg: EvalConfig) -> Path:
 
 
 def read_answers(spec: str) -> tuple[Path, dict]:
-    """The eval.json of an earlier `minialign eval` (its folder or the file), checked for what re-scoring needs."""
-    path = Path(spec) / "eval.json" if Path(spec).is_dir() else Path(spec)
+    """The eval.json of an earlier `minialign eval` (its folder or the file), or the generation metrics of a
+    `minialign run` folder, checked for what re-scoring needs."""
+    folder = Path(spec)
+    if folder.is_dir() and not (folder / "eval.json").is_file() and (folder / "run.yaml").is_file():
+        return _run_answers(folder)
+    path = folder / "eval.json" if folder.is_dir() else folder
     if not path.is_file():
         raise UserError(f"--answers {spec}: no eval.json there. Give the --out folder of an earlier `minialign eval` "
-                        "(it holds eval.json with every answer).")
+                        "(it holds eval.json with every answer) or a `minialign run` folder.")
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -286,6 +290,16 @@ def read_answers(spec: str) -> tuple[Path, dict]:
         raise UserError(f"--answers {path} has no {', '.join(missing) or 'answers (its prompt list is empty)'}: it "
                         "is not an eval.json written by `minialign eval`. Generate the answers again.")
     return path, results
+
+
+def _run_answers(folder: Path) -> tuple[Path, dict]:
+    """A `minialign run` folder's answers: results.json's "generation" (its eval stage), labelled as eval.json is."""
+    path = folder / "results.json"
+    generation = (json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}).get("generation")
+    if not generation:
+        raise UserError(f"--answers {folder}: the run has no generation metrics in {path} (its eval stage has not "
+                        "run, or ran with eval_prompts 0). Resume the run, or give an eval folder.")
+    return path, {"policy": f"dpo run {folder / 'dpo'}", "reference": "the policy's starting model", **generation}
 
 
 def rescore(cfg: EvalConfig) -> Path:

@@ -204,7 +204,7 @@ def generation_eval(ctx: Context, dpo_cfg: DPOConfig, policy, reference) -> dict
     """The generation metrics of `minialign eval` (same code path) for the DPO policy and its reference
     (None: the policy with its adapters off), over the first ``eval_prompts`` held-out prompts of the DPO run;
     with ``judge`` (RunConfig.judge), also the judge's scores and the policy's win rate, beside the judge's held-out accuracy."""
-    from minialign.evalcmd import config_training, judged_compare
+    from minialign.evalcmd import config_training, folder_tokenizer, judged_compare
     from minialign.evalrows import heldout_rows, load_prompts
     from minialign.geneval import Decoding, tables_text
 
@@ -215,8 +215,12 @@ def generation_eval(ctx: Context, dpo_cfg: DPOConfig, policy, reference) -> dict
     rows = heldout_rows(dpo_cfg)
     prompts = load_prompts(rows, cfg.eval_prompts, chat_tokenizer=chat, strict=False)
     decoding = Decoding(cfg.max_new_tokens, cfg.eval_samples, cfg.eval_temperature, cfg.eval_top_p, cfg.seed)
-    results = judged_compare(policy, reference, ctx.tokenizer, prompts, rows, config_training(dpo_cfg, "dpo"),
-                             decoding, ctx.device, judge_path=cfg.judge)
+    trained = config_training(dpo_cfg, "dpo")
+    results = judged_compare(policy, reference, ctx.tokenizer, prompts, rows, trained, decoding, ctx.device,
+                             judge_path=cfg.judge)
+    results.update(prompt_source=rows.label(), chat_template=chat is not None, prompt_rows=rows.to_dict(),
+                   tokenizer=folder_tokenizer(ctx.run_dir / "dpo", dpo_cfg),
+                   policy_trained=[{"what": what, **r.to_dict()} for what, r in trained])
     print("  generation metrics (reference vs DPO policy):\n" + tables_text(results))
     return results
 

@@ -296,6 +296,16 @@ def test_saved_answers_are_scored_again_by_another_judge(run_dir, judge_dir, roo
     assert judge["policy_rows"] == saved["modes"]["greedy"]["win_rate"]["judge"]["policy_rows"]
     assert "re-scoring" in capsys.readouterr().out
 
+    # a `minialign run` folder: the answers of its eval stage (results.json's "generation")
+    generation = json.loads((run_dir / "results.json").read_text())["generation"]
+    assert run_cli("eval", "--answers", run_dir, "--judge", other, "--out", root / "run-rescored") == 0
+    from_run = json.loads((root / "run-rescored" / "eval.json").read_text())
+    assert strip(from_run["prompts"]) == strip(generation["prompts"])
+    check_judged(from_run, other, {"greedy": 1, "sampled": 2})
+    judge = from_run["modes"]["greedy"]["win_rate"]["judge"]
+    assert judge["overlap_policy"] is False and judge["overlap_prompts"] is False
+    assert from_run["policy"] == f"dpo run {run_dir / 'dpo'}" and from_run["prompt_source"].startswith("demo (test)")
+
     # an eval.json from before the rows were recorded: --tokenizer is asked for, and the overlaps print as not known
     old = root / "eval-old-format"
     old.mkdir()
@@ -316,6 +326,10 @@ def test_bad_answers_inputs_exit_2(run_dir, judge_dir, root, capsys):
     assert "needs --judge" in _error(capsys, "eval", "--answers", first)
     assert "drop --policy" in _error(capsys, "eval", "--answers", first, "--judge", judge_dir, "--policy", run_dir)
     assert "no eval.json" in _error(capsys, "eval", "--answers", root / "nowhere", "--judge", judge_dir)
+    bare_run = root / "run-without-eval"
+    bare_run.mkdir()
+    (bare_run / "run.yaml").write_text("model: tiny\n")
+    assert "no generation metrics" in _error(capsys, "eval", "--answers", bare_run, "--judge", judge_dir)
     assert "would be replaced" in _error(capsys, "eval", "--answers", first, "--judge", judge_dir, "--out", first)
     assert "not a reward-model run" in _error(capsys, "eval", "--answers", first, "--judge", run_dir / "dpo")
     broken = root / "eval-broken"
