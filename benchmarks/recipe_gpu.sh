@@ -11,10 +11,8 @@ set -u
 W=/tmp/recipe
 case "${1:-}" in
 start)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  cat /tmp/part_00 .carry/b/part_01 > /tmp/model.gguf && sha256sum /tmp/model.gguf
-  mkdir -p $W /tmp/repo && cp -r .whl/shared /tmp/shared && tar cf - --exclude=.carry --exclude=.whl . | tar xf - -C /tmp/repo
-  cd /tmp/repo
+  . benchmarks/gpu_setup.sh
+  mkdir -p $W
   env PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
     MINIALIGN_CACHE=/tmp/mcache PYTHONPATH=/tmp/site:/tmp/repo \
     setsid nohup sh -c "python3 benchmarks/recipe_sweep.py --model ${MODEL:-/tmp/model.gguf} --data-root /tmp/shared \
@@ -22,6 +20,7 @@ start)
   sleep 5
   ;&
 wait)
+  [ -f $W/log.txt ] || { echo "no sweep on this machine ($W/log.txt missing): it was handed back; start again"; exit 3; }
   end=$(( $(date +%s) + ${WAIT_S:-540} ))
   while [ ! -f $W/DONE ] && [ "$(date +%s)" -lt "$end" ]; do sleep 10; done
   grep "\[recipe\]" $W/log.txt | cut -c1-220 | tail -40

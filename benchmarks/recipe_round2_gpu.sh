@@ -12,10 +12,8 @@ set -u
 W=/tmp/round2
 case "${1:-}" in
 start)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  cat /tmp/part_00 .carry/b/part_01 > /tmp/model.gguf && sha256sum /tmp/model.gguf
-  mkdir -p $W /tmp/repo && cp -r .whl/shared /tmp/shared && tar cf - --exclude=.carry --exclude=.whl . | tar xf - -C /tmp/repo
-  cd /tmp/repo
+  . benchmarks/gpu_setup.sh
+  mkdir -p $W
   M=/tmp/model.gguf HH=/tmp/shared/data/hh-rlhf/harmless-base/test.jsonl.gz
   R2="python3 benchmarks/recipe_round2.py --round1 benchmarks/results/recipe-h200.json --answers examples/hh-smollm2/eval"
   R2="$R2 --model $M --data-root /tmp/shared --work $W --out $W/recipe-round2.json"
