@@ -222,8 +222,11 @@ def judged_compare(policy, reference, tokenizer, prompts: list[EvalPrompt], rows
     policy.to(device)
     if reference is not None:
         reference.to(device)
-    return compare(policy, reference, tokenizer, prompts, decoding, judge=judge, judge_batch_size=judge_batch_size,
-                   judge_context=context)
+    results = compare(policy, reference, tokenizer, prompts, decoding, judge=judge, judge_batch_size=judge_batch_size,
+                      judge_context=context)
+    # what `--answers` needs to judge these answers again later: where the prompts and the policy's rows came from
+    return {"prompt_source": rows.label(), "prompt_rows": rows.to_dict(),
+            "policy_trained": [{"what": what, **r.to_dict()} for what, r in trained], **results}
 
 
 def run_eval(cfg: EvalConfig) -> Path:
@@ -258,9 +261,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     decoding = Decoding(cfg.max_new_tokens, cfg.samples, cfg.temperature, cfg.top_p, cfg.seed, cfg.batch_size or None)
     results = judged_compare(policy.model, reference, tokenizer, prompts, rows, trained, decoding, device,
                              judge_path=cfg.judge, judge_batch_size=cfg.judge_batch_size)
-    results = {"policy": policy.label, "reference": ref_label, "prompt_source": rows.label(),
-               "chat_template": chat, "tokenizer": tokenizer_label, "prompt_rows": rows.to_dict(),
-               "policy_trained": [{"what": what, **r.to_dict()} for what, r in trained],
+    results = {"policy": policy.label, "reference": ref_label, "chat_template": chat, "tokenizer": tokenizer_label,
                "config": dataclasses.asdict(cfg), **results}
     write_outputs(out, results, cfg.show)
     print(tables_text(results))

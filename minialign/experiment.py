@@ -215,12 +215,9 @@ def generation_eval(ctx: Context, dpo_cfg: DPOConfig, policy, reference) -> dict
     rows = heldout_rows(dpo_cfg)
     prompts = load_prompts(rows, cfg.eval_prompts, chat_tokenizer=chat, strict=False)
     decoding = Decoding(cfg.max_new_tokens, cfg.eval_samples, cfg.eval_temperature, cfg.eval_top_p, cfg.seed)
-    trained = config_training(dpo_cfg, "dpo")
-    results = judged_compare(policy, reference, ctx.tokenizer, prompts, rows, trained, decoding, ctx.device,
-                             judge_path=cfg.judge)
-    results.update(prompt_source=rows.label(), chat_template=chat is not None, prompt_rows=rows.to_dict(),
-                   tokenizer=folder_tokenizer(ctx.run_dir / "dpo", dpo_cfg),
-                   policy_trained=[{"what": what, **r.to_dict()} for what, r in trained])
+    results = judged_compare(policy, reference, ctx.tokenizer, prompts, rows, config_training(dpo_cfg, "dpo"),
+                             decoding, ctx.device, judge_path=cfg.judge)
+    results.update(chat_template=chat is not None, tokenizer=folder_tokenizer(ctx.run_dir / "dpo", dpo_cfg))
     print("  generation metrics (reference vs DPO policy):\n" + tables_text(results))
     return results
 

@@ -187,7 +187,8 @@ def win_table(results: dict[str, Any]) -> Table | None:
         if not w:
             continue
         j = w.get("judge", {})
-        checks = (("judge/policy train rows", j.get("overlap_policy")), ("judge train/eval prompts", j.get("overlap_prompts")))
+        checks = (("judge/policy train rows", j.get("overlap_policy")),
+                  ("judge train/eval prompts", j.get("overlap_prompts")))
         flags = [name for name, bad in checks if bad]
         unknown = [name for name, bad in checks if bad is None and j]
         rows.append([mode, f"{w['rate']:.3f} [{w['low']:.3f}, {w['high']:.3f}]",
