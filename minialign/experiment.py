@@ -31,8 +31,7 @@ from minialign.evaluate import dpo_eval, dpo_samples, heldout_loss, preference_m
 from minialign.models import load_model, load_tokenizer
 from minialign.presets import build, check_keys, save_config
 from minialign import recipes
-from minialign.shapes import plan_shapes
-from minialign.train import use_varlen
+from minialign.train import flat_batch_size, plan_run_shapes, use_varlen
 
 STAGES = ("lora", "sft", "dpo", "eval", "report")
 RUN_FILE = "run.yaml"
@@ -136,9 +135,7 @@ def _bench_batches(cfg: SFTConfig, examples, batch_size: int, pad: int, device) 
                            flat=cfg.padding_free) for i in range(0, len(examples), batch_size)]
     shapes = None
     if cfg.padding_free and cfg.shape_buckets > 0:  # as train.train plans them
-        sizes = [(int((b["doc_ids"] >= 0).sum()), b["n_targets"]) for b in batches]
-        shapes = plan_shapes(sizes, max_lengths=cfg.shape_buckets, max_targets=cfg.target_buckets,
-                             target_multiple=cfg.pad_targets_to_multiple_of or 64, longest_sequence=cfg.max_length)
+        shapes = plan_run_shapes(cfg, [flat_batch_size(b) for b in batches])
     varlen = use_varlen(cfg, device)
     compiled = (cfg.compile_mode if cfg.padding_free else True) if cfg.compile else False
     settings = dict(shapes=shapes, varlen=varlen, attention=cfg.attention, cuda_graphs=cfg.cuda_graphs,

@@ -211,6 +211,17 @@ def check_enough_examples(n: int, cfg: TrainConfig, world: int) -> int:
     return per_step
 
 
+def flat_batch_size(batch: dict) -> tuple[int, int]:
+    """(real positions, targets) of a padding-free batch: what ``plan_run_shapes`` plans for."""
+    return int((batch["doc_ids"] >= 0).sum()), batch["n_targets"]
+
+
+def plan_run_shapes(cfg: TrainConfig, sizes: list[tuple[int, int]]) -> ShapePlan:
+    """The fixed batch shapes of a run whose batches have ``sizes`` (``flat_batch_size``), by ``cfg``'s buckets."""
+    return plan_shapes(sizes, max_lengths=cfg.shape_buckets, max_targets=cfg.target_buckets,
+                       target_multiple=cfg.pad_targets_to_multiple_of or 64, longest_sequence=cfg.max_length)
+
+
 def train(
     policy: torch.nn.Module,
     task,
@@ -269,9 +280,8 @@ def train(
     shapes = None
     if sizes is not None and cfg.shape_buckets > 0:
         run_sizes = _run_batch_sizes(sizes, epoch_order, progress, total, steps_per_epoch * cfg.grad_accum, cfg.grad_accum)
-        run_sizes += [(int((b["doc_ids"] >= 0).sum()), b["n_targets"]) for b in eval_batches if "n_sequences" in b]
-        shapes = plan_shapes(run_sizes, max_lengths=cfg.shape_buckets, max_targets=cfg.target_buckets,
-                             target_multiple=cfg.pad_targets_to_multiple_of or 64, longest_sequence=cfg.max_length)
+        run_sizes += [flat_batch_size(b) for b in eval_batches if "n_sequences" in b]
+        shapes = plan_run_shapes(cfg, run_sizes)
         if rank == 0:
             print(f"minialign: shapes fixed for the run: {shapes.describe()}; at most {shapes.n_shapes} CUDA-graph "
                   f"captures{f' and {len(shapes.lengths)} compilations per module and mode' if cfg.compile else ''} "
