@@ -59,13 +59,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, argparse.Namespace]:
 
 def phase_judges(s: r1.Sweep) -> None:
     for name, (rows, flags) in JUDGES.items():
-        run_dir = s.work / name
-        ok = s.minialign(name, "rm", *s.common(rows, VALIDATE_JUDGES), *flags, "--out", str(run_dir))
-        summary = _read_json(run_dir / "summary.json") or {}
-        s.doc["judges"][name] = {"ok": ok, "run_dir": str(run_dir), "rows": rows, "flags": flags,
-                                 "validated_on": VALIDATE_JUDGES,
-                                 "validation_accuracy": summary.get("eval", {}).get("eval/accuracy"),
-                                 "train_s": summary.get("train_s")}
+        run = s.train_rm(name, rows, VALIDATE_JUDGES, flags)
+        s.doc["judges"][name] = {"ok": run["ok"], "run_dir": run["run_dir"], "rows": rows, "flags": flags,
+                                 "validated_on": VALIDATE_JUDGES, "validation_accuracy": run["accuracy"],
+                                 "train_s": run["summary"].get("train_s")}
         s.save()
     usable = {k: v for k, v in s.doc["judges"].items() if v.get("validation_accuracy") is not None}
     if not usable:
@@ -80,25 +77,24 @@ def phase_judges(s: r1.Sweep) -> None:
 
 def phase_rm(s: r1.Sweep) -> None:
     rows, flags = RM_ALL
-    run_dir = s.work / "rm-all"
-    ok = s.minialign("rm-all", "rm", *s.common(rows, r1.ROWS["eval"]), *flags, "--out", str(run_dir))
-    summary = _read_json(run_dir / "summary.json") or {}
-    s.doc["rm_all"] = {"ok": ok, "run_dir": str(run_dir), "rows": rows, "flags": flags, "scored_on": r1.ROWS["eval"],
-                       "eval_accuracy": summary.get("eval", {}).get("eval/accuracy"), "summary": summary}
+    run = s.train_rm("rm-all", rows, r1.ROWS["eval"], flags)
+    accuracy = run.pop("accuracy")
+    s.doc["rm_all"] = {**run, "scored_on": r1.ROWS["eval"], "eval_accuracy": accuracy}
     s.save()
 
 
-def judges_for_answers(s: r1.Sweep) -> dict[str, str]:
+def answer_judges(s: r1.Sweep) -> dict[str, str]:
+    """{name: run folder} of the judges that score answers: the chosen judge and, when it finished, rm-all."""
     out = {s.doc["judge"]: s.doc["judges"][s.doc["judge"]]["run_dir"]}
     if (s.doc.get("rm_all") or {}).get("ok"):
         out["rm-all"] = s.doc["rm_all"]["run_dir"]
     return out
 
 
-def rescore(s: r1.Sweep, label: str, answers: Path) -> dict:
-    """``answers`` (an eval.json) scored by each judge of ``judges_for_answers``: {judge: headline}."""
+def rescore(s: r1.Sweep, label: str, answers: Path, judges: dict[str, str]) -> dict:
+    """``answers`` (an eval.json) scored by each of ``judges`` with `minialign eval --answers`: {judge: headline}."""
     found = {}
-    for jname, jdir in judges_for_answers(s).items():
+    for jname, jdir in judges.items():
         out = s.work / "rescored" / f"{label}-{jname}"
         ok = s.minialign(f"rescore-{label}-{jname}", "eval", "--answers", str(answers), "--judge", jdir,
                          "--tokenizer", s.args.model, "--judge-batch-size", "64", "--out", str(out))
@@ -107,7 +103,7 @@ def rescore(s: r1.Sweep, label: str, answers: Path) -> dict:
 
 
 def phase_rescore(s: r1.Sweep, folder: Path) -> None:
-    s.doc["rescored"] = {name: rescore(s, name, folder / f"{name}.json") for name in ANSWERS}
+    s.doc["rescored"] = {name: rescore(s, name, folder / f"{name}.json", answer_judges(s)) for name in ANSWERS}
     s.save()
 
 
@@ -122,11 +118,11 @@ def phase_final(s: r1.Sweep, round1: dict) -> None:
     final = s.doc.setdefault("final", {})
     final["heldout"] = r1.heldout(s, "final-heldout", run_dir / "dpo",
                                   run_dir / "sft" if r1.CANDIDATES[chosen][0] is not None else None)
-    # answers generated and scored by the judge, then the same answers scored by rm-all
-    final["generations"] = r1.headline(s.eval_generations("final-eval", ["--policy", str(run_dir / "dpo")], r1.ROWS["eval"],
-                                          s.args.final_samples, judges_for_answers(s)[s.doc["judge"]],
-                                          s.work / "final"), keep_samples=True)
-    final["rescored"] = rescore(s, chosen, s.work / "final" / "eval.json")
+    judges = answer_judges(s)  # the answers are generated and scored by the chosen judge, then by the others
+    ev = s.eval_generations("final-eval", ["--policy", str(run_dir / "dpo")], r1.ROWS["eval"], s.args.final_samples,
+                            judges.pop(s.doc["judge"]), s.work / "final")
+    final["generations"] = r1.headline(ev, keep_samples=True)
+    final["rescored"] = {s.doc["judge"]: r1.headline(ev), **rescore(s, chosen, s.work / "final" / "eval.json", judges)}
     s.save()
 
 
@@ -146,7 +142,8 @@ def markdown(doc: dict) -> str:
         lines += ["", "Round 1's final answers on the eval rows (100 prompts; greedy, and 4 samples a prompt), scored "
                   "again by each judge:", "", "| answers | judge | win greedy | win sampled | policy score | "
                   "reference score |", "|---|---|---:|---:|---:|---:|"]
-        final_rescored = {f"{doc['chosen']} (round 2)": doc["final"]["rescored"]} if doc.get("final") else {}
+        final_rescored = ({f"{doc['chosen']} (round 2)": doc["final"]["rescored"]}
+                          if "rescored" in doc.get("final", {}) else {})
         for name, by_judge in {**doc["rescored"], **final_rescored}.items():
             for jname, g in by_judge.items():
                 lines.append(f"| {name} | {jname} | {r1._win(g, 'greedy')} | {r1._win(g, 'sampled')} | "

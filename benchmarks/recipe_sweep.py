@@ -120,6 +120,14 @@ class Sweep:
                 "--batch-size", str(self.args.batch_size), "--eval-every", "0", "--overwrite",
                 *shlex.split(self.args.extra)]
 
+    def train_rm(self, name: str, rows: str, eval_rows: str, flags: list[str], dataset: str = "harmless") -> dict:
+        """One `minialign rm` run: its folder, whether it finished, its held-out pair accuracy on ``eval_rows``."""
+        run_dir = self.work / name
+        ok = self.minialign(name, "rm", *self.common(rows, eval_rows, dataset), *flags, "--out", str(run_dir))
+        summary = _read_json(run_dir / "summary.json") or {}
+        return {"ok": ok, "run_dir": str(run_dir), "rows": rows, "flags": flags,
+                "accuracy": summary.get("eval", {}).get("eval/accuracy"), "summary": summary}
+
     def eval_generations(self, name: str, policy: list[str], rows: str, samples: int, judge: str, out: Path) -> dict:
         ok = self.minialign(name, "eval", *policy, "--reference", self.args.model, "--judge", judge,
                             "--dataset", self.data["harmless"], "--rows", rows, "--n", str(self.args.n),
@@ -141,12 +149,9 @@ class Sweep:
 def phase_judges(s: Sweep) -> None:
     for name in s.args.judges.split(","):
         dataset, rows, flags = JUDGES[name]
-        run_dir = s.work / name
-        ok = s.minialign(name, "rm", *s.common(rows, ROWS["validation"], dataset), *flags, "--out", str(run_dir))
-        summary = _read_json(run_dir / "summary.json") or {}
-        s.doc["judges"][name] = {"ok": ok, "run_dir": str(run_dir), "dataset": dataset, "rows": rows,
-                                 "validation_accuracy": summary.get("eval", {}).get("eval/accuracy"),
-                                 "summary": summary}
+        run = s.train_rm(name, rows, ROWS["validation"], flags, dataset)
+        s.doc["judges"][name] = {"ok": run["ok"], "run_dir": run["run_dir"], "dataset": dataset, "rows": rows,
+                                 "validation_accuracy": run["accuracy"], "summary": run["summary"]}
         s.save()
     usable = {k: v for k, v in s.doc["judges"].items() if v.get("validation_accuracy") is not None}
     if usable:
