@@ -40,6 +40,7 @@ if str(HERE) not in sys.path:  # bench_gpu (default data and results names) live
     sys.path.insert(0, str(HERE))
 from e2e_table import fmt, markdown, ratios  # noqa: E402
 from trl_e2e import add_run_args  # noqa: E402
+
 # Runner name -> extra minialign flags (None: the TRL script). `--fast` is minialign's one switch for its GPU setting.
 RUNNERS: dict[str, list[str] | None] = {
     "trl": None,
@@ -54,7 +55,7 @@ PROBE = ("import json, platform, torch; from importlib.metadata import version; 
          "print(json.dumps({'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', "
          "'versions': {'python': platform.python_version(), 'torch': torch.__version__, "
          "**{n: version(n) for n in ('transformers', 'trl', 'peft', 'accelerate', 'datasets')}}}))")
-WARM = "import torch, transformers, trl, peft, datasets, minialign.cli, minialign.evaluate"
+WARM = "import torch, transformers, trl, peft, datasets, minialign.cli, minialign.evaluation.evaluate"
 LOG_TAIL = 2000
 CONFIG_KEYS = ("tokenizer", "data", "train_rows", "eval_rows", "limit", "epochs", "batch_size", "lr", "schedule",
                "warmup_ratio", "beta", "lora_r", "lora_alpha", "max_length", "max_prompt_length", "seed", "compile_cache",
@@ -213,7 +214,7 @@ def save_checkpoint(model: str, path: Path, seed: int, env: dict) -> str:
     Random init of a 1B model on the CPU takes ~17 s in either trainer, which no user of a pretrained model
     pays; loading a checkpoint is what they do."""
     if not (path / "config.json").is_file():
-        code = ("import sys, torch; from minialign.models import load_model; "
+        code = ("import sys, torch; from minialign.modeling.models import load_model; "
                 "load_model(sys.argv[1], seed=int(sys.argv[3])).to(torch.bfloat16).save_pretrained(sys.argv[2])")
         subprocess.run([sys.executable, "-c", code, model, str(path), str(seed)], env=env, check=True)
     return str(path)

@@ -215,7 +215,7 @@ def main(argv=None) -> int:
                f"{[str(c) for c in SHARED_CANDIDATES]}: pass --data and --tokenizer (or set MINIALIGN_SHARED)")
         print(f"error: {msg}", file=sys.stderr)
         return 2
-    from minialign.bench import device_name
+    from minialign.training.bench import device_name
 
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"{'cpu-small' if small else gpu_slug(device_name(device))}.json")
 

@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # minialign nee
 
 import torch
 
-from minialign.optim import StochasticAdamW
+from minialign.training.optim import StochasticAdamW
 
 
 def shapes(model: str) -> list[tuple[int, ...]]:
-    from minialign.models import load_model
+    from minialign.modeling.models import load_model
 
     with torch.device("meta"):
         return [tuple(p.shape) for p in load_model(model).parameters()]

@@ -19,10 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # minialign nee
 
 import torch
 
-from minialign import lora
+from minialign.base.devices import to_device
 from minialign.data import TokenizedExample, collate_packed, collate_sft, pack_sft
-from minialign.models import load_model
-from minialign.tasks import TokenLogps, add_target_index, document_block_mask, run_logps, to_device
+from minialign.modeling import lora
+from minialign.modeling.models import load_model
+from minialign.modeling.policy import TokenLogps, document_block_mask, run_logps
+from minialign.training.batches import add_target_index
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Varlen attention on a GPU: FlashAttention-2 varlen (minialign.attention) against two references.
+"""Varlen attention on a GPU: FlashAttention-2 varlen (minialign.ops.attention) against two references.
 
     python benchmarks/check_varlen.py [--out check_varlen.json]
     python benchmarks/check_varlen.py --cpu-smoke     # no GPU: every piece on the CPU reference, short rows, float32
@@ -17,7 +17,7 @@ realistic head dims, sliding windows shorter than the sequences) in bf16: the pe
 padding-free SFT and shared-prompt DPO rows through TokenLogps' varlen path, against each sequence run alone through a
 float32 copy of the model with eager attention (and, for scale, the bf16 padded batch against the same reference),
 plus the relative gradient difference against the float32 padded batch. A model that cannot run varlen
-(``models.fast_path_support``: Gemma2's attention soft-capping) is run the way training falls back, padded batches,
+(``blocks.fast_path_support``: Gemma2's attention soft-capping) is run the way training falls back, padded batches,
 and its reason is recorded.
 
 Prints and writes the max abs differences (float32 references, so they measure bf16 rounding).
@@ -37,10 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # minialign nee
 import torch
 import torch.nn.functional as F
 
-from minialign.attention import flash_varlen_available, kv_slots, varlen_attention, varlen_index, varlen_reference
+from minialign.base.devices import to_device
 from minialign.data import TokenizedExample, TokenizedPair, block_causal_mask, collate_pairs, collate_sft, pad_row
-from minialign.models import BUILTIN_CONFIGS, fast_path_support, load_model
-from minialign.tasks import TokenLogps, prepare_batch, run_logps, to_device
+from minialign.modeling.blocks import fast_path_support
+from minialign.modeling.models import BUILTIN_CONFIGS, load_model
+from minialign.modeling.policy import TokenLogps, run_logps
+from minialign.ops.attention import flash_varlen_available, kv_slots, varlen_attention, varlen_index, varlen_reference
+from minialign.training.batches import prepare_batch
 
 HEADS, KV_HEADS, DIM = 9, 3, 64
 

@@ -48,10 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def score(args: argparse.Namespace) -> dict:
     """The held-out metrics of one trained result (see the module docstring)."""
-    from minialign import lora
     from minialign.data import load_preference_pairs, tokenize_pairs, tokenize_sft
-    from minialign.evaluate import heldout_loss, pair_logps, preference_metrics
-    from minialign.models import load_model, load_tokenizer
+    from minialign.evaluation.evaluate import heldout_loss, pair_logps, preference_metrics
+    from minialign.modeling import lora
+    from minialign.modeling.models import load_model, load_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(args.tokenizer)
@@ -63,8 +63,8 @@ def score(args: argparse.Namespace) -> dict:
     limits = dict(max_length=args.max_length, max_prompt_length=args.max_prompt_length)
     pad, bs = tok.pad_token_id, args.batch_size
     if args.sft_run:
-        from minialign.config import DPOConfig
-        from minialign.recipes import dpo_start_model
+        from minialign.commands.recipes import dpo_start_model
+        from minialign.config.schema import DPOConfig
 
         base = dpo_start_model(DPOConfig(sft=args.sft_run, tokenizer=args.tokenizer), tok)
     else:

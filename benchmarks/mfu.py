@@ -6,7 +6,6 @@ import gc
 import time
 
 import torch
-
 import trl_peer
 from minialign_runs import LORA_R
 from trl_peer import GPT_NEOX_LINEARS
@@ -14,7 +13,7 @@ from trl_peer import GPT_NEOX_LINEARS
 
 def model_shape(model_name: str) -> dict:
     """Matmul parameter counts of the model (every nn.Linear weight, the output head included) and LoRA's."""
-    from minialign.models import load_model
+    from minialign.modeling.models import load_model
 
     model = load_model(model_name)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import torch
-
 from trl_peer import LR, batch_stats, reset_memory
 
 LORA_R = 8
@@ -92,9 +91,9 @@ def computed_stats(batch: dict) -> tuple[int, int]:
 
 def run_minialign(task: str, mode: str, packing: bool, batch_size: int, workload, args, device,
                   variant: str = "eager", on_step=None) -> dict:
-    from minialign.bench import measure
     from minialign.data import tokens_in
-    from minialign.models import load_model
+    from minialign.modeling.models import load_model
+    from minialign.training.bench import measure
 
     v = VARIANTS[variant]
     flat, static = v.get("flat", False) and not packing, v.get("static", False)

@@ -249,7 +249,7 @@ def _flag(run_dir: Path, key: str) -> str:
 
 def judge_accuracy(s: Sweep, judge: str, rows: str = ROWS["eval"], name: str = "judge-eval-accuracy") -> float | None:
     """The judge's own pair accuracy on ``rows`` (the eval rows: printed beside every win rate it gives)."""
-    code = ("import sys, json; from minialign.reward import load_judge; from minialign.data import load_preference_pairs;"
+    code = ("import sys, json; from minialign.commands.reward import load_judge; from minialign.data import load_preference_pairs;"
             "from minialign.data.chat import to_chat_format;"
             "j = load_judge(sys.argv[1], device='cuda' if __import__('torch').cuda.is_available() else 'cpu');"
             "p = load_preference_pairs(sys.argv[2], rows=sys.argv[3]);"
@@ -265,7 +265,7 @@ def judge_accuracy(s: Sweep, judge: str, rows: str = ROWS["eval"], name: str = "
 
 
 def headline(ev: dict, keep_samples: bool = False) -> dict:
-    """The numbers a sweep row shows, from one eval.json (``minialign.geneval.compare``'s output).
+    """The numbers a sweep row shows, from one eval.json (``minialign.evaluation.geneval.compare``'s output).
 
     ``win_rate``: the policy's win rate over the reference by the judge, greedy and sampled answers pooled by
     prompt count (each decoding's rate weighted equally); ``greedy_loop_share``: the policy's greedy answers.

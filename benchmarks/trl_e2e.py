@@ -47,8 +47,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     """The run both trainers are given (bench_e2e.py passes the same flags on to each runner)."""
     p.add_argument("--task", choices=["dpo", "sft"], required=True)
     p.add_argument("--mode", choices=["lora", "full"], required=True)
-    p.add_argument("--model", required=True, help="anything minialign.models.load_model takes")
-    p.add_argument("--tokenizer", required=True, help="anything minialign.models.load_tokenizer takes")
+    p.add_argument("--model", required=True, help="anything minialign.modeling.models.load_model takes")
+    p.add_argument("--tokenizer", required=True, help="anything minialign.modeling.models.load_tokenizer takes")
     p.add_argument("--train-rows", default="300:")
     p.add_argument("--eval-rows", default="0:300")
     p.add_argument("--limit", type=int, default=0, help="cap on training pairs (0: all), as minialign's --limit")
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from minialign.data import load_preference_pairs
     from minialign.data.chat import to_chat_format
-    from minialign.models import load_model, load_tokenizer
+    from minialign.modeling.models import load_model, load_tokenizer
 
     marks = {"imports": time.time()}
     cuda = torch.cuda.is_available()

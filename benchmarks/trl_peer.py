@@ -1,6 +1,6 @@
 """The peer we race: Hugging Face TRL (SFTTrainer / DPOTrainer) + PEFT, used as a library.
 
-``run_trl(...)`` trains the same model (``minialign.models.load_model``, random init, float32 weights,
+``run_trl(...)`` trains the same model (``minialign.modeling.models.load_model``, random init, float32 weights,
 bf16 autocast through ``bf16=True``) on the same token ids, in the same order, that ``bench_gpu.py``
 gives minialign, and returns one result row::
 
@@ -84,7 +84,7 @@ def batch_stats(batch: dict) -> tuple[int, int]:
 def peak_memory(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    from minialign.bench import peak_rss_mb
+    from minialign.training.bench import peak_rss_mb
 
     return peak_rss_mb(), "cpu_peak_rss"
 
@@ -106,7 +106,7 @@ def load_workload(task: str, data_path: str, tokenizer_path: str, max_length: in
                   seed: int = 0) -> tuple[Any, list, list[int]]:
     """(tokenizer, tokenized examples, order): what both trainers are fed; ``order`` is a permutation."""
     from minialign.data import batch_indices, load_preference_pairs, tokenize_pairs, tokenize_sft
-    from minialign.models import load_tokenizer
+    from minialign.modeling.models import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)
     pairs = load_preference_pairs(data_path)
@@ -223,7 +223,7 @@ def run_trl(task: str, mode: str, batch_size: int, steps: int, warmup: int, data
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    from minialign.models import load_model
+    from minialign.modeling.models import load_model
 
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:

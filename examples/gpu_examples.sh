@@ -15,7 +15,7 @@ T0=$(date +%s); t() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 cat /tmp/part_00 .carry/b/part_01 > /tmp/model.gguf && sha256sum /tmp/model.gguf
 # Dequantise the GGUF once into a save_pretrained folder: every later load takes a second instead of ~30 s.
 $M -c "
-from minialign.models import load_model, load_tokenizer
+from minialign.modeling.models import load_model, load_tokenizer
 load_model('/tmp/model.gguf').save_pretrained('/tmp/smollm2-135m-instruct')
 load_tokenizer('/tmp/model.gguf').save_pretrained('/tmp/smollm2-135m-instruct')" 2>&1 | grep -v "it/s" | tail -2
 SM=/tmp/smollm2-135m-instruct

@@ -1,8 +1,8 @@
 import os
 import sys
 
+from minialign.base.dist import launched_world
 from minialign.cli import main
-from minialign.dist import launched_world
 
 code = main()
 if launched_world() > 1:

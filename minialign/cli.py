@@ -8,12 +8,12 @@ import json
 import sys
 from pathlib import Path
 
-from minialign import __version__, dist
-from minialign.cli_help import Parser, add_config_flags
-from minialign.config import DPOConfig, EvalConfig, RMConfig, RunConfig, SFTConfig, prompt_length
-from minialign.errors import UserError
-from minialign.presets import build, flag_values, load_yaml, preset
-
+from minialign import __version__
+from minialign.base import dist
+from minialign.base.errors import UserError
+from minialign.config.cli_help import Parser, add_config_flags
+from minialign.config.presets import build, flag_values, load_yaml, preset
+from minialign.config.schema import DPOConfig, EvalConfig, RMConfig, RunConfig, SFTConfig, prompt_length
 
 MODEL_HELP = "hub id, local folder, .gguf file or built-in name"
 USAGE = "%(prog)s [--demo | --config FILE | --resume RUN_DIR] [--overwrite] [options]"
@@ -139,7 +139,7 @@ def _eval_parser(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from minialign.evalcmd import run_eval
+    from minialign.commands.evalcmd import run_eval
 
     run_eval(_config(args, EvalConfig))
     return 0
@@ -147,7 +147,7 @@ def cmd_eval(args) -> int:
 
 def _train_config(args, cls, kind: str):
     if args.resume:
-        from minialign.recipes import resume_config
+        from minialign.commands.recipes import resume_config
 
         cfg = resume_config(Path(args.resume), cls)
         # How a run is launched is not part of it: it may resume on another number of processes.
@@ -167,8 +167,8 @@ def _config(args, cls, demo: str | None = None):
 
 
 def cmd_train(args, kind: str) -> int:
-    from minialign import recipes
-    from minialign.timing import done_line
+    from minialign.commands import recipes
+    from minialign.training.timing import done_line
 
     cls = SFTConfig if kind == "sft" else DPOConfig
     cfg = _train_config(args, cls, kind)
@@ -186,8 +186,8 @@ def _rm_parser(sub) -> None:
 
 
 def cmd_rm(args) -> int:
-    from minialign import reward
-    from minialign.timing import done_line
+    from minialign.commands import reward
+    from minialign.training.timing import done_line
 
     cfg = _train_config(args, RMConfig, "rm")
     with dist.session(cfg.dist, cfg.device):
@@ -202,8 +202,8 @@ def cmd_rm(args) -> int:
 
 
 def cmd_lora_params(args) -> int:
-    from minialign.lora import LoRAConfig, lora_param_table
-    from minialign.models import load_model
+    from minialign.modeling.lora import LoRAConfig, lora_param_table
+    from minialign.modeling.models import load_model
 
     targets = args.targets if args.targets == "all-linear" else [t.strip() for t in args.targets.split(",")]
     for r in args.ranks:  # before loading anything
@@ -220,7 +220,7 @@ def cmd_lora_params(args) -> int:
 
 def cmd_data(args) -> int:
     from minialign.data import format_summary, summarize_source
-    from minialign.models import load_tokenizer
+    from minialign.modeling.models import load_tokenizer
 
     max_prompt_length = prompt_length(args.max_length, args.max_prompt_length)  # before loading anything
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
@@ -231,10 +231,9 @@ def cmd_data(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from minialign.generate import generate
-    from minialign.lora import load_adapter
-    from minialign.models import load_model, load_tokenizer
-    from minialign.recipes import default_tokenizer
+    from minialign.modeling.adapters import load_adapter
+    from minialign.modeling.generate import generate
+    from minialign.modeling.models import default_tokenizer, load_model, load_tokenizer
 
     model = load_model(args.model, cache=args.cache)
     if args.adapter:
@@ -258,9 +257,9 @@ def cmd_bench(args) -> int:
 
     import torch
 
-    from minialign.bench import measure
     from minialign.data import collate_pairs, collate_sft, load_preference_pairs, tokenize_pairs, tokenize_sft
-    from minialign.models import load_model, load_tokenizer
+    from minialign.modeling.models import load_model, load_tokenizer
+    from minialign.training.bench import measure
 
     if not torch.cuda.is_available() and not args.small:
         raise UserError("No CUDA GPU is visible. `minialign bench --small` measures the tiny model on the demo data "
@@ -299,7 +298,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from minialign.report import write_report
+    from minialign.reporting.report import write_report
 
     paths = write_report(Path(args.run_dir))
     for name, path in paths.items():
@@ -308,7 +307,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from minialign import experiment
+    from minialign.commands import experiment
 
     if dist.launched_world() > 1:
         raise UserError("`minialign run` runs in one process; under torchrun, launch `minialign sft` and `minialign dpo`.")

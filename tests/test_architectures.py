@@ -16,17 +16,20 @@ import random
 import peft
 import pytest
 import torch
-
-from minialign import cli
-from minialign.attention import kv_slots, varlen_index, varlen_reference, window_mask
-from minialign.data import TokenizedExample, TokenizedPair, block_causal_mask, collate_pairs, collate_sft, pad_row
-from minialign.errors import UserError
-from minialign.lora import LoRAConfig, LoRALinear, apply_lora, resolve_target_modules, save_adapter
-from minialign.models import fast_path_support, load_model, sliding_window
-from minialign.recipes import default_tokenizer
-from minialign.tasks import TokenLogps, prepare_batch, sequence_sums
 from test_lora import randomise_lora
 from test_train import _one_thread, read_metrics, train_losses  # noqa: F401 (_one_thread: autouse fixture)
+
+from minialign import cli
+from minialign.base.errors import UserError
+from minialign.data import TokenizedExample, TokenizedPair, block_causal_mask, collate_pairs, collate_sft, pad_row
+from minialign.modeling.adapters import save_adapter
+from minialign.modeling.blocks import fast_path_support, sliding_window
+from minialign.modeling.lora import LoRAConfig, LoRALinear, apply_lora, resolve_target_modules
+from minialign.modeling.models import default_tokenizer, load_model
+from minialign.modeling.policy import TokenLogps
+from minialign.ops.attention import kv_slots, varlen_index, varlen_reference, window_mask
+from minialign.training.batches import prepare_batch
+from minialign.training.tasks import sequence_sums
 
 ARCHS = ["tiny-qwen2", "tiny-mistral", "tiny-gemma2", "tiny-phi3"]
 FAST = ["tiny-qwen2", "tiny-mistral", "tiny-phi3"]  # Gemma2 soft-caps attention: padded batches only

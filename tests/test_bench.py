@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minialign.bench import measure
-from minialign.models import load_model
+from minialign.modeling.models import load_model
+from minialign.training.bench import measure
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"

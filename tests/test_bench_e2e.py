@@ -86,7 +86,7 @@ def test_a_failed_or_overlong_run_is_recorded(e2e, tmp_path):
 
 def test_the_steady_window_starts_where_minialigns_does():
     """steady tokens/s of both trainers covers the same steps (minialign's summary.json picks them in train.py)."""
-    from minialign.train import _steady_from
+    from minialign.training.train import _steady_from
 
     trl_e2e = _load("trl_e2e")
     assert [trl_e2e.steady_from(n) for n in range(1, 400)] == [_steady_from(0, n) for n in range(1, 400)]
@@ -98,7 +98,7 @@ def test_a_builtin_model_is_saved_once_and_loaded_as_a_checkpoint(e2e, tmp_path)
 
     import torch
 
-    from minialign.models import load_model
+    from minialign.modeling.models import load_model
 
     path = tmp_path / "tiny-ckpt"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from minialign import cli
-from minialign.config import SFTConfig
-from minialign.errors import UserError
-from minialign.optim import StochasticAdamW, make_optimizer, stochastic_round
+from minialign.base.errors import UserError
+from minialign.config.schema import SFTConfig
+from minialign.training.optim import StochasticAdamW, make_optimizer, stochastic_round
 
 
 def neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +142,7 @@ def test_make_optimizer_picks_by_weight_dtype():
 
 def test_the_update_is_compiled_only_when_the_run_repays_it(monkeypatch):
     """On CUDA: compiled from COMPILE_UPDATE_FROM parameter-steps (1B parameters: ~140 steps), op by op below."""
-    from minialign import optim
+    from minialign.training import optim
 
     monkeypatch.setattr(optim.torch, "compile", lambda fn, **kw: fn)  # what is compiled is not under test here
     p = torch.nn.Parameter(torch.zeros(1_000_000, dtype=torch.bfloat16))

@@ -1,4 +1,4 @@
-"""The converted-model cache (minialign.cache): the real SmolLM2 GGUF converted once, then read back; the
+"""The converted-model cache (minialign.modeling.cache): the real SmolLM2 GGUF converted once, then read back; the
 failure cases (no cache, truncated, partial, corrupt, concurrent entries) on a stand-in conversion, so the slow
 GGUF conversion runs once for the whole file."""
 
@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from minialign import cache, models
-from minialign.models import SMOLLM2, load_model, load_tokenizer
+from minialign.modeling import cache, models
+from minialign.modeling.models import SMOLLM2, load_model, load_tokenizer
 
 TEXTS = ["Hello there, how are you?", "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>"]
 

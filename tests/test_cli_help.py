@@ -7,10 +7,12 @@ import json
 
 import pytest
 
-from minialign import cli, config, presets
-from minialign.config import DPOConfig, SFTConfig
-from minialign.presets import build
-from minialign.errors import UserError
+from minialign import cli
+from minialign.base.errors import UserError
+from minialign.config import presets
+from minialign.config import schema as config
+from minialign.config.presets import build
+from minialign.config.schema import DPOConfig, SFTConfig
 
 
 def sub_parsers(parser: argparse.ArgumentParser, prefix: str = "minialign"):
@@ -81,7 +83,7 @@ def test_hand_written_parsers_show_defaults(capsys):
 
 
 def test_choices_are_shared_with_the_code_that_uses_them():
-    from minialign import losses
+    from minialign.ops import losses
 
     assert config.LOSS_TYPES == losses.LOSS_TYPES
 
@@ -131,8 +133,8 @@ def test_data_command_prompt_length_follows_max_length(capsys):
 
 def test_every_shipped_preset_builds_its_command_config():
     """Each YAML in configs/ names only fields of its command's config and validates (a typo fails here, not on a GPU)."""
-    from minialign.config import DPOConfig, RMConfig, RunConfig, SFTConfig
-    from minialign.presets import PRESETS, load_yaml
+    from minialign.config.presets import PRESETS, load_yaml
+    from minialign.config.schema import DPOConfig, RMConfig, RunConfig, SFTConfig
 
     kinds = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RMConfig, "run": RunConfig, "smollm2-hh": DPOConfig}
     names = sorted(p.stem for p in PRESETS.glob("*.yaml"))

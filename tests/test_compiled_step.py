@@ -13,14 +13,16 @@ import random
 
 import pytest
 import torch
-
-from minialign import models
-from minialign.data import TokenizedExample, collate_pairs, collate_sft
-from minialign.errors import UserError
-from minialign.models import load_model
-from minialign.tasks import DPOTask, SFTTask, TokenLogps, adapter_reference, add_target_index, sequence_sums
 from test_flat_batches import _ids, assert_same, loss_and_grads, pairs
 from test_flat_batches import lora_policy as make_policy
+
+from minialign.base.errors import UserError
+from minialign.data import TokenizedExample, collate_pairs, collate_sft
+from minialign.modeling import blocks
+from minialign.modeling.models import load_model
+from minialign.modeling.policy import TokenLogps
+from minialign.training.batches import add_target_index
+from minialign.training.tasks import DPOTask, SFTTask, adapter_reference, sequence_sums
 
 
 def sft_examples() -> list[TokenizedExample]:
@@ -148,7 +150,7 @@ def test_compiled_blocks_run_only_inside_the_body_and_copies_run_their_own():
     with torch.no_grad():
         policy.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     assert backend.graphs == []
-    assert all("forward" not in vars(block) for block in models.transformer_blocks(policy))
+    assert all("forward" not in vars(block) for block in blocks.transformer_blocks(policy))
     copied, plain = copy.deepcopy(policy), full_policy(5)
     with torch.no_grad():
         for p in [*copied.parameters(), *plain.parameters()]:
@@ -178,7 +180,7 @@ def test_checkpointed_blocks_recompute_inside_their_compiled_graph(monkeypatch):
     policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.train()  # checkpointing is for training only
     policy.compile_body(fuse_loss=False, backend="aot_eager", dynamic=False)
-    block_class = type(models.transformer_blocks(policy)[0])
+    block_class = type(blocks.transformer_blocks(policy)[0])
     eager_forward, calls = block_class.forward, []
 
     def spy(self, *args, **kwargs):
@@ -191,5 +193,5 @@ def test_checkpointed_blocks_recompute_inside_their_compiled_graph(monkeypatch):
     assert calls == []
     grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
     assert_same((loss.detach(), grads, {}), eager)
-    assert all(block.gradient_checkpointing for block in models.transformer_blocks(policy))  # switched back on
+    assert all(block.gradient_checkpointing for block in blocks.transformer_blocks(policy))  # switched back on
     torch._dynamo.reset()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from minialign.base.errors import UserError
 from minialign.data import (
     PreferencePair,
     build_demo_tokenizer,
@@ -16,7 +17,6 @@ from minialign.data import (
     split_pairs,
     summarize_source,
 )
-from minialign.errors import UserError
 
 A = "\n\nAssistant:"
 

@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
+from minialign.base.errors import UserError
 from minialign.data import (
     TokenizedExample,
     batch_indices,
@@ -15,7 +16,6 @@ from minialign.data import (
     pack_sft,
     sequence_lengths,
 )
-from minialign.errors import UserError
 
 
 def random_examples(n: int, seed: int, max_len: int = 40) -> list[TokenizedExample]:

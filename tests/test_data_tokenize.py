@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from minialign.base.errors import UserError
 from minialign.data import (
     PreferencePair,
     TokenizedExample,
@@ -13,7 +14,6 @@ from minialign.data import (
     tokenize_pairs,
     tokenize_sft,
 )
-from minialign.errors import UserError
 
 A = "\n\nAssistant:"
 

@@ -22,10 +22,11 @@ import pytest
 import torch
 import torch.distributed as tdist
 from safetensors.torch import load_file
-
-from minialign import cli, dist
-from minialign.errors import UserError
 from test_train import _one_thread  # noqa: F401 (autouse fixture; the subprocesses run OMP_NUM_THREADS=1 too)
+
+from minialign import cli
+from minialign.base import dist
+from minialign.base.errors import UserError
 
 pytestmark = pytest.mark.skipif(not (tdist.is_available() and tdist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")

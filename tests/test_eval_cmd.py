@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_train import run_cli
 
-from minialign import reward
 from minialign.data import PreferencePair
 from minialign.data.chat import to_chat_format
-from minialign.geneval import NO_GENERATION, SIDES
-from minialign.models import load_tokenizer
-from minialign.render import fmt
-from minialign.textmetrics import distinct_n, loops, win_rate
-from test_train import run_cli
+from minialign.evaluation.geneval import SIDES
+from minialign.evaluation.judge import load_judge
+from minialign.evaluation.textmetrics import distinct_n, loops, win_rate
+from minialign.modeling.models import load_tokenizer
+from minialign.reporting.generation import NO_GENERATION
+from minialign.reporting.render import fmt
 
 SMALL = ["--n", "4", "--samples", "2", "--max-new-tokens", "8", "--show", "2"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
@@ -73,7 +74,7 @@ def heldout_accuracy(judge: Path) -> float:
 
 def check_judged(results: dict, judge: Path, per_prompt: dict[str, int]) -> None:
     """Every judged number of an eval.json (or a run's "generation") recomputed from its answers and the judge."""
-    scorer = reward.load_judge(judge)
+    scorer = load_judge(judge)
     records = results["prompts"]
     assert set(results["modes"]) == set(per_prompt)
     for mode, s in per_prompt.items():
@@ -162,7 +163,7 @@ def test_a_chat_template_judge_scores_eval_answers_as_judge_score_does(run_dir, 
     assert run_cli(*RM, "--model", "tiny-llama", "--no-full", "--tokenizer", chat_tok, "--chat-template",
                    "--max-length", 96, "--max-prompt-length", 64, "--out", judge_dir) == 0
     assert (judge_dir / "final" / "adapter").is_dir()
-    judge = reward.load_judge(judge_dir)
+    judge = load_judge(judge_dir)
     assert judge.info["chat_template"]
 
     def ids(prompt: str, response: str) -> torch.Tensor:
@@ -202,8 +203,8 @@ def test_sampling_is_seeded_and_greedy_matches_plain_generate(run_dir, root):
         assert run_cli("eval", "--policy", run_dir / "dpo", *SMALL, "--out", out) == 0
     ra, rb = (json.loads((o / "eval.json").read_text()) for o in (a, b))
     assert ra["prompts"] == rb["prompts"] and ra["modes"]["greedy"]["policy"].get("judge_score") is None
-    from minialign.evalcmd import load_side
-    from minialign.generate import generate
+    from minialign.commands.evalcmd import load_side
+    from minialign.modeling.generate import generate
 
     tok = load_tokenizer(str(run_dir / "dpo" / "final" / "tokenizer"))
     policy = load_side(str(run_dir / "dpo"), "", "--policy", tok).model
@@ -249,7 +250,7 @@ def test_a_judge_on_another_tokenizer_is_refused_naming_both(judge_dir, root, sh
 def test_run_with_a_judge_reports_win_rate_and_judge_accuracy(run_dir, judge_dir, tmp_path):
     """`minialign run --judge`: the eval stage's generation metrics carry the judge's scores and win rates
     (recomputed here), and the report's Generation section shows them with the judge's held-out accuracy."""
-    from minialign.report import write_report
+    from minialign.reporting.report import write_report
 
     results = json.loads((run_dir / "results.json").read_text())
     assert yaml.safe_load((run_dir / "run.yaml").read_text())["judge"] == str(judge_dir)

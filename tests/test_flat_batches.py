@@ -5,17 +5,18 @@ equal those of the ordinary padded batch, which is the reference: if a document 
 target were attributed to the wrong sequence, these comparisons fail.
 """
 
-import random
-
 import json
+import random
 
 import pytest
 import torch
 
-from minialign import lora
 from minialign.data import TokenizedExample, TokenizedPair, collate_pairs, collate_sft
-from minialign.models import load_model
-from minialign.tasks import DPOTask, SFTTask, TokenLogps, add_target_index, sequence_sums
+from minialign.modeling import lora
+from minialign.modeling.models import load_model
+from minialign.modeling.policy import TokenLogps
+from minialign.training.batches import add_target_index
+from minialign.training.tasks import DPOTask, SFTTask, sequence_sums
 
 
 def _ids(rng, n):
@@ -117,7 +118,7 @@ def test_padding_free_run_trains_like_the_padded_run(tmp_path, monkeypatch, comm
     """Same seed, same batches: the layout (padded rows, one flat row, one flat row of a planned shape with varlen
     attention segments) changes not a single logged loss."""
     from minialign import cli
-    from minialign import train as train_module
+    from minialign.training import train as train_module
 
     rows_seen = []
     real = train_module.prepare_batch

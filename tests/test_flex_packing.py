@@ -13,11 +13,12 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, create_mask
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minialign import lora
 from minialign.data import TokenizedExample, block_causal_mask, collate_packed, collate_sft
-from minialign.attention import FLEX_DOCUMENTS
-from minialign.models import load_model
-from minialign.tasks import TokenLogps, add_target_index, document_block_mask, run_logps
+from minialign.modeling import lora
+from minialign.modeling.models import load_model
+from minialign.modeling.policy import TokenLogps, document_block_mask, run_logps
+from minialign.ops.attention import FLEX_DOCUMENTS
+from minialign.training.batches import add_target_index
 
 ROW = 48  # not a multiple of the block sizes below: the last block of every row is ragged
 

@@ -1,4 +1,4 @@
-"""Behaviour of minialign.generate on tiny GPT-NeoX models and a tokenizer trained in the test.
+"""Behaviour of minialign.modeling.generate on tiny GPT-NeoX models and a tokenizer trained in the test.
 
 The tokenizer mirrors Pythia's: byte-level BPE, ``<|endoftext|>`` = id 0 is EOS, and there is no
 pad token. One model is random (float64, so that padded and unpadded runs cannot flip a near-tie);
@@ -11,8 +11,8 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-from minialign.errors import UserError
-from minialign.generate import generate
+from minialign.base.errors import UserError
+from minialign.modeling.generate import generate
 
 CORPUS = [
     "\n\nHuman: Hello world, how are you today?\n\nAssistant: I am fine, thank you for asking.",

@@ -13,9 +13,12 @@ import contextlib
 import pytest
 import torch
 
-from minialign import checkpoint, cli
-from minialign.graphs import GraphedStep, graph_key, plain_lr, use_tensor_lr
-from minialign.optim import make_scheduler
+from minialign import cli
+from minialign.modeling.policy import TokenLogps
+from minialign.training import checkpoint
+from minialign.training.batches import prepare_batch
+from minialign.training.graphs import GraphedStep, graph_key, plain_lr, use_tensor_lr
+from minialign.training.optim import make_scheduler
 from tests.test_optim_in_backward import assert_same_params, config, metrics, run, sft_pieces
 
 
@@ -100,8 +103,8 @@ def test_several_processes_are_refused(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
 def test_gpu_presets_build_and_turn_everything_on(kind):
-    from minialign.config import DPOConfig, SFTConfig
-    from minialign.presets import build, load_yaml, preset
+    from minialign.config.presets import build, load_yaml, preset
+    from minialign.config.schema import DPOConfig, SFTConfig
 
     cls = SFTConfig if kind == "sft" else DPOConfig
     cfg = build(cls, load_yaml(preset(f"{kind}-gpu"), cls), {})
@@ -114,10 +117,11 @@ def test_gpu_presets_build_and_turn_everything_on(kind):
 def test_held_out_batches_are_rounded_like_training_batches(tmp_path, monkeypatch):
     """Evaluation and the reference table round target counts as training does (a compiled policy would otherwise
     compile one graph per held-out batch and hit torch's recompile limit); the numbers do not change."""
-    from minialign import tasks, train as train_module
+    from minialign.training import tasks
+    from minialign.training import train as train_module
 
     seen = []
-    real = tasks.prepare_batch
+    real = prepare_batch
 
     def spy(batch, **options):
         seen.append(options["target_multiple"])
@@ -126,7 +130,7 @@ def test_held_out_batches_are_rounded_like_training_batches(tmp_path, monkeypatc
     monkeypatch.setattr(train_module, "prepare_batch", spy)
     model, examples, collate = sft_pieces(config())
     batches = [collate(list(range(i, i + 4))) for i in range(0, 12, 4)]
-    policy, task = tasks.TokenLogps(model), tasks.SFTTask()
+    policy, task = TokenLogps(model), tasks.SFTTask()
 
     plain = train_module.evaluate_task(policy, task, batches, torch.device("cpu"), contextlib.nullcontext)
     rounded = train_module.evaluate_task(policy, task, batches, torch.device("cpu"), contextlib.nullcontext, 64)
@@ -138,8 +142,9 @@ def test_held_out_batches_are_rounded_like_training_batches(tmp_path, monkeypatc
 def test_static_shape_runs_may_compile_every_shape(compile_, padding_free, limit):
     """A compiled padding-free policy compiles one graph per shape: the loop lifts torch's limit of 8 for the run."""
     from minialign.data import collate_sft
-    from minialign.tasks import SFTTask, TokenLogps
-    from minialign.train import train
+    from minialign.modeling.policy import TokenLogps
+    from minialign.training.tasks import SFTTask
+    from minialign.training.train import train
 
     seen = []
 
@@ -162,9 +167,11 @@ def test_one_capture_per_shape_and_the_first_step_eager(monkeypatch):
     need a GPU): the first step runs eagerly (AdamW's moments do not exist yet), each new shape is captured once
     and replayed from then on, ``prepare`` of a known shape does nothing, and the parameters end exactly where plain
     eager steps put them."""
-    from minialign.optim import make_optimizer
-    from minialign.tasks import SFTTask, TokenLogps, add_target_index
-    from minialign.train import step_functions
+    from minialign.modeling.policy import TokenLogps
+    from minialign.training.batches import add_target_index
+    from minialign.training.optim import make_optimizer
+    from minialign.training.tasks import SFTTask
+    from minialign.training.train import step_functions
 
     cfg = config(max_grad_norm=1.0)
     batches = None
@@ -212,8 +219,8 @@ def test_one_capture_per_shape_and_the_first_step_eager(monkeypatch):
 def test_bench_measure_makes_room_for_static_shapes(monkeypatch):
     """``minialign bench`` and bench_gpu.py time static-shape compiled runs through ``measure``: the limit is lifted
     there too (a DPO full run has a policy and a reference, each compiled per row length)."""
-    from minialign import bench
     from minialign.data import collate_sft
+    from minialign.training import bench
 
     seen = []
     real = bench.SFTTask.loss

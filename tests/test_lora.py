@@ -1,4 +1,4 @@
-"""minialign.lora against PEFT (logits both ways, counts) and exact Pythia-70m numbers."""
+"""minialign.modeling.lora against PEFT (logits both ways, counts) and exact Pythia-70m numbers."""
 
 from __future__ import annotations
 
@@ -10,19 +10,18 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from minialign.errors import UserError
-from minialign.lora import (
+from minialign.base.errors import UserError
+from minialign.modeling.adapters import load_adapter, save_adapter
+from minialign.modeling.lora import (
     LoRAConfig,
     LoRALinear,
     apply_lora,
     count_parameters,
     disabled,
-    load_adapter,
     lora_param_table,
     lora_parameters,
     merge_lora,
     resolve_target_modules,
-    save_adapter,
 )
 
 NEOX_SUFFIXES = ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]
@@ -65,7 +64,7 @@ CASES = {
 }
 
 
-def peft_config(case: dict) -> "peft.LoraConfig":
+def peft_config(case: dict) -> peft.LoraConfig:
     return peft.LoraConfig(r=case["r"], lora_alpha=case["alpha"], target_modules=case["target_modules"],
                            use_rslora=case["use_rslora"], task_type="CAUSAL_LM")
 
@@ -155,7 +154,7 @@ def test_disabled_gives_base_and_restores_even_on_error():
 
 
 def test_pythia70m_rank_table_is_exact():
-    from minialign.models import load_model
+    from minialign.modeling.models import load_model
 
     model = load_model("pythia-70m")
     assert count_parameters(model)[1] == 70_426_624
@@ -274,7 +273,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("minialign.lora.save_file", crash)
+    monkeypatch.setattr("minialign.modeling.lora.save_file", crash)
     with pytest.raises(OSError):
         save_adapter(model, tmp_path / "a")
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before

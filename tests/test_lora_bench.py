@@ -7,14 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from minialign import bench
-from minialign.config import RunConfig, SFTConfig
+from minialign.commands.experiment import _bench_batches, run
+from minialign.config.presets import build, load_yaml, preset
+from minialign.config.schema import RunConfig, SFTConfig
 from minialign.data import load_preference_pairs, tokenize_sft
-from minialign.experiment import _bench_batches, run
-from minialign.models import load_model, load_tokenizer
-from minialign.presets import build, load_yaml, preset
-from minialign.render import render_markdown
-from minialign.report import lora_section
+from minialign.modeling.models import load_model, load_tokenizer
+from minialign.reporting.render import render_markdown
+from minialign.reporting.report import lora_section
+from minialign.training import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def test_run_alternates_repeats_and_states_the_method_in_results_and_report(tmp_
 
 def test_bench_and_train_import_without_a_circle():
     """train.py no longer imports bench.py (their shared helpers are in devices.py), so either imports first."""
-    code = "import sys, minialign.train; assert 'minialign.bench' not in sys.modules; import minialign.bench"
+    code = "import sys, minialign.training.train; assert 'minialign.training.bench' not in sys.modules; import minialign.training.bench"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "bench" not in (ROOT / "minialign" / "train.py").read_text()

@@ -1,4 +1,4 @@
-"""minialign.losses against independent references: materialised logits, float64 formulas, and TRL's DPO loss."""
+"""minialign.ops.losses against independent references: materialised logits, float64 formulas, and TRL's DPO loss."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from minialign import losses
+from minialign.ops import losses
 
 # ----------------------------------------------------------------------------- token_logps
 
@@ -319,7 +319,7 @@ def test_sft_loss_is_a_sum():
 # head, ``model(..., labels=..., fused_lm_head=True).log_probs``), takes the reference log-probs from the batch
 # when ``precompute_ref_logps`` is set, and returns the mean loss, logging mean rewards in ``self._metrics``.
 # So we build a trainer without ``__init__`` (only the attributes ``_compute_loss`` reads), give it a tiny real
-# model, and feed ``minialign.losses.dpo_loss`` the very log-probs TRL's model produces.
+# model, and feed ``minialign.ops.losses.dpo_loss`` the very log-probs TRL's model produces.
 #
 # Not compared with TRL, and why:
 # * ``sigmoid`` with label_smoothing > 0: TRL 1.16's ``sigmoid`` ignores ``label_smoothing`` (conservative DPO

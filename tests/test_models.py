@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from minialign import cli, lora
-from minialign.errors import UserError
-from minialign.models import BUILTIN_CONFIGS, load_model, load_tokenizer
+from minialign import cli
+from minialign.base.errors import UserError
+from minialign.modeling import lora
+from minialign.modeling.models import BUILTIN_CONFIGS, load_model, load_tokenizer
 
 
 def test_pythia_70m_exact_size_and_seeded():
@@ -75,8 +76,7 @@ def test_llama_builtins():
     """llama-1b is Llama-3.2-1B's body on SmolLM2's vocabulary (counted on the meta device: no 4 GB allocation)."""
     from transformers import AutoModelForCausalLM
 
-    from minialign.models import builtin_config
-    from minialign.recipes import default_tokenizer
+    from minialign.modeling.models import builtin_config, default_tokenizer
 
     config = builtin_config("llama-1b")
     with torch.device("meta"):

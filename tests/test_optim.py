@@ -1,11 +1,11 @@
-"""minialign.optim: clipping folded into fused AdamW against torch's clip_grad_norm_ followed by AdamW."""
+"""minialign.training.optim: clipping folded into fused AdamW against torch's clip_grad_norm_ followed by AdamW."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from minialign import optim
+from minialign.training import optim
 
 
 def params_and_grads(scale: float, seed: int = 0):

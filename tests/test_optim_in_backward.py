@@ -13,16 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from minialign import cli, losses, train as train_module
-from minialign.bench import measure
-from minialign.config import SFTConfig, TrainConfig
+from minialign import cli
+from minialign.base.errors import UserError
+from minialign.config.presets import build, load_yaml, preset
+from minialign.config.schema import SFTConfig, TrainConfig
 from minialign.data import collate_sft, load_preference_pairs, tokenize_sft
-from minialign.errors import UserError
-from minialign.models import load_model, load_tokenizer
-from minialign.presets import build, load_yaml, preset
-from minialign.tasks import SFTTask, TokenLogps, add_target_index
-from minialign.optim import InBackwardAdamW, make_optimizer
-from minialign.train import TrainingDiverged, train
+from minialign.modeling.models import load_model, load_tokenizer
+from minialign.modeling.policy import TokenLogps
+from minialign.ops import losses
+from minialign.training import train as train_module
+from minialign.training.batches import add_target_index
+from minialign.training.bench import measure
+from minialign.training.optim import InBackwardAdamW, make_optimizer
+from minialign.training.tasks import SFTTask
+from minialign.training.train import TrainingDiverged, train
 
 
 @pytest.fixture(autouse=True)

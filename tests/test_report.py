@@ -1,4 +1,4 @@
-"""Behaviour of minialign.report on run folders written by the tests themselves."""
+"""Behaviour of minialign.reporting.report on run folders written by the tests themselves."""
 
 import base64
 import json
@@ -9,8 +9,8 @@ from typing import ClassVar
 
 import pytest
 
-from minialign.errors import UserError
-from minialign.report import read_metrics, series, write_report
+from minialign.base.errors import UserError
+from minialign.reporting.report import read_metrics, series, write_report
 
 SFT_SAMPLE = {
     "prompt": "\n\nHuman: How do I print in Python?\n\nAssistant:",

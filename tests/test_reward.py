@@ -11,12 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from minialign import lora, losses, reward
-from minialign.data import TokenizedPair, load_preference_pairs
-from minialign.errors import UserError
-from minialign.models import load_model, load_tokenizer
 from test_train import _one_thread, run_cli  # noqa: F401 (_one_thread: autouse fixture)
+
+from minialign.base.errors import UserError
+from minialign.data import TokenizedPair, load_preference_pairs
+from minialign.evaluation.judge import load_judge
+from minialign.modeling import adapters
+from minialign.modeling.models import load_model, load_tokenizer
+from minialign.modeling.reward_model import RewardModel, run_rewards, sequence_classifier
+from minialign.ops import losses
+from minialign.training.reward_task import collate_rm
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -83,7 +87,7 @@ def test_margin_column_reaches_the_batches(tmp_path):
     from minialign.data import tokenize_pairs
 
     items = tokenize_pairs(pairs, load_tokenizer("demo"), max_length=64, max_prompt_length=32)
-    assert reward.collate_rm(items, pad_id=0, eos_id=0)["margin"].tolist() == [1.5, 0.0]
+    assert collate_rm(items, pad_id=0, eos_id=0)["margin"].tolist() == [1.5, 0.0]
     path.write_text(json.dumps({"prompt": "Q", "chosen": " a", "rejected": " b", "margin": "big"}) + "\n")
     with pytest.raises(UserError, match="margin"):
         load_preference_pairs(str(path))
@@ -96,7 +100,7 @@ def test_scores_equal_transformers_sequence_classification_on_right_padded_rows(
     from transformers import AutoModelForSequenceClassification
 
     eos = 0
-    model = reward.sequence_classifier(load_model("tiny-llama", seed=1), eos, seed=1).eval()
+    model = sequence_classifier(load_model("tiny-llama", seed=1), eos, seed=1).eval()
     reference = AutoModelForSequenceClassification.from_config(model.config).eval()
     reference.load_state_dict(model.state_dict())
     rng = random.Random(0)
@@ -111,10 +115,10 @@ def test_scores_equal_transformers_sequence_classification_on_right_padded_rows(
     mask = torch.tensor([[1] * len(s) + [0] * (length - len(s)) for s in seqs])
     with torch.no_grad():
         expected = reference(input_ids=input_ids, attention_mask=mask).logits[:, 0]
-        policy = reward.RewardModel(model)
+        policy = RewardModel(model)
         for layout in [dict(), dict(flat=True), dict(flat=True, share_prompt=True), dict(pad_to_multiple_of=8)]:
-            batch = reward.collate_rm(pairs, pad_id=eos, eos_id=eos, **layout)
-            got = reward.run_rewards(policy, batch)
+            batch = collate_rm(pairs, pad_id=eos, eos_id=eos, **layout)
+            got = run_rewards(policy, batch)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=str(layout))
     # A response's trailing EOS and its absence score alike.
     assert expected[0].item() == pytest.approx(reference(input_ids=input_ids[:1, :10]).logits[0, 0].item(), abs=1e-5)
@@ -149,8 +153,8 @@ def test_learns_a_planted_preference_and_reports_held_out_accuracy(full_run):
 def test_full_save_loads_in_transformers_and_the_judge_scores_as_training_did(full_run, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    judge = reward.load_judge(full_run)
-    assert reward.load_judge(full_run) is judge
+    judge = load_judge(full_run)
+    assert load_judge(full_run) is judge
     assert judge.info["heldout_accuracy"] >= 0.9 and judge.info["n_train"] == 320 and not judge.info["chat_template"]
     held = load_preference_pairs(str(full_run.parent / "held.jsonl"))
     prompts = [p.prompt for p in held]
@@ -216,7 +220,7 @@ def test_lora_adapter_with_chat_template_loads_in_peft(tmp_path):
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
 
-    judge = reward.load_judge(out)
+    judge = load_judge(out)
     assert judge.info["chat_template"]
     held = load_preference_pairs(str(data))[:4]
     ours = judge.score([p.prompt for p in held], [p.chosen for p in held])
@@ -234,8 +238,8 @@ def test_lora_adapter_with_chat_template_loads_in_peft(tmp_path):
                                                      + [tok.eos_token_id]])).logits[0, 0].item() for p in texts]
     assert ours.tolist() == pytest.approx(theirs, abs=1e-5)
     # Our own loader reads the adapter back (LoRA weights and the head) into the same model.
-    model = reward.sequence_classifier(load_model("tiny-llama", seed=0), tok.eos_token_id)
-    lora.load_adapter(model, adapter, modules_to_save=("score",))
+    model = sequence_classifier(load_model("tiny-llama", seed=0), tok.eos_token_id)
+    adapters.load_adapter(model, adapter, modules_to_save=("score",))
     torch.testing.assert_close(model.score.weight, judge.model.score.weight)
 
 
@@ -260,5 +264,5 @@ def test_load_judge_refuses_what_is_not_a_reward_model_run(tmp_path):
     for path, what in [(tmp_path / "sft", "`minialign sft` run folder"), (tmp_path / "nope", "does not exist"),
                        (tmp_path, "not a minialign run folder")]:
         with pytest.raises(UserError, match="minialign rm") as info:
-            reward.load_judge(path)
+            load_judge(path)
         assert what in str(info.value)

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_flat_batches import lora_policy
 
 from minialign import cli
 from minialign.data import TokenizedPair, collate_pairs
-from minialign.losses import dpo_loss
-from minialign.tasks import DPOTask, TokenLogps, add_target_index, run_logps, sequence_sums
-from test_flat_batches import lora_policy
+from minialign.modeling.policy import TokenLogps, run_logps
+from minialign.ops.losses import dpo_loss
+from minialign.training.batches import add_target_index
+from minialign.training.tasks import DPOTask, sequence_sums
 
 
 def pairs() -> list[TokenizedPair]:

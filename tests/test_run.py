@@ -5,7 +5,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from minialign import cli, experiment
+from minialign import cli
+from minialign.commands import experiment
 
 SMALL = ["--bench-steps", "2", "--samples", "2", "--max-new-tokens", "8", "--eval-pairs", "100"]
 

@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from minialign.config import SFTConfig
+from minialign.config.schema import SFTConfig
 from minialign.data import TokenizedExample, TokenizedPair, collate_pairs, collate_sft, flat_sizes, pad_row
-from minialign.shapes import buckets, plan_shapes
+from minialign.ops.shapes import buckets, plan_shapes
 
 
 def brute_force(values: list[int], k: int, multiple: int, slack: int) -> int:

@@ -10,12 +10,14 @@ import random
 
 import pytest
 import torch
+from test_flat_batches import _ids, assert_same, lora_policy, loss_and_grads
 from torch.nn.attention.flex_attention import create_mask
 
 from minialign.data import TokenizedPair, block_causal_mask, collate_pairs, tokens_in
-from minialign.graphs import graph_key
-from minialign.tasks import DPOTask, add_target_index, document_block_mask, sequence_sums
-from test_flat_batches import _ids, assert_same, lora_policy, loss_and_grads
+from minialign.modeling.policy import document_block_mask
+from minialign.training.batches import add_target_index
+from minialign.training.graphs import graph_key
+from minialign.training.tasks import DPOTask, sequence_sums
 
 
 def pairs() -> list[TokenizedPair]:
@@ -108,7 +110,7 @@ def test_graph_key_ignores_the_token_count():
 
 def test_flex_attention_reads_the_shared_prompt():
     """The GPU path (FlexAttention BlockMask from doc_ids and prefix_ids), run by its CPU reference implementation."""
-    from minialign.tasks import TokenLogps
+    from minialign.modeling.policy import TokenLogps
 
     policy = lora_policy()
     flex = TokenLogps(policy.model, attention="flex")

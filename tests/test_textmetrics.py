@@ -1,10 +1,10 @@
-"""minialign.textmetrics against hand-computed values."""
+"""minialign.evaluation.textmetrics against hand-computed values."""
 
 import math
 
 import pytest
 
-from minialign.textmetrics import distinct_n, loops, mean, share, win_rate
+from minialign.evaluation.textmetrics import distinct_n, loops, mean, share, win_rate
 
 
 def test_clear_loops_are_flagged():

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from minialign.cli import main
-from minialign.timing import Stopwatch
+from minialign.training.timing import Stopwatch
 
 PHASES = ("load_s", "tokenize_s", "train_s", "save_s", "other_s")
 
@@ -31,7 +31,7 @@ def test_summary_and_final_line_split_the_wall_time(tmp_path, capsys, kind, extr
 
 def test_stopwatch_counts_what_no_phase_covers_as_other(monkeypatch):
     now = iter([0.0, 1.0, 3.0, 3.5, 4.0, 10.0])  # start; load 1-3; tokenize 3.5-4; summary at 10
-    monkeypatch.setattr("minialign.timing.time.perf_counter", lambda: next(now))
+    monkeypatch.setattr("minialign.training.timing.time.perf_counter", lambda: next(now))
     clock = Stopwatch()
     with clock.phase("load"):
         pass

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from minialign import cli, trackers
-from minialign.errors import UserError
+from minialign import cli
+from minialign.base.errors import UserError
+from minialign.training import trackers
 
 # What the loop's rows hold (train.py: loss, grad_norm, lr, epoch, tokens; DPOTask: rewards/*, logps/*) and the name
 # TRL + transformers log for each (transformers' rewrite_logs prefixes train/ and turns eval_ into eval/).

@@ -17,8 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minialign import checkpoint, cli, lora, losses, recipes
-from minialign.config import DPOConfig, SFTConfig
+from minialign import cli
+from minialign.commands import recipes
+from minialign.config.presets import build, load_run_config, load_yaml, preset
+from minialign.config.schema import DPOConfig, SFTConfig
 from minialign.data import (
     batch_indices,
     collate_pairs,
@@ -27,18 +29,15 @@ from minialign.data import (
     tokenize_pairs,
     tokenize_sft,
 )
-from minialign.models import load_model, load_tokenizer
-from minialign.presets import build, load_yaml, preset
-from minialign.tasks import (
-    DPOTask,
-    SFTTask,
-    TokenLogps,
-    adapter_reference,
-    add_target_index,
-    sequence_sums,
-)
-from minialign.optim import make_optimizer, make_scheduler
-from minialign.train import MetricsLog, train
+from minialign.modeling import lora
+from minialign.modeling.models import load_model, load_tokenizer
+from minialign.modeling.policy import TokenLogps
+from minialign.ops import losses
+from minialign.training import checkpoint
+from minialign.training.batches import add_target_index
+from minialign.training.optim import make_optimizer, make_scheduler
+from minialign.training.tasks import DPOTask, SFTTask, adapter_reference, sequence_sums
+from minialign.training.train import MetricsLog, train
 
 # Small runs: a handful of steps of the tiny model on a slice of the demo data.
 SMALL = ["--demo", "--batch-size", "4", "--limit", "32", "--eval-limit", "8"]
@@ -240,7 +239,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_nonzero(tmp_path):
 
 def load_into_fresh_policy(run_dir: Path, path: Path) -> dict:
     """``checkpoint.load_checkpoint`` into a freshly built policy, optimizer and scheduler of the run's config."""
-    cfg = recipes.load_run_config(run_dir, SFTConfig)
+    cfg = load_run_config(run_dir, SFTConfig)
     policy = TokenLogps(load_model(cfg.model, seed=cfg.seed + 1))  # other weights than the run started from
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, torch.device("cpu"))
@@ -289,7 +288,7 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, 
 
 
 def test_training_diverged_is_raised_by_the_loop(monkeypatch):
-    from minialign.train import TrainingDiverged
+    from minialign.training.train import TrainingDiverged
 
     monkeypatch.setattr(losses, "sft_loss", nan_from_call(2, lambda loss: loss * float("nan")))
     cfg = demo_config(SFTConfig, "sft", limit=16, batch_size=4, max_steps=5)
@@ -392,7 +391,7 @@ def test_existing_run_folder_is_refused_unless_overwrite(tmp_path, capsys):
     err = expect_user_error(capsys, "sft", "--demo", "--out", out, match="run with this config")
     assert "--resume" in err and "--overwrite" in err
     assert run_cli("sft", *SMALL, "--max-steps", 1, "--out", out, "--overwrite") == 0
-    assert recipes.load_run_config(out, SFTConfig).max_steps == 1
+    assert load_run_config(out, SFTConfig).max_steps == 1
 
 
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):

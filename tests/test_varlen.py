@@ -11,8 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minialign import lora
-from minialign.attention import kv_slots, varlen_index, varlen_reference
 from minialign.data import (
     TokenizedExample,
     TokenizedPair,
@@ -23,8 +21,12 @@ from minialign.data import (
     pack_sft,
     pad_row,
 )
-from minialign.models import load_model
-from minialign.tasks import DPOTask, SFTTask, TokenLogps, prepare_batch, sequence_sums
+from minialign.modeling import lora
+from minialign.modeling.models import load_model
+from minialign.modeling.policy import TokenLogps
+from minialign.ops.attention import kv_slots, varlen_index, varlen_reference
+from minialign.training.batches import prepare_batch
+from minialign.training.tasks import DPOTask, SFTTask, sequence_sums
 
 
 def ids(rng, n):

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from minialign.base.errors import UserError
 from minialign.data.tokenize import TokenizedExample, TokenizedPair
-from minialign.errors import UserError
 
 IGNORE_INDEX = -100
 LENGTH_GROUP_BATCHES = 50  # length-grouping sorts within chunks of this many global batches

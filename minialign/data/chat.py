@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from minialign.base.errors import UserError
 from minialign.data.sources import PreferenceData, PreferencePair
-from minialign.errors import UserError
 
 _TURN = re.compile(r"\n\n(Human|Assistant):")
 _ROLES = {"Human": "user", "Assistant": "assistant"}

@@ -13,7 +13,6 @@ user can see how much of their data was dropped and why.
 from __future__ import annotations
 
 import contextlib
-
 import glob
 import gzip
 import itertools
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minialign.errors import UserError
+from minialign.base.errors import UserError
 
 ASSISTANT = "\n\nAssistant:"
 EXTENSIONS = (".jsonl.gz", ".jsonl", ".json", ".parquet")
@@ -226,7 +225,7 @@ def _read_parquet(path: Path) -> Rows:
 def _read_hub(name: str, *, split: str, data_dir: str | None) -> Rows:
     import datasets
 
-    from minialign.models import hub_reachable
+    from minialign.base.hub import hub_reachable
 
     try:
         if not hub_reachable():  # fail in seconds, not after minutes of retries, unless it is cached
@@ -306,7 +305,7 @@ def resolve_paths(source: str | Path | Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def _is_local(source: str | Path | Sequence[str | Path]) -> bool:
+def is_local(source: str | Path | Sequence[str | Path]) -> bool:
     """Decide between local files and a hub id: anything path-like or with a known extension is local."""
     if not isinstance(source, str) or "," in source:
         return True
@@ -325,7 +324,7 @@ def read_rows(
     """All raw rows of a source as (where, row), lazily, in file order."""
     if isinstance(source, str) and source == "demo":
         return _read_demo(split)
-    if not _is_local(source):
+    if not is_local(source):
         return _read_hub(str(source), split=split, data_dir=data_dir)
     readers = {".parquet": _read_parquet, ".json": _read_json}
     paths = resolve_paths(source)
@@ -354,7 +353,7 @@ def parse_rows(spec: str | None) -> slice:
     return slice(start, stop)
 
 
-def _select(rows: Rows, span: slice) -> Iterator[tuple[str, Any]]:
+def select_rows(rows: Rows, span: slice) -> Iterator[tuple[str, Any]]:
     """Apply a row slice, streaming when both ends are non-negative (no need to read the tail)."""
     if (span.start or 0) >= 0 and (span.stop is None or span.stop >= 0):
         return itertools.islice(rows, span.start, span.stop)
@@ -385,7 +384,7 @@ def load_preference_pairs(
     pairs: list[PreferencePair] = []
     skipped: Counter[str] = Counter()
     seen = 0
-    for where, row in _select(read_rows(source, split=split, data_dir=data_dir), span):
+    for where, row in select_rows(read_rows(source, split=split, data_dir=data_dir), span):
         seen += 1
         result = row_to_pair(row, where, drop_blank=drop_blank)
         if isinstance(result, str):

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from minialign.base.errors import UserError
 from minialign.data.sources import PreferencePair
-from minialign.errors import UserError
 
 
 @dataclass

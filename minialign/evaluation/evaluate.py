@@ -1,0 +1,97 @@
+"""Held-out evaluation: SFT loss/perplexity, DPO preference and reward accuracy, side-by-side samples.
+
+Every number here comes from summed response log-probabilities, the same quantity DPO optimises, so a
+policy/reference comparison is apples to apples. Samples always start with the first held-out pairs in
+dataset order, so two runs show the same prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from minialign.base.devices import autocast, to_device
+from minialign.data import collate_pairs, collate_sft
+from minialign.modeling import lora
+from minialign.modeling.generate import generate
+from minialign.modeling.policy import TokenLogps, run_logps
+from minialign.ops.losses import perplexity, sft_loss
+from minialign.training.batches import add_target_index
+from minialign.training.tasks import sequence_sums
+
+
+@torch.no_grad()
+def heldout_loss(model, examples: Sequence, *, pad_id: int, batch_size: int = 16, device="cpu") -> dict[str, float]:
+    """Mean negative log-likelihood per response token, and its perplexity."""
+    policy = TokenLogps(model).to(device).eval()
+    total, count = torch.zeros((), device=device), 0
+    with autocast(torch.device(device))():
+        for i in range(0, len(examples), batch_size):
+            batch = to_device(add_target_index(collate_sft(examples[i : i + batch_size], pad_id=pad_id)), device)
+            total += sft_loss(run_logps(policy, batch))
+            count += batch["n_targets"]
+    loss = total.item() / max(count, 1)
+    return {"loss": loss, "perplexity": perplexity(loss)}
+
+
+@torch.no_grad()
+def pair_logps(model, pairs: Sequence, *, pad_id: int, batch_size: int = 16, device="cpu") -> torch.Tensor:
+    """``[N, 2]`` summed log-probs of (chosen, rejected) for each tokenized pair."""
+    policy = TokenLogps(model).to(device).eval()
+    out = []
+    with autocast(torch.device(device))():
+        for i in range(0, len(pairs), batch_size):
+            batch = to_device(add_target_index(collate_pairs(pairs[i : i + batch_size], pad_id=pad_id)), device)
+            sums = sequence_sums(policy, batch, normalise=False).float().cpu()
+            b = batch["n_pairs"]
+            out.append(torch.stack([sums[:b], sums[b:]], dim=1))
+    return torch.cat(out) if out else torch.zeros(0, 2)
+
+
+def preference_metrics(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> dict[str, float]:
+    """Accuracies and margin from ``[N, 2]`` (chosen, rejected) log-probs of policy and reference.
+
+    Preference accuracy: share of pairs whose chosen response gets the higher log-prob. Reward accuracy:
+    share whose implicit reward ``beta * (policy - reference)`` is strictly higher for chosen (ties miss).
+    """
+    rewards = beta * (policy - reference)
+    margin = rewards[:, 0] - rewards[:, 1]
+    return {
+        "reference_accuracy": (reference[:, 0] > reference[:, 1]).float().mean().item(),
+        "policy_accuracy": (policy[:, 0] > policy[:, 1]).float().mean().item(),
+        "reward_accuracy": (margin > 0).float().mean().item(),
+        "reward_margin": margin.mean().item(),
+        "n_pairs": int(policy.shape[0]),
+    }
+
+
+def dpo_eval(model, pairs: Sequence, *, pad_id: int, beta: float, batch_size: int = 16, device="cpu") -> dict[str, float]:
+    """Policy = the model with its DPO adapter; reference = the same model with adapters disabled."""
+    policy = pair_logps(model, pairs, pad_id=pad_id, batch_size=batch_size, device=device)
+    with lora.disabled(model):
+        reference = pair_logps(model, pairs, pad_id=pad_id, batch_size=batch_size, device=device)
+    return preference_metrics(policy, reference, beta)
+
+
+def sft_samples(model, tokenizer, pairs: Sequence, *, max_new_tokens: int, device="cpu") -> list[dict[str, str]]:
+    outputs = generate(model.to(device), tokenizer, [p.prompt for p in pairs], max_new_tokens=max_new_tokens)
+    return [{"prompt": p.prompt, "expected": p.chosen, "model": o} for p, o in zip(pairs, outputs)]
+
+
+def dpo_samples(model, tokenizer, pairs: Sequence, *, max_new_tokens: int, device="cpu",
+                reference=None) -> list[dict[str, str]]:
+    """Greedy answers of the policy ``model`` and its reference side by side; ``reference=None`` is the policy
+    with its LoRA adapters switched off (the model it started from), as in ``geneval.compare``."""
+    prompts = [p.prompt for p in pairs]
+    model.to(device)
+    policy = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    if reference is None:
+        with lora.disabled(model):
+            reference_out = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    else:
+        reference_out = generate(reference.to(device), tokenizer, prompts, max_new_tokens=max_new_tokens)
+    return [
+        {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "reference": r, "policy": o}
+        for p, r, o in zip(pairs, reference_out, policy)
+    ]
