@@ -50,7 +50,7 @@ def score(args: argparse.Namespace) -> dict:
     """The held-out metrics of one trained result (see the module docstring)."""
     from minialign.data import load_preference_pairs, tokenize_pairs, tokenize_sft
     from minialign.evaluation.evaluate import heldout_loss, pair_logps, preference_metrics
-    from minialign.modeling import lora
+    from minialign.modeling import adapters, lora
     from minialign.modeling.models import load_model, load_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,7 +69,7 @@ def score(args: argparse.Namespace) -> dict:
         base = dpo_start_model(DPOConfig(sft=args.sft_run, tokenizer=args.tokenizer), tok)
     else:
         base = load_model(args.model, seed=args.seed)  # the evaluators move each model to the device themselves
-    trained = lora.load_adapter(base, args.adapter) if args.adapter else load_model(args.model_dir)
+    trained = adapters.load_adapter(base, args.adapter) if args.adapter else load_model(args.model_dir)
     def on_base(score):
         """``score`` of the starting model: the adapter switched off, or the base weights loaded alone."""
         if not args.adapter:

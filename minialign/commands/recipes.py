@@ -121,7 +121,7 @@ def attach_lora(model, cfg: TrainConfig, device: torch.device, targets: str | li
 
 
 def wrap_policy(model, cfg: TrainConfig, device: torch.device, cls: type[TokenLogps] = TokenLogps) -> torch.nn.Module:
-    """``cls``: the wrapper that runs the body (``reward.RewardModel`` for a reward model)."""
+    """``cls``: the wrapper that runs the body (``reward_model.RewardModel`` for a reward model)."""
     model.to(device)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
