@@ -147,7 +147,7 @@ def cmd_eval(args) -> int:
 
 def _train_config(args, cls, kind: str):
     if args.resume:
-        from minialign.commands.recipes import resume_config
+        from minialign.commands.common import resume_config
 
         cfg = resume_config(Path(args.resume), cls)
         # How a run is launched is not part of it: it may resume on another number of processes.

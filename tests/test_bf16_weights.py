@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from minialign import cli
+from minialign.base.dist import launched_world
 from minialign.base.errors import UserError
 from minialign.config.schema import SFTConfig
 from minialign.training.optim import StochasticAdamW, make_optimizer, stochastic_round
@@ -188,7 +189,7 @@ def test_bf16_full_fine_tuning_refuses_what_it_was_not_built_for(tmp_path, capsy
     assert status == 2 and "does not run inside backward" in err and not (tmp_path / "a").exists()
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="runs in one process only"):
-        SFTConfig(full=True, base_dtype="bfloat16").validate()
+        SFTConfig(full=True, base_dtype="bfloat16").validate(launched_world())
 
 
 def test_compiled_update_is_the_same_update():

@@ -21,6 +21,7 @@ from minialign.data import TokenizedExample, collate_pairs, collate_sft
 from minialign.modeling import blocks
 from minialign.modeling.models import load_model
 from minialign.modeling.policy import TokenLogps
+from minialign.ops.losses import PreferenceLoss
 from minialign.training.batches import add_target_index
 from minialign.training.tasks import DPOTask, SFTTask, adapter_reference, sequence_sums
 
@@ -84,7 +85,7 @@ def test_compiled_forward_equals_eager_dpo_with_adapter_reference(scope):
         if compiled:
             torch._dynamo.reset()
             policy.compile_body(fuse_loss=False, scope=scope, backend="aot_eager", dynamic=True)
-        task = DPOTask(adapter_reference(policy, False), beta=0.1)
+        task = DPOTask(adapter_reference(policy, False), PreferenceLoss(beta=0.1))
         b = add_target_index(dict(batch), multiple=16 if compiled else 0)
         with torch.no_grad():
             ref = task.reference(b)

@@ -15,6 +15,7 @@ from minialign.data import TokenizedExample, TokenizedPair, collate_pairs, colla
 from minialign.modeling import lora
 from minialign.modeling.models import load_model
 from minialign.modeling.policy import TokenLogps
+from minialign.ops.losses import PreferenceLoss
 from minialign.training.batches import add_target_index
 from minialign.training.tasks import DPOTask, SFTTask, sequence_sums
 
@@ -96,7 +97,7 @@ def test_flat_dpo_sequence_sums_and_loss_equal_padded(policy):
             torch.testing.assert_close(sequence_sums(policy, flat, normalise), sequence_sums(policy, padded, normalise),
                                        rtol=1e-5, atol=1e-5)
     reference = lambda batch: torch.zeros(2 * batch["n_pairs"])  # noqa: E731
-    task = DPOTask(reference, beta=0.1)
+    task = DPOTask(reference, PreferenceLoss(beta=0.1))
     padded_run, flat_run = loss_and_grads(policy, task, padded), loss_and_grads(policy, task, flat)
     assert_same(flat_run, padded_run, loss_atol=1e-6)
     torch.testing.assert_close(flat_run[2]["rewards/margins"], padded_run[2]["rewards/margins"], rtol=1e-5, atol=1e-5)

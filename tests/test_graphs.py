@@ -1,6 +1,6 @@
 """--cuda-graphs: what can be checked without a GPU.
 
-Capture and replay need CUDA (checked on the GPU by benchmarks/check_graphs.py: the same per-step losses,
+Capture and replay need CUDA (checked on the GPU by benchmarks/checks/check_graphs.py: the same per-step losses,
 gradient norms, learning rates and weights as the plain compiled run, and after a resume). Here: the graph key,
 the learning rate kept in a tensor that the scheduler fills (the same updates as a float lr), checkpoints that
 look the same either way, the eager fallback on a CPU, and the refused combinations.
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from minialign import cli
+from minialign.base.dist import launched_world
 from minialign.modeling.policy import TokenLogps
 from minialign.training import checkpoint
 from minialign.training.batches import prepare_batch
@@ -98,7 +99,7 @@ def test_bad_combinations_are_refused(tmp_path, capsys, flags, match):
 def test_several_processes_are_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(Exception, match="cuda_graphs needs one process"):
-        config(cuda_graphs=True).validate()
+        config(cuda_graphs=True).validate(launched_world())
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])

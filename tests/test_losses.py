@@ -228,11 +228,11 @@ def log_sigmoid(x: torch.Tensor) -> torch.Tensor:
     return -torch.log1p(torch.exp(-x))
 
 
-def reference_dpo(pc, pr, rc, rr, *, beta, loss_type, ls=0.0, gamma=0.5):
+def reference_dpo(pc, pr, rc, rr, *, beta, loss_type, ls=0.0, simpo_gamma=0.5):
     """Each loss as written in its paper, in float64 (inputs are already length-normalised where needed)."""
     pc, pr, rc, rr = (x.double() for x in (pc, pr, rc, rr))
-    if loss_type == "simpo":  # SimPO: reference-free, target margin gamma
-        z = beta * (pc - pr) - gamma
+    if loss_type == "simpo":  # SimPO: reference-free, target margin simpo_gamma
+        z = beta * (pc - pr) - simpo_gamma
         loss = -(1 - ls) * log_sigmoid(z) - ls * log_sigmoid(-z)
         return loss, beta * pc, beta * pr
     h = (pc - rc) - (pr - rr)  # log-ratio margin
@@ -271,8 +271,8 @@ def test_dpo_loss_against_float64_formulas(loss_type, ls, beta):
     pc, pr, rc, rr = random_logps()
     if loss_type in ("ipo", "simpo"):  # these take per-token averages: keep them at that scale
         pc, pr, rc, rr = (x / 10 for x in (pc, pr, rc, rr))
-    got = losses.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=ls, gamma=0.7)
-    want = reference_dpo(pc, pr, rc, rr, beta=beta, loss_type=loss_type, ls=ls, gamma=0.7)
+    got = losses.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=ls, simpo_gamma=0.7)
+    want = reference_dpo(pc, pr, rc, rr, beta=beta, loss_type=loss_type, ls=ls, simpo_gamma=0.7)
     for g, w in zip(got, want):
         assert g.shape == pc.shape
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)

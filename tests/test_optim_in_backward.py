@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from minialign import cli
+from minialign.base.dist import launched_world
 from minialign.base.errors import UserError
 from minialign.config.presets import build, load_yaml, preset
 from minialign.config.schema import SFTConfig, TrainConfig
@@ -199,7 +200,7 @@ def test_bad_combinations_are_refused(tmp_path, capsys, flags, match):
 def test_several_processes_are_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
     with pytest.raises(UserError, match="optim_in_backward runs in one process only"):
-        config(optim_in_backward=True).validate()
+        config(optim_in_backward=True).validate(launched_world())
     monkeypatch.setattr(train_module.dist, "world_size", lambda: 2)  # a process group already joined
     with pytest.raises(UserError, match="optim_in_backward runs in one process only"):
         make_optimizer([torch.nn.Parameter(torch.zeros(2))], config(optim_in_backward=True), torch.device("cpu"))

@@ -19,7 +19,7 @@ from test_flat_batches import lora_policy
 from minialign import cli
 from minialign.data import TokenizedPair, collate_pairs
 from minialign.modeling.policy import TokenLogps, run_logps
-from minialign.ops.losses import dpo_loss
+from minialign.ops.losses import PreferenceLoss, dpo_loss
 from minialign.training.batches import add_target_index
 from minialign.training.tasks import DPOTask, sequence_sums
 
@@ -68,7 +68,7 @@ def grads_of(policy, loss) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("multiple", [0, 16])  # 16: inert target slots that must not count
 def test_rpo_loss_and_gradients_equal_float64_recomputation(policy, multiple):
     batch = add_target_index(collate_pairs(pairs(), pad_id=0, index=[0, 1, 2]), multiple)
-    task = DPOTask(reference, beta=0.3, rpo_alpha=1.5)
+    task = DPOTask(reference, PreferenceLoss(beta=0.3, rpo_alpha=1.5))
     loss, metrics = task.loss(policy, batch)
     got = grads_of(policy, loss)
     want_loss, want_nll = float64_loss(run_logps(policy, batch), batch, alpha=1.5, beta=0.3)
@@ -79,21 +79,21 @@ def test_rpo_loss_and_gradients_equal_float64_recomputation(policy, multiple):
     for name in got:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-7, msg=name)
     # the NLL term moves the gradient: it is not dropped on the way
-    plain = grads_of(policy, DPOTask(reference, beta=0.3).loss(policy, batch)[0])
+    plain = grads_of(policy, DPOTask(reference, PreferenceLoss(beta=0.3)).loss(policy, batch)[0])
     assert any(not torch.allclose(got[n], plain[n]) for n in got)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo"])
 def test_alpha_zero_is_exactly_the_old_loss(policy, loss_type):
     batch = add_target_index(collate_pairs(pairs(), pad_id=0, index=[0, 1, 2]))
-    task = DPOTask(reference, beta=0.3, loss_type=loss_type, rpo_alpha=0.0)
+    task = DPOTask(reference, PreferenceLoss(beta=0.3, loss_type=loss_type, rpo_alpha=0.0))
     with torch.no_grad():
         loss, metrics = task.loss(policy, batch)
         logps = sequence_sums(policy, batch, task.normalise)
         ref = None if loss_type == "simpo" else reference(batch)
         old = dpo_loss(logps[:3], logps[3:], None if ref is None else ref[:3], None if ref is None else ref[3:],
                        beta=0.3, loss_type=loss_type)[0].sum()
-        with_rpo = DPOTask(reference, beta=0.3, loss_type=loss_type, rpo_alpha=2.0).loss(policy, batch)
+        with_rpo = DPOTask(reference, PreferenceLoss(beta=0.3, loss_type=loss_type, rpo_alpha=2.0)).loss(policy, batch)
     assert torch.equal(loss, old) and "nll" not in metrics
     # alpha > 0 leaves the preference term and its rewards alone (length-normalised ones included)
     assert torch.equal(with_rpo[1]["rewards/margins"], metrics["rewards/margins"])
@@ -103,7 +103,7 @@ def test_alpha_zero_is_exactly_the_old_loss(policy, loss_type):
 def test_padding_free_rpo_equals_padded(policy):
     ps = pairs()
     padded = add_target_index(collate_pairs(ps, pad_id=0, index=[0, 1, 2]))
-    task = DPOTask(reference, beta=0.3, rpo_alpha=1.0)
+    task = DPOTask(reference, PreferenceLoss(beta=0.3, rpo_alpha=1.0))
     with torch.no_grad():
         want = task.loss(policy, padded)
         for share_prompt in (False, True):

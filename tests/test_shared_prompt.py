@@ -15,6 +15,7 @@ from torch.nn.attention.flex_attention import create_mask
 
 from minialign.data import TokenizedPair, block_causal_mask, collate_pairs, tokens_in
 from minialign.modeling.policy import document_block_mask
+from minialign.ops.losses import PreferenceLoss
 from minialign.training.batches import add_target_index
 from minialign.training.graphs import graph_key
 from minialign.training.tasks import DPOTask, sequence_sums
@@ -94,7 +95,7 @@ def test_shared_prompt_gives_the_padded_batch_sums_loss_and_gradients():
             torch.testing.assert_close(sequence_sums(policy, shared, normalise), sequence_sums(policy, padded, normalise),
                                        rtol=1e-5, atol=1e-5)
     reference = lambda batch: torch.linspace(-3.0, 3.0, 2 * batch["n_pairs"])  # noqa: E731
-    task = DPOTask(reference, beta=0.1)
+    task = DPOTask(reference, PreferenceLoss(beta=0.1))
     padded_run, shared_run = loss_and_grads(policy, task, padded), loss_and_grads(policy, task, shared)
     assert_same(shared_run, padded_run, loss_atol=1e-6)
     for key in ("rewards/margins", "rewards/accuracies"):

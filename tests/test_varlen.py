@@ -1,6 +1,6 @@
 """Varlen attention's segment description against the document masks it replaces, and models trained through it.
 
-The FlashAttention kernels need CUDA (``benchmarks/check_varlen.py`` checks them against ``varlen_reference`` on a
+The FlashAttention kernels need CUDA (``benchmarks/checks/check_varlen.py`` checks them against ``varlen_reference`` on a
 GPU); here ``varlen_reference``, which runs wherever CUDA does not, is checked against ``block_causal_mask`` built
 from the same batch, and whole models against their padded batches.
 """
@@ -25,6 +25,7 @@ from minialign.modeling import lora
 from minialign.modeling.models import load_model
 from minialign.modeling.policy import TokenLogps
 from minialign.ops.attention import kv_slots, varlen_index, varlen_reference
+from minialign.ops.losses import PreferenceLoss
 from minialign.training.batches import prepare_batch
 from minialign.training.tasks import DPOTask, SFTTask, sequence_sums
 
@@ -101,7 +102,7 @@ def test_models_score_varlen_batches_like_padded_ones(model_name, share_prompt):
     flat = prepare_batch(pad_row(flat, flat["input_ids"].shape[1] + 9), target_multiple=16, varlen=True)
     assert "cu_seqlens_q" in flat and len(flat["tgt_index"]) % 16 == 0
     policy = TokenLogps(model, attention="varlen")
-    task = DPOTask(lambda b: torch.zeros(2 * b["n_pairs"], dtype=torch.float64), beta=0.1)
+    task = DPOTask(lambda b: torch.zeros(2 * b["n_pairs"], dtype=torch.float64), PreferenceLoss(beta=0.1))
     results = []
     for batch in (padded, flat):
         model.zero_grad()

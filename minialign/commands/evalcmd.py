@@ -68,16 +68,16 @@ def run_folder(path: str, flag: str) -> tuple[Path, str] | None:
         if not (folder / "dpo" / "kind").is_file():
             raise UserError(f"{flag} {path} is a `minialign run` folder whose DPO stage has not run; resume it first.")
         return run_folder(str(folder / "dpo"), flag)
-    return None  # every sft/dpo run folder has a 'kind' file (recipes.prepare_run_dir writes it with config.yaml)
+    return None  # every sft/dpo run folder has a 'kind' file (common.prepare_run_dir writes it with config.yaml)
 
 
 def start_model(cfg: TrainConfig, kind: str, tokenizer) -> torch.nn.Module:
     """The model a run started from: the base for SFT; the base with its SFT result merged in for DPO."""
-    from minialign.commands import recipes
+    from minialign.commands import common, recipes
 
     if kind == "dpo":
         return recipes.dpo_start_model(cfg, tokenizer)
-    return recipes.load_base(cfg, tokenizer)
+    return common.load_base(cfg, tokenizer)
 
 
 def run_config(folder: Path, kind: str) -> TrainConfig:

@@ -23,7 +23,7 @@ import yaml
 from minialign.base.devices import resolve_device
 from minialign.base.errors import UserError
 from minialign.base.files import read_json, write_json
-from minialign.commands import recipes
+from minialign.commands import common, recipes
 from minialign.config.presets import CONFIG_FILE, build, check_keys, load_run_config, save_config
 from minialign.config.schema import DPOConfig, RunConfig, SFTConfig, check_choices
 from minialign.data import collate_sft, tokenize_pairs, tokenize_sft
@@ -158,7 +158,7 @@ def stage_train(ctx: Context, kind: str) -> dict:
     run = recipes.sft if kind == "sft" else recipes.dpo
     started = (Path(cfg.out) / CONFIG_FILE).exists()
     if started:
-        cfg = recipes.resume_config(Path(cfg.out), type(cfg))
+        cfg = common.resume_config(Path(cfg.out), type(cfg))
     run(cfg, resume=started)
     return {}
 

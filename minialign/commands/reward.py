@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from minialign.base.errors import UserError
-from minialign.commands import recipes
+from minialign.commands import common
 from minialign.config.schema import RMConfig
 from minialign.data import flat_sizes, sequence_lengths, tokenize_pairs
 from minialign.modeling.blocks import check_fast_path
@@ -63,7 +63,7 @@ def make_trainable(model: nn.Module, cfg: RMConfig, device: torch.device) -> nn.
     """Full fine-tuning trains every weight (in ``base_dtype``); LoRA adds adapters to the body's linear layers and
     trains the score head in full, in float32."""
     if cfg.full:
-        return recipes.trainable_weights(model, cfg, device)
+        return common.trainable_weights(model, cfg, device)
     if cfg.lora_targets == "all-linear":  # lora's own "all-linear" knows the LM heads only, not the score head
         targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != HEAD]
     else:
@@ -71,22 +71,22 @@ def make_trainable(model: nn.Module, cfg: RMConfig, device: torch.device) -> nn.
         if HEAD in targets:
             raise UserError(f"--lora-targets names '{HEAD}', the reward head, which is always trained in full; "
                             "list only body layers.")
-    recipes.attach_lora(model, cfg, device, targets)
+    common.attach_lora(model, cfg, device, targets)
     model.score.float().requires_grad_(True)
     return model
 
 
 def rm(cfg: RMConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     clock = Stopwatch()
-    run_dir, point, device, tokenizer, pairs, held_out = recipes.prologue(cfg, "rm", tokenize_pairs, resume=resume,
+    run_dir, point, device, tokenizer, pairs, held_out = common.prologue(cfg, "rm", tokenize_pairs, resume=resume,
                                                                            overwrite=overwrite, clock=clock)
     eos = tokenizer.eos_token_id
     with clock.phase("load"):
-        lm = recipes.load_base(cfg, tokenizer)
+        lm = common.load_base(cfg, tokenizer)
         check_fast_path(cfg, lm, device)  # an architecture the fast path cannot honour falls back (or is refused)
         model = sequence_classifier(lm, eos, cfg.seed)
         make_trainable(model, cfg, device)
-        policy = recipes.wrap_policy(model, cfg, device, cls=RewardModel)
+        policy = common.wrap_policy(model, cfg, device, cls=RewardModel)
     share = cfg.padding_free and cfg.share_prompt
     collate_items = functools.partial(collate_rm, pad_id=tokenizer.pad_token_id, eos_id=eos, flat=cfg.padding_free,
                                       share_prompt=share, pad_to_multiple_of=cfg.pad_to_multiple_of or None)
@@ -98,7 +98,7 @@ def rm(cfg: RMConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
                  lengths=sequence_lengths(pairs), sizes=sizes, resume_from=point)
     with clock.phase("save"):
         # a sequence-classification folder, or a PEFT SEQ_CLS adapter whose score head is in modules_to_save
-        recipes.save_final(model, run_dir, cfg, tokenizer, task_type="SEQ_CLS", modules_to_save=(HEAD,))
+        common.save_final(model, run_dir, cfg, tokenizer, task_type="SEQ_CLS", modules_to_save=(HEAD,))
     last.setdefault("summary", {}).update(n_train=len(pairs), n_eval=len(held_out))
     write_summary(run_dir, last, clock)
     return run_dir

@@ -6,9 +6,11 @@ because only the loop knows the count across gradient-accumulation steps and ran
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -297,7 +299,7 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
-    gamma: float = 0.5,
+    simpo_gamma: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair preference losses and implicit rewards.
 
@@ -307,7 +309,7 @@ def dpo_loss(
         ref_chosen_logps, ref_rejected_logps: ``[B]`` the same under the frozen reference (ignored by ``simpo``).
         beta: inverse temperature of the implicit reward.
         loss_type: ``sigmoid`` (DPO; with ``label_smoothing`` = conservative DPO), ``hinge`` (SLiC),
-            ``ipo``, ``robust`` (unbiased under label noise), ``simpo`` (reference-free, margin ``gamma``).
+            ``ipo``, ``robust`` (unbiased under label noise), ``simpo`` (reference-free, target margin ``simpo_gamma``).
         label_smoothing: assumed probability that a preference label is flipped.
 
     Returns:
@@ -332,9 +334,50 @@ def dpo_loss(
     elif loss_type == "ipo":
         losses = (margin - 1 / (2 * beta)) ** 2
     else:  # simpo
-        z = beta * margin - gamma
+        z = beta * margin - simpo_gamma
         losses = -F.logsigmoid(z) * (1 - ls) - F.logsigmoid(-z) * ls
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """The DPO-family objective of one run, built once from its config (``from_config``): every knob keeps its flag's
+    name from ``--beta`` to the formula. ``__call__`` is ``dpo_loss`` plus, with ``rpo_alpha`` > 0, the RPO term.
+
+    ``normalise``: IPO and SimPO compare average per-token log-probs (long answers are not favoured), so the task
+    hands them length-normalised sums.
+    """
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    rpo_alpha: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg) -> PreferenceLoss:
+        """From any config holding these fields (``DPOConfig``, or the online command's)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def normalise(self) -> bool:
+        return self.loss_type in ("ipo", "simpo")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_type != "simpo"
+
+    def __call__(self, policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor | None,
+                 ref_rejected: torch.Tensor | None, chosen_nll: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(per_pair_losses, chosen_rewards, rejected_rewards)``, each ``[B]``; ``chosen_nll`` ``[B]`` (from
+        ``rpo_nll``) is added ``rpo_alpha`` times when given."""
+        per_pair, chosen_r, rejected_r = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma)
+        if chosen_nll is not None:
+            per_pair = per_pair + self.rpo_alpha * chosen_nll
+        return per_pair, chosen_r, rejected_r
 
 
 def rpo_nll(chosen_logp_sums: torch.Tensor, chosen_counts: torch.Tensor) -> torch.Tensor:
@@ -358,14 +401,14 @@ def rpo_nll(chosen_logp_sums: torch.Tensor, chosen_counts: torch.Tensor) -> torc
 
 
 def rm_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
-            center_coef: float = 0.0) -> torch.Tensor:
+            center_rewards_coefficient: float = 0.0) -> torch.Tensor:
     """Bradley-Terry reward-model loss, summed over pairs (the loop divides by the pair count).
 
     Args:
         chosen, rejected: ``[B]`` scalar rewards of each pair's preferred and dispreferred sequence.
         margin: ``[B]`` or None: how much the chosen reward must exceed the rejected one (TRL's ``margin`` column,
             e.g. a rating gap); the pair's loss is ``-log sigmoid(r_c - r_r - margin)``.
-        center_coef: weight of ``(r_c + r_r)^2`` (TRL's ``center_rewards_coefficient``): the loss only sees
+        center_rewards_coefficient: weight of ``(r_c + r_r)^2`` (TRL's ``center_rewards_coefficient``): the loss only sees
             reward differences, so this keeps rewards centred on zero, where a judge's scores compare across runs.
 
     Returns:
@@ -375,8 +418,8 @@ def rm_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor |
     if margin is not None:
         diff = diff - margin.to(diff.dtype)
     loss = -F.logsigmoid(diff).sum()
-    if center_coef:
-        loss = loss + center_coef * (chosen + rejected).square().sum()
+    if center_rewards_coefficient:
+        loss = loss + center_rewards_coefficient * (chosen + rejected).square().sum()
     return loss
 
 

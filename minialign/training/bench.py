@@ -22,6 +22,7 @@ from minialign.config.schema import TrainConfig
 from minialign.data import tokens_in
 from minialign.modeling import lora
 from minialign.modeling.policy import TokenLogps
+from minialign.ops.losses import PreferenceLoss
 from minialign.ops.shapes import ShapePlan
 from minialign.training.batches import prepare_batch
 from minialign.training.graphs import GraphedStep, graph_key
@@ -96,7 +97,7 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
             reference = frozen_reference(ref, False)
         else:
             reference = adapter_reference(policy, False)
-        objective = DPOTask(reference, beta=beta)
+        objective = DPOTask(reference, PreferenceLoss(beta=beta))
     params = [p for p in model.parameters() if p.requires_grad]
     cfg = TrainConfig(lr=lr, optim_in_backward=optim_in_backward, max_grad_norm=0.0 if optim_in_backward else 1.0)
     optimizer = make_optimizer(params, cfg, device)

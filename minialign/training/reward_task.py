@@ -32,8 +32,8 @@ class RMTask:
     name = "rm"
 
 
-    def __init__(self, center_coef: float = 0.0):
-        self.center_coef = center_coef
+    def __init__(self, center_rewards_coefficient: float = 0.0):
+        self.center_rewards_coefficient = center_rewards_coefficient
 
 
     def units(self, batch: dict) -> int:
@@ -44,7 +44,7 @@ class RMTask:
         b = batch["n_pairs"]
         rewards = run_rewards(policy, batch)
         chosen, rejected = rewards[:b], rewards[b:]
-        loss = losses.rm_loss(chosen, rejected, batch.get("margin"), self.center_coef)
+        loss = losses.rm_loss(chosen, rejected, batch.get("margin"), self.center_rewards_coefficient)
         c, r = chosen.detach(), rejected.detach()
         return loss, {"loss": loss.detach(), "accuracy": (c > r).float().sum(), "rewards/chosen": c.sum(),
                       "rewards/rejected": r.sum(), "margin": (c - r).sum()}

@@ -101,7 +101,8 @@ def cached_reference(table: torch.Tensor) -> Reference:
 class DPOTask:
     """Preference optimisation: chosen and rejected rows go through the policy in one forward pass.
 
-    ``rpo_alpha`` > 0 adds ``rpo_alpha`` x each chosen response's mean token NLL to its pair's loss (RPO, TRL's
+    ``objective`` (``losses.PreferenceLoss``, built from the config) owns every knob. Its ``rpo_alpha`` > 0 adds
+    ``rpo_alpha`` x each chosen response's mean token NLL to its pair's loss (RPO, TRL's
     ``rpo_alpha``): the chosen answers' likelihood is held up while the margin grows. Per pair, so it is summed and
     normalised by the pair count like the DPO term; TRL averages over the chosen tokens of a micro-batch instead
     (see ``losses.rpo_nll``).
@@ -109,15 +110,12 @@ class DPOTask:
 
     name = "dpo"
 
-    def __init__(self, reference: Reference | None, *, beta: float, loss_type: str = "sigmoid",
-                 label_smoothing: float = 0.0, gamma: float = 0.5, rpo_alpha: float = 0.0):
-        self.reference, self.beta, self.loss_type = reference, beta, loss_type
-        self.label_smoothing, self.gamma, self.rpo_alpha = label_smoothing, gamma, rpo_alpha
+    def __init__(self, reference: Reference | None, objective: losses.PreferenceLoss):
+        self.reference, self.objective = reference, objective
 
     @property
     def normalise(self) -> bool:
-        # IPO and SimPO compare average per-token log-probs, so long answers are not favoured.
-        return self.loss_type in ("ipo", "simpo")
+        return self.objective.normalise
 
     def units(self, batch: dict) -> int:
         return batch["n_pairs"]
@@ -127,8 +125,8 @@ class DPOTask:
         ``[B]`` mean token NLL of each chosen response (else None)."""
         # The reference first: it keeps nothing once it returns, so its forward never runs on top of the policy's
         # saved activations and kept loss gradients (a lower peak for the same work).
-        ref_logps = None if self.loss_type == "simpo" else self.reference(batch)
-        if not self.rpo_alpha:
+        ref_logps = self.reference(batch) if self.objective.needs_reference else None
+        if not self.objective.rpo_alpha:
             return sequence_sums(policy, batch, self.normalise), ref_logps, None
         b = batch["n_pairs"]
         sums = sequence_sums(policy, batch, False)
@@ -140,12 +138,7 @@ class DPOTask:
         b = batch["n_pairs"]
         policy_logps, ref_logps, nll = self.logps(policy, batch)
         ref_c, ref_r = (None, None) if ref_logps is None else (ref_logps[:b], ref_logps[b:])
-        per_pair, chosen_r, rejected_r = losses.dpo_loss(
-            policy_logps[:b], policy_logps[b:], ref_c, ref_r, beta=self.beta, loss_type=self.loss_type,
-            label_smoothing=self.label_smoothing, gamma=self.gamma,
-        )
-        if nll is not None:
-            per_pair = per_pair + self.rpo_alpha * nll
+        per_pair, chosen_r, rejected_r = self.objective(policy_logps[:b], policy_logps[b:], ref_c, ref_r, nll)
         loss = per_pair.sum()
         metrics = {
             "loss": loss.detach(),

@@ -406,7 +406,7 @@ def _summary(marks: dict, steady_from: int, progress: Progress, tokens0: int, st
 def room_for_shapes(static_shapes: bool):
     """Let a policy compiled for static shapes compile every distinct shape of the run, for this run only.
 
-    Static shapes (padding-free rows, FlexAttention, see recipes.compile_policy) compile one graph per row length
+    Static shapes (padding-free rows, FlexAttention, see commands.common.compile_policy) compile one graph per row length
     and per mode: a DPO reference runs the same code under no_grad, a full-DPO reference is a second module, and
     held-out batches add their lengths, e.g. ~20 graphs for HH DPO at batch 8 with rows rounded to 512. torch's
     default of 8 graphs per function would run the later ones uncompiled.

@@ -2,8 +2,8 @@
 # Round 2 of the recipe on the device tool's GPU machine, as one daemon (set-up as recipe_gpu.sh: .whl/ and
 # .carry/b carried, /tmp/part_00 copied by the call before):
 #
-#   bash benchmarks/recipe_round2_gpu.sh start   # join the model, install the wheels, start the daemon, follow it
-#   bash benchmarks/recipe_round2_gpu.sh wait    # follow it until it ends or this call's time is nearly up
+#   bash benchmarks/recipes/recipe_round2_gpu.sh start   # join the model, install the wheels, start the daemon, follow it
+#   bash benchmarks/recipes/recipe_round2_gpu.sh wait    # follow it until it ends or this call's time is nearly up
 #
 # In order, so a cut-off run keeps the most wanted numbers: the judges, the reward-model number and round 1's answers
 # judged again (recipe_round2.py); the whole-command wall clock against TRL (bench_e2e.py, as round 1's final phase
@@ -12,10 +12,10 @@ set -u
 W=/tmp/round2
 case "${1:-}" in
 start)
-  . benchmarks/gpu_setup.sh
+  . benchmarks/recipes/gpu_setup.sh
   mkdir -p $W
   M=/tmp/model.gguf HH=/tmp/shared/data/hh-rlhf/harmless-base/test.jsonl.gz
-  R2="python3 benchmarks/recipe_round2.py --round1 benchmarks/results/recipe-h200.json --answers examples/hh-smollm2/eval"
+  R2="python3 benchmarks/recipes/recipe_round2.py --round1 benchmarks/results/recipe-h200.json --answers examples/hh-smollm2/eval"
   R2="$R2 --model $M --data-root /tmp/shared --work $W --out $W/recipe-round2.json"
   cat > $W/pipeline.sh <<EOF
 $R2 --phases judges,rm,rescore

@@ -1,6 +1,6 @@
 """Packed SFT rows on a GPU: FlexAttention document mask vs the dense block mask vs each document alone.
 
-    python benchmarks/check_flex.py [--model pythia-70m] [--rows 8] [--length 2048] [--steps 10] [--compile]
+    python benchmarks/checks/check_flex.py [--model pythia-70m] [--rows 8] [--length 2048] [--steps 10] [--compile]
 
 Prints the max abs difference of per-token log-probs (float32) and of LoRA gradients, flex and dense against the
 documents run alone; that building the BlockMask makes no host sync; and ms per forward+backward step (bf16
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # minialign need not be installed
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # minialign need not be installed
 
 import torch
 

@@ -1,7 +1,7 @@
 """Varlen attention on a GPU: FlashAttention-2 varlen (minialign.ops.attention) against two references.
 
-    python benchmarks/check_varlen.py [--out check_varlen.json]
-    python benchmarks/check_varlen.py --cpu-smoke     # no GPU: every piece on the CPU reference, short rows, float32
+    python benchmarks/checks/check_varlen.py [--out check_varlen.json]
+    python benchmarks/checks/check_varlen.py --cpu-smoke     # no GPU: every piece on the CPU reference, short rows, float32
 
 For padding-free SFT rows and shared-prompt DPO rows of random lengths (padded to a planned length, keys padded to
 their fixed slot count), with grouped-query heads (9 query / 3 key-value, head dim 64, bf16):
@@ -32,7 +32,7 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # minialign need not be installed
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # minialign need not be installed
 
 import torch
 import torch.nn.functional as F

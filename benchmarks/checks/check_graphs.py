@@ -1,6 +1,6 @@
 """`minialign sft|dpo --cuda-graphs` on a GPU: the same training as without it, step for step.
 
-    python benchmarks/check_graphs.py [--steps 24] [--task sft] [--mode full] [--out check_graphs.json]
+    python benchmarks/checks/check_graphs.py [--steps 24] [--task sft] [--mode full] [--out check_graphs.json]
 
 Trains twice through the CLI on the real HH pairs (Pythia's tokenizer, built-in pythia-70m, padding-free rows
 rounded to 1024 tokens: a few shapes, each captured once), compiled both times, once with every step replayed as
@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
 
 from bench_gpu import HH, TOKENIZER, find_shared  # noqa: E402
 
@@ -37,7 +38,7 @@ def train(out: Path, args, *extra: str) -> float:
     if args.mode == "full":
         cmd.append("--full")
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=HERE.parent)
+    subprocess.run(cmd, check=True, cwd=ROOT)
     return time.perf_counter() - t0
 
 
@@ -86,7 +87,7 @@ def main() -> int:
         kept = [r for r in (tmp / "graphs" / "metrics.jsonl").read_text().splitlines() if json.loads(r)["step"] <= half]
         (tmp / "graphs" / "metrics.jsonl").write_text("\n".join(kept) + "\n")
         subprocess.run([sys.executable, "-m", "minialign", args.task, "--resume", str(tmp / "graphs")], check=True,
-                       cwd=HERE.parent)
+                       cwd=ROOT)
         doc = {"task": args.task, "mode": args.mode, "steps": args.steps, "pad_to_multiple_of": args.pad_to,
                "compile": args.compile, "wall_s": {"plain": t_plain, "graphs": t_graph},
                "graphs_vs_plain": straight, "resumed_vs_plain": compare(tmp / "plain", tmp / "graphs")}

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# benchmarks/recipe_sweep.py on the device tool's GPU machine, which outlives no call and has no network.
+# benchmarks/recipes/recipe_sweep.py on the device tool's GPU machine, which outlives no call and has no network.
 #
-#   bash benchmarks/recipe_gpu.sh start   # join the model, install the carried wheels, start the sweep as a daemon
-#   bash benchmarks/recipe_gpu.sh wait    # follow it until it ends or this call's time is nearly up; copy results
+#   bash benchmarks/recipes/recipe_gpu.sh start   # join the model, install the carried wheels, start the sweep as a daemon
+#   bash benchmarks/recipes/recipe_gpu.sh wait    # follow it until it ends or this call's time is nearly up; copy results
 #
 # Expects (git-ignored, carried): .whl/ (trl, datasets, dill, multiprocess, gguf wheels + a copy of ../shared under
 # .whl/shared) and the SmolLM2 GGUF split in two (/tmp/part_00 copied there by an earlier call, .carry/b/part_01).
@@ -11,11 +11,11 @@ set -u
 W=/tmp/recipe
 case "${1:-}" in
 start)
-  . benchmarks/gpu_setup.sh
+  . benchmarks/recipes/gpu_setup.sh
   mkdir -p $W
   env PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
     MINIALIGN_CACHE=/tmp/mcache PYTHONPATH=/tmp/site:/tmp/repo \
-    setsid nohup sh -c "python3 benchmarks/recipe_sweep.py --model ${MODEL:-/tmp/model.gguf} --data-root /tmp/shared \
+    setsid nohup sh -c "python3 benchmarks/recipes/recipe_sweep.py --model ${MODEL:-/tmp/model.gguf} --data-root /tmp/shared \
       --work $W --out $W/recipe-sweep.json ${SWEEP_ARGS:-}; echo \$? > $W/DONE" > $W/log.txt 2>&1 < /dev/null &
   sleep 5
   ;&

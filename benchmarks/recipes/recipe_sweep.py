@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The SmolLM2 x HH harmless-base recipe: chosen on a validation split, then measured once on the eval rows.
 
-    python benchmarks/recipe_sweep.py --model M --data-root SHARED --work /tmp/recipe --out recipe-h100.json
+    python benchmarks/recipes/recipe_sweep.py --model M --data-root SHARED --work /tmp/recipe --out recipe-h100.json
 
 Rows of the harmless-base test file (2,312 raw rows; no train split can be had here), fixed so that nothing the
 policy trains on or is chosen on is ever judged by a model that saw it:
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # benchmarks/: the harnesses these scripts drive
 sys.path.insert(0, str(HERE))
 from bench_e2e import _read_json, child_env, run_timed  # noqa: E402
 
@@ -329,7 +329,7 @@ def markdown(doc: dict) -> str:
                      f"{_f(j.get('validation_accuracy'))}{' (chosen)' if doc.get('judge') == name else ''}")
     lines += ["", *candidate_lines(doc.get("candidates", {}))]
     if doc.get("chosen"):
-        lines += ["", f"Chosen: **{doc['chosen']}** (rule: `choose` in benchmarks/recipe_sweep.py)."]
+        lines += ["", f"Chosen: **{doc['chosen']}** (rule: `choose` in benchmarks/recipes/recipe_sweep.py)."]
     final = doc.get("final", {})
     if final:
         lines += ["", f"Eval rows 0:300, touched once. Judge accuracy on them: {_f(final.get('judge_eval_accuracy'))}.", "",

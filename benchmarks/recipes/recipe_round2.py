@@ -3,7 +3,7 @@
 reward-model number on the eval rows, round 1's final answers judged again, and the candidates between round 1's
 loop-free and high-accuracy points.
 
-    python benchmarks/recipe_round2.py --round1 benchmarks/results/recipe-h200.json --answers examples/hh-smollm2/eval \
+    python benchmarks/recipes/recipe_round2.py --round1 benchmarks/results/recipe-h200.json --answers examples/hh-smollm2/eval \
         --model M --data-root SHARED --work /tmp/r2 --out /tmp/r2/recipe-round2.json
 
 Rows are round 1's (``recipe_sweep.ROWS``). Round 1's judge (300 pairs, rows 2012:2312) ranked held-out pairs near
@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # benchmarks/: the harnesses these scripts drive
 sys.path.insert(0, str(HERE))
 import recipe_sweep as r1  # noqa: E402
 from bench_e2e import _read_json  # noqa: E402

@@ -1,6 +1,6 @@
 """StochasticAdamW on a GPU, on parameters shaped like llama-1b's (1.07B, bf16): cost and correctness.
 
-    python benchmarks/check_bf16_adamw.py [--out check_bf16_adamw.json] [--model llama-1b]
+    python benchmarks/checks/check_bf16_adamw.py [--out check_bf16_adamw.json] [--model llama-1b]
 
 * time per step: the fused (compiled) update, the op-by-op one, and torch's fused AdamW on float32 weights (what
   full fine-tuning runs without ``--base-dtype bfloat16``), after a warm-up;
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # minialign need not be installed
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # minialign need not be installed
 
 import torch
 
