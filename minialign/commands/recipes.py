@@ -165,6 +165,3 @@ def _reference_cache(run_dir: Path, policy, reference, collate, n: int, cfg: Tra
     if dist.rank() == 0:
         write_atomic(path, save({"logps": table}))
     return table
-
-
-__all__ = ["sft", "dpo", "resume_config", "prepare_run_dir", "load_run_config", "partial", "write_summary"]
