@@ -148,7 +148,8 @@ def _version(name: str) -> str | None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None,
-                   help="JSON to write (and .md); default benchmarks/results/<gpu>.json, e.g. h200.json (--small: cpu-small.json)")
+                   help="JSON to write (and .md); default benchmarks/results/<gpu>.json, e.g. h200.json "
+                        "(--small: cpu-small.json)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per run (default 20; --small 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 5; --small 1)")
     p.add_argument("--small", action="store_true", help="tiny model, demo data, a few steps: a CPU smoke test")

@@ -84,7 +84,8 @@ def markdown(doc: dict) -> str:
         note = r.get("error") or " ".join(filter(None, [r.get("variant", ""),
                                                            "gradient checkpointing" if r.get("gradient_checkpointing") else "",
                                                            "cold process" if r.get("cold_process") else ""]))
-        out.append(f"| {r.get('call', '-')} | {r['trainer']} | {_cfg_name(*_cfg(r))} | {r['batch_size']} | {_f(r.get('tokens_per_s'))} "
+        out.append(f"| {r.get('call', '-')} | {r['trainer']} | {_cfg_name(*_cfg(r))} | {r['batch_size']} "
+                   f"| {_f(r.get('tokens_per_s'))} "
                    f"| {_f(r.get('pairs_per_s'), '{:,.1f}')} | {_f(r.get('peak_memory_mb'))} "
                    f"| {_f(r.get('final_loss'), '{:.4f}')} | {_f(r.get('mfu'), '{:.1%}')} "
                    f"| {_f(r.get('mfu_6n'), '{:.1%}')} | {note[:80]} |")

@@ -27,7 +27,8 @@ BETA = 0.1
 # one graph instead. Padding-free DPO batches compute each prompt once, both responses branching off it
 # (collate_pairs(share_prompt=True), what `minialign dpo --padding-free` does); "graph-buckets-unshared" lays each
 # pair out as two whole sequences instead. tokens/s counts the tokens of the two whole sequences either way (what TRL
-# computes), MFU the positions actually computed. Packed SFT rows are already free of padding and of one fixed shape, so "flat" changes nothing
+# computes), MFU the positions actually computed. Packed SFT rows are already free of padding and of one fixed shape,
+# so "flat" changes nothing
 # for them.
 VARIANTS = {
     "eager": dict(compile=False),

@@ -197,7 +197,7 @@ def test_a_failing_rank_ends_the_job(tmp_path):
     hook = tmp_path / "fail_on_rank_1.py"
     hook.write_text(
         "import os, sys\n"
-        "from minialign import cli, losses\n"
+        "from minialign import cli\nfrom minialign.ops import losses\n"
         "calls, good = [0], losses.sft_loss\n"
         "def sft_loss(logps):\n"
         "    calls[0] += 1\n"

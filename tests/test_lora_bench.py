@@ -66,7 +66,8 @@ def test_run_alternates_repeats_and_states_the_method_in_results_and_report(tmp_
 
 def test_bench_and_train_import_without_a_circle():
     """train.py no longer imports bench.py (their shared helpers are in devices.py), so either imports first."""
-    code = "import sys, minialign.training.train; assert 'minialign.training.bench' not in sys.modules; import minialign.training.bench"
+    code = ("import sys, minialign.training.train; assert 'minialign.training.bench' not in sys.modules; "
+            "import minialign.training.bench")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "bench" not in (ROOT / "minialign" / "train.py").read_text()

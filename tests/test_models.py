@@ -61,11 +61,13 @@ def test_smollm2_loads_generates_and_lora_matches_peft(smollm2_gguf):
     assert getattr(model.config, "quantization_config", None) is None and not model.is_quantized
     tok = load_tokenizer("smollm2-135m-instruct")
     assert tok.eos_token_id == model.config.eos_token_id == 2  # the GGUF tokenizer alone would say 1
-    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True)
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
+                                  add_generation_prompt=True)
     ids = tok(chat, return_tensors="pt", add_special_tokens=False).input_ids
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
-    n_peft = sum(p.numel() for p in peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules="all-linear")).parameters() if p.requires_grad)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules="all-linear"))
+    n_peft = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules="all-linear")).unload()
     ours = lora.apply_lora(model, lora.LoRAConfig(r=8))
     assert lora.count_parameters(ours)[0] == n_peft

@@ -33,7 +33,8 @@ def train(out: Path, args, *extra: str) -> float:
     cmd = [sys.executable, "-m", "minialign", args.task, "--model", args.model, "--tokenizer", find_shared(TOKENIZER),
            "--dataset", find_shared(HH), "--train-rows", "300:", "--out", str(out),
            "--batch-size", "16", "--max-steps", str(args.steps), "--padding-free", "--pad-to-multiple-of", str(args.pad_to),
-           "--compile" if args.compile else "--no-compile", "--lr", "1e-4", "--warmup-ratio", "0.25", "--schedule", "cosine", "--log-every", "1",
+           "--compile" if args.compile else "--no-compile", "--lr", "1e-4", "--warmup-ratio", "0.25", "--schedule", "cosine",
+           "--log-every", "1",
            "--device", args.device, *([] if args.mode == "full" else ["--lora-r", "8"]), *extra]
     if args.mode == "full":
         cmd.append("--full")

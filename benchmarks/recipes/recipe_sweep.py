@@ -249,12 +249,14 @@ def _flag(run_dir: Path, key: str) -> str:
 
 def judge_accuracy(s: Sweep, judge: str, rows: str = ROWS["eval"], name: str = "judge-eval-accuracy") -> float | None:
     """The judge's own pair accuracy on ``rows`` (the eval rows: printed beside every win rate it gives)."""
-    code = ("import sys, json; from minialign.commands.reward import load_judge; from minialign.data import load_preference_pairs;"
+    code = ("import sys, json; from minialign.evaluation.judge import load_judge; "
+            "from minialign.data import load_preference_pairs;"
             "from minialign.data.chat import to_chat_format;"
             "j = load_judge(sys.argv[1], device='cuda' if __import__('torch').cuda.is_available() else 'cpu');"
             "p = load_preference_pairs(sys.argv[2], rows=sys.argv[3]);"
             "p = to_chat_format(p, j.tokenizer) if j.info.get('chat_template') else p;"
-            "c = j.score([x.prompt for x in p], [x.chosen for x in p]); r = j.score([x.prompt for x in p], [x.rejected for x in p]);"
+            "c = j.score([x.prompt for x in p], [x.chosen for x in p]); "
+            "r = j.score([x.prompt for x in p], [x.rejected for x in p]);"
             "json.dump({'accuracy': (c > r).float().mean().item(), 'n': len(p)}, open(sys.argv[4], 'w'))")
     out = s.work / f"{name}.json"
     ok = s.run(name, ["-c", code, judge, s.data["harmless"], rows, str(out)])

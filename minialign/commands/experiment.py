@@ -281,5 +281,6 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
         write_json(results_file, results)
         done.append(stage)
         write_json(stages_file, {"done": done})
-    print(f"minialign run: done in {sum(read_json(results_file)['timings'].values()):.0f} s; report in {ctx.run_dir / 'report.html'}")
+    seconds = sum(read_json(results_file)["timings"].values())
+    print(f"minialign run: done in {seconds:.0f} s; report in {ctx.run_dir / 'report.html'}")
     return ctx.run_dir

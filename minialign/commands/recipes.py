@@ -6,7 +6,6 @@ final adapter (PEFT format) or model. The loop itself lives in ``train.py``.
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -65,7 +64,8 @@ def sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
         collate = lambda idx: collate_packed(examples, [rows[i] for i in idx], row_length=cfg.max_length, pad_id=pad)
         n_items, lengths = len(rows), None
     else:
-        collate = lambda idx: collate_sft([examples[i] for i in idx], pad_id=pad, pad_to_multiple_of=cfg.pad_to_multiple_of or None,
+        collate = lambda idx: collate_sft([examples[i] for i in idx], pad_id=pad,
+                                          pad_to_multiple_of=cfg.pad_to_multiple_of or None,
                                           flat=cfg.padding_free)
         n_items, lengths = len(examples), None
     eval_batches = [collate_sft(held_out[i : i + cfg.batch_size], pad_id=pad, flat=cfg.padding_free)
@@ -113,7 +113,8 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     pad = tokenizer.pad_token_id
     # Training pairs, then held-out pairs: one index space, so a precomputed reference table covers both.
     both = [*pairs, *held_out]
-    collate = lambda idx: collate_pairs([both[i] for i in idx], pad_id=pad, index=idx, pad_to_multiple_of=cfg.pad_to_multiple_of or None,
+    collate = lambda idx: collate_pairs([both[i] for i in idx], pad_id=pad, index=idx,
+                                        pad_to_multiple_of=cfg.pad_to_multiple_of or None,
                                         flat=cfg.padding_free, share_prompt=cfg.padding_free and cfg.share_prompt)
     task = DPOTask(None, PreferenceLoss.from_config(cfg))
     reference = None  # LoRA: the policy with its adapters off (below)

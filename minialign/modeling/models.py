@@ -53,9 +53,12 @@ _LLAMA = dict(model_type="llama", vocab_size=49152, max_position_embeddings=8192
               rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu", bos_token_id=1, eos_token_id=2,
               initializer_range=0.02)
 BUILTIN_CONFIGS: dict[str, dict] = {
-    "pythia-70m": dict(_NEOX, **_PYTHIA_COMMON, hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
-    "pythia-160m": dict(_NEOX, **_PYTHIA_COMMON, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "pythia-410m": dict(_NEOX, **_PYTHIA_COMMON, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "pythia-70m": dict(_NEOX, **_PYTHIA_COMMON, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+                       intermediate_size=2048),
+    "pythia-160m": dict(_NEOX, **_PYTHIA_COMMON, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                        intermediate_size=3072),
+    "pythia-410m": dict(_NEOX, **_PYTHIA_COMMON, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                        intermediate_size=4096),
     "tiny": dict(_NEOX, **dict(_PYTHIA_COMMON, vocab_size=1024, max_position_embeddings=512), hidden_size=64,
                  num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
     "llama-1b": dict(_LLAMA, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,

@@ -57,9 +57,10 @@ class GraphedStep:
     """``step(batches, scale) -> (sums, grad_norm)`` that replays one CUDA graph per batch shape.
 
     ``batches`` are host batches: a replay copies them straight into the graph's own input tensors (through pinned
-    memory), an eager step moves them to the device as usual. ``forward_backward`` accumulates the gradient of the summed loss times ``scale`` and returns summed metrics;
-    ``update`` clips, steps the optimizer and returns the gradient norm. Gradients are set to None before each
-    step: inside a capture, backward then allocates them from the graph's pool, where every replay rewrites them.
+    memory), an eager step moves them to the device as usual. ``forward_backward`` accumulates the gradient of the
+    summed loss times ``scale`` and returns summed metrics; ``update`` clips, steps the optimizer and returns the
+    gradient norm. Gradients are set to None before each step: inside a capture, backward then allocates them from
+    the graph's pool, where every replay rewrites them.
     """
 
     def __init__(self, forward_backward: ForwardBackward, update: Update, optimizer: torch.optim.Optimizer,
