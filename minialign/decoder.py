@@ -84,11 +84,12 @@ class StaticDecoder:
     """Batched decoding of one supported model (``decoder_model.decoder_support``); ``decode`` does one batch.
 
     ``graphs``: record steps as CUDA graphs (CUDA only); ``sync_every``: steps between looks at the rows;
-    ``retire``: move live rows into smaller buckets as rows finish; ``prefill_tokens``: prompt tokens per prefill pass.
+    ``retire``: move live rows into smaller buckets as rows finish (``min_bucket`` rows at least);
+    ``prefill_tokens``: prompt tokens per prefill pass.
     """
 
     def __init__(self, model: torch.nn.Module, *, graphs: bool = True, sync_every: int = 8, retire: bool = True,
-                 prefill_tokens: int | None = None):
+                 min_bucket: int = MIN_BUCKET, prefill_tokens: int | None = None):
         reason = decoder_support(model)
         if reason is not None:
             raise UserError(f"The static decoder cannot run this model: {reason}. Use decoder='auto' (falls back "
@@ -97,7 +98,7 @@ class StaticDecoder:
         self.weights = DecoderWeights(model)
         self.device = self.weights.embed.device
         self.graphs_enabled = graphs and self.device.type == "cuda"
-        self.sync_every, self.retire = max(1, sync_every), retire
+        self.sync_every, self.retire, self.min_bucket = max(1, sync_every), retire, max(1, min_bucket)
         self.prefill_tokens = prefill_tokens or (65536 if self.device.type == "cuda" else 2048)
         self.scale = self.weights.dims.head_dim ** -0.5
         self.state: _State | None = None
@@ -105,6 +106,7 @@ class StaticDecoder:
         self.pool = torch.cuda.graph_pool_handle() if self.graphs_enabled else None
         self.stream = torch.cuda.Stream(self.device) if self.graphs_enabled else None
         self.last_steps = 0  # decode steps the last batch ran (its longest answer), for benchmarks
+        self.compactions = 0  # times live rows moved to a smaller bucket, over the decoder's life
 
     # ------------------------------------------------------------------------------------------------ the batch
 
@@ -153,8 +155,9 @@ class StaticDecoder:
         return s.out[:n, :steps].tolist()
 
     def _bucket(self, n: int) -> int:
-        """The batch size a step runs at for ``n`` live rows: a power of two (at least MIN_BUCKET), at most the state's."""
-        return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), self.state.rows)
+        """The batch size a step runs at for ``n`` live rows: a power of two (at least ``min_bucket``), at most the
+        state's."""
+        return min(max(self.min_bucket, 1 << (n - 1).bit_length()), self.state.rows)
 
     def _prepare(self, rows: int, length: int, new_tokens: int) -> _State:
         """A state big enough for the batch (kept when it is: its graphs stay valid), weights matching the model."""
@@ -287,6 +290,7 @@ class StaticDecoder:
     def _compact(self, live: list[int], bucket: int, used: int) -> None:
         """Move the live slots to the front (their first ``used`` cache positions) and empty the rest of ``bucket``."""
         s, m = self.state, len(live)
+        self.compactions += 1
         index = torch.tensor(live, device=self.device)
         for layer in range(s.k_cache.shape[0]):
             s.k_cache[layer, :m, :, :used] = s.k_cache[layer, index, :, :used]
