@@ -21,6 +21,7 @@ parameters changed (optimizer steps, ``lora.disabled``), so the captured graphs 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,12 +29,16 @@ import torch
 import torch.nn.functional as F
 
 from minialign.decoder_model import (
+    PLAIN,
+    BlockParts,
     DecoderWeights,
     block_forward,
     decode_attention,
     decoder_support,
     last_logits,
+    out_mlp,
     prefill_attention,
+    qkv_rope,
     rope_table,
 )
 from minialign.errors import UserError
@@ -76,6 +81,13 @@ def _is_eos(tokens: torch.Tensor, eos_ids: tuple[int, ...]) -> torch.Tensor:
     return hit
 
 
+def _compiled_parts() -> BlockParts:
+    """The block halves compiled for fixed shapes (one compilation per bucket): inductor fuses RMSNorm, RoPE, the
+    residual adds and ``act(gate) * up`` into a few kernels around the matmuls."""
+    return BlockParts(torch.compile(qkv_rope, dynamic=False, fullgraph=True),
+                      torch.compile(out_mlp, dynamic=False, fullgraph=True))
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -83,13 +95,14 @@ def _round_up(n: int, multiple: int) -> int:
 class StaticDecoder:
     """Batched decoding of one supported model (``decoder_model.decoder_support``); ``decode`` does one batch.
 
-    ``graphs``: record steps as CUDA graphs (CUDA only); ``sync_every``: steps between looks at the rows;
-    ``retire``: move live rows into smaller buckets as rows finish (``min_bucket`` rows at least);
-    ``prefill_tokens``: prompt tokens per prefill pass.
+    ``graphs``: record steps as CUDA graphs (CUDA only); ``compile``: fuse each block's elementwise work with
+    ``torch.compile`` in decode steps (CUDA only; a failing compilation falls back to plain kernels);
+    ``sync_every``: steps between looks at the rows; ``retire``: move live rows into smaller buckets as rows finish
+    (``min_bucket`` rows at least); ``prefill_tokens``: prompt tokens per prefill pass.
     """
 
-    def __init__(self, model: torch.nn.Module, *, graphs: bool = True, sync_every: int = 8, retire: bool = True,
-                 min_bucket: int = MIN_BUCKET, prefill_tokens: int | None = None):
+    def __init__(self, model: torch.nn.Module, *, graphs: bool = True, compile: bool = True, sync_every: int = 8,
+                 retire: bool = True, min_bucket: int = MIN_BUCKET, prefill_tokens: int | None = None):
         reason = decoder_support(model)
         if reason is not None:
             raise UserError(f"The static decoder cannot run this model: {reason}. Use decoder='auto' (falls back "
@@ -98,6 +111,7 @@ class StaticDecoder:
         self.weights = DecoderWeights(model)
         self.device = self.weights.embed.device
         self.graphs_enabled = graphs and self.device.type == "cuda"
+        self.parts = _compiled_parts() if compile and self.device.type == "cuda" else PLAIN
         self.sync_every, self.retire, self.min_bucket = max(1, sync_every), retire, max(1, min_bucket)
         self.prefill_tokens = prefill_tokens or (65536 if self.device.type == "cuda" else 2048)
         self.scale = self.weights.dims.head_dim ** -0.5
@@ -257,7 +271,8 @@ class StaticDecoder:
         x = F.embedding(tokens, w.embed)
         cos, sin = s.cos[positions][:, None], s.sin[positions][:, None]
         for layer, block in enumerate(w.blocks):
-            x = block_forward(x, block, w.dims, w.act, cos, sin, lambda q, k, v, layer=layer: attend(q, k, v, layer))
+            x = block_forward(x, block, w.dims, w.act, cos, sin, lambda q, k, v, layer=layer: attend(q, k, v, layer),
+                              self.parts)
         rows = s.row_id[:bucket]
         chosen = next_tokens(last_logits(x, w), sampling, s.uniforms[s.step, rows])
         chosen = torch.where(done, pad_id, chosen)
@@ -280,7 +295,16 @@ class StaticDecoder:
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
-            self._step(bucket, key)
+            try:
+                self._step(bucket, key)
+            except Exception as exc:  # compilation fails before the step writes anything
+                if self.parts is PLAIN:
+                    raise
+                print(f"minialign: compiling the decode step failed ({type(exc).__name__}: {exc}); "
+                      "decoding with plain kernels.", file=sys.stderr)
+                self.parts = PLAIN
+                self.graphs.clear()
+                self._step(bucket, key)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             self._step(bucket, key)  # recorded, not run

@@ -178,7 +178,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``[N, heads, D]`` rotated by ``cos``/``sin`` ``[N, 1, D]``: ``x * cos + rotate_half(x) * sin`` (transformers')."""
+    """``[N, heads, D]`` rotated by ``cos``/``sin`` ``[N, 1, D]``: ``x * cos + rotate_half(x) * sin``, as in
+    transformers."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
@@ -186,23 +187,46 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def qkv_rope(x: torch.Tensor, norm: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None, cos: torch.Tensor,
+             sin: torch.Tensor, heads: int, kv_heads: int,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention half's inputs: ``x`` ``[N, hidden]`` -> q ``[N, H, D]``, k, v ``[N, Hk, D]`` (RoPE applied)."""
+    n, d = x.shape[0], cos.shape[-1]
+    h = rms_norm(x, norm, eps)
+    q, k, v = F.linear(h, wqkv, bqkv).split([heads * d, kv_heads * d, kv_heads * d], -1)
+    q = apply_rope(q.reshape(n, heads, d), cos, sin)
+    k = apply_rope(k.reshape(n, kv_heads, d), cos, sin)
+    return q, k, v.reshape(n, kv_heads, d).contiguous()
+
+
+def out_mlp(x: torch.Tensor, attn: torch.Tensor, w: dict, act: Callable, eps: float) -> torch.Tensor:
+    """The rest of a block: o_proj and residual, RMSNorm, fused gate/up, ``act(gate) * up``, down_proj and residual."""
+    x = x + F.linear(attn.reshape(x.shape[0], -1), w["wo"], w["bo"])
+    h = rms_norm(x, w["norm2"], eps)
+    gate, up = F.linear(h, w["wgu"], w["bgu"]).chunk(2, dim=-1)
+    return x + F.linear(act(gate) * up, w["wd"], w["bd"])
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    """The two halves of a block, plain or compiled (a decode step on CUDA fuses their elementwise work)."""
+
+    qkv_rope: Callable = qkv_rope
+    out_mlp: Callable = out_mlp
+
+
+PLAIN = BlockParts()
+
+
 def block_forward(x: torch.Tensor, w: dict, dims: Dims, act: Callable, cos: torch.Tensor, sin: torch.Tensor,
-                  attend: Attend) -> torch.Tensor:
+                  attend: Attend, parts: BlockParts = PLAIN) -> torch.Tensor:
     """One Llama block over ``N`` tokens: ``x`` ``[N, hidden]`` -> ``[N, hidden]``.
 
     ``attend(q [N, H, D], k [N, Hk, D], v [N, Hk, D]) -> [N, H, D]`` stores the new keys and values where it keeps
     them and attends; prefill and decode steps differ only there.
     """
-    n, d = x.shape[0], dims.head_dim
-    h = rms_norm(x, w["norm1"], dims.eps)
-    q, k, v = F.linear(h, w["wqkv"], w["bqkv"]).split([dims.heads * d, dims.kv_heads * d, dims.kv_heads * d], -1)
-    q = apply_rope(q.reshape(n, dims.heads, d), cos, sin)
-    k = apply_rope(k.reshape(n, dims.kv_heads, d), cos, sin)
-    out = attend(q, k, v.reshape(n, dims.kv_heads, d))
-    x = x + F.linear(out.reshape(n, dims.heads * d), w["wo"], w["bo"])
-    h = rms_norm(x, w["norm2"], dims.eps)
-    gate, up = F.linear(h, w["wgu"], w["bgu"]).chunk(2, dim=-1)
-    return x + F.linear(act(gate) * up, w["wd"], w["bd"])
+    q, k, v = parts.qkv_rope(x, w["norm1"], w["wqkv"], w["bqkv"], cos, sin, dims.heads, dims.kv_heads, dims.eps)
+    return parts.out_mlp(x, attend(q, k, v), w, act, dims.eps)
 
 
 def last_logits(x: torch.Tensor, weights: DecoderWeights) -> torch.Tensor:

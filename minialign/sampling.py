@@ -1,4 +1,4 @@
-"""Next-token choice for the static decoder (``minialign.decoder``): greedy, or sampled with temperature / top-k / top-p.
+"""Next-token choice for the static decoder (``minialign.decoder``): greedy, or sampled (temperature, top-k, top-p).
 
 Pure tensor functions with fixed shapes and no host syncs, so a decode step that calls them can be recorded as a
 CUDA graph. They reproduce transformers' sampler exactly in distribution: the same warpers in the same order

@@ -10,9 +10,13 @@ import copy
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPTNeoXForCausalLM
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-from minialign.decoder import StaticDecoder
+from minialign.decoder import GREEDY, StaticDecoder
 from minialign.decoder_model import decode_attention, decoder_support
 from minialign.errors import UserError
 from minialign.generate import generate
@@ -43,12 +47,12 @@ def llama(model_type: str = "llama", seed: int = 0, **overrides) -> torch.nn.Mod
 VARIANTS = {
     "llama-gqa": {},
     # llama3 rope scaling (frequency bands), q/k/v/o biases, a non-default rope_theta.
-    "llama-rope-llama3-bias": dict(attention_bias=True, rope_parameters={
+    "llama-rope-llama3-bias": {"attention_bias": True, "rope_parameters": {
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
     # Qwen2 (q/k/v biases) with linear rope scaling and no sliding window.
-    "qwen2-rope-linear": dict(model_type="qwen2", use_sliding_window=False,
-                              rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
+    "qwen2-rope-linear": {"model_type": "qwen2", "use_sliding_window": False,
+                          "rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}},
 }
 
 
@@ -57,7 +61,7 @@ def tok():
     return load_tokenizer("demo")
 
 
-def eos_for(model, tok, prompts, sampling: Sampling = Sampling()) -> int:
+def eos_for(model, tok, prompts, sampling: Sampling = GREEDY) -> int:
     """A token the model writes mid-answer in some rows: as EOS it ends those rows early and others not."""
     encoded = tok(prompts, add_special_tokens=False)["input_ids"]
     rows = StaticDecoder(model).decode(encoded, max_new_tokens=NEW, eos_ids=[-1], pad_id=0, sampling=sampling,
@@ -75,7 +79,7 @@ def test_greedy_answers_are_transformers_answers(tok, variant):
     model = llama(overrides.pop("model_type", "llama"), **overrides)
     assert decoder_support(model) is None
     eos = eos_for(model, tok, PROMPTS)
-    common = dict(max_new_tokens=NEW, eos_token_id=eos, details=True, batch_size=4, stop_strings=())
+    common = {"max_new_tokens": NEW, "eos_token_id": eos, "details": True, "batch_size": 4, "stop_strings": ()}
     reference = generate(model, tok, PROMPTS, decoder="hf", **common)
     ours = generate(model, tok, PROMPTS, decoder="static", **common)
     assert ours == reference
@@ -86,7 +90,7 @@ def test_stop_strings_end_answers_as_in_transformers(tok):
     model = llama()
     plain = generate(model, tok, PROMPTS, max_new_tokens=NEW, stop_strings=(), decoder="hf")
     stop = plain[0][6:9]  # a piece of text the model writes: rows holding it stop there
-    common = dict(max_new_tokens=NEW, details=True, stop_strings=(stop,), batch_size=8)
+    common = {"max_new_tokens": NEW, "details": True, "stop_strings": (stop,), "batch_size": 8}
     reference = generate(model, tok, PROMPTS, decoder="hf", **common)
     ours = generate(model, tok, PROMPTS, decoder=StaticDecoder(model, sync_every=2), **common)
     assert ours == reference
@@ -116,8 +120,8 @@ def test_retiring_finished_rows_changes_no_answer(tok, sampling):
 
 def test_sampling_is_seeded_and_repeatable(tok):
     model = llama()
-    common = dict(max_new_tokens=NEW, do_sample=True, temperature=0.9, top_p=0.95, top_k=50, stop_strings=(),
-                  decoder="static")
+    common = {"max_new_tokens": NEW, "do_sample": True, "temperature": 0.9, "top_p": 0.95, "top_k": 50,
+              "stop_strings": (), "decoder": "static"}
     first = generate(model, tok, PROMPTS, seed=1, **common)
     assert generate(model, tok, PROMPTS, seed=1, **common) == first
     assert generate(model, tok, PROMPTS, seed=2, **common) != first
@@ -173,7 +177,7 @@ def test_lora_models_decode_as_merged_without_being_modified(tok):
         for _, layer in lora_layers(model):
             layer.lora_B.weight.normal_(0, 0.3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    common = dict(max_new_tokens=NEW, stop_strings=(), batch_size=8)
+    common = {"max_new_tokens": NEW, "stop_strings": (), "batch_size": 8}
     decoder = StaticDecoder(model)
     ours = generate(model, tok, PROMPTS, decoder=decoder, **common)
     assert ours == generate(merge_lora(copy.deepcopy(model)), tok, PROMPTS, decoder="hf", **common)
@@ -193,7 +197,7 @@ def test_unsupported_models_fall_back_to_transformers(tok):
     torch.manual_seed(0)
     neox = GPTNeoXForCausalLM(builtin_config("tiny")).eval()
     assert decoder_support(neox) is not None
-    common = dict(max_new_tokens=8, stop_strings=())
+    common = {"max_new_tokens": 8, "stop_strings": ()}
     assert generate(neox, tok, PROMPTS, decoder="auto", **common) == generate(neox, tok, PROMPTS, decoder="hf",
                                                                               **common)
     with pytest.raises(UserError, match="static decoder cannot run"):
