@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -98,7 +99,7 @@ def measure(model, tokenizer, prompts: list[str], decoder, batch_size: int, args
     return row, answers
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, argv: list[str]) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = load_model(args.model, dtype=dtype).to(device).eval()
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
         else model.config.eos_token_id  # the model's EOS (SmolLM2's GGUF tokenizer names another)
     prompts = [pair.prompt for pair in load_preference_pairs(args.data, rows=args.rows)]
     result = {
-        "command": "python " + " ".join([str(Path(sys.argv[0]))] + sys.argv[1:]),
+        "command": shlex.join(["python", "benchmarks/bench_decode.py", *argv]),
         "device": device_name(device), "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "model": args.model, "dtype": str(dtype).removeprefix("torch."),
         "prompts": len(prompts), "rows": args.rows, "data": args.data, "max_new_tokens": args.max_new_tokens,
@@ -160,8 +161,9 @@ def write_json(result: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    result = run(args)
+    result = run(args, argv)
     write_json(result, args.json_out)
     print(f"wrote {args.json_out}")
 

@@ -21,6 +21,7 @@ parameters changed (optimizer steps, ``lora.disabled``), so the captured graphs 
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,9 +82,11 @@ def _is_eos(tokens: torch.Tensor, eos_ids: tuple[int, ...]) -> torch.Tensor:
     return hit
 
 
+@functools.cache
 def _compiled_parts() -> BlockParts:
     """The block halves compiled for fixed shapes (one compilation per bucket): inductor fuses RMSNorm, RoPE, the
-    residual adds and ``act(gate) * up`` into a few kernels around the matmuls."""
+    residual adds and ``act(gate) * up`` into a few kernels around the matmuls. Once per process, so that every
+    decoder shares the compiled code (and the recompilation limit is not spent on copies of it)."""
     return BlockParts(torch.compile(qkv_rope, dynamic=False, fullgraph=True),
                       torch.compile(out_mlp, dynamic=False, fullgraph=True))
 

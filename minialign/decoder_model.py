@@ -43,6 +43,9 @@ def decoder_support(model: torch.nn.Module) -> str | None:
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "layers") or not hasattr(model, "lm_head"):
         return "not a causal LM with model.model.layers and lm_head"
+    params = list(model.parameters())
+    if any(type(p).__name__ == "DTensor" for p in params) or len({p.device for p in params}) > 1:
+        return "parameters sharded or spread over several devices"
     if sliding_window(model) is not None:
         return "sliding-window attention"
     rope_type = getattr(getattr(inner, "rotary_emb", None), "rope_type", None)
