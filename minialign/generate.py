@@ -125,12 +125,12 @@ def generate(
     rows = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
     order = sorted(range(len(rows)), key=lambda r: -len(encoded[rows[r][0]]))
     results: list[Completion | None] = [None] * len(rows)
-    # no_grad rather than inference_mode: this runs mid-training too, and tensors a model caches
-    # while generating (e.g. rotary tables) must stay usable by a later backward pass.
     sampling = Sampling(do_sample, temperature, top_k, top_p)
     generator = torch.Generator().manual_seed(seed)  # the static decoder's uniforms, drawn on the CPU
     if backend == "hf-static":
         config.cache_implementation = "static"
+    # no_grad rather than inference_mode: this runs mid-training too, and tensors a model caches
+    # while generating (e.g. rotary tables) must stay usable by a later backward pass.
     with _eval_mode(model), _seeded_rng(seed, device), torch.no_grad():
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
