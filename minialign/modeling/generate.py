@@ -17,6 +17,12 @@ does the parts that are easy to get subtly wrong around it:
 
 ``generate(..., details=True)`` returns a ``Completion`` per answer (text, new-token count, and whether
 it finished or ran into ``max_new_tokens``), which the generation metrics of ``minialign eval`` need.
+
+``decoder`` picks what decodes: ``"auto"`` (the default) runs ``minialign.modeling.decoder.StaticDecoder`` (static cache,
+CUDA-graph steps, finished rows retired) for the models it supports and transformers' ``generate`` otherwise;
+``"static"`` insists on it, ``"hf"`` is transformers' ``generate`` with its dynamic cache, ``"hf-static"`` with its
+static cache (which transformers compiles on a GPU). A ``StaticDecoder`` instance is reused as it is (its graphs
+are recorded once; it refreshes its weights when the model's change).
 """
 
 from __future__ import annotations
@@ -29,12 +35,16 @@ import torch
 from transformers import GenerationConfig
 
 from minialign.base.errors import UserError
+from minialign.modeling.decoder import StaticDecoder
+from minialign.modeling.decoder_model import decoder_support
+from minialign.modeling.sampling import Sampling
 
 DEFAULT_STOP_STRINGS: tuple[str, ...] = ("\n\nHuman:",)
 
 
 CUDA_BATCH_SIZE = 128  # rows decoded at once on a GPU: 100 prompts x 2 models in a few batches
 CPU_BATCH_SIZE = 8
+DECODERS = ("auto", "static", "hf", "hf-static")
 
 
 @dataclass(frozen=True)
@@ -73,6 +83,7 @@ def generate(
     details: bool = False,
     stop_strings: Sequence[str] = DEFAULT_STOP_STRINGS,
     eos_token_id: int | Sequence[int] | None = None,
+    decoder: str | StaticDecoder = "auto",
 ) -> list[str] | list[Completion]:
     """Complete each prompt and return only the new text, in the order of ``prompts``.
 
@@ -86,7 +97,9 @@ def generate(
     ``num_samples`` answers per prompt are decoded in the same batches (prompt-major order: all of
     prompt 0's, then prompt 1's, ...); ``details=True`` returns ``Completion`` records instead of
     strings. ``batch_size`` defaults to 128 rows on CUDA and 8 elsewhere. Decoding keeps the KV
-    cache on (each new token attends to cached keys, not a recomputed prefix).
+    cache on (each new token attends to cached keys, not a recomputed prefix). ``decoder``: see the module's
+    docstring; greedy answers are transformers' (float32: the same tokens; bf16: nearly all), sampled ones follow
+    the same distribution from a different random stream.
     """
     prompts = list(prompts)
     device = next(model.parameters()).device
@@ -105,30 +118,80 @@ def generate(
     config = _generation_config(
         max_new_tokens, do_sample, temperature, top_p, top_k, eos_ids, pad_id, stop_strings
     )
+    backend = _resolve_decoder(model, decoder)
     encoded = _encode(tokenizer, prompts)
     # Rows are (prompt, sample) pairs, longest prompt first: each batch holds prompts of similar
     # length, so little of it is left padding. A stable sort keeps a prompt's samples together.
     rows = [(i, j) for i in range(len(prompts)) for j in range(num_samples)]
     order = sorted(range(len(rows)), key=lambda r: -len(encoded[rows[r][0]]))
     results: list[Completion | None] = [None] * len(rows)
+    sampling = Sampling(do_sample, temperature, top_k, top_p)
+    generator = torch.Generator().manual_seed(seed)  # the static decoder's uniforms, drawn on the CPU
+    if backend == "hf-static":
+        config.cache_implementation = "static"
     # no_grad rather than inference_mode: this runs mid-training too, and tensors a model caches
     # while generating (e.g. rotary tables) must stay usable by a later backward pass.
     with _eval_mode(model), _seeded_rng(seed, device), torch.no_grad():
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            input_ids, attention_mask = _left_padded_batch([encoded[rows[r][0]] for r in chunk], pad_id)
-            extra = {"tokenizer": tokenizer} if stop_strings else {}
-            output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                generation_config=config,
-                **extra,
-            )
-            new_tokens = output[:, input_ids.shape[1] :].tolist()
+            batch = [encoded[rows[r][0]] for r in chunk]
+            if isinstance(backend, StaticDecoder):
+                new_tokens = backend.decode(
+                    batch, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, sampling=sampling,
+                    generator=generator, stopped=_stop_check(tokenizer, stop_strings, backend.sync_every),
+                )
+            else:
+                new_tokens = _hf_generate(model, tokenizer, batch, config, pad_id, device, stop_strings)
             for r, ids in zip(chunk, new_tokens, strict=True):
                 text, n_tokens, stop = _decode(tokenizer, ids, eos_ids, stop_strings)
                 results[r] = Completion(text, n_tokens, stop != "length", stop, *rows[r])
     return results if details else [c.text for c in results]  # every row filled above
+
+
+def _resolve_decoder(model: torch.nn.Module, decoder: str | StaticDecoder) -> str | StaticDecoder:
+    """The decoder ``generate`` runs: a ``StaticDecoder``, or "hf" / "hf-static" (transformers' generate)."""
+    if isinstance(decoder, StaticDecoder):
+        if decoder.model is not model:
+            raise UserError("The StaticDecoder given as decoder= was built for another model; build one with "
+                            "StaticDecoder(model) for this model, or pass decoder='auto'.")
+        return decoder
+    if decoder not in DECODERS:
+        raise UserError(f"decoder is {decoder!r}; it must be one of {', '.join(DECODERS)} or a StaticDecoder.")
+    if decoder == "static" or (decoder == "auto" and decoder_support(model) is None):
+        return StaticDecoder(model)  # raises a UserError saying why for an unsupported model
+    return "hf" if decoder == "auto" else decoder
+
+
+def _hf_generate(model: torch.nn.Module, tokenizer, batch: list[list[int]], config: GenerationConfig, pad_id: int,
+                 device: torch.device, stop_strings: tuple[str, ...]) -> list[list[int]]:
+    """New token ids of each row from transformers' ``model.generate`` (left-padded batch)."""
+    input_ids, attention_mask = _left_padded_batch(batch, pad_id)
+    extra = {"tokenizer": tokenizer} if stop_strings else {}
+    output = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        generation_config=config,
+        **extra,
+    )
+    return output[:, input_ids.shape[1] :].tolist()
+
+
+def _stop_check(tokenizer, stop_strings: tuple[str, ...], sync_every: int):
+    """For the static decoder: which rows' text holds a stop string, from the last tokens of each row only.
+
+    A row's tail decodes to a piece of its text (a partial character at the cut becomes a replacement character, a
+    leading space may be dropped), so a stop string found there is in the whole text too; the tail covers the steps
+    since the previous check plus the longest stop string, so a missed one only delays the row's retirement.
+    """
+    if not stop_strings:
+        return None
+    window = 2 * sync_every + 4 * max(len(s) for s in stop_strings) + 8
+
+    def stopped(rows: list[list[int]]) -> list[bool]:
+        texts = tokenizer.batch_decode([ids[-window:] for ids in rows], skip_special_tokens=True)
+        return [any(s in text for s in stop_strings) for text in texts]
+
+    return stopped
 
 
 def _check_arguments(

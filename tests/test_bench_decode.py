@@ -1,0 +1,28 @@
+"""benchmarks/bench_decode.py on the CPU: tiny Llama, two real HH prompts, a few tokens. The speeds mean nothing here;
+what is checked is that every decoder runs, the JSON holds each one's measures and the command, and the static
+decoder's greedy answers equal transformers' (float32)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
+
+
+def test_decode_benchmark_smoke_run(tmp_path, shared_dir):
+    spec = importlib.util.spec_from_file_location("bench_decode", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "decode.json"
+    bench.main(["--model", "tiny-llama", "--tokenizer", "demo", "--rows", "0:2", "--batch-sizes", "2",
+                "--max-new-tokens", "4", "--repeats", "1", "--data",
+                str(shared_dir / "data/hh-rlhf/harmless-base/test.jsonl.gz"), "--json-out", str(out)])
+    result = json.loads(out.read_text())
+    assert "bench_decode.py" in result["command"] and result["prompts"] == 2
+    rows = result["results"]["2"]
+    assert set(rows) == {"hf", "static", "static-plain", "hf-static"}
+    for name, row in rows.items():
+        assert "error" not in row, (name, row.get("traceback"))
+        assert row["new_tokens"] == rows["hf"]["new_tokens"] and 0 < row["new_tokens"] <= 8
+        assert row["decode_steps"] == 4 and row["tokens_per_s"] > 0 and row["ms_per_step"] > 0
+        assert row["identical_to_hf"] == 1.0
