@@ -64,7 +64,7 @@ def score(args: argparse.Namespace) -> dict:
     pad, bs = tok.pad_token_id, args.batch_size
     if args.sft_run:
         from minialign.commands.recipes import dpo_start_model
-        from minialign.config.schema.schema import DPOConfig
+        from minialign.config.schema import DPOConfig
 
         base = dpo_start_model(DPOConfig(sft=args.sft_run, tokenizer=args.tokenizer), tok)
     else:

@@ -11,9 +11,9 @@ from pathlib import Path
 from minialign import __version__
 from minialign.base import dist
 from minialign.base.errors import UserError
-from minialign.config.schema.cli_help import Parser, add_config_flags
-from minialign.config.schema.presets import build, flag_values, load_yaml, preset
-from minialign.config.schema.schema import DPOConfig, EvalConfig, RMConfig, RunConfig, SFTConfig, prompt_length
+from minialign.config.cli_help import Parser, add_config_flags
+from minialign.config.presets import build, flag_values, load_yaml, preset
+from minialign.config.schema import DPOConfig, EvalConfig, RMConfig, RunConfig, SFTConfig, prompt_length
 
 MODEL_HELP = "hub id, local folder, .gguf file or built-in name"
 USAGE = "%(prog)s [--demo | --config FILE | --resume RUN_DIR] [--overwrite] [options]"

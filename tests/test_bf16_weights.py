@@ -14,7 +14,7 @@ import torch
 from minialign import cli
 from minialign.base.dist import launched_world
 from minialign.base.errors import UserError
-from minialign.config.schema.schema import SFTConfig
+from minialign.config.schema import SFTConfig
 from minialign.training.optim import StochasticAdamW, make_optimizer, stochastic_round
 
 

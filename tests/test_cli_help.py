@@ -9,10 +9,10 @@ import pytest
 
 from minialign import cli
 from minialign.base.errors import UserError
-from minialign.config.schema import presets
-from minialign.config.schema import schema as config
-from minialign.config.schema.presets import build
-from minialign.config.schema.schema import DPOConfig, SFTConfig
+from minialign.config import presets
+from minialign.config import schema as config
+from minialign.config.presets import build
+from minialign.config.schema import DPOConfig, SFTConfig
 
 
 def sub_parsers(parser: argparse.ArgumentParser, prefix: str = "minialign"):
@@ -133,8 +133,8 @@ def test_data_command_prompt_length_follows_max_length(capsys):
 
 def test_every_shipped_preset_builds_its_command_config():
     """Each YAML in configs/ names only fields of its command's config and validates (a typo fails here, not on a GPU)."""
-    from minialign.config.schema.presets import PRESETS, load_yaml
-    from minialign.config.schema.schema import DPOConfig, RMConfig, RunConfig, SFTConfig
+    from minialign.config.presets import PRESETS, load_yaml
+    from minialign.config.schema import DPOConfig, RMConfig, RunConfig, SFTConfig
 
     kinds = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RMConfig, "run": RunConfig, "smollm2-hh": DPOConfig}
     names = sorted(p.stem for p in PRESETS.glob("*.yaml"))

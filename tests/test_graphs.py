@@ -104,8 +104,8 @@ def test_several_processes_are_refused(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
 def test_gpu_presets_build_and_turn_everything_on(kind):
-    from minialign.config.schema.presets import build, load_yaml, preset
-    from minialign.config.schema.schema import DPOConfig, SFTConfig
+    from minialign.config.presets import build, load_yaml, preset
+    from minialign.config.schema import DPOConfig, SFTConfig
 
     cls = SFTConfig if kind == "sft" else DPOConfig
     cfg = build(cls, load_yaml(preset(f"{kind}-gpu"), cls), {})

@@ -16,8 +16,8 @@ import torch
 from minialign import cli
 from minialign.base.dist import launched_world
 from minialign.base.errors import UserError
-from minialign.config.schema.presets import build, load_yaml, preset
-from minialign.config.schema.schema import SFTConfig, TrainConfig
+from minialign.config.presets import build, load_yaml, preset
+from minialign.config.schema import SFTConfig, TrainConfig
 from minialign.data import collate_sft, load_preference_pairs, tokenize_sft
 from minialign.modeling.models import load_model, load_tokenizer
 from minialign.modeling.policy import TokenLogps

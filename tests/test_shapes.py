@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from minialign.config.schema.schema import SFTConfig
+from minialign.config.schema import SFTConfig
 from minialign.data import TokenizedExample, TokenizedPair, collate_pairs, collate_sft, flat_sizes, pad_row
 from minialign.ops.shapes import buckets, plan_shapes
 

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from minialign import cli
 from minialign.commands import common
-from minialign.config.schema.presets import build, load_run_config, load_yaml, preset
-from minialign.config.schema.schema import DPOConfig, SFTConfig
+from minialign.config.presets import build, load_run_config, load_yaml, preset
+from minialign.config.schema import DPOConfig, SFTConfig
 from minialign.data import (
     batch_indices,
     collate_pairs,

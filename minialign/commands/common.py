@@ -15,8 +15,8 @@ from minialign.base import dist
 from minialign.base.devices import resolve_device
 from minialign.base.errors import UserError
 from minialign.base.files import publish_dir, staged_dir
-from minialign.config.schema.presets import CONFIG_FILE, load_run_config, save_config
-from minialign.config.schema.schema import TrainConfig
+from minialign.config.presets import CONFIG_FILE, load_run_config, save_config
+from minialign.config.schema import TrainConfig
 from minialign.data.splits import load_pairs
 from minialign.modeling import adapters, lora
 from minialign.modeling.blocks import transformer_blocks

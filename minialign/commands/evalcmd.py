@@ -18,7 +18,7 @@ import yaml
 
 from minialign.base.errors import UserError
 from minialign.base.files import write_atomic
-from minialign.config.schema.schema import DPOConfig, EvalConfig, SFTConfig, TrainConfig
+from minialign.config.schema import DPOConfig, EvalConfig, SFTConfig, TrainConfig
 from minialign.evaluation.evalrows import (
     RowSet,
     check_not_trained_on,
@@ -81,7 +81,7 @@ def start_model(cfg: TrainConfig, kind: str, tokenizer) -> torch.nn.Module:
 
 
 def run_config(folder: Path, kind: str) -> TrainConfig:
-    from minialign.config.schema.presets import load_run_config
+    from minialign.config.presets import load_run_config
 
     return load_run_config(folder, DPOConfig if kind == "dpo" else SFTConfig)
 

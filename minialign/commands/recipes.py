@@ -14,8 +14,8 @@ from minialign.base import dist
 from minialign.base.errors import UserError
 from minialign.base.files import write_atomic
 from minialign.commands.common import compile_policy, load_base, prologue, save_final, trainable_weights, wrap_policy
-from minialign.config.schema.presets import load_run_config
-from minialign.config.schema.schema import DPOConfig, SFTConfig, TrainConfig
+from minialign.config.presets import load_run_config
+from minialign.config.schema import DPOConfig, SFTConfig, TrainConfig
 from minialign.data import (
     batch_indices,
     collate_packed,

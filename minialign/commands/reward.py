@@ -39,7 +39,7 @@ from torch import nn
 
 from minialign.base.errors import UserError
 from minialign.commands import common
-from minialign.config.schema.schema import RMConfig
+from minialign.config.schema import RMConfig
 from minialign.data import flat_sizes, sequence_lengths, tokenize_pairs
 from minialign.modeling.blocks import check_fast_path
 from minialign.modeling.reward_model import HEAD, RewardModel, sequence_classifier

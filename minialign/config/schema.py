@@ -1,6 +1,6 @@
 """One dataclass config per command: its fields (with their ``--help`` text) and its validation.
 
-Turning YAML presets and typed flags into one of these lives in ``minialign.config.schema.presets``; this module reads no files.
+Turning YAML presets and typed flags into one of these lives in ``minialign.config.presets``; this module reads no files.
 """
 
 from __future__ import annotations

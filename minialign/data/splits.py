@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minialign.config.schema.schema import TrainConfig
+from minialign.config.schema import TrainConfig
 from minialign.data.chat import to_chat_format
 from minialign.data.sources import load_preference_pairs, split_pairs
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from minialign.base.errors import UserError
-from minialign.config.schema.schema import TrainConfig
+from minialign.config.schema import TrainConfig
 from minialign.data.sources import (
     PreferencePair,
     parse_rows,

@@ -10,8 +10,8 @@ from torch import nn
 
 from minialign.base.errors import UserError
 from minialign.base.files import read_json
-from minialign.config.schema.presets import load_run_config
-from minialign.config.schema.schema import RMConfig
+from minialign.config.presets import load_run_config
+from minialign.config.schema import RMConfig
 from minialign.data.batching import collate_sft
 from minialign.data.chat import to_chat_format
 from minialign.data.sources import PreferencePair

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
+from minialign.modeling.blocks import sliding_window
 from minialign.modeling.lora import LoRALinear, lora_layers
-from minialign.modeling.models import sliding_window
 from minialign.ops.attention import flash_varlen_available, varlen_reference
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from minialign.base.devices import autocast, device_name, peak_memory, peak_rss_mb, reset_peak_memory, sync
-from minialign.config.schema.schema import TrainConfig
+from minialign.config.schema import TrainConfig
 from minialign.data import tokens_in
 from minialign.modeling import lora
 from minialign.modeling.policy import TokenLogps

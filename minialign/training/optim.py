@@ -8,7 +8,7 @@ import math
 import torch
 
 from minialign.base import dist
-from minialign.config.schema.schema import TrainConfig
+from minialign.config.schema import TrainConfig
 
 # Compiling StochasticAdamW's update costs ~6-10 s once (H200, empty caches: check_bf16_adamw-h200.json); run op by
 # op inside a CUDA graph it costs ~40 ms more a step per 1e9 parameters. At 1.35e11 parameter-steps (llama-1b, one

@@ -28,7 +28,7 @@ from minialign.base import dist
 from minialign.base.devices import autocast as device_autocast
 from minialign.base.devices import peak_memory, to_device
 from minialign.base.errors import UserError
-from minialign.config.schema.schema import TrainConfig
+from minialign.config.schema import TrainConfig
 from minialign.data import batch_indices, tokens_in
 from minialign.ops.attention import flash_varlen_available
 from minialign.ops.shapes import ShapePlan, plan_shapes
