@@ -228,6 +228,9 @@ def run_round(s: Session, k: int) -> dict:
                         "scores": {"chosen": combined[c].item(), "rejected": combined[r].item(), "gap": pair.gap,
                                    "per_model": {"chosen": scores[:, c].tolist(), "rejected": scores[:, r].tolist()}}})
     _write_atomic(folder / "pairs.jsonl", "".join(json.dumps(x) + "\n" for x in records).encode())
+    samples = [{"row": picked[i // n].row, "sample": i % n, "text": texts[i], "n_tokens": c.n_tokens, "stop": c.stop,
+                "scores": scores[:, i].tolist(), "combined": combined[i].item()} for i, c in enumerate(completions)]
+    _write_atomic(folder / "samples.jsonl", "".join(json.dumps(x) + "\n" for x in samples).encode())
     last = train_round(s, k, [PreferencePair(x["prompt"], x["chosen"], x["rejected"]) for x in records], folder)
     t3 = time.perf_counter()
     save_round_weights(s.run_dir, k, s.model, cfg.keep_last)
