@@ -224,3 +224,11 @@ def test_a_round_without_pairs_says_how_many_were_below_min_gap(root, rms, capsy
     err = capsys.readouterr().err
     assert "Round 1 kept no pair out of 12 prompts" in err and "below --min-gap 1000" in err and "Lower --min-gap" in err
     assert not (out / "round-1" / "round.json").exists() and not (out / "rounds.jsonl").exists()
+
+
+def test_eval_takes_an_online_run_as_policy(run_a, root):
+    """`minialign eval --policy RUN`: the final adapter over the starting model, against the starting model."""
+    assert run_cli("eval", "--policy", run_a, "--n", "2", "--samples", "0", "--max-new-tokens", "4",
+                   "--out", root / "eval") == 0
+    results = json.loads((root / "eval" / "eval.json").read_text())
+    assert results["policy"] == f"online run {run_a}" and "starting model" in results["reference"]
