@@ -82,7 +82,9 @@ def write_report(run_dir: Path, summary: dict[str, Any], config: dict[str, Any])
 
 
 def run_section(summary: dict[str, Any], c: dict[str, Any]) -> Section:
-    start = c["sft"] and f"SFT run {c['sft']}" or c["adapter"] and f"{c['model']} + adapter {c['adapter']}" or c["model"]
+    start = c["model"] + (f" + adapter {c['adapter']}" if c["adapter"] else "")
+    if c["sft"]:
+        start = f"SFT run {c['sft']}"
     method = "full fine-tuning" if c["full"] else f"LoRA r={c['lora_r']}"
     t = summary["time"]
     note = Note(
