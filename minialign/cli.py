@@ -13,7 +13,7 @@ from minialign.base import dist
 from minialign.base.errors import UserError
 from minialign.config.cli_help import Parser, add_config_flags
 from minialign.config.presets import build, flag_values, load_yaml, preset
-from minialign.config.schema import DPOConfig, EvalConfig, RMConfig, RunConfig, SFTConfig, prompt_length
+from minialign.config.schema import DPOConfig, EvalConfig, OnlineConfig, RMConfig, RunConfig, SFTConfig, prompt_length
 
 MODEL_HELP = "hub id, local folder, .gguf file or built-in name"
 USAGE = "%(prog)s [--demo | --config FILE | --resume RUN_DIR] [--overwrite] [options]"
@@ -32,6 +32,12 @@ EXAMPLES = {
            "model (--full) or a PEFT SEQ_CLS adapter with its score head.",
            "examples:\n  minialign rm --demo\n  minialign rm --model smollm2-135m-instruct --chat-template --dataset "
            "judge-pairs.jsonl --eval-data held-out.jsonl --out runs/judge"),
+    "online": ("On-policy iterative DPO: each round samples --samples answers per prompt from the current policy, "
+               "scores them with --reward-models, trains DPO on each prompt's best-vs-worst pair (reference: the "
+               "starting model), and the next round samples from the updated policy.",
+               "examples:\n  minialign rm --demo --train-rows 100: --out runs/rm-demo\n"
+               "  minialign online --demo --reward-models runs/rm-demo\n"
+               "  minialign online --config configs/online.yaml --reward-models runs/judge --out runs/online"),
     "run": ("The whole reference experiment as resumable stages: LoRA parameter table and speed, SFT, DPO, held-out "
             "evaluation, report.",
             "examples:\n  minialign run --demo --out runs/demo\n  minialign run --config my-run.yaml --stages sft dpo"),
@@ -82,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub, "sft", SFTConfig, "supervised fine-tuning on the chosen responses")
     _train_parser(sub, "dpo", DPOConfig, "direct preference optimisation against a frozen reference")
     _rm_parser(sub)
+    _train_parser(sub, "online", OnlineConfig, "on-policy iterative DPO: sample from the policy, score with reward "
+                  "models, train on best-vs-worst pairs, repeat")
 
     description, epilog = EXAMPLES["run"]
     p = sub.add_parser("run", help="the whole experiment: LoRA table + benchmark, SFT, DPO, evaluation, report",
@@ -198,6 +206,14 @@ def cmd_rm(args) -> int:
             if accuracy is not None:
                 print(f"minialign rm: held-out pair accuracy {accuracy:.3f}")
             print(done_line("rm", run_dir))
+    return 0
+
+
+def cmd_online(args) -> int:
+    from minialign.commands.online import online
+
+    cfg = _train_config(args, OnlineConfig, "online")
+    online(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     return 0
 
 
@@ -327,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         "sft": lambda a: cmd_train(a, "sft"),
         "dpo": lambda a: cmd_train(a, "dpo"),
         "rm": cmd_rm,
+        "online": cmd_online,
         "run": cmd_run,
         "generate": cmd_generate,
         "report": cmd_report,

@@ -134,9 +134,10 @@ def test_data_command_prompt_length_follows_max_length(capsys):
 def test_every_shipped_preset_builds_its_command_config():
     """Each YAML in configs/ names only fields of its command's config and validates (a typo fails here, not on a GPU)."""
     from minialign.config.presets import PRESETS, load_yaml
-    from minialign.config.schema import DPOConfig, RMConfig, RunConfig, SFTConfig
+    from minialign.config.schema import DPOConfig, OnlineConfig, RMConfig, RunConfig, SFTConfig
 
-    kinds = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RMConfig, "run": RunConfig, "smollm2-hh": DPOConfig}
+    kinds = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RMConfig, "run": RunConfig, "smollm2-hh": DPOConfig,
+             "online": OnlineConfig}
     names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
     assert "smollm2-hh" in names
     for name in names:

@@ -61,8 +61,9 @@ def run_folder(path: str, flag: str) -> tuple[Path, str] | None:
                 f"{flag} {path} is a reward-model run (`minialign rm`; its 'kind' file says rm): it scores answers, "
                 f"it cannot write them. {flag} needs a causal LM (an sft/dpo run folder or a model); give the reward "
                 "model as --judge instead.")
-        if kind not in ("sft", "dpo"):
-            raise UserError(f"{flag} {path} is a minialign '{kind}' run; {flag} needs an sft or dpo run or a model.")
+        if kind not in ("sft", "dpo", "online"):
+            raise UserError(f"{flag} {path} is a minialign '{kind}' run; {flag} needs an sft, dpo or online run or "
+                            "a model.")
         return folder, kind
     if (folder / "run.yaml").is_file():
         if not (folder / "dpo" / "kind").is_file():
@@ -75,7 +76,7 @@ def start_model(cfg: TrainConfig, kind: str, tokenizer) -> torch.nn.Module:
     """The model a run started from: the base for SFT; the base with its SFT result merged in for DPO."""
     from minialign.commands import common, recipes
 
-    if kind == "dpo":
+    if kind in ("dpo", "online"):  # an online run starts (and keeps its reference) where DPO would
         return recipes.dpo_start_model(cfg, tokenizer)
     return common.load_base(cfg, tokenizer)
 
@@ -83,7 +84,7 @@ def start_model(cfg: TrainConfig, kind: str, tokenizer) -> torch.nn.Module:
 def run_config(folder: Path, kind: str) -> TrainConfig:
     from minialign.config.presets import load_run_config
 
-    return load_run_config(folder, DPOConfig if kind == "dpo" else SFTConfig)
+    return load_run_config(folder, DPOConfig if kind in ("dpo", "online") else SFTConfig)
 
 
 def folder_tokenizer(folder: Path, cfg: TrainConfig) -> str:

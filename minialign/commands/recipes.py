@@ -98,36 +98,29 @@ def dpo_start_model(cfg: DPOConfig, tokenizer):
     return model
 
 
+def adopt_sft_run(cfg: DPOConfig) -> None:
+    """``--sft RUN``: the run's base model and saved tokenizer become ``cfg``'s (a reward-model run is refused)."""
+    refuse_reward_model(cfg.sft, "an SFT run (--sft)")
+    sft_cfg = load_run_config(Path(cfg.sft), SFTConfig)
+    cfg.model = sft_cfg.model
+    cfg.tokenizer = cfg.tokenizer or str(Path(cfg.sft) / "final" / "tokenizer")
+
+
 def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     if cfg.sft and not resume:
-        refuse_reward_model(cfg.sft, "an SFT run (--sft)")
-        sft_cfg = load_run_config(Path(cfg.sft), SFTConfig)
-        cfg.model = sft_cfg.model
-        cfg.tokenizer = cfg.tokenizer or str(Path(cfg.sft) / "final" / "tokenizer")
+        adopt_sft_run(cfg)
     clock = Stopwatch()
     run_dir, point, device, tokenizer, pairs, held_out = prologue(cfg, "dpo", tokenize_pairs, resume=resume,
                                                                    overwrite=overwrite, clock=clock)
     with clock.phase("load"):
         model = dpo_start_model(cfg, tokenizer)
     check_fast_path(cfg, model, device)
-    pad = tokenizer.pad_token_id
     # Training pairs, then held-out pairs: one index space, so a precomputed reference table covers both.
     both = [*pairs, *held_out]
-    collate = lambda idx: collate_pairs([both[i] for i in idx], pad_id=pad, index=idx,
-                                        pad_to_multiple_of=cfg.pad_to_multiple_of or None,
-                                        flat=cfg.padding_free, share_prompt=cfg.padding_free and cfg.share_prompt)
-    task = DPOTask(None, PreferenceLoss.from_config(cfg))
-    reference = None  # LoRA: the policy with its adapters off (below)
+    collate = pair_collate(both, cfg, tokenizer.pad_token_id)
+    task = dpo_task(cfg)
     with clock.phase("load"):
-        if cfg.full:
-            ref_policy = TokenLogps(frozen_copy(model, device), cfg.loss_chunk_size or None, attention=cfg.attention)
-            if cfg.compile:
-                compile_policy(ref_policy, cfg)
-            reference = frozen_reference(ref_policy, task.normalise)
-        trainable_weights(model, cfg, device)
-        policy = wrap_policy(model, cfg, device)
-    if reference is None:
-        reference = adapter_reference(policy, task.normalise)
+        policy, reference = dpo_policy(model, cfg, device, task)
     if cfg.precompute_ref and task.objective.needs_reference:
         with clock.phase("reference"):
             reference = cached_reference(_reference_cache(run_dir, policy, reference, collate, len(both), cfg, device))
@@ -141,6 +134,34 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
         save_final(model, run_dir, cfg, tokenizer)
     write_summary(run_dir, last, clock)
     return run_dir
+
+
+def pair_collate(items, cfg: DPOConfig, pad_id: int):
+    """``collate(indices)`` of DPO batches over ``items`` (tokenized pairs), laid out as ``cfg`` asks; each batch's
+    ``index`` is the pairs' positions in ``items`` (a precomputed reference table is indexed by them)."""
+    return lambda idx: collate_pairs([items[i] for i in idx], pad_id=pad_id, index=idx,
+                                     pad_to_multiple_of=cfg.pad_to_multiple_of or None, flat=cfg.padding_free,
+                                     share_prompt=cfg.padding_free and cfg.share_prompt)
+
+
+def dpo_task(cfg: DPOConfig) -> DPOTask:
+    """The DPO objective of ``cfg`` (every knob by its flag's name), its reference still unset (``dpo_policy``)."""
+    return DPOTask(None, PreferenceLoss.from_config(cfg))
+
+
+def dpo_policy(model, cfg: DPOConfig, device: torch.device, task: DPOTask):
+    """(policy, reference) of DPO from ``model``, the starting model: trainable weights attached and wrapped; the
+    reference is a frozen copy of ``model`` as it is now (full fine-tuning) or the policy with its adapters off
+    (LoRA). Either way the reference stays the starting model however long the policy trains."""
+    reference = None
+    if cfg.full:
+        ref_policy = TokenLogps(frozen_copy(model, device), cfg.loss_chunk_size or None, attention=cfg.attention)
+        if cfg.compile:
+            compile_policy(ref_policy, cfg)
+        reference = frozen_reference(ref_policy, task.normalise)
+    trainable_weights(model, cfg, device)
+    policy = wrap_policy(model, cfg, device)
+    return policy, reference if reference is not None else adapter_reference(policy, task.normalise)
 
 
 def _reference_cache(run_dir: Path, policy, reference, collate, n: int, cfg: TrainConfig, device) -> torch.Tensor:

@@ -12,7 +12,8 @@ from pathlib import Path
 from minialign.base.errors import UserError
 
 # Flag groups, in the order `--help` lists them.
-GROUPS = ("model", "data", "lora", "training", "speed", "memory", "distributed", "dpo", "rm", "eval", "run", "output")
+GROUPS = ("model", "data", "lora", "training", "speed", "memory", "distributed", "dpo", "online", "rm", "eval", "run",
+          "output")
 
 
 # Choices shared with other modules, kept here so that `--help` needs no torch import (tests check they agree).
@@ -307,6 +308,73 @@ class DPOConfig(TrainConfig):
                             "for plain DPO).")
         if self.sft and self.adapter:
             raise UserError("Give either --sft RUN_DIR or --adapter DIR, not both.")
+
+
+@dataclass
+class OnlineConfig(DPOConfig):
+    """`minialign online`: iterative on-policy DPO. Each round samples answers from the current policy, scores them
+    with reward models, and trains DPO on best-vs-worst pairs against the fixed starting model."""
+
+    reward_models: str = opt("", "reward models (`minialign rm` run folders, comma-separated) that score the sampled "
+                             "answers", group="online", metavar="RM1[,RM2...]")
+    rm_weights: str = opt("", "weight of each reward model in the combined score, comma-separated in --reward-models "
+                          "order; empty: 1/M each", group="online", metavar="W1[,W2...]")
+    combine: str = opt("zsum", "zsum: each reward model's scores standardised over the round's samples (mean 0, std "
+                       "1), then the weighted sum; sum: the weighted sum of raw scores", group="online",
+                       choices=("zsum", "sum"))
+    rounds: int = opt(3, "rounds of sample -> score -> pair -> train", group="online", metavar="R")
+    prompts_per_round: int = opt(0, "prompts sampled per round: 0 every training prompt each round; else the next P "
+                                 "of one seeded shuffle of them (fresh prompts each round until they run out)",
+                                 group="online", metavar="P")
+    samples: int = opt(4, "answers sampled per prompt (>= 2): the best and worst by combined score form its pair",
+                       group="online", metavar="N")
+    temperature: float = opt(0.7, "sampling temperature of the answers", group="online")
+    top_p: float = opt(1.0, "nucleus sampling top-p of the answers (1: off)", group="online")
+    max_new_tokens: int = opt(128, "new tokens at most per sampled answer", group="online")
+    min_gap: float = opt(0.0, "skip a prompt whose best-minus-worst combined score is below this (>= 0); a prompt "
+                         "whose answers all score alike is always skipped", group="online", metavar="G")
+    gen_batch_size: int = opt(0, "rows decoded at once (0: 128 on CUDA, 8 on CPU)", group="online")
+    rm_batch_size: int = opt(64, "answers a reward model scores at once", group="online")
+    out: str = opt("runs/online", "run folder", group="output", metavar="DIR")
+
+    def validate(self) -> None:
+        super().validate()
+        checks = [
+            (bool(split_list(self.reward_models)), "--reward-models is required: one or more `minialign rm` run "
+             "folders, comma-separated (train one with `minialign rm --out DIR`)"),
+            (self.samples >= 2, f"--samples must be >= 2 (got {self.samples}): a pair needs a best and a worst "
+             "answer of the same prompt"),
+            (self.min_gap >= 0, f"--min-gap must be >= 0 (got {self.min_gap:g}); 0 keeps every prompt whose answers "
+             "differ in score"),
+            (self.rounds >= 1, f"--rounds must be >= 1 (got {self.rounds})"),
+            (self.prompts_per_round >= 0, f"--prompts-per-round must be >= 0 (got {self.prompts_per_round}; 0: "
+             "every training prompt each round)"),
+            (self.temperature > 0, f"--temperature must be > 0 (got {self.temperature:g}): answers are sampled"),
+            (0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p:g})"),
+            (self.max_new_tokens >= 1, f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})"),
+            (self.gen_batch_size >= 0, "--gen-batch-size must be >= 0 (0: automatic)"),
+            (self.rm_batch_size >= 1, "--rm-batch-size must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"Invalid configuration: {message}.")
+        self.weights()
+
+    def weights(self) -> list[float]:
+        """The weight of each reward model: --rm-weights, else 1/M each."""
+        models, given = split_list(self.reward_models), split_list(self.rm_weights)
+        if not given:
+            return [1.0 / len(models)] * len(models) if models else []
+        try:
+            weights = [float(w) for w in given]
+        except ValueError:
+            raise UserError(f"Invalid configuration: --rm-weights {self.rm_weights!r} must be numbers, comma-separated "
+                            "(e.g. 0.7,0.3).") from None
+        if len(weights) != len(models):
+            raise UserError(f"Invalid configuration: --rm-weights gives {len(weights)} weight(s) but --reward-models "
+                            f"names {len(models)} reward model(s); give one weight per reward model, in the same "
+                            "order, or leave --rm-weights empty for equal weights.")
+        return weights
 
 
 @dataclass

@@ -295,7 +295,7 @@ def _memory_kind(row: dict[str, Any]) -> str:
     return {"cuda_max_allocated": "CUDA max allocated", "cpu_peak_rss": "CPU peak RSS"}.get(kind, fmt(kind))
 
 
-def curves(panels: list[tuple[str, str, list[tuple[str, list, list]]]]) -> bytes:
+def curves(panels: list[tuple[str, str, list[tuple[str, list, list]]]], xlabel: str = "optimizer step") -> bytes:
     """One panel per (title, y label, lines); each line is (label, steps, values)."""
     fig = Figure(figsize=(9 if len(panels) > 1 else 7, 3.6), layout="constrained")
     for ax, (title, ylabel, lines) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
@@ -306,7 +306,7 @@ def curves(panels: list[tuple[str, str, list[tuple[str, list, list]]]]) -> bytes
                         markersize=4, linewidth=1.8 if is_eval else 1.2)
         if not any(steps for _, steps, _ in lines):
             ax.text(0.5, 0.5, "no data logged", ha="center", va="center", transform=ax.transAxes)
-        ax.set(title=title, xlabel="optimizer step", ylabel=ylabel)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()

@@ -1,0 +1,114 @@
+"""The pure parts of `minialign online`: which prompts a round samples, how reward-model scores combine, which
+answers form a prompt's pair, and the round's answer statistics. No models here (tests check them by hand).
+
+Rules (docs/online.md repeats them):
+
+- *combined score* (``combine_scores``): ``zsum`` standardises each reward model's scores over all the round's
+  answers (``(s - mean) / std``, population std; a model whose scores are all equal contributes 0) and sums them
+  with the weights; ``sum`` is the weighted sum of the raw scores. z-scoring puts reward models of different scales
+  on one footing, so a weight means the same for each; under ``zsum`` the round's mean combined score is 0 by
+  construction, so progress shows in each model's raw mean score.
+- *pair* (``form_pairs``): among a prompt's distinct answer texts (a repeated text counts once, its first sample),
+  the highest combined score is chosen and the lowest rejected; ties go to the earlier sample. A prompt is skipped
+  when its answers hold no contrast (one distinct text, or every score equal) or when best minus worst is below
+  ``min_gap``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from minialign.evaluation.textmetrics import distinct_n, loops, mean, share
+
+
+def round_prompts(n: int, per_round: int, round_no: int, seed: int) -> list[int]:
+    """Positions (sorted) of the prompts round ``round_no`` (1-based) samples, out of ``n``.
+
+    ``per_round`` 0 (or >= n): all of them every round. Otherwise rounds walk one seeded shuffle of the prompts
+    ``per_round`` at a time, wrapping around, so prompts are fresh each round until every one has been used; the
+    choice depends only on (n, per_round, round_no, seed), so a resumed run samples the same prompts.
+    """
+    if per_round == 0 or per_round >= n:
+        return list(range(n))
+    order = list(range(n))
+    random.Random(f"minialign-online:{seed}").shuffle(order)
+    start = (round_no - 1) * per_round
+    return sorted(order[(start + j) % n] for j in range(per_round))
+
+
+def combine_scores(scores: torch.Tensor, weights: Sequence[float], rule: str) -> torch.Tensor:
+    """``[K]`` float64 combined score of K answers from ``scores`` ``[M, K]`` (one row per reward model).
+
+    ``rule`` "zsum": sum over models of ``weight * (s - mean) / std`` (statistics over the K answers, population
+    std, a constant row giving 0); "sum": sum of ``weight * s``.
+    """
+    s = scores.to(torch.float64)
+    w = torch.as_tensor(list(weights), dtype=torch.float64)
+    if s.dim() != 2 or s.shape[0] != len(w):
+        raise ValueError(f"scores must be [M, K] with M = {len(w)} weights, got {tuple(s.shape)}")
+    if rule == "zsum":
+        std = s.std(dim=1, unbiased=False, keepdim=True)
+        s = torch.where(std > 0, (s - s.mean(dim=1, keepdim=True)) / std.clamp(min=1e-300), torch.zeros_like(s))
+    elif rule != "sum":
+        raise ValueError(f"unknown combine rule {rule!r} (zsum or sum)")
+    return (w[:, None] * s).sum(0)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A prompt's pair: sample numbers of the chosen (best) and rejected (worst) answer and their score gap."""
+
+    prompt: int
+    chosen: int
+    rejected: int
+    gap: float
+
+
+@dataclass
+class Pairing:
+    """The pairs kept, and how many prompts were skipped for each reason."""
+
+    pairs: list[Pair] = field(default_factory=list)
+    below_gap: int = 0
+    no_contrast: int = 0
+
+
+def form_pairs(combined: torch.Tensor, texts: Sequence[Sequence[str]], min_gap: float) -> Pairing:
+    """Best-vs-worst pair of each prompt from ``combined`` ``[P, S]`` scores of its S answers ``texts[p][s]``.
+
+    Repeated texts count once (their first sample); ties pick the earlier sample; a prompt without two distinct
+    scores is skipped (``no_contrast``), and one whose best minus worst is below ``min_gap`` too (``below_gap``).
+    """
+    out = Pairing()
+    values = combined.to(torch.float64).tolist()
+    for p, (row, answers) in enumerate(zip(values, texts, strict=True)):
+        first: dict[str, int] = {}
+        for s, text in enumerate(answers):
+            first.setdefault(text, s)
+        distinct = sorted(first.values())
+        best = max(distinct, key=lambda s: (row[s], -s))
+        worst = min(distinct, key=lambda s: (row[s], s))
+        gap = row[best] - row[worst]
+        if gap <= 0:
+            out.no_contrast += 1
+        elif gap < min_gap:
+            out.below_gap += 1
+        else:
+            out.pairs.append(Pair(p, best, worst, gap))
+    return out
+
+
+def answer_stats(texts: Sequence[str], n_tokens: Sequence[int], stops: Sequence[str]) -> dict[str, float]:
+    """Loop share (``textmetrics.loops``), EOS share (answers that ended on EOS), finished share (EOS or a stop
+    string), mean length in tokens and distinct-2 of a round's sampled answers."""
+    return {
+        "loop_share": share([loops(t) for t in texts]),
+        "eos_share": share([s == "eos" for s in stops]),
+        "finished_share": share([s != "length" for s in stops]),
+        "mean_tokens": mean(list(n_tokens)),
+        "distinct_2": distinct_n(list(texts), 2),
+    }

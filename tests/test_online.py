@@ -1,0 +1,235 @@
+"""`minialign online` end to end on the tiny model with REAL reward models (tiny `minialign rm` runs): every score,
+combined score, pair and round statistic recomputed from the saved answers; the DPO reference is the starting model
+in every round; a round killed by SIGKILL is redone on resume with the uninterrupted run's result; every bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_train import THREADS, launched, run_cli, wait_for
+
+from minialign.commands import recipes, reward
+from minialign.config.schema import OnlineConfig
+from minialign.data import PreferencePair, batch_indices, sequence_lengths, tokenize_pairs
+from minialign.data.demo import demo_rows
+from minialign.evaluation.textmetrics import loops
+from minialign.modeling import lora
+from minialign.modeling.models import load_model, load_tokenizer
+
+RM = ["rm", "--demo", "--eval-limit", "16", "--train-rows", "100:"]
+SMALL = ["--demo", "--prompts-per-round", "12", "--samples", "3", "--max-new-tokens", "8", "--batch-size", "4",
+         "--rounds", "2", "--eval-limit", "8", "--gen-batch-size", "64"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    """One thread, as the subprocess of the resume test gets: the same floats in and out of process."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("online")
+
+
+@pytest.fixture(scope="module")
+def rms(root) -> list[Path]:
+    """Two real reward models on demo rows 100: (the policy's prompts are rows 0:100), trained differently."""
+    assert run_cli(*RM, "--max-steps", "3", "--out", root / "rm1") == 0
+    assert run_cli(*RM, "--max-steps", "2", "--seed", "1", "--out", root / "rm2") == 0
+    return [root / "rm1", root / "rm2"]
+
+
+def online_args(rms: list[Path], out: Path) -> list:
+    return ["online", *SMALL, "--reward-models", ",".join(map(str, rms)), "--rm-weights", "0.7,0.3", "--out", out]
+
+
+@pytest.fixture(scope="module")
+def run_a(root, rms) -> Path:
+    """Two uninterrupted rounds."""
+    assert run_cli(*online_args(rms, root / "a")) == 0
+    return root / "a"
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_folder_holds_rounds_metrics_and_final_weights(run_a, rms):
+    assert (run_a / "kind").read_text() == "online"
+    config = yaml.safe_load((run_a / "config.yaml").read_text())
+    assert config["reward_models"] == ",".join(str(p.resolve()) for p in rms)  # what `minialign eval` reads
+    summary = json.loads((run_a / "summary.json").read_text())
+    assert [m["train_rows"]["rows"] for m in summary["reward_models"]] == ["100:", "100:"]
+    assert [m["weight"] for m in summary["reward_models"]] == [0.7, 0.3]
+    rounds = jsonl(run_a / "rounds.jsonl")
+    assert [r["round"] for r in rounds] == [1, 2] and summary["per_round"] == rounds
+    assert all(r[k] >= 0 for r in rounds for k in ("generate_s", "score_s", "train_s"))
+    metrics = jsonl(run_a / "metrics.jsonl")
+    for r in rounds:  # one row per optimizer step of the round (1 epoch), plus its held-out evaluation row
+        steps = [m for m in metrics if m["round"] == r["round"] and "loss" in m]
+        assert [m["step"] for m in steps] == list(range(1, math.ceil(r["pairs"] / 4) + 1))
+        assert any(m["round"] == r["round"] and "eval/loss" in m for m in metrics)
+    assert (run_a / "final" / "adapter" / "adapter_config.json").is_file()
+    assert (run_a / "final" / "tokenizer").is_dir()
+    report = (run_a / "report.md").read_text()
+    assert "| 2 | " in report and (run_a / "plots" / "online-scores.png").is_file() and (run_a / "report.html").is_file()
+
+
+def test_scores_pairs_and_statistics_recomputed(run_a, rms):
+    judges = [reward.load_judge(p) for p in rms]
+    raw = {i: r["prompt"] for i, r in enumerate(demo_rows("train"))}
+    seen_rows: list[set] = []
+    for r in jsonl(run_a / "rounds.jsonl"):
+        folder = run_a / f"round-{r['round']}"
+        samples = jsonl(folder / "samples.jsonl")
+        assert len(samples) == 12 * 3
+        seen_rows.append({s["row"] for s in samples})
+        prompts, texts = [raw[s["row"]] for s in samples], [s["text"] for s in samples]
+        scores = torch.stack([j.score(prompts, texts) for j in judges]).double()  # [2, 36], by the judges again
+        for m in range(2):
+            assert scores[m].tolist() == pytest.approx([s["scores"][m] for s in samples], abs=1e-5)
+        mean, std = scores.mean(1, keepdim=True), scores.var(1, unbiased=False, keepdim=True).sqrt()
+        combined = (torch.tensor([[0.7], [0.3]], dtype=torch.float64) * (scores - mean) / std).sum(0)
+        assert combined.tolist() == pytest.approx([s["combined"] for s in samples], abs=1e-4)
+        expected = []
+        for p in range(12):
+            group = samples[3 * p : 3 * p + 3]
+            distinct = {}
+            for s in group:
+                distinct.setdefault(s["text"], s)
+            best = max(distinct.values(), key=lambda s: s["combined"])
+            worst = min(distinct.values(), key=lambda s: s["combined"])
+            if best["combined"] > worst["combined"]:
+                expected.append((best["row"], best["text"], worst["text"]))
+        pairs = jsonl(folder / "pairs.jsonl")
+        assert [(x["row"], x["chosen"], x["rejected"]) for x in pairs] == expected
+        assert all(x["prompt"] == raw[x["row"]] and x["raw_prompt"] == raw[x["row"]] for x in pairs)
+        assert r["pairs"] == len(pairs) and r["below_gap"] == 0 and r["no_contrast"] == 12 - len(pairs)
+        assert r["loop_share"] == pytest.approx(sum(loops(t) for t in texts) / 36)
+        assert r["eos_share"] == pytest.approx(sum(s["stop"] == "eos" for s in samples) / 36)
+        assert r["mean_tokens"] == pytest.approx(sum(s["n_tokens"] for s in samples) / 36)
+        assert list(r["rm_scores"].values()) == pytest.approx(scores.mean(1).tolist(), abs=1e-5)
+    assert not seen_rows[0] & seen_rows[1]  # fresh prompts in round 2
+
+
+def sequence_logp(model, prompt: list[int], response: list[int]) -> float:
+    """Summed log-prob of ``response`` after ``prompt``: one plain forward in float64 log-softmax."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = model(ids).logits[0].double().log_softmax(-1)
+    return sum(logp[t - 1, ids[0, t]].item() for t in range(len(prompt), ids.shape[1]))
+
+
+def test_reference_is_the_starting_model_in_every_round(run_a):
+    """Round 2's first DPO step logged rewards beta x (policy - reference) for its first batch. The policy there is
+    round 1's result; the rewards recomputed with the STARTING model as reference match (a reference that followed
+    the policy would give exactly 0)."""
+    cfg = recipes.load_run_config(run_a, OnlineConfig)
+    tokenizer = load_tokenizer("demo")
+    pairs = [PreferencePair(x["prompt"], x["chosen"], x["rejected"]) for x in jsonl(run_a / "round-2" / "pairs.jsonl")]
+    items = tokenize_pairs(pairs, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    first = batch_indices(len(items), cfg.batch_size, seed=cfg.seed + 2, epoch=0, lengths=sequence_lengths(items),
+                          group_by_length=True)[0]
+    start = load_model(cfg.model, seed=cfg.seed).eval()
+    policy = recipes.attach_lora(load_model(cfg.model, seed=cfg.seed), cfg, torch.device("cpu")).eval()
+    weights = load_file(str(run_a / "checkpoints" / "round-0002" / ".." / "round-0001" / "trainable.safetensors"))
+    params = dict(policy.named_parameters())
+    with torch.no_grad():
+        for name, w in weights.items():
+            params[name].copy_(w)
+    rewards = {"chosen": [], "rejected": []}
+    for i in first:
+        for side in rewards:
+            ids = getattr(items[i], f"{side}_ids")
+            rewards[side].append(cfg.beta * (sequence_logp(policy, items[i].prompt_ids, ids)
+                                             - sequence_logp(start, items[i].prompt_ids, ids)))
+    logged = next(m for m in jsonl(run_a / "metrics.jsonl") if m["round"] == 2 and m["step"] == 1)
+    for side, values in rewards.items():
+        assert abs(sum(values)) > 1e-4
+        assert logged[f"rewards/{side}"] == pytest.approx(sum(values) / len(values), rel=1e-3, abs=1e-5)
+
+
+def test_resume_redoes_a_round_killed_by_sigkill(run_a, root, rms):
+    out = root / "b"
+    with launched(online_args(rms, out), root / "b.log") as proc:
+        wait_for(lambda: (out / "round-2").is_dir(), proc, root / "b.log", "round 2 to start")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert (out / "round-1" / "round.json").is_file() and not (out / "round-2" / "round.json").exists()
+    assert [r["round"] for r in jsonl(out / "rounds.jsonl")] == [1]  # the killed round shows nowhere
+    assert not (out / "final").exists()
+    assert run_cli("online", "--resume", out) == 0
+    for k in (1, 2):
+        a, b = jsonl(run_a / f"round-{k}" / "pairs.jsonl"), jsonl(out / f"round-{k}" / "pairs.jsonl")
+        assert [(x["row"], x["chosen"], x["rejected"]) for x in a] == [(x["row"], x["chosen"], x["rejected"]) for x in b]
+    assert len(jsonl(out / "metrics.jsonl")) == len(jsonl(run_a / "metrics.jsonl"))
+    assert [r["pairs"] for r in jsonl(out / "rounds.jsonl")] == [r["pairs"] for r in jsonl(run_a / "rounds.jsonl")]
+    wa = load_file(str(run_a / "final" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(out / "final" / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    model = lora.load_adapter(load_model("tiny"), out / "final" / "adapter")  # the result loads as an adapter
+    assert any("lora" in n for n, _ in model.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def wrong_vocab_rm(root, rms, shared_dir) -> Path:
+    """rm1 with the GPT-NeoX tokenizer saved in its place: a judge that reads another vocabulary."""
+    path = root / "rm-neox"
+    shutil.copytree(rms[0], path)
+    shutil.rmtree(path / "final" / "tokenizer")
+    load_tokenizer(str(shared_dir / "tokenizers" / "gpt-neox-20b" / "tokenizer.json")).save_pretrained(
+        path / "final" / "tokenizer")
+    return path
+
+
+BAD = {
+    "missing": (lambda root, rms: ["--reward-models", root / "nope"], "does not exist"),
+    "not an rm": (lambda root, rms: ["--reward-models", root / "a"], "is not a reward-model run folder"),
+    "vocabulary": (lambda root, rms: ["--reward-models", root / "rm-neox"], "different tokenizer"),
+    "overlap": (lambda root, rms: ["--reward-models", rms[0], "--train-rows", "50:150"], "shares rows with the policy"),
+    "samples": (lambda root, rms: ["--reward-models", rms[0], "--samples", "1"], "--samples must be >= 2"),
+    "min gap": (lambda root, rms: ["--reward-models", rms[0], "--min-gap", "-0.5"], "--min-gap must be >= 0"),
+    "no prompts": (lambda root, rms: ["--reward-models", rms[0], "--train-rows", "50:50"], "holds no usable prompt"),
+    "weights": (lambda root, rms: ["--reward-models", rms[0], "--rm-weights", "1,2"], "gives 2 weight(s)"),
+    "weight text": (lambda root, rms: ["--reward-models", rms[0], "--rm-weights", "heavy"], "must be numbers"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_inputs_exit_2_before_writing_anything(case, root, rms, run_a, wrong_vocab_rm, capsys):
+    make, message = BAD[case]
+    out = root / f"bad-{case.replace(' ', '-')}"
+    capsys.readouterr()
+    assert run_cli("online", *SMALL, *make(root, rms), "--out", out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_round_without_pairs_says_how_many_were_below_min_gap(root, rms, capsys):
+    out = root / "no-pairs"
+    capsys.readouterr()
+    assert run_cli("online", *SMALL, "--rounds", "1", "--reward-models", rms[0], "--min-gap", "1000", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "Round 1 kept no pair out of 12 prompts" in err and "below --min-gap 1000" in err and "Lower --min-gap" in err
+    assert not (out / "round-1" / "round.json").exists() and not (out / "rounds.jsonl").exists()
+
+
+def test_eval_takes_an_online_run_as_policy(run_a, root):
+    """`minialign eval --policy RUN`: the final adapter over the starting model, against the starting model."""
+    assert run_cli("eval", "--policy", run_a, "--n", "2", "--samples", "0", "--max-new-tokens", "4",
+                   "--out", root / "eval") == 0
+    results = json.loads((root / "eval" / "eval.json").read_text())
+    assert results["policy"] == f"online run {run_a}" and "starting model" in results["reference"]

@@ -1,0 +1,88 @@
+"""`minialign online`'s pure rules against hand computation: prompts per round, score combination (z-scoring,
+weights, raw sum), best-vs-worst pairs (min-gap, ties, repeated answers), answer statistics."""
+
+import math
+
+import pytest
+import torch
+
+from minialign.commands.online_pairs import Pair, answer_stats, combine_scores, form_pairs, round_prompts
+
+
+def test_zsum_standardises_each_model_then_weights():
+    # model A: scores 1, 2, 3 -> mean 2, population std sqrt(2/3); model B: 10, 10, 40 -> mean 20, std sqrt(200)
+    scores = torch.tensor([[1.0, 2.0, 3.0], [10.0, 10.0, 40.0]])
+    za = [(x - 2) / math.sqrt(2 / 3) for x in (1, 2, 3)]
+    zb = [(x - 20) / math.sqrt(200) for x in (10, 10, 40)]
+    got = combine_scores(scores, [0.7, 0.3], "zsum")
+    assert got.dtype == torch.float64
+    assert got.tolist() == pytest.approx([0.7 * a + 0.3 * b for a, b in zip(za, zb)], abs=1e-12)
+    assert got.mean().item() == pytest.approx(0.0, abs=1e-12)  # z-scores average to 0 over the round
+
+
+def test_zsum_is_scale_free_and_a_constant_model_adds_nothing():
+    scores = torch.tensor([[1.0, 2.0, 4.0], [5.0, 5.0, 5.0]])
+    scaled = torch.tensor([[100.0, 200.0, 400.0], [5.0, 5.0, 5.0]]) - 7
+    a, b = combine_scores(scores, [1, 1], "zsum"), combine_scores(scaled, [1, 1], "zsum")
+    assert a.tolist() == pytest.approx(b.tolist(), abs=1e-12)
+    only_first = combine_scores(scores[:1], [1], "zsum")
+    assert a.tolist() == pytest.approx(only_first.tolist(), abs=1e-12)
+
+
+def test_sum_is_the_weighted_raw_sum():
+    scores = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
+    assert combine_scores(scores, [2.0, -1.0], "sum").tolist() == [2 * 1 - 3, 2 * -2 - 0.5]
+
+
+def test_combine_rejects_a_weight_count_that_does_not_match():
+    with pytest.raises(ValueError):
+        combine_scores(torch.zeros(2, 3), [1.0], "zsum")
+
+
+def test_pairs_take_best_and_worst_and_skip_below_the_gap():
+    combined = torch.tensor([[0.5, 2.0, -1.0], [0.1, 0.3, 0.2], [1.0, 1.0, 1.0]])
+    texts = [["a", "b", "c"], ["d", "e", "f"], ["g", "h", "i"]]
+    out = form_pairs(combined, texts, min_gap=0.25)
+    assert out.pairs == [Pair(0, 1, 2, 3.0)]
+    assert (out.below_gap, out.no_contrast) == (1, 1)  # prompt 1: gap 0.2 < 0.25; prompt 2: all equal
+    kept = form_pairs(combined, texts, min_gap=0.0)
+    assert [(p.prompt, p.chosen, p.rejected) for p in kept.pairs] == [(0, 1, 2), (1, 1, 0)]
+    assert kept.pairs[1].gap == pytest.approx(0.2)
+    assert (kept.below_gap, kept.no_contrast) == (0, 1)
+
+
+def test_a_gap_equal_to_min_gap_is_kept():
+    out = form_pairs(torch.tensor([[0.0, 0.5]]), [["x", "y"]], min_gap=0.5)
+    assert out.pairs == [Pair(0, 1, 0, 0.5)]
+
+
+def test_ties_go_to_the_earlier_sample_and_repeated_texts_count_once():
+    # best tie between samples 1 and 3 -> 1; worst tie between 0 and 2 -> 0
+    out = form_pairs(torch.tensor([[-1.0, 2.0, -1.0, 2.0]]), [["a", "b", "c", "d"]], 0.0)
+    assert out.pairs == [Pair(0, 1, 0, 3.0)]
+    # sample 2 repeats sample 0's text: only sample 0 counts, so the worst is sample 1
+    out = form_pairs(torch.tensor([[0.0, 1.0, -5.0, 3.0]]), [["same", "b", "same", "c"]], 0.0)
+    assert out.pairs == [Pair(0, 3, 0, 3.0)]
+    # every answer the same text: nothing to prefer
+    out = form_pairs(torch.tensor([[0.0, 1.0]]), [["same", "same"]], 0.0)
+    assert (out.pairs, out.no_contrast) == ([], 1)
+
+
+def test_round_prompts_walk_one_shuffle_and_are_reproducible():
+    n, per = 10, 4
+    rounds = [round_prompts(n, per, k, seed=3) for k in (1, 2, 3)]
+    assert all(r == sorted(r) and len(r) == per for r in rounds)
+    assert not set(rounds[0]) & set(rounds[1])  # fresh prompts while they last
+    assert set(rounds[0]) | set(rounds[1]) | set(rounds[2]) == set(range(n))  # 12 picks wrap around all 10
+    assert rounds[0] == round_prompts(n, per, 1, seed=3)
+    assert rounds[0] != round_prompts(n, per, 1, seed=4) or rounds[1] != round_prompts(n, per, 2, seed=4)
+    assert round_prompts(n, 0, 5, seed=0) == list(range(n)) == round_prompts(n, 99, 1, seed=0)
+
+
+def test_answer_stats_by_hand():
+    texts = ["a b c d a b c d a b c d", "hello there", "x"]
+    stats = answer_stats(texts, [12, 2, 1], ["length", "eos", "stop"])
+    assert stats["loop_share"] == pytest.approx(1 / 3)
+    assert stats["eos_share"] == pytest.approx(1 / 3)
+    assert stats["finished_share"] == pytest.approx(2 / 3)
+    assert stats["mean_tokens"] == pytest.approx(5.0)
