@@ -9,7 +9,7 @@ import pytest
 
 from minialign import cli
 from minialign.base.errors import UserError
-from minialign.config import presets
+from minialign.config import evaluation, fields, presets
 from minialign.config import schema as config
 from minialign.config.presets import build
 from minialign.config.schema import DPOConfig, SFTConfig
@@ -31,9 +31,12 @@ def help_of(capsys, *argv: str) -> str:
     return " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare word sequences
 
 
+CONFIG_MODULES = (config, evaluation)  # every module of minialign/config that declares command configs
+
+
 def config_classes():
-    return [cls for cls in vars(config).values()
-            if dataclasses.is_dataclass(cls) and isinstance(cls, type) and cls.__module__ == config.__name__]
+    return [cls for module in CONFIG_MODULES for cls in vars(module).values()
+            if dataclasses.is_dataclass(cls) and isinstance(cls, type) and cls.__module__ == module.__name__]
 
 
 def test_every_option_of_every_command_has_help():
@@ -48,16 +51,16 @@ def test_every_option_of_every_command_has_help():
 
 def test_every_config_field_has_help_and_a_known_group():
     classes = config_classes()
-    assert {SFTConfig, DPOConfig, config.RunConfig} <= set(classes)
+    assert {SFTConfig, DPOConfig, evaluation.RunConfig} <= set(classes)
     for cls in classes:
         for f in dataclasses.fields(cls):
             where = f"{cls.__name__}.{f.name}"
-            assert f.metadata.get("help", "").strip(), f"{where} has no help: declare it with config.opt(...)"
-            assert f.metadata.get("group") in config.GROUPS, f"{where}: group {f.metadata.get('group')!r}"
+            assert f.metadata.get("help", "").strip(), f"{where} has no help: declare it with config.fields.opt(...)"
+            assert f.metadata.get("group") in fields.GROUPS, f"{where}: group {f.metadata.get('group')!r}"
             choices = f.metadata.get("choices")
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             if choices:  # the default is one of the choices (every element of a list default)
-                values = default if isinstance(default, list) else config.split_list(default) \
+                values = default if isinstance(default, list) else fields.split_list(default) \
                     if f.metadata.get("multiple") else [default]
                 assert set(values) <= set(choices), where
 
@@ -85,7 +88,7 @@ def test_hand_written_parsers_show_defaults(capsys):
 def test_choices_are_shared_with_the_code_that_uses_them():
     from minialign.ops import losses
 
-    assert config.LOSS_TYPES == losses.LOSS_TYPES
+    assert fields.LOSS_TYPES == losses.LOSS_TYPES
 
 
 def test_bad_choice_from_yaml_names_the_flag_and_the_choices():
@@ -133,8 +136,9 @@ def test_data_command_prompt_length_follows_max_length(capsys):
 
 def test_every_shipped_preset_builds_its_command_config():
     """Each YAML in configs/ names only fields of its command's config and validates (a typo fails here, not on a GPU)."""
+    from minialign.config.evaluation import RunConfig
     from minialign.config.presets import PRESETS, load_yaml
-    from minialign.config.schema import DPOConfig, OnlineConfig, RMConfig, RunConfig, SFTConfig
+    from minialign.config.schema import DPOConfig, OnlineConfig, RMConfig, SFTConfig
 
     kinds = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RMConfig, "run": RunConfig, "smollm2-hh": DPOConfig,
              "online": OnlineConfig}

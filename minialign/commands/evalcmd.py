@@ -18,7 +18,8 @@ import yaml
 
 from minialign.base.errors import UserError
 from minialign.base.files import write_atomic
-from minialign.config.schema import DPOConfig, EvalConfig, SFTConfig, TrainConfig
+from minialign.config.evaluation import EvalConfig
+from minialign.config.schema import DPOConfig, SFTConfig, TrainConfig
 from minialign.evaluation.evalrows import (
     RowSet,
     check_not_trained_on,

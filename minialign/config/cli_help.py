@@ -1,6 +1,6 @@
 """How `--help` reads: config fields become grouped flags with their help, default and choices.
 
-The text itself lives beside each field (``config.opt``); this module only lays it out.
+The text itself lives beside each field (``config.fields.opt``); this module only lays it out.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import dataclasses
 import textwrap
 import typing
 
-from minialign.config.schema import GROUPS, split_list
+from minialign.config.fields import GROUPS, split_list
 
 
 class Parser(argparse.ArgumentParser):
@@ -84,7 +84,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
     for f in fields:
         meta, kind = f.metadata, types[f.name]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        # A field declared without config.opt still gets its flag, with no help: tests/test_cli_help.py fails on it.
+        # A field declared without config.fields.opt still gets its flag, with no help: tests/test_cli_help.py fails on it.
         target = groups.get(meta.get("group"), parser)
         flag = "--" + f.name.replace("_", "-")
         choices, metavar = meta.get("choices"), meta.get("metavar")
