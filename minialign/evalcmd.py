@@ -19,7 +19,8 @@ import yaml
 from minialign import lora
 from minialign.config import DPOConfig, EvalConfig, SFTConfig, TrainConfig
 from minialign.errors import UserError
-from minialign.evalrows import RowSet, check_not_trained_on, heldout_rows, judge_rows, load_prompts, train_rows
+from minialign.evalrows import (RowSet, check_not_trained_on, heldout_rows, judge_rows, load_prompts,
+                                online_reward_rows, train_rows)
 from minialign.geneval import Decoding, EvalPrompt, compare, generation_blocks, tables_text
 
 HH_DEFAULT = RowSet("Anthropic/hh-rlhf", "test", "harmless-base", "0:300")
@@ -149,6 +150,11 @@ def config_training(cfg: TrainConfig | None, kind: str) -> list[tuple[str, RowSe
     return trained
 
 
+def policy_training(policy: Side) -> list[tuple[str, RowSet]]:
+    """Every row set the policy learned from: its runs' (``config_training``) and its online reward models'."""
+    return config_training(policy.cfg, policy.kind or "") + online_reward_rows(policy.run_dir)
+
+
 def prompt_rows(cfg: EvalConfig, policy: Side) -> RowSet:
     """--dataset/--rows when given; else the policy run's held-out rows; else HH harmless-base test 0:300."""
     if cfg.dataset:
@@ -237,24 +243,20 @@ def run_eval(cfg: EvalConfig) -> Path:
     cfg.validate()
     if cfg.answers:
         return rescore(cfg)
+    if cfg.suite:
+        from minialign.evalsuite import run_suite_eval
+
+        return run_suite_eval(cfg)
     device = resolve_device(cfg.device)
     tokenizer_label = cfg.tokenizer or run_tokenizer(cfg.policy)
     tokenizer = load_tokenizer(tokenizer_label)
     if cfg.judge:
         check_judge(cfg.judge, "--judge", tokenizer, tokenizer_label)
-    policy = load_side(cfg.policy, cfg.adapter, "--policy", tokenizer)
-    if cfg.reference:
-        ref_side = load_side(cfg.reference, "", "--reference", tokenizer)
-        if not same_vocab(load_tokenizer(ref_side.tokenizer), tokenizer):
-            raise UserError(f"--reference {cfg.reference} uses another tokenizer than the policy; compare models of "
-                            "one family (same vocabulary).")
-        reference, ref_label = ref_side.model, ref_side.label
-    else:
-        reference, ref_label = default_reference(policy, tokenizer)
+    policy, reference, ref_label = load_models(cfg, tokenizer)
     rows = prompt_rows(cfg, policy)
-    chat = cfg.chat_template == "on" or (cfg.chat_template == "auto" and bool(policy.cfg and policy.cfg.chat_template))
+    chat = use_chat(cfg, policy)
     prompts = load_prompts(rows, cfg.n, chat_tokenizer=tokenizer if chat else None)
-    trained = config_training(policy.cfg, policy.kind or "")
+    trained = policy_training(policy)
     check_not_trained_on(prompts, rows, trained)
     out = Path(cfg.out or (policy.run_dir / "eval" if policy.run_dir else "runs/eval"))
     print(f"minialign eval: policy {policy.label}; reference {ref_label}; {len(prompts)} prompts from {rows.label()}")
@@ -269,6 +271,25 @@ def run_eval(cfg: EvalConfig) -> Path:
     print(f"\nminialign eval: generation for {len(prompts)} prompts x 2 models: {spent}")
     print(f"minialign eval: wrote {out / 'eval.json'} and {out / 'eval.md'}")
     return out
+
+
+def load_models(cfg: EvalConfig, tokenizer) -> tuple[Side, torch.nn.Module | None, str]:
+    """The policy, its reference (None: the policy with its adapters off) and the reference's label."""
+    from minialign.models import load_tokenizer
+
+    policy = load_side(cfg.policy, cfg.adapter, "--policy", tokenizer)
+    if not cfg.reference:
+        return policy, *default_reference(policy, tokenizer)
+    ref_side = load_side(cfg.reference, "", "--reference", tokenizer)
+    if not same_vocab(load_tokenizer(ref_side.tokenizer), tokenizer):
+        raise UserError(f"--reference {cfg.reference} uses another tokenizer than the policy; compare models of "
+                        "one family (same vocabulary).")
+    return policy, ref_side.model, ref_side.label
+
+
+def use_chat(cfg: EvalConfig, policy: Side) -> bool:
+    """--chat-template on, or auto and the policy run trained with its tokenizer's chat template."""
+    return cfg.chat_template == "on" or (cfg.chat_template == "auto" and bool(policy.cfg and policy.cfg.chat_template))
 
 
 def read_answers(spec: str) -> tuple[Path, dict]:
@@ -286,6 +307,8 @@ def read_answers(spec: str) -> tuple[Path, dict]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"--answers {path} is not valid JSON ({e}); it is not an eval.json written by "
                         "`minialign eval`. Generate the answers again.") from e
+    if isinstance(results, dict) and isinstance(results.get("axes"), dict) and results["axes"]:
+        return path, results  # a suite eval: evalsuite.rescore_suite checks each axis
     missing = [k for k in ("prompts", "decoding", "policy", "reference") if k not in results]
     if missing or not results["prompts"]:
         raise UserError(f"--answers {path} has no {', '.join(missing) or 'answers (its prompt list is empty)'}: it "
@@ -306,37 +329,56 @@ def _run_answers(folder: Path) -> tuple[Path, dict]:
 def rescore(cfg: EvalConfig) -> Path:
     """`minialign eval --answers DIR --judge J`: the saved answers scored by another judge, without a policy,
     a reference or any generation. Everything but the judge's numbers is what the earlier eval recorded."""
-    from minialign.geneval import saved_answers, summarize
-    from minialign.models import load_tokenizer
-    from minialign.recipes import default_tokenizer, resolve_device
-
     path, saved = read_answers(cfg.answers)
+    if "axes" in saved or cfg.suite:
+        from minialign.evalsuite import rescore_suite
+
+        return rescore_suite(cfg, path, saved)
     out = Path(cfg.out or path.parent / f"judged-{Path(cfg.judge).resolve().name}")
     if out.resolve() == path.parent.resolve():
         raise UserError(f"--out {out} is the folder of the answers being re-scored: its eval.json would be "
                         "replaced. Give another --out.")
-    tokenizer_label = cfg.tokenizer or saved.get("tokenizer") or saved.get("config", {}).get("tokenizer") or ""
-    if not tokenizer_label:
-        raise UserError(f"--answers {path} does not record the policy's tokenizer (it predates that field): pass "
-                        "--tokenizer, the tokenizer the policy generated with, so the judge's vocabulary can be checked.")
-    tokenizer_label = default_tokenizer(tokenizer_label)  # a model name stands for its tokenizer, as with --policy
-    check_judge(cfg.judge, "--judge", load_tokenizer(tokenizer_label), tokenizer_label)
-    prompts, answers, decoding = saved_answers(saved)
-    rows = RowSet.from_dict(saved["prompt_rows"]) if "prompt_rows" in saved else None
-    trained = ([(t["what"], RowSet.from_dict(t)) for t in saved["policy_trained"]]
-               if "policy_trained" in saved else None)
-    judge, context = load_checked_judge(cfg.judge, resolve_device(cfg.device), prompts, rows, trained)
-    print(f"minialign eval: re-scoring {path} ({len(prompts)} prompts) with the judge {cfg.judge}")
-    results = summarize(prompts, answers, decoding, judge=judge, judge_batch_size=cfg.judge_batch_size,
-                        judge_context=context)
-    keep = ("policy", "reference", "prompt_source", "chat_template", "tokenizer", "prompt_rows", "policy_trained",
-            "generation_s")
-    results = {**{k: saved[k] for k in keep if k in saved}, "answers_from": str(path),
-               "generation_config": saved.get("config"), "config": dataclasses.asdict(cfg), **results}
+    results = rescored(cfg, path, saved, cfg.judge, "--judge")
     write_outputs(out, results, cfg.show)
     print(tables_text(results))
     print(f"minialign eval: wrote {out / 'eval.json'} and {out / 'eval.md'}")
     return out
+
+
+def saved_tokenizer(cfg: EvalConfig, path: Path, saved: dict) -> str:
+    """The tokenizer the saved answers were generated with (--tokenizer overrides), for the judge's vocabulary check."""
+    from minialign.recipes import default_tokenizer
+
+    label = cfg.tokenizer or saved.get("tokenizer") or saved.get("config", {}).get("tokenizer") or ""
+    if not label:
+        raise UserError(f"--answers {path} does not record the policy's tokenizer (it predates that field): pass "
+                        "--tokenizer, the tokenizer the policy generated with, so the judge's vocabulary can be checked.")
+    return default_tokenizer(label)  # a model name stands for its tokenizer, as with --policy
+
+
+def rescored(cfg: EvalConfig, path: Path, saved: dict, judge_path: str, flag: str) -> dict:
+    """One saved eval's answers (a one-axis eval.json, or one axis of a suite's) scored by ``judge_path`` (none:
+    metrics only): the eval.json of the re-scoring."""
+    from minialign.geneval import saved_answers, summarize
+    from minialign.models import load_tokenizer
+    from minialign.recipes import resolve_device
+
+    prompts, answers, decoding = saved_answers(saved)
+    judge, context = None, None
+    if judge_path:
+        tokenizer_label = saved_tokenizer(cfg, path, saved)
+        check_judge(judge_path, flag, load_tokenizer(tokenizer_label), tokenizer_label)
+        rows = RowSet.from_dict(saved["prompt_rows"]) if "prompt_rows" in saved else None
+        trained = ([(t["what"], RowSet.from_dict(t)) for t in saved["policy_trained"]]
+                   if "policy_trained" in saved else None)
+        judge, context = load_checked_judge(judge_path, resolve_device(cfg.device), prompts, rows, trained)
+        print(f"minialign eval: re-scoring {path} ({len(prompts)} prompts) with the judge {judge_path}")
+    results = summarize(prompts, answers, decoding, judge=judge, judge_batch_size=cfg.judge_batch_size,
+                        judge_context=context)
+    keep = ("policy", "reference", "prompt_source", "chat_template", "tokenizer", "prompt_rows", "policy_trained",
+            "generation_s")
+    return {**{k: saved[k] for k in keep if k in saved}, "answers_from": str(path),
+            "generation_config": saved.get("config"), "config": dataclasses.asdict(cfg), **results}
 
 
 def write_outputs(out: Path, results: dict, show: int) -> None:
@@ -344,10 +386,19 @@ def write_outputs(out: Path, results: dict, show: int) -> None:
     from minialign.render import Note, Section, render_markdown
     from minialign.report import _write_atomic
 
-    head = Note(f"Policy: {results['policy']}. Reference: {results['reference']}. Prompts: {results['prompt_source']}"
+    prompts = (f"suite {results['suite']['file']} ({len(results['axes'])} axes)" if "axes" in results
+               else results["prompt_source"])
+    head = Note(f"Policy: {results['policy']}. Reference: {results['reference']}. Prompts: {prompts}"
                 f"{' (chat template)' if results['chat_template'] else ''}."
                 + (f" Answers generated earlier ({results['answers_from']}), scored here by another judge."
                    if results.get("answers_from") else ""))
-    markdown = render_markdown("minialign eval", [Section("Generation", [head, *generation_blocks(results, show)])])
+    if "axes" in results:
+        from minialign.evalsuite import suite_sections
+
+        sections = suite_sections(results, show)
+        sections[0].blocks.insert(0, head)
+    else:
+        sections = [Section("Generation", [head, *generation_blocks(results, show)])]
+    markdown = render_markdown("minialign eval", sections)
     _write_atomic(out / "eval.json", json.dumps(results, indent=1).encode())
     _write_atomic(out / "eval.md", markdown.encode())

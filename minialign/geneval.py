@@ -19,6 +19,7 @@ import torch
 
 from minialign import lora
 from minialign.generate import Completion, generate
+from minialign.evasion import evades
 from minialign.render import Block, Heading, Note, Samples, Table, fmt
 from minialign.textmetrics import distinct_n, loops, mean, share, win_rate
 
@@ -68,10 +69,12 @@ def decode(model, tokenizer, prompts: list[str], decoding: Decoding,
 
 
 def answer_metrics(groups: list[list[Completion]]) -> dict[str, float]:
-    """Loop share, distinct-2, finished (EOS or stop string) share and mean length over all answers."""
+    """Loop share, evasion share (``evasion.evades``), distinct-2, finished (EOS or stop string) share and mean
+    length over all answers."""
     answers = [c for group in groups for c in group]
     return {
         "loop_share": share([loops(c.text) for c in answers]),
+        "evasion_share": share([evades(c.text) for c in answers]),
         "distinct_2": distinct_n([c.text for c in answers], 2),
         "finished_share": share([c.finished for c in answers]),
         "mean_tokens": mean([c.n_tokens for c in answers]),
@@ -154,7 +157,8 @@ def saved_answers(results: dict[str, Any]) -> tuple[list[EvalPrompt], dict[str, 
 
 
 def _answer(c: Completion, scores: torch.Tensor | None, i: int) -> dict[str, Any]:
-    out = {"text": c.text, "n_tokens": c.n_tokens, "finished": c.finished, "stop": c.stop, "loops": loops(c.text)}
+    out = {"text": c.text, "n_tokens": c.n_tokens, "finished": c.finished, "stop": c.stop, "loops": loops(c.text),
+           "evades": evades(c.text)}
     if scores is not None:
         out["judge_score"] = float(scores[i, c.sample])
     return out
@@ -162,7 +166,8 @@ def _answer(c: Completion, scores: torch.Tensor | None, i: int) -> dict[str, Any
 
 # ----------------------------------------------------------------------------- presentation
 
-METRICS = (("loop_share", "loop share (4-gram x3)"), ("distinct_2", "distinct-2"),
+METRICS = (("loop_share", "loop share (4-gram x3)"), ("evasion_share", "evasion share (declines/deflects)"),
+           ("distinct_2", "distinct-2"),
            ("finished_share", "EOS/stop share"), ("mean_tokens", "mean length (tokens)"),
            ("judge_score", "mean judge score"))
 
@@ -210,6 +215,8 @@ def sample_items(results: dict[str, Any], show: int) -> list[dict[str, str]]:
         for side in SIDES:
             a = record[side]["greedy"][0]
             head = [("LOOPS" if a["loops"] else "no loop"), a["stop"], f"{a['n_tokens']} tokens"]
+            if a.get("evades"):
+                head.insert(1, "EVADES")
             if "judge_score" in a:
                 head.append(f"judge {a['judge_score']:.3f}")
             item[side] = f"[{', '.join(head)}]\n{a['text']}"
@@ -226,7 +233,8 @@ def generation_blocks(results: dict[str, Any] | None, show: int = 8) -> list[Blo
         f"{results['n_prompts']} held-out prompts (raw rows {_rows_label(results.get('rows', []))}); greedy, and "
         f"{d.get('samples')} sampled answers a prompt at temperature {d.get('temperature')}, top-p {d.get('top_p')}, "
         f"seed {d.get('seed')}; at most {d.get('max_new_tokens')} new tokens. A loop: some 4-word sequence occurs "
-        "3+ times in an answer."), metrics_table(results)]
+        "3+ times in an answer. Evasion: the answer declines or deflects instead of answering (the pattern list of "
+        "minialign/evasion.py)."), metrics_table(results)]
     wins = win_table(results)
     if wins is not None:
         blocks += [Heading("Win rate by the judge"), wins, Note(
