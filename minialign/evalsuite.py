@@ -250,7 +250,8 @@ def rescore_suite(cfg: EvalConfig, path: Path, saved: dict) -> Path:
         if not isinstance(one, dict) or not one.get("prompts") or "decoding" not in one:
             raise UserError(f"--answers {path}: axis {name!r} holds no answers; it is not an eval.json written by "
                             "`minialign eval --suite`. Generate the answers again.")
-        if "prompt_rows" in one and RowSet.from_dict(one["prompt_rows"]) != axis.row_set():
+        saved_rows = RowSet.from_dict(one["prompt_rows"]) if "prompt_rows" in one else None
+        if saved_rows is not None and (saved_rows.key, saved_rows.rows) != (axis.row_set().key, axis.rows):
             raise UserError(f"--suite {cfg.suite}, axis {name!r}: it reads {axis.row_set().label()}, but the saved "
                             f"answers of that axis came from {one.get('prompt_source')}. Re-score with a suite whose "
                             "axes name the same dataset and rows (only the judges may differ).")

@@ -55,7 +55,7 @@ _COMPILED = [(name, re.compile(p)) for name, p in PATTERNS.items()]
 _FILLER = re.compile(rf"^{FILLER}(?=[\s,.!]|$)[\s,.!]*")
 _APOLOGY = re.compile(rf"^{APOLOGY}(?:[\s,.!;:]+but\b)?(?=[\s,.!;:]|$)[\s,.!;:]*")
 _TURN = re.compile(TURN)
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"'\u201c\u201d)]*\s+")
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"'\u201c\u201d)]))\s+")
 
 
 def normalize(text: str) -> str:
