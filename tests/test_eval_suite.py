@@ -121,9 +121,9 @@ def test_saved_suite_answers_are_scored_again_by_another_suites_judges(run_dir, 
     assert run_cli("eval", "--answers", first, "--suite", swapped) == 0
     again = json.loads((first / "judged-swapped" / "eval.json").read_text())
     check_suite_results(again, {"harm": judges["help"], "help": judges["harm"]}, {"greedy": 1})
+    texts = lambda r, name: [[a["text"] for a in p[s]["greedy"]] for p in r["axes"][name]["prompts"] for s in SIDES]
     for name in ("harmless", "helpful"):
-        texts = lambda r: [[a["text"] for a in p[s]["greedy"]] for p in r["axes"][name]["prompts"] for s in SIDES]
-        assert texts(again) == texts(saved)  # the same answers, not new ones
+        assert texts(again, name) == texts(saved, name)  # the same answers, not new ones
     assert "error" not in capsys.readouterr().err
     err = _error(capsys, "eval", "--answers", first, "--judge", judges["harm"])
     assert "give --suite FILE" in err
