@@ -203,7 +203,7 @@ def test_sampling_is_seeded_and_greedy_matches_plain_generate(run_dir, root):
         assert run_cli("eval", "--policy", run_dir / "dpo", *SMALL, "--out", out) == 0
     ra, rb = (json.loads((o / "eval.json").read_text()) for o in (a, b))
     assert ra["prompts"] == rb["prompts"] and ra["modes"]["greedy"]["policy"].get("judge_score") is None
-    from minialign.commands.evalcmd import load_side
+    from minialign.commands.evalsides import load_side
     from minialign.modeling.generate import generate
 
     tok = load_tokenizer(str(run_dir / "dpo" / "final" / "tokenizer"))

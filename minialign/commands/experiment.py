@@ -24,10 +24,10 @@ from minialign.base.devices import resolve_device
 from minialign.base.errors import UserError
 from minialign.base.files import read_json, write_json
 from minialign.commands import common, recipes
-from minialign.config.evaluation import RunConfig
-from minialign.config.fields import check_choices
 from minialign.config.presets import CONFIG_FILE, build, check_keys, load_run_config, save_config
 from minialign.config.schema import DPOConfig, SFTConfig
+from minialign.config.schema.evaluation import RunConfig
+from minialign.config.schema.fields import check_choices
 from minialign.data import collate_sft, tokenize_pairs, tokenize_sft
 from minialign.data.splits import load_pairs
 from minialign.evaluation.evaluate import (
@@ -201,7 +201,7 @@ def generation_eval(ctx: Context, dpo_cfg: DPOConfig, policy, reference) -> dict
     """The generation metrics of `minialign eval` (same code path) for the DPO policy and its reference
     (None: the policy with its adapters off), over the first ``eval_prompts`` held-out prompts of the DPO run;
     with ``judge`` (RunConfig.judge), also the judge's scores and the policy's win rate, beside the judge's held-out accuracy."""
-    from minialign.commands.evalcmd import config_training, folder_tokenizer, judged_compare
+    from minialign.commands.evalsides import config_training, folder_tokenizer, judged_compare
     from minialign.evaluation.evalrows import heldout_rows, load_prompts
     from minialign.evaluation.geneval import Decoding
     from minialign.reporting.generation import tables_text
@@ -213,11 +213,51 @@ def generation_eval(ctx: Context, dpo_cfg: DPOConfig, policy, reference) -> dict
     rows = heldout_rows(dpo_cfg)
     prompts = load_prompts(rows, cfg.eval_prompts, chat_tokenizer=chat, strict=False)
     decoding = Decoding(cfg.max_new_tokens, cfg.eval_samples, cfg.eval_temperature, cfg.eval_top_p, cfg.seed)
+    if cfg.eval_suite:
+        return suite_eval(ctx, dpo_cfg, policy, reference, decoding)
     results = judged_compare(policy, reference, ctx.tokenizer, prompts, rows, config_training(dpo_cfg, "dpo"),
                              decoding, ctx.device, judge_path=cfg.judge)
     results.update(chat_template=chat is not None, tokenizer=folder_tokenizer(ctx.run_dir / "dpo", dpo_cfg))
     print("  generation metrics (reference vs DPO policy):\n" + tables_text(results))
     return results
+
+
+def suite_eval(ctx: Context, dpo_cfg: DPOConfig, policy, reference, decoding) -> dict:
+    """The generation metrics on every axis of ``eval_suite`` (axes without ``n``: ``eval_prompts`` prompts or as
+    many as there are), each scored by its own judge."""
+    from minialign.commands.evalsides import config_training, folder_tokenizer
+    from minialign.commands.evalsuite import axis_prompts, judged_axes, load_suite, suite_record
+    from minialign.reporting.suite import suite_text
+
+    cfg = ctx.cfg
+    axes = load_suite(cfg.eval_suite, "eval_suite")
+    trained = config_training(dpo_cfg, "dpo")
+    chat = ctx.tokenizer if dpo_cfg.chat_template else None
+    plans = axis_prompts(axes, cfg.eval_suite, cfg.eval_prompts, chat, trained, strict=False, flag="eval_suite")
+    common = {"policy": f"dpo run {ctx.run_dir / 'dpo'}", "reference": "the policy's starting model",
+              "chat_template": chat is not None, "tokenizer": folder_tokenizer(ctx.run_dir / "dpo", dpo_cfg)}
+    results = judged_axes(policy, reference, ctx.tokenizer, plans, trained, decoding, ctx.device, common=common)
+    results = {**common, "suite": suite_record(cfg.eval_suite, axes),
+               "policy_trained": [{"what": what, **r.to_dict()} for what, r in trained], **results}
+    print("  generation metrics (reference vs DPO policy), every axis:\n" + suite_text(results))
+    return results
+
+
+def check_suite(ctx: Context) -> None:
+    """Before anything runs: ``eval_suite`` parses, its judges read the run's vocabulary, and no axis's prompts are
+    rows the SFT or DPO stage will train on."""
+    from minialign.commands.evalsuite import axis_prompts, check_judges, load_suite
+    from minialign.evaluation.evalrows import train_rows
+
+    cfg = ctx.cfg
+    if cfg.judge:
+        raise UserError("Invalid configuration: eval_suite names each axis's judge; drop judge (--judge) or "
+                        "eval_suite (--eval-suite).")
+    axes = load_suite(cfg.eval_suite, "eval_suite")
+    check_judges(axes, cfg.eval_suite, ctx.tokenizer, cfg.tokenizer or default_tokenizer(cfg.model),
+                 "eval_suite")
+    trained = [("the run's SFT stage", train_rows(ctx.sft_cfg)), ("the run's DPO stage", train_rows(ctx.dpo_cfg))]
+    axis_prompts(axes, cfg.eval_suite, cfg.eval_prompts, None, trained, strict=False, flag="eval_suite")
 
 
 def stage_report(ctx: Context) -> dict:
@@ -257,8 +297,11 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     check_choices(cfg)  # stages, device: a YAML preset or a resumed run.yaml does not pass through argparse
     ctx = Context(cfg)  # tokenizer and data first: a bad source fails before the run folder is written
     stages_file, results_file = ctx.run_dir / "stages.json", ctx.run_dir / "results.json"
-    if cfg.judge and "eval" in cfg.stages and not (resume and "eval" in read_json(stages_file).get("done", [])):
-        from minialign.commands.evalcmd import check_judge
+    eval_pending = "eval" in cfg.stages and not (resume and "eval" in read_json(stages_file).get("done", []))
+    if cfg.eval_suite and eval_pending:
+        check_suite(ctx)
+    elif cfg.judge and eval_pending:
+        from minialign.commands.evalsides import check_judge
 
         check_judge(cfg.judge, "--judge", ctx.tokenizer, cfg.tokenizer or default_tokenizer(cfg.model))
     if not resume:

@@ -33,8 +33,8 @@ from minialign.base.files import write_atomic
 from minialign.commands import recipes, reward
 from minialign.commands.online_pairs import answer_stats, combine_scores, form_pairs, round_prompts
 from minialign.commands.online_report import ROUND_DONE, completed_rounds, rebuild_outputs, round_dir
-from minialign.config.fields import split_list
 from minialign.config.schema import OnlineConfig, RMConfig
+from minialign.config.schema.fields import split_list
 from minialign.data import PreferencePair, flat_sizes, sequence_lengths, tokenize_pairs
 from minialign.data.chat import to_chat_format
 from minialign.evaluation import evalrows
@@ -133,7 +133,7 @@ def online(cfg: OnlineConfig, *, resume: bool = False, overwrite: bool = False) 
 def check_reward_models(cfg: OnlineConfig, tokenizer, tokenizer_label: str) -> list[dict]:
     """Each --reward-models folder checked (a finished `minialign rm` run, the policy's vocabulary, no training row
     shared with the policy's prompts) and described: resolved folder, weight, base model, the rows it trained on."""
-    from minialign.commands.evalcmd import check_judge
+    from minialign.commands.evalsides import check_judge
 
     policy_rows = evalrows.train_rows(cfg)
     models = []

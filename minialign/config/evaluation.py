@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minialign.base.errors import UserError
-from minialign.config.fields import check_choices, opt
+from minialign.config.schema.fields import check_choices, opt
 
 
 @dataclass
@@ -51,6 +51,9 @@ class RunConfig:
     judge: str = opt("", "a reward-model run folder (`minialign rm`) that scores the generation metrics' answers: "
                      "adds the policy's win rate over the reference (95% CI) to the report", group="eval",
                      metavar="RUN_DIR")
+    eval_suite: str = opt("", "a suite YAML (as `minialign eval --suite`): the eval stage answers every axis's "
+                          "prompts, each scored by its own judge, and the report has one table per axis (replaces "
+                          "--judge; axes without n take eval_prompts)", group="eval", metavar="FILE.yaml")
     sft: dict = opt({}, "overrides of SFTConfig fields (YAML only)", group="run")
     dpo: dict = opt({}, "overrides of DPOConfig fields (YAML only)", group="run")
 
@@ -86,6 +89,9 @@ class EvalConfig:
     judge: str = opt("", "a reward-model run folder (`minialign rm`) that scores answers: adds win rates",
                      group="eval", metavar="RUN_DIR")
     judge_batch_size: int = opt(32, "answers the judge scores at once", group="eval")
+    suite: str = opt("", "a YAML file of prompt sets (axes), each with its own rows, --n and judge: one table per "
+                     "axis (docs/evaluation.md, 'Two axes'); replaces --dataset/--rows/--judge", group="eval",
+                     metavar="FILE.yaml")
     answers: str = opt("", "score the answers saved by an earlier `minialign eval` (its --out folder) or `minialign "
                        "run` (its folder) with --judge instead of generating: same answers, another judge",
                        group="eval", metavar="EVAL_OR_RUN_DIR")
@@ -99,7 +105,11 @@ class EvalConfig:
         checks = [
             (bool(self.policy) or bool(self.answers),
              "--policy is required (a minialign sft/dpo run folder, or a model name/path)"),
-            (not self.answers or bool(self.judge), "--answers re-scores saved answers, so it needs --judge"),
+            (not self.answers or bool(self.judge) or bool(self.suite),
+             "--answers re-scores saved answers, so it needs --judge (or --suite for the answers of a suite eval)"),
+            (not (self.suite and self.judge), "--suite names each axis's judge; drop --judge (or --suite)"),
+            (not (self.suite and not self.answers and (self.dataset or self.rows or self.data_dir or self.split)),
+             "--suite names each axis's dataset and rows; drop --dataset, --data-dir, --split and --rows"),
             (not (self.answers and (self.policy or self.adapter or self.reference or self.dataset or self.rows)),
              "--answers reuses the policy, reference and prompts of the eval it names; drop --policy, --adapter, "
              "--reference, --dataset and --rows (or drop --answers to generate new answers)"),

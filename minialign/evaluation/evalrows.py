@@ -10,6 +10,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
 
 from minialign.base.errors import UserError
 from minialign.config.schema import TrainConfig
@@ -167,3 +170,29 @@ def check_not_trained_on(prompts: list[EvalPrompt], prompt_rows: RowSet, trained
 def judge_rows(cfg: TrainConfig) -> RowSet:
     """The rows a judge (`minialign rm` run, ``Judge.config``) trained on: its source and train span."""
     return RowSet(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.train_rows)
+
+
+def online_reward_rows(run_dir: Path | None) -> list[tuple[str, RowSet]]:
+    """The rows of the reward models a policy trained against online: a run folder whose config.yaml names them
+    in ``reward_models`` (comma-separated run folders, as `minialign online` records them), each read from its own
+    config.yaml. A policy that maximised a reward model's score has learned from that model's rows as well."""
+    from minialign.config.presets import CONFIG_FILE, load_run_config
+    from minialign.config.schema import RMConfig, split_list
+
+    config = Path(run_dir) / CONFIG_FILE if run_dir is not None else None
+    if config is None or not config.is_file():
+        return []
+    try:
+        listed = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("reward_models") or ""
+    except yaml.YAMLError as e:
+        raise UserError(f"{config} is not valid YAML ({e}); the policy run's config cannot be read.") from e
+    found = []
+    for path in split_list(",".join(listed) if isinstance(listed, list) else str(listed)):
+        if not (Path(path) / CONFIG_FILE).is_file():
+            raise UserError(
+                f"{config}: field reward_models names {path}, which holds no {CONFIG_FILE}, so the rows that reward "
+                "model trained on (and the policy learned from online) cannot be checked against the eval prompts. "
+                "Restore that run folder (run from the folder the policy was trained in, so relative paths resolve).")
+        found.append((f"reward model {path} (the policy's online reward)", judge_rows(load_run_config(Path(path),
+                                                                                                   RMConfig))))
+    return found

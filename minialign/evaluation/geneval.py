@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from minialign.evaluation.evasion import evades
 from minialign.evaluation.textmetrics import distinct_n, loops, mean, share, win_rate
 from minialign.modeling import lora
 from minialign.modeling.generate import Completion, generate
@@ -66,10 +67,12 @@ def decode(model, tokenizer, prompts: list[str], decoding: Decoding,
 
 
 def answer_metrics(groups: list[list[Completion]]) -> dict[str, float]:
-    """Loop share, distinct-2, finished (EOS or stop string) share and mean length over all answers."""
+    """Loop share, evasion share (``evasion.evades``), distinct-2, finished (EOS or stop string) share and mean
+    length over all answers."""
     answers = [c for group in groups for c in group]
     return {
         "loop_share": share([loops(c.text) for c in answers]),
+        "evasion_share": share([evades(c.text) for c in answers]),
         "distinct_2": distinct_n([c.text for c in answers], 2),
         "finished_share": share([c.finished for c in answers]),
         "mean_tokens": mean([c.n_tokens for c in answers]),
@@ -152,7 +155,8 @@ def saved_answers(results: dict[str, Any]) -> tuple[list[EvalPrompt], dict[str, 
 
 
 def _answer(c: Completion, scores: torch.Tensor | None, i: int) -> dict[str, Any]:
-    out = {"text": c.text, "n_tokens": c.n_tokens, "finished": c.finished, "stop": c.stop, "loops": loops(c.text)}
+    out = {"text": c.text, "n_tokens": c.n_tokens, "finished": c.finished, "stop": c.stop, "loops": loops(c.text),
+           "evades": evades(c.text)}
     if scores is not None:
         out["judge_score"] = float(scores[i, c.sample])
     return out

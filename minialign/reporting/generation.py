@@ -10,7 +10,8 @@ from minialign.reporting.render import Block, Heading, Note, Samples, Table, fmt
 
 NO_GENERATION = "No generation metrics recorded (eval_prompts was 0, or the eval stage did not finish)."
 
-METRICS = (("loop_share", "loop share (4-gram x3)"), ("distinct_2", "distinct-2"),
+METRICS = (("loop_share", "loop share (4-gram x3)"), ("evasion_share", "evasion share (declines/deflects)"),
+           ("distinct_2", "distinct-2"),
            ("finished_share", "EOS/stop share"), ("mean_tokens", "mean length (tokens)"),
            ("judge_score", "mean judge score"))
 
@@ -58,6 +59,8 @@ def sample_items(results: dict[str, Any], show: int) -> list[dict[str, str]]:
         for side in SIDES:
             a = record[side]["greedy"][0]
             head = [("LOOPS" if a["loops"] else "no loop"), a["stop"], f"{a['n_tokens']} tokens"]
+            if a.get("evades"):
+                head.insert(1, "EVADES")
             if "judge_score" in a:
                 head.append(f"judge {a['judge_score']:.3f}")
             item[side] = f"[{', '.join(head)}]\n{a['text']}"
@@ -74,7 +77,8 @@ def generation_blocks(results: dict[str, Any] | None, show: int = 8) -> list[Blo
         f"{results['n_prompts']} held-out prompts (raw rows {_rows_label(results.get('rows', []))}); greedy, and "
         f"{d.get('samples')} sampled answers a prompt at temperature {d.get('temperature')}, top-p {d.get('top_p')}, "
         f"seed {d.get('seed')}; at most {d.get('max_new_tokens')} new tokens. A loop: some 4-word sequence occurs "
-        "3+ times in an answer."), metrics_table(results)]
+        "3+ times in an answer. Evasion: the answer declines or deflects instead of answering (the pattern list of "
+        "minialign/evaluation/evasion.py)."), metrics_table(results)]
     wins = win_table(results)
     if wins is not None:
         blocks += [Heading("Win rate by the judge"), wins, Note(

@@ -221,6 +221,10 @@ def generation_section(generation: dict[str, Any] | None) -> Section:
     """Reference vs DPO policy answers on held-out prompts: loops, distinct-2, EOS share, length, samples."""
     from minialign.reporting.generation import generation_blocks
 
+    if generation and "axes" in generation:
+        from minialign.reporting.suite import suite_blocks
+
+        return Section("Generation", suite_blocks(generation))
     return Section("Generation", generation_blocks(generation))
 
 
