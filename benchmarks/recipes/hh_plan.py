@@ -56,6 +56,7 @@ CANDIDATES: dict[str, dict] = {
     "r2-rpo1": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0},
     "r1-rpo0.5-beta0.25": {"rounds": 1, "prompts_per_round": 1000, "beta": 0.25, "rpo_alpha": 0.5},
 }
+SMALL_TRAIN = ["--epochs", "1", "--max-length", "128"]  # --small: appended to every training command (last wins)
 SMALL_ONLINE = {"samples": 2, "max_new_tokens": 16, "batch_size": 4, "rounds": 1, "prompts_per_round": 8}
 
 

@@ -67,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown += [x for x in args.candidates.split(",") if x not in plan.CANDIDATES]
     if unknown:
         p.error(f"unknown phases or candidates: {unknown}")
+    args.data_root = str(Path(args.data_root).resolve())  # suite YAMLs and children read it from anywhere
     if args.small:
         args.model = "tiny-llama" if args.model == "smollm2-135m-instruct" else args.model
         args.n = args.val_n = min(args.n, 4)
@@ -82,6 +83,7 @@ class Study:
         plan.check_plan(self.plan)
         self.chat = [] if args.small else ["--chat-template"]
         self.tokenizer = "demo" if args.small else args.model
+        self.cut = plan.SMALL_TRAIN if args.small else []  # appended to training commands
         self.state = _read_json(self.work / "state.json") or {
             "rows": self.plan, "held_out": list(plan.HELD_OUT), "judges": {}, "candidates": {}, "policies": {},
             "steps": [], "notes": [], "decline_check": results.decline_check_source()}
@@ -178,7 +180,7 @@ def phase_judges(s: Study) -> None:
         if not finished(run_dir):
             s.minialign(f"judge-{axis}", "rm", "--model", s.args.model, *s.chat, "--dataset", s.data(axis),
                         "--train-rows", rows, "--eval-data", s.data(axis), "--eval-rows", eval_rows, "--eval-limit",
-                        "1000", "--batch-size", "16", "--eval-every", "0", *plan.JUDGE_FLAGS, "--overwrite",
+                        "1000", "--batch-size", "16", "--eval-every", "0", *plan.JUDGE_FLAGS, *s.cut, "--overwrite",
                         "--out", str(run_dir))
         acc = ((_read_json(run_dir / "summary.json") or {}).get("eval") or {}).get("eval/accuracy")
         s.state["judges"][axis] = {"dataset": s.data(axis), "rows": rows, "heldout_rows": eval_rows,
@@ -193,7 +195,7 @@ def recipe_dpo(s: Study, name: str, dataset: str, rows: str, eval_rows: str) -> 
     if not finished(run_dir):
         s.minialign(name, "dpo", "--config", str(ROOT / plan.RECIPE), "--model", s.args.model, "--dataset", dataset,
                     "--train-rows", rows, "--eval-data", dataset, "--eval-rows", eval_rows,
-                    *(["--no-chat-template"] if s.args.small else []),
+                    *(["--no-chat-template"] if s.args.small else []), *s.cut,
                     "--overwrite", "--out", str(run_dir))
     return run_dir
 
@@ -209,7 +211,7 @@ def phase_online_rm(s: Study) -> None:
     if not finished(run_dir):
         s.minialign("online-rm", "rm", "--model", s.args.model, *s.chat, "--dataset", mix["file"], "--train-rows",
                     mix["rows"]["train"], "--eval-data", mix["file"], "--eval-rows", mix["rows"]["validation"],
-                    "--eval-limit", "1000", "--batch-size", "16", "--eval-every", "0", *plan.ONLINE_RM_FLAGS,
+                    "--eval-limit", "1000", "--batch-size", "16", "--eval-every", "0", *plan.ONLINE_RM_FLAGS, *s.cut,
                     "--overwrite", "--out", str(run_dir))
     acc = ((_read_json(run_dir / "summary.json") or {}).get("eval") or {}).get("eval/accuracy")
     s.state["online_rm"] = {"run_dir": str(run_dir), "dataset": mix["file"], "rows": mix["rows"]["train"],
@@ -298,7 +300,7 @@ def phase_trl_dpo(s: Study) -> None:
         fresh(out)
         s.run("trl-dpo", [str(HERE.parent / "trl_e2e.py"), "--task", "dpo", "--mode", "lora", "--model", s.args.model,
                           "--tokenizer", s.tokenizer, "--data", mix["file"], "--train-rows", mix["rows"]["train"],
-                          "--eval-rows", mix["rows"]["validation"], *plan.TRL_DPO_FLAGS,
+                          "--eval-rows", mix["rows"]["validation"], *plan.TRL_DPO_FLAGS, *s.cut,
                           *(["--chat-template"] if s.chat else []), "--out-json", str(out / "trl.json"),
                           "--adapter-out", str(out / "final")])
     note = "TRL DPO on the mix: plain DPO (TRL 1.16's DPOTrainer has no rpo_alpha), the recipe's other settings"
