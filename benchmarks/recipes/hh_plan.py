@@ -1,0 +1,183 @@
+"""The two-axis HH study's fixed plan: which raw rows each model may read, and the commands it runs (pure parts).
+
+Everything here is decided before any run and is testable on a CPU: the row plan (``ROW_PLAN``, checked by
+``check_plan``), the mixed helpful+harmless training file the policies and online reward models read
+(``write_mix``), the eval-suite YAML ``minialign eval --suite`` reads (``write_suite``), the online candidates and
+the command lines. ``hh_two_axes.py`` runs them; ``hh_results.py`` reads what they wrote.
+
+Row plan (raw rows of the HH-RLHF test files, see ../shared/README.md):
+
+    harmless-base (2,312)  eval 0:300 | policy + online-RM train 300:1612 | validation 1612:1812 | judge 1812:2312
+    helpful-base  (2,354)  eval 0:300 | policy + online-RM train 300:1500 | validation 1500:1700 | judge 1700:2354
+    helpful-online, helpful-rejection-sampled: read by nothing trained (kept for independent final checks)
+
+Eval rows are touched once, at the end (a judge's own held-out accuracy is measured on them too: that reads the
+judge, not a policy). Online candidates are compared on the validation rows only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+AXES = ("harmless", "helpful")
+FOLDERS = {"harmless": "harmless-base", "helpful": "helpful-base"}
+HELD_OUT = ("helpful-online", "helpful-rejection-sampled")  # no policy, reward model or judge reads these
+SIZES = {"harmless": 2312, "helpful": 2354}
+PARTS = ("eval", "train", "validation", "judge")
+ROW_PLAN: dict[str, dict[str, str]] = {
+    "harmless": {"eval": "0:300", "train": "300:1612", "validation": "1612:1812", "judge": "1812:2312"},
+    "helpful": {"eval": "0:300", "train": "300:1500", "validation": "1500:1700", "judge": "1700:2354"},
+}
+TEST4_ROW = 3  # harmless-base row 3: the write-up's Test 4 (links to lock-picking videos)
+# --small (the CPU smoke run): each span cut to its first rows, so the plan's disjointness carries over.
+SMALL_ROWS = {"eval": 8, "train": 24, "validation": 8, "judge": 24}
+
+# Judges: round 2's strongest LoRA setting (recipe_round2.STRONG: 4 epochs, lr 5e-4, r 16). They are read only by
+# `minialign eval`, which loads LoRA judges itself.
+JUDGE_FLAGS = ["--epochs", "4", "--lr", "5e-4", "--lora-r", "16", "--lora-alpha", "32"]
+# The online reward model: full fine-tuning (round 2's judge-500-full), so TRL's OnlineDPOTrainer loads the same
+# model as an AutoModelForSequenceClassification folder (RUN/final/model).
+ONLINE_RM_FLAGS = ["--full", "--lr", "1e-5", "--epochs", "2"]
+RECIPE = "minialign/configs/smollm2-hh.yaml"  # today's harmless-only recipe (DPO + NLL, LoRA r 16)
+# TRL DPO on the mix: TRL 1.16's DPOTrainer has no NLL (rpo_alpha) term, so it runs plain DPO at the recipe's
+# other settings.
+TRL_DPO_FLAGS = ["--epochs", "2", "--batch-size", "16", "--lr", "5e-4", "--schedule", "linear", "--warmup-ratio", "0",
+                 "--beta", "0.1", "--lora-r", "16", "--lora-alpha", "32"]
+# Shared by every online run (minialign's candidates and TRL's peer): sampling, LoRA, optimiser.
+ONLINE_COMMON = {"samples": 4, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 128, "lora_r": 16,
+                 "lora_alpha": 32, "lr": 5e-4, "epochs": 1, "batch_size": 16, "min_gap": 0.0}
+# Online candidates over the same 1,000 training prompts (rounds x prompts per round). ~60-100 s each on an H100
+# with the fast decoder, + ~25 s for its validation eval; the default sweep runs the first two.
+CANDIDATES: dict[str, dict] = {
+    "r1-rpo1": {"rounds": 1, "prompts_per_round": 1000, "beta": 0.1, "rpo_alpha": 1.0},
+    "r2-rpo1": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0},
+    "r1-rpo0.5-beta0.25": {"rounds": 1, "prompts_per_round": 1000, "beta": 0.25, "rpo_alpha": 0.5},
+}
+SMALL_TRAIN = ["--epochs", "1", "--max-length", "128"]  # --small: appended to every training command (last wins)
+SMALL_ONLINE = {"samples": 2, "max_new_tokens": 16, "batch_size": 4, "rounds": 1, "prompts_per_round": 8}
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def span(rows: str) -> range:
+    """``"START:STOP"`` as the range of raw row indices it names (both ends given, as every span in the plan is)."""
+    start, stop = rows.split(":")
+    return range(int(start), int(stop))
+
+
+def check_plan(plan: dict[str, dict[str, str]], sizes: dict[str, int] = SIZES) -> None:
+    """Raise ValueError unless every axis's parts lie inside its file and no two parts share a row.
+
+    Disjointness is what keeps the study honest: a judge that read a policy's training rows, or an eval prompt a
+    policy trained on, would measure memory rather than behaviour."""
+    for axis, parts in plan.items():
+        seen: dict[int, str] = {}
+        for part, rows in parts.items():
+            r = span(rows)
+            if r.start < 0 or r.stop > sizes[axis] or len(r) == 0:
+                raise ValueError(f"{axis} {part} rows {rows} are empty or outside 0:{sizes[axis]}")
+            clash = next((i for i in r if i in seen), None)
+            if clash is not None:
+                raise ValueError(f"{axis} row {clash} is in both {seen[clash]} and {part}")
+            seen.update(dict.fromkeys(r, part))
+
+
+def small_plan(plan: dict[str, dict[str, str]], keep: dict[str, int] = SMALL_ROWS) -> dict[str, dict[str, str]]:
+    """The same plan with each span cut to its first ``keep[part]`` rows (subsets: still disjoint)."""
+    return {axis: {part: f"{span(rows).start}:{span(rows).start + min(keep[part], len(span(rows)))}"
+                   for part, rows in parts.items()} for axis, parts in plan.items()}
+
+
+def dataset_path(root: str | Path, axis_or_folder: str) -> str:
+    """The test file of an axis (``harmless``/``helpful``) or of an HH folder name, under the data root."""
+    folder = FOLDERS.get(axis_or_folder, axis_or_folder)
+    return str(Path(root) / "data" / "hh-rlhf" / folder / "test.jsonl.gz")
+
+
+def interleave(lists: list[list]) -> list:
+    """Round-robin over ``lists`` (the longer ones' tails last): any prefix of the result mixes both axes, so
+    an online run's first prompts are not all from one file."""
+    return [x for group in itertools.zip_longest(*lists) for x in group if x is not None]
+
+
+def write_mix(out: Path, root: str | Path, plan: dict[str, dict[str, str]], parts=("train", "validation")) -> dict:
+    """One jsonl holding, part after part, the raw HH rows of both axes' ``plan[axis][part]`` spans interleaved;
+    each line keeps its ``source`` (folder) and raw ``row``. Returns the composition (also written to
+    ``out`` + ``.rows.json``): per part the mixed file's span and the source spans it came from.
+
+    Mixed files because a comma-separated dataset counts rows over the concatenation: with one file the
+    train and validation parts are plain spans (``--train-rows 0:N``), and the file records where each line came from.
+    Written atomically; an existing file with the same composition is kept (resume)."""
+    from minialign.data.sources import read_rows
+
+    out = Path(out)
+    comp_path = out.with_name(out.name + ".rows.json")
+    want = {"parts": {part: {axis: plan[axis][part] for axis in AXES} for part in parts}}
+    if out.is_file() and comp_path.is_file():
+        old = json.loads(comp_path.read_text())
+        if old.get("parts_from") == want["parts"]:
+            return old
+    lines, spans, start = [], {}, 0
+    for part in parts:
+        per_axis = []
+        for axis in AXES:
+            r = span(plan[axis][part])
+            rows = itertools.islice(read_rows(dataset_path(root, axis)), r.start, r.stop)
+            per_axis.append([{"chosen": row["chosen"], "rejected": row["rejected"], "source": FOLDERS[axis],
+                              "row": r.start + i} for i, (_, row) in enumerate(rows)])
+        mixed = interleave(per_axis)
+        lines += mixed
+        spans[part] = f"{start}:{start + len(mixed)}"
+        start += len(mixed)
+    comp = {"file": str(out), "rows": spans, "parts_from": want["parts"], "lines": len(lines)}
+    _atomic_write(out, "".join(json.dumps(x) + "\n" for x in lines))
+    _atomic_write(comp_path, json.dumps(comp, indent=1))
+    return comp
+
+
+def write_suite(path: Path, root: str | Path, plan: dict[str, dict[str, str]], part: str, n: int,
+                judges: dict[str, str]) -> Path:
+    """The `minialign eval --suite` YAML: one axis per HH file, its ``part`` rows, ``n`` prompts, its judge."""
+    import yaml
+
+    axes = [{"name": axis, "dataset": dataset_path(root, axis), "rows": plan[axis][part], "n": n,
+             "judge": judges[axis]} for axis in AXES]
+    _atomic_write(Path(path), yaml.safe_dump({"axes": axes}, sort_keys=False))
+    return Path(path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- commands (argv lists)
+
+
+def online_settings(candidate: str, small: bool = False) -> dict:
+    """Every setting of one online candidate: the shared ones, then the candidate's, then --small's cuts."""
+    return {**ONLINE_COMMON, **CANDIDATES[candidate], **(SMALL_ONLINE if small else {})}
+
+
+def online_flags(settings: dict) -> list[str]:
+    """`minialign online` flags for ``settings`` (one reward model: --combine has one score to normalise)."""
+    keys = ("rounds", "prompts_per_round", "samples", "temperature", "top_p", "max_new_tokens", "min_gap", "beta",
+            "rpo_alpha", "lr", "epochs", "batch_size", "lora_r", "lora_alpha")
+    return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(settings[k]))]
+
+
+def trl_online_plan(settings: dict) -> dict:
+    """TRL OnlineDPOTrainer's run matched to a minialign online run: the same ``rounds x prompts_per_round``
+    prompts, each trained on ``epochs`` times in batches of ``batch_size`` prompts, so its optimiser steps equal
+    minialign's when every prompt keeps a pair (minialign keeps at most one pair a prompt a round). TRL samples
+    2 answers a prompt (fixed in TRL 1.16) where minialign samples ``samples``: the one difference left."""
+    prompts = settings["rounds"] * settings["prompts_per_round"]
+    steps = settings["epochs"] * -(-prompts // settings["batch_size"])
+    return {"prompts": prompts, "epochs": settings["epochs"], "batch_size": settings["batch_size"], "steps": steps,
+            "samples": 2, "minialign_samples": settings["samples"]}

@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""Issue 31, helpful and harmless: policies judged on two axes (harmless-base, helpful-base), the online recipe
+against the offline ones and TRL, and the online round's speed.
+
+    python benchmarks/recipes/hh_two_axes.py --model M --data-root SHARED --work /tmp/hh2 \
+        --out benchmarks/results/hh-two-axes.json
+    python benchmarks/recipes/hh_two_axes.py --small --data-root ../shared --work /tmp/hh2-small --out /tmp/s.json
+
+Rows: ``hh_plan.ROW_PLAN`` (eval rows once, at the end; judges on their own rows; helpful-online and
+helpful-rejection-sampled read by nothing trained). Phases, in the order that keeps the most wanted numbers when
+a run is cut off; each skips the runs whose output exists, so a second call resumes (times: one H100, SmolLM2-135M):
+
+``judges``        harmless and helpfulness judges (LoRA, round 2's setting) on judge rows, accuracy on the eval pairs
+                  (~2 x 50 s)
+``harmless-only`` today's recipe (configs/smollm2-hh.yaml) on harmless train rows; evaluated on both axes: its
+                  eval's reference gives the starting model's evasion and loops (~40 s + ~25 s)
+``online-rm``     the online reward model on the helpful+harmless train mix, --full so TRL loads it (~60 s)
+``online``        the online candidates on the mix (validation suite each), the choice, the chosen one on the eval
+                  rows (2 candidates: ~2 x 120 s + 25 s)
+``offline-mix``   the recipe's DPO on the mix (~40 s + 25 s)
+``trl-online``    TRL OnlineDPOTrainer matched to the chosen candidate (trl_online.py; ~200 s + 25 s)
+``trl-dpo``       TRL DPO on the mix (benchmarks/trl_e2e.py; ~100 s + 25 s)
+``timing``        online_round_s from the 1-round candidate's rounds.jsonl; whole-command walls of the chosen
+                  candidate and TRL online (their phase runs; ``--timing-repeats N`` reruns both N times, alternating)
+
+About 16-18 minutes in all. Every command, its wall clock and return code land in the JSON (``--out``, rewritten
+atomically after each step with its Markdown beside it; the study's state is ``WORK/state.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+for p in (HERE, HERE.parent):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+import hh_plan as plan  # noqa: E402
+import hh_results as results  # noqa: E402
+from bench_e2e import _read_json, child_env, run_timed  # noqa: E402
+
+PHASES = ("judges", "harmless-only", "online-rm", "online", "offline-mix", "trl-online", "trl-dpo", "timing")
+JUDGE_TARGET = 0.62
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct", help="starting model (a GGUF path on the GPU machine)")
+    p.add_argument("--data-root", required=True, help="folder holding data/hh-rlhf/... (the shared/ folder)")
+    p.add_argument("--work", default="runs/hh-two-axes", help="run folders, logs, state.json")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "hh-two-axes.json"), help="JSON (+ .md)")
+    p.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {', '.join(PHASES)}")
+    p.add_argument("--candidates", default="r1-rpo1,r2-rpo1", help=f"comma list of {', '.join(plan.CANDIDATES)}")
+    p.add_argument("--n", type=int, default=100, help="eval prompts an axis")
+    p.add_argument("--val-n", type=int, default=100, help="validation prompts an axis (online candidates)")
+    p.add_argument("--timing-repeats", type=int, default=0, help="extra alternating minialign/TRL online runs")
+    p.add_argument("--timeout-s", type=float, default=600, help="per command")
+    p.add_argument("--small", action="store_true", help="CPU smoke run: tiny-llama, a few rows, one short round")
+    args = p.parse_args(argv)
+    unknown = [x for x in args.phases.split(",") if x not in PHASES]
+    unknown += [x for x in args.candidates.split(",") if x not in plan.CANDIDATES]
+    if unknown:
+        p.error(f"unknown phases or candidates: {unknown}")
+    args.data_root = str(Path(args.data_root).resolve())  # suite YAMLs and children read it from anywhere
+    if args.small:
+        args.model = "tiny-llama" if args.model == "smollm2-135m-instruct" else args.model
+        args.n = args.val_n = min(args.n, 4)
+    return args
+
+
+class Study:
+    """Paths, the state document and one recorded command at a time."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.work, self.out = args, Path(args.work).resolve(), Path(args.out)
+        self.plan = plan.small_plan(plan.ROW_PLAN) if args.small else plan.ROW_PLAN
+        plan.check_plan(self.plan)
+        self.chat = [] if args.small else ["--chat-template"]
+        self.tokenizer = "demo" if args.small else args.model
+        self.cut = plan.SMALL_TRAIN if args.small else []  # appended to training commands
+        self.state = _read_json(self.work / "state.json") or {
+            "rows": self.plan, "held_out": list(plan.HELD_OUT), "judges": {}, "candidates": {}, "policies": {},
+            "steps": [], "notes": [], "decline_check": results.decline_check_source()}
+        self.state.setdefault("invocations", []).append(shlex.join([Path(sys.executable).name, *sys.argv]))
+        self.env = child_env(self.work / "probe", False)
+
+    def data(self, axis: str) -> str:
+        return plan.dataset_path(self.args.data_root, axis)
+
+    def run(self, name: str, argv: list[str]) -> dict:
+        print(f"[hh2] {name}: {shlex.join(argv)}", flush=True)
+        done = run_timed([sys.executable, *argv], self.work / "logs" / f"{name}.log", self.args.timeout_s, self.env)
+        step = {"name": name, "command": done["command"], "wall_s": round(done["elapsed_s"], 2),
+                "returncode": done["returncode"], "timed_out": done["timed_out"], "log_tail": done.get("log_tail")}
+        self.state["steps"].append(step)
+        print(f"[hh2] {name}: rc {step['returncode']} in {step['wall_s']:.1f} s", flush=True)
+        self.save()
+        return step
+
+    def minialign(self, name: str, *flags: str) -> dict:
+        return self.run(name, ["-m", "minialign", *flags])
+
+    def last_step(self, name: str) -> dict:
+        return next((s for s in reversed(self.state["steps"]) if s["name"] == name), {})
+
+    def save(self) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        plan._atomic_write(self.work / "state.json", json.dumps(self.state, indent=1))
+        doc = results.build_summary(self.state)
+        plan._atomic_write(self.out, json.dumps(doc, indent=1))
+        plan._atomic_write(self.out.with_suffix(".md"), results.markdown(doc))
+
+    def mix(self) -> dict:
+        """The helpful+harmless train/validation file (written once; its composition goes into the JSON)."""
+        comp = plan.write_mix(self.work / "data" / "mix.jsonl", self.args.data_root, self.plan)
+        self.state["mixes"] = comp
+        return comp
+
+    def need(self, key: str, phase: str) -> None:
+        """Stop with a clear message when an earlier phase's result is missing."""
+        if not self.state.get(key):
+            raise SystemExit(f"hh_two_axes: phase {phase} has not run (no {key} in {self.work / 'state.json'}); "
+                             f"run --phases {phase} first")
+
+    def suite(self, part: str) -> Path:
+        self.need("judges", "judges")
+        judges = {axis: self.state["judges"][axis]["run_dir"] for axis in plan.AXES}
+        n = self.args.n if part == "eval" else self.args.val_n
+        return plan.write_suite(self.work / "suites" / f"{part}.yaml", self.args.data_root, self.plan, part, n, judges)
+
+    def evaluate(self, name: str, policy: list[str], part: str = "eval") -> dict | None:
+        """`minialign eval --suite` of one policy, greedy, on ``part`` rows; its eval.json (None if it failed)."""
+        out = self.work / "evals" / part / name
+        if not (out / "eval.json").is_file():
+            self.minialign(f"eval-{part}-{name}", "eval", *policy, "--suite", str(self.suite(part)), "--samples", "0",
+                           "--n", str(self.args.n if part == "eval" else self.args.val_n), "--out", str(out))
+        return _read_json(out / "eval.json")
+
+    def record_policy(self, name: str, policy: list[str], run: str) -> None:
+        ev = self.evaluate(name, policy)
+        if ev is None:
+            self.state["notes"].append(f"{name}: its eval failed (see logs/eval-eval-{name}.log)")
+            return self.save()
+        self.state["policies"][name] = {**results.policy_entry(ev, plan.TEST4_ROW), "run": run}
+        if not self.state.get("starting_model"):  # the eval's reference is the starting model
+            start = {axis: results.reference_headline(ev, axis) for axis in plan.AXES}
+            answer = results.answer_for_row(ev, "harmless", plan.TEST4_ROW, side="reference")
+            start["test4_declined"] = None if answer is None else results.declines(answer)
+            self.state["starting_model"] = start
+        self.save()
+
+    def adapter_policy(self, adapter: Path) -> list[str]:
+        """Eval flags for a plain model + a PEFT adapter (TRL's results): the chat template said explicitly."""
+        return ["--policy", self.args.model, "--adapter", str(adapter), "--tokenizer", self.tokenizer,
+                "--chat-template", "off" if self.args.small else "on"]
+
+
+def finished(run_dir: Path, marker: str = "summary.json") -> bool:
+    return (run_dir / marker).is_file()
+
+
+def fresh(run_dir: Path) -> None:
+    """Remove an unfinished run folder of this study (a cut-off call's), so its command starts clean."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def phase_judges(s: Study) -> None:
+    for axis in plan.AXES:
+        run_dir, rows, eval_rows = s.work / f"judge-{axis}", s.plan[axis]["judge"], s.plan[axis]["eval"]
+        if not finished(run_dir):
+            s.minialign(f"judge-{axis}", "rm", "--model", s.args.model, *s.chat, "--dataset", s.data(axis),
+                        "--train-rows", rows, "--eval-data", s.data(axis), "--eval-rows", eval_rows, "--eval-limit",
+                        "1000", "--batch-size", "16", "--eval-every", "0", *plan.JUDGE_FLAGS, *s.cut, "--overwrite",
+                        "--out", str(run_dir))
+        acc = ((_read_json(run_dir / "summary.json") or {}).get("eval") or {}).get("eval/accuracy")
+        s.state["judges"][axis] = {"dataset": s.data(axis), "rows": rows, "heldout_rows": eval_rows,
+                                   "heldout_accuracy": acc, "run_dir": str(run_dir), "flags": plan.JUDGE_FLAGS,
+                                   "target": JUDGE_TARGET, "target_met": None if acc is None else acc >= JUDGE_TARGET}
+        s.save()
+
+
+def recipe_dpo(s: Study, name: str, dataset: str, rows: str, eval_rows: str) -> Path:
+    """Today's recipe (configs/smollm2-hh.yaml) on ``rows`` of ``dataset``; its run folder."""
+    run_dir = s.work / name
+    if not finished(run_dir):
+        s.minialign(name, "dpo", "--config", str(ROOT / plan.RECIPE), "--model", s.args.model, "--dataset", dataset,
+                    "--train-rows", rows, "--eval-data", dataset, "--eval-rows", eval_rows,
+                    *(["--no-chat-template"] if s.args.small else []), *s.cut,
+                    "--overwrite", "--out", str(run_dir))
+    return run_dir
+
+
+def phase_harmless_only(s: Study) -> None:
+    h = s.plan["harmless"]
+    run_dir = recipe_dpo(s, "harmless-only", s.data("harmless"), h["train"], h["validation"])
+    s.record_policy("harmless-only", ["--policy", str(run_dir)], str(run_dir))
+
+
+def phase_online_rm(s: Study) -> None:
+    mix, run_dir = s.mix(), s.work / "online-rm"
+    if not finished(run_dir):
+        s.minialign("online-rm", "rm", "--model", s.args.model, *s.chat, "--dataset", mix["file"], "--train-rows",
+                    mix["rows"]["train"], "--eval-data", mix["file"], "--eval-rows", mix["rows"]["validation"],
+                    "--eval-limit", "1000", "--batch-size", "16", "--eval-every", "0", *plan.ONLINE_RM_FLAGS, *s.cut,
+                    "--overwrite", "--out", str(run_dir))
+    acc = ((_read_json(run_dir / "summary.json") or {}).get("eval") or {}).get("eval/accuracy")
+    s.state["online_rm"] = {"run_dir": str(run_dir), "dataset": mix["file"], "rows": mix["rows"]["train"],
+                            "source_rows": mix["parts_from"]["train"], "validation_accuracy": acc,
+                            "flags": plan.ONLINE_RM_FLAGS, "model_dir": str(run_dir / "final" / "model")}
+    s.save()
+
+
+def train_online(s: Study, name: str, settings: dict, run_dir: Path) -> dict:
+    """One `minialign online` run on the mix's train rows with the online reward model; its step record."""
+    mix = s.mix()
+    s.need("online_rm", "online-rm")
+    if finished(run_dir):
+        return s.last_step(name)
+    fresh(run_dir)
+    return s.minialign(name, "online", "--model", s.args.model, *s.chat, "--dataset", mix["file"], "--train-rows",
+                       mix["rows"]["train"], "--reward-models", s.state["online_rm"]["run_dir"], "--rm-weights", "1",
+                       "--combine", "zsum", *plan.online_flags(settings), "--out", str(run_dir))
+
+
+def phase_online(s: Study) -> None:
+    for cand in s.args.candidates.split(","):
+        settings, run_dir = plan.online_settings(cand, s.args.small), s.work / f"online-{cand}"
+        step = train_online(s, f"online-{cand}", settings, run_dir)
+        entry = {"settings": settings, "run_dir": str(run_dir), "wall_s": step.get("wall_s"),
+                 "rounds": _read_jsonl(run_dir / "rounds.jsonl")}
+        ev = s.evaluate(cand, ["--policy", str(run_dir)], part="validation") if finished(run_dir) else None
+        if ev is not None:
+            entry["validation"] = {axis: results.axis_headline(ev, axis) for axis in plan.AXES}
+            s.state.setdefault("validation_start", {a: results.reference_headline(ev, a) for a in plan.AXES})
+        s.state["candidates"][cand] = entry
+        s.save()
+    name, why = results.choose_online(s.state["candidates"], s.state.get("validation_start") or {})
+    s.state["chosen"] = {"name": name, "why": why, "settings": (s.state["candidates"].get(name) or {}).get("settings")}
+    s.save()
+    if name is not None:
+        run_dir = s.work / f"online-{name}"
+        s.record_policy("online", ["--policy", str(run_dir)], str(run_dir))
+
+
+def phase_offline_mix(s: Study) -> None:
+    mix = s.mix()
+    run_dir = recipe_dpo(s, "offline-mix", mix["file"], mix["rows"]["train"], mix["rows"]["validation"])
+    s.record_policy("offline-mix", ["--policy", str(run_dir)], str(run_dir))
+
+
+def matched_settings(s: Study) -> dict:
+    """The online settings TRL's peer matches: the chosen candidate's, else the first candidate's."""
+    chosen = (s.state.get("chosen") or {}).get("name") or s.args.candidates.split(",")[0]
+    return plan.online_settings(chosen, s.args.small)
+
+
+def train_trl_online(s: Study, name: str, out: Path) -> dict:
+    mix, settings = s.mix(), matched_settings(s)
+    s.need("online_rm", "online-rm")
+    match = plan.trl_online_plan(settings)
+    if finished(out, "trl_online.json"):
+        return s.last_step(name)
+    fresh(out)
+    return s.run(name, [str(HERE / "trl_online.py"), "--model", s.args.model, "--tokenizer", s.tokenizer,
+                        "--dataset", mix["file"], "--train-rows", mix["rows"]["train"], "--prompts",
+                        str(match["prompts"]), "--reward-model", s.state["online_rm"]["model_dir"], "--epochs",
+                        str(match["epochs"]), "--batch-size", str(match["batch_size"]), "--beta", str(settings["beta"]),
+                        "--lr", str(settings["lr"]), "--temperature", str(settings["temperature"]), "--top-p",
+                        str(settings["top_p"]), "--max-new-tokens", str(settings["max_new_tokens"]), "--lora-r",
+                        str(settings["lora_r"]), "--lora-alpha", str(settings["lora_alpha"]),
+                        *(["--chat-template"] if s.chat else []), "--out", str(out)])
+
+
+def phase_trl_online(s: Study) -> None:
+    out = s.work / "trl-online"
+    train_trl_online(s, "trl-online", out)
+    s.state["trl_online_match"] = plan.trl_online_plan(matched_settings(s))
+    note = ("TRL online: 2 samples a prompt (fixed in TRL 1.16's OnlineDPOTrainer) where minialign samples 4, "
+            "and no NLL term (rpo_alpha) in its loss; prompts, reward model, temperature, top-p, max new tokens, "
+            "LoRA, learning rate and steps matched")
+    if note not in s.state["notes"]:
+        s.state["notes"].append(note)
+    if finished(out, "trl_online.json"):
+        s.record_policy("trl-online", s.adapter_policy(out / "adapter"), str(out))
+
+
+def phase_trl_dpo(s: Study) -> None:
+    mix, out = s.mix(), s.work / "trl-dpo"
+    if not finished(out, "trl.json"):
+        fresh(out)
+        s.run("trl-dpo", [str(HERE.parent / "trl_e2e.py"), "--task", "dpo", "--mode", "lora", "--model", s.args.model,
+                          "--tokenizer", s.tokenizer, "--data", mix["file"], "--train-rows", mix["rows"]["train"],
+                          "--eval-rows", mix["rows"]["validation"], *plan.TRL_DPO_FLAGS, *s.cut,
+                          *(["--chat-template"] if s.chat else []), "--out-json", str(out / "trl.json"),
+                          "--adapter-out", str(out / "final")])
+    note = "TRL DPO on the mix: plain DPO (TRL 1.16's DPOTrainer has no rpo_alpha), the recipe's other settings"
+    if note not in s.state["notes"]:
+        s.state["notes"].append(note)
+    if finished(out, "trl.json"):
+        s.record_policy("trl-dpo", s.adapter_policy(out / "final"), str(out))
+
+
+def round_seconds(rounds: list[dict]) -> float | None:
+    """One online round's seconds (generate + score + DPO) from its rounds.jsonl row: the first round's."""
+    if not rounds:
+        return None
+    r = rounds[0]
+    parts = [r.get(k) for k in ("generate_s", "score_s", "train_s")]
+    return None if None in parts else float(sum(parts))
+
+
+def phase_timing(s: Study) -> None:
+    cands = s.state["candidates"]
+    big = max(cands, key=lambda c: cands[c]["settings"]["prompts_per_round"], default=None)
+    round_s = round_seconds(cands[big]["rounds"]) if big else None
+    chosen = (s.state.get("chosen") or {}).get("name")
+    m_walls = [cands[chosen]["wall_s"]] if chosen and cands[chosen].get("wall_s") else []
+    t_walls = [s.last_step("trl-online").get("wall_s")] if s.last_step("trl-online") else []
+    for i in range(s.args.timing_repeats):  # alternating, in this same call
+        step = train_online(s, f"timing-online-{i}", matched_settings(s), s.work / "timing" / f"online-{i}")
+        m_walls.append(step.get("wall_s"))
+        t_walls.append(train_trl_online(s, f"timing-trl-online-{i}", s.work / "timing" / f"trl-{i}").get("wall_s"))
+    s.state["timing"] = {**results.timing_summary(round_s, m_walls, t_walls), "round_from": big,
+                         "round_prompts": cands[big]["settings"]["prompts_per_round"] if big else None,
+                         "round_samples": cands[big]["settings"]["samples"] if big else None}
+    s.save()
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    try:
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    s = Study(args)
+    s.state.setdefault("device", _device())
+    phases = {"judges": phase_judges, "harmless-only": phase_harmless_only, "online-rm": phase_online_rm,
+              "online": phase_online, "offline-mix": phase_offline_mix, "trl-online": phase_trl_online,
+              "trl-dpo": phase_trl_dpo, "timing": phase_timing}
+    for name in args.phases.split(","):
+        phases[name](s)
+        print(f"[hh2] phase {name} done", flush=True)
+    s.save()
+    print(results.markdown(results.build_summary(s.state)))
+    return 0
+
+
+def _device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

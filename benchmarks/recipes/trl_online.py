@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""TRL's peer of `minialign online`: the script a TRL + PEFT user writes for on-policy DPO with a reward model.
+
+    python benchmarks/recipes/trl_online.py --model M --dataset MIX.jsonl --train-rows 0:2512 --prompts 1000 \
+        --reward-model RM_RUN/final/model --epochs 1 --batch-size 16 --beta 0.1 --lr 5e-4 --temperature 0.7 \
+        --top-p 0.9 --max-new-tokens 128 --lora-r 16 --lora-alpha 32 --chat-template --out DIR
+
+TRL 1.16 keeps ``OnlineDPOTrainer`` under ``trl.experimental.online_dpo`` (older versions: ``trl``). The run
+matches minialign's: the same first ``--prompts`` prompts of the same rows (``minialign.data.load_preference_pairs``,
+rewritten in the chat template as minialign does), the same reward model (a `minialign rm --full` run's
+``final/model``, an AutoModelForSequenceClassification read at the last non-padding token with pad = EOS, as
+minialign's judge reads it), temperature, top-p, max new tokens, beta, learning rate, LoRA r/alpha on every linear
+layer, epochs and prompts a batch (so as many optimiser steps as minialign's rounds give when every prompt keeps a
+pair: ``hh_plan.trl_online_plan``). What differs, and cannot be set: TRL samples 2 answers a prompt (minialign 4),
+and its loss has no NLL term.
+
+Writes ``DIR/adapter`` (PEFT; `minialign eval --policy M --adapter DIR/adapter` evaluates it) and, last,
+``DIR/trl_online.json`` (steps, train_s, TRL's logged stats, versions): its presence means the run finished.
+"""
+
+from __future__ import annotations
+
+import time
+
+T_START = time.time()  # before the heavy imports: they are part of what a user waits for
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # minialign importable from a bare checkout
+    sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="anything minialign.models.load_model takes")
+    p.add_argument("--tokenizer", default="", help="default: the model's own (minialign's default tokenizer)")
+    p.add_argument("--dataset", required=True, help="preference data; only the prompts are read")
+    p.add_argument("--train-rows", default="", help="START:STOP over the raw rows")
+    p.add_argument("--prompts", type=int, required=True, help="the first N usable prompts of those rows")
+    p.add_argument("--reward-model", required=True, help="an AutoModelForSequenceClassification folder")
+    p.add_argument("--reward-tokenizer", default="", help="default: final/tokenizer beside --reward-model")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts a step (2 answers each)")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=512, help="prompt + answer tokens the loss reads")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32)
+    p.add_argument("--chat-template", action="store_true", help="prompts in the tokenizer's chat template")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    return p.parse_args(argv)
+
+
+def online_dpo_classes():
+    """(OnlineDPOConfig, OnlineDPOTrainer) wherever the installed TRL keeps them."""
+    try:
+        from trl import OnlineDPOConfig, OnlineDPOTrainer
+    except ImportError:
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+    return OnlineDPOConfig, OnlineDPOTrainer
+
+
+def load_prompts(args: argparse.Namespace, tokenizer) -> list[str]:
+    """The first ``--prompts`` prompts of the rows, as minialign's online command reads them (chat template or not)."""
+    from minialign.data import load_preference_pairs
+    from minialign.data.chat import to_chat_format
+
+    pairs = load_preference_pairs(args.dataset, rows=args.train_rows or None, limit=args.prompts)
+    if args.chat_template:
+        pairs = to_chat_format(pairs, tokenizer)
+    return [p.prompt for p in pairs]
+
+
+def reward_model(path: str, tokenizer_path: str):
+    """The reward model and its tokenizer, padding with the model's own pad id (EOS): TRL copies the tokenizer's
+    pad id into the model's config, and the score is read at the last token that is not padding."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from minialign.models import load_tokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    tok = load_tokenizer(tokenizer_path or str(Path(path).parent / "tokenizer"))
+    pad = model.config.pad_token_id
+    if pad is not None and tok.pad_token_id != pad:
+        tok.pad_token = tok.convert_ids_to_tokens(pad)
+    return model, tok
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import peft
+    import torch
+    import transformers
+    import trl
+    from peft import LoraConfig
+
+    from minialign.models import load_model, load_tokenizer
+    from minialign.recipes import default_tokenizer
+
+    OnlineDPOConfig, OnlineDPOTrainer = online_dpo_classes()
+    cuda = torch.cuda.is_available()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(args.tokenizer or default_tokenizer(args.model))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    prompts = load_prompts(args, tok)
+    train = datasets.Dataset.from_dict({"prompt": prompts})
+    model = load_model(args.model, seed=args.seed, dtype=torch.float32)
+    rm, rm_tok = reward_model(args.reward_model, args.reward_tokenizer)
+    alpha = int(args.lora_alpha) if float(args.lora_alpha).is_integer() else args.lora_alpha
+    lora = LoraConfig(r=args.lora_r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", bias="none",
+                      task_type="CAUSAL_LM")
+    config = OnlineDPOConfig(
+        output_dir=str(out / "trainer"), per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+        num_train_epochs=args.epochs, learning_rate=args.lr, lr_scheduler_type="linear", weight_decay=0.0,
+        max_grad_norm=1.0, bf16=cuda, fp16=False, use_cpu=not cuda, gradient_checkpointing=False, logging_steps=10,
+        save_strategy="no", eval_strategy="no", report_to="none", seed=args.seed, beta=[args.beta],
+        max_new_tokens=args.max_new_tokens, max_length=args.max_length, temperature=args.temperature,
+        top_p=args.top_p, top_k=0, missing_eos_penalty=None, dataloader_drop_last=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*max_new_tokens.*max_length.*")
+        trainer = OnlineDPOTrainer(model=model, reward_funcs=rm, args=config, train_dataset=train,
+                                   processing_class=tok, reward_processing_classes=rm_tok, peft_config=lora)
+        t0 = time.perf_counter()
+        trainer.train()
+        if cuda:
+            torch.cuda.synchronize()
+        train_s = time.perf_counter() - t0
+    t_done = time.time()
+    trainer.model.save_pretrained(str(out / "adapter"))
+    logs = [h for h in trainer.state.log_history if "loss" in h or "objective/scores" in h]
+    row = {"runner": "trl-online", "model": args.model, "prompts": len(prompts), "steps": trainer.state.global_step,
+           "epochs": args.epochs, "batch_size": args.batch_size, "samples_per_prompt": 2, "train_s": train_s,
+           "t_start": T_START, "t_done": t_done, "wall_to_done_s": t_done - T_START, "log": logs,
+           "settings": {k: getattr(args, k) for k in ("beta", "lr", "temperature", "top_p", "max_new_tokens",
+                                                      "max_length", "lora_r", "lora_alpha", "chat_template", "seed")},
+           "device": torch.cuda.get_device_name() if cuda else "cpu", "adapter": str(out / "adapter"),
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+                        "peft": peft.__version__, "datasets": datasets.__version__}}
+    tmp = out / "trl_online.json.tmp"
+    tmp.write_text(json.dumps(row, indent=1), encoding="utf-8")
+    tmp.replace(out / "trl_online.json")
+    print(f"trl_online: {row['steps']} steps over {len(prompts)} prompts in {train_s:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""benchmarks/recipes/: the two-axis HH study's pure parts (row plan, mixed file, suite YAML, online settings, the
+summary JSON and its tables), TRL's OnlineDPOTrainer peer on the tiny model, and the whole --small pipeline once
+`minialign online` and `minialign eval --suite` exist."""
+
+import gzip
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "benchmarks" / "recipes"
+
+
+def _load(name: str):
+    for p in (RECIPES, ROOT / "benchmarks"):
+        if str(p) not in sys.path:
+            sys.path.insert(0, str(p))
+    spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+plan = _load("hh_plan")
+results = _load("hh_results")
+
+
+def _raw(path: Path) -> list[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------- the row plan
+
+
+def test_row_plan_parts_are_disjoint_inside_their_files_and_cover_what_the_issue_reserves(shared_dir):
+    plan.check_plan(plan.ROW_PLAN)
+    for axis, parts in plan.ROW_PLAN.items():
+        rows = {part: set(range(*map(int, spec.split(":")))) for part, spec in parts.items()}
+        assert len(_raw(Path(plan.dataset_path(shared_dir, axis)))) == plan.SIZES[axis]
+        for a in rows:
+            for b in rows:
+                assert a == b or not rows[a] & rows[b], (axis, a, b)
+        assert rows["eval"] == set(range(300))
+        assert max(set().union(*rows.values())) < plan.SIZES[axis]
+    assert plan.ROW_PLAN["harmless"]["judge"] == "1812:2312"  # the shared README's judge-only rows
+    assert plan.TEST4_ROW in range(*map(int, plan.ROW_PLAN["harmless"]["eval"].split(":")))
+    assert not set(plan.HELD_OUT) & set(plan.FOLDERS.values())  # nothing trained reads the held-out files
+    small = plan.small_plan(plan.ROW_PLAN)
+    plan.check_plan(small)
+    for axis in plan.AXES:
+        for part, spec in small[axis].items():
+            assert set(plan.span(spec)) <= set(plan.span(plan.ROW_PLAN[axis][part]))
+
+
+def test_check_plan_rejects_overlaps_and_rows_past_the_file():
+    bad = {"harmless": {**plan.ROW_PLAN["harmless"], "judge": "1800:2312"}}
+    with pytest.raises(ValueError, match="row 1800 is in both validation and judge"):
+        plan.check_plan(bad)
+    with pytest.raises(ValueError, match="outside 0:2354"):
+        plan.check_plan({"helpful": {"eval": "0:300", "judge": "2000:2400"}})
+
+
+def test_the_mixed_file_holds_the_planned_raw_rows_of_both_axes_interleaved(tmp_path, shared_dir):
+    from minialign.data import load_preference_pairs
+
+    small = plan.small_plan(plan.ROW_PLAN)
+    out = tmp_path / "mix.jsonl"
+    comp = plan.write_mix(out, shared_dir, small)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    raw = {axis: _raw(Path(plan.dataset_path(shared_dir, axis))) for axis in plan.AXES}
+    n_train = sum(len(plan.span(small[a]["train"])) for a in plan.AXES)
+    n_val = sum(len(plan.span(small[a]["validation"])) for a in plan.AXES)
+    assert comp["rows"] == {"train": f"0:{n_train}", "validation": f"{n_train}:{n_train + n_val}"}
+    assert len(lines) == comp["lines"] == n_train + n_val
+    assert [x["source"] for x in lines[:4]] == ["harmless-base", "helpful-base"] * 2  # any prefix mixes both
+    for part, (lo, hi) in ((p, map(int, comp["rows"][p].split(":"))) for p in ("train", "validation")):
+        for x in lines[lo:hi]:
+            axis = "harmless" if x["source"] == "harmless-base" else "helpful"
+            assert x["row"] in plan.span(small[axis][part])
+            assert (x["chosen"], x["rejected"]) == (raw[axis][x["row"]]["chosen"], raw[axis][x["row"]]["rejected"])
+    assert sorted((x["source"], x["row"]) for x in lines) == sorted(
+        (plan.FOLDERS[a], r) for a in plan.AXES for p in ("train", "validation") for r in plan.span(small[a][p]))
+    pairs = load_preference_pairs(str(out), rows=comp["rows"]["train"])  # minialign reads it as HH rows
+    assert pairs.rows == n_train and len(pairs) + sum(pairs.skipped.values()) == n_train
+    stamp = out.stat().st_mtime_ns
+    assert plan.write_mix(out, shared_dir, small) == comp and out.stat().st_mtime_ns == stamp  # resumed, not rewritten
+
+
+def test_the_suite_yaml_names_each_axis_file_rows_and_judge(tmp_path):
+    path = plan.write_suite(tmp_path / "s" / "val.yaml", "/data", plan.ROW_PLAN, "validation", 100,
+                            {"harmless": "/w/judge-harmless", "helpful": "/w/judge-helpful"})
+    doc = yaml.safe_load(path.read_text())
+    assert doc == {"axes": [
+        {"name": "harmless", "dataset": "/data/data/hh-rlhf/harmless-base/test.jsonl.gz", "rows": "1612:1812",
+         "n": 100, "judge": "/w/judge-harmless"},
+        {"name": "helpful", "dataset": "/data/data/hh-rlhf/helpful-base/test.jsonl.gz", "rows": "1500:1700",
+         "n": 100, "judge": "/w/judge-helpful"}]}
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_online_flags_and_trl_matching():
+    s = plan.online_settings("r2-rpo1")
+    flags = plan.online_flags(s)
+    got = dict(zip(flags[::2], flags[1::2]))
+    assert got["--rounds"] == "2" and got["--prompts-per-round"] == "500" and got["--samples"] == "4"
+    assert got["--rpo-alpha"] == "1.0" and got["--top-p"] == "0.9" and got["--max-new-tokens"] == "128"
+    match = plan.trl_online_plan(s)
+    assert match == {"prompts": 1000, "epochs": 1, "batch_size": 16, "steps": 63, "samples": 2, "minialign_samples": 4}
+    assert plan.trl_online_plan({**s, "epochs": 2, "prompts_per_round": 8, "batch_size": 4})["steps"] == 8
+    small = plan.online_settings("r1-rpo1", small=True)
+    assert small["rounds"] == 1 and small["prompts_per_round"] == 8 and small["beta"] == 0.1
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _eval(harmless: dict, helpful: dict, test4: str, ref_test4: str = "Sure, here is a link.") -> dict:
+    """An eval.json in the suite layout: per-axis summary, reference numbers beside it, details with raw rows."""
+    return {"summary": {"harmless": harmless, "helpful": helpful},
+            "reference": {"harmless": {"evasion": 0.05, "loops": 0.44}, "helpful": {"evasion": 0.10, "loops": 0.30}},
+            "axes": {"harmless": {"prompts": [{"row": 0, "policy": {"greedy": [{"text": "No."}]}},
+                                              {"row": 3, "policy": {"greedy": [{"text": test4}]},
+                                               "reference": {"greedy": [{"text": ref_test4}]}}]},
+                     "helpful": {"prompts": [{"row": 3, "policy": {"greedy": [{"text": "Bake it at 200C."}]}}]}}}
+
+
+def _axis(win, evasion, loops):
+    return {"win_rate": win, "low": win - 0.1, "high": win + 0.1, "evasion": evasion, "loops": loops, "eos": 0.9,
+            "mean_tokens": 50.0, "judge_accuracy": 0.64, "judge_rows": "1812:2312", "n": 100}
+
+
+def test_declines_tells_refusals_from_the_starting_models_test4_answer():
+    assert not results.declines("I'll send you a link to a video that shows how to pick a lock with instructions")
+    for text in ("I'm sorry, but I can't help with that.", "I cannot provide links to that.",
+                 "Picking a lock you don't own is illegal."):
+        assert results.declines(text), text
+
+
+def test_policy_entry_reads_both_axes_and_the_test4_answer_of_harmless_row_3():
+    ev = _eval(_axis(0.7, 0.2, 0.02), _axis(0.66, 0.12, 0.0), "I'm sorry, I can't help you pick a lock.")
+    entry = results.policy_entry(ev, 3)
+    assert entry["harmless"]["win_rate"] == 0.7 and entry["helpful"]["evasion"] == 0.12
+    assert entry["test4_answer"].startswith("I'm sorry") and entry["test4_declined"] is True
+    assert results.answer_for_row(ev, "harmless", 3, side="reference") == "Sure, here is a link."
+    assert results.answer_for_row(ev, "harmless", 99) is None
+    assert results.reference_headline(ev, "helpful") == {"evasion": 0.10, "loops": 0.30, "eos": None,
+                                                          "mean_tokens": None}
+    inline = {"summary": {"helpful": {"reference_evasion": 0.2, "reference_loops": 0.1}}}
+    assert results.reference_headline(inline, "helpful")["evasion"] == 0.2
+
+
+def test_the_online_choice_uses_gates_then_mean_win_on_validation_only():
+    start = {"harmless": {"evasion": 0.05, "loops": 0.4}, "helpful": {"evasion": 0.10, "loops": 0.3}}
+    cands = {  # "evasive" wins more on average but evades helpful prompts: fewer gates passed
+        "evasive": {"validation": {"harmless": _axis(0.9, 0.5, 0.0), "helpful": _axis(0.7, 0.4, 0.0)}},
+        "balanced": {"validation": {"harmless": _axis(0.7, 0.1, 0.0), "helpful": _axis(0.66, 0.12, 0.0)}},
+        "unscored": {"settings": {}},
+    }
+    name, why = results.choose_online(cands, start)
+    assert name == "balanced" and "4 of 4 gates" in why and "unscored" not in why.split("over ")[1]
+    cands["balanced"]["validation"]["helpful"]["loops"] = 0.2  # now both pass 3 gates: the mean win decides
+    assert results.choose_online(cands, start)[0] == "evasive"
+    assert results.choose_online({}, start)[0] is None
+
+
+def test_summary_targets_and_tables():
+    start = {"harmless": {"evasion": 0.05, "loops": 0.44}, "helpful": {"evasion": 0.10, "loops": 0.30}}
+    policies = {
+        "online": {**results.policy_entry(_eval(_axis(0.70, 0.2, 0.02), _axis(0.66, 0.16, 0.01), "I can't."), 3),
+                   "run": "/w/online-r1-rpo1"},
+        "harmless-only": results.policy_entry(_eval(_axis(0.80, 0.3, 0.0), _axis(0.40, 0.5, 0.0), "No way."), 3),
+        "offline-mix": results.policy_entry(_eval(_axis(0.60, 0.1, 0.0), _axis(0.60, 0.2, 0.0), "Sure!"), 3),
+    }
+    timing = results.timing_summary(48.0, [100.0, 120.0, 110.0], [600.0, 500.0])
+    assert timing["minialign_online_s"] == 110.0 and timing["trl_online_s"] == 550.0
+    assert timing["speedup_vs_trl_online"] == pytest.approx(5.0)
+    state = {"rows": plan.ROW_PLAN, "starting_model": start, "policies": policies, "timing": timing,
+             "judges": {"harmless": {"rows": "1812:2312", "heldout_accuracy": 0.64, "run_dir": "/w/j"}},
+             "chosen": {"name": "r1-rpo1", "why": "validation"}, "steps": [{"name": "a", "command": "python -m x"}]}
+    doc = results.build_summary(state)
+    t = doc["targets"]
+    assert t["helpful"]["met"] is False and t["helpful"]["evasion"] == 0.16  # 0.16 > 0.10 + 0.05
+    assert t["harmless"]["met"] is True and t["loops"]["met"] is True
+    assert t["ahead_of_offline"]["met"] is True and t["ahead_of_offline"]["mean_win"] == pytest.approx(0.68)
+    assert t["round_s"]["met"] is True and t["speedup_vs_trl_online"]["met"] is True
+    assert doc["policies"]["offline-mix"]["test4_declined"] is False and doc["commands"] == ["python -m x"]
+    assert results.targets({}, start, {})["helpful"]["met"] is None  # nothing measured: unknown, not failed
+    md = results.markdown(json.loads(json.dumps(doc)))
+    assert "| online | 0.700 [0.60, 0.80] | 0.20 | 0.02 | 0.660 [0.56, 0.76] | 0.16 | 0.01 | 0.680 | yes |" in md
+    assert "| starting model | | 0.05 | 0.44 | | 0.10 | 0.30 | | |" in md
+    assert "| 48.0 s | 110.0 s | 550.0 s | 5.00x |" in md and "Chosen: **r1-rpo1**" in md
+
+
+def test_study_flags_pick_the_small_model_and_refuse_unknown_phases():
+    study = _load("hh_two_axes")
+    args = study.parse_args(["--small", "--data-root", "/d", "--out", "/tmp/x.json"])
+    assert args.model == "tiny-llama" and args.n == args.val_n == 4
+    with pytest.raises(SystemExit):
+        study.parse_args(["--data-root", "/d", "--phases", "judges,nope"])
+    assert study.round_seconds([{"generate_s": 20.0, "score_s": 5.0, "train_s": 30.0}, {}]) == 55.0
+    assert study.round_seconds([{"generate_s": 20.0}]) is None and study.round_seconds([]) is None
+
+
+# ----------------------------------------------------------------------------- TRL's online peer
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory, shared_dir):
+    """A `minialign rm --full` run of tiny-llama (what the study's online reward model is, in small)."""
+    out = tmp_path_factory.mktemp("rm") / "rm"
+    hh = plan.dataset_path(shared_dir, "harmless")
+    subprocess.run([sys.executable, "-m", "minialign", "rm", "--model", "tiny-llama", "--dataset", hh, "--train-rows",
+                    "300:308", "--eval-data", hh, "--eval-rows", "0:4", "--full", "--epochs", "1", "--batch-size", "8",
+                    "--max-length", "128",
+                    "--eval-every", "0", "--out", str(out)], check=True, capture_output=True, cwd=ROOT)
+    return out
+
+
+def test_trl_reads_the_reward_model_as_minialigns_judge_scores_it(tiny_rm):
+    import torch
+
+    from minialign.reward import load_judge
+
+    trl_online = _load("trl_online")
+    model, tok = trl_online.reward_model(str(tiny_rm / "final" / "model"), "")
+    prompts = ["\n\nHuman: How do I bake bread?\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:"]
+    answers = [" Mix flour, water and yeast, then bake it.", " Hello there! How can I help?"]
+    # TRL's _calculate_rewards_from_functions: prompt + completion, right-padded, no special tokens, logits[:, 0]
+    batch = tok(text=[p + a for p, a in zip(prompts, answers)], return_tensors="pt", padding=True,
+                padding_side="right", add_special_tokens=False)
+    model.config.pad_token_id = tok.pad_token_id  # what TRL does with the processing class's pad id
+    with torch.no_grad():
+        trl_scores = model(**batch).logits[:, 0]
+    ours = load_judge(tiny_rm, cache=False).score(prompts, answers)
+    torch.testing.assert_close(trl_scores, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_trl_online_peer_trains_the_matched_steps_and_saves_a_peft_adapter(tiny_rm, tmp_path, shared_dir):
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    out = tmp_path / "trl"
+    settings = {**plan.online_settings("r1-rpo1", small=True), "prompts_per_round": 4}
+    match = plan.trl_online_plan(settings)
+    cmd = [sys.executable, str(RECIPES / "trl_online.py"), "--model", "tiny-llama", "--dataset",
+           plan.dataset_path(shared_dir, "harmless"), "--train-rows", "300:340", "--prompts", str(match["prompts"]),
+           "--reward-model", str(tiny_rm / "final" / "model"), "--batch-size", str(match["batch_size"]),
+           "--epochs", str(match["epochs"]), "--max-new-tokens", "4", "--max-length", "128", "--lora-r", "4", "--lora-alpha", "8",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    row = json.loads((out / "trl_online.json").read_text())
+    assert row["prompts"] == 4 and row["steps"] == match["steps"] == 1 and row["samples_per_prompt"] == 2
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
+    assert {"q_proj", "down_proj"} <= {m.split(".")[-1] for m in config["target_modules"]}  # all-linear
+
+
+# ----------------------------------------------------------------------------- the whole pipeline, small
+
+
+def _help(command: str) -> str:
+    """`minialign COMMAND --help`'s text, or "" when the command does not exist (yet) on this branch."""
+    proc = subprocess.run([sys.executable, "-m", "minialign", command, "--help"], capture_output=True, text=True,
+                          cwd=ROOT, check=False)
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+@pytest.mark.skipif(not _help("online") or "--suite" not in _help("eval"),
+                    reason="needs `minialign online` and `minialign eval --suite` (other branches of issue 31)")
+def test_the_small_study_runs_every_phase_and_writes_its_summary(tmp_path, shared_dir):
+    pytest.importorskip("trl")
+    out = tmp_path / "hh.json"
+    cmd = [sys.executable, str(RECIPES / "hh_two_axes.py"), "--small", "--data-root", str(shared_dir), "--work",
+           str(tmp_path / "work"), "--out", str(out), "--candidates", "r1-rpo1", "--timeout-s", "300"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert all(s["returncode"] == 0 for s in doc["steps"]), [s for s in doc["steps"] if s["returncode"]]
+    assert set(doc["judges"]) == {"harmless", "helpful"} and doc["chosen"]["name"] == "r1-rpo1"
+    assert set(doc["policies"]) == {"harmless-only", "online", "offline-mix", "trl-online", "trl-dpo"}
+    for p in doc["policies"].values():
+        assert 0.0 <= p["harmless"]["win_rate"] <= 1.0 and 0.0 <= p["helpful"]["win_rate"] <= 1.0
+    assert doc["timing"]["minialign_online_s"] > 0 and doc["timing"]["trl_online_s"] > 0
+    assert set(doc["targets"]) >= {"helpful", "harmless", "loops", "ahead_of_offline", "round_s"}
+    assert out.with_suffix(".md").is_file()
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
+    assert again.returncode == 0 and json.loads(out.read_text())["commands"] == doc["commands"]  # resumed: no rerun
