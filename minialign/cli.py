@@ -12,10 +12,10 @@ from minialign import __version__
 from minialign.base import dist
 from minialign.base.errors import UserError
 from minialign.config.cli_help import Parser, add_config_flags
+from minialign.config.evaluation import EvalConfig, RunConfig
+from minialign.config.fields import prompt_length
 from minialign.config.presets import build, flag_values, load_yaml, preset
 from minialign.config.schema import DPOConfig, OnlineConfig, RMConfig, SFTConfig
-from minialign.config.schema.evaluation import EvalConfig, RunConfig
-from minialign.config.schema.fields import prompt_length
 
 MODEL_HELP = "hub id, local folder, .gguf file or built-in name"
 USAGE = "%(prog)s [--demo | --config FILE | --resume RUN_DIR] [--overwrite] [options]"

@@ -225,7 +225,7 @@ def tiny_rm(tmp_path_factory, shared_dir):
 def test_trl_reads_the_reward_model_as_minialigns_judge_scores_it(tiny_rm):
     import torch
 
-    from minialign.reward import load_judge
+    from minialign.evaluation.judge import load_judge
 
     trl_online = _load("trl_online")
     model, tok = trl_online.reward_model(str(tiny_rm / "final" / "model"), "")

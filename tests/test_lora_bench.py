@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from minialign.commands.experiment import _bench_batches, run
+from minialign.config.evaluation import RunConfig
 from minialign.config.presets import build, load_yaml, preset
 from minialign.config.schema import SFTConfig
-from minialign.config.schema.evaluation import RunConfig
 from minialign.data import load_preference_pairs, tokenize_sft
 from minialign.modeling.models import load_model, load_tokenizer
 from minialign.reporting.render import render_markdown

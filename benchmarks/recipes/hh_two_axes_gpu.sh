@@ -2,7 +2,7 @@
 # benchmarks/recipes/hh_two_axes.py (issue 31: helpful and harmless) on the device tool's GPU machine, as one daemon:
 # one device call lasts at most 10 minutes and an idle machine is handed back within about 30 s, so `start` launches
 # the study detached and follows it, and each later call `wait`s on it (set-up as recipe_round2_gpu.sh: .whl/ and
-# .carry/b carried, /tmp/part_00 copied by the call before; benchmarks/gpu_setup.sh joins the model).
+# .carry/b carried, /tmp/part_00 copied by the call before; benchmarks/recipes/gpu_setup.sh joins the model).
 #
 #   bash benchmarks/recipes/hh_two_axes_gpu.sh start [--model /tmp/model.gguf] [--data-root DIR] [STUDY FLAGS...]
 #   bash benchmarks/recipes/hh_two_axes_gpu.sh wait  # follow it until it ends or this call's time is nearly up
@@ -26,7 +26,7 @@ start)
     esac
   done
   case "$DATA" in /tmp/*) ;; *) mkdir -p /tmp/hh-data && cp -r "$DATA"/. /tmp/hh-data/ && DATA=/tmp/hh-data ;; esac
-  . benchmarks/gpu_setup.sh
+  . benchmarks/recipes/gpu_setup.sh
   mkdir -p $W
   env PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1 \
     MINIALIGN_CACHE=/tmp/mcache PYTHONPATH=/tmp/site:/tmp/repo \

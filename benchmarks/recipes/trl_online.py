@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:  # minialign importable from a bare checkout
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="anything minialign.models.load_model takes")
+    p.add_argument("--model", required=True, help="anything minialign.modeling.models.load_model takes")
     p.add_argument("--tokenizer", default="", help="default: the model's own (minialign's default tokenizer)")
     p.add_argument("--dataset", required=True, help="preference data; only the prompts are read")
     p.add_argument("--train-rows", default="", help="START:STOP over the raw rows")
@@ -88,7 +88,7 @@ def reward_model(path: str, tokenizer_path: str):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from minialign.models import load_tokenizer
+    from minialign.modeling.models import load_tokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
     tok = load_tokenizer(tokenizer_path or str(Path(path).parent / "tokenizer"))
@@ -108,8 +108,7 @@ def main(argv=None) -> int:
     import trl
     from peft import LoraConfig
 
-    from minialign.models import load_model, load_tokenizer
-    from minialign.recipes import default_tokenizer
+    from minialign.modeling.models import default_tokenizer, load_model, load_tokenizer
 
     OnlineDPOConfig, OnlineDPOTrainer = online_dpo_classes()
     cuda = torch.cuda.is_available()

@@ -24,10 +24,10 @@ from minialign.base.devices import resolve_device
 from minialign.base.errors import UserError
 from minialign.base.files import read_json, write_json
 from minialign.commands import common, recipes
+from minialign.config.evaluation import RunConfig
+from minialign.config.fields import check_choices
 from minialign.config.presets import CONFIG_FILE, build, check_keys, load_run_config, save_config
 from minialign.config.schema import DPOConfig, SFTConfig
-from minialign.config.schema.evaluation import RunConfig
-from minialign.config.schema.fields import check_choices
 from minialign.data import collate_sft, tokenize_pairs, tokenize_sft
 from minialign.data.splits import load_pairs
 from minialign.evaluation.evaluate import (

@@ -33,8 +33,8 @@ from minialign.base.files import write_atomic
 from minialign.commands import recipes, reward
 from minialign.commands.online_pairs import answer_stats, combine_scores, form_pairs, round_prompts
 from minialign.commands.online_report import ROUND_DONE, completed_rounds, rebuild_outputs, round_dir
+from minialign.config.fields import split_list
 from minialign.config.schema import OnlineConfig, RMConfig
-from minialign.config.schema.fields import split_list
 from minialign.data import PreferencePair, flat_sizes, sequence_lengths, tokenize_pairs
 from minialign.data.chat import to_chat_format
 from minialign.evaluation import evalrows

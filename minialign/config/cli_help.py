@@ -10,7 +10,7 @@ import dataclasses
 import textwrap
 import typing
 
-from minialign.config.schema.fields import GROUPS, split_list
+from minialign.config.fields import GROUPS, split_list
 
 
 class Parser(argparse.ArgumentParser):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minialign.base.errors import UserError
-from minialign.config.schema.fields import check_choices, opt
+from minialign.config.fields import check_choices, opt
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minialign.base.errors import UserError
-from minialign.config.schema.fields import LOSS_TYPES, TRACKERS, check_choices, opt, prompt_length, split_list
+from minialign.config.fields import LOSS_TYPES, TRACKERS, check_choices, opt, prompt_length, split_list
 
 
 @dataclass

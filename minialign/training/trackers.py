@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from minialign.base.errors import UserError
-from minialign.config.schema.fields import TRACKERS, split_list
+from minialign.config.fields import TRACKERS, split_list
 
 # The package each tracker needs; tests point one at a name that does not import.
 PACKAGES = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "mlflow": "mlflow"}
