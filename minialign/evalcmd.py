@@ -20,6 +20,7 @@ from minialign import lora
 from minialign.config import DPOConfig, EvalConfig, SFTConfig, TrainConfig
 from minialign.errors import UserError
 from minialign.evalrows import RowSet, check_not_trained_on, heldout_rows, judge_rows, load_prompts, train_rows
+from minialign.folders import check_eval_out, replace_eval_out
 from minialign.geneval import Decoding, EvalPrompt, compare, generation_blocks, tables_text
 
 HH_DEFAULT = RowSet("Anthropic/hh-rlhf", "test", "harmless-base", "0:300")
@@ -237,6 +238,9 @@ def run_eval(cfg: EvalConfig) -> Path:
     cfg.validate()
     if cfg.answers:
         return rescore(cfg)
+    found = run_folder(cfg.policy, "--policy")
+    out = Path(cfg.out or (found[0] / "eval" if found else "runs/eval"))
+    check_eval_out(out, overwrite=cfg.overwrite)  # before any model is loaded
     device = resolve_device(cfg.device)
     tokenizer_label = cfg.tokenizer or run_tokenizer(cfg.policy)
     tokenizer = load_tokenizer(tokenizer_label)
@@ -256,7 +260,6 @@ def run_eval(cfg: EvalConfig) -> Path:
     prompts = load_prompts(rows, cfg.n, chat_tokenizer=tokenizer if chat else None)
     trained = config_training(policy.cfg, policy.kind or "")
     check_not_trained_on(prompts, rows, trained)
-    out = Path(cfg.out or (policy.run_dir / "eval" if policy.run_dir else "runs/eval"))
     print(f"minialign eval: policy {policy.label}; reference {ref_label}; {len(prompts)} prompts from {rows.label()}")
     decoding = Decoding(cfg.max_new_tokens, cfg.samples, cfg.temperature, cfg.top_p, cfg.seed, cfg.batch_size or None)
     results = judged_compare(policy.model, reference, tokenizer, prompts, rows, trained, decoding, device,
@@ -315,6 +318,7 @@ def rescore(cfg: EvalConfig) -> Path:
     if out.resolve() == path.parent.resolve():
         raise UserError(f"--out {out} is the folder of the answers being re-scored: its eval.json would be "
                         "replaced. Give another --out.")
+    check_eval_out(out, overwrite=cfg.overwrite)
     tokenizer_label = cfg.tokenizer or saved.get("tokenizer") or saved.get("config", {}).get("tokenizer") or ""
     if not tokenizer_label:
         raise UserError(f"--answers {path} does not record the policy's tokenizer (it predates that field): pass "
@@ -349,5 +353,6 @@ def write_outputs(out: Path, results: dict, show: int) -> None:
                 + (f" Answers generated earlier ({results['answers_from']}), scored here by another judge."
                    if results.get("answers_from") else ""))
     markdown = render_markdown("minialign eval", [Section("Generation", [head, *generation_blocks(results, show)])])
+    replace_eval_out(out)  # --overwrite: what the answers replaced leave behind (check_eval_out refused it otherwise)
     _write_atomic(out / "eval.json", json.dumps(results, indent=1).encode())
     _write_atomic(out / "eval.md", markdown.encode())

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minialign import lora, losses, recipes
+from minialign import resume as resume_rules
 from minialign.config import RMConfig
 from minialign.data import PreferencePair, collate_pairs, collate_sft, flat_sizes, sequence_lengths, tokenize_pairs
 from minialign.data.chat import to_chat_format
@@ -199,6 +200,7 @@ def make_trainable(model: nn.Module, cfg: RMConfig, device: torch.device) -> nn.
     return model
 
 
+@resume_rules.unless_finished
 def rm(cfg: RMConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     clock = Stopwatch()
     run_dir, point, device, tokenizer, pairs, held_out = recipes._prologue(cfg, "rm", tokenize_pairs, resume=resume,
@@ -216,6 +218,7 @@ def rm(cfg: RMConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     bs = cfg.batch_size
     eval_batches = [collate_items(held_out[i : i + bs]) for i in range(0, len(held_out), bs)]
     sizes = [(n, 0) for n, _ in flat_sizes(pairs, share_prompt=share)] if cfg.padding_free else None
+    recipes.open_run_dir(cfg, "rm", resume=resume, overwrite=overwrite)
     last = train(policy, RMTask(cfg.center_rewards_coefficient), range(len(pairs)),
                  lambda idx: collate_items([pairs[i] for i in idx]), cfg, run_dir, eval_batches=eval_batches,
                  lengths=sequence_lengths(pairs), sizes=sizes, resume_from=point)
