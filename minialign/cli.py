@@ -157,13 +157,21 @@ def cmd_eval(args) -> int:
 
 def _train_config(args, cls, kind: str):
     if args.resume:
-        from minialign.commands.common import resume_config
+        from minialign.commands.resume import resume_config
 
-        cfg = resume_config(Path(args.resume), cls)
+        cfg = resume_config(Path(args.resume), cls, kind, _resume_flags(args, cls))
         # How a run is launched is not part of it: it may resume on another number of processes.
         cfg.dist = getattr(args, "dist", cfg.dist if dist.launched_world() > 1 else "auto")
         return cfg
     return _config(args, cls, f"{kind}-demo")
+
+
+def _resume_flags(args, cls) -> dict:
+    """What a --resume asks to change in the run's own config: --config FILE's fields, then the typed flags."""
+    if args.demo or args.overwrite:
+        raise UserError(f"--resume {args.resume} continues a run from its own config.yaml; "
+                        f"--{'demo' if args.demo else 'overwrite'} starts a new one. Drop one of the two.")
+    return {**(load_yaml(args.config, cls) if args.config else {}), **flag_values(args, cls)}
 
 
 def _config(args, cls, demo: str | None = None):
@@ -330,7 +338,7 @@ def cmd_run(args) -> int:
     if dist.launched_world() > 1:
         raise UserError("`minialign run` runs in one process; under torchrun, launch `minialign sft` and `minialign dpo`.")
     if args.resume:
-        cfg = experiment.resume_config(Path(args.resume))
+        cfg = experiment.resume_config(Path(args.resume), _resume_flags(args, RunConfig))
     else:
         cfg = _config(args, RunConfig, "run-demo")
     experiment.run(cfg, resume=bool(args.resume), overwrite=args.overwrite)

@@ -342,3 +342,26 @@ def test_bad_answers_inputs_exit_2(run_dir, judge_dir, root, capsys):
     assert "not an eval.json written by `minialign eval`" in _error(capsys, "eval", "--answers", broken,
                                                                    "--judge", judge_dir)
     assert (first / "eval.json").read_bytes() == before  # nothing refused touched the saved answers
+
+
+def test_answers_are_never_replaced_without_overwrite(run_dir, judge_dir, root, capsys):
+    """The repro: `eval --out E` replaced E/eval.json, and with it the answers `eval --answers E --judge J` had
+    scored. Now it is refused before any model loads, naming the folders scored from them; --overwrite replaces
+    them and deletes those folders."""
+    from test_folders import snapshot
+
+    out = root / "eval-kept"
+    policy = ["eval", "--policy", run_dir / "dpo", *SMALL, "--samples", "0"]
+    assert run_cli(*policy, "--out", out) == 0
+    assert run_cli("eval", "--answers", out, "--judge", judge_dir) == 0
+    judged = out / f"judged-{judge_dir.name}"
+    assert json.loads((judged / "eval.json").read_text())["answers_from"] == str(out / "eval.json")
+    before = snapshot(out)
+    err = _error(capsys, *policy, "--seed", "1", "--out", out)
+    assert "already holds the answers" in err and f"which {judged} was re-scored from" in err and "--overwrite" in err
+    assert "already holds the answers" in _error(capsys, "eval", "--answers", out, "--judge", judge_dir)
+    assert "holds a `minialign sft` run" in _error(capsys, *policy, "--out", run_dir / "sft")
+    assert snapshot(out) == before
+    assert run_cli(*policy, "--max-new-tokens", "4", "--out", out, "--overwrite") == 0
+    assert not judged.exists() and f"deleted {judged}" in capsys.readouterr().out
+    assert json.loads((out / "eval.json").read_text())["decoding"]["max_new_tokens"] == 4

@@ -25,9 +25,10 @@ from minialign.ops import losses
 from minialign.training import train as train_module
 from minialign.training.batches import add_target_index
 from minialign.training.bench import measure
+from minialign.training.health import TrainingDiverged
 from minialign.training.optim import InBackwardAdamW, make_optimizer
 from minialign.training.tasks import SFTTask
-from minialign.training.train import TrainingDiverged, train
+from minialign.training.train import train
 
 
 @pytest.fixture(autouse=True)

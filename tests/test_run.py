@@ -80,6 +80,25 @@ def test_failed_stage_keeps_earlier_results_and_resumes(tmp_path, monkeypatch, c
     assert "policy_accuracy" in json.loads((out / "results.json").read_text())["dpo"]["eval"]
 
 
+def test_another_command_never_writes_into_or_resumes_a_run_folder(demo_run, capsys):
+    """The repros: `rm --out RUN` wrote a reward model into the experiment (its kind file then said rm); `sft
+    --resume` of its DPO stage trained SFT there; `run --resume` with flags dropped them."""
+    from test_folders import snapshot
+
+    before = snapshot(demo_run)
+    for argv, match in [(["rm", "--demo", "--out", demo_run], "holds a `minialign run` experiment"),
+                        (["sft", "--demo", "--out", demo_run], "holds a `minialign run` experiment"),
+                        (["eval", "--policy", demo_run, "--out", demo_run], "holds a `minialign run` experiment"),
+                        (["sft", "--resume", demo_run], f"resume it with `minialign run --resume {demo_run}`"),
+                        (["sft", "--resume", demo_run / "dpo"], "holds a `minialign dpo` run"),
+                        (["run", "--resume", demo_run, "--samples", "3"], "samples 2 -> 3"),
+                        (["run", "--resume", demo_run, "--overwrite"], "--overwrite starts a new one")]:
+        assert cli.main([str(a) for a in argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert match in err and "Traceback" not in err, err
+    assert snapshot(demo_run) == before
+
+
 def test_bad_inputs_exit_2(tmp_path, capsys):
     assert cli.main(["run", "--resume", str(tmp_path)]) == 2
     assert "not a minialign run folder" in capsys.readouterr().err

@@ -288,7 +288,7 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, 
 
 
 def test_training_diverged_is_raised_by_the_loop(monkeypatch):
-    from minialign.training.train import TrainingDiverged
+    from minialign.training.health import TrainingDiverged
 
     monkeypatch.setattr(losses, "sft_loss", nan_from_call(2, lambda loss: loss * float("nan")))
     cfg = demo_config(SFTConfig, "sft", limit=16, batch_size=4, max_steps=5)

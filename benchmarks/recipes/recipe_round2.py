@@ -97,7 +97,7 @@ def rescore(s: r1.Sweep, label: str, answers: Path, judges: dict[str, str]) -> d
     for jname, jdir in judges.items():
         out = s.work / "rescored" / f"{label}-{jname}"
         ok = s.minialign(f"rescore-{label}-{jname}", "eval", "--answers", str(answers), "--judge", jdir,
-                         "--tokenizer", s.args.model, "--judge-batch-size", "64", "--out", str(out))
+                         "--tokenizer", s.args.model, "--judge-batch-size", "64", "--out", str(out), "--overwrite")
         found[jname] = r1.headline(_read_json(out / "eval.json") or {}) if ok else {"error": "failed"}
     return found
 

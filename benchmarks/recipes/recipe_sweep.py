@@ -132,7 +132,7 @@ class Sweep:
         ok = self.minialign(name, "eval", *policy, "--reference", self.args.model, "--judge", judge,
                             "--dataset", self.data["harmless"], "--rows", rows, "--n", str(self.args.n),
                             "--samples", str(samples), "--max-new-tokens", str(self.args.max_new_tokens),
-                            "--batch-size", str(self.args.gen_batch_size), "--out", str(out))
+                            "--batch-size", str(self.args.gen_batch_size), "--out", str(out), "--overwrite")
         return (_read_json(out / "eval.json") or {}) if ok else {"error": f"{name} failed"}
 
     def save(self) -> None:

@@ -5,52 +5,27 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import shutil
 from pathlib import Path
 
 import torch
-import yaml
 
 from minialign.base import dist
 from minialign.base.devices import resolve_device
 from minialign.base.errors import UserError
 from minialign.base.files import publish_dir, staged_dir
-from minialign.config.presets import CONFIG_FILE, load_run_config, save_config
+from minialign.commands import folders
+from minialign.commands import resume as resume_rules
 from minialign.config.schema import TrainConfig
+from minialign.data import pack_sft
 from minialign.data.splits import load_pairs
+from minialign.data.tokenize import check_tokenized
 from minialign.modeling import adapters, lora
 from minialign.modeling.blocks import transformer_blocks
-from minialign.modeling.models import check_vocab, default_tokenizer, load_model, load_tokenizer
+from minialign.modeling.models import check_model_source, check_vocab, default_tokenizer, load_model, load_tokenizer
 from minialign.modeling.policy import TokenLogps
-from minialign.training import checkpoint
 from minialign.training.timing import Stopwatch
 from minialign.training.trackers import check_available
 from minialign.training.train import check_enough_examples
-
-
-def prepare_run_dir(cfg: TrainConfig, kind: str, *, overwrite: bool) -> Path:
-    """Create the run folder; refuse to reuse one holding another run unless told to overwrite."""
-    run_dir = Path(cfg.out)
-    existing = run_dir / CONFIG_FILE
-    if existing.exists() and not overwrite:
-        old = yaml.safe_load(existing.read_text()) or {}
-        same = old == dataclasses.asdict(cfg)
-        raise UserError(
-            f"{run_dir} already holds a {'run with this config' if same else 'run with a different config'}. "
-            f"Continue it with `minialign {kind} --resume {run_dir}`, start over with --overwrite, or choose another --out."
-        )
-    dist.barrier()  # every rank has checked before rank 0 writes
-    if overwrite and dist.rank() == 0:
-        for name in ("checkpoints", "final", "metrics.jsonl", "summary.json", "ref_logps.safetensors", CONFIG_FILE):
-            path = run_dir / name
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    if dist.rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / CONFIG_FILE)
-        (run_dir / "kind").write_text(kind)
-    dist.barrier()
-    return run_dir
-
 
 
 def load_base(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
@@ -77,14 +52,17 @@ def trainable_weights(model, cfg: TrainConfig, device: torch.device):
 
 def attach_lora(model, cfg: TrainConfig, device: torch.device, targets: str | list[str] | None = None):
     """``targets``: the layers to adapt when ``--lora-targets`` alone cannot say (a reward model's head is no target)."""
-    if targets is None:
-        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
     model.to(base_dtype(cfg, device))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        config = lora.LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.use_rslora)
-        return lora.apply_lora(model, config, dtype=torch.float32)
+        return lora.apply_lora(model, lora_config(cfg, targets), dtype=torch.float32)
 
+
+def lora_config(cfg: TrainConfig, targets: str | list[str] | None = None) -> lora.LoRAConfig:
+    """The adapters ``cfg`` asks for; ``targets`` as ``attach_lora`` takes them."""
+    if targets is None:
+        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
+    return lora.LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.use_rslora)
 
 
 def wrap_policy(model, cfg: TrainConfig, device: torch.device, cls: type[TokenLogps] = TokenLogps) -> torch.nn.Module:
@@ -167,8 +145,11 @@ def _save_pretrained(model, path: Path) -> None:
 
 
 def prologue(cfg: TrainConfig, kind: str, tokenize, *, resume: bool, overwrite: bool, clock: Stopwatch):
-    """The first steps of both recipes. Tokenizer and data are read before the run folder is written, so a
-    bad source or setting leaves nothing behind."""
+    """The first steps of every training recipe: each check that needs no weights (settings, run folder, model
+    source, data and what it tokenizes to, what a resume changes), before anything is written; the recipe writes
+    the run folder (``resume.open_run_dir``) once its model is ready. Raises ``resume.Finished`` for a finished run
+    that a resume asks nothing of."""
+    changed = resume_rules.resume_changes(cfg, kind) if resume else {}
     cfg.validate(dist.launched_world())
     check_available(cfg.report_to)  # a missing tracker package fails before the run folder is written
     dist.check_same_config(dataclasses.asdict(cfg))
@@ -176,52 +157,28 @@ def prologue(cfg: TrainConfig, kind: str, tokenize, *, resume: bool, overwrite: 
     cfg.apply_fast(device.type, dist.world_size())
     if cfg.attention == "flex" and device.type != "cuda":
         raise UserError("--attention flex needs a CUDA device (FlexAttention has no backward on a CPU); use auto or sdpa.")
+    if not cfg.full:
+        lora_config(cfg).validate()
+    if not resume:
+        folders.check_run_dir(cfg, kind, overwrite=overwrite)
     with clock.phase("load"):
-        tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer(cfg.model), cache=cfg.cache)
+        tokenizer_name = cfg.tokenizer or default_tokenizer(cfg.model)
+        tokenizer = load_tokenizer(tokenizer_name, cache=cfg.cache)
+        check_model_source(cfg.model, tokenizer, tokenizer_name)
     with clock.phase("tokenize"):  # reading the data too
         train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
         tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
         items, held_out = tokenize(train_pairs, tokenizer, **tok), tokenize(eval_pairs, tokenizer, **tok)
+    check_tokenized(items, tokenizer, tokenizer_name)
     if not (resume or getattr(cfg, "packing", False)):  # packed rows are counted again by the loop
         check_enough_examples(len(items), cfg, dist.world_size())
-    run_dir = Path(cfg.out) if resume else prepare_run_dir(cfg, kind, overwrite=overwrite)
-    point = _resume_point(run_dir, resume, cfg)
+    run_dir = Path(cfg.out)
+    point = resume_rules.resume_point(run_dir, resume, cfg)
+    if resume:
+        n = len(pack_sft(items, cfg.max_length)) if getattr(cfg, "packing", False) else len(items)
+        resume_rules.check_run_length(run_dir, cfg, point, changed, n)
     _announce(cfg, kind, len(items), len(held_out), items.truncated)
     return run_dir, point, device, tokenizer, items, held_out
-
-
-
-def _resume_point(run_dir: Path, resume: bool, cfg: TrainConfig) -> Path | None:
-    """The checkpoint to continue from; ``cfg``'s per-device batch is fitted to the global batch it was trained with."""
-    if not resume:
-        return None
-    point = checkpoint.latest_checkpoint(run_dir)
-    if point is None:
-        if dist.rank() == 0:
-            print(f"minialign: {run_dir} has no complete checkpoint yet; starting from step 0.")
-        return None
-    _keep_global_batch(cfg, point)
-    return point
-
-
-
-def _keep_global_batch(cfg: TrainConfig, point: Path) -> None:
-    """A run resumed on another number of processes keeps its global batch: the per-device batch is rescaled."""
-    saved = checkpoint.read_progress(point).get("global_batch", 0)
-    world = dist.world_size()
-    if not saved or saved == cfg.batch_size * world * cfg.grad_accum:
-        return
-    per_device, rest = divmod(saved, world * cfg.grad_accum)
-    if rest or not per_device:
-        raise UserError(
-            f"{point} was trained with a global batch of {saved} examples, which {world} process(es) x {cfg.grad_accum} "
-            f"accumulation cannot split evenly; resume with a number of processes that divides {saved // cfg.grad_accum}."
-        )
-    if dist.rank() == 0:
-        print(f"minialign: resuming with {world} process(es): per-device batch {cfg.batch_size} -> {per_device}, "
-              f"keeping the global batch of {saved}.")
-    cfg.batch_size = per_device
-
 
 
 def _announce(cfg: TrainConfig, kind: str, n_train: int, n_eval: int, truncated: int) -> None:
@@ -235,7 +192,3 @@ def _announce(cfg: TrainConfig, kind: str, n_train: int, n_eval: int, truncated:
 
 
 
-def resume_config(run_dir: Path, cls) -> TrainConfig:
-    cfg = load_run_config(run_dir, cls)
-    cfg.out = str(run_dir)
-    return cfg

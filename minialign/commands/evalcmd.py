@@ -19,10 +19,12 @@ from minialign.commands.evalsides import (
     prompt_rows,
     read_answers,
     rescored,
+    run_folder,
     run_tokenizer,
     use_chat,
     write_outputs,
 )
+from minialign.commands.folders import check_eval_out
 from minialign.config.evaluation import EvalConfig
 from minialign.evaluation.evalrows import (
     check_not_trained_on,
@@ -40,10 +42,13 @@ def run_eval(cfg: EvalConfig) -> Path:
     cfg.validate()
     if cfg.answers:
         return rescore(cfg)
+    found = run_folder(cfg.policy, "--policy")
+    out = Path(cfg.out or (found[0] / "eval" if found else "runs/eval"))
+    check_eval_out(out, overwrite=cfg.overwrite)  # before any model is loaded
     if cfg.suite:
         from minialign.commands.evalsuite import run_suite_eval
 
-        return run_suite_eval(cfg)
+        return run_suite_eval(cfg, out)
     device = resolve_device(cfg.device)
     tokenizer_label = cfg.tokenizer or run_tokenizer(cfg.policy)
     tokenizer = load_tokenizer(tokenizer_label)
@@ -55,7 +60,6 @@ def run_eval(cfg: EvalConfig) -> Path:
     prompts = load_prompts(rows, cfg.n, chat_tokenizer=tokenizer if chat else None)
     trained = policy_training(policy)
     check_not_trained_on(prompts, rows, trained)
-    out = Path(cfg.out or (policy.run_dir / "eval" if policy.run_dir else "runs/eval"))
     print(f"minialign eval: policy {policy.label}; reference {ref_label}; {len(prompts)} prompts from {rows.label()}")
     decoding = Decoding(cfg.max_new_tokens, cfg.samples, cfg.temperature, cfg.top_p, cfg.seed, cfg.batch_size or None)
     results = judged_compare(policy.model, reference, tokenizer, prompts, rows, trained, decoding, device,
@@ -82,6 +86,7 @@ def rescore(cfg: EvalConfig) -> Path:
     if out.resolve() == path.parent.resolve():
         raise UserError(f"--out {out} is the folder of the answers being re-scored: its eval.json would be "
                         "replaced. Give another --out.")
+    check_eval_out(out, overwrite=cfg.overwrite)
     results = rescored(cfg, path, saved, cfg.judge, "--judge")
     write_outputs(out, results, cfg.show)
     print(tables_text(results))

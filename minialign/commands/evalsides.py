@@ -15,6 +15,7 @@ import yaml
 
 from minialign.base.errors import UserError
 from minialign.base.files import write_atomic
+from minialign.commands.folders import replace_eval_out
 from minialign.config.evaluation import EvalConfig
 from minialign.config.schema import DPOConfig, SFTConfig, TrainConfig
 from minialign.evaluation.evalrows import RowSet, heldout_rows, judge_rows, online_reward_rows, train_rows
@@ -376,5 +377,6 @@ def write_outputs(out: Path, results: dict, show: int) -> None:
     else:
         sections = [Section("Generation", [head, *generation_blocks(results, show)])]
     markdown = render_markdown("minialign eval", sections)
+    replace_eval_out(out)  # --overwrite: what the answers replaced leave behind (check_eval_out refused it otherwise)
     write_atomic(out / "eval.json", json.dumps(results, indent=1).encode())
     write_atomic(out / "eval.md", markdown.encode())

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from minialign.base.errors import UserError
+from minialign.commands.folders import check_eval_out
 from minialign.config.evaluation import EvalConfig
 from minialign.data.sources import parse_rows
 from minialign.evaluation.evalrows import RowSet, check_not_trained_on, load_prompts
@@ -189,7 +190,7 @@ def axis_summary(results: dict) -> dict:
             "n": results["n_prompts"], "reference": side("reference")}
 
 
-def run_suite_eval(cfg: EvalConfig) -> Path:
+def run_suite_eval(cfg: EvalConfig, out: Path) -> Path:
     """`minialign eval --suite FILE`: every input (suite, judges, prompts of every axis, row overlaps) checked first,
     then each axis answered and judged; eval.json and eval.md written once, at the end."""
     from minialign.base.devices import resolve_device
@@ -205,7 +206,6 @@ def run_suite_eval(cfg: EvalConfig) -> Path:
     chat = use_chat(cfg, policy)
     trained = policy_training(policy)
     plans = axis_prompts(axes, cfg.suite, cfg.n, tokenizer if chat else None, trained)
-    out = Path(cfg.out or (policy.run_dir / "eval" if policy.run_dir else "runs/eval"))
     print(f"minialign eval: policy {policy.label}; reference {ref_label}; suite {cfg.suite} ({len(axes)} axes)")
     decoding = Decoding(cfg.max_new_tokens, cfg.samples, cfg.temperature, cfg.top_p, cfg.seed, cfg.batch_size or None)
     common = {"policy": policy.label, "reference": ref_label, "chat_template": chat, "tokenizer": tokenizer_label}
@@ -243,6 +243,7 @@ def rescore_suite(cfg: EvalConfig, path: Path, saved: dict) -> Path:
     if out.resolve() == path.parent.resolve():
         raise UserError(f"--out {out} is the folder of the answers being re-scored: its eval.json would be "
                         "replaced. Give another --out.")
+    check_eval_out(out, overwrite=cfg.overwrite)
     shared = {k: saved[k] for k in ("policy", "reference", "chat_template", "tokenizer") if k in saved}
     results: dict[str, Any] = {}
     for name, one in saved["axes"].items():

@@ -23,11 +23,11 @@ import yaml
 from minialign.base.devices import resolve_device
 from minialign.base.errors import UserError
 from minialign.base.files import read_json, write_json
-from minialign.commands import common, recipes
+from minialign.commands import folders, recipes
+from minialign.commands import resume as resume_rules
 from minialign.config.evaluation import RunConfig
-from minialign.config.fields import check_choices
 from minialign.config.presets import CONFIG_FILE, build, check_keys, load_run_config, save_config
-from minialign.config.schema import DPOConfig, SFTConfig
+from minialign.config.schema import DPOConfig, SFTConfig, check_choices
 from minialign.data import collate_sft, tokenize_pairs, tokenize_sft
 from minialign.data.splits import load_pairs
 from minialign.evaluation.evaluate import (
@@ -160,7 +160,7 @@ def stage_train(ctx: Context, kind: str) -> dict:
     run = recipes.sft if kind == "sft" else recipes.dpo
     started = (Path(cfg.out) / CONFIG_FILE).exists()
     if started:
-        cfg = common.resume_config(Path(cfg.out), type(cfg))
+        cfg = resume_rules.resume_config(Path(cfg.out), type(cfg))
     run(cfg, resume=started)
     return {}
 
@@ -268,33 +268,53 @@ def stage_report(ctx: Context) -> dict:
     return {}
 
 
-def _prepare(cfg: RunConfig, overwrite: bool) -> None:
+def _check_out(cfg: RunConfig, overwrite: bool) -> None:
+    """Refuse, before anything is loaded, an --out holding another command's results, runs its stages would adopt,
+    or another experiment (unless ``overwrite``)."""
     run_dir = Path(cfg.out)
+    folders.check_folder(run_dir, "run", overwrite=overwrite)
     if (run_dir / RUN_FILE).exists() and not overwrite:
         raise UserError(f"{run_dir} already holds a run. Continue it with `minialign run --resume {run_dir}`, "
                         "start over with --overwrite, or choose another --out.")
-    if overwrite and run_dir.exists():
-        import shutil
 
-        for name in ("sft", "dpo", "plots"):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-        for name in ("results.json", "stages.json", "report.md", "report.html", RUN_FILE):
-            (run_dir / name).unlink(missing_ok=True)
+
+def _prepare(cfg: RunConfig, overwrite: bool) -> None:
+    run_dir = Path(cfg.out)
+    _check_out(cfg, overwrite)
+    if overwrite and run_dir.exists():
+        folders.clear_folder(run_dir, folders.overwrite_kinds(run_dir, "run"))
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / RUN_FILE)
 
 
-def resume_config(run_dir: Path) -> RunConfig:
+def resume_config(run_dir: Path, requested: dict | None = None) -> RunConfig:
+    """The run's own run.yaml (``out``: the folder), with ``requested`` changes over it: only ``stages`` may change
+    (``resume.RUN_SAFE``); any other difference is refused, field by field."""
     path = Path(run_dir) / RUN_FILE
+    folders.check_folder(run_dir, "run", resume=True)
     if not path.is_file():
         raise UserError(f"{run_dir} is not a minialign run folder (no {RUN_FILE}); start one with `minialign run`.")
-    cfg = build(RunConfig, yaml.safe_load(path.read_text()) or {})
-    cfg.out = str(run_dir)
+    saved = build(RunConfig, yaml.safe_load(path.read_text()) or {})
+    saved.out = str(run_dir)
+    cfg = build(RunConfig, dataclasses.asdict(saved), requested) if requested else saved
+    resume_rules.refuse_unsafe(Path(run_dir), "run", resume_rules.changes(saved, cfg), resume_rules.RUN_SAFE)
     return cfg
+
+
+def _record_changes(cfg: RunConfig) -> None:
+    """A resume's accepted changes (``stages``) go into run.yaml, and are said."""
+    run_dir = Path(cfg.out)
+    saved = resume_config(run_dir)
+    changed = resume_rules.changes(saved, cfg)
+    if changed:
+        print(f"minialign run: resuming {run_dir} with {resume_rules.listed(changed)}.")
+        save_config(cfg, run_dir / RUN_FILE)
 
 
 def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     check_choices(cfg)  # stages, device: a YAML preset or a resumed run.yaml does not pass through argparse
+    if not resume:
+        _check_out(cfg, overwrite)
     ctx = Context(cfg)  # tokenizer and data first: a bad source fails before the run folder is written
     stages_file, results_file = ctx.run_dir / "stages.json", ctx.run_dir / "results.json"
     eval_pending = "eval" in cfg.stages and not (resume and "eval" in read_json(stages_file).get("done", []))
@@ -304,7 +324,9 @@ def run(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
         from minialign.commands.evalsides import check_judge
 
         check_judge(cfg.judge, "--judge", ctx.tokenizer, cfg.tokenizer or default_tokenizer(cfg.model))
-    if not resume:
+    if resume:
+        _record_changes(cfg)
+    else:
         _prepare(cfg, overwrite)
     done = read_json(stages_file).get("done", [])
     steps = {"lora": stage_lora, "sft": lambda c: stage_train(c, "sft"), "dpo": lambda c: stage_train(c, "dpo"),

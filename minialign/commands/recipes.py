@@ -13,6 +13,7 @@ import torch
 from minialign.base import dist
 from minialign.base.errors import UserError
 from minialign.base.files import write_atomic
+from minialign.commands import resume as resume_rules
 from minialign.commands.common import compile_policy, load_base, prologue, save_final, trainable_weights, wrap_policy
 from minialign.config.presets import load_run_config
 from minialign.config.schema import DPOConfig, SFTConfig, TrainConfig
@@ -49,6 +50,7 @@ from minialign.training.timing import Stopwatch, write_summary
 from minialign.training.train import train, use_varlen
 
 
+@resume_rules.unless_finished
 def sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     clock = Stopwatch()
     run_dir, point, device, tokenizer, examples, held_out = prologue(cfg, "sft", tokenize_sft, resume=resume,
@@ -71,6 +73,7 @@ def sft(cfg: SFTConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     eval_batches = [collate_sft(held_out[i : i + cfg.batch_size], pad_id=pad, flat=cfg.padding_free)
                     for i in range(0, len(held_out), cfg.batch_size)]
     sizes = flat_sizes(examples) if cfg.padding_free else None
+    resume_rules.open_run_dir(cfg, "sft", resume=resume, overwrite=overwrite)
     last = train(policy, SFTTask(), range(n_items), collate, cfg, run_dir, eval_batches=eval_batches, lengths=lengths,
                  sizes=sizes, resume_from=point)
     with clock.phase("save"):
@@ -106,6 +109,7 @@ def adopt_sft_run(cfg: DPOConfig) -> None:
     cfg.tokenizer = cfg.tokenizer or str(Path(cfg.sft) / "final" / "tokenizer")
 
 
+@resume_rules.unless_finished
 def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     if cfg.sft and not resume:
         adopt_sft_run(cfg)
@@ -121,6 +125,7 @@ def dpo(cfg: DPOConfig, *, resume: bool = False, overwrite: bool = False) -> Pat
     task = dpo_task(cfg)
     with clock.phase("load"):
         policy, reference = dpo_policy(model, cfg, device, task)
+    resume_rules.open_run_dir(cfg, "dpo", resume=resume, overwrite=overwrite)
     if cfg.precompute_ref and task.objective.needs_reference:
         with clock.phase("reference"):
             reference = cached_reference(_reference_cache(run_dir, policy, reference, collate, len(both), cfg, device))

@@ -39,6 +39,7 @@ from torch import nn
 
 from minialign.base.errors import UserError
 from minialign.commands import common
+from minialign.commands import resume as resume_rules
 from minialign.config.schema import RMConfig
 from minialign.data import flat_sizes, sequence_lengths, tokenize_pairs
 from minialign.modeling.blocks import check_fast_path
@@ -76,6 +77,7 @@ def make_trainable(model: nn.Module, cfg: RMConfig, device: torch.device) -> nn.
     return model
 
 
+@resume_rules.unless_finished
 def rm(cfg: RMConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     clock = Stopwatch()
     run_dir, point, device, tokenizer, pairs, held_out = common.prologue(cfg, "rm", tokenize_pairs, resume=resume,
@@ -93,6 +95,7 @@ def rm(cfg: RMConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     bs = cfg.batch_size
     eval_batches = [collate_items(held_out[i : i + bs]) for i in range(0, len(held_out), bs)]
     sizes = [(n, 0) for n, _ in flat_sizes(pairs, share_prompt=share)] if cfg.padding_free else None
+    resume_rules.open_run_dir(cfg, "rm", resume=resume, overwrite=overwrite)
     last = train(policy, RMTask(cfg.center_rewards_coefficient), range(len(pairs)),
                  lambda idx: collate_items([pairs[i] for i in idx]), cfg, run_dir, eval_batches=eval_batches,
                  lengths=sequence_lengths(pairs), sizes=sizes, resume_from=point)

@@ -99,6 +99,8 @@ class EvalConfig:
     device: str = opt("auto", "where to run", group="eval", choices=("auto", "cpu", "cuda"))
     out: str = opt("", "output folder for eval.json and eval.md (default: <policy run>/eval, else runs/eval)",
                    group="output")
+    overwrite: bool = opt(False, "replace the answers already in --out (and delete the folders re-scored from them "
+                          "with --answers); without it an existing eval.json is never replaced", group="output")
 
 
     def validate(self) -> None:

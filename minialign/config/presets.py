@@ -91,8 +91,8 @@ def preset(name: str) -> Path:
 CONFIG_FILE = "config.yaml"
 
 
-
 def load_run_config(run_dir: Path, cls):
+    """The ``cls`` config a run folder's config.yaml holds (fields ``cls`` does not know are left out)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{run_dir} is not a minialign run folder (no {CONFIG_FILE}).")

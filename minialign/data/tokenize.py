@@ -116,3 +116,28 @@ def tokenize_sft(
         out.append(TokenizedExample(p, r))
         truncated += was_cut
     return TokenizedData(out, truncated=truncated)
+
+
+MIN_TARGET_TOKENS = 2  # a response of one word and its EOS; fewer means the response text tokenized to nothing
+
+
+def check_tokenized(items: Sequence[TokenizedExample | TokenizedPair], tokenizer: Any, label: str) -> None:
+    """Refuse training data that tokenizes to (nearly) nothing: the median example (a pair: its shorter response)
+    has fewer than ``MIN_TARGET_TOKENS`` target tokens, EOS included. A tokenizer that cannot read the text
+    (e.g. the empty one transformers builds from a model folder without tokenizer files) makes every response
+    its EOS alone: the loss would be constant and the gradient zero, and the run would say it trained."""
+    if not items:
+        return
+    targets = sorted(len(x.response_ids) if isinstance(x, TokenizedExample)
+                     else min(len(x.chosen_ids), len(x.rejected_ids)) for x in items)
+    median = targets[len(targets) // 2]
+    if median >= MIN_TARGET_TOKENS:
+        return
+    prompts = sorted(len(x.prompt_ids) for x in items)
+    raise UserError(
+        f"The training data tokenizes to almost nothing with tokenizer '{label}' ({type(tokenizer).__name__}, "
+        f"a vocabulary of {len(tokenizer)}): the median example has {median} target token(s) (EOS "
+        f"included; at least {MIN_TARGET_TOKENS} are needed) and {prompts[len(prompts) // 2]} prompt token(s), over "
+        f"{len(items)} examples. Training on it would change nothing. Pass the tokenizer the model was trained with "
+        "(--tokenizer; a minialign run saves it in RUN_DIR/final/tokenizer), and check the data with "
+        "`minialign data SOURCE --tokenizer TOKENIZER`.")

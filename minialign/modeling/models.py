@@ -263,12 +263,37 @@ def load_tokenizer(name_or_path: str, *, cache: bool = True) -> PreTrainedTokeni
         if tok.eos_token is None and "<|endoftext|>" in tok.get_vocab():
             tok.eos_token = "<|endoftext|>"
     else:
-        tok = _from_pretrained(AutoTokenizer, name_or_path, "tokenizer")
+        tok = _from_pretrained(AutoTokenizer, tokenizer_source(name_or_path), "tokenizer")
     if tok.eos_token is None:
         raise UserError(f"Tokenizer '{name_or_path}' has no EOS token; responses could not be terminated.")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # padding is masked by position, so sharing the EOS id is safe
     return tok
+
+
+# Files a saved tokenizer brings; a model folder with none of them has no tokenizer of its own.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
+                   "vocab.txt")
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def tokenizer_source(name_or_path: str) -> str:
+    """Where a tokenizer named ``name_or_path`` is read from: a local folder without tokenizer files of its own
+    takes ``../tokenizer`` (a minialign run's ``final/model`` or ``final/merged`` sits beside ``final/tokenizer``);
+    a folder with neither is refused (transformers would build an empty tokenizer from config.json alone)."""
+    folder = Path(name_or_path)
+    if not folder.is_dir() or has_tokenizer(folder):
+        return name_or_path
+    beside = folder.parent / "tokenizer"
+    if folder.name in ("model", "merged") and has_tokenizer(beside):
+        print(f"minialign: {folder} has no tokenizer of its own; using the one saved beside it, {beside}.",
+              file=sys.stderr)
+        return str(beside)
+    raise UserError(f"{folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}), and no tokenizer folder "
+                    f"sits beside it ({beside}). Pass the tokenizer the model was trained with: --tokenizer DIR_OR_ID.")
 
 
 def _convert_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
@@ -279,9 +304,27 @@ def _convert_gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     return tok
 
 
+def check_model_source(name_or_path: str, tokenizer: PreTrainedTokenizerBase, tokenizer_name: str) -> None:
+    """What loading ``name_or_path`` would refuse, found without loading its weights (before a run folder is
+    written): an unknown name, a missing file or folder, a reward model, a vocabulary the tokenizer outgrows."""
+    if name_or_path in BUILTIN_CONFIGS:
+        n_embed = BUILTIN_CONFIGS[name_or_path]["vocab_size"]
+    elif _gguf_file(name_or_path) is not None:
+        return
+    else:
+        refuse_reward_model(name_or_path)
+        config = _from_pretrained(AutoConfig, name_or_path, "model")
+        n_embed = getattr(config.get_text_config(), "vocab_size", None)
+    if n_embed is not None:
+        check_vocab_size(n_embed, tokenizer, name_or_path, tokenizer_name)
+
+
 def check_vocab(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_name: str, tokenizer_name: str) -> None:
     """Fail before training if the tokenizer can emit ids the embedding table does not have."""
-    n_embed = model.get_input_embeddings().weight.shape[0]
+    check_vocab_size(model.get_input_embeddings().weight.shape[0], tokenizer, model_name, tokenizer_name)
+
+
+def check_vocab_size(n_embed: int, tokenizer: PreTrainedTokenizerBase, model_name: str, tokenizer_name: str) -> None:
     if len(tokenizer) > n_embed:
         raise UserError(
             f"Tokenizer '{tokenizer_name}' has {len(tokenizer)} tokens but model '{model_name}' embeds only {n_embed}. "

@@ -215,15 +215,16 @@ def folds_clipping(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]) 
             and all(type(g) is torch.Tensor for g in grads))
 
 
-def make_scheduler(optimizer, total_steps: int, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def schedule_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """The learning rate of ``step`` over the peak: warm-up, then ``cfg.schedule`` to the run's last step."""
     warmup = int(cfg.warmup_ratio * total_steps)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if cfg.schedule == "constant":
+        return 1.0
+    frac = (step - warmup) / max(1, total_steps - warmup)
+    return max(0.0, 1 - frac) if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.schedule == "constant":
-            return 1.0
-        frac = (step - warmup) / max(1, total_steps - warmup)
-        return max(0.0, 1 - frac) if cfg.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def make_scheduler(optimizer, total_steps: int, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule_factor(step, total_steps, cfg))

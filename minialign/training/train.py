@@ -35,6 +35,7 @@ from minialign.ops.shapes import ShapePlan, plan_shapes
 from minialign.training import checkpoint
 from minialign.training.batches import prepare_batch
 from minialign.training.graphs import ForwardBackward, GraphedStep, Update
+from minialign.training.health import check_finite, check_learning
 from minialign.training.optim import InBackwardAdamW, grad_norm_step, make_optimizer, make_scheduler
 from minialign.training.trackers import Trackers, requested
 
@@ -51,10 +52,6 @@ class Progress:
 
     def as_dict(self) -> dict:
         return dict(step=self.step, epoch=self.epoch, micro=self.micro, tokens=self.tokens, global_batch=self.global_batch)
-
-
-class TrainingDiverged(UserError):
-    pass
 
 
 def step_functions(policy, task, optimizer, params: list[torch.nn.Parameter], cfg: TrainConfig,
@@ -212,6 +209,19 @@ def check_enough_examples(n: int, cfg: TrainConfig, world: int) -> int:
     return per_step
 
 
+def planned_steps(n: int, cfg: TrainConfig, rank: int, world: int) -> tuple[int, int, bool]:
+    """(steps per epoch, the run's last step, drop_last) of a run over ``n`` examples, known before it starts.
+
+    A short last global batch is kept, as one process keeps it, when every rank gets part of it; it is dropped
+    when some rank would get nothing, since every rank must take part in every step.
+    """
+    drop_last = 0 < n % (cfg.batch_size * world) < world
+    batches = len(batch_indices(n, cfg.batch_size, seed=cfg.seed, epoch=0, drop_last=drop_last, rank=rank,
+                                world_size=world))
+    steps_per_epoch = max(1, batches // cfg.grad_accum)
+    return steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch, drop_last
+
+
 def flat_batch_size(batch: dict) -> tuple[int, int]:
     """(real positions, targets) of a padding-free batch: what ``plan_run_shapes`` plans for."""
     return int((batch["doc_ids"] >= 0).sum()), batch["n_targets"]
@@ -247,18 +257,14 @@ def train(
     rank, world = dist.rank(), dist.world_size()
     params = [p for p in policy.parameters() if p.requires_grad]
     per_step = check_enough_examples(len(examples), cfg, world)  # an epoch holds >= grad_accum micro-batches
-    # A short last global batch is kept, as one process keeps it, when every rank gets part of it; it is
-    # dropped when some rank would get nothing, since every rank must take part in every step.
-    drop_last = 0 < len(examples) % (cfg.batch_size * world) < world
-    batches_per_epoch = len(batch_indices(len(examples), cfg.batch_size, seed=cfg.seed, epoch=0, drop_last=drop_last,
-                                          rank=rank, world_size=world))
-    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    steps_per_epoch, total, drop_last = planned_steps(len(examples), cfg, rank, world)
     optimizer = make_optimizer(params, cfg, device, steps=total)
     scheduler = make_scheduler(optimizer, total, cfg)
     progress = Progress()
     if resume_from is not None:
         progress = Progress(**checkpoint.load_checkpoint(resume_from, dist.unwrap(policy), optimizer, scheduler))
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)  # a run resumed longer: its recomputed schedule's rate
         if progress.global_batch not in (0, per_step):
             raise UserError(
                 f"{resume_from} was trained with a global batch of {progress.global_batch} examples, but this run has "
@@ -307,7 +313,7 @@ def train(
     marks: dict[int, tuple[int, float]] = {}  # step -> (tokens, seconds): times read right after a device sync
     side = {"eval_s": 0.0, "checkpoint_s": 0.0}  # parts of the loop's time spent on other work than training steps
     with (stop.installed(), _hooks_removed_after(optimizer), room_for_shapes(bool(cfg.compile and cfg.padding_free)),
-          log.tracking(cfg, run_dir)):
+          log.tracking(cfg, run_dir), contextlib.closing(bar)):  # closed before an error is printed under it
         while progress.step < total:
             micro = [next_micro() for _ in range(cfg.grad_accum)]
             units, tokens = dist.all_reduce_ints([sum(task.units(b) for b in micro),
@@ -330,7 +336,8 @@ def train(
                                                 or stopping)
             if progress.step % cfg.log_every == 0 or eval_now or save_now or done or progress.step == steady_from:
                 rows = log.flush()
-                _check_finite(rows, run_dir)
+                check_finite(rows, run_dir)
+                check_learning(rows)
                 last = rows[-1]
                 elapsed = time.perf_counter() - t0
                 marks[progress.step] = (progress.tokens, elapsed)
@@ -426,17 +433,3 @@ def _hooks_removed_after(optimizer):
     finally:
         if isinstance(optimizer, InBackwardAdamW):
             optimizer.remove_hooks()
-
-
-def _check_finite(rows: list[dict], run_dir: Path | None) -> None:
-    # The gradient norm too: a NaN/inf gradient with a finite loss has already corrupted the weights.
-    for row in rows:
-        bad = next((k for k in ("loss", "grad_norm") if not math.isfinite(row.get(k, 0.0))), None)
-        if bad is not None:
-            where = checkpoint.latest_checkpoint(run_dir) if run_dir is not None else None
-            kept = f"The last good checkpoint is {where}." if where else "No checkpoint had been written yet."
-            name = "loss" if bad == "loss" else "gradient norm"
-            raise TrainingDiverged(
-                f"The {name} became {row[bad]} at step {row['step']}; training stopped. {kept} "
-                "Lower --lr, raise --warmup-ratio or check the data."
-            )
