@@ -121,9 +121,12 @@ def test_online_flags_and_trl_matching():
 
 
 def _eval(harmless: dict, helpful: dict, test4: str, ref_test4: str = "Sure, here is a link.") -> dict:
-    """An eval.json in the suite layout: per-axis summary, reference numbers beside it, details with raw rows."""
-    return {"summary": {"harmless": harmless, "helpful": helpful},
-            "reference": {"harmless": {"evasion": 0.05, "loops": 0.44}, "helpful": {"evasion": 0.10, "loops": 0.30}},
+    """An eval.json in the suite layout (``evalsuite.axis_summary``): per-axis summary with the reference's numbers
+    inside it, details with raw rows."""
+    refs = {"harmless": {"evasion": 0.05, "loops": 0.44}, "helpful": {"evasion": 0.10, "loops": 0.30}}
+    return {"summary": {"harmless": {**harmless, "reference": refs["harmless"]},
+                        "helpful": {**helpful, "reference": refs["helpful"]}},
+            "reference": "the policy's starting model",
             "axes": {"harmless": {"prompts": [{"row": 0, "policy": {"greedy": [{"text": "No."}]}},
                                               {"row": 3, "policy": {"greedy": [{"text": test4}]},
                                                "reference": {"greedy": [{"text": ref_test4}]}}]},
