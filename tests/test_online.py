@@ -16,12 +16,13 @@ import yaml
 from safetensors.torch import load_file
 from test_train import THREADS, launched, run_cli, wait_for
 
-from minialign.commands import recipes, reward
+from minialign.commands import common, recipes
 from minialign.config.schema import OnlineConfig
 from minialign.data import PreferencePair, batch_indices, sequence_lengths, tokenize_pairs
 from minialign.data.demo import demo_rows
+from minialign.evaluation.judge import load_judge
 from minialign.evaluation.textmetrics import loops
-from minialign.modeling import lora
+from minialign.modeling import adapters
 from minialign.modeling.models import load_model, load_tokenizer
 
 RM = ["rm", "--demo", "--eval-limit", "16", "--train-rows", "100:"]
@@ -88,7 +89,7 @@ def test_run_folder_holds_rounds_metrics_and_final_weights(run_a, rms):
 
 
 def test_scores_pairs_and_statistics_recomputed(run_a, rms):
-    judges = [reward.load_judge(p) for p in rms]
+    judges = [load_judge(p) for p in rms]
     raw = {i: r["prompt"] for i, r in enumerate(demo_rows("train"))}
     seen_rows: list[set] = []
     for r in jsonl(run_a / "rounds.jsonl"):
@@ -143,7 +144,7 @@ def test_reference_is_the_starting_model_in_every_round(run_a):
     first = batch_indices(len(items), cfg.batch_size, seed=cfg.seed + 2, epoch=0, lengths=sequence_lengths(items),
                           group_by_length=True)[0]
     start = load_model(cfg.model, seed=cfg.seed).eval()
-    policy = recipes.attach_lora(load_model(cfg.model, seed=cfg.seed), cfg, torch.device("cpu")).eval()
+    policy = common.attach_lora(load_model(cfg.model, seed=cfg.seed), cfg, torch.device("cpu")).eval()
     weights = load_file(str(run_a / "checkpoints" / "round-0002" / ".." / "round-0001" / "trainable.safetensors"))
     params = dict(policy.named_parameters())
     with torch.no_grad():
@@ -179,7 +180,7 @@ def test_resume_redoes_a_round_killed_by_sigkill(run_a, root, rms):
     wa = load_file(str(run_a / "final" / "adapter" / "adapter_model.safetensors"))
     wb = load_file(str(out / "final" / "adapter" / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
-    model = lora.load_adapter(load_model("tiny"), out / "final" / "adapter")  # the result loads as an adapter
+    model = adapters.load_adapter(load_model("tiny"), out / "final" / "adapter")  # the result loads as an adapter
     assert any("lora" in n for n, _ in model.named_parameters())
 
 

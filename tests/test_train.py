@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from minialign import cli
-from minialign.commands import common
+from minialign.commands import folders
 from minialign.config.presets import build, load_run_config, load_yaml, preset
 from minialign.config.schema import DPOConfig, SFTConfig
 from minialign.data import (
@@ -386,7 +386,7 @@ def test_accumulation_larger_than_the_data_is_refused(tmp_path, capsys):
 
 def test_existing_run_folder_is_refused_unless_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
-    common.prepare_run_dir(demo_config(SFTConfig, "sft", out=str(out)), "sft", overwrite=False)
+    folders.prepare_run_dir(demo_config(SFTConfig, "sft", out=str(out)), "sft", overwrite=False)
     expect_user_error(capsys, "sft", "--demo", "--out", out, "--lr", "1e-3", match="different config")
     err = expect_user_error(capsys, "sft", "--demo", "--out", out, match="run with this config")
     assert "--resume" in err and "--overwrite" in err

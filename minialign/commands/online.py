@@ -1,7 +1,7 @@
 """`minialign online`: on-policy iterative DPO (the RLHF-Workflow recipe; TRL's OnlineDPOTrainer in rounds).
 
 Each round: sample ``--samples`` answers per prompt from the current policy (``generate.generate``), score them with
-the reward models (``reward.load_judge(...).score``), combine the scores and pair each prompt's best answer with
+the reward models (``load_judge(...).score``), combine the scores and pair each prompt's best answer with
 its worst (``online_pairs``), and train DPO on those pairs with the one shared loop (``train.train``). The model,
 the reward models and the reference are loaded once; the policy keeps training across rounds (warm start), each
 round with a fresh optimizer and learning-rate schedule, against a reference FIXED to the starting model (LoRA: the
@@ -28,19 +28,22 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minialign.base import dist
+from minialign.base.devices import resolve_device
 from minialign.base.errors import UserError
 from minialign.base.files import write_atomic
-from minialign.commands import recipes, reward
+from minialign.commands import folders, recipes
 from minialign.commands.online_pairs import answer_stats, combine_scores, form_pairs, round_prompts
 from minialign.commands.online_report import ROUND_DONE, completed_rounds, rebuild_outputs, round_dir
 from minialign.config.fields import split_list
 from minialign.config.schema import OnlineConfig, RMConfig
 from minialign.data import PreferencePair, flat_sizes, sequence_lengths, tokenize_pairs
 from minialign.data.chat import to_chat_format
+from minialign.data.splits import load_pairs
 from minialign.evaluation import evalrows
+from minialign.evaluation.judge import load_judge
 from minialign.modeling.blocks import check_fast_path
 from minialign.modeling.generate import generate
-from minialign.modeling.models import load_tokenizer
+from minialign.modeling.models import default_tokenizer, load_tokenizer
 from minialign.training import checkpoint
 from minialign.training.tasks import cached_reference, reference_table
 from minialign.training.timing import Stopwatch
@@ -85,17 +88,17 @@ def online(cfg: OnlineConfig, *, resume: bool = False, overwrite: bool = False) 
         recipes.adopt_sft_run(cfg)
     cfg.validate()
     clock = Stopwatch()
-    device = recipes.resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     cfg.apply_fast(device.type, 1)
     if cfg.attention == "flex" and device.type != "cuda":
         raise UserError("--attention flex needs a CUDA device (FlexAttention has no backward on a CPU); use auto or sdpa.")
     with clock.phase("load"):
-        label = cfg.tokenizer or recipes.default_tokenizer(cfg.model)
+        label = cfg.tokenizer or default_tokenizer(cfg.model)
         tokenizer = load_tokenizer(label, cache=cfg.cache)
     models = check_reward_models(cfg, tokenizer, label)
     with clock.phase("tokenize"):
         prompts = load_prompts(cfg, tokenizer)
-        _, eval_pairs = recipes.load_pairs(cfg, tokenizer)
+        _, eval_pairs = load_pairs(cfg, tokenizer)
         held_out = tokenize_pairs(eval_pairs, tokenizer, max_length=cfg.max_length,
                                   max_prompt_length=cfg.max_prompt_length)
     run_dir = open_run_dir(cfg, resume=resume, overwrite=overwrite)
@@ -111,7 +114,7 @@ def online(cfg: OnlineConfig, *, resume: bool = False, overwrite: bool = False) 
         policy, reference = recipes.dpo_policy(model, cfg, device, task)
         if done:
             load_round_weights(run_dir, done, model)
-        judges = [reward.load_judge(m["run_dir"], device=device) for m in models]
+        judges = [load_judge(m["run_dir"], device=device) for m in models]
     s = Session(cfg, run_dir, device, tokenizer, model, policy, task, reference, judges, prompts, held_out)
     for k in range(done + 1, cfg.rounds + 1):
         stats = run_round(s, k)
@@ -199,7 +202,7 @@ def open_run_dir(cfg: OnlineConfig, *, resume: bool, overwrite: bool) -> Path:
                     run_dir / "plots"]:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     cfg.reward_models = ",".join(str(Path(p).resolve()) for p in split_list(cfg.reward_models))
-    return recipes.prepare_run_dir(cfg, KIND, overwrite=overwrite)
+    return folders.prepare_run_dir(cfg, KIND, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------- one round

@@ -18,7 +18,7 @@ from minialign.base import dist
 from minialign.base.errors import UserError
 from minialign.commands import folders
 from minialign.config.cli_help import show_value
-from minialign.config.presets import build, save_config
+from minialign.config.presets import build, load_run_config, save_config
 from minialign.training import checkpoint
 
 LENGTH = ("epochs", "max_steps")
@@ -127,7 +127,7 @@ def resume_config(run_dir: Path, cls, kind: str | None = None, requested: dict |
     are checked by ``resume_changes``); ``kind``: refuse a folder of another kind first."""
     if kind is not None:
         folders.check_folder(run_dir, kind, resume=True)
-    cfg = folders.load_run_config(run_dir, cls)
+    cfg = load_run_config(run_dir, cls)
     cfg.out = str(run_dir)
     return build(cls, dataclasses.asdict(cfg), requested) if requested else cfg
 
