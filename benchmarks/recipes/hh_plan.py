@@ -63,6 +63,15 @@ SMALL_ONLINE = {"samples": 2, "max_new_tokens": 16, "batch_size": 4, "rounds": 1
 # ----------------------------------------------------------------------------- rows
 
 
+def halves(rows: str) -> tuple[str, str]:
+    """``"A:B"`` -> (``"A:M"``, ``"M:B"``): the online reward model trains on the first half of the mix's train rows
+    and the online policies sample prompts from the second, so no reward model scores answers to prompts whose
+    preferences it learned (`minialign online` refuses that overlap)."""
+    r = span(rows)
+    middle = r.start + len(r) // 2
+    return f"{r.start}:{middle}", f"{middle}:{r.stop}"
+
+
 def span(rows: str) -> range:
     """``"START:STOP"`` as the range of raw row indices it names (both ends given, as every span in the plan is)."""
     start, stop = rows.split(":")

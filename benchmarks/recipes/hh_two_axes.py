@@ -210,11 +210,11 @@ def phase_online_rm(s: Study) -> None:
     mix, run_dir = s.mix(), s.work / "online-rm"
     if not finished(run_dir):
         s.minialign("online-rm", "rm", "--model", s.args.model, *s.chat, "--dataset", mix["file"], "--train-rows",
-                    mix["rows"]["train"], "--eval-data", mix["file"], "--eval-rows", mix["rows"]["validation"],
+                    plan.halves(mix["rows"]["train"])[0], "--eval-data", mix["file"], "--eval-rows", mix["rows"]["validation"],
                     "--eval-limit", "1000", "--batch-size", "16", "--eval-every", "0", *plan.ONLINE_RM_FLAGS, *s.cut,
                     "--overwrite", "--out", str(run_dir))
     acc = ((_read_json(run_dir / "summary.json") or {}).get("eval") or {}).get("eval/accuracy")
-    s.state["online_rm"] = {"run_dir": str(run_dir), "dataset": mix["file"], "rows": mix["rows"]["train"],
+    s.state["online_rm"] = {"run_dir": str(run_dir), "dataset": mix["file"], "rows": plan.halves(mix["rows"]["train"])[0],
                             "source_rows": mix["parts_from"]["train"], "validation_accuracy": acc,
                             "flags": plan.ONLINE_RM_FLAGS, "model_dir": str(run_dir / "final" / "model")}
     s.save()
@@ -228,7 +228,7 @@ def train_online(s: Study, name: str, settings: dict, run_dir: Path) -> dict:
         return s.last_step(name)
     fresh(run_dir)
     return s.minialign(name, "online", "--model", s.args.model, *s.chat, "--dataset", mix["file"], "--train-rows",
-                       mix["rows"]["train"], "--reward-models", s.state["online_rm"]["run_dir"], "--rm-weights", "1",
+                       plan.halves(mix["rows"]["train"])[1], "--reward-models", s.state["online_rm"]["run_dir"], "--rm-weights", "1",
                        "--combine", "zsum", *plan.online_flags(settings), "--out", str(run_dir))
 
 
@@ -272,7 +272,7 @@ def train_trl_online(s: Study, name: str, out: Path) -> dict:
         return s.last_step(name)
     fresh(out)
     return s.run(name, [str(HERE / "trl_online.py"), "--model", s.args.model, "--tokenizer", s.tokenizer,
-                        "--dataset", mix["file"], "--train-rows", mix["rows"]["train"], "--prompts",
+                        "--dataset", mix["file"], "--train-rows", plan.halves(mix["rows"]["train"])[1], "--prompts",
                         str(match["prompts"]), "--reward-model", s.state["online_rm"]["model_dir"], "--epochs",
                         str(match["epochs"]), "--batch-size", str(match["batch_size"]), "--beta", str(settings["beta"]),
                         "--lr", str(settings["lr"]), "--temperature", str(settings["temperature"]), "--top-p",
