@@ -228,7 +228,8 @@ def train_online(s: Study, name: str, settings: dict, run_dir: Path) -> dict:
         return s.last_step(name)
     fresh(run_dir)
     return s.minialign(name, "online", "--model", s.args.model, *s.chat, "--dataset", mix["file"], "--train-rows",
-                       plan.halves(mix["rows"]["train"])[1], "--reward-models", s.state["online_rm"]["run_dir"], "--rm-weights", "1",
+                       plan.halves(mix["rows"]["train"])[1], "--reward-models", s.state["online_rm"]["run_dir"],
+                       "--rm-weights", "1",
                        "--combine", "zsum", *plan.online_flags(settings), "--out", str(run_dir))
 
 
