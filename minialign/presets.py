@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from minialign.errors import UserError
+from minialign.errors import UserError, kind_of
 
 PRESETS = Path(__file__).parent / "configs"
 
@@ -30,7 +30,7 @@ def load_yaml(path: str | Path, cls) -> dict:
     except yaml.YAMLError as exc:
         raise UserError(f"Config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise UserError(f"Config file {path} must hold a mapping of field: value, not {type(data).__name__}.")
+        raise UserError(f"Config file {path} must hold a mapping of field: value, not {kind_of(data)}.")
     check_keys(data, cls, str(path))
     return data
 

@@ -23,7 +23,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from minialign.errors import UserError
+from minialign.errors import UserError, kind_of
 from minialign.render import Block, Code, Heading, Note, Plot, Samples, Section, Table, duration, fmt, is_number, render_html, render_markdown
 
 NOT_RUN = "Not run: this stage has no results and no metrics in the run folder."
@@ -70,7 +70,7 @@ def load_results(run_dir: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON ({exc}). Re-run the stage that writes it.") from exc
     if not isinstance(results, dict):
-        raise UserError(f"{path} must hold a JSON object with stage names as keys, not {type(results).__name__}.")
+        raise UserError(f"{path} must hold a JSON object with stage names as keys, not {kind_of(results)}.")
     return results
 
 
@@ -232,7 +232,7 @@ def _metrics_notes(name: str, rows: list[dict], bad: list[int]) -> list:
 def _stage(results: dict[str, Any], name: str) -> dict[str, Any] | None:
     section = results.get(name)
     if section is not None and not isinstance(section, dict):
-        raise UserError(f"results.json: \"{name}\" must be an object, not {type(section).__name__}.")
+        raise UserError(f"results.json: \"{name}\" must be an object, not {kind_of(section)}.")
     return section
 
 
