@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minialign.errors import UserError
+from minialign.modelnames import model_help
 
 # Flag groups, in the order `--help` lists them.
 GROUPS = ("model", "data", "lora", "training", "speed", "memory", "distributed", "dpo", "rm", "eval", "run", "output")
@@ -75,8 +76,7 @@ def prompt_length(max_length: int, max_prompt_length: int) -> int:
 class TrainConfig:
     """Everything SFT and DPO share: model, data, adapter, optimisation, run folder."""
 
-    model: str = opt("EleutherAI/pythia-70m", "hub id, local folder, .gguf file or built-in name (tiny, tiny-llama, "
-                     "smollm2-135m-instruct)", group="model")
+    model: str = opt("EleutherAI/pythia-70m", model_help(), group="model")
     tokenizer: str = opt("", "tokenizer to use; empty: the model's own", group="model")
     dataset: str = opt("Anthropic/hh-rlhf", "preference data: hub id, local file(s) or glob (.jsonl[.gz], .json, "
                        ".parquet), or demo", group="data", metavar="SOURCE")
@@ -198,9 +198,12 @@ class TrainConfig:
                 raise UserError(f"Invalid configuration: {message}.")
         check_choices(self)
         self.max_prompt_length = prompt_length(self.max_length, self.max_prompt_length)
+        from minialign.data.sources import parse_rows
         from minialign.dist import launched_world
         from minialign.trackers import check_available
 
+        parse_rows(self.train_rows or None, "--train-rows")  # a malformed or empty span fails before anything loads
+        parse_rows(self.eval_rows or None, "--eval-rows")
         check_available(self.report_to)  # a missing package fails before the run folder is written
         if self.optim_in_backward:
             self.check_optim_in_backward(launched_world())
@@ -316,7 +319,7 @@ class DPOConfig(TrainConfig):
 class RunConfig:
     """`minialign run`: the reference experiment — LoRA table and benchmark, SFT, DPO, evaluation, report."""
 
-    model: str = opt("EleutherAI/pythia-70m", "hub id, local folder, .gguf file or built-in name", group="model")
+    model: str = opt("EleutherAI/pythia-70m", model_help(), group="model")
     tokenizer: str = opt("", "tokenizer to use; empty: the model's own", group="model")
     dataset: str = opt("Anthropic/hh-rlhf", "preference data: hub id, local file(s) or glob, or demo", group="data")
     data_dir: str = opt("harmless-base", "sub-folder of a hub dataset", group="data")
@@ -343,7 +346,8 @@ class RunConfig:
     device: str = opt("auto", "where to run; auto: CUDA if visible, else CPU", group="run",
                       choices=("auto", "cpu", "cuda"))
     eval_prompts: int = opt(100, "held-out prompts the eval stage answers with the reference and the DPO policy "
-                            "for the generation metrics (0: skip them)", group="eval")
+                            "for the generation metrics (0: skip them; fewer when the held-out rows hold fewer, as "
+                            "`minialign eval --n` does: the stage says so)", group="eval")
     eval_samples: int = opt(4, "sampled answers per prompt for the generation metrics, besides the greedy one",
                             group="eval")
     eval_temperature: float = opt(0.7, "sampling temperature of the generation metrics", group="eval")
@@ -374,7 +378,8 @@ class EvalConfig:
     split: str = opt("", "split of --dataset (default: the policy run's eval split, else test)", group="data")
     rows: str = opt("", "START:STOP over the raw rows of the prompt source (default: the run's eval rows)",
                     group="data")
-    n: int = opt(100, "number of prompts: the first N usable ones of the rows, in order", group="eval")
+    n: int = opt(100, "number of prompts: the first N usable ones of the rows, in order (fewer when the rows hold "
+                 "fewer: the command says so)", group="eval")
     chat_template: str = opt("auto", "rewrite prompts in the tokenizer's chat template (auto: as the policy "
                              "run was trained)", group="eval", choices=("auto", "on", "off"))
     samples: int = opt(4, "sampled answers per prompt, besides the greedy one (0: greedy only)", group="eval")
@@ -389,7 +394,8 @@ class EvalConfig:
     answers: str = opt("", "score the answers saved by an earlier `minialign eval` (its --out folder) or `minialign "
                        "run` (its folder) with --judge instead of generating: same answers, another judge",
                        group="eval", metavar="EVAL_OR_RUN_DIR")
-    show: int = opt(8, "prompts shown side by side in eval.md and on the terminal", group="eval")
+    show: int = opt(8, "prompts whose answers eval.md shows side by side (the terminal shows the metric tables; "
+                    "eval.json holds every answer)", group="eval")
     device: str = opt("auto", "where to run", group="eval", choices=("auto", "cpu", "cuda"))
     out: str = opt("", "output folder for eval.json and eval.md (default: <policy run>/eval, else runs/eval)",
                    group="output")
@@ -417,6 +423,9 @@ class EvalConfig:
             if not ok:
                 raise UserError(f"Invalid configuration: {message}.")
         check_choices(self)  # chat_template, device
+        from minialign.data.sources import parse_rows
+
+        parse_rows(self.rows or None, "--rows")  # a malformed or empty span fails before any model loads
 
 
 def _is_run_dir(path: str) -> bool:
