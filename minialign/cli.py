@@ -1,4 +1,9 @@
-"""`minialign ...`: parse, call one function, print. Every bad input exits 2 with a one-paragraph error."""
+"""`minialign ...`: parse, call one function, print. Every bad input exits 2 with a one-paragraph error.
+
+Starting is quick and quiet: this module and what it imports (cli_help, config, presets, modelnames) never import
+torch or transformers, so `--help` answers at once; a command imports them when it runs, inside ``main``, so a
+Ctrl-C at any moment ends with one line and exit code 130.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,14 @@ import sys
 from pathlib import Path
 
 from minialign import __version__
-from minialign.base import dist
 from minialign.base.errors import UserError
 from minialign.config.cli_help import Parser, add_config_flags
 from minialign.config.evaluation import EvalConfig, RunConfig
-from minialign.config.fields import prompt_length
+from minialign.config.modelnames import model_help
 from minialign.config.presets import build, flag_values, load_yaml, preset
-from minialign.config.schema import DPOConfig, OnlineConfig, RMConfig, SFTConfig
+from minialign.config.schema import DPOConfig, OnlineConfig, RMConfig, SFTConfig, prompt_length
 
-MODEL_HELP = "hub id, local folder, .gguf file or built-in name"
+MODEL_HELP = model_help()
 USAGE = "%(prog)s [--demo | --config FILE | --resume RUN_DIR] [--overwrite] [options]"
 EXAMPLES = {
     "sft": ("Fine-tune a model on the chosen responses of preference pairs (LoRA unless --full); the run folder "
@@ -105,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer to use; default: the model's own")
     p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for several prompts")
     p.add_argument("--hh", action="store_true", help="wrap each prompt as '\\n\\nHuman: ...\\n\\nAssistant:'")
+    p.add_argument("--chat-template", action="store_true", help="put each prompt in the tokenizer's chat template "
+                   "(as a user message, or an HH dialogue's turns), as training with --chat-template did")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt at most")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
@@ -155,8 +161,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _check_resume_alone(args) -> None:
+    """--resume continues a run from its own config.yaml: --demo and --config would start another, so they are
+    alternatives to it (as the usage line shows), never additions."""
+    others = [flag for flag, given in (("--demo", args.demo), ("--config", args.config)) if given]
+    if args.resume and others:
+        raise UserError(f"--resume and {' and '.join(others)} are alternatives: --resume {args.resume} continues that "
+                        "run with the configuration saved in its folder, while --demo / --config start a new run. Drop "
+                        f"{' and '.join(others)} to continue the run, or drop --resume (and choose a new --out, or add "
+                        "--overwrite) to start over.")
+
+
 def _train_config(args, cls, kind: str):
+    _check_resume_alone(args)
     if args.resume:
+        from minialign.base import dist
         from minialign.commands.resume import resume_config
 
         cfg = resume_config(Path(args.resume), cls, kind, _resume_flags(args, cls))
@@ -185,6 +204,7 @@ def _config(args, cls, demo: str | None = None):
 
 
 def cmd_train(args, kind: str) -> int:
+    from minialign.base import dist
     from minialign.commands import recipes
     from minialign.training.timing import done_line
 
@@ -204,6 +224,7 @@ def _rm_parser(sub) -> None:
 
 
 def cmd_rm(args) -> int:
+    from minialign.base import dist
     from minialign.commands import reward
     from minialign.training.timing import done_line
 
@@ -259,13 +280,18 @@ def cmd_data(args) -> int:
 def cmd_generate(args) -> int:
     from minialign.modeling.adapters import load_adapter
     from minialign.modeling.generate import generate
-    from minialign.modeling.models import default_tokenizer, load_model, load_tokenizer
+    from minialign.modeling.models import default_tokenizer, load_model, load_tokenizer, refuse_reward_model
 
+    refuse_reward_model(args.model)
+    tokenizer = load_tokenizer(args.tokenizer or default_tokenizer(args.model), cache=args.cache)
+    prompts = [f"\n\nHuman: {p}\n\nAssistant:" if args.hh else p for p in args.prompt]
+    if args.chat_template:  # before the model loads: a tokenizer without a template fails at once
+        from minialign.data.chat import chat_prompt
+
+        prompts = [chat_prompt(p, tokenizer) for p in prompts]
     model = load_model(args.model, cache=args.cache)
     if args.adapter:
         load_adapter(model, args.adapter)
-    tokenizer = load_tokenizer(args.tokenizer or default_tokenizer(args.model), cache=args.cache)
-    prompts = [f"\n\nHuman: {p}\n\nAssistant:" if args.hh else p for p in args.prompt]
     outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     for prompt, out in zip(prompts, outputs):
@@ -333,10 +359,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from minialign.base import dist
     from minialign.commands import experiment
 
     if dist.launched_world() > 1:
         raise UserError("`minialign run` runs in one process; under torchrun, launch `minialign sft` and `minialign dpo`.")
+    _check_resume_alone(args)
     if args.resume:
         cfg = experiment.resume_config(Path(args.resume), _resume_flags(args, RunConfig))
     else:
@@ -346,6 +374,15 @@ def cmd_run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit code. A Ctrl-C anywhere in here, torch's import included, ends with one line."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as exc:
+        print(f"minialign: interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     commands = {
         "lora-params": cmd_lora_params,
@@ -365,9 +402,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:
-        print(f"minialign: interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
-        return 130
     except Exception as exc:
         if type(exc).__name__ == "OutOfMemoryError":
             batch = getattr(args, "batch_size", None)

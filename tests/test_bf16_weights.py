@@ -175,7 +175,8 @@ def test_cli_full_sft_and_dpo_in_bf16_learn_and_resume(tmp_path):
 
     weights = load_file(str(tmp_path / "bfloat16" / "final" / "model" / "model.safetensors"))
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
-    assert cli.main(["sft", *common, "--max-steps", "14", "--base-dtype", "bfloat16", "--resume",
+    # --resume takes its run's own config: --demo would start another run, so it is refused with --resume
+    assert cli.main(["sft", *common[1:], "--max-steps", "14", "--base-dtype", "bfloat16", "--resume",
                      str(tmp_path / "bfloat16")]) == 0
     out = tmp_path / "dpo"
     assert cli.main(["dpo", *common, "--max-steps", "3", "--base-dtype", "bfloat16", "--out", str(out)]) == 0

@@ -213,8 +213,20 @@ def test_missing_or_wrong_field(tmp_path):
         load_preference_pairs(path)
     path = tmp_path / "h.json"
     path.write_text('{"rows": []}', encoding="utf-8")
-    with pytest.raises(UserError, match="holds a JSON dict"):
+    with pytest.raises(UserError, match=r"holds an object \(a mapping\), but a \.json source must hold a list"):
         load_preference_pairs(path)
+
+
+@pytest.mark.parametrize(("value", "kind"), [(1, "an int"), (None, "null"), (2.5, "a float"), (True, "a boolean"),
+                                             ({"a": 1}, "an object")])
+def test_wrong_field_types_are_named_as_english_reads(tmp_path, value, kind):
+    """Issue 29: "field 'chosen' is a int" read as a typo; each JSON type gets its article (and null its name)."""
+    path = _write_jsonl(tmp_path / "t.jsonl", [{"prompt": "p", "chosen": value, "rejected": "r"}])
+    with pytest.raises(UserError, match=rf"t\.jsonl line 1: field 'chosen' is {kind}\b.*needs text"):
+        load_preference_pairs(path)
+    if not isinstance(value, dict):  # a whole row that is no object
+        with pytest.raises(UserError, match=rf"r\.jsonl line 1: expected a JSON object .*, got {kind}\.$"):
+            load_preference_pairs(_write_jsonl(tmp_path / "r.jsonl", [value]))
 
 
 def test_empty_sources(tmp_path):

@@ -134,6 +134,8 @@ def test_eval_end_to_end_with_a_real_judge(run_dir, judge_dir, root, capsys):
     for text in ("| metric |", f"{greedy['rate']:.3f} [{greedy['low']:.3f}, {greedy['high']:.3f}]", accuracy,
                  "PROMPT", "REFERENCE", "POLICY", "[row 0]", "OVERLAP"):
         assert text in md, text
+    # --show 2: two prompts side by side in eval.md, none on the terminal (its help says so; it claimed both)
+    assert "[row 1]" in md and "[row 2]" not in md and "PROMPT" not in printed
 
 
 def test_a_run_folder_policy_with_a_judge_on_other_rows_is_not_flagged(run_dir, root, chat_tok):
@@ -212,6 +214,20 @@ def test_sampling_is_seeded_and_greedy_matches_plain_generate(run_dir, root):
     assert texts == [p["policy"]["greedy"][0]["text"] for p in ra["prompts"]]
 
 
+def test_fewer_prompts_than_asked_are_used_and_said_as_run_does(run_dir, root, capsys):
+    """--n is a cap, as --eval-prompts is for `minialign run` (the issue: run quietly used fewer while eval refused):
+    both go through load_prompts, which takes what the rows hold and says so, naming the setting."""
+    from minialign.evaluation.evalrows import RowSet, load_prompts
+
+    out = root / "eval-few"
+    assert run_cli("eval", "--policy", run_dir / "dpo", *SMALL, "--rows", "98:", "--out", out) == 0
+    err = capsys.readouterr().err
+    assert "demo (test) rows 98: holds 2 usable prompts, fewer than --n 4; evaluating on those 2." in err
+    assert json.loads((out / "eval.json").read_text())["rows"] == [98, 99]
+    assert [p.row for p in load_prompts(RowSet("demo", "test", "", "97:"), 10, flag="--eval-prompts")] == [97, 98, 99]
+    assert "holds 3 usable prompts, fewer than --eval-prompts 10" in capsys.readouterr().err
+
+
 def _error(capsys, *argv) -> str:
     assert run_cli(*argv) == 2
     return capsys.readouterr().err
@@ -219,8 +235,11 @@ def _error(capsys, *argv) -> str:
 
 def test_bad_inputs_exit_2(run_dir, judge_dir, root, capsys):
     policy = ["eval", "--policy", run_dir / "dpo", *SMALL]
-    err = _error(capsys, *policy, "--n", "1000")
-    assert "100 usable prompts" in err and "--n" in err
+    # the issue: "--n 4 --rows 5:2" suggested "Lower --n to at most 0"; the span itself is the mistake
+    err = _error(capsys, *policy, "--rows", "5:2")
+    assert "--rows '5:2' selects no rows" in err and "'2:5'" in err and "--n" not in err
+    assert "--rows '3:3' selects no rows" in _error(capsys, *policy, "--rows", "3:3")
+    assert "holds no usable prompts" in _error(capsys, *policy, "--rows", "100:110")  # the demo test split has 100
     err = _error(capsys, *policy, "--dataset", "demo", "--split", "train", "--rows", "0:10")
     assert "trained on" in err and "rows 0, 1" in err
     # the real reward-model run where a causal LM is expected, and a policy run given as the judge

@@ -202,3 +202,35 @@ def test_real_gpt_neox_tokenizer_without_pad_token(shared_dir):
     model = tiny_model(len(tok))
     out = generate(model, tok, ["\n\nHuman: Hi\n\nAssistant:", "Hello there, my friend"], max_new_tokens=5)
     assert len(out) == 2 and all("<|endoftext|>" not in text for text in out)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_generate_cli_chat_template(tmp_path, capsys):
+    """The issue: `generate` had no --chat-template, so an adapter trained with it could only be prompted raw or
+    --hh. Each prompt becomes one user message (an HH dialogue: its turns) in the tokenizer's template, the text
+    training's to_chat_format gives, and the answers are plain generation's on those texts; a tokenizer without a
+    template exits 2."""
+    from minialign import cli
+    from minialign.data.chat import to_chat_format
+    from minialign.data.sources import PreferencePair
+    from minialign.modeling.models import load_model, load_tokenizer
+
+    tok = load_tokenizer("demo")
+    tok.chat_template = CHATML
+    tok.save_pretrained(str(tmp_path / "tok"))
+    argv = ["generate", "--model", "tiny", "--tokenizer", str(tmp_path / "tok"), "--max-new-tokens", "6",
+            "--chat-template", "--prompt", "What colour is the sky?", "--prompt", "Hi"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    expected = ["<|im_start|>user\nWhat colour is the sky?<|endoftext|>\n<|im_start|>assistant\n",
+                "<|im_start|>user\nHi<|endoftext|>\n<|im_start|>assistant\n"]
+    assert to_chat_format([PreferencePair("\n\nHuman: Hi\n\nAssistant:", "a", "b")], tok)[0].prompt == expected[1]
+    answers = generate(load_model("tiny"), load_tokenizer(str(tmp_path / "tok")), expected, max_new_tokens=6)
+    assert printed == "".join(f"PROMPT: {p.strip()}\nMODEL: {a.strip()}\n\n" for p, a in zip(expected, answers))
+    assert cli.main([*argv, "--hh"]) == 0  # an HH-wrapped prompt is the same user turn
+    assert capsys.readouterr().out == printed
+    assert cli.main(["generate", "--model", "tiny", "--tokenizer", "demo", "--chat-template", "--prompt", "Hi"]) == 2
+    assert "has no chat template" in capsys.readouterr().err

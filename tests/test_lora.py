@@ -282,3 +282,50 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     save_adapter(model, tmp_path / "a")  # replacing a complete adapter works
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_smollm2_from_its_gguf_names_its_hub_id_for_peft(smollm2_gguf, tmp_path, capsys):
+    """The issue: an adapter trained on `smollm2-135m-instruct` recorded that name, which PEFT cannot resolve. Now
+    adapter_config.json names the hub model, minialign_base.json the GGUF file and minialign's own name, and
+    minialign still recognises its base by either name (no warning), but warns for another model."""
+    from minialign.config.modelnames import SMOLLM2, SMOLLM2_HUB_ID, adapter_base
+
+    for name in (SMOLLM2, str(smollm2_gguf)):
+        record = adapter_base(name)
+        assert record["base_model_name_or_path"] == SMOLLM2_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert record["gguf_file"] == str(smollm2_gguf.resolve()) and record["minialign_model"] == name
+    source = apply_lora(tiny_neox(), LoRAConfig(r=2))
+    randomise_lora(source)
+    save_adapter(source, tmp_path / "a", base_model_name_or_path=SMOLLM2)
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_model_name_or_path"] == SMOLLM2_HUB_ID
+    saved = json.loads((tmp_path / "a" / "minialign_base.json").read_text())
+    assert (saved["minialign_model"], saved["gguf_file"]) == (SMOLLM2, str(smollm2_gguf.resolve()))
+    readme = (tmp_path / "a" / "README.md").read_text()
+    assert f'from_pretrained("{SMOLLM2_HUB_ID}")' in readme and f'gguf_file="{smollm2_gguf.name}"' in readme
+    for name, warned in ((SMOLLM2, False), (SMOLLM2_HUB_ID, False), ("EleutherAI/pythia-14m", True)):
+        target = tiny_neox()
+        target.config._name_or_path = name
+        load_adapter(target, tmp_path / "a")
+        assert ("warning: adapter" in capsys.readouterr().err) == warned, name
+        assert torch.equal(logits(target), logits(source))
+
+
+@pytest.mark.parametrize(("name", "kept"), [("EleutherAI/pythia-70m", True), ("runs/x/final/model", True),
+                                            ("pythia-70m", True), ("my/model.gguf", False)])
+def test_other_bases_keep_their_names_or_say_why_not(name, kept):
+    """A hub id or a local folder is what PEFT loads as it is; a built-in config is kept too, with a note that no hub
+    model holds its random weights; any other GGUF is named by its absolute path, with how transformers reads it."""
+    from pathlib import Path
+
+    from minialign.config.modelnames import adapter_base
+
+    record = adapter_base(name)
+    assert (record["base_model_name_or_path"] == name) == kept and record["minialign_model"] == name
+    if name == "pythia-70m":
+        assert "random weights: no hub model holds this base" in record["note"]
+    if name.endswith(".gguf"):
+        gguf = Path(name).resolve()
+        assert record["base_model_name_or_path"] == record["gguf_file"] == str(gguf)
+        assert f"gguf_file='{gguf.name}'" in record["note"]
+    if kept and name != "pythia-70m":
+        assert "note" not in record and "gguf_file" not in record

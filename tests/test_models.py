@@ -89,3 +89,42 @@ def test_llama_builtins():
     tiny = load_model("tiny-llama")
     assert tiny.config.num_key_value_heads * 2 == tiny.config.num_attention_heads
     assert default_tokenizer("llama-1b") == "smollm2-135m-instruct" and default_tokenizer("tiny-llama") == "demo"
+
+
+@pytest.mark.parametrize("name", ["runs/nope", "no-such-model"])
+def test_a_missing_model_says_so_first_and_lists_what_was_tried(name, tmp_path, monkeypatch, capsys):
+    """The issue: `eval --policy runs/nope` and `--model no-such-model` said "Could not load tokenizer ...", naming
+    the wrong thing; now: not a folder or file here, not a built-in name, not a cached hub id (offline)."""
+    from minialign.config.modelnames import builtin_names
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for load in (load_model, load_tokenizer):
+        with pytest.raises(UserError) as exc:
+            load(name)
+        message = str(exc.value)
+        assert message.startswith(f"'{name}' was not found: there is no folder or file {name} here "
+                                  f"({tmp_path / name}), it is not a built-in name ({', '.join(builtin_names())})")
+        assert "not in the local Hugging Face cache, and the hub cannot be reached (offline)" in message
+        assert "Could not load" not in message and "tokenizer" not in message
+    for argv in (["eval", "--policy", name], ["sft", "--model", name, "--dataset", "demo", "--out", "run"]):
+        assert cli.main(argv) == 2
+        assert capsys.readouterr().err.startswith(f"error: '{name}' was not found: there is no folder or file")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_hub_saying_no_such_repository_is_not_found_too():
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from minialign.modeling.models import _repo_missing, not_found
+
+    missing = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
+    Exception.__init__(missing, "404 Client Error: Repository Not Found")
+    try:
+        try:
+            raise missing
+        except RepositoryNotFoundError as inner:  # how transformers reports it
+            raise OSError("x is not a local folder and is not a valid model identifier") from inner
+    except OSError as outer:
+        assert _repo_missing(outer) and not _repo_missing(OSError("x has no config.json"))
+    assert "the hub has no model of that id" in not_found("org/x", online=True)

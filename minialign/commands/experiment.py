@@ -211,7 +211,7 @@ def generation_eval(ctx: Context, dpo_cfg: DPOConfig, policy, reference) -> dict
         return None
     chat = ctx.tokenizer if dpo_cfg.chat_template else None
     rows = heldout_rows(dpo_cfg)
-    prompts = load_prompts(rows, cfg.eval_prompts, chat_tokenizer=chat, strict=False)
+    prompts = load_prompts(rows, cfg.eval_prompts, chat_tokenizer=chat, flag="--eval-prompts")
     decoding = Decoding(cfg.max_new_tokens, cfg.eval_samples, cfg.eval_temperature, cfg.eval_top_p, cfg.seed)
     if cfg.eval_suite:
         return suite_eval(ctx, dpo_cfg, policy, reference, decoding)

@@ -7,18 +7,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import textwrap
 import typing
 
 from minialign.config.fields import GROUPS, split_list
 
+# Every number a flag can take, in Python's own syntax: argparse's matcher knows only "-5" and "-.5", so
+# `--lr -1e-3` read "-1e-3" as an unknown option and reported "expected one argument".
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-inf$")
+
 
 class Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose sub-parsers (``add_subparsers`` makes them of this class) share ``HelpFormatter``."""
+    """An ``ArgumentParser`` whose sub-parsers (``add_subparsers`` makes them of this class) share ``HelpFormatter``
+    and read negative numbers in any notation (``--lr -1e-3``, ``--beta -0.1``) as values, so they reach the
+    config's own validation; no minialign option looks like a number, so none is shadowed."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_NUMBER
 
 
 GROUP_TITLES = {"lora": "LoRA", "dpo": "DPO", "rm": "reward model", "eval": "evaluation",
@@ -27,7 +35,7 @@ GROUP_TITLES = {"lora": "LoRA", "dpo": "DPO", "rm": "reward model", "eval": "eva
 
 class HelpFormatter(argparse.HelpFormatter):
     """Shows a hand-written argument's default (not None/False/suppressed); descriptions and epilogs keep their
-    line breaks, and lines indented by the author (example commands) are left as typed."""
+    line breaks, and lines indented by the author (example commands) are left as typed; no line breaks at a hyphen."""
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=32)
@@ -36,6 +44,10 @@ class HelpFormatter(argparse.HelpFormatter):
         return "\n".join(indent + line if line.startswith(" ") else textwrap.fill(line, width, initial_indent=indent,
                                                                                    subsequent_indent=indent)
                          for line in text.splitlines())
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # Never "tiny-\nmistral" or "--max-\nlength": names and flags hold hyphens.
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help = action.help or ""

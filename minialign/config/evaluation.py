@@ -7,6 +7,7 @@ from pathlib import Path
 
 from minialign.base.errors import UserError
 from minialign.config.fields import check_choices, opt
+from minialign.config.schema.modelnames import model_help
 
 
 @dataclass
@@ -14,7 +15,7 @@ class RunConfig:
     """`minialign run`: the reference experiment — LoRA table and benchmark, SFT, DPO, evaluation, report."""
 
 
-    model: str = opt("EleutherAI/pythia-70m", "hub id, local folder, .gguf file or built-in name", group="model")
+    model: str = opt("EleutherAI/pythia-70m", model_help(), group="model")
     tokenizer: str = opt("", "tokenizer to use; empty: the model's own", group="model")
     dataset: str = opt("Anthropic/hh-rlhf", "preference data: hub id, local file(s) or glob, or demo", group="data")
     data_dir: str = opt("harmless-base", "sub-folder of a hub dataset", group="data")
@@ -41,7 +42,8 @@ class RunConfig:
     device: str = opt("auto", "where to run; auto: CUDA if visible, else CPU", group="run",
                       choices=("auto", "cpu", "cuda"))
     eval_prompts: int = opt(100, "held-out prompts the eval stage answers with the reference and the DPO policy "
-                            "for the generation metrics (0: skip them)", group="eval")
+                            "for the generation metrics (0: skip them; fewer when the held-out rows hold fewer, as "
+                            "`minialign eval --n` does: the stage says so)", group="eval")
     eval_samples: int = opt(4, "sampled answers per prompt for the generation metrics, besides the greedy one",
                             group="eval")
     eval_temperature: float = opt(0.7, "sampling temperature of the generation metrics", group="eval")
@@ -77,7 +79,8 @@ class EvalConfig:
     split: str = opt("", "split of --dataset (default: the policy run's eval split, else test)", group="data")
     rows: str = opt("", "START:STOP over the raw rows of the prompt source (default: the run's eval rows)",
                     group="data")
-    n: int = opt(100, "number of prompts: the first N usable ones of the rows, in order", group="eval")
+    n: int = opt(100, "number of prompts: the first N usable ones of the rows, in order (fewer when the rows hold "
+                 "fewer: the command says so)", group="eval")
     chat_template: str = opt("auto", "rewrite prompts in the tokenizer's chat template (auto: as the policy "
                              "run was trained)", group="eval", choices=("auto", "on", "off"))
     samples: int = opt(4, "sampled answers per prompt, besides the greedy one (0: greedy only)", group="eval")
@@ -95,7 +98,8 @@ class EvalConfig:
     answers: str = opt("", "score the answers saved by an earlier `minialign eval` (its --out folder) or `minialign "
                        "run` (its folder) with --judge instead of generating: same answers, another judge",
                        group="eval", metavar="EVAL_OR_RUN_DIR")
-    show: int = opt(8, "prompts shown side by side in eval.md and on the terminal", group="eval")
+    show: int = opt(8, "prompts whose answers eval.md shows side by side (the terminal shows the metric tables; "
+                    "eval.json holds every answer)", group="eval")
     device: str = opt("auto", "where to run", group="eval", choices=("auto", "cpu", "cuda"))
     out: str = opt("", "output folder for eval.json and eval.md (default: <policy run>/eval, else runs/eval)",
                    group="output")
@@ -130,6 +134,9 @@ class EvalConfig:
             if not ok:
                 raise UserError(f"Invalid configuration: {message}.")
         check_choices(self)  # chat_template, device
+        from minialign.data.sources import parse_rows
+
+        parse_rows(self.rows or None, "--rows")  # a malformed or empty span fails before any model loads
 
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from minialign.base.errors import UserError
+from minialign.base.errors import UserError, kind_of
 from minialign.base.files import write_atomic
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs"
@@ -31,7 +31,7 @@ def load_yaml(path: str | Path, cls) -> dict:
     except yaml.YAMLError as exc:
         raise UserError(f"Config file {path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise UserError(f"Config file {path} must hold a mapping of field: value, not {type(data).__name__}.")
+        raise UserError(f"Config file {path} must hold a mapping of field: value, not {kind_of(data)}.")
     check_keys(data, cls, str(path))
     return data
 

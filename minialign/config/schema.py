@@ -9,14 +9,14 @@ from dataclasses import dataclass
 
 from minialign.base.errors import UserError
 from minialign.config.fields import LOSS_TYPES, TRACKERS, check_choices, opt, prompt_length, split_list
+from minialign.config.schema.modelnames import model_help
 
 
 @dataclass
 class TrainConfig:
     """Everything SFT and DPO share: model, data, adapter, optimisation, run folder."""
 
-    model: str = opt("EleutherAI/pythia-70m", "hub id, local folder, .gguf file or built-in name (tiny, tiny-llama, "
-                     "smollm2-135m-instruct)", group="model")
+    model: str = opt("EleutherAI/pythia-70m", model_help(), group="model")
     tokenizer: str = opt("", "tokenizer to use; empty: the model's own", group="model")
     dataset: str = opt("Anthropic/hh-rlhf", "preference data: hub id, local file(s) or glob (.jsonl[.gz], .json, "
                        ".parquet), or demo", group="data", metavar="SOURCE")
@@ -139,6 +139,10 @@ class TrainConfig:
                 raise UserError(f"Invalid configuration: {message}.")
         check_choices(self)
         self.max_prompt_length = prompt_length(self.max_length, self.max_prompt_length)
+        from minialign.data.sources import parse_rows
+
+        parse_rows(self.train_rows or None, "--train-rows")  # a malformed or empty span fails before anything loads
+        parse_rows(self.eval_rows or None, "--eval-rows")
         if self.optim_in_backward:
             self.check_optim_in_backward(world)
         if self.full and self.base_dtype == "bfloat16":

@@ -28,9 +28,21 @@ def hh_messages(prompt: str) -> list[dict[str, str]]:
     return messages
 
 
-def to_chat_format(pairs: Sequence[PreferencePair], tokenizer) -> PreferenceData:
+def _require_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("chat_template is on, but this tokenizer has no chat template; turn it off for base models.")
+
+
+def chat_prompt(text: str, tokenizer) -> str:
+    """One prompt as a model trained with ``--chat-template`` saw its prompts: an HH dialogue's turns, or else the
+    whole text as one user message, in the tokenizer's chat template, ending with the assistant's generation prompt."""
+    _require_template(tokenizer)
+    messages = hh_messages(text) if _TURN.search(text) else [{"role": "user", "content": text.strip()}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def to_chat_format(pairs: Sequence[PreferencePair], tokenizer) -> PreferenceData:
+    _require_template(tokenizer)
     out = []
     for p in pairs:
         prompt = tokenizer.apply_chat_template(hh_messages(p.prompt), tokenize=False, add_generation_prompt=True)

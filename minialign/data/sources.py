@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from minialign.base.errors import UserError
+from minialign.base.errors import UserError, kind_of
 
 ASSISTANT = "\n\nAssistant:"
 EXTENSIONS = (".jsonl.gz", ".jsonl", ".json", ".parquet")
@@ -115,7 +115,7 @@ def _text_field(row: dict[str, Any], name: str, where: str) -> str:
     if not isinstance(value, str):
         hint = " It looks like a conversational (list of messages) dataset; convert it to text first."
         raise UserError(
-            f"{where}: field {name!r} is a {type(value).__name__}, but minialign needs text (a string)."
+            f"{where}: field {name!r} is {kind_of(value)}, but minialign needs text (a string)."
             f"{hint if isinstance(value, list) else ''}"
         )
     return value
@@ -125,7 +125,7 @@ def row_to_pair(row: Any, where: str, *, drop_blank: bool = False) -> Preference
     """Turn one raw row (HH or explicit form) into a pair, or return why it is skipped."""
     if not isinstance(row, dict):
         raise UserError(
-            f"{where}: expected a JSON object with 'chosen' and 'rejected', got a {type(row).__name__}."
+            f"{where}: expected a JSON object with 'chosen' and 'rejected', got {kind_of(row)}."
         )
     chosen = _text_field(row, "chosen", where)
     rejected = _text_field(row, "rejected", where)
@@ -204,7 +204,7 @@ def _read_json(path: Path) -> Rows:
         ) from None
     if not isinstance(rows, list):
         raise UserError(
-            f"{path} holds a JSON {type(rows).__name__}, but a .json source must hold a list of row "
+            f"{path} holds {kind_of(rows)}, but a .json source must hold a list of row "
             "objects (or use .jsonl with one object per line)."
         )
     for i, row in enumerate(rows):
@@ -336,8 +336,10 @@ def read_rows(
 # ----------------------------------------------------------------------------- selecting and filtering
 
 
-def parse_rows(spec: str | None) -> slice:
-    """Parse "START:STOP" (Python slice semantics; either side may be empty) into a slice."""
+def parse_rows(spec: str | None, flag: str = "rows") -> slice:
+    """Parse "START:STOP" (Python slice semantics; either side may be empty) into a slice; ``flag`` names the
+    setting in errors. A span that can hold no row whatever the source's length (``5:2``, ``3:3``) is refused here,
+    not reported later as a source with no usable rows."""
     if spec is None:
         return slice(None)
     parts = str(spec).split(":")
@@ -347,9 +349,15 @@ def parse_rows(spec: str | None) -> slice:
         start, stop = (int(p) if p.strip() else None for p in parts)
     except ValueError:
         raise UserError(
-            f"rows={spec!r} is not of the form START:STOP (e.g. '300:' or '0:300'; Python slice "
+            f"{flag} {spec!r} is not of the form START:STOP (e.g. '300:' or '0:300'; Python slice "
             "semantics over the raw rows, counted from 0)."
         ) from None
+    if start is not None and stop is not None and (start < 0) == (stop < 0) and start >= stop:
+        why = (f"START and STOP are both {start} and STOP is excluded ('{start}:{start + 1}' is row {start} alone)"
+               if start == stop else f"it stops (at {stop}) before it starts (at {start}); '{stop}:{start}' is the "
+               "range the other way round")
+        raise UserError(f"{flag} {spec!r} selects no rows: {why}. Rows are counted from 0, STOP excluded: '0:300' "
+                        "is rows 0 to 299, '300:' every row from 300 on.")
     return slice(start, stop)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from minialign.base.dist import rank
 from minialign.config.schema import TrainConfig
 from minialign.data.chat import to_chat_format
 from minialign.data.sources import load_preference_pairs, split_pairs
@@ -16,6 +17,11 @@ def load_pairs(cfg: TrainConfig, tokenizer):
     eval_source = cfg.eval_data or cfg.dataset
     if single_split(cfg):
         train_pairs, eval_pairs = split_pairs(train_pairs, 0.1, cfg.seed)
+        if rank() == 0:  # nothing on the command line asked for it: say so
+            cap = f"; --eval-limit scores {cfg.eval_limit}" if cfg.eval_limit < len(eval_pairs) else ""
+            print(f"minialign: {cfg.dataset} is one local source without --eval-data or --eval-rows: 10% of its pairs "
+                  f"are held out for evaluation, {len(eval_pairs)} chosen at random (--seed {cfg.seed}{cap}), and "
+                  f"{len(train_pairs)} are left to train on.")
         eval_pairs = eval_pairs[: cfg.eval_limit]
     else:
         eval_pairs = load_preference_pairs(eval_source, split=cfg.eval_split, data_dir=cfg.data_dir or None,

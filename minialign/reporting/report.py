@@ -22,7 +22,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from minialign.base.errors import UserError
+from minialign.base.errors import UserError, kind_of
 from minialign.base.files import write_atomic
 from minialign.reporting.render import (
     Block,
@@ -84,7 +84,7 @@ def load_results(run_dir: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON ({exc}). Re-run the stage that writes it.") from exc
     if not isinstance(results, dict):
-        raise UserError(f"{path} must hold a JSON object with stage names as keys, not {type(results).__name__}.")
+        raise UserError(f"{path} must hold a JSON object with stage names as keys, not {kind_of(results)}.")
     return results
 
 
@@ -250,7 +250,7 @@ def _metrics_notes(name: str, rows: list[dict], bad: list[int]) -> list:
 def _stage(results: dict[str, Any], name: str) -> dict[str, Any] | None:
     section = results.get(name)
     if section is not None and not isinstance(section, dict):
-        raise UserError(f"results.json: \"{name}\" must be an object, not {type(section).__name__}.")
+        raise UserError(f"results.json: \"{name}\" must be an object, not {kind_of(section)}.")
     return section
 
 
