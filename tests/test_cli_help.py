@@ -141,6 +141,7 @@ def test_every_shipped_preset_builds_its_command_config():
     from minialign.config.schema import DPOConfig, OnlineConfig, RMConfig, SFTConfig
 
     kinds = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RMConfig, "run": RunConfig, "smollm2-hh": DPOConfig,
+             "smollm2-hh-online": OnlineConfig,
              "online": OnlineConfig}
     names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
     assert "smollm2-hh" in names

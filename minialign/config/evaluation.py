@@ -7,7 +7,7 @@ from pathlib import Path
 
 from minialign.base.errors import UserError
 from minialign.config.fields import check_choices, opt
-from minialign.config.schema.modelnames import model_help
+from minialign.config.modelnames import model_help
 
 
 @dataclass

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from minialign.base.errors import UserError
 from minialign.config.fields import LOSS_TYPES, TRACKERS, check_choices, opt, prompt_length, split_list
-from minialign.config.schema.modelnames import model_help
+from minialign.config.modelnames import model_help
 
 
 @dataclass

@@ -14,7 +14,7 @@ from torch import nn
 
 from minialign.base.errors import UserError
 from minialign.base.files import publish_dir, staged_dir
-from minialign.config.schema.modelnames import adapter_base, adapter_readme
+from minialign.config.modelnames import adapter_base, adapter_readme
 from minialign.modeling.lora import LoRAConfig, available_layers, linear_modules, lora_layers, short_targets, wrap_layers
 
 CONFIG_FILE = "adapter_config.json"
