@@ -273,7 +273,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("minialign.modeling.lora.save_file", crash)
+    monkeypatch.setattr("minialign.modeling.adapters.save_file", crash)
     with pytest.raises(OSError):
         save_adapter(model, tmp_path / "a")
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before

@@ -71,4 +71,4 @@ def test_bench_and_train_import_without_a_circle():
             "import minialign.training.bench")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "bench" not in (ROOT / "minialign" / "train.py").read_text()
+    assert "bench" not in (ROOT / "minialign" / "training" / "train.py").read_text()

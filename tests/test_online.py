@@ -202,7 +202,7 @@ BAD = {
     "overlap": (lambda root, rms: ["--reward-models", rms[0], "--train-rows", "50:150"], "shares rows with the policy"),
     "samples": (lambda root, rms: ["--reward-models", rms[0], "--samples", "1"], "--samples must be >= 2"),
     "min gap": (lambda root, rms: ["--reward-models", rms[0], "--min-gap", "-0.5"], "--min-gap must be >= 0"),
-    "no prompts": (lambda root, rms: ["--reward-models", rms[0], "--train-rows", "50:50"], "holds no usable prompt"),
+    "no prompts": (lambda root, rms: ["--reward-models", rms[0], "--train-rows", "50:50"], "selects no rows"),
     "weights": (lambda root, rms: ["--reward-models", rms[0], "--rm-weights", "1,2"], "gives 2 weight(s)"),
     "weight text": (lambda root, rms: ["--reward-models", rms[0], "--rm-weights", "heavy"], "must be numbers"),
 }

@@ -67,7 +67,7 @@ def test_a_finished_run_is_left_as_it_is_and_flags_are_never_dropped(tmp_path, c
     assert "epochs 2 -> 3" in err and "max_steps" in err  # what may change is listed
     expect_user_error(capsys, "dpo", "--resume", out, "--max-steps", 4, match="kept no checkpoint of that step")
     expect_user_error(capsys, "dpo", "--resume", out, "--keep-last", 3, match="keep_last 2 -> 3 would change nothing")
-    expect_user_error(capsys, "dpo", "--resume", out, "--demo", match="--demo starts a new one")
+    expect_user_error(capsys, "dpo", "--resume", out, "--demo", match="--resume and --demo are alternatives")
     expect_user_error(capsys, "dpo", "--resume", out, "--overwrite", match="--overwrite starts a new one")
     assert snapshot(out) == before
 
@@ -81,7 +81,7 @@ def test_a_start_refused_for_a_bad_setting_leaves_nothing_so_the_fixed_retry_run
     expect_user_error(capsys, "dpo", *SMALL, "--lora-targets", "nosuch", "--out", out, match="matched no linear layer")
     assert not out.exists()
     expect_user_error(capsys, "dpo", *SMALL, "--model", tmp_path / "missing", "--tokenizer", "demo", "--out", out,
-                      match="Could not load model")
+                      match="was not found")
     assert not out.exists()
     assert run_cli("dpo", *SMALL, "--lora-r", 8, "--max-steps", 1, "--out", out) == 0
     assert load_run_config(out, DPOConfig).lora_r == 8 and (out / "final" / "adapter").is_dir()

@@ -33,6 +33,7 @@ from minialign.modeling import lora
 from minialign.modeling.models import load_model, load_tokenizer
 from minialign.modeling.policy import TokenLogps
 from minialign.ops import losses
+from minialign.ops.losses import PreferenceLoss
 from minialign.training import checkpoint
 from minialign.training.batches import add_target_index
 from minialign.training.optim import make_optimizer, make_scheduler
@@ -178,7 +179,7 @@ def test_lora_reference_is_the_model_before_dpo():
     lora.apply_lora(model, lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha))
     policy = TokenLogps(model)
     reference = adapter_reference(policy, normalise=False)
-    task = DPOTask(reference, beta=cfg.beta)
+    task = DPOTask(reference, PreferenceLoss(beta=cfg.beta))
     collate = lambda idx: collate_pairs([pairs[i] for i in idx], pad_id=pad, index=idx)
     train(policy, task, range(len(pairs)), collate, cfg, None)
 

@@ -22,7 +22,7 @@ import yaml
 from minialign.base.errors import UserError
 from minialign.commands.folders import check_eval_out
 from minialign.config.evaluation import EvalConfig
-from minialign.data.sources import parse_rows
+from minialign.config.fields import parse_rows
 from minialign.evaluation.evalrows import RowSet, check_not_trained_on, load_prompts
 from minialign.evaluation.geneval import Decoding, EvalPrompt
 from minialign.reporting.suite import suite_text
@@ -140,14 +140,13 @@ def check_judges(axes: list[Axis], suite: str, tokenizer, tokenizer_label: str, 
 
 
 def axis_prompts(axes: list[Axis], suite: str, n: int, chat_tokenizer, trained: list[tuple[str, RowSet]], *,
-                 strict: bool = True, flag: str = "--suite") -> list[tuple[Axis, list[EvalPrompt]]]:
-    """Every axis's prompts (its ``n``, else ``n``), each refused if a model trained on them: all checked before any
-    answer is generated. ``strict`` is ``load_prompts``'s for axes without their own ``n``."""
+                 flag: str = "--suite") -> list[tuple[Axis, list[EvalPrompt]]]:
+    """Every axis's prompts (its ``n``, else ``n``: a cap, as ``load_prompts`` takes it), each refused if a model
+    trained on them: all checked before any answer is generated."""
     plans = []
     for axis in axes:
         try:
-            prompts = load_prompts(axis.row_set(), axis.n or n, chat_tokenizer=chat_tokenizer,
-                                   strict=strict or bool(axis.n))
+            prompts = load_prompts(axis.row_set(), axis.n or n, chat_tokenizer=chat_tokenizer, flag=flag)
             check_not_trained_on(prompts, axis.row_set(), trained)
         except UserError as e:
             raise UserError(f"{flag} {suite}, axis {axis.name!r} ({axis.row_set().label()}): {e}") from None

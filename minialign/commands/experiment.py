@@ -233,7 +233,7 @@ def suite_eval(ctx: Context, dpo_cfg: DPOConfig, policy, reference, decoding) ->
     axes = load_suite(cfg.eval_suite, "eval_suite")
     trained = config_training(dpo_cfg, "dpo")
     chat = ctx.tokenizer if dpo_cfg.chat_template else None
-    plans = axis_prompts(axes, cfg.eval_suite, cfg.eval_prompts, chat, trained, strict=False, flag="eval_suite")
+    plans = axis_prompts(axes, cfg.eval_suite, cfg.eval_prompts, chat, trained, flag="eval_suite")
     common = {"policy": f"dpo run {ctx.run_dir / 'dpo'}", "reference": "the policy's starting model",
               "chat_template": chat is not None, "tokenizer": folder_tokenizer(ctx.run_dir / "dpo", dpo_cfg)}
     results = judged_axes(policy, reference, ctx.tokenizer, plans, trained, decoding, ctx.device, common=common)
@@ -257,7 +257,7 @@ def check_suite(ctx: Context) -> None:
     check_judges(axes, cfg.eval_suite, ctx.tokenizer, cfg.tokenizer or default_tokenizer(cfg.model),
                  "eval_suite")
     trained = [("the run's SFT stage", train_rows(ctx.sft_cfg)), ("the run's DPO stage", train_rows(ctx.dpo_cfg))]
-    axis_prompts(axes, cfg.eval_suite, cfg.eval_prompts, None, trained, strict=False, flag="eval_suite")
+    axis_prompts(axes, cfg.eval_suite, cfg.eval_prompts, None, trained, flag="eval_suite")
 
 
 def stage_report(ctx: Context) -> dict:

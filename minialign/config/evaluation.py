@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minialign.base.errors import UserError
-from minialign.config.fields import check_choices, opt
+from minialign.config.fields import check_choices, opt, parse_rows
 from minialign.config.modelnames import model_help
 
 
@@ -134,8 +134,6 @@ class EvalConfig:
             if not ok:
                 raise UserError(f"Invalid configuration: {message}.")
         check_choices(self)  # chat_template, device
-        from minialign.data.sources import parse_rows
-
         parse_rows(self.rows or None, "--rows")  # a malformed or empty span fails before any model loads
 
 

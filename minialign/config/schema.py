@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minialign.base.errors import UserError
-from minialign.config.fields import LOSS_TYPES, TRACKERS, check_choices, opt, prompt_length, split_list
+from minialign.config.fields import LOSS_TYPES, TRACKERS, check_choices, opt, parse_rows, prompt_length, split_list
 from minialign.config.modelnames import model_help
 
 
@@ -139,8 +139,6 @@ class TrainConfig:
                 raise UserError(f"Invalid configuration: {message}.")
         check_choices(self)
         self.max_prompt_length = prompt_length(self.max_length, self.max_prompt_length)
-        from minialign.data.sources import parse_rows
-
         parse_rows(self.train_rows or None, "--train-rows")  # a malformed or empty span fails before anything loads
         parse_rows(self.eval_rows or None, "--eval-rows")
         if self.optim_in_backward:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from minialign.base.errors import UserError, kind_of
+from minialign.config.fields import parse_rows
 
 ASSISTANT = "\n\nAssistant:"
 EXTENSIONS = (".jsonl.gz", ".jsonl", ".json", ".parquet")
@@ -334,31 +335,6 @@ def read_rows(
 
 
 # ----------------------------------------------------------------------------- selecting and filtering
-
-
-def parse_rows(spec: str | None, flag: str = "rows") -> slice:
-    """Parse "START:STOP" (Python slice semantics; either side may be empty) into a slice; ``flag`` names the
-    setting in errors. A span that can hold no row whatever the source's length (``5:2``, ``3:3``) is refused here,
-    not reported later as a source with no usable rows."""
-    if spec is None:
-        return slice(None)
-    parts = str(spec).split(":")
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        start, stop = (int(p) if p.strip() else None for p in parts)
-    except ValueError:
-        raise UserError(
-            f"{flag} {spec!r} is not of the form START:STOP (e.g. '300:' or '0:300'; Python slice "
-            "semantics over the raw rows, counted from 0)."
-        ) from None
-    if start is not None and stop is not None and (start < 0) == (stop < 0) and start >= stop:
-        why = (f"START and STOP are both {start} and STOP is excluded ('{start}:{start + 1}' is row {start} alone)"
-               if start == stop else f"it stops (at {stop}) before it starts (at {start}); '{stop}:{start}' is the "
-               "range the other way round")
-        raise UserError(f"{flag} {spec!r} selects no rows: {why}. Rows are counted from 0, STOP excluded: '0:300' "
-                        "is rows 0 to 299, '300:' every row from 300 on.")
-    return slice(start, stop)
 
 
 def select_rows(rows: Rows, span: slice) -> Iterator[tuple[str, Any]]:

@@ -16,16 +16,9 @@ from pathlib import Path
 import yaml
 
 from minialign.base.errors import UserError
+from minialign.config.fields import parse_rows
 from minialign.config.schema import TrainConfig
-from minialign.data.sources import (
-    PreferencePair,
-    parse_rows,
-    read_rows,
-    resolve_paths,
-    row_to_pair,
-    select_rows,
-    split_pairs,
-)
+from minialign.data.sources import PreferencePair, read_rows, resolve_paths, row_to_pair, select_rows, split_pairs
 from minialign.data.splits import single_split
 from minialign.evaluation.geneval import EvalPrompt
 
