@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -50,3 +51,16 @@ def _model_cache(tmp_path_factory):
 def _threads():
     torch.set_num_threads(2)
     yield
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the body on ``n`` CPU threads, then restore the count: the modules whose models are tiny use one (a second
+    thread mostly waits on a shared 2-core machine), also inside their module-scoped fixtures."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+

@@ -18,6 +18,7 @@ from minialign.evaluation.textmetrics import distinct_n, loops, win_rate
 from minialign.modeling.models import load_tokenizer
 from minialign.reporting.generation import NO_GENERATION
 from minialign.reporting.render import fmt
+from tests.conftest import torch_threads
 
 SMALL = ["--n", "4", "--samples", "2", "--max-new-tokens", "8", "--show", "2"]
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
@@ -29,10 +30,8 @@ RM = ["rm", "--demo", "--max-steps", "3", "--eval-limit", "16"]
 def _threads():
     """One thread (overrides conftest's two, for the module fixtures too): these models are tiny, and on a shared
     2-core machine a second thread mostly waits for the first."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from test_eval_cmd import RM, check_judged, heldout_accuracy
 from test_train import run_cli
@@ -16,6 +15,7 @@ from minialign.base.errors import UserError
 from minialign.commands.evalsuite import load_suite
 from minialign.evaluation.evasion import evades
 from minialign.evaluation.geneval import SIDES
+from tests.conftest import torch_threads
 
 SMALL = ["--n", "2", "--samples", "1", "--max-new-tokens", "6", "--show", "1"]
 
@@ -23,10 +23,8 @@ SMALL = ["--n", "2", "--samples", "1", "--max-new-tokens", "6", "--show", "1"]
 @pytest.fixture(autouse=True, scope="module")
 def _threads():
     """One thread, as in test_eval_cmd: these models are tiny."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

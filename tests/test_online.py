@@ -24,6 +24,7 @@ from minialign.evaluation.judge import load_judge
 from minialign.evaluation.textmetrics import loops
 from minialign.modeling import adapters
 from minialign.modeling.models import load_model, load_tokenizer
+from tests.conftest import torch_threads
 
 RM = ["rm", "--demo", "--eval-limit", "16", "--train-rows", "100:"]
 SMALL = ["--demo", "--prompts-per-round", "12", "--samples", "3", "--max-new-tokens", "8", "--batch-size", "4",
@@ -33,10 +34,8 @@ SMALL = ["--demo", "--prompts-per-round", "12", "--samples", "3", "--max-new-tok
 @pytest.fixture(autouse=True, scope="module")
 def _threads():
     """One thread, as the subprocess of the resume test gets: the same floats in and out of process."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(THREADS):
+        yield
 
 
 @pytest.fixture(scope="module")

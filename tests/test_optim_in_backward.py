@@ -29,14 +29,13 @@ from minialign.training.health import TrainingDiverged
 from minialign.training.optim import InBackwardAdamW, make_optimizer
 from minialign.training.tasks import SFTTask
 from minialign.training.train import train
+from tests.conftest import torch_threads
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():  # as tests/test_train.py: the tiny model is as fast on one thread, and never stalls
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
 
 
 def config(**overrides) -> SFTConfig:
