@@ -41,16 +41,31 @@ if str(HERE) not in sys.path:  # bench_gpu (default data and results names) live
 from e2e_table import fmt, markdown, ratios  # noqa: E402
 from trl_e2e import add_run_args  # noqa: E402
 
-# Runner name -> extra minialign flags (None: the TRL script). `--fast` is minialign's one switch for its GPU setting.
+# Peer runners: (user script, its extra flags). Each writes the same JSON (trl_e2e.run_script).
+PEERS: dict[str, tuple[str, list[str]]] = {
+    "trl": ("trl_e2e.py", []),
+    # Unsloth as its notebooks run it (its offloaded gradient checkpointing, 8-bit AdamW): its low-memory default
+    "unsloth": ("unsloth_peer.py", ["--runner", "unsloth", "--grad-checkpointing", "unsloth", "--optim", "adamw_8bit"]),
+    # Unsloth at minialign's setting: no recomputation, fused AdamW
+    "unsloth-ours": ("unsloth_peer.py", ["--runner", "unsloth-ours", "--grad-checkpointing", "off",
+                                         "--optim", "adamw_torch_fused"]),
+}
+# Runner name -> extra minialign flags (None: a peer script). `--fast` is minialign's one switch for its GPU setting.
 RUNNERS: dict[str, list[str] | None] = {
-    "trl": None,
+    **{name: None for name in PEERS},
     "minialign-eager": ["--fast", "off"],
     "minialign": ["--fast", "on"],
     "minialign-auto": ["--fast", "auto"],
     "minialign-compile": ["--fast", "on", "--compile"],
     # full fine-tuning of bf16 weights (StochasticAdamW); under LoRA the frozen base is bf16 on CUDA already
     "minialign-bf16": ["--fast", "on", "--base-dtype", "bfloat16"],
+    # minialign's memory options together, the row matched against Unsloth's low-memory default: compiled activation
+    # checkpointing and AdamW stepped inside backward (which needs --max-grad-norm 0); LOWMEM_FULL under --full
+    "minialign-lowmem": ["--fast", "on", "--grad-checkpointing", "--compile", "--optim-in-backward",
+                         "--max-grad-norm", "0"],
 }
+# Full fine-tuning's smallest setting: bf16 weights with stochastic-rounding AdamW (which steps after backward).
+LOWMEM_FULL = ["--fast", "on", "--grad-checkpointing", "--compile", "--base-dtype", "bfloat16"]
 PROBE = ("import json, platform, torch; from importlib.metadata import version; "
          "print(json.dumps({'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', "
          "'versions': {'python': platform.python_version(), 'torch': torch.__version__, "
@@ -78,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fresh: empty torch.compile/Triton caches per run (a first run); shared: the user's caches")
     p.add_argument("--no-heldout", action="store_true", help="skip the shared held-out scoring")
     p.add_argument("--no-warm", action="store_true", help="skip the untimed process that reads every library once")
+    p.add_argument("--unsloth-site", default=os.environ.get("UNSLOTH_SITE", ""),
+                   help="a folder put first on the Unsloth runners' PYTHONPATH (its trl <= 1.15, datasets < 5)")
     p.add_argument("--checkpoint", default="", help="a built-in --model is first saved here (bf16 safetensors, "
                    "untimed, once) and every runner loads it as a user loads a pretrained model")
     args = p.parse_args(argv)
@@ -88,12 +105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def child_env(run_dir: Path, fresh_cache: bool) -> dict[str, str]:
-    """The children's environment: unbuffered logs, no tokenizer threads, no hub retries, minialign importable."""
+def child_env(run_dir: Path, fresh_cache: bool, site: str = "") -> dict[str, str]:
+    """The children's environment: unbuffered logs, no tokenizer threads, no hub retries, minialign importable
+    (``site``: a folder of packages ahead of the rest, for a peer that pins other versions)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("HF_DATASETS_OFFLINE", "1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), site, env.get("PYTHONPATH", "")) if p)
     if fresh_cache:
         env["TORCHINDUCTOR_CACHE_DIR"] = str(run_dir / "cache" / "inductor")
         env["TRITON_CACHE_DIR"] = str(run_dir / "cache" / "triton")
@@ -151,14 +169,20 @@ def runner_command(args: argparse.Namespace, runner: str, run_dir: Path) -> list
             "--seed", str(args.seed), *(["--chat-template"] if args.chat_template else [])]
     limit = ["--limit", str(args.limit)] if args.limit else []
     if RUNNERS[runner] is None:
-        return [sys.executable, str(HERE / "trl_e2e.py"), "--task", args.task, "--mode", args.mode, *same,
+        script, flags = PEERS[runner]
+        return [sys.executable, str(HERE / script), "--task", args.task, "--mode", args.mode, *same,
                 "--data", args.data, "--train-rows", args.train_rows, "--eval-rows", args.eval_rows, "--beta",
-                str(args.beta), *limit, "--out-json", str(run_dir / "trl.json"), "--adapter-out", str(run_dir / "final")]
+                str(args.beta), *limit, "--out-json", str(run_dir / "trl.json"), "--adapter-out", str(run_dir / "final"),
+                *flags]
     return [sys.executable, "-m", "minialign", args.task, *same, "--dataset", args.data, "--train-rows", args.train_rows,
             "--eval-data", args.data, "--eval-rows", args.eval_rows, "--eval-limit", "100000", *limit,
             *(["--beta", str(args.beta)] if args.task == "dpo" else []), "--full" if args.mode == "full" else "--no-full",
             "--weight-decay", "0", "--max-grad-norm", "1.0", "--grad-accum", "1", "--eval-every", "0",
-            "--out", str(run_dir), "--overwrite", *RUNNERS[runner], *shlex.split(args.minialign_args)]
+            "--out", str(run_dir), "--overwrite", *minialign_flags(runner, args.mode), *shlex.split(args.minialign_args)]
+
+
+def minialign_flags(runner: str, mode: str) -> list[str]:
+    return LOWMEM_FULL if runner == "minialign-lowmem" and mode == "full" else RUNNERS[runner]
 
 
 def collect(row: dict, runner: str, run_dir: Path) -> Path | None:
@@ -171,7 +195,8 @@ def collect(row: dict, runner: str, run_dir: Path) -> Path | None:
         row["wall_s"] = trl["t_done"] - row["t_spawn"]
         row.update({k: trl.get(k) for k in ("train_s", "tokens", "steps", "tokens_per_s", "steady_tokens_per_s",
                                              "steady_from_step", "peak_memory_mb", "memory_kind", "phases_s",
-                                             "final_train_loss", "train_rows_after_trl_filter", "gradient_checkpointing")})
+                                             "final_train_loss", "train_rows_after_trl_filter", "gradient_checkpointing",
+                                             "optim", "versions")})
         row["own_eval"] = trl.get("trl_eval", {})
         return run_dir / "final"
     row["wall_s"] = row["t_exit"] - row["t_spawn"]
@@ -183,6 +208,7 @@ def collect(row: dict, runner: str, run_dir: Path) -> Path | None:
         row.update({k: summary.get(k) for k in ("train_s", "tokens", "steps", "tokens_per_s", "steady_tokens_per_s",
                                                  "steady_from_step", "peak_memory_mb", "memory_kind", "graphs",
                                                  "shape_plan", "final_loss")})
+        row["final_train_loss"] = summary.get("final_loss")
         row["own_eval"] = summary.get("eval", {})
     elif metrics.is_file():  # an older minialign without summary.json: what metrics.jsonl holds
         lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
@@ -208,15 +234,17 @@ def score(args: argparse.Namespace, row: dict, result: Path, run_dir: Path, env:
     return found if found is not None else {"error": f"returncode {done['returncode']}", "log_tail": done.get("log_tail")}
 
 
-def save_checkpoint(model: str, path: Path, seed: int, env: dict) -> str:
-    """Write built-in ``model``'s random weights to ``path`` once (bf16, as pretrained checkpoints ship); its path.
+def save_checkpoint(model: str, tokenizer: str, path: Path, seed: int, env: dict) -> str:
+    """Write ``model`` (a built-in name's random weights, or a GGUF's) to ``path`` once, bf16 as pretrained checkpoints
+    ship, with ``tokenizer`` beside it (Unsloth reads both from one folder); its path.
 
     Random init of a 1B model on the CPU takes ~17 s in either trainer, which no user of a pretrained model
     pays; loading a checkpoint is what they do."""
     if not (path / "config.json").is_file():
-        code = ("import sys, torch; from minialign.modeling.models import load_model; "
-                "load_model(sys.argv[1], seed=int(sys.argv[3])).to(torch.bfloat16).save_pretrained(sys.argv[2])")
-        subprocess.run([sys.executable, "-c", code, model, str(path), str(seed)], env=env, check=True)
+        code = ("import sys, torch; from minialign.modeling.models import load_model, load_tokenizer; "
+                "load_model(sys.argv[1], seed=int(sys.argv[4])).to(torch.bfloat16).save_pretrained(sys.argv[3]); "
+                "load_tokenizer(sys.argv[2]).save_pretrained(sys.argv[3])")
+        subprocess.run([sys.executable, "-c", code, model, tokenizer, str(path), str(seed)], env=env, check=True)
     return str(path)
 
 
@@ -242,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     label = args.label or f"{Path(args.model).name}-{args.task}-{args.mode}"
     env = child_env(work / "probe", False)
     if args.checkpoint:
-        args.model = save_checkpoint(args.model, Path(args.checkpoint), args.seed, env)
+        args.model = args.tokenizer = save_checkpoint(args.model, args.tokenizer, Path(args.checkpoint), args.seed, env)
     probe = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, check=False)
     info = {"device": "unknown", "versions": {}}
     if probe.returncode == 0:
@@ -278,9 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[e2e] {label} {runner}: {shlex.join(cmd)}", flush=True)
         row = {"runner": runner, "label": label, "task": args.task, "mode": args.mode, "model": args.model, "call": call,
                "config": {k: getattr(args, k) for k in CONFIG_KEYS}}
+        site = args.unsloth_site if runner.startswith("unsloth") else ""
         row.update(run_timed(cmd, work / "logs" / f"{label}-{runner}.log", args.timeout_s,
-                             child_env(run_dir, args.compile_cache == "fresh")))
+                             child_env(run_dir, args.compile_cache == "fresh", site)))
         result = None
+        if row["returncode"] != 0 and RUNNERS[runner] is None:  # a peer says which package or call failed
+            row["error"] = (_read_json(run_dir / "trl.json") or {}).get("error")
         if row["returncode"] == 0:
             try:
                 result = collect(row, runner, run_dir)

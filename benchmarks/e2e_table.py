@@ -1,4 +1,4 @@
-"""The tables of a bench_e2e.py result: per-label ratios against TRL (in the JSON) and the markdown next to it."""
+"""The tables of a bench_e2e.py result: per-label ratios against each peer (in the JSON) and the markdown next to it."""
 
 from __future__ import annotations
 
@@ -16,29 +16,43 @@ def _delta(mine: dict, trl: dict, key: str) -> float | None:
     return a - b if a is not None and b is not None else None
 
 
+def _is_peer(runner: str) -> bool:
+    return not runner.startswith("minialign")
+
+
 def ratios(runs: list[dict]) -> list[dict]:
-    """minialign vs TRL per label: each minialign row against the TRL row of its call (else the label's latest)."""
+    """Each minialign row against each peer (TRL, Unsloth, ...) of its label: the peer row of its call, else the
+    label's latest. Keys end in ``_vs_<peer>`` (``wall_speedup_vs_trl``, ``wall_speedup_vs_unsloth``) and ``peer``
+    names it, so one result file can hold races against several peers."""
     out = []
     for r in runs:
-        if r["runner"] == "trl" or not _ok(r):
+        if _is_peer(r["runner"]) or not _ok(r):
             continue
-        trls = [t for t in runs if t["runner"] == "trl" and t.get("label") == r.get("label") and _ok(t)]
-        if not trls:
-            continue
-        t = next((t for t in trls if t.get("call") == r.get("call")), trls[-1])
-        out.append({
-            "label": r.get("label"), "runner": r["runner"], "call": r.get("call"), "trl_call": t.get("call"),
-            "wall_speedup_vs_trl": _div(t["wall_s"], r["wall_s"]),
-            # like for like: both clocks stopped after the final evaluation (minialign's last metrics write)
-            "wall_to_eval_speedup_vs_trl": _div(t["wall_s"], r.get("wall_to_eval_s")),
-            "steady_speedup_vs_trl": _div(r.get("steady_tokens_per_s"), t.get("steady_tokens_per_s")),
-            "throughput_speedup_vs_trl": _div(r.get("tokens_per_s"), t.get("tokens_per_s")),
-            "memory_ratio_vs_trl": _div(r.get("peak_memory_mb"), t.get("peak_memory_mb")),
-            **({"reward_accuracy_delta": _delta(r, t, "reward_accuracy"), "policy_accuracy_delta":
-                _delta(r, t, "policy_accuracy"), "reward_margin_delta": _delta(r, t, "reward_margin")}
-               if r.get("task") == "dpo" else {"heldout_loss_delta": _delta(r, t, "loss")}),
-        })
+        for peer in dict.fromkeys(t["runner"] for t in runs if _is_peer(t["runner"])):
+            same = [t for t in runs if t["runner"] == peer and t.get("label") == r.get("label") and _ok(t)]
+            if not same:
+                continue
+            t = next((t for t in same if t.get("call") == r.get("call")), same[-1])
+            v = peer.replace("-", "_")
+            out.append({
+                "label": r.get("label"), "runner": r["runner"], "peer": peer, "call": r.get("call"),
+                "peer_call": t.get("call"), **({"trl_call": t.get("call")} if peer == "trl" else {}),
+                f"wall_speedup_vs_{v}": _div(t["wall_s"], r["wall_s"]),
+                # like for like: both clocks stopped after the final evaluation (minialign's last metrics write)
+                f"wall_to_eval_speedup_vs_{v}": _div(t["wall_s"], r.get("wall_to_eval_s")),
+                f"steady_speedup_vs_{v}": _div(r.get("steady_tokens_per_s"), t.get("steady_tokens_per_s")),
+                f"throughput_speedup_vs_{v}": _div(r.get("tokens_per_s"), t.get("tokens_per_s")),
+                f"memory_ratio_vs_{v}": _div(r.get("peak_memory_mb"), t.get("peak_memory_mb")),
+                **({"reward_accuracy_delta": _delta(r, t, "reward_accuracy"), "policy_accuracy_delta":
+                    _delta(r, t, "policy_accuracy"), "reward_margin_delta": _delta(r, t, "reward_margin")}
+                   if r.get("task") == "dpo" else {"heldout_loss_delta": _delta(r, t, "loss")}),
+                "final_train_loss_delta": _diff(r.get("final_train_loss"), t.get("final_train_loss")),
+            })
     return out
+
+
+def _diff(a, b) -> float | None:
+    return a - b if a is not None and b is not None else None
 
 
 def fmt(x, spec: str = "{:,.0f}") -> str:
@@ -67,7 +81,9 @@ def _rc(r: dict) -> str:
 def markdown(doc: dict) -> str:
     """Every run, then every ratio; a run that failed shows its return code (its log's end is in the JSON)."""
     v = doc.get("versions", {})
-    lines = [f"## End to end: minialign vs TRL {v.get('trl')} + PEFT {v.get('peft')} on {doc['device']}", "",
+    peers = sorted({r["runner"] for r in doc["runs"] if _is_peer(r["runner"])})
+    title = " and ".join(f"TRL {v.get('trl')} + PEFT {v.get('peft')}" if p == "trl" else p for p in peers) or "peers"
+    lines = [f"## End to end: minialign vs {title} on {doc['device']}", "",
              f"torch {v.get('torch')}, transformers {v.get('transformers')}. Wall clock: from spawn to TRL's `t_done` "
              "(right after its final evaluation) or to minialign's exit (in brackets: to its final evaluation's "
              "metrics write, before its checkpoint and final save). Held-out: the same minialign evaluator on every "
@@ -80,16 +96,19 @@ def markdown(doc: dict) -> str:
                      f"| {fmt(r.get('train_s'), '{:.1f}')} | {fmt(r.get('steps'))} | {fmt(r.get('tokens'))} "
                      f"| {fmt(r.get('tokens_per_s'))} | {fmt(r.get('steady_tokens_per_s'))} "
                      f"| {fmt(r.get('peak_memory_mb'))} | {_heldout(r.get('heldout'), r.get('own_eval'))} |")
-    lines += ["", "| label | runner | wall speed-up (to eval) | steady speed-up | memory x | held-out delta |",
-              "|---|---|---:|---:|---:|---|"]
+    lines += ["", "| label | runner | vs | wall speed-up (to eval) | train tok/s x | steady speed-up | memory x "
+              "| held-out delta | final loss delta |", "|---|---|---|---:|---:|---:|---:|---|---:|"]
     for q in doc.get("ratios", []):
+        v = q.get("peer", "trl").replace("-", "_")
         delta = (f"reward acc {fmt(q.get('reward_accuracy_delta'), '{:+.3f}')}, policy acc "
                  f"{fmt(q.get('policy_accuracy_delta'), '{:+.3f}')}" if "reward_accuracy_delta" in q
                  else f"loss {fmt(q.get('heldout_loss_delta'), '{:+.4f}')}")
-        lines.append(f"| {q['label']} | {q['runner']} | {fmt(q['wall_speedup_vs_trl'], '{:.2f}x')} "
-                     f"({fmt(q.get('wall_to_eval_speedup_vs_trl'), '{:.2f}x')}) "
-                     f"| {fmt(q['steady_speedup_vs_trl'], '{:.2f}x')} | {fmt(q['memory_ratio_vs_trl'], '{:.2f}x')} "
-                     f"| {delta} |")
+        lines.append(f"| {q['label']} | {q['runner']} | {q.get('peer', 'trl')} "
+                     f"| {fmt(q[f'wall_speedup_vs_{v}'], '{:.2f}x')} "
+                     f"({fmt(q.get(f'wall_to_eval_speedup_vs_{v}'), '{:.2f}x')}) "
+                     f"| {fmt(q.get(f'throughput_speedup_vs_{v}'), '{:.2f}x')} "
+                     f"| {fmt(q[f'steady_speedup_vs_{v}'], '{:.2f}x')} | {fmt(q[f'memory_ratio_vs_{v}'], '{:.2f}x')} "
+                     f"| {delta} | {fmt(q.get('final_train_loss_delta'), '{:+.3f}')} |")
     if doc.get("mfu"):
         m = doc["mfu"]
         lines += ["", f"MFU: {m['formula']} ({doc.get('peak_tflops', 0):.0f} TFLOP/s; also against the 989 TFLOP/s "

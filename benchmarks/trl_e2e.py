@@ -87,8 +87,9 @@ def trainer_args(args: argparse.Namespace, cls, output_dir: str, cuda: bool, **e
         gradient_accumulation_steps=1, num_train_epochs=args.epochs, learning_rate=args.lr,
         lr_scheduler_type=schedule, weight_decay=0.0, max_grad_norm=1.0, bf16=cuda, fp16=False, use_cpu=not cuda,
         gradient_checkpointing=False, logging_steps=10, save_strategy="no", eval_strategy="no", report_to="none",
-        seed=args.seed, dataloader_drop_last=False, max_length=args.max_length, **extra,
+        seed=args.seed, dataloader_drop_last=False, max_length=args.max_length,
     )
+    kwargs.update(extra)  # a peer's own settings (Unsloth: its optimiser) win over the shared ones
     # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio); older versions keep both.
     if "warmup_ratio" in fields:
         kwargs["warmup_ratio"] = args.warmup_ratio
@@ -97,18 +98,41 @@ def trainer_args(args: argparse.Namespace, cls, output_dir: str, cuda: bool, **e
     return cls(**kwargs)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def load_with_peft(args: argparse.Namespace) -> tuple:
+    """TRL + PEFT as its docs show: the model (minialign's loader, float32 weights, bf16 autocast via ``bf16=True``)
+    and a PEFT ``LoraConfig`` on every linear the trainer wraps itself. Returns (tokenizer, model, peft_config,
+    extra trainer arguments, versions)."""
     import peft
     import transformers
     import trl
     from peft import LoraConfig
+
+    from minialign.modeling.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    model = load_model(args.model, seed=args.seed, dtype=torch.float32)
+    peft_config = None
+    if args.mode == "lora":
+        alpha = int(args.lora_alpha) if float(args.lora_alpha).is_integer() else args.lora_alpha
+        peft_config = LoraConfig(r=args.lora_r, lora_alpha=alpha, lora_dropout=0.0,
+                                 target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
+    versions = {"transformers": transformers.__version__, "trl": trl.__version__, "peft": peft.__version__}
+    return tok, model, peft_config, {}, versions
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_script(parse_args(argv), "trl", load_with_peft, T_START)
+
+
+def run_script(args: argparse.Namespace, runner: str, load, t_start: float) -> int:
+    """One user script around TRL's trainers: ``load(args)`` gives (tokenizer, model, peft_config, extra config
+    fields, versions); the rest (data, trainer, timing, the held-out ``trainer.evaluate``, the JSON) is the same for
+    every peer that drives TRL's trainers (plain TRL + PEFT here, Unsloth in ``unsloth_peer.py``)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from minialign.data import load_preference_pairs
     from minialign.data.chat import to_chat_format
-    from minialign.modeling.models import load_model, load_tokenizer
 
     marks = {"imports": time.time()}
     cuda = torch.cuda.is_available()
@@ -117,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     out_json.parent.mkdir(parents=True, exist_ok=True)
     adapter_out = Path(args.adapter_out) if args.adapter_out else out_json.parent / "final"
 
-    # ---- what the user's script does: data, tokenizer, model, trainer, train, held-out evaluation (all timed)
-    tok = load_tokenizer(args.tokenizer)
+    # ---- what the user's script does: model, data, trainer, train, held-out evaluation (all timed)
+    tok, model, peft_config, extra, versions = load(args)
+    marks["model"] = time.time()
     train_pairs = load_preference_pairs(args.data, rows=args.train_rows or None, limit=args.limit or None)
     eval_pairs = load_preference_pairs(args.data, rows=args.eval_rows or None)
     if args.chat_template:  # the same text minialign trains on: TRL gets explicit prompt/chosen/rejected strings
@@ -126,25 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     train_ds = _dataset(args.task, None, range(len(train_pairs)), False, train_pairs)
     eval_ds = _dataset(args.task, None, range(len(eval_pairs)), False, eval_pairs)
     marks["data"] = time.time()
-    model = load_model(args.model, seed=args.seed, dtype=torch.float32)
-    marks["model"] = time.time()
-    peft_config = None
-    if args.mode == "lora":
-        alpha = int(args.lora_alpha) if float(args.lora_alpha).is_integer() else args.lora_alpha
-        peft_config = LoraConfig(r=args.lora_r, lora_alpha=alpha, lora_dropout=0.0,
-                                 target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
     workdir = str(out_json.parent / "trainer")
     with warnings.catch_warnings():
         # transformers 5.2x renamed gradient_checkpointing (which TRL's configs still set) to activation_checkpointing
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
         if args.task == "sft":
-            config = trainer_args(args, SFTConfig, workdir, cuda, completion_only_loss=True, packing=False)
+            config = trainer_args(args, SFTConfig, workdir, cuda, completion_only_loss=True, packing=False, **extra)
             trainer = _with_last_loss(SFTTrainer)(model=model, args=config, train_dataset=train_ds,
                                                   processing_class=tok, peft_config=peft_config)
         else:
             # A built-in random model cannot be rebuilt from its name, so full DPO gets its frozen reference here.
             ref = None if args.mode == "lora" else copy.deepcopy(model).eval().requires_grad_(False)
-            config = trainer_args(args, DPOConfig, workdir, cuda, beta=args.beta, loss_type=["sigmoid"])
+            config = trainer_args(args, DPOConfig, workdir, cuda, beta=args.beta, loss_type=["sigmoid"], **extra)
             trainer = _with_last_loss(DPOTrainer)(model=model, ref_model=ref, args=config, train_dataset=train_ds,
                                                   processing_class=tok, peft_config=peft_config)
         counter = _CountingCollator(trainer.data_collator)
@@ -164,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         trl_eval = trainer.evaluate(eval_dataset=eval_ds)
         _sync(device)
     t_done = time.time()
-    print(f"trl_e2e: t_done={t_done:.6f}", flush=True)
+    print(f"{runner}: t_done={t_done:.6f}", flush=True)
 
     # ---- measurement bookkeeping, after t_done: not counted in the wall clock
     peak, kind = peak_memory(device)
@@ -179,23 +197,22 @@ def main(argv: list[str] | None = None) -> int:
         checkpointing = bool(getattr(unwrapped, "is_gradient_checkpointing", False))
     trainer.model.save_pretrained(str(adapter_out))  # PEFT adapter (LoRA) or the whole model (full)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    prev = T_START
+    prev = t_start
     phases = {}
     for name, t in [*marks.items(), ("eval", t_done)]:
         phases[name] = t - prev
         prev = t
     row = {
-        "runner": "trl", "task": args.task, "mode": args.mode, "model": args.model, "tokenizer": args.tokenizer,
+        "runner": runner, "task": args.task, "mode": args.mode, "model": args.model, "tokenizer": args.tokenizer,
         "steps": steps, "epochs": args.epochs, "batch_size": args.batch_size, "tokens": tokens,
         "tokens_per_s": tokens / train_s, "steady_tokens_per_s": steady, "steady_from_step": k, "train_s": train_s,
-        "peak_memory_mb": peak, "memory_kind": kind, "t_start": T_START, "t_done": t_done, "phases_s": phases,
+        "peak_memory_mb": peak, "memory_kind": kind, "t_start": t_start, "t_done": t_done, "phases_s": phases,
         "trl_eval": trl_eval, "final_train_loss": float(trainer.last_loss) if trainer.last_loss is not None else None,
         "logged_train_loss": losses[-1] if losses else None, "mean_train_loss": output.training_loss,
         "train_pairs": len(train_pairs), "train_rows_after_trl_filter": n_train, "eval_pairs": len(eval_pairs),
-        "gradient_checkpointing": checkpointing,
+        "gradient_checkpointing": checkpointing, "optim": str(config.optim),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu", "saved": str(adapter_out),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-                     "peft": peft.__version__},
+        "versions": {"torch": torch.__version__, **versions},
     }
     tmp = out_json.with_suffix(".tmp")
     tmp.write_text(json.dumps(row, indent=1), encoding="utf-8")

@@ -93,7 +93,8 @@ def test_the_steady_window_starts_where_minialigns_does():
 
 
 def test_a_builtin_model_is_saved_once_and_loaded_as_a_checkpoint(e2e, tmp_path):
-    """--checkpoint: the runners load the built-in's random weights from disk (bf16), as a pretrained model."""
+    """--checkpoint: the runners load the built-in's random weights from disk (bf16), as a pretrained model, with the
+    tokenizer in the same folder (Unsloth reads both from there)."""
     import os
 
     import torch
@@ -102,11 +103,14 @@ def test_a_builtin_model_is_saved_once_and_loaded_as_a_checkpoint(e2e, tmp_path)
 
     path = tmp_path / "tiny-ckpt"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    assert e2e.save_checkpoint("tiny", path, 3, env) == str(path)
+    assert e2e.save_checkpoint("tiny", "demo", path, 3, env) == str(path)
     first = (path / "config.json").stat().st_mtime_ns
-    e2e.save_checkpoint("tiny", path, 3, env)  # already there: not written again
+    e2e.save_checkpoint("tiny", "demo", path, 3, env)  # already there: not written again
     assert (path / "config.json").stat().st_mtime_ns == first
     saved, built = load_model(str(path)), load_model("tiny", seed=3)
     for (name, a), (_, b) in zip(saved.state_dict().items(), built.state_dict().items()):
         assert torch.equal(a, b.to(torch.bfloat16).float()), name
     assert e2e.RUNNERS["minialign-bf16"][-2:] == ["--base-dtype", "bfloat16"]
+    from minialign.modeling.models import load_tokenizer
+
+    assert load_tokenizer(str(path)).get_vocab() == load_tokenizer("demo").get_vocab()

@@ -28,7 +28,7 @@ from tests.conftest import torch_threads
 
 RM = ["rm", "--demo", "--eval-limit", "16", "--train-rows", "100:"]
 SMALL = ["--demo", "--prompts-per-round", "12", "--samples", "3", "--max-new-tokens", "8", "--batch-size", "4",
-         "--rounds", "2", "--eval-limit", "8", "--gen-batch-size", "64"]
+         "--rounds", "2", "--eval-limit", "8", "--gen-batch-size", "64", "--loop-penalty", "100"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -102,6 +102,9 @@ def test_scores_pairs_and_statistics_recomputed(run_a, rms):
             assert scores[m].tolist() == pytest.approx([s["scores"][m] for s in samples], abs=1e-5)
         mean, std = scores.mean(1, keepdim=True), scores.var(1, unbiased=False, keepdim=True).sqrt()
         combined = (torch.tensor([[0.7], [0.3]], dtype=torch.float64) * (scores - mean) / std).sum(0)
+        looped = torch.tensor([loops(t) for t in texts], dtype=torch.float64)
+        combined = combined - 100 * looped  # --loop-penalty 100
+        assert r["penalised"] == int(looped.sum())
         assert combined.tolist() == pytest.approx([s["combined"] for s in samples], abs=1e-4)
         expected = []
         for p in range(12):
@@ -201,6 +204,8 @@ BAD = {
     "overlap": (lambda root, rms: ["--reward-models", rms[0], "--train-rows", "50:150"], "shares rows with the policy"),
     "samples": (lambda root, rms: ["--reward-models", rms[0], "--samples", "1"], "--samples must be >= 2"),
     "min gap": (lambda root, rms: ["--reward-models", rms[0], "--min-gap", "-0.5"], "--min-gap must be >= 0"),
+    "loop penalty": (lambda root, rms: ["--reward-models", rms[0], "--loop-penalty", "-1"],
+                     "--loop-penalty must be >= 0"),
     "no prompts": (lambda root, rms: ["--reward-models", rms[0], "--train-rows", "50:50"], "selects no rows"),
     "weights": (lambda root, rms: ["--reward-models", rms[0], "--rm-weights", "1,2"], "gives 2 weight(s)"),
     "weight text": (lambda root, rms: ["--reward-models", rms[0], "--rm-weights", "heavy"], "must be numbers"),

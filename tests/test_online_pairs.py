@@ -1,12 +1,19 @@
 """`minialign online`'s pure rules against hand computation: prompts per round, score combination (z-scoring,
-weights, raw sum), best-vs-worst pairs (min-gap, ties, repeated answers), answer statistics."""
+weights, raw sum), the loop penalty, best-vs-worst pairs (min-gap, ties, repeated answers), answer statistics."""
 
 import math
 
 import pytest
 import torch
 
-from minialign.commands.online_pairs import Pair, answer_stats, combine_scores, form_pairs, round_prompts
+from minialign.commands.online_pairs import (
+    Pair,
+    answer_stats,
+    combine_scores,
+    form_pairs,
+    penalise_loops,
+    round_prompts,
+)
 
 
 def test_zsum_standardises_each_model_then_weights():
@@ -86,3 +93,25 @@ def test_answer_stats_by_hand():
     assert stats["eos_share"] == pytest.approx(1 / 3)
     assert stats["finished_share"] == pytest.approx(2 / 3)
     assert stats["mean_tokens"] == pytest.approx(5.0)
+
+
+LOOPING = "I can help. I can help you with that. I can help you with that. I can help you with that."
+
+
+def test_the_loop_penalty_lowers_exactly_the_answers_that_loop():
+    texts = ["Preheat the oven, then bake the pie for an hour.", LOOPING, "Sure.", LOOPING + " Anything else?"]
+    combined = torch.tensor([0.5, 2.0, -1.0, 1.5], dtype=torch.float64)
+    got, n = penalise_loops(combined, texts, 4.0)
+    assert n == 2 and got.tolist() == [0.5, -2.0, -1.0, -2.5]
+    assert penalise_loops(combined, texts, 0.0)[0].tolist() == combined.tolist()  # 0: off, the count stays
+    with pytest.raises(ValueError):
+        penalise_loops(combined, texts[:3], 1.0)
+
+
+def test_with_the_penalty_a_loop_is_rejected_instead_of_chosen():
+    """The reward model liked the looping answer best; penalised, it becomes the rejected one."""
+    texts = [["A short, clear answer.", LOOPING, "Another answer here."]]
+    combined = torch.tensor([[0.3, 1.2, -0.4]], dtype=torch.float64)
+    assert form_pairs(combined, texts, 0.0).pairs == [Pair(0, 1, 2, pytest.approx(1.6))]
+    penalised, _ = penalise_loops(combined.flatten(), texts[0], 4.0)
+    assert form_pairs(penalised.reshape(1, 3), texts, 0.0).pairs == [Pair(0, 0, 1, pytest.approx(0.3 - (1.2 - 4.0)))]

@@ -38,9 +38,12 @@ SMALL_ROWS = {"eval": 8, "train": 24, "validation": 8, "judge": 24}
 # Judges: round 2's strongest LoRA setting (recipe_round2.STRONG: 4 epochs, lr 5e-4, r 16). They are read only by
 # `minialign eval`, which loads LoRA judges itself.
 JUDGE_FLAGS = ["--epochs", "4", "--lr", "5e-4", "--lora-r", "16", "--lora-alpha", "32"]
-# The online reward model: full fine-tuning (round 2's judge-500-full), so TRL's OnlineDPOTrainer loads the same
-# model as an AutoModelForSequenceClassification folder (RUN/final/model).
-ONLINE_RM_FLAGS = ["--full", "--lr", "1e-5", "--epochs", "2"]
+# The online reward model. "full": full fine-tuning (round 2's judge-500-full), so TRL's OnlineDPOTrainer loads the
+# same model as an AutoModelForSequenceClassification folder (RUN/final/model); on the mix it reached only 0.506
+# validation accuracy (a coin), so the first study's online runs learned from noise. "lora": the judges' setting
+# (0.64-0.68 on their rows); TRL cannot load it as it stands.
+ONLINE_RMS = {"full": ["--full", "--lr", "1e-5", "--epochs", "2"], "lora": JUDGE_FLAGS}
+ONLINE_RM_FLAGS = ONLINE_RMS["full"]
 RECIPE = "minialign/configs/smollm2-hh.yaml"  # today's harmless-only recipe (DPO + NLL, LoRA r 16)
 # TRL DPO on the mix: TRL 1.16's DPOTrainer has no NLL (rpo_alpha) term, so it runs plain DPO at the recipe's
 # other settings.
@@ -48,13 +51,16 @@ TRL_DPO_FLAGS = ["--epochs", "2", "--batch-size", "16", "--lr", "5e-4", "--sched
                  "--beta", "0.1", "--lora-r", "16", "--lora-alpha", "32"]
 # Shared by every online run (minialign's candidates and TRL's peer): sampling, LoRA, optimiser.
 ONLINE_COMMON = {"samples": 4, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 128, "lora_r": 16,
-                 "lora_alpha": 32, "lr": 5e-4, "epochs": 1, "batch_size": 16, "min_gap": 0.0}
+                 "lora_alpha": 32, "lr": 5e-4, "epochs": 1, "batch_size": 16, "min_gap": 0.0, "loop_penalty": 0.0}
 # Online candidates over the same 1,000 training prompts (rounds x prompts per round). ~60-100 s each on an H100
 # with the fast decoder, + ~25 s for its validation eval; the default sweep runs the first two.
 CANDIDATES: dict[str, dict] = {
     "r1-rpo1": {"rounds": 1, "prompts_per_round": 1000, "beta": 0.1, "rpo_alpha": 1.0},
     "r2-rpo1": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0},
     "r1-rpo0.5-beta0.25": {"rounds": 1, "prompts_per_round": 1000, "beta": 0.25, "rpo_alpha": 0.5},
+    # the loop penalty (4: above the spread of one z-scored reward model) against the loops the first study left
+    "r1-rpo1-lp4": {"rounds": 1, "prompts_per_round": 1000, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0},
+    "r2-rpo1-lp4": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0},
 }
 SMALL_TRAIN = ["--epochs", "1", "--max-length", "128"]  # --small: appended to every training command (last wins)
 SMALL_ONLINE = {"samples": 2, "max_new_tokens": 16, "batch_size": 4, "rounds": 1, "prompts_per_round": 8}
@@ -177,7 +183,7 @@ def online_settings(candidate: str, small: bool = False) -> dict:
 def online_flags(settings: dict) -> list[str]:
     """`minialign online` flags for ``settings`` (one reward model: --combine has one score to normalise)."""
     keys = ("rounds", "prompts_per_round", "samples", "temperature", "top_p", "max_new_tokens", "min_gap", "beta",
-            "rpo_alpha", "lr", "epochs", "batch_size", "lora_r", "lora_alpha")
+            "rpo_alpha", "lr", "epochs", "batch_size", "lora_r", "lora_alpha", "loop_penalty")
     return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(settings[k]))]
 
 

@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "hh-two-axes.json"), help="JSON (+ .md)")
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {', '.join(PHASES)}")
     p.add_argument("--candidates", default="r1-rpo1,r2-rpo1", help=f"comma list of {', '.join(plan.CANDIDATES)}")
+    p.add_argument("--online-rm", choices=sorted(plan.ONLINE_RMS), default="full",
+                   help="the online reward model's setting (hh_plan.ONLINE_RMS); trl-online needs full")
     p.add_argument("--n", type=int, default=100, help="eval prompts an axis")
     p.add_argument("--val-n", type=int, default=100, help="validation prompts an axis (online candidates)")
     p.add_argument("--timing-repeats", type=int, default=0, help="extra alternating minialign/TRL online runs")
@@ -207,16 +209,17 @@ def phase_harmless_only(s: Study) -> None:
 
 
 def phase_online_rm(s: Study) -> None:
-    mix, run_dir = s.mix(), s.work / "online-rm"
+    mix, flags = s.mix(), plan.ONLINE_RMS[s.args.online_rm]
+    run_dir = s.work / ("online-rm" if s.args.online_rm == "full" else f"online-rm-{s.args.online_rm}")
     if not finished(run_dir):
         s.minialign("online-rm", "rm", "--model", s.args.model, *s.chat, "--dataset", mix["file"], "--train-rows",
                     plan.halves(mix["rows"]["train"])[0], "--eval-data", mix["file"], "--eval-rows", mix["rows"]["validation"],
-                    "--eval-limit", "1000", "--batch-size", "16", "--eval-every", "0", *plan.ONLINE_RM_FLAGS, *s.cut,
+                    "--eval-limit", "1000", "--batch-size", "16", "--eval-every", "0", *flags, *s.cut,
                     "--overwrite", "--out", str(run_dir))
     acc = ((_read_json(run_dir / "summary.json") or {}).get("eval") or {}).get("eval/accuracy")
     s.state["online_rm"] = {"run_dir": str(run_dir), "dataset": mix["file"], "rows": plan.halves(mix["rows"]["train"])[0],
                             "source_rows": mix["parts_from"]["train"], "validation_accuracy": acc,
-                            "flags": plan.ONLINE_RM_FLAGS, "model_dir": str(run_dir / "final" / "model")}
+                            "flags": flags, "setting": s.args.online_rm, "model_dir": str(run_dir / "final" / "model")}
     s.save()
 
 
@@ -237,15 +240,18 @@ def phase_online(s: Study) -> None:
     for cand in s.args.candidates.split(","):
         settings, run_dir = plan.online_settings(cand, s.args.small), s.work / f"online-{cand}"
         step = train_online(s, f"online-{cand}", settings, run_dir)
+        rm = s.state["online_rm"]
         entry = {"settings": settings, "run_dir": str(run_dir), "wall_s": step.get("wall_s"),
-                 "rounds": _read_jsonl(run_dir / "rounds.jsonl")}
+                 "rounds": _read_jsonl(run_dir / "rounds.jsonl"),
+                 "online_rm": {k: rm.get(k) for k in ("run_dir", "setting", "validation_accuracy")}}
         ev = s.evaluate(cand, ["--policy", str(run_dir)], part="validation") if finished(run_dir) else None
         if ev is not None:
             entry["validation"] = {axis: results.axis_headline(ev, axis) for axis in plan.AXES}
             s.state.setdefault("validation_start", {a: results.reference_headline(ev, a) for a in plan.AXES})
         s.state["candidates"][cand] = entry
         s.save()
-    name, why = results.choose_online(s.state["candidates"], s.state.get("validation_start") or {})
+    ran = {c: s.state["candidates"][c] for c in s.args.candidates.split(",") if c in s.state["candidates"]}
+    name, why = results.choose_online(ran, s.state.get("validation_start") or {})  # among this call's runs only
     s.state["chosen"] = {"name": name, "why": why, "settings": (s.state["candidates"].get(name) or {}).get("settings")}
     s.save()
     if name is not None:
@@ -268,6 +274,9 @@ def matched_settings(s: Study) -> dict:
 def train_trl_online(s: Study, name: str, out: Path) -> dict:
     mix, settings = s.mix(), matched_settings(s)
     s.need("online_rm", "online-rm")
+    if s.state["online_rm"].get("setting", "full") != "full":
+        raise SystemExit("hh_two_axes: trl-online loads the online reward model as a full model folder; this study's "
+                         f"is {s.state['online_rm']['setting']} (--online-rm full trains one TRL can load)")
     match = plan.trl_online_plan(settings)
     if finished(out, "trl_online.json"):
         return s.last_step(name)

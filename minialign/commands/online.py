@@ -32,7 +32,7 @@ from minialign.base.devices import resolve_device
 from minialign.base.errors import UserError
 from minialign.base.files import write_atomic
 from minialign.commands import folders, recipes
-from minialign.commands.online_pairs import answer_stats, combine_scores, form_pairs, round_prompts
+from minialign.commands.online_pairs import answer_stats, combine_scores, form_pairs, penalise_loops, round_prompts
 from minialign.commands.online_report import ROUND_DONE, completed_rounds, rebuild_outputs, round_dir
 from minialign.config.fields import split_list
 from minialign.config.schema import OnlineConfig, RMConfig
@@ -224,7 +224,8 @@ def run_round(s: Session, k: int) -> dict:
     t1 = time.perf_counter()
     raw = [p.raw for p in picked for _ in range(n)]
     scores = torch.stack([j.score(raw, texts, batch_size=cfg.rm_batch_size) for j in s.judges])  # [M, P * N]
-    combined = combine_scores(scores, cfg.weights(), cfg.combine)
+    raw_combined = combine_scores(scores, cfg.weights(), cfg.combine)
+    combined, looped = penalise_loops(raw_combined, texts, cfg.loop_penalty)
     t2 = time.perf_counter()
     grouped = [texts[i * n : (i + 1) * n] for i in range(len(picked))]
     pairing = form_pairs(combined.reshape(len(picked), n), grouped, cfg.min_gap)
@@ -244,7 +245,8 @@ def run_round(s: Session, k: int) -> dict:
     save_round_weights(s.run_dir, k, s.model, cfg.keep_last)
     stats = {"round": k, "prompts": len(picked), "answers": len(texts), "pairs": len(records),
              "below_gap": pairing.below_gap, "no_contrast": pairing.no_contrast,
-             "score_mean": combined.mean().item(),
+             "penalised": looped if cfg.loop_penalty > 0 else 0,
+             "score_mean": raw_combined.mean().item(),
              "rm_scores": {m: scores[i].double().mean().item() for i, m in enumerate(split_list(cfg.reward_models))},
              "gap_mean": sum(x.gap for x in pairing.pairs) / len(pairing.pairs),
              **answer_stats(texts, [c.n_tokens for c in completions], [c.stop for c in completions]),

@@ -8,6 +8,10 @@ Rules (docs/online.md repeats them):
   with the weights; ``sum`` is the weighted sum of the raw scores. z-scoring puts reward models of different scales
   on one footing, so a weight means the same for each; under ``zsum`` the round's mean combined score is 0 by
   construction, so progress shows in each model's raw mean score.
+- *loop penalty* (``penalise_loops``): ``--loop-penalty L`` subtracts L from the combined score of each answer that
+  loops (``textmetrics.loops``, the rule of the loop share every eval reports). A reward model trained on human
+  answers has rarely seen a degenerate repetition and may score one well; with L above the combined scores' spread a
+  looping answer is rejected against any answer that does not loop, and never chosen over one.
 - *pair* (``form_pairs``): among a prompt's distinct answer texts (a repeated text counts once, its first sample),
   the highest combined score is chosen and the lowest rejected; ties go to the earlier sample. A prompt is skipped
   when its answers hold no contrast (one distinct text, or every score equal) or when best minus worst is below
@@ -56,6 +60,14 @@ def combine_scores(scores: torch.Tensor, weights: Sequence[float], rule: str) ->
     elif rule != "sum":
         raise ValueError(f"unknown combine rule {rule!r} (zsum or sum)")
     return (w[:, None] * s).sum(0)
+
+
+def penalise_loops(combined: torch.Tensor, texts: Sequence[str], penalty: float) -> tuple[torch.Tensor, int]:
+    """(``combined`` ``[K]`` minus ``penalty`` at each of the K answers ``texts`` that loops, how many loop)."""
+    looped = torch.tensor([loops(t) for t in texts], dtype=torch.bool)
+    if len(texts) != combined.numel():
+        raise ValueError(f"{len(texts)} texts for {combined.numel()} scores")
+    return combined - penalty * looped.to(combined.dtype), int(looped.sum())
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Issue 32 (ahead of Unsloth) on the device tool's GPU machine: bench_e2e.py races minialign against Unsloth (and
+# Unsloth at minialign's setting) on four rows, each tool a fresh process per run, alternating, one call's GPU. The
+# machine has no internet and each call carries at most 64 MiB, so the inputs travel in three calls:
+#
+#   call 1 (carry .carry/a .whl):  mkdir -p /tmp/stage && cp .carry/a/part_00 /tmp/ && cp -r .whl /tmp/stage/whl
+#   call 2 (carry .carry/b):       cp .carry/b/part_01 /tmp/
+#   call 3 (carry .whlu):          bash benchmarks/unsloth_gpu.sh start [ROWS]   # then: bash ... wait
+#
+# .carry/{a,b}: the SmolLM2 GGUF in two pieces (../shared/README.md); .whl: trl 1.16, datasets 5.2, dill, multiprocess,
+# gguf wheels and shared/ (data, tokenizer); .whlu: `python benchmarks/unsloth_wheels.py` (Unsloth's own pins, put
+# first on its runners' PYTHONPATH only). `start` installs, joins the model and launches the rows detached (an idle
+# machine is handed back within ~30 s and a call lasts at most 10 minutes), then follows them like `wait`.
+# ROWS: comma list of dpo8, dpo16, sft-lora, sft-full (default all, in that order), then `hh` (the issue-31 study
+# step queued after them when HH_AFTER=1). Results: $OUT/unsloth-peer.json and .md (bench_e2e's format).
+set -u
+W=/tmp/uns
+DATA=/tmp/shared/data/hh-rlhf/harmless-base/test.jsonl.gz
+# Train on harmless-base rows 300:1612 and score on 1612:1812: rows 0:300 are eval rows and 1812:2312 train judges
+# only (../shared/README.md), so the issue's 300:2012 is cut where the reserved rows begin.
+SAME="--data $DATA --train-rows 300:1612 --eval-rows 1612:1812 --epochs 1 --schedule linear --warmup-ratio 0 \
+ --max-length 512 --max-prompt-length 256 --seed 0 --work $W/e2e --out $W/unsloth-peer.json --append \
+ --unsloth-site /tmp/usite --timeout-s 420"
+
+row() {
+  case "$1" in
+    dpo8) python3 benchmarks/bench_e2e.py --task dpo --mode lora --model /tmp/model.gguf --tokenizer /tmp/model.gguf \
+      --checkpoint $W/smollm2 --chat-template --batch-size 8 --lr 5e-4 --beta 0.1 --lora-r 16 --lora-alpha 32 \
+      --runners unsloth,minialign --label smollm2-dpo-lora-b8 $SAME ;;
+    dpo16) python3 benchmarks/bench_e2e.py --task dpo --mode lora --model /tmp/model.gguf --tokenizer /tmp/model.gguf \
+      --checkpoint $W/smollm2 --chat-template --batch-size 16 --lr 5e-4 --beta 0.1 --lora-r 16 --lora-alpha 32 \
+      --runners unsloth,minialign --label smollm2-dpo-lora-b16 $SAME ;;
+    sft-lora) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer /tmp/model.gguf \
+      --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
+      --runners unsloth,minialign,unsloth-ours,minialign-lowmem --label llama1b-sft-lora $SAME ;;
+    sft-full) python3 benchmarks/bench_e2e.py --task sft --mode full --model llama-1b --tokenizer /tmp/model.gguf \
+      --checkpoint $W/llama1b --batch-size 16 --lr 1e-5 \
+      --runners unsloth,minialign,minialign-lowmem --label llama1b-sft-full $SAME ;;
+    hh) python3 -c "import json; s = json.load(open('benchmarks/results/hh-two-axes-state.json')); \
+s['policies']['online-first-rm'] = s['policies'].pop('online'); json.dump(s, open('/tmp/hh2/state.json', 'w'))"
+      python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
+        --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm lora \
+        --candidates r1-rpo1-lp4,r2-rpo1-lp4 ;;
+    *) echo "unknown row $1"; return 2 ;;
+  esac
+}
+
+case "${1:-}" in
+start)
+  ROWS=${2:-dpo8,dpo16,sft-lora,sft-full}
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/stage/whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/usite .whlu/*.whl
+  cat /tmp/part_00 /tmp/part_01 > /tmp/model.gguf && sha256sum /tmp/model.gguf
+  mkdir -p /tmp/repo $W /tmp/hh2 && cp -r /tmp/stage/whl/shared /tmp/shared
+  tar cf - --exclude=.carry --exclude=.whl --exclude=.whlu . | tar xf - -C /tmp/repo
+  cd /tmp/repo
+  env PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1 \
+    UNSLOTH_DISABLE_STATISTICS=1 MINIALIGN_CACHE=/tmp/mcache PYTHONPATH=/tmp/site:/tmp/repo \
+    setsid nohup sh -c "for r in \$(echo $ROWS | tr , ' '); do echo \"[rows] \$r \$(date +%T)\"; \
+      bash benchmarks/unsloth_gpu.sh row \$r; done; echo \$? > $W/DONE" > $W/log.txt 2>&1 < /dev/null &
+  sleep 5
+  ;&
+wait)
+  [ -f $W/log.txt ] || { echo "nothing runs on this machine ($W/log.txt missing): it was handed back; start again"; exit 3; }
+  end=$(( $(date +%s) + ${WAIT_S:-540} ))
+  while [ ! -f $W/DONE ] && [ "$(date +%s)" -lt "$end" ]; do sleep 10; done
+  grep -E "^\[(rows|e2e|hh2)\]|Error|error:|Traceback" $W/log.txt | cut -c1-300 | tail -70
+  [ -f $W/DONE ] && echo "rows exit code $(cat $W/DONE)"
+  cp $W/unsloth-peer.json $W/unsloth-peer.md "$OUT"/ 2>/dev/null
+  cp /tmp/hh2/hh-two-axes.json /tmp/hh2/hh-two-axes.md /tmp/hh2/state.json "$OUT"/ 2>/dev/null
+  tar czf "$OUT"/logs.tgz -C $W log.txt e2e/logs 2>/dev/null
+  ls -la "$OUT"
+  ;;
+row) shift; row "$@" ;;
+*) echo "usage: $0 start [ROWS] | wait | row NAME"; exit 2 ;;
+esac
