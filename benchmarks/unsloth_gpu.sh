@@ -11,8 +11,10 @@
 # gguf wheels and shared/ (data, tokenizer); .whlu: `python benchmarks/unsloth_wheels.py` (Unsloth's own pins, put
 # first on its runners' PYTHONPATH only). `start` installs, joins the model and launches the rows detached (an idle
 # machine is handed back within ~30 s and a call lasts at most 10 minutes), then follows them like `wait`.
-# ROWS: comma list of dpo8, dpo16, sft-lora, sft-full (default all, in that order), then `hh` (the issue-31 study
-# step queued after them when HH_AFTER=1). Results: $OUT/unsloth-peer.json and .md (bench_e2e's format).
+# ROWS: comma list of dpo8, dpo16, sft-lora, sft-full (default: these four, in that order); `decode` (issue 31's
+# decoder profile, benchmarks/checks/profile_decode.py) and `hh` (the issue-31 study's online step with the LoRA
+# reward model and the loop penalty) can be queued among them. Results: $OUT/unsloth-peer.json and .md (bench_e2e's
+# format), profile-decode.json, hh-two-axes.json/.md and state.json.
 set -u
 W=/tmp/uns
 DATA=/tmp/shared/data/hh-rlhf/harmless-base/test.jsonl.gz
@@ -36,6 +38,8 @@ row() {
     sft-full) python3 benchmarks/bench_e2e.py --task sft --mode full --model llama-1b --tokenizer /tmp/model.gguf \
       --checkpoint $W/llama1b --batch-size 16 --lr 1e-5 \
       --runners unsloth,minialign,minialign-lowmem --label llama1b-sft-full $SAME ;;
+    decode) python3 benchmarks/checks/profile_decode.py --model /tmp/model.gguf --data $DATA \
+      --json-out $W/profile-decode.json 2>&1 | grep -v Warning | tail -60 ;;
     hh) python3 -c "import json; s = json.load(open('benchmarks/results/hh-two-axes-state.json')); \
 s['policies']['online-first-rm'] = s['policies'].pop('online'); json.dump(s, open('/tmp/hh2/state.json', 'w'))"
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
@@ -66,7 +70,7 @@ wait)
   while [ ! -f $W/DONE ] && [ "$(date +%s)" -lt "$end" ]; do sleep 10; done
   grep -E "^\[(rows|e2e|hh2)\]|Error|error:|Traceback" $W/log.txt | cut -c1-300 | tail -70
   [ -f $W/DONE ] && echo "rows exit code $(cat $W/DONE)"
-  cp $W/unsloth-peer.json $W/unsloth-peer.md "$OUT"/ 2>/dev/null
+  cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode.json "$OUT"/ 2>/dev/null
   cp /tmp/hh2/hh-two-axes.json /tmp/hh2/hh-two-axes.md /tmp/hh2/state.json "$OUT"/ 2>/dev/null
   tar czf "$OUT"/logs.tgz -C $W log.txt e2e/logs 2>/dev/null
   ls -la "$OUT"
