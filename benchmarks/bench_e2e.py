@@ -196,7 +196,7 @@ def collect(row: dict, runner: str, run_dir: Path) -> Path | None:
         row.update({k: trl.get(k) for k in ("train_s", "tokens", "steps", "tokens_per_s", "steady_tokens_per_s",
                                              "steady_from_step", "peak_memory_mb", "memory_kind", "phases_s",
                                              "final_train_loss", "train_rows_after_trl_filter", "gradient_checkpointing",
-                                             "optim", "versions")})
+                                             "optim", "versions", "unsloth_gradient_checkpointing")})
         row["own_eval"] = trl.get("trl_eval", {})
         return run_dir / "final"
     row["wall_s"] = row["t_exit"] - row["t_spawn"]

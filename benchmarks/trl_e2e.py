@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_script(parse_args(argv), "trl", load_with_peft, T_START)
 
 
-def run_script(args: argparse.Namespace, runner: str, load, t_start: float) -> int:
+def run_script(args: argparse.Namespace, runner: str, load, t_start: float, row_extra: dict | None = None) -> int:
     """One user script around TRL's trainers: ``load(args)`` gives (tokenizer, model, peft_config, extra config
     fields, versions); the rest (data, trainer, timing, the held-out ``trainer.evaluate``, the JSON) is the same for
     every peer that drives TRL's trainers (plain TRL + PEFT here, Unsloth in ``unsloth_peer.py``)."""
@@ -212,7 +212,7 @@ def run_script(args: argparse.Namespace, runner: str, load, t_start: float) -> i
         "train_pairs": len(train_pairs), "train_rows_after_trl_filter": n_train, "eval_pairs": len(eval_pairs),
         "gradient_checkpointing": checkpointing, "optim": str(config.optim),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu", "saved": str(adapter_out),
-        "versions": {"torch": torch.__version__, **versions},
+        "versions": {"torch": torch.__version__, **versions}, **(row_extra or {}),
     }
     tmp = out_json.with_suffix(".tmp")
     tmp.write_text(json.dumps(row, indent=1), encoding="utf-8")

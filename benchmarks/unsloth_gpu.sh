@@ -22,7 +22,7 @@ DATA=/tmp/shared/data/hh-rlhf/harmless-base/test.jsonl.gz
 # only (../shared/README.md), so the issue's 300:2012 is cut where the reserved rows begin.
 SAME="--data $DATA --train-rows 300:1612 --eval-rows 1612:1812 --epochs 1 --schedule linear --warmup-ratio 0 \
  --max-length 512 --max-prompt-length 256 --seed 0 --work $W/e2e --out $W/unsloth-peer.json --append \
- --unsloth-site /tmp/usite --timeout-s 420"
+ --unsloth-site /tmp/usite --timeout-s 300"
 
 row() {
   case "$1" in
@@ -37,7 +37,7 @@ row() {
       --runners unsloth,minialign,unsloth-ours,minialign-lowmem --label llama1b-sft-lora $SAME ;;
     sft-full) python3 benchmarks/bench_e2e.py --task sft --mode full --model llama-1b --tokenizer /tmp/model.gguf \
       --checkpoint $W/llama1b --batch-size 16 --lr 1e-5 \
-      --runners unsloth,minialign,minialign-lowmem --label llama1b-sft-full $SAME ;;
+      --runners unsloth,minialign --label llama1b-sft-full $SAME ;;
     decode) python3 benchmarks/checks/profile_decode.py --model /tmp/model.gguf --data $DATA \
       --json-out $W/profile-decode.json 2>&1 | grep -v Warning | tail -60 ;;
     hh) python3 -c "import json; s = json.load(open('benchmarks/results/hh-two-axes-state.json')); \

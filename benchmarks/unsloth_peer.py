@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     from trl_e2e import run_script
 
     try:
-        return run_script(args, args.runner, load_with_unsloth, T_START)
+        # transformers' is_gradient_checkpointing does not see Unsloth's own checkpointing: record the setting
+        return run_script(args, args.runner, load_with_unsloth, T_START,
+                          {"unsloth_gradient_checkpointing": args.grad_checkpointing})
     except Exception as exc:  # noqa: BLE001 - recorded for the benchmark's JSON, then the next runner goes on
         fail(args, "run", exc)
         return 1
