@@ -104,6 +104,24 @@ def test_the_suite_yaml_names_each_axis_file_rows_and_judge(tmp_path):
     assert not list(path.parent.glob("*.tmp"))
 
 
+def test_per_axis_reward_models_read_exactly_the_mixs_first_half(tmp_path, shared_dir):
+    """source_spans: the raw rows of each axis behind a span of the mixed file, so that one reward model per axis reads
+    what the single mixed one reads (the first half of the train lines) and none of the online prompts' rows."""
+    plan_ = {"harmless": {"train": "300:312", "validation": "1612:1616"},
+             "helpful": {"train": "300:308", "validation": "1500:1504"}}
+    comp = plan.write_mix(tmp_path / "mix.jsonl", shared_dir, plan_)
+    assert comp["rows"]["train"] == "0:20"
+    first, second = plan.halves(comp["rows"]["train"])
+    assert plan.source_spans(comp["file"], first) == {"harmless": "300:305", "helpful": "300:305"}
+    # the second half: the rest of both axes (helpful runs out first, so harmless's tail is last)
+    assert plan.source_spans(comp["file"], second) == {"harmless": "305:312", "helpful": "305:308"}
+    assert plan.source_spans(comp["file"], "20:28") == {"harmless": "1612:1616", "helpful": "1500:1504"}
+    lines = (tmp_path / "mix.jsonl").read_text().splitlines()
+    (tmp_path / "shuffled.jsonl").write_text("\n".join([lines[2], lines[0], lines[4]]) + "\n")
+    with pytest.raises(ValueError, match="not one contiguous span"):
+        plan.source_spans(tmp_path / "shuffled.jsonl", "0:3")
+
+
 def test_online_flags_and_trl_matching():
     s = plan.online_settings("r2-rpo1")
     flags = plan.online_flags(s)

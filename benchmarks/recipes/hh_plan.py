@@ -42,7 +42,9 @@ JUDGE_FLAGS = ["--epochs", "4", "--lr", "5e-4", "--lora-r", "16", "--lora-alpha"
 # same model as an AutoModelForSequenceClassification folder (RUN/final/model); on the mix it reached only 0.506
 # validation accuracy (a coin), so the first study's online runs learned from noise. "lora": the judges' setting
 # (0.64-0.68 on their rows); TRL cannot load it as it stands.
-ONLINE_RMS = {"full": ["--full", "--lr", "1e-5", "--epochs", "2"], "lora": JUDGE_FLAGS}
+ONLINE_RMS = {"full": ["--full", "--lr", "1e-5", "--epochs", "2"], "lora": JUDGE_FLAGS,
+              # one LoRA reward model per axis, each on its axis's rows of the same first half, combined by zsum
+              "per-axis": JUDGE_FLAGS}
 ONLINE_RM_FLAGS = ONLINE_RMS["full"]
 RECIPE = "minialign/configs/smollm2-hh.yaml"  # today's harmless-only recipe (DPO + NLL, LoRA r 16)
 # TRL DPO on the mix: TRL 1.16's DPOTrainer has no NLL (rpo_alpha) term, so it runs plain DPO at the recipe's
@@ -76,6 +78,27 @@ def halves(rows: str) -> tuple[str, str]:
     r = span(rows)
     middle = r.start + len(r) // 2
     return f"{r.start}:{middle}", f"{middle}:{r.stop}"
+
+
+def source_spans(mix_file: str | Path, rows: str) -> dict[str, str]:
+    """The raw rows of each axis that lines ``rows`` of a mixed file (``write_mix``) hold, as ``"START:STOP"`` spans of
+    that axis's own file: what a per-axis reward model trains on to read exactly the mix's first half. Raises
+    ValueError when an axis's rows there are not one contiguous span (a mix not written by ``write_mix``)."""
+    r = span(rows)
+    found: dict[str, list[int]] = {axis: [] for axis in AXES}
+    axis_of = {folder: axis for axis, folder in FOLDERS.items()}
+    with open(mix_file, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i in r:
+                x = json.loads(line)
+                found[axis_of[x["source"]]].append(x["row"])
+    out = {}
+    for axis, got in found.items():
+        if got and got != list(range(got[0], got[0] + len(got))):
+            raise ValueError(f"{mix_file} lines {rows}: the {axis} rows are not one contiguous span")
+        if got:
+            out[axis] = f"{got[0]}:{got[-1] + 1}"
+    return out
 
 
 def span(rows: str) -> range:

@@ -209,8 +209,12 @@ def phase_harmless_only(s: Study) -> None:
 
 
 def phase_online_rm(s: Study) -> None:
-    mix, flags = s.mix(), plan.ONLINE_RMS[s.args.online_rm]
-    run_dir = s.work / ("online-rm" if s.args.online_rm == "full" else f"online-rm-{s.args.online_rm}")
+    mix, setting = s.mix(), s.args.online_rm
+    if setting == "per-axis":
+        phase_online_rm_per_axis(s)
+        return
+    flags = plan.ONLINE_RMS[setting]
+    run_dir = s.work / ("online-rm" if setting == "full" else f"online-rm-{setting}")
     if not finished(run_dir):
         s.minialign("online-rm", "rm", "--model", s.args.model, *s.chat, "--dataset", mix["file"], "--train-rows",
                     plan.halves(mix["rows"]["train"])[0], "--eval-data", mix["file"], "--eval-rows", mix["rows"]["validation"],
@@ -219,7 +223,29 @@ def phase_online_rm(s: Study) -> None:
     acc = ((_read_json(run_dir / "summary.json") or {}).get("eval") or {}).get("eval/accuracy")
     s.state["online_rm"] = {"run_dir": str(run_dir), "dataset": mix["file"], "rows": plan.halves(mix["rows"]["train"])[0],
                             "source_rows": mix["parts_from"]["train"], "validation_accuracy": acc,
-                            "flags": flags, "setting": s.args.online_rm, "model_dir": str(run_dir / "final" / "model")}
+                            "flags": flags, "setting": setting, "model_dir": str(run_dir / "final" / "model"),
+                            "weights": "1"}
+    s.save()
+
+
+def phase_online_rm_per_axis(s: Study) -> None:
+    """One reward model per axis on that axis's rows of the mix's first half (the rows the single model reads), each
+    validated on its axis's validation rows; `minialign online` combines them by zsum with equal weights."""
+    mix, flags = s.mix(), plan.ONLINE_RMS["per-axis"]
+    first = plan.halves(mix["rows"]["train"])[0]
+    rows, dirs, accs = plan.source_spans(mix["file"], first), [], {}
+    for axis in plan.AXES:
+        run_dir = s.work / f"online-rm-{axis}"
+        if not finished(run_dir):
+            s.minialign(f"online-rm-{axis}", "rm", "--model", s.args.model, *s.chat, "--dataset", s.data(axis),
+                        "--train-rows", rows[axis], "--eval-data", s.data(axis), "--eval-rows", s.plan[axis]["validation"],
+                        "--eval-limit", "1000", "--batch-size", "4" if s.args.small else "16", "--eval-every", "0",
+                        *flags, *s.cut, "--overwrite", "--out", str(run_dir))
+        dirs.append(str(run_dir))
+        accs[axis] = ((_read_json(run_dir / "summary.json") or {}).get("eval") or {}).get("eval/accuracy")
+    s.state["online_rm"] = {"run_dir": ",".join(dirs), "rows": rows, "mix_rows": first,
+                            "source_rows": mix["parts_from"]["train"], "validation_accuracy": accs, "flags": flags,
+                            "setting": "per-axis", "weights": ",".join(["0.5"] * len(dirs))}
     s.save()
 
 
@@ -232,7 +258,7 @@ def train_online(s: Study, name: str, settings: dict, run_dir: Path) -> dict:
     fresh(run_dir)
     return s.minialign(name, "online", "--model", s.args.model, *s.chat, "--dataset", mix["file"], "--train-rows",
                        plan.halves(mix["rows"]["train"])[1], "--reward-models", s.state["online_rm"]["run_dir"],
-                       "--rm-weights", "1",
+                       "--rm-weights", s.state["online_rm"].get("weights", "1"),
                        "--combine", "zsum", *plan.online_flags(settings), "--out", str(run_dir))
 
 
