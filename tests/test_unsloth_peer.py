@@ -110,3 +110,30 @@ def test_ratios_pair_each_minialign_row_with_each_peer(e2e):
     assert vs_trl["wall_speedup_vs_trl"] == pytest.approx(3.2) and vs_trl["trl_call"] == 0
     table = _load("e2e_table").markdown({"device": "cpu", "runs": runs, "ratios": out})
     assert "| a | minialign | unsloth | 4.00x" in table and "| a | minialign | trl | 3.20x" in table
+
+
+def test_trimmed_wheels_keep_every_file_a_run_reads_and_a_matching_record(tmp_path):
+    """unsloth_wheels.trim: Unsloth's studio/ and bitsandbytes' libraries for other GPUs leave the wheel and its
+    RECORD; the CUDA 13 and CPU libraries and the package code stay, byte for byte."""
+    import zipfile
+
+    wheels = _load("unsloth_wheels")
+    keep = {"bitsandbytes/__init__.py": b"x = 1\n", "bitsandbytes/libbitsandbytes_cuda130.so": b"\0" * 64,
+            "bitsandbytes/libbitsandbytes_cpu.so": b"\1" * 8, "unsloth/models/llama.py": b"# code\n"}
+    drop = {"bitsandbytes/libbitsandbytes_cuda124.so": b"\2" * 4096, "bitsandbytes/libbitsandbytes_rocm70.so": b"\3",
+            "studio/frontend/dist/app.js": b"js" * 1000}
+    files = {**keep, **drop}
+    record = "pkg-1.0.dist-info/RECORD"
+    wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+        z.writestr(record, "".join(f"{n},sha256=x,{len(d)}\n" for n, d in files.items()) + f"{record},,\n")
+    saved = wheels.trim(wheel)
+    assert saved > 0
+    with zipfile.ZipFile(wheel) as z:
+        assert sorted(z.namelist()) == sorted([*keep, record])
+        assert all(z.read(n) == d for n, d in keep.items())
+        listed = [line.split(",")[0] for line in z.read(record).decode().splitlines()]
+    assert sorted(listed) == sorted([*keep, record])
+    assert wheels.trim(wheel) == 0  # nothing left to drop: the file is not rewritten
