@@ -240,10 +240,13 @@ def save_checkpoint(model: str, tokenizer: str, path: Path, seed: int, env: dict
 
     Random init of a 1B model on the CPU takes ~17 s in either trainer, which no user of a pretrained model
     pays; loading a checkpoint is what they do."""
+    steps = []
     if not (path / "config.json").is_file():
-        code = ("import sys, torch; from minialign.modeling.models import load_model, load_tokenizer; "
-                "load_model(sys.argv[1], seed=int(sys.argv[4])).to(torch.bfloat16).save_pretrained(sys.argv[3]); "
-                "load_tokenizer(sys.argv[2]).save_pretrained(sys.argv[3])")
+        steps.append("load_model(sys.argv[1], seed=int(sys.argv[4])).to(torch.bfloat16).save_pretrained(sys.argv[3])")
+    if not (path / "tokenizer_config.json").is_file():  # also a folder an earlier version wrote without it
+        steps.append("load_tokenizer(sys.argv[2]).save_pretrained(sys.argv[3])")
+    if steps:
+        code = "import sys, torch; from minialign.modeling.models import load_model, load_tokenizer; " + "; ".join(steps)
         subprocess.run([sys.executable, "-c", code, model, tokenizer, str(path), str(seed)], env=env, check=True)
     return str(path)
 
@@ -278,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[e2e] device {info['device']}; {info['versions']}", flush=True)
     if not args.no_warm:  # page cache: the first runner must not pay alone for reading the libraries from disk
         subprocess.run([sys.executable, "-c", WARM], env=env, capture_output=True, check=False)
+        if any(r.startswith("unsloth") for r in args.runner_list):  # its own packages, from its own site
+            subprocess.run([sys.executable, "-c", "import unsloth"], capture_output=True, check=False,
+                           env=child_env(work / "probe", False, args.unsloth_site))
     if args.out is None:
         from bench_gpu import gpu_slug
 

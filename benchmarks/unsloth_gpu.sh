@@ -40,8 +40,9 @@ row() {
       --runners unsloth,minialign --label llama1b-sft-full $SAME ;;
     decode) python3 benchmarks/checks/profile_decode.py --model /tmp/model.gguf --data $DATA \
       --json-out $W/profile-decode.json 2>&1 | grep -v Warning | tail -60 ;;
-    hh) python3 -c "import json; s = json.load(open('benchmarks/results/hh-two-axes-state.json')); \
-s['policies']['online-first-rm'] = s['policies'].pop('online'); json.dump(s, open('/tmp/hh2/state.json', 'w'))"
+    hh) [ -f /tmp/hh2/state.json ] || python3 -c "import json; \
+s = json.load(open('benchmarks/results/hh-two-axes-state.json')); p = s['policies']; \
+p.setdefault('online-first-rm', p.pop('online', None)); json.dump(s, open('/tmp/hh2/state.json', 'w'))"
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm lora \
         --candidates r1-rpo1-lp4,r2-rpo1-lp4 ;;
@@ -52,9 +53,11 @@ s['policies']['online-first-rm'] = s['policies'].pop('online'); json.dump(s, ope
 case "${1:-}" in
 start)
   ROWS=${2:-dpo8,dpo16,sft-lora,sft-full}
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/stage/whl/*.whl
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/usite .whlu/*.whl
-  cat /tmp/part_00 /tmp/part_01 > /tmp/model.gguf && sha256sum /tmp/model.gguf
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    /tmp/stage/whl/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/usite \
+    .whlu/*.whl || exit 1
+  cat /tmp/part_00 /tmp/part_01 > /tmp/model.gguf && sha256sum /tmp/model.gguf || exit 1
   mkdir -p /tmp/repo $W /tmp/hh2 && cp -r /tmp/stage/whl/shared /tmp/shared
   tar cf - --exclude=.carry --exclude=.whl --exclude=.whlu . | tar xf - -C /tmp/repo
   cd /tmp/repo

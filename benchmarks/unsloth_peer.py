@@ -14,7 +14,7 @@ configuration, data, timing and JSON are ``trl_e2e.run_script``'s, so both peers
 Settings: ``--grad-checkpointing unsloth --optim adamw_8bit`` (runner ``unsloth``) is what Unsloth's own notebooks
 use and its low-memory mode; ``--grad-checkpointing off --optim adamw_torch_fused`` (runner ``unsloth-ours``) is
 minialign's setting (no recomputation, fused AdamW). Needs unsloth + unsloth-zoo, trl <= 1.15, datasets < 5 and
-bitsandbytes (``benchmarks/unsloth_wheels.sh`` fetches them); a missing one exits 3 naming it, and writes
+bitsandbytes (``benchmarks/unsloth_wheels.py`` fetches them); a missing one exits 3 naming it, and writes
 ``{"error": ...}`` to ``--out-json`` so the benchmark's JSON says which package or call failed.
 """
 

@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(exist_ok=True)
+    for old in out.glob("*.whl"):  # two versions of one package would stop the install on the GPU machine
+        old.unlink()
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
                "--implementation", "cp", *[f"--platform={x}" for x in PLATFORMS], "-d", tmp, *WHEELS]

@@ -28,7 +28,7 @@ from tests.conftest import torch_threads
 
 RM = ["rm", "--demo", "--eval-limit", "16", "--train-rows", "100:"]
 SMALL = ["--demo", "--prompts-per-round", "12", "--samples", "3", "--max-new-tokens", "8", "--batch-size", "4",
-         "--rounds", "2", "--eval-limit", "8", "--gen-batch-size", "64", "--loop-penalty", "100"]
+         "--rounds", "2", "--eval-limit", "8", "--gen-batch-size", "64"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -52,7 +52,9 @@ def rms(root) -> list[Path]:
 
 
 def online_args(rms: list[Path], out: Path) -> list:
-    return ["online", *SMALL, "--reward-models", ",".join(map(str, rms)), "--rm-weights", "0.7,0.3", "--out", out]
+    """The two-round runs (a, and b resumed): with a loop penalty; the other runs keep the default (off)."""
+    return ["online", *SMALL, "--reward-models", ",".join(map(str, rms)), "--rm-weights", "0.7,0.3",
+            "--loop-penalty", "100", "--out", out]
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +207,9 @@ BAD = {
     "samples": (lambda root, rms: ["--reward-models", rms[0], "--samples", "1"], "--samples must be >= 2"),
     "min gap": (lambda root, rms: ["--reward-models", rms[0], "--min-gap", "-0.5"], "--min-gap must be >= 0"),
     "loop penalty": (lambda root, rms: ["--reward-models", rms[0], "--loop-penalty", "-1"],
-                     "--loop-penalty must be >= 0"),
+                     "--loop-penalty must be a finite number >= 0"),
+    "loop penalty inf": (lambda root, rms: ["--reward-models", rms[0], "--loop-penalty", "inf"],
+                         "--loop-penalty must be a finite number >= 0"),
     "no prompts": (lambda root, rms: ["--reward-models", rms[0], "--train-rows", "50:50"], "selects no rows"),
     "weights": (lambda root, rms: ["--reward-models", rms[0], "--rm-weights", "1,2"], "gives 2 weight(s)"),
     "weight text": (lambda root, rms: ["--reward-models", rms[0], "--rm-weights", "heavy"], "must be numbers"),

@@ -234,6 +234,10 @@ def phase_online_rm_per_axis(s: Study) -> None:
     mix, flags = s.mix(), plan.ONLINE_RMS["per-axis"]
     first = plan.halves(mix["rows"]["train"])[0]
     rows, dirs, accs = plan.source_spans(mix["file"], first), [], {}
+    missing = [axis for axis in plan.AXES if axis not in rows]
+    if missing:
+        raise SystemExit(f"hh_two_axes: the mix's first half ({first}) holds no {', '.join(missing)} rows: "
+                         "--online-rm per-axis needs both axes there; use --online-rm lora")
     for axis in plan.AXES:
         run_dir = s.work / f"online-rm-{axis}"
         if not finished(run_dir):
@@ -254,6 +258,11 @@ def train_online(s: Study, name: str, settings: dict, run_dir: Path) -> dict:
     mix = s.mix()
     s.need("online_rm", "online-rm")
     if finished(run_dir):
+        used = (_read_yaml(run_dir / "config.yaml") or {}).get("reward_models", "")
+        want = ",".join(str(Path(d).resolve()) for d in s.state["online_rm"]["run_dir"].split(","))
+        if used != want:  # another --online-rm's run: never reuse it under this one's name
+            raise SystemExit(f"hh_two_axes: {run_dir} was trained with the reward models {used}, not this study's "
+                             f"{want}; move it away or use another --work")
         return s.last_step(name)
     fresh(run_dir)
     return s.minialign(name, "online", "--model", s.args.model, *s.chat, "--dataset", mix["file"], "--train-rows",
@@ -292,8 +301,11 @@ def phase_offline_mix(s: Study) -> None:
 
 
 def matched_settings(s: Study) -> dict:
-    """The online settings TRL's peer matches: the chosen candidate's, else the first candidate's."""
-    chosen = (s.state.get("chosen") or {}).get("name") or s.args.candidates.split(",")[0]
+    """The online settings TRL's peer matches: those it was matched to before (a study read back keeps its peer's
+    match), else the chosen candidate's, else the first candidate's."""
+    earlier = s.state.get("trl_online_candidate")
+    chosen = earlier or (s.state.get("chosen") or {}).get("name") or s.args.candidates.split(",")[0]
+    s.state["trl_online_candidate"] = chosen
     return plan.online_settings(chosen, s.args.small)
 
 
@@ -370,6 +382,15 @@ def phase_timing(s: Study) -> None:
                          "round_prompts": cands[big]["settings"]["prompts_per_round"] if big else None,
                          "round_samples": cands[big]["settings"]["samples"] if big else None}
     s.save()
+
+
+def _read_yaml(path: Path) -> dict | None:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
 
 
 def _read_jsonl(path: Path) -> list[dict]:

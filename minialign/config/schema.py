@@ -5,6 +5,7 @@ Turning YAML presets and typed flags into one of these lives in ``minialign.conf
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from minialign.base.errors import UserError
@@ -274,9 +275,10 @@ class OnlineConfig(DPOConfig):
     max_new_tokens: int = opt(128, "new tokens at most per sampled answer", group="online")
     min_gap: float = opt(0.0, "skip a prompt whose best-minus-worst combined score is below this (>= 0); a prompt "
                          "whose answers all score alike is always skipped", group="online", metavar="G")
-    loop_penalty: float = opt(0.0, "subtracted from the combined score of each sampled answer that loops (the loop "
-                              "share's rule); above the scores' spread (zsum: ~4) no looping answer is chosen over "
-                              "one that does not loop (>= 0; 0: off)", group="online", metavar="L")
+    loop_penalty: float = opt(0.0, "subtracted from the combined score of each sampled answer that loops (a 4-word "
+                              "sequence 3 times or more, the loop share's rule): 4 puts nearly every looping answer "
+                              "below the others under zsum, 100 all of them (>= 0; 0: off)", group="online",
+                              metavar="L")
     gen_batch_size: int = opt(0, "rows decoded at once (0: 128 on CUDA, 8 on CPU)", group="online")
     rm_batch_size: int = opt(64, "answers a reward model scores at once", group="online")
     out: str = opt("runs/online", "run folder", group="output", metavar="DIR")
@@ -290,8 +292,8 @@ class OnlineConfig(DPOConfig):
              "answer of the same prompt"),
             (self.min_gap >= 0, f"--min-gap must be >= 0 (got {self.min_gap:g}); 0 keeps every prompt whose answers "
              "differ in score"),
-            (self.loop_penalty >= 0, f"--loop-penalty must be >= 0 (got {self.loop_penalty:g}): it lowers the score "
-             "of answers that loop; 0 turns it off"),
+            (math.isfinite(self.loop_penalty) and self.loop_penalty >= 0, f"--loop-penalty must be a finite number "
+             f">= 0 (got {self.loop_penalty:g}): it lowers the score of answers that loop; 0 turns it off"),
             (self.rounds >= 1, f"--rounds must be >= 1 (got {self.rounds})"),
             (self.prompts_per_round >= 0, f"--prompts-per-round must be >= 0 (got {self.prompts_per_round}; 0: "
              "every training prompt each round)"),
