@@ -13,8 +13,10 @@
 # machine is handed back within ~30 s and a call lasts at most 10 minutes), then follows them like `wait`.
 # ROWS: comma list of dpo8, dpo16, sft-lora, sft-full (default: these four, in that order); `decode` (issue 31's
 # decoder profile, benchmarks/checks/profile_decode.py) and `hh` (the issue-31 study's online step with the LoRA
-# reward model and the loop penalty) can be queued among them. Results: $OUT/unsloth-peer.json and .md (bench_e2e's
-# format), profile-decode.json, hh-two-axes.json/.md and state.json.
+# reward model and the loop penalty) can be queued among them. Ready for the next session (each a question NOTES
+# entry 23 leaves open): `dpo8-lowmem` (DPO at matched memory), `sft-lora-fast` (llama-1b SFT LoRA with --fast on vs
+# off: where the 0.29-nat learning gap comes from), `hh-per-axis` (one online reward model an axis).
+# Results: $OUT/unsloth-peer.json and .md (bench_e2e's format), profile-decode.json, hh-two-axes.json/.md, state.json.
 set -u
 W=/tmp/uns
 DATA=/tmp/shared/data/hh-rlhf/harmless-base/test.jsonl.gz
@@ -38,6 +40,18 @@ row() {
     sft-full) python3 benchmarks/bench_e2e.py --task sft --mode full --model llama-1b --tokenizer /tmp/model.gguf \
       --checkpoint $W/llama1b --batch-size 16 --lr 1e-5 \
       --runners unsloth,minialign --label llama1b-sft-full $SAME ;;
+    dpo8-lowmem) python3 benchmarks/bench_e2e.py --task dpo --mode lora --model /tmp/model.gguf --tokenizer /tmp/model.gguf \
+      --checkpoint $W/smollm2 --chat-template --batch-size 8 --lr 5e-4 --beta 0.1 --lora-r 16 --lora-alpha 32 \
+      --runners unsloth,minialign-lowmem --label smollm2-dpo-lora-b8-lowmem $SAME ;;
+    sft-lora-fast) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer /tmp/model.gguf \
+      --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
+      --runners minialign,minialign-eager --label llama1b-sft-lora-fast-off $SAME ;;
+    hh-per-axis) [ -f /tmp/hh2/state.json ] || python3 -c "import json; \
+s = json.load(open('benchmarks/results/hh-two-axes-state.json')); p = s['policies']; \
+p.setdefault('online-lora-rm', p.pop('online', None)); json.dump(s, open('/tmp/hh2/state.json', 'w'))"
+      python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
+        --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm per-axis \
+        --candidates r1-rpo1-lp4,r2-rpo1-lp4 ;;
     decode) python3 benchmarks/checks/profile_decode.py --model /tmp/model.gguf --data $DATA \
       --json-out $W/profile-decode.json 2>&1 | grep -v Warning | tail -60 ;;
     hh) [ -f /tmp/hh2/state.json ] || python3 -c "import json; \
