@@ -1,5 +1,7 @@
 import contextlib
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,19 @@ def torch_threads(n: int):
     finally:
         torch.set_num_threads(previous)
 
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str, folder: Path = BENCHMARKS):
+    """A benchmark script as a module (``folder/name.py``). The scripts import their neighbours by bare name, so their
+    folder and ``benchmarks/`` go on sys.path; the module is registered under ``name`` as an import would."""
+    for p in (folder, BENCHMARKS):
+        if str(p) not in sys.path:
+            sys.path.insert(0, str(p))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -5,7 +5,6 @@ every configuration runs, that TRL is fed exactly the batches minialign is fed, 
 the documented JSON.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -18,6 +17,7 @@ import torch
 
 from minialign.modeling.models import load_model
 from minialign.training.bench import measure
+from tests.conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -25,19 +25,9 @@ ROW_KEYS = {"trainer", "task", "mode", "batch_size", "tokens_per_s", "pairs_per_
 TOP_KEYS = {"device", "torch", "transformers", "trl", "peft", "command", "results"}
 
 
-def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench_gpu():
-    return _load("bench_gpu")
+    return load_benchmark("bench_gpu")
 
 
 @pytest.fixture(scope="module")

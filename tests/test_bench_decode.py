@@ -2,17 +2,13 @@
 what is checked is that every decoder runs, the JSON holds each one's measures and the command, and the static
 decoder's greedy answers equal transformers' (float32)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
+from tests.conftest import load_benchmark
 
 
 def test_decode_benchmark_smoke_run(tmp_path, shared_dir):
-    spec = importlib.util.spec_from_file_location("bench_decode", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_decode")
     out = tmp_path / "decode.json"
     bench.main(["--model", "tiny-llama", "--tokenizer", "demo", "--rows", "0:2", "--batch-sizes", "2",
                 "--max-new-tokens", "4", "--repeats", "1", "--data",

@@ -2,7 +2,6 @@
 HH-RLHF file, the tiny model, one epoch (~30 s on 2 cores). The numbers mean nothing on a CPU; what is checked is
 that every part runs and measures what it says: wall clocks, tokens, the shared held-out evaluator, the ratios."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,23 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 HH = "data/hh-rlhf/harmless-base/test.jsonl.gz"
 
 
-def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def e2e():
-    return _load("bench_e2e")
+    return load_benchmark("bench_e2e")
 
 
 def test_trl_and_minialign_race_on_the_same_run(tmp_path, shared_dir):
@@ -88,7 +80,7 @@ def test_the_steady_window_starts_where_minialigns_does():
     """steady tokens/s of both trainers covers the same steps (minialign's summary.json picks them in train.py)."""
     from minialign.training.train import _steady_from
 
-    trl_e2e = _load("trl_e2e")
+    trl_e2e = load_benchmark("trl_e2e")
     assert [trl_e2e.steady_from(n) for n in range(1, 400)] == [_steady_from(0, n) for n in range(1, 400)]
 
 

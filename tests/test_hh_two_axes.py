@@ -3,7 +3,6 @@ summary JSON and its tables), TRL's OnlineDPOTrainer peer on the tiny model, and
 `minialign online` and `minialign eval --suite` exist."""
 
 import gzip
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,22 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "benchmarks" / "recipes"
 
 
-def _load(name: str):
-    for p in (RECIPES, ROOT / "benchmarks"):
-        if str(p) not in sys.path:
-            sys.path.insert(0, str(p))
-    spec = importlib.util.spec_from_file_location(name, RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-plan = _load("hh_plan")
-results = _load("hh_results")
+plan = load_benchmark("hh_plan", RECIPES)
+results = load_benchmark("hh_results", RECIPES)
 
 
 def _raw(path: Path) -> list[dict]:
@@ -219,7 +210,7 @@ def test_summary_targets_and_tables():
 
 
 def test_study_flags_pick_the_small_model_and_refuse_unknown_phases():
-    study = _load("hh_two_axes")
+    study = load_benchmark("hh_two_axes", RECIPES)
     args = study.parse_args(["--small", "--data-root", "/d", "--out", "/tmp/x.json"])
     assert args.model == "tiny-llama" and args.n == args.val_n == 4
     with pytest.raises(SystemExit):
@@ -248,7 +239,7 @@ def test_trl_reads_the_reward_model_as_minialigns_judge_scores_it(tiny_rm):
 
     from minialign.evaluation.judge import load_judge
 
-    trl_online = _load("trl_online")
+    trl_online = load_benchmark("trl_online", RECIPES)
     model, tok = trl_online.reward_model(str(tiny_rm / "final" / "model"), "")
     prompts = ["\n\nHuman: How do I bake bread?\n\nAssistant:", "\n\nHuman: Hi\n\nAssistant:"]
     answers = [" Mix flour, water and yeast, then bake it.", " Hello there! How can I help?"]

@@ -11,23 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 HH = "data/hh-rlhf/harmless-base/test.jsonl.gz"
 
 
-def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def e2e():
-    return _load("bench_e2e")
+    return load_benchmark("bench_e2e")
 
 
 def _args(e2e, *extra: str):
@@ -108,7 +101,7 @@ def test_ratios_pair_each_minialign_row_with_each_peer(e2e):
     assert vs_unsloth["final_train_loss_delta"] == pytest.approx(-0.1)
     assert vs_unsloth["heldout_loss_delta"] == pytest.approx(-0.1)
     assert vs_trl["wall_speedup_vs_trl"] == pytest.approx(3.2) and vs_trl["trl_call"] == 0
-    table = _load("e2e_table").markdown({"device": "cpu", "runs": runs, "ratios": out})
+    table = load_benchmark("e2e_table").markdown({"device": "cpu", "runs": runs, "ratios": out})
     assert "| a | minialign | unsloth | 4.00x" in table and "| a | minialign | trl | 3.20x" in table
 
 
@@ -117,7 +110,7 @@ def test_trimmed_wheels_keep_every_file_a_run_reads_and_a_matching_record(tmp_pa
     RECORD; the CUDA 13 and CPU libraries and the package code stay, byte for byte."""
     import zipfile
 
-    wheels = _load("unsloth_wheels")
+    wheels = load_benchmark("unsloth_wheels")
     keep = {"bitsandbytes/__init__.py": b"x = 1\n", "bitsandbytes/libbitsandbytes_cuda130.so": b"\0" * 64,
             "bitsandbytes/libbitsandbytes_cpu.so": b"\1" * 8, "unsloth/models/llama.py": b"# code\n"}
     drop = {"bitsandbytes/libbitsandbytes_cuda124.so": b"\2" * 4096, "bitsandbytes/libbitsandbytes_rocm70.so": b"\3",
