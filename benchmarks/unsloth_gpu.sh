@@ -19,6 +19,7 @@
 # Results: $OUT/unsloth-peer.json and .md (bench_e2e's format), profile-decode.json, hh-two-axes.json/.md, state.json.
 set -u
 W=/tmp/uns
+. benchmarks/recipes/gpu_daemon.sh
 DATA=/tmp/shared/data/hh-rlhf/harmless-base/test.jsonl.gz
 # Train on harmless-base rows 300:1612 and score on 1612:1812: rows 0:300 are eval rows and 1812:2312 train judges
 # only (../shared/README.md), so the issue's 300:2012 is cut where the reserved rows begin.
@@ -75,18 +76,11 @@ start)
   mkdir -p /tmp/repo $W /tmp/hh2 && cp -r /tmp/stage/whl/shared /tmp/shared
   tar cf - --exclude=.carry --exclude=.whl --exclude=.whlu . | tar xf - -C /tmp/repo
   cd /tmp/repo
-  env PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1 \
-    UNSLOTH_DISABLE_STATISTICS=1 MINIALIGN_CACHE=/tmp/mcache PYTHONPATH=/tmp/site:/tmp/repo \
-    setsid nohup sh -c "for r in \$(echo $ROWS | tr , ' '); do echo \"[rows] \$r \$(date +%T)\"; \
-      bash benchmarks/unsloth_gpu.sh row \$r; done; echo \$? > $W/DONE" > $W/log.txt 2>&1 < /dev/null &
-  sleep 5
+  launch $W "for r in \$(echo $ROWS | tr , ' '); do echo \"[rows] \$r \$(date +%T)\"; \
+    bash benchmarks/unsloth_gpu.sh row \$r; done"
   ;&
 wait)
-  [ -f $W/log.txt ] || { echo "nothing runs on this machine ($W/log.txt missing): it was handed back; start again"; exit 3; }
-  end=$(( $(date +%s) + ${WAIT_S:-540} ))
-  while [ ! -f $W/DONE ] && [ "$(date +%s)" -lt "$end" ]; do sleep 10; done
-  grep -E "^\[(rows|e2e|hh2)\]|Error|error:|Traceback" $W/log.txt | cut -c1-300 | tail -70
-  [ -f $W/DONE ] && echo "rows exit code $(cat $W/DONE)"
+  follow $W "^\[(rows|e2e|hh2)\]|Error|error:|Traceback" 70
   cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode.json "$OUT"/ 2>/dev/null
   cp /tmp/hh2/hh-two-axes.json /tmp/hh2/hh-two-axes.md /tmp/hh2/state.json "$OUT"/ 2>/dev/null
   tar czf "$OUT"/logs.tgz -C $W log.txt e2e/logs 2>/dev/null

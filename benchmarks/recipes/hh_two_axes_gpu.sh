@@ -14,6 +14,7 @@
 # script's docstring (~16-18 min on one H100). Results: hh-two-axes.json/.md and the runs' small files in $OUT.
 set -u
 W=/tmp/hh2
+. benchmarks/recipes/gpu_daemon.sh
 case "${1:-}" in
 start)
   shift
@@ -27,23 +28,13 @@ start)
   done
   case "$DATA" in /tmp/*) ;; *) mkdir -p /tmp/hh-data && cp -r "$DATA"/. /tmp/hh-data/ && DATA=/tmp/hh-data ;; esac
   . benchmarks/recipes/gpu_setup.sh
-  mkdir -p $W
-  env PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1 \
-    MINIALIGN_CACHE=/tmp/mcache PYTHONPATH=/tmp/site:/tmp/repo \
-    setsid nohup sh -c "python3 benchmarks/recipes/hh_two_axes.py --model $MODEL --data-root $DATA --work $W \
-      --out $W/hh-two-axes.json $REST; echo \$? > $W/DONE" > $W/log.txt 2>&1 < /dev/null &
-  sleep 5
+  launch $W "python3 benchmarks/recipes/hh_two_axes.py --model $MODEL --data-root $DATA --work $W \
+    --out $W/hh-two-axes.json $REST"
   ;&
 wait)
-  # a machine handed back between calls comes back bare: say so at once rather than wait for a study that is gone
-  [ -f $W/log.txt ] || { echo "no study on this machine ($W/log.txt missing): it was handed back; start again"; exit 3; }
-  end=$(( $(date +%s) + ${WAIT_S:-540} ))
-  while [ ! -f $W/DONE ] && [ "$(date +%s)" -lt "$end" ]; do sleep 10; done
-  grep "\[hh2\]" $W/log.txt | cut -c1-220 | tail -60
-  [ -f $W/DONE ] && echo "study exit code $(cat $W/DONE)"
+  follow $W "\[hh2\]"
   cp $W/hh-two-axes.json $W/hh-two-axes.md $W/state.json "$OUT"/ 2>/dev/null
-  tar czf "$OUT"/hh2-runs.tgz -C $W --exclude='*.safetensors' --exclude='*.pt' --exclude=checkpoints \
-    --exclude=cache --exclude=tokenizer --exclude=trainer --exclude='*.gguf' --exclude=data . 2>/dev/null
+  pack $W hh2-runs
   ls -la "$OUT"
   ;;
 *) echo "usage: $0 start [--model GGUF] [--data-root DIR] [hh_two_axes.py flags] | wait"; exit 2 ;;

@@ -10,6 +10,7 @@
 # ran it); `minialign run`'s LoRA-vs-full table; then round 2's candidates and, if one is chosen, its final phase.
 set -u
 W=/tmp/round2
+. benchmarks/recipes/gpu_daemon.sh
 case "${1:-}" in
 start)
   . benchmarks/recipes/gpu_setup.sh
@@ -27,22 +28,13 @@ python3 -m minialign run --stages lora --model pythia-70m --tokenizer /tmp/share
   --train-data $HH --train-rows 300: --eval-data $HH --eval-rows 0:300 --out $W/lora-check --overwrite
 $R2 --phases sweep,final
 EOF
-  env PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
-    MINIALIGN_CACHE=/tmp/mcache PYTHONPATH=/tmp/site:/tmp/repo \
-    setsid nohup sh -c "sh -x $W/pipeline.sh; echo \$? > $W/DONE" > $W/log.txt 2>&1 < /dev/null &
-  sleep 5
+  launch $W "sh -x $W/pipeline.sh"
   ;&
 wait)
-  # a machine handed back between calls comes back bare: say so at once rather than wait for a pipeline that is gone
-  [ -f $W/log.txt ] || { echo "no pipeline on this machine ($W/log.txt missing): it was handed back; start again"; exit 3; }
-  end=$(( $(date +%s) + ${WAIT_S:-540} ))
-  while [ ! -f $W/DONE ] && [ "$(date +%s)" -lt "$end" ]; do sleep 10; done
-  grep -E "\[recipe\]|\[e2e\]|^\+ |minialign run|lora" $W/log.txt | cut -c1-220 | tail -60
-  [ -f $W/DONE ] && echo "pipeline exit code $(cat $W/DONE)"
+  follow $W "\[recipe\]|\[e2e\]|^\+ |minialign run|lora"
   cp $W/recipe-round2.json $W/recipe-round2.md $W/e2e-smollm2.json $W/e2e-smollm2.md "$OUT"/ 2>/dev/null
   cp $W/lora-check/results.json "$OUT"/run-lora.json 2>/dev/null
-  tar czf "$OUT"/round2-runs.tgz -C $W --exclude='*.safetensors' --exclude='*.pt' --exclude=checkpoints \
-    --exclude=cache --exclude=tokenizer --exclude=trainer --exclude='*.gguf' . 2>/dev/null
+  pack $W round2-runs
   ls -la "$OUT"
   ;;
 *) echo "usage: $0 start|wait"; exit 2 ;;
