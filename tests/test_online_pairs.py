@@ -14,6 +14,7 @@ from minialign.commands.online_pairs import (
     penalise_loops,
     round_prompts,
 )
+from minialign.evaluation.textmetrics import loops
 
 
 def test_zsum_standardises_each_model_then_weights():
@@ -101,11 +102,14 @@ LOOPING = "I can help. I can help you with that. I can help you with that. I can
 def test_the_loop_penalty_lowers_exactly_the_answers_that_loop():
     texts = ["Preheat the oven, then bake the pie for an hour.", LOOPING, "Sure.", LOOPING + " Anything else?"]
     combined = torch.tensor([0.5, 2.0, -1.0, 1.5], dtype=torch.float64)
-    got, n = penalise_loops(combined, texts, 4.0)
-    assert n == 2 and got.tolist() == [0.5, -2.0, -1.0, -2.5]
-    assert penalise_loops(combined, texts, 0.0)[0].tolist() == combined.tolist()  # 0: off, the count stays
+    flags = [loops(t) for t in texts]
+    got = penalise_loops(combined, flags, 4.0)
+    assert sum(flags) == 2 and got.tolist() == [0.5, -2.0, -1.0, -2.5]
+    assert penalise_loops(combined, flags, 0.0).tolist() == combined.tolist()  # 0: off
+    assert answer_stats(texts, [1] * 4, ["eos"] * 4, flags)["loop_share"] == answer_stats(texts, [1] * 4, ["eos"] * 4)[
+        "loop_share"] == 0.5  # the caller's flags count as the recomputed ones
     with pytest.raises(ValueError):
-        penalise_loops(combined, texts[:3], 1.0)
+        penalise_loops(combined, flags[:3], 1.0)
 
 
 def test_with_the_penalty_a_loop_is_rejected_instead_of_chosen():
@@ -113,5 +117,5 @@ def test_with_the_penalty_a_loop_is_rejected_instead_of_chosen():
     texts = [["A short, clear answer.", LOOPING, "Another answer here."]]
     combined = torch.tensor([[0.3, 1.2, -0.4]], dtype=torch.float64)
     assert form_pairs(combined, texts, 0.0).pairs == [Pair(0, 1, 2, pytest.approx(1.6))]
-    penalised, _ = penalise_loops(combined.flatten(), texts[0], 4.0)
+    penalised = penalise_loops(combined.flatten(), [loops(t) for t in texts[0]], 4.0)
     assert form_pairs(penalised.reshape(1, 3), texts, 0.0).pairs == [Pair(0, 0, 1, pytest.approx(0.3 - (1.2 - 4.0)))]

@@ -41,6 +41,7 @@ from minialign.data.chat import to_chat_format
 from minialign.data.splits import load_pairs
 from minialign.evaluation import evalrows
 from minialign.evaluation.judge import load_judge
+from minialign.evaluation.textmetrics import loops
 from minialign.modeling.blocks import check_fast_path
 from minialign.modeling.generate import generate
 from minialign.modeling.models import default_tokenizer, load_tokenizer
@@ -225,7 +226,8 @@ def run_round(s: Session, k: int) -> dict:
     raw = [p.raw for p in picked for _ in range(n)]
     scores = torch.stack([j.score(raw, texts, batch_size=cfg.rm_batch_size) for j in s.judges])  # [M, P * N]
     raw_combined = combine_scores(scores, cfg.weights(), cfg.combine)
-    combined, looped = penalise_loops(raw_combined, texts, cfg.loop_penalty)
+    looped = [loops(t) for t in texts]
+    combined = penalise_loops(raw_combined, looped, cfg.loop_penalty)
     t2 = time.perf_counter()
     grouped = [texts[i * n : (i + 1) * n] for i in range(len(picked))]
     pairing = form_pairs(combined.reshape(len(picked), n), grouped, cfg.min_gap)
@@ -245,11 +247,11 @@ def run_round(s: Session, k: int) -> dict:
     save_round_weights(s.run_dir, k, s.model, cfg.keep_last)
     stats = {"round": k, "prompts": len(picked), "answers": len(texts), "pairs": len(records),
              "below_gap": pairing.below_gap, "no_contrast": pairing.no_contrast,
-             "penalised": looped if cfg.loop_penalty > 0 else 0,
+             "penalised": sum(looped) if cfg.loop_penalty > 0 else 0,
              "score_mean": raw_combined.mean().item(),
              "rm_scores": {m: scores[i].double().mean().item() for i, m in enumerate(split_list(cfg.reward_models))},
              "gap_mean": sum(x.gap for x in pairing.pairs) / len(pairing.pairs),
-             **answer_stats(texts, [c.n_tokens for c in completions], [c.stop for c in completions]),
+             **answer_stats(texts, [c.n_tokens for c in completions], [c.stop for c in completions], looped),
              "loss": last.get("loss"), **{k_: v for k_, v in last.items() if k_.startswith("eval/")},
              "generate_s": round(t1 - t0, 3), "score_s": round(t2 - t1, 3), "train_s": round(t3 - t2, 3)}
     write_atomic(folder / ROUND_DONE, json.dumps(stats).encode())  # the completion marker: written last

@@ -62,12 +62,12 @@ def combine_scores(scores: torch.Tensor, weights: Sequence[float], rule: str) ->
     return (w[:, None] * s).sum(0)
 
 
-def penalise_loops(combined: torch.Tensor, texts: Sequence[str], penalty: float) -> tuple[torch.Tensor, int]:
-    """(``combined`` ``[K]`` minus ``penalty`` at each of the K answers ``texts`` that loops, how many loop)."""
-    looped = torch.tensor([loops(t) for t in texts], dtype=torch.bool)
-    if len(texts) != combined.numel():
-        raise ValueError(f"{len(texts)} texts for {combined.numel()} scores")
-    return combined - penalty * looped.to(combined.dtype), int(looped.sum())
+def penalise_loops(combined: torch.Tensor, looped: Sequence[bool], penalty: float) -> torch.Tensor:
+    """``combined`` ``[K]`` minus ``penalty`` at each of the K answers whose ``looped`` flag (``textmetrics.loops``)
+    is set."""
+    if len(looped) != combined.numel():
+        raise ValueError(f"{len(looped)} loop flags for {combined.numel()} scores")
+    return combined - penalty * torch.tensor(list(looped), dtype=combined.dtype)
 
 
 @dataclass(frozen=True)
@@ -114,11 +114,12 @@ def form_pairs(combined: torch.Tensor, texts: Sequence[Sequence[str]], min_gap: 
     return out
 
 
-def answer_stats(texts: Sequence[str], n_tokens: Sequence[int], stops: Sequence[str]) -> dict[str, float]:
-    """Loop share (``textmetrics.loops``), EOS share (answers that ended on EOS), finished share (EOS or a stop
-    string), mean length in tokens and distinct-2 of a round's sampled answers."""
+def answer_stats(texts: Sequence[str], n_tokens: Sequence[int], stops: Sequence[str],
+                 looped: Sequence[bool] | None = None) -> dict[str, float]:
+    """Loop share (``textmetrics.loops``; ``looped``: the flags when the caller has them), EOS share (answers that
+    ended on EOS), finished share (EOS or a stop string), mean length in tokens and distinct-2 of a round's answers."""
     return {
-        "loop_share": share([loops(t) for t in texts]),
+        "loop_share": share(list(looped) if looped is not None else [loops(t) for t in texts]),
         "eos_share": share([s == "eos" for s in stops]),
         "finished_share": share([s != "length" for s in stops]),
         "mean_tokens": mean(list(n_tokens)),
