@@ -59,13 +59,13 @@ RUNNERS: dict[str, list[str] | None] = {
     "minialign-compile": ["--fast", "on", "--compile"],
     # full fine-tuning of bf16 weights (StochasticAdamW); under LoRA the frozen base is bf16 on CUDA already
     "minialign-bf16": ["--fast", "on", "--base-dtype", "bfloat16"],
-    # minialign's memory options together, the row matched against Unsloth's low-memory default: compiled activation
-    # checkpointing and AdamW stepped inside backward (which needs --max-grad-norm 0); LOWMEM_FULL under --full
+    # minialign's memory options together, the rows matched against Unsloth's low-memory default: compiled activation
+    # checkpointing and AdamW stepped inside backward (which needs --max-grad-norm 0); for full fine-tuning, bf16
+    # weights with stochastic-rounding AdamW (which steps after backward) instead
     "minialign-lowmem": ["--fast", "on", "--grad-checkpointing", "--compile", "--optim-in-backward",
                          "--max-grad-norm", "0"],
+    "minialign-lowmem-bf16": ["--fast", "on", "--grad-checkpointing", "--compile", "--base-dtype", "bfloat16"],
 }
-# Full fine-tuning's smallest setting: bf16 weights with stochastic-rounding AdamW (which steps after backward).
-LOWMEM_FULL = ["--fast", "on", "--grad-checkpointing", "--compile", "--base-dtype", "bfloat16"]
 PROBE = ("import json, platform, torch; from importlib.metadata import version; "
          "print(json.dumps({'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', "
          "'versions': {'python': platform.python_version(), 'torch': torch.__version__, "
@@ -178,11 +178,7 @@ def runner_command(args: argparse.Namespace, runner: str, run_dir: Path) -> list
             "--eval-data", args.data, "--eval-rows", args.eval_rows, "--eval-limit", "100000", *limit,
             *(["--beta", str(args.beta)] if args.task == "dpo" else []), "--full" if args.mode == "full" else "--no-full",
             "--weight-decay", "0", "--max-grad-norm", "1.0", "--grad-accum", "1", "--eval-every", "0",
-            "--out", str(run_dir), "--overwrite", *minialign_flags(runner, args.mode), *shlex.split(args.minialign_args)]
-
-
-def minialign_flags(runner: str, mode: str) -> list[str]:
-    return LOWMEM_FULL if runner == "minialign-lowmem" and mode == "full" else RUNNERS[runner]
+            "--out", str(run_dir), "--overwrite", *RUNNERS[runner], *shlex.split(args.minialign_args)]
 
 
 def collect(row: dict, runner: str, run_dir: Path) -> Path | None:

@@ -11,9 +11,12 @@ def _div(a, b) -> float | None:
     return a / b if a is not None and b else None
 
 
-def _delta(mine: dict, trl: dict, key: str) -> float | None:
-    a, b = (mine.get("heldout") or {}).get(key), (trl.get("heldout") or {}).get(key)
+def _diff(a, b) -> float | None:
     return a - b if a is not None and b is not None else None
+
+
+def _delta(mine: dict, peer: dict, key: str) -> float | None:
+    return _diff((mine.get("heldout") or {}).get(key), (peer.get("heldout") or {}).get(key))
 
 
 def _is_peer(runner: str) -> bool:
@@ -49,10 +52,6 @@ def ratios(runs: list[dict]) -> list[dict]:
                 "final_train_loss_delta": _diff(r.get("final_train_loss"), t.get("final_train_loss")),
             })
     return out
-
-
-def _diff(a, b) -> float | None:
-    return a - b if a is not None and b is not None else None
 
 
 def fmt(x, spec: str = "{:,.0f}") -> str:

@@ -27,6 +27,14 @@ SAME="--data $DATA --train-rows 300:1612 --eval-rows 1612:1812 --epochs 1 --sche
  --max-length 512 --max-prompt-length 256 --seed 0 --work $W/e2e --out $W/unsloth-peer.json --append \
  --unsloth-site /tmp/usite --timeout-s 300"
 
+# seed_state NAME: the committed study state as /tmp/hh2's (once), its `online` policy kept under NAME, so a call that
+# reruns only the online phases adds a row instead of replacing the one the committed results show.
+seed_state() {
+  [ -f /tmp/hh2/state.json ] || python3 -c "import json, sys; \
+s = json.load(open('benchmarks/results/hh-two-axes-state.json')); p = s['policies']; \
+p.setdefault(sys.argv[1], p.pop('online', None)); json.dump(s, open('/tmp/hh2/state.json', 'w'))" "$1"
+}
+
 row() {
   case "$1" in
     dpo8) python3 benchmarks/bench_e2e.py --task dpo --mode lora --model /tmp/model.gguf --tokenizer /tmp/model.gguf \
@@ -47,17 +55,13 @@ row() {
     sft-lora-fast) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer /tmp/model.gguf \
       --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
       --runners minialign,minialign-eager --label llama1b-sft-lora-fast-off $SAME ;;
-    hh-per-axis) [ -f /tmp/hh2/state.json ] || python3 -c "import json; \
-s = json.load(open('benchmarks/results/hh-two-axes-state.json')); p = s['policies']; \
-p.setdefault('online-lora-rm', p.pop('online', None)); json.dump(s, open('/tmp/hh2/state.json', 'w'))"
+    hh-per-axis) seed_state online-lora-rm
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm per-axis \
         --candidates r1-rpo1-lp4,r2-rpo1-lp4 ;;
     decode) python3 benchmarks/checks/profile_decode.py --model /tmp/model.gguf --data $DATA \
       --json-out $W/profile-decode.json 2>&1 | grep -v Warning | tail -60 ;;
-    hh) [ -f /tmp/hh2/state.json ] || python3 -c "import json; \
-s = json.load(open('benchmarks/results/hh-two-axes-state.json')); p = s['policies']; \
-p.setdefault('online-first-rm', p.pop('online', None)); json.dump(s, open('/tmp/hh2/state.json', 'w'))"
+    hh) seed_state online-first-rm
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm lora \
         --candidates r1-rpo1-lp4,r2-rpo1-lp4 ;;

@@ -44,17 +44,18 @@ def test_each_unsloth_runner_gets_its_script_and_settings(e2e, tmp_path):
     assert "/opt/usite" not in e2e.child_env(tmp_path, False)["PYTHONPATH"]
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_minialigns_low_memory_runner_is_a_valid_configuration(e2e, tmp_path, mode):
+@pytest.mark.parametrize(("runner", "mode"), [("minialign-lowmem", "lora"), ("minialign-lowmem", "full"),
+                                              ("minialign-lowmem-bf16", "full")])
+def test_minialigns_low_memory_runners_are_valid_configurations(e2e, tmp_path, runner, mode):
     from minialign.cli import _config, build_parser
     from minialign.config.schema import SFTConfig
 
-    cmd = e2e.runner_command(_args(e2e, "--mode", mode), "minialign-lowmem", tmp_path)
+    cmd = e2e.runner_command(_args(e2e, "--mode", mode), runner, tmp_path)
     assert cmd[1:3] == ["-m", "minialign"]
     cfg = _config(build_parser().parse_args(cmd[3:]), SFTConfig)
     cfg.validate(1)
     assert cfg.grad_checkpointing and cfg.compile and cfg.full == (mode == "full")
-    if mode == "lora":
+    if runner == "minialign-lowmem":
         assert cfg.optim_in_backward and cfg.max_grad_norm == 0
     else:  # bf16 weights step their own AdamW after backward
         assert cfg.base_dtype == "bfloat16" and not cfg.optim_in_backward

@@ -45,6 +45,9 @@ import hh_plan as plan  # noqa: E402
 import hh_results as results  # noqa: E402
 from bench_e2e import _read_json, child_env, run_timed  # noqa: E402
 
+from minialign.config.presets import load_run_config  # noqa: E402
+from minialign.config.schema import OnlineConfig  # noqa: E402
+
 PHASES = ("judges", "harmless-only", "online-rm", "online", "offline-mix", "trl-online", "trl-dpo", "timing")
 JUDGE_TARGET = 0.62
 
@@ -258,7 +261,7 @@ def train_online(s: Study, name: str, settings: dict, run_dir: Path) -> dict:
     mix = s.mix()
     s.need("online_rm", "online-rm")
     if finished(run_dir):
-        used = (_read_yaml(run_dir / "config.yaml") or {}).get("reward_models", "")
+        used = load_run_config(run_dir, OnlineConfig).reward_models
         want = ",".join(str(Path(d).resolve()) for d in s.state["online_rm"]["run_dir"].split(","))
         if used != want:  # another --online-rm's run: never reuse it under this one's name
             raise SystemExit(f"hh_two_axes: {run_dir} was trained with the reward models {used}, not this study's "
@@ -300,16 +303,19 @@ def phase_offline_mix(s: Study) -> None:
     s.record_policy("offline-mix", ["--policy", str(run_dir)], str(run_dir))
 
 
+def matched_candidate(s: Study) -> str:
+    """The online candidate TRL's peer matches: the one it was matched to before (a study read back keeps its peer's
+    match), else the chosen one, else the first."""
+    return (s.state.get("trl_online_candidate") or (s.state.get("chosen") or {}).get("name")
+            or s.args.candidates.split(",")[0])
+
+
 def matched_settings(s: Study) -> dict:
-    """The online settings TRL's peer matches: those it was matched to before (a study read back keeps its peer's
-    match), else the chosen candidate's, else the first candidate's."""
-    earlier = s.state.get("trl_online_candidate")
-    chosen = earlier or (s.state.get("chosen") or {}).get("name") or s.args.candidates.split(",")[0]
-    s.state["trl_online_candidate"] = chosen
-    return plan.online_settings(chosen, s.args.small)
+    return plan.online_settings(matched_candidate(s), s.args.small)
 
 
 def train_trl_online(s: Study, name: str, out: Path) -> dict:
+    s.state["trl_online_candidate"] = matched_candidate(s)
     mix, settings = s.mix(), matched_settings(s)
     s.need("online_rm", "online-rm")
     if s.state["online_rm"].get("setting", "full") != "full":
@@ -382,15 +388,6 @@ def phase_timing(s: Study) -> None:
                          "round_prompts": cands[big]["settings"]["prompts_per_round"] if big else None,
                          "round_samples": cands[big]["settings"]["samples"] if big else None}
     s.save()
-
-
-def _read_yaml(path: Path) -> dict | None:
-    import yaml
-
-    try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
 
 
 def _read_jsonl(path: Path) -> list[dict]:
