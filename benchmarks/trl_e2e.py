@@ -23,7 +23,6 @@ T_START = time.time()  # before the heavy imports: they are part of what a user 
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -131,6 +130,7 @@ def run_script(args: argparse.Namespace, runner: str, load, t_start: float, row_
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
+    from minialign.base.files import write_json
     from minialign.data import load_preference_pairs
     from minialign.data.chat import to_chat_format
 
@@ -214,9 +214,7 @@ def run_script(args: argparse.Namespace, runner: str, load, t_start: float, row_
         "device": torch.cuda.get_device_name(device) if cuda else "cpu", "saved": str(adapter_out),
         "versions": {"torch": torch.__version__, **versions}, **(row_extra or {}),
     }
-    tmp = out_json.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row, indent=1), encoding="utf-8")
-    tmp.replace(out_json)
+    write_json(out_json, row, indent=1)
     return 0
 
 

@@ -25,7 +25,6 @@ import time
 T_START = time.time()  # before the heavy imports: `import unsloth` is part of what its users wait for
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
@@ -55,9 +54,9 @@ def fail(args: argparse.Namespace, stage: str, exc: BaseException) -> int:
     what = f"{stage}: {type(exc).__name__}: {exc}"
     print(f"unsloth_peer: {what}", file=sys.stderr, flush=True)
     traceback.print_exc()
-    out = Path(args.out_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"runner": args.runner, "error": what, "stage": stage}, indent=1), encoding="utf-8")
+    from minialign.base.files import write_json
+
+    write_json(Path(args.out_json), {"runner": args.runner, "error": what, "stage": stage}, indent=1)
     return MISSING_EXIT
 
 
