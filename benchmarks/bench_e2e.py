@@ -59,6 +59,10 @@ RUNNERS: dict[str, list[str] | None] = {
     "minialign-compile": ["--fast", "on", "--compile"],
     # full fine-tuning of bf16 weights (StochasticAdamW); under LoRA the frozen base is bf16 on CUDA already
     "minialign-bf16": ["--fast", "on", "--base-dtype", "bfloat16"],
+    # a float32 frozen base under LoRA (bf16 autocast, TRL's setting), with and without the fast path: they split
+    # the fast path from the base's precision when minialign's LoRA learns less than a peer (NOTES entry 24)
+    "minialign-fp32base": ["--fast", "on", "--base-dtype", "float32"],
+    "minialign-eager-fp32base": ["--fast", "off", "--base-dtype", "float32"],
     # minialign's memory options together, the rows matched against Unsloth's low-memory default: compiled activation
     # checkpointing and AdamW stepped inside backward (which needs --max-grad-norm 0); for full fine-tuning, bf16
     # weights with stochastic-rounding AdamW (which steps after backward) instead

@@ -15,10 +15,12 @@
 # decoder profile, benchmarks/checks/profile_decode.py) and `hh` (the issue-31 study's online step with the LoRA
 # reward model and the loop penalty) can be queued among them. Ready for the next session (each a question NOTES
 # entry 23 leaves open): `dpo8-lowmem` (DPO at matched memory), `sft-lora-fast` (llama-1b SFT LoRA with --fast on vs
-# off: where the 0.29-nat learning gap comes from), `hh-per-axis` (one online reward model an axis).
+# off: where the 0.29-nat learning gap comes from), `sft-gap` (the same against TRL, the fast path and a float32 base
+# each switched), `hh-per-axis` (one online reward model an axis).
 # Results: $OUT/unsloth-peer.json and .md (bench_e2e's format), profile-decode.json, hh-two-axes.json/.md, state.json.
 set -u
 W=/tmp/uns
+TOK=${TOK:-/tmp/model.gguf}  # the llama-1b rows' tokenizer (SmolLM2's); `lite` uses a carried copy instead
 . benchmarks/recipes/gpu_daemon.sh
 DATA=/tmp/shared/data/hh-rlhf/harmless-base/test.jsonl.gz
 # Train on harmless-base rows 300:1612 and score on 1612:1812: rows 0:300 are eval rows and 1812:2312 train judges
@@ -43,24 +45,29 @@ row() {
     dpo16) python3 benchmarks/bench_e2e.py --task dpo --mode lora --model /tmp/model.gguf --tokenizer /tmp/model.gguf \
       --checkpoint $W/smollm2 --chat-template --batch-size 16 --lr 5e-4 --beta 0.1 --lora-r 16 --lora-alpha 32 \
       --runners unsloth,minialign --label smollm2-dpo-lora-b16 $SAME ;;
-    sft-lora) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer /tmp/model.gguf \
+    sft-lora) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer $TOK \
       --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
       --runners unsloth,minialign,unsloth-ours,minialign-lowmem --label llama1b-sft-lora $SAME ;;
-    sft-full) python3 benchmarks/bench_e2e.py --task sft --mode full --model llama-1b --tokenizer /tmp/model.gguf \
+    sft-full) python3 benchmarks/bench_e2e.py --task sft --mode full --model llama-1b --tokenizer $TOK \
       --checkpoint $W/llama1b --batch-size 16 --lr 1e-5 \
       --runners unsloth,minialign --label llama1b-sft-full $SAME ;;
     dpo8-lowmem) python3 benchmarks/bench_e2e.py --task dpo --mode lora --model /tmp/model.gguf --tokenizer /tmp/model.gguf \
       --checkpoint $W/smollm2 --chat-template --batch-size 8 --lr 5e-4 --beta 0.1 --lora-r 16 --lora-alpha 32 \
       --runners unsloth,minialign-lowmem --label smollm2-dpo-lora-b8-lowmem $SAME ;;
-    sft-lora-fast) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer /tmp/model.gguf \
+    sft-lora-fast) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer $TOK \
       --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
       --runners minialign,minialign-eager --label llama1b-sft-lora-fast-off $SAME ;;
+    sft-gap) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer $TOK \
+      --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
+      --runners trl,minialign,minialign-eager,minialign-eager-fp32base,minialign-fp32base --label llama1b-sft-lora-gap $SAME ;;
     hh-per-axis) seed_state online-lora-rm
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm per-axis \
         --candidates r1-rpo1-lp4,r2-rpo1-lp4 ;;
     decode) python3 benchmarks/checks/profile_decode.py --model /tmp/model.gguf --data $DATA \
       --json-out $W/profile-decode.json 2>&1 | grep -v Warning | tail -60 ;;
+    decode-random) python3 benchmarks/checks/profile_decode.py --model /tmp/smollm2-random --data $DATA \
+      --json-out $W/profile-decode-random.json 2>&1 | grep -v Warning | tail -60 ;;
     hh) seed_state online-first-rm
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm lora \
@@ -87,6 +94,27 @@ wait)
   follow $W "^\[(rows|e2e|hh2)\]|Error|error:|Traceback" 70
   cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode.json "$OUT"/ 2>/dev/null
   cp /tmp/hh2/hh-two-axes.json /tmp/hh2/hh-two-axes.md /tmp/hh2/state.json "$OUT"/ 2>/dev/null
+  tar czf "$OUT"/logs.tgz -C $W log.txt e2e/logs 2>/dev/null
+  ls -la "$OUT"
+  ;;
+lite)
+  # One call, no GGUF, no Unsloth (carry .whl .gl): rows that need SmolLM2's tokenizer and shapes only, i.e. sft-gap,
+  # sft-lora-fast and decode-random (the decoder profile on random SmolLM2-135M weights built from .gl/smollm2's
+  # config: every row runs all max_new_tokens, so the step time is measured without early finishes).
+  ROWS=${2:-sft-gap,decode-random}
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  mkdir -p /tmp/repo $W && cp -r .whl/shared /tmp/shared && cp -r .gl/smollm2 /tmp/smollm2-tok
+  tar cf - --exclude=.carry --exclude=.whl --exclude=.whlu --exclude=.gl . | tar xf - -C /tmp/repo
+  cd /tmp/repo
+  PYTHONPATH=/tmp/repo python3 -c "import sys, torch, transformers as t; \
+m = t.AutoModelForCausalLM.from_config(t.AutoConfig.from_pretrained(sys.argv[1])); \
+m.to(torch.bfloat16).save_pretrained(sys.argv[2]); t.AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])" \
+    /tmp/smollm2-tok /tmp/smollm2-random || exit 1
+  launch $W "for r in \$(echo $ROWS | tr , ' '); do echo \"[rows] \$r \$(date +%T)\"; \
+    TOK=/tmp/smollm2-tok bash benchmarks/unsloth_gpu.sh row \$r; done"
+  WAIT_S=${WAIT_S:-520} follow $W "^\[(rows|e2e)\]|Error|error:|Traceback" 70
+  cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode-random.json "$OUT"/ 2>/dev/null
   tar czf "$OUT"/logs.tgz -C $W log.txt e2e/logs 2>/dev/null
   ls -la "$OUT"
   ;;
