@@ -63,6 +63,8 @@ CANDIDATES: dict[str, dict] = {
     # the loop penalty (4: above the spread of one z-scored reward model) against the loops the first study left
     "r1-rpo1-lp4": {"rounds": 1, "prompts_per_round": 1000, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0},
     "r2-rpo1-lp4": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0},
+    # a third round: sampled from the policy round 2 made (the mix's 1,256 online prompts wrap around into round 3)
+    "r3-rpo1-lp4": {"rounds": 3, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0},
 }
 SMALL_TRAIN = ["--epochs", "1", "--max-length", "128"]  # --small: appended to every training command (last wins)
 SMALL_ONLINE = {"samples": 2, "max_new_tokens": 16, "batch_size": 4, "rounds": 1, "prompts_per_round": 8}
