@@ -59,7 +59,7 @@ row() {
       --runners minialign,minialign-eager --label llama1b-sft-lora-fast-off $SAME ;;
     sft-gap) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer $TOK \
       --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
-      --runners trl,minialign,minialign-eager,minialign-eager-fp32base,minialign-fp32base --label llama1b-sft-lora-gap $SAME ;;
+      --runners trl,minialign,minialign-eager,minialign-eager-fp32base --label llama1b-sft-lora-gap $SAME ;;
     hh-per-axis) seed_state online-lora-rm
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm per-axis \
@@ -68,6 +68,8 @@ row() {
       --json-out $W/profile-decode.json 2>&1 | grep -v Warning | tail -60 ;;
     decode-random) python3 benchmarks/checks/profile_decode.py --model /tmp/smollm2-random --data $DATA \
       --json-out $W/profile-decode-random.json 2>&1 | grep -v Warning | tail -60 ;;
+    bench-decode-random) python3 benchmarks/bench_decode.py --model /tmp/smollm2-random --data $DATA --rows 300:556 \
+      --batch-sizes 256 --decoders static,hf-static --json-out $W/decode-random.json 2>&1 | grep -v Warning | tail -30 ;;
     hh) seed_state online-first-rm
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm lora \
@@ -99,9 +101,10 @@ wait)
   ;;
 lite)
   # One call, no GGUF, no Unsloth (carry .whl .gl): rows that need SmolLM2's tokenizer and shapes only, i.e. sft-gap,
-  # sft-lora-fast and decode-random (the decoder profile on random SmolLM2-135M weights built from .gl/smollm2's
-  # config: every row runs all max_new_tokens, so the step time is measured without early finishes).
-  ROWS=${2:-sft-gap,decode-random}
+  # sft-lora-fast, decode-random (the decoder profile on random SmolLM2-135M weights built from .gl/smollm2's
+  # config: every row runs all max_new_tokens, so the step time is measured without early finishes) and
+  # bench-decode-random (bench_decode.py's static decoder against transformers' static cache + compile, same weights).
+  ROWS=${2:-sft-gap,decode-random,bench-decode-random}
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   mkdir -p /tmp/repo $W && cp -r .whl/shared /tmp/shared && cp -r .gl/smollm2 /tmp/smollm2-tok
@@ -114,7 +117,7 @@ m.to(torch.bfloat16).save_pretrained(sys.argv[2]); t.AutoTokenizer.from_pretrain
   launch $W "for r in \$(echo $ROWS | tr , ' '); do echo \"[rows] \$r \$(date +%T)\"; \
     TOK=/tmp/smollm2-tok bash benchmarks/unsloth_gpu.sh row \$r; done"
   WAIT_S=${WAIT_S:-520} follow $W "^\[(rows|e2e)\]|Error|error:|Traceback" 70
-  cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode-random.json "$OUT"/ 2>/dev/null
+  cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode-random.json $W/decode-random.json "$OUT"/ 2>/dev/null
   tar czf "$OUT"/logs.tgz -C $W log.txt e2e/logs 2>/dev/null
   ls -la "$OUT"
   ;;

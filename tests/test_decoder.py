@@ -18,7 +18,7 @@ from transformers.generation.logits_process import (
 
 from minialign.base.errors import UserError
 from minialign.modeling.decoder import GREEDY, StaticDecoder
-from minialign.modeling.decoder_model import decode_attention, decoder_support
+from minialign.modeling.decoder_model import decode_attention, decode_layout, decoder_support, write_cache
 from minialign.modeling.generate import generate
 from minialign.modeling.lora import LoRAConfig, apply_lora, disabled, lora_layers, merge_lora
 from minialign.modeling.models import BUILTIN_CONFIGS, builtin_config, load_tokenizer
@@ -163,12 +163,26 @@ def test_decode_attention_reads_each_rows_used_keys():
     q = torch.randn(b, heads, d, dtype=torch.float64)
     k, v = (torch.randn(b, kv_heads, length, d, dtype=torch.float64) for _ in range(2))
     used = torch.tensor([1, 9, 4])
-    out = decode_attention(q, k, v, used, d**-0.5)
+    out = decode_attention(q, k, v, decode_layout(used - 1, kv_heads, heads // kv_heads, length, False), d**-0.5)
     for row in range(b):
         for h in range(heads):
             keys, values = k[row, h // 3, : used[row]], v[row, h // 3, : used[row]]
             weights = (keys @ q[row, h] * d**-0.5).softmax(0)
             torch.testing.assert_close(out[row, h], weights @ values)
+
+
+def test_write_cache_puts_each_rows_key_at_its_position_and_touches_nothing_else():
+    """One index_copy_ a layer (the step's layout built once) = cache[row, head, positions[row]] = new[row, head]."""
+    rows, kv_heads, length, d = 4, 3, 7, 5
+    cache = torch.randn(rows, kv_heads, length, d)
+    before = cache.clone()
+    bucket, positions = 3, torch.tensor([0, 6, 2])  # a bucket of the first 3 slots; slot 3 is outside it
+    new = torch.randn(bucket, kv_heads, d)
+    write_cache(cache[:bucket], new, decode_layout(positions, kv_heads, 2, length, False))
+    expected = before.clone()
+    for row in range(bucket):
+        expected[row, :, positions[row]] = new[row]
+    assert torch.equal(cache, expected)
 
 
 def test_lora_models_decode_as_merged_without_being_modified(tok):

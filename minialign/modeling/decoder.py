@@ -36,12 +36,15 @@ from minialign.modeling.decoder_model import (
     DecoderWeights,
     block_forward,
     decode_attention,
+    decode_layout,
     decoder_support,
+    flash_decode,
     last_logits,
     out_mlp,
     prefill_attention,
     qkv_rope,
     rope_table,
+    write_cache,
 )
 from minialign.modeling.sampling import Sampling, draw_uniforms, next_tokens
 
@@ -263,13 +266,14 @@ class StaticDecoder:
         sampling, pad_id, eos_ids = key
         s, w = self.state, self.weights
         tokens, positions, done = s.tokens[:bucket], s.lengths[:bucket], s.done[:bucket]
-        slots = torch.arange(bucket, device=self.device)
+        dims = w.dims
+        layout = decode_layout(positions, dims.kv_heads, dims.groups, s.length, flash_decode(w.dtype, self.device))
 
         def attend(q, k, v, layer):
             k_cache, v_cache = s.k_cache[layer, :bucket], s.v_cache[layer, :bucket]
-            k_cache[slots, :, positions] = k
-            v_cache[slots, :, positions] = v
-            return decode_attention(q, k_cache, v_cache, positions + 1, self.scale)
+            write_cache(k_cache, k, layout)
+            write_cache(v_cache, v, layout)
+            return decode_attention(q, k_cache, v_cache, layout, self.scale)
 
         x = F.embedding(tokens, w.embed)
         cos, sin = s.cos[positions][:, None], s.sin[positions][:, None]

@@ -238,7 +238,7 @@ def last_logits(x: torch.Tensor, weights: DecoderWeights) -> torch.Tensor:
 
 
 def _flash(q: torch.Tensor) -> bool:
-    return q.dtype in (torch.float16, torch.bfloat16) and flash_varlen_available(q.device)
+    return flash_decode(q.dtype, q.device)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
@@ -252,10 +252,49 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     return varlen_reference(q, k, v, cu_seqlens, cu_seqlens, None, scale)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, used: torch.Tensor,
+@dataclass(frozen=True)
+class DecodeLayout:
+    """What every layer's attention and cache write in one decode step share, built once a step (not once a layer:
+    each piece is a kernel, and a step of a small model is a chain of small kernels).
+
+    ``cache_index``: ``[B * Hk]`` rows of a layer's cache viewed as ``[rows * Hk * L, D]`` that the step's new keys
+    (and values) go to, so the write is one ``index_copy_``; ``used``: ``[B]`` keys each row attends over, the new one
+    included; FlashAttention's varlen description (``cu_q``, ``cu_k``, ``seqused``), or the SDPA path's ``mask``.
+    """
+
+    cache_index: torch.Tensor
+    used: torch.Tensor
+    cu_q: torch.Tensor | None = None
+    cu_k: torch.Tensor | None = None
+    seqused: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+def decode_layout(positions: torch.Tensor, kv_heads: int, groups: int, length: int, flash: bool) -> DecodeLayout:
+    """The layout of a step whose rows 0..B-1 write their new key at ``positions`` ``[B]`` of a cache of ``length``
+    positions (see ``DecodeLayout``); ``flash``: build FlashAttention's description, else SDPA's mask."""
+    b, device = positions.shape[0], positions.device
+    seq = torch.arange(b * kv_heads, device=device)  # (row, key head) -> its own sequence of the cache
+    per_head = lambda t: t[:, None].expand(b, kv_heads).reshape(-1)  # noqa: E731 - [B] -> [B * Hk], no sync
+    cache_index = seq * length + per_head(positions)
+    used = positions + 1
+    if flash:
+        starts = torch.arange(b * kv_heads + 1, device=device, dtype=torch.int32)
+        seqused = per_head(used.to(torch.int32))
+        return DecodeLayout(cache_index, used, starts * groups, starts * length, seqused)
+    mask = torch.arange(length, device=device)[None, :] < used[:, None]
+    return DecodeLayout(cache_index, used, mask=mask[:, None, None, :])
+
+
+def write_cache(cache: torch.Tensor, new: torch.Tensor, layout: DecodeLayout) -> None:
+    """Store ``new`` ``[B, Hk, D]`` into one layer's cache ``[rows, Hk, L, D]`` (contiguous) at the step's positions."""
+    cache.view(-1, cache.shape[-1]).index_copy_(0, layout.cache_index, new.reshape(-1, new.shape[-1]))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: DecodeLayout,
                      scale: float) -> torch.Tensor:
-    """One new query per row over that row's first ``used[b]`` cached keys: ``q`` ``[B, H, D]``, caches
-    ``[B, Hk, L, D]``, ``used`` ``[B]`` -> ``[B, H, D]``.
+    """One new query per row over that row's first ``layout.used[b]`` cached keys: ``q`` ``[B, H, D]``, caches
+    ``[B, Hk, L, D]`` -> ``[B, H, D]``.
 
     The G = H / Hk query heads sharing a key head are laid out as G queries of one sequence per (row, key head), so
     each cached key is read once, not G times. On CUDA, FlashAttention-2 varlen over the padded cache with
@@ -264,18 +303,20 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     b, heads, d = q.shape
     kv_heads, length = k_cache.shape[1], k_cache.shape[2]
     groups = heads // kv_heads
-    if _flash(q):
+    if layout.seqused is not None:
         seqs = b * kv_heads
-        starts = torch.arange(seqs + 1, device=q.device, dtype=torch.int32)
-        seqused = used.to(torch.int32)[:, None].expand(b, kv_heads).reshape(seqs)
         out = torch.ops.aten._flash_attention_forward(
             q.reshape(seqs * groups, 1, d), k_cache.view(seqs * length, 1, d), v_cache.view(seqs * length, 1, d),
-            starts * groups, starts * length, groups, length, 0.0, False, False, scale=scale, seqused_k=seqused)[0]
+            layout.cu_q, layout.cu_k, groups, length, 0.0, False, False, scale=scale, seqused_k=layout.seqused)[0]
         return out.view(b, heads, d)
-    mask = torch.arange(length, device=q.device)[None, :] < used[:, None]
-    out = F.scaled_dot_product_attention(q.view(b, kv_heads, groups, d), k_cache, v_cache,
-                                         attn_mask=mask[:, None, None, :], scale=scale)
+    out = F.scaled_dot_product_attention(q.view(b, kv_heads, groups, d), k_cache, v_cache, attn_mask=layout.mask,
+                                         scale=scale)
     return out.reshape(b, heads, d)
+
+
+def flash_decode(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether decode steps in ``dtype`` on ``device`` run FlashAttention (else SDPA with a mask)."""
+    return dtype in (torch.float16, torch.bfloat16) and flash_varlen_available(device)
 
 
 def rope_table(model: torch.nn.Module, length: int, dtype: torch.dtype,
