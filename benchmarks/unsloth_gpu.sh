@@ -104,7 +104,7 @@ lite)
   # sft-lora-fast, decode-random (the decoder profile on random SmolLM2-135M weights built from .gl/smollm2's
   # config: every row runs all max_new_tokens, so the step time is measured without early finishes) and
   # bench-decode-random (bench_decode.py's static decoder against transformers' static cache + compile, same weights).
-  ROWS=${2:-sft-gap,decode-random,bench-decode-random}
+  ROWS=${2:-sft-gap,bench-decode-random,decode-random}
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   mkdir -p /tmp/repo $W && cp -r .whl/shared /tmp/shared && cp -r .gl/smollm2 /tmp/smollm2-tok
