@@ -242,3 +242,87 @@ def test_bench_measure_makes_room_for_static_shapes(monkeypatch):
     assert seen and set(seen) == {256}
     assert torch._dynamo.config.recompile_limit == 8
     torch._dynamo.reset()
+
+
+def test_a_capture_after_another_graphs_replays_starts_without_gradients(monkeypatch):
+    """The real ``GraphedStep._capture`` under an emulated CUDA graph: the recorded step does not run (parameters and
+    AdamW state are put back when the capture ends) and a replay runs it eagerly on the graph's own inputs, with each
+    parameter's gradient being the tensor it was when the capture began: a backward recorded over an existing
+    gradient adds into that buffer at every replay. Several shapes, uncompiled (no warm-up before later captures,
+    ``--fast`` without ``--compile``): every step must still apply its own gradient, exactly as plain eager steps do.
+    Without the reset before each capture, later shapes trained on a running sum of stale gradients (on a GPU:
+    llama-1b SFT LoRA ended 7.36 instead of 7.13; benchmarks/NOTES.md entry 24)."""
+    from minialign.training.batches import add_target_index
+    from minialign.training.optim import make_optimizer
+    from minialign.training.tasks import SFTTask
+    from minialign.training.train import step_functions
+
+    cfg = config(max_grad_norm=1.0)
+
+    def run_steps(graphed: bool):
+        model, examples, collate = sft_pieces(cfg)
+        batches = [add_target_index(collate(list(range(i, i + 4))), 64) for i in (0, 4, 0, 8, 4, 12, 0, 8)]
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(params, cfg, torch.device("cpu"))
+        fb, update = step_functions(TokenLogps(model), SFTTask(), optimizer, params, cfg, contextlib.nullcontext)
+        step = GraphedStep(fb, update, optimizer, torch.device("cpu"), warm_up=False)
+        if graphed:
+            step.enabled, step.stream = True, _NoStream()
+            monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _NoStream())
+            monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+            monkeypatch.setattr(torch.cuda, "CUDAGraph", _EmulatedGraph)
+            monkeypatch.setattr(torch.cuda, "graph", _emulated_capture(params, optimizer))
+            monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)
+            real_capture = step._capture
+
+            def capture(batch):
+                captured = real_capture(batch)
+                captured.graph.bind(captured, fb, update, params)
+                return captured
+
+            monkeypatch.setattr(step, "_capture", capture)
+        for b in batches:
+            step([b], 1.0 / b["n_targets"])
+        assert not graphed or len(step.graphs) >= 3  # several captures, each after other graphs' replays
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    assert_same_params(run_steps(True), run_steps(False), atol=1e-6)
+
+
+class _NoStream:
+    def wait_stream(self, other) -> None:
+        pass
+
+
+class _EmulatedGraph:
+    """A recorded step: ``replay`` runs it eagerly on the captured inputs, over the gradients it was recorded with."""
+
+    def bind(self, captured, forward_backward, update, params) -> None:
+        self.captured, self.fb, self.update, self.params = captured, forward_backward, update, params
+
+    def replay(self) -> None:
+        for p, g in zip(self.params, self.grads_at_capture):
+            p.grad = g  # None: the recorded backward writes a fresh gradient; a tensor: it adds into that buffer
+        c = self.captured
+        sums = self.fb([c.inputs], c.scale)
+        grad_norm = self.update()
+        c.outputs.copy_(torch.stack([sums[k].float() for k in c.names] + [grad_norm.float()]))
+
+
+def _emulated_capture(params, optimizer):
+    """``torch.cuda.graph`` stand-in: notes the gradients at the start; the body runs, then its effects are undone
+    (a real capture records kernels without running them)."""
+    import copy
+
+    @contextlib.contextmanager
+    def capture(graph, pool=None, stream=None):
+        graph.grads_at_capture = [p.grad for p in params]
+        weights = [p.detach().clone() for p in params]
+        state = copy.deepcopy(optimizer.state_dict())
+        yield
+        with torch.no_grad():
+            for p, w in zip(params, weights):
+                p.copy_(w)
+        optimizer.load_state_dict(state)
+
+    return capture

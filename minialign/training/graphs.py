@@ -111,6 +111,10 @@ class GraphedStep:
                 self.forward_backward([inputs], scale)
                 self.optimizer.zero_grad(set_to_none=True)
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        # No gradient may exist when the capture starts: after another graph's replay, p.grad is that graph's buffer,
+        # and a backward recorded on top of it would add this step's gradient to whatever that buffer last held, at
+        # every replay (a stale running sum, not the step's gradient). Set to None, backward records fresh writes.
+        self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             sums = self.forward_backward([inputs], scale)
