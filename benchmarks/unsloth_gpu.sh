@@ -68,6 +68,8 @@ row() {
       --json-out $W/profile-decode.json 2>&1 | grep -v Warning | tail -60 ;;
     decode-random) python3 benchmarks/checks/profile_decode.py --model /tmp/smollm2-random --data $DATA \
       --json-out $W/profile-decode-random.json 2>&1 | grep -v Warning | tail -60 ;;
+    check-graphs) python3 benchmarks/checks/check_graphs.py --task sft --mode lora --out $W/check-graphs.json 2>&1 \
+      | grep -v "it/s\]" | tail -30 ;;
     bench-decode-random) python3 benchmarks/bench_decode.py --model /tmp/smollm2-random --data $DATA --rows 300:556 \
       --batch-sizes 256 --decoders static,hf-static --json-out $W/decode-random.json 2>&1 | grep -v Warning | tail -30 ;;
     hh) seed_state online-first-rm
@@ -94,17 +96,19 @@ start)
   ;&
 wait)
   follow $W "^\[(rows|e2e|hh2)\]|Error|error:|Traceback" 70
-  cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode*.json $W/decode-random.json "$OUT"/ 2>/dev/null
+  cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode*.json $W/decode-random.json $W/check-graphs.json "$OUT"/ \
+    2>/dev/null
   cp /tmp/hh2/hh-two-axes.json /tmp/hh2/hh-two-axes.md /tmp/hh2/state.json "$OUT"/ 2>/dev/null
   tar czf "$OUT"/logs.tgz -C $W log.txt e2e/logs 2>/dev/null
   ls -la "$OUT"
   ;;
 lite)
   # One call, no GGUF, no Unsloth (carry .whl .gl): rows that need SmolLM2's tokenizer and shapes only, i.e. sft-gap,
-  # sft-lora-fast, decode-random (the decoder profile on random SmolLM2-135M weights built from .gl/smollm2's
+  # sft-lora-fast, check-graphs (checks/check_graphs.py: graphed = plain training, uncompiled, several captures),
+  # decode-random (the decoder profile on random SmolLM2-135M weights built from .gl/smollm2's
   # config: every row runs all max_new_tokens, so the step time is measured without early finishes) and
   # bench-decode-random (bench_decode.py's static decoder against transformers' static cache + compile, same weights).
-  ROWS=${2:-sft-gap,bench-decode-random,decode-random}
+  ROWS=${2:-sft-gap,check-graphs,bench-decode-random,decode-random}
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   mkdir -p /tmp/repo $W && cp -r .whl/shared /tmp/shared && cp -r .gl/smollm2 /tmp/smollm2-tok
@@ -117,7 +121,8 @@ m.to(torch.bfloat16).save_pretrained(sys.argv[2]); t.AutoTokenizer.from_pretrain
   launch $W "for r in \$(echo $ROWS | tr , ' '); do echo \"[rows] \$r \$(date +%T)\"; \
     TOK=/tmp/smollm2-tok bash benchmarks/unsloth_gpu.sh row \$r; done"
   WAIT_S=${WAIT_S:-520} follow $W "^\[(rows|e2e)\]|Error|error:|Traceback" 70
-  cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode-random.json $W/decode-random.json "$OUT"/ 2>/dev/null
+  cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode-random.json $W/decode-random.json $W/check-graphs.json \
+    "$OUT"/ 2>/dev/null
   tar czf "$OUT"/logs.tgz -C $W log.txt e2e/logs 2>/dev/null
   ls -la "$OUT"
   ;;

@@ -35,7 +35,7 @@ def train(out: Path, args, *extra: str) -> float:
            "--dataset", find_shared(HH), "--train-rows", "300:", "--out", str(out),
            "--batch-size", "16", "--max-steps", str(args.steps), "--padding-free", "--pad-to-multiple-of", str(args.pad_to),
            "--compile" if args.compile else "--no-compile", "--lr", "1e-4", "--warmup-ratio", "0.25", "--schedule", "cosine",
-           "--log-every", "1",
+           "--log-every", "1", "--save-every", str(max(1, args.steps // 2)),  # both runs' weights, and a mid checkpoint
            "--device", args.device, *([] if args.mode == "full" else ["--lora-r", "8"]), *extra]
     if args.mode == "full":
         cmd.append("--full")
@@ -84,7 +84,7 @@ def main() -> int:
     try:
         t_plain = train(tmp / "plain", args)
         half = args.steps // 2
-        t_graph = train(tmp / "graphs", args, "--cuda-graphs", "--save-every", str(half))
+        t_graph = train(tmp / "graphs", args, "--cuda-graphs")
         straight = compare(tmp / "plain", tmp / "graphs")
         captures = json.loads((tmp / "graphs" / "summary.json").read_text()).get("graphs")
         if not captures or captures < 2:
