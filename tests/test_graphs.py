@@ -3,7 +3,8 @@
 Capture and replay need CUDA (checked on the GPU by benchmarks/checks/check_graphs.py: the same per-step losses,
 gradient norms, learning rates and weights as the plain compiled run, and after a resume). Here: the graph key,
 the learning rate kept in a tensor that the scheduler fills (the same updates as a float lr), checkpoints that
-look the same either way, the eager fallback on a CPU, and the refused combinations.
+look the same either way, the eager fallback on a CPU, the refused combinations, and, under an emulated capture,
+that steps of several shapes train exactly as eager steps (each capture starts without gradients).
 """
 
 from __future__ import annotations
