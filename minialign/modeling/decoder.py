@@ -38,7 +38,7 @@ from minialign.modeling.decoder_model import (
     decode_attention,
     decode_layout,
     decoder_support,
-    flash_decode,
+    flash_ok,
     last_logits,
     out_mlp,
     prefill_attention,
@@ -267,7 +267,7 @@ class StaticDecoder:
         s, w = self.state, self.weights
         tokens, positions, done = s.tokens[:bucket], s.lengths[:bucket], s.done[:bucket]
         dims = w.dims
-        layout = decode_layout(positions, dims.kv_heads, dims.groups, s.length, flash_decode(w.dtype, self.device))
+        layout = decode_layout(positions, dims.kv_heads, dims.groups, s.length, flash_ok(w.dtype, self.device))
 
         def attend(q, k, v, layer):
             k_cache, v_cache = s.k_cache[layer, :bucket], s.v_cache[layer, :bucket]

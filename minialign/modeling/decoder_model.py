@@ -237,8 +237,9 @@ def last_logits(x: torch.Tensor, weights: DecoderWeights) -> torch.Tensor:
     return F.linear(rms_norm(x, weights.final_norm, weights.dims.eps), weights.head)
 
 
-def _flash(q: torch.Tensor) -> bool:
-    return flash_decode(q.dtype, q.device)
+def flash_ok(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether prefill and decode steps in ``dtype`` on ``device`` run FlashAttention (else the SDPA reference)."""
+    return dtype in (torch.float16, torch.bfloat16) and flash_varlen_available(device)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
@@ -246,7 +247,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     """Causal attention within each prompt of a flat batch: ``q`` ``[T, H, D]``, ``k``/``v`` ``[T, Hk, D]``, prompts
     bounded by ``cu_seqlens`` (int32 ``[n + 1]``) -> ``[T, H, D]``. FlashAttention-2 varlen on CUDA (the trainer's
     kernel), the SDPA reference elsewhere."""
-    if _flash(q):
+    if flash_ok(q.dtype, q.device):
         return torch.ops.aten._flash_attention_forward(q, k.contiguous(), v.contiguous(), cu_seqlens, cu_seqlens,
                                                        max_len, max_len, 0.0, True, False, scale=scale)[0]
     return varlen_reference(q, k, v, cu_seqlens, cu_seqlens, None, scale)
@@ -258,12 +259,11 @@ class DecodeLayout:
     each piece is a kernel, and a step of a small model is a chain of small kernels).
 
     ``cache_index``: ``[B * Hk]`` rows of a layer's cache viewed as ``[rows * Hk * L, D]`` that the step's new keys
-    (and values) go to, so the write is one ``index_copy_``; ``used``: ``[B]`` keys each row attends over, the new one
-    included; FlashAttention's varlen description (``cu_q``, ``cu_k``, ``seqused``), or the SDPA path's ``mask``.
+    (and values) go to, so the write is one ``index_copy_``; then how many keys each row attends over (the new one
+    included) as FlashAttention's varlen description (``cu_q``, ``cu_k``, ``seqused``) or as the SDPA path's ``mask``.
     """
 
     cache_index: torch.Tensor
-    used: torch.Tensor
     cu_q: torch.Tensor | None = None
     cu_k: torch.Tensor | None = None
     seqused: torch.Tensor | None = None
@@ -281,9 +281,9 @@ def decode_layout(positions: torch.Tensor, kv_heads: int, groups: int, length: i
     if flash:
         starts = torch.arange(b * kv_heads + 1, device=device, dtype=torch.int32)
         seqused = per_head(used.to(torch.int32))
-        return DecodeLayout(cache_index, used, starts * groups, starts * length, seqused)
+        return DecodeLayout(cache_index, starts * groups, starts * length, seqused)
     mask = torch.arange(length, device=device)[None, :] < used[:, None]
-    return DecodeLayout(cache_index, used, mask=mask[:, None, None, :])
+    return DecodeLayout(cache_index, mask=mask[:, None, None, :])
 
 
 def write_cache(cache: torch.Tensor, new: torch.Tensor, layout: DecodeLayout) -> None:
@@ -293,7 +293,7 @@ def write_cache(cache: torch.Tensor, new: torch.Tensor, layout: DecodeLayout) ->
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: DecodeLayout,
                      scale: float) -> torch.Tensor:
-    """One new query per row over that row's first ``layout.used[b]`` cached keys: ``q`` ``[B, H, D]``, caches
+    """One new query per row over that row's used cached keys (as ``layout`` says): ``q`` ``[B, H, D]``, caches
     ``[B, Hk, L, D]`` -> ``[B, H, D]``.
 
     The G = H / Hk query heads sharing a key head are laid out as G queries of one sequence per (row, key head), so
@@ -312,11 +312,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = F.scaled_dot_product_attention(q.view(b, kv_heads, groups, d), k_cache, v_cache, attn_mask=layout.mask,
                                          scale=scale)
     return out.reshape(b, heads, d)
-
-
-def flash_decode(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether decode steps in ``dtype`` on ``device`` run FlashAttention (else SDPA with a mask)."""
-    return dtype in (torch.float16, torch.bfloat16) and flash_varlen_available(device)
 
 
 def rope_table(model: torch.nn.Module, length: int, dtype: torch.dtype,
