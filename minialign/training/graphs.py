@@ -109,7 +109,6 @@ class GraphedStep:
                 # kernel caches), outside the capture. Eager code needs it once only: later shapes run the same kernels.
                 self.optimizer.zero_grad(set_to_none=True)
                 self.forward_backward([inputs], scale)
-                self.optimizer.zero_grad(set_to_none=True)
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         # No gradient may exist when the capture starts: after another graph's replay, p.grad is that graph's buffer,
         # and a backward recorded on top of it would add this step's gradient to whatever that buffer last held, at
