@@ -80,6 +80,15 @@ row() {
   esac
 }
 
+# collect: follow the rows (see follow), then copy every result any row writes (absent ones are skipped) to $OUT.
+collect() {
+  follow $W "^\[(rows|e2e|hh2)\]|Error|error:|Traceback" 70
+  cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode*.json $W/decode-random.json $W/check-graphs.json \
+    /tmp/hh2/hh-two-axes.json /tmp/hh2/hh-two-axes.md /tmp/hh2/state.json "$OUT"/ 2>/dev/null
+  tar czf "$OUT"/logs.tgz -C $W log.txt e2e/logs 2>/dev/null
+  ls -la "$OUT"
+}
+
 case "${1:-}" in
 start)
   ROWS=${2:-dpo8,dpo16,sft-lora,sft-full}
@@ -94,14 +103,7 @@ start)
   launch $W "for r in \$(echo $ROWS | tr , ' '); do echo \"[rows] \$r \$(date +%T)\"; \
     bash benchmarks/unsloth_gpu.sh row \$r; done"
   ;&
-wait)
-  follow $W "^\[(rows|e2e|hh2)\]|Error|error:|Traceback" 70
-  cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode*.json $W/decode-random.json $W/check-graphs.json "$OUT"/ \
-    2>/dev/null
-  cp /tmp/hh2/hh-two-axes.json /tmp/hh2/hh-two-axes.md /tmp/hh2/state.json "$OUT"/ 2>/dev/null
-  tar czf "$OUT"/logs.tgz -C $W log.txt e2e/logs 2>/dev/null
-  ls -la "$OUT"
-  ;;
+wait) collect ;;
 lite)
   # One call, no GGUF, no Unsloth (carry .whl .gl): rows that need SmolLM2's tokenizer and shapes only, i.e. sft-gap,
   # sft-lora-fast, check-graphs (checks/check_graphs.py: graphed = plain training, uncompiled, several captures),
@@ -120,12 +122,8 @@ m.to(torch.bfloat16).save_pretrained(sys.argv[2]); t.AutoTokenizer.from_pretrain
     /tmp/smollm2-tok /tmp/smollm2-random || exit 1
   launch $W "for r in \$(echo $ROWS | tr , ' '); do echo \"[rows] \$r \$(date +%T)\"; \
     TOK=/tmp/smollm2-tok bash benchmarks/unsloth_gpu.sh row \$r; done"
-  WAIT_S=${WAIT_S:-520} follow $W "^\[(rows|e2e)\]|Error|error:|Traceback" 70
-  cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode-random.json $W/decode-random.json $W/check-graphs.json \
-    "$OUT"/ 2>/dev/null
-  tar czf "$OUT"/logs.tgz -C $W log.txt e2e/logs 2>/dev/null
-  ls -la "$OUT"
+  collect
   ;;
 row) shift; row "$@" ;;
-*) echo "usage: $0 start [ROWS] | wait | row NAME"; exit 2 ;;
+*) echo "usage: $0 start [ROWS] | lite [ROWS] | wait | row NAME"; exit 2 ;;
 esac
