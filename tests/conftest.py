@@ -82,3 +82,12 @@ def load_benchmark(name: str, folder: Path = BENCHMARKS):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+HH = "data/hh-rlhf/harmless-base/test.jsonl.gz"  # the benchmarks' HH file, relative to shared/
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    """benchmarks/bench_e2e.py as a module."""
+    return load_benchmark("bench_e2e")

@@ -9,16 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import load_benchmark
+from tests.conftest import BENCHMARKS as BENCH
+from tests.conftest import HH, load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks"
-HH = "data/hh-rlhf/harmless-base/test.jsonl.gz"
-
-
-@pytest.fixture(scope="module")
-def e2e():
-    return load_benchmark("bench_e2e")
+ROOT = BENCH.parent
 
 
 def test_trl_and_minialign_race_on_the_same_run(tmp_path, shared_dir):
