@@ -156,3 +156,17 @@ def test_config_layer_is_torch_free():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] in ("torch", "transformers") for n in names), f"{m} imports {names}"
+
+
+def test_package_holds_only_source_and_presets():
+    """Leftovers of a merge or a patch (``.orig``, ``.rej``, editor backups) once shipped inside the package."""
+    import subprocess
+
+    root = PACKAGE.parent
+    try:
+        tracked = subprocess.run(["git", "ls-files", "minialign"], cwd=root, capture_output=True, text=True,
+                                 check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    stray = [f for f in tracked if not f.endswith((".py", ".yaml"))]
+    assert not stray, f"files in the package that are neither source nor presets: {stray}"
