@@ -15,8 +15,8 @@
 # decoder profile, benchmarks/checks/profile_decode.py) and `hh` (the issue-31 study's online step with the LoRA
 # reward model and the loop penalty) can be queued among them. Ready for the next session (each a question NOTES
 # entry 23 leaves open): `dpo8-lowmem` (DPO at matched memory), `sft-lora-fast` (llama-1b SFT LoRA with --fast on vs
-# off: where the 0.29-nat learning gap comes from), `sft-gap` (the same against TRL: the fast path, the fast path
-# unclipped and minialign-lowmem, so the graph fix and lowmem's gap are measured in one row), `hh-per-axis` (one online
+# off: where the 0.29-nat learning gap comes from), `sft-gap` (the same against TRL: the fast path and
+# minialign-lowmem clipped by the previous step's norm and unclipped, the question NOTES entry 25 leaves open), `hh-per-axis` (one online
 # reward model an axis).
 # Results: $OUT/unsloth-peer.json and .md (bench_e2e's format), profile-decode.json, hh-two-axes.json/.md, state.json.
 set -u
@@ -60,8 +60,8 @@ row() {
       --runners minialign,minialign-eager --label llama1b-sft-lora-fast-off $SAME ;;
     sft-gap) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer $TOK \
       --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
-      --runners trl,minialign,minialign-eager,minialign-noclip,minialign-lowmem --label llama1b-sft-lora-gap $SAME ;;
-    hh-per-axis) seed_state online-lora-rm
+      --runners trl,minialign,minialign-lowmem,minialign-lowmem-unclipped --label llama1b-sft-lora-gap $SAME ;;
+    hh-per-axis) seed_state online-full-rm
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm per-axis \
         --candidates r2-rpo1-lp4,r3-rpo1-lp4 ;;

@@ -121,16 +121,46 @@ def test_one_gradient_at_a_time_and_state_dict_is_adamw():
     optimizer.remove_hooks()
 
 
+def test_clipping_scales_each_step_by_the_previous_steps_norm():
+    """Against AdamW stepped after backward over gradients scaled by hand: step t's by min(1, c / |g_(t-1)|) (float64
+    norms), step 0's unscaled. A clip by the step's own norm, or none, moves the weights elsewhere."""
+    cfg = config(optim_in_backward=True, max_grad_norm=0.05)
+    model, examples, collate = sft_pieces(cfg)
+    reference, _, _ = sft_pieces(cfg)  # the same seed: the same initial weights
+    batches = [add_target_index(collate([i, i + 1])) for i in range(0, 8, 2)]
+    fused = make_optimizer(list(model.parameters()), cfg, torch.device("cpu"))
+    plain = torch.optim.AdamW(list(reference.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    coef, norms = 1.0, []
+    for batch in batches:
+        SFTTask().loss(TokenLogps(model), batch)[0].backward()
+        logged = float(fused.take_grad_norm())
+        SFTTask().loss(TokenLogps(reference), batch)[0].backward()
+        grads = [p.grad for p in reference.parameters()]
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])))
+        assert logged == pytest.approx(norm, rel=1e-5)  # logged before clipping, as clip_grad_norm_ returns it
+        for g in grads:
+            g.mul_(coef)
+        plain.step()
+        plain.zero_grad()
+        coef, norms = min(1.0, 0.05 / (norm + 1e-6)), norms + [norm]
+    assert min(norms) > 0.05  # clipping acted on every step after the first
+    fused.remove_hooks()
+    assert_same_params({n: p.detach() for n, p in model.named_parameters()},
+                       {n: p.detach() for n, p in reference.named_parameters()}, atol=1e-6)
+    assert float(fused.state_dict()["clip_coef"]) == pytest.approx(coef, rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- checkpoints and resume
 
 
-@pytest.mark.parametrize("first", ["optim_in_backward", "plain"])
-def test_resume_matches_an_uninterrupted_run(tmp_path, first):
-    """6 steps straight vs resumed from the step-3 checkpoint (written by either optimizer: one format)."""
+@pytest.mark.parametrize("first,clip", [("optim_in_backward", 0.0), ("plain", 0.0), ("optim_in_backward", 0.05)])
+def test_resume_matches_an_uninterrupted_run(tmp_path, first, clip):
+    """6 steps straight vs resumed from the step-3 checkpoint (written by either optimizer: one format; with
+    clipping, the coefficient the next step needs travels in the checkpoint)."""
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
     straight_dir.mkdir()
     resumed_dir.mkdir()
-    cfg = dict(max_steps=6, save_every=3, keep_last=2, warmup_ratio=0.3)  # the LR changes every step
+    cfg = dict(max_steps=6, save_every=3, keep_last=2, warmup_ratio=0.3, max_grad_norm=clip)  # the LR changes
     _, straight, _ = run(config(optim_in_backward=first == "optim_in_backward", **cfg), straight_dir)
     point = straight_dir / "checkpoints" / "step-000003"
     assert point.is_dir()
@@ -141,6 +171,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, first):
     for step in b:
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-6), step
         assert b[step]["lr"] == pytest.approx(a[step]["lr"], rel=1e-12), step
+    if clip:
+        assert min(r["grad_norm"] for r in a.values()) > clip  # every step's gradient was clipped
 
 
 # ----------------------------------------------------------------------------- divergence is still caught
@@ -184,7 +216,6 @@ def test_cli_run_with_optim_in_backward_and_a_loss_chunk_size(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("flags,match", [
-    (["--optim-in-backward"], "optim_in_backward needs max_grad_norm 0 (got 1)"),
     (["--optim-in-backward", "--max-grad-norm", "0", "--grad-accum", "2"], "optim_in_backward needs grad_accum 1"),
     (["--max-grad-norm=-1"], "max_grad_norm must be >= 0"),
     (["--loss-chunk-size=-1"], "loss_chunk_size must be >= 0"),
@@ -206,9 +237,7 @@ def test_several_processes_are_refused(monkeypatch):
         make_optimizer([torch.nn.Parameter(torch.zeros(2))], config(optim_in_backward=True), torch.device("cpu"))
 
 
-def test_the_loop_refuses_clipping_or_accumulation_too():
-    with pytest.raises(UserError, match="max_grad_norm 0"):
-        run(config(optim_in_backward=True, max_grad_norm=1.0))
+def test_the_loop_refuses_accumulation_too():
     with pytest.raises(UserError, match="grad_accum 1"):
         run(config(optim_in_backward=True, grad_accum=2))
 

@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default="runs/hh-two-axes", help="run folders, logs, state.json")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "hh-two-axes.json"), help="JSON (+ .md)")
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {', '.join(PHASES)}")
-    p.add_argument("--candidates", default="r1-rpo1,r2-rpo1", help=f"comma list of {', '.join(plan.CANDIDATES)}")
+    p.add_argument("--candidates", default="r1-rpo1-lp4,r2-rpo1-lp4", help=f"comma list of {', '.join(plan.CANDIDATES)}")
     p.add_argument("--online-rm", choices=sorted(plan.ONLINE_RMS), default="full",
                    help="the online reward model's setting (hh_plan.ONLINE_RMS); trl-online needs full")
     p.add_argument("--n", type=int, default=100, help="eval prompts an axis")

@@ -51,7 +51,8 @@ class TrainConfig:
     warmup_ratio: float = opt(0.05, "fraction of the steps spent warming the learning rate up", group="training")
     schedule: str = opt("cosine", "learning-rate schedule after warm-up", group="training",
                         choices=("cosine", "linear", "constant"))
-    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this; 0: no clipping", group="training")
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (with --optim-in-backward: the previous "
+                               "step's norm); 0: no clipping", group="training")
     seed: int = opt(0, "random seed: LoRA initialisation, data order, dropout", group="training")
     log_every: int = opt(10, "read metrics back from the device every N steps (each step still gets its metrics row)",
                          group="output")
@@ -91,7 +92,7 @@ class TrainConfig:
     grad_checkpointing: bool = opt(False, "recompute activations in backward: less memory, more compute",
                                    group="memory")
     optim_in_backward: bool = opt(False, "step AdamW on each parameter as soon as its gradient is complete and free "
-                                  "it: no whole-model gradient (one process; needs --max-grad-norm 0, --grad-accum 1)",
+                                  "it: no whole-model gradient (one process, --grad-accum 1; clips by the previous step's norm)",
                                   group="memory")
     cuda_graphs: bool = opt(False, "replay each training step (forward, backward, clipping, AdamW) as one CUDA graph "
                             "per batch shape: no host cost per step (CUDA, one process, --grad-accum 1; round shapes "
@@ -193,12 +194,6 @@ class TrainConfig:
 
     def check_optim_in_backward(self, world: int) -> None:
         """What ``optim_in_backward`` cannot do: each parameter is updated, and its gradient freed, inside backward."""
-        if self.max_grad_norm != 0:
-            raise UserError(
-                f"Invalid configuration: optim_in_backward needs max_grad_norm 0 (got {self.max_grad_norm:g}): clipping "
-                "scales every gradient by the norm of the whole gradient, which is known only after every parameter has "
-                "been updated. Add --max-grad-norm 0, or drop --optim-in-backward."
-            )
         if self.grad_accum != 1:
             raise UserError(
                 f"Invalid configuration: optim_in_backward needs grad_accum 1 (got {self.grad_accum}): each gradient is "

@@ -58,7 +58,7 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
     """Train ``model`` (consumed: LoRA is applied in place) for ``warmup + steps`` steps over ``batches``.
 
     Set up exactly as ``minialign sft|dpo`` do: on a GPU, LoRA's frozen base weights are bf16. Gradients are
-    clipped to norm 1, except with ``optim_in_backward`` (AdamW stepped inside backward: no clipping, as in
+    clipped to norm 1 (with ``optim_in_backward``, AdamW stepped inside backward, by the previous step's norm, as in
     training). ``chunk_size``: rows of the output projection computed at once (None: ``losses.default_chunk_size``);
     ``target_multiple``: their count is rounded up to a multiple of it (``add_target_index``), as training does.
     ``cuda_graphs``: each step replayed as one CUDA graph (``minialign.training.graphs``); every distinct batch shape is
@@ -99,7 +99,7 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
             reference = adapter_reference(policy, False)
         objective = DPOTask(reference, PreferenceLoss(beta=beta))
     params = [p for p in model.parameters() if p.requires_grad]
-    cfg = TrainConfig(lr=lr, optim_in_backward=optim_in_backward, max_grad_norm=0.0 if optim_in_backward else 1.0)
+    cfg = TrainConfig(lr=lr, optim_in_backward=optim_in_backward, max_grad_norm=1.0)
     optimizer = make_optimizer(params, cfg, device)
     step = GraphedStep(*step_functions(policy, objective, optimizer, params, cfg, autocast(device)), optimizer, device,
                        enabled=cuda_graphs)
