@@ -44,8 +44,9 @@ from minialign.modeling.decoder import StaticDecoder
 from minialign.modeling.generate import generate
 from minialign.modeling.models import load_model, load_tokenizer
 
-# hf first: the others are compared with its answers. static-plain: the static decoder without torch.compile.
-DECODERS = ("hf", "static", "static-plain", "hf-static")
+# hf first: the others are compared with its answers. static-plain: the static decoder without torch.compile;
+# static-flex: with FlexAttention's split-KV decoding kernel (minialign.modeling.flex_decode) in the decode steps.
+DECODERS = ("hf", "static", "static-plain", "static-flex", "hf-static")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,20 +120,27 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "decoding": "sampled (top-p 0.95)" if args.sample else "greedy", "repeats": args.repeats,
         "definitions": {"tokens_per_s": "answer tokens (EOS included) / best pass wall time, whole generate() call",
                         "ms_per_step": "best pass wall time / decode steps (each batch: its longest answer)",
-                        "identical_to_hf": "share of answers whose text equals decoder='hf' at this batch size"},
+                        "identical_to_hf": "share of answers whose text equals decoder='hf' at this batch size",
+                        "identical_to_static": "static-flex: the same share against decoder='static' (its one change)"},
         "results": {},
     }
     decoders = [d for d in DECODERS if d in args.decoders.split(",")]
     statics: dict[str, StaticDecoder] = {}  # one per variant, reused: graphs recorded during the warm-ups
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        rows, reference = {}, None
+        rows, reference, static_answers = {}, None, None
         for name in decoders:
             try:
                 if name.startswith("static") and name not in statics:
-                    statics[name] = StaticDecoder(model, compile=name == "static")
+                    statics[name] = StaticDecoder(model, compile=name != "static-plain",
+                                                  attention="flex" if name == "static-flex" else "flash")
                 row, answers = measure(model, tokenizer, prompts, statics.get(name, name), batch_size, args, eos)
                 if name == "hf":
                     reference = answers
+                if name == "static":
+                    static_answers = answers
+                if name == "static-flex" and static_answers is not None and not args.sample:
+                    row["identical_to_static"] = round(
+                        sum(a.text == r.text for a, r in zip(answers, static_answers)) / len(answers), 4)
                 if reference is not None and not args.sample:
                     row["identical_to_hf"] = round(
                         sum(a.text == r.text for a, r in zip(answers, reference)) / len(answers), 4)

@@ -19,6 +19,7 @@ from transformers.generation.logits_process import (
 from minialign.base.errors import UserError
 from minialign.modeling.decoder import GREEDY, StaticDecoder
 from minialign.modeling.decoder_model import decode_attention, decode_layout, decoder_support, write_cache
+from minialign.modeling.flex_decode import KV_BLOCK, flex_decode
 from minialign.modeling.generate import generate
 from minialign.modeling.lora import LoRAConfig, apply_lora, disabled, lora_layers, merge_lora
 from minialign.modeling.models import BUILTIN_CONFIGS, builtin_config, load_tokenizer
@@ -169,6 +170,33 @@ def test_decode_attention_reads_each_rows_used_keys():
             keys, values = k[row, h // 3, : used[row]], v[row, h // 3, : used[row]]
             weights = (keys @ q[row, h] * d**-0.5).softmax(0)
             torch.testing.assert_close(out[row, h], weights @ values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_flex_decode_attention_reads_each_rows_used_keys(dtype):
+    """FlexAttention's decode path (an experiment) against the formula, over several key blocks: a row that uses
+    one key, exactly one block, one block and a key, the whole cache."""
+    torch.manual_seed(0)
+    b, heads, kv_heads, length, d = 5, 6, 2, 300, 8
+    q = torch.randn(b, heads, d, dtype=dtype)
+    k, v = (torch.randn(b, kv_heads, length, d, dtype=dtype) for _ in range(2))
+    used = torch.tensor([1, KV_BLOCK, KV_BLOCK + 1, length, 77])
+    out = flex_decode(torch.device("cpu"))(q, k, v, used, d**-0.5)
+    for row in range(b):
+        for h in range(heads):
+            keys, values = k[row, h // 3, : used[row]], v[row, h // 3, : used[row]]
+            weights = (keys @ q[row, h] * d**-0.5).softmax(0)
+            torch.testing.assert_close(out[row, h], weights @ values)
+
+
+def test_static_decoder_with_flex_attention_answers_as_transformers(tok):
+    model = llama()
+    eos = eos_for(model, tok, PROMPTS)
+    common = {"max_new_tokens": NEW, "eos_token_id": eos, "details": True, "batch_size": 4, "stop_strings": ()}
+    reference = generate(model, tok, PROMPTS, decoder="hf", **common)
+    assert generate(model, tok, PROMPTS, decoder=StaticDecoder(model, attention="flex"), **common) == reference
+    with pytest.raises(UserError, match="attention must be 'flash' or 'flex'"):
+        StaticDecoder(model, attention="flexible")
 
 
 def test_write_cache_puts_each_rows_key_at_its_position_and_touches_nothing_else():

@@ -46,6 +46,7 @@ from minialign.modeling.decoder_model import (
     rope_table,
     write_cache,
 )
+from minialign.modeling.flex_decode import flex_decode
 from minialign.modeling.sampling import Sampling, draw_uniforms, next_tokens
 
 MIN_BUCKET = 16  # smaller batches cost a step about as much: not worth another graph
@@ -104,15 +105,20 @@ class StaticDecoder:
     ``graphs``: record steps as CUDA graphs (CUDA only); ``compile``: fuse each block's elementwise work with
     ``torch.compile`` in decode steps (CUDA only; a failing compilation falls back to plain kernels);
     ``sync_every``: steps between looks at the rows; ``retire``: move live rows into smaller buckets as rows finish
-    (``min_bucket`` rows at least); ``prefill_tokens``: prompt tokens per prefill pass.
+    (``min_bucket`` rows at least); ``prefill_tokens``: prompt tokens per prefill pass; ``attention``: the decode
+    steps' attention, ``"flash"`` (FlashAttention-2 varlen on CUDA, SDPA elsewhere) or ``"flex"`` (``flex_decode``,
+    an experiment).
     """
 
     def __init__(self, model: torch.nn.Module, *, graphs: bool = True, compile: bool = True, sync_every: int = 8,
-                 retire: bool = True, min_bucket: int = MIN_BUCKET, prefill_tokens: int | None = None):
+                 retire: bool = True, min_bucket: int = MIN_BUCKET, prefill_tokens: int | None = None,
+                 attention: str = "flash"):
         reason = decoder_support(model)
         if reason is not None:
             raise UserError(f"The static decoder cannot run this model: {reason}. Use decoder='auto' (falls back "
                             "to transformers' generate) or decoder='hf'.")
+        if attention not in ("flash", "flex"):
+            raise UserError(f"StaticDecoder attention must be 'flash' or 'flex' (got {attention!r}).")
         self.model = model
         self.weights = DecoderWeights(model)
         self.device = self.weights.embed.device
@@ -121,6 +127,7 @@ class StaticDecoder:
         self.sync_every, self.retire, self.min_bucket = max(1, sync_every), retire, max(1, min_bucket)
         self.prefill_tokens = prefill_tokens or (65536 if self.device.type == "cuda" else 2048)
         self.scale = self.weights.dims.head_dim ** -0.5
+        self.flex = flex_decode(self.device) if attention == "flex" else None
         self.state: _State | None = None
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphs_enabled else None
@@ -267,12 +274,16 @@ class StaticDecoder:
         s, w = self.state, self.weights
         tokens, positions, done = s.tokens[:bucket], s.lengths[:bucket], s.done[:bucket]
         dims = w.dims
-        layout = decode_layout(positions, dims.kv_heads, dims.groups, s.length, flash_ok(w.dtype, self.device))
+        flash = self.flex is None and flash_ok(w.dtype, self.device)
+        layout = decode_layout(positions, dims.kv_heads, dims.groups, s.length, flash)
+        used = positions + 1 if self.flex is not None else None
 
         def attend(q, k, v, layer):
             k_cache, v_cache = s.k_cache[layer, :bucket], s.v_cache[layer, :bucket]
             write_cache(k_cache, k, layout)
             write_cache(v_cache, v, layout)
+            if self.flex is not None:
+                return self.flex(q, k_cache, v_cache, used, self.scale)
             return decode_attention(q, k_cache, v_cache, layout, self.scale)
 
         x = F.embedding(tokens, w.embed)

@@ -1,0 +1,69 @@
+"""Decode attention as one split-KV kernel, from FlexAttention's decoding template (issue 31; an experiment).
+
+``decoder_model.decode_attention`` calls FlashAttention-2's varlen forward, which gives each (row, key head) a
+128-row query tile for the G = H / Hk queries that share the key head (3 for SmolLM2-135M) and exponentiates every
+row of it: at batch 256 that is 33 us a layer on an H200, where reading the used keys and values once takes ~16 us
+(``benchmarks/NOTES.md`` entry 24). Compiled for one query per row, FlexAttention picks its decoding kernel instead,
+which packs the G queries into a small tile and splits each row's keys over several thread blocks. Off by default
+(``StaticDecoder(attention="flex")``, ``bench_decode.py --decoders static-flex``) until a GPU run shows it faster
+with the same answers; on a CPU it runs FlexAttention's eager reference, which the tests compare with SDPA.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+KV_BLOCK = 128  # keys per block of the mask; the decoding kernel's own key tile divides it
+
+
+def decode_block_mask(used: torch.Tensor, length: int, block: int = KV_BLOCK) -> BlockMask:
+    """The mask of one decode step: row b's single query sees its first ``used[b]`` cached keys of ``length``.
+
+    ``used`` ``[B]`` (int) -> a ``BlockMask`` over ``[B, 1 (every head), 1 query, length keys]`` that visits only the
+    blocks holding used keys and masks the tail of the last one. Built from device tensors, no host sync, so it can
+    be recorded in a CUDA graph with the step.
+    """
+    rows, blocks = used.shape[0], -(-length // block)
+    visited = torch.div(used + (block - 1), block, rounding_mode="floor").to(torch.int32).view(rows, 1, 1)
+    order = torch.arange(blocks, device=used.device, dtype=torch.int32).view(1, 1, 1, blocks).repeat(rows, 1, 1, 1)
+
+    def sees(b, h, q_idx, kv_idx):
+        return kv_idx < used[b]
+
+    return BlockMask.from_kv_blocks(visited, order, BLOCK_SIZE=(128, block), mask_mod=sees, seq_lengths=(1, length),
+                                    compute_q_blocks=False)
+
+
+def flex_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, used: torch.Tensor,
+                          scale: float) -> torch.Tensor:
+    """One new query per row over its first ``used`` cached keys: ``q`` ``[B, H, D]``, caches ``[B, Hk, L, D]``,
+    ``used`` ``[B]`` -> ``[B, H, D]``; the same numbers as ``decode_attention`` (query head h reads key head
+    h // (H / Hk))."""
+    mask = decode_block_mask(used, k_cache.shape[2])
+    out = flex_attention(q[:, :, None], k_cache, v_cache, block_mask=mask, scale=scale, enable_gqa=True)
+    return out[:, :, 0]
+
+
+@functools.cache
+def compiled_flex_decode():
+    """``flex_decode_attention`` compiled once a process (one compilation per batch bucket): uncompiled,
+    FlexAttention is a slow reference, so CUDA always runs this."""
+    return torch.compile(flex_decode_attention, dynamic=False, fullgraph=True)
+
+
+def flex_decode(device: torch.device):
+    """The decode attention to call on ``device``: compiled on CUDA, the eager reference elsewhere (quietly: its
+    warning says it is slow, which a CPU test run knows)."""
+    if device.type == "cuda":
+        return compiled_flex_decode()
+
+    def eager(*args):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return flex_decode_attention(*args)
+
+    return eager
