@@ -63,8 +63,8 @@ RUNNERS: dict[str, list[str] | None] = {
     # the fast path from the base's precision when minialign's LoRA learns less than a peer (NOTES entry 24)
     "minialign-fp32base": ["--fast", "on", "--base-dtype", "float32"],
     "minialign-eager-fp32base": ["--fast", "off", "--base-dtype", "float32"],
-    # the fast path without gradient clipping: what --optim-in-backward (minialign-lowmem) must give up, so a gap
-    # between this and `minialign` is clipping's, not the memory options'
+    # the fast path without gradient clipping: what --optim-in-backward (minialign-lowmem) gave up before it clipped by
+    # the previous step's norm, so a gap between this and `minialign` is clipping's, not the memory options'
     "minialign-noclip": ["--fast", "on", "--max-grad-norm", "0"],
     # minialign's memory options together, the rows matched against Unsloth's low-memory default: compiled activation
     # checkpointing and AdamW stepped inside backward (clipped by the previous step's norm); for full fine-tuning,

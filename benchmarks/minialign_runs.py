@@ -17,8 +17,9 @@ BETA = 0.1
 # padding-free batches (the batch's sequences back to back in one row, FlexAttention document mask), eager, the
 # row rounded up to FLAT_BUCKET tokens; "flat-static": compiled with CUDA graphs, every row rounded up to the
 # longest of the run (one shape, one graph: FlexAttention under dynamic shapes does not compile in torch 2.11,
-# see benchmarks/NOTES.md); "oib": AdamW stepped inside the backward (no gradient buffer; no clipping), eager so
-# that each gradient is freed as soon as it is complete; "graph": flat-static's shapes, compiled without CUDA graphs,
+# see benchmarks/NOTES.md); "oib": AdamW stepped inside the backward (no gradient buffer; clipped by the previous
+# step's norm since 2026-12-06, unclipped in earlier results), eager so that each gradient is freed as soon as it is
+# complete; "graph": flat-static's shapes, compiled without CUDA graphs,
 # and the whole step (forward, backward, clipping, AdamW) replayed as one CUDA graph (--cuda-graphs); "graph-buckets":
 # the same with rows rounded up to GRAPH_BUCKET tokens (a few compiled shapes) and each batch's target count rounded
 # to TARGET_MULTIPLE (one capture per (row length, target count), each captured before the timed steps; the target

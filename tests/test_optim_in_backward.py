@@ -26,7 +26,7 @@ from minialign.training import train as train_module
 from minialign.training.batches import add_target_index
 from minialign.training.bench import measure
 from minialign.training.health import TrainingDiverged
-from minialign.training.optim import InBackwardAdamW, make_optimizer
+from minialign.training.optim import InBackwardAdamW, make_optimizer, measure_first
 from minialign.training.tasks import SFTTask
 from minialign.training.train import train
 from tests.conftest import torch_threads
@@ -121,33 +121,60 @@ def test_one_gradient_at_a_time_and_state_dict_is_adamw():
     optimizer.remove_hooks()
 
 
-def test_clipping_scales_each_step_by_the_previous_steps_norm():
-    """Against AdamW stepped after backward over gradients scaled by hand: step t's by min(1, c / |g_(t-1)|) (float64
-    norms), step 0's unscaled. A clip by the step's own norm, or none, moves the weights elsewhere."""
+@pytest.mark.parametrize("fused", [False, True])  # True: the CUDA path (the fused kernel's grad_scale), on a CPU
+def test_clipping_scales_each_step_by_the_previous_steps_norm(fused):
+    """Against AdamW stepped after backward over gradients scaled by hand (float64 norms): step 0 by min(1, c / |g_0|)
+    (measured first, as clip_grad_norm_ would), step t by min(1, c / |g_(t-1)|). No clipping, or a clip by the step's
+    own norm after step 0, moves the weights elsewhere."""
     cfg = config(optim_in_backward=True, max_grad_norm=0.05)
     model, examples, collate = sft_pieces(cfg)
     reference, _, _ = sft_pieces(cfg)  # the same seed: the same initial weights
     batches = [add_target_index(collate([i, i + 1])) for i in range(0, 8, 2)]
-    fused = make_optimizer(list(model.parameters()), cfg, torch.device("cpu"))
+    params = list(model.parameters())
+    fused_opt = InBackwardAdamW(params, max_norm=0.05, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     plain = torch.optim.AdamW(list(reference.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    coef, norms = 1.0, []
+    fused_opt.load_state_dict(torch.optim.AdamW(params, lr=cfg.lr, fused=not fused).state_dict())  # kept: fused or not
+    norms = []
     for batch in batches:
-        SFTTask().loss(TokenLogps(model), batch)[0].backward()
-        logged = float(fused.take_grad_norm())
+        backward = lambda: SFTTask().loss(TokenLogps(model), batch)[0].backward()  # noqa: E731
+        measure_first(fused_opt, backward, torch.device("cpu"))
+        backward()
+        logged = float(fused_opt.take_grad_norm())
         SFTTask().loss(TokenLogps(reference), batch)[0].backward()
         grads = [p.grad for p in reference.parameters()]
         norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])))
         assert logged == pytest.approx(norm, rel=1e-5)  # logged before clipping, as clip_grad_norm_ returns it
         for g in grads:
-            g.mul_(coef)
+            g.mul_(min(1.0, 0.05 / ((norms or [norm])[-1] + 1e-6)))
         plain.step()
         plain.zero_grad()
-        coef, norms = min(1.0, 0.05 / (norm + 1e-6)), norms + [norm]
-    assert min(norms) > 0.05  # clipping acted on every step after the first
-    fused.remove_hooks()
+        norms.append(norm)
+    assert min(norms) > 0.05  # clipping acted on every step
+    assert not fused_opt.needs_norm  # measured once, then known
+    fused_opt.remove_hooks()
     assert_same_params({n: p.detach() for n, p in model.named_parameters()},
                        {n: p.detach() for n, p in reference.named_parameters()}, atol=1e-6)
-    assert float(fused.state_dict()["clip_coef"]) == pytest.approx(coef, rel=1e-5)
+    assert float(fused_opt.state_dict()["last_grad_norm"]) == pytest.approx(norms[-1], rel=1e-5)
+
+
+def test_a_step_without_a_known_norm_is_clipped_exactly_as_clip_grad_norm():
+    """The first step of a run, and the first after resuming from a plain AdamW checkpoint (which holds no norm),
+    are measured first: the weights equal plain AdamW with clip_grad_norm_ at that step."""
+    clip = dict(max_grad_norm=0.05)
+    _, plain, _ = run(config(max_steps=1, **clip))
+    _, ours, _ = run(config(optim_in_backward=True, max_steps=1, **clip))
+    assert_same_params(ours, plain)
+
+
+@pytest.mark.parametrize("clip", [0.05, 0.0])
+def test_resume_from_a_plain_checkpoint_measures_its_first_step(tmp_path, clip):
+    cfg = dict(max_steps=4, save_every=3, keep_last=2, max_grad_norm=clip)
+    for folder in ("plain", "resumed"):
+        (tmp_path / folder).mkdir()
+    _, straight, _ = run(config(**cfg), tmp_path / "plain")
+    point = tmp_path / "plain" / "checkpoints" / "step-000003"
+    _, resumed, _ = run(config(optim_in_backward=True, **cfg), tmp_path / "resumed", resume_from=point)
+    assert_same_params(resumed, straight)  # step 4 clipped by its own norm, as the plain run clipped it
 
 
 # ----------------------------------------------------------------------------- checkpoints and resume
@@ -172,7 +199,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, first, clip):
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-6), step
         assert b[step]["lr"] == pytest.approx(a[step]["lr"], rel=1e-12), step
     if clip:
-        assert min(r["grad_norm"] for r in a.values()) > clip  # every step's gradient was clipped
+        assert min(r["grad_norm"] for r in a.values()) > clip  # every step's gradient was clipped (the norm travels)
 
 
 # ----------------------------------------------------------------------------- divergence is still caught

@@ -274,7 +274,7 @@ class StaticDecoder:
         s, w = self.state, self.weights
         tokens, positions, done = s.tokens[:bucket], s.lengths[:bucket], s.done[:bucket]
         dims = w.dims
-        flash = self.flex is None and flash_ok(w.dtype, self.device)
+        flash = flash_ok(w.dtype, self.device) if self.flex is None else None  # None: flex needs the cache rows only
         layout = decode_layout(positions, dims.kv_heads, dims.groups, s.length, flash)
         used = positions + 1 if self.flex is not None else None
 
@@ -315,12 +315,12 @@ class StaticDecoder:
         with torch.cuda.stream(self.stream):
             try:
                 self._step(bucket, key)
-            except Exception as exc:  # compilation fails before the step writes anything
-                if self.parts is PLAIN:
+            except Exception as exc:  # a compilation failed; rerunning the step rewrites the same cache positions
+                if self.parts is PLAIN and self.flex is None:
                     raise
                 print(f"minialign: compiling the decode step failed ({type(exc).__name__}: {exc}); "
                       "decoding with plain kernels.", file=sys.stderr)
-                self.parts = PLAIN
+                self.parts, self.flex = PLAIN, None
                 self.graphs.clear()
                 self._step(bucket, key)
         graph = torch.cuda.CUDAGraph()

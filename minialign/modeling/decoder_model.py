@@ -270,13 +270,17 @@ class DecodeLayout:
     mask: torch.Tensor | None = None
 
 
-def decode_layout(positions: torch.Tensor, kv_heads: int, groups: int, length: int, flash: bool) -> DecodeLayout:
+def decode_layout(positions: torch.Tensor, kv_heads: int, groups: int, length: int,
+                  flash: bool | None) -> DecodeLayout:
     """The layout of a step whose rows 0..B-1 write their new key at ``positions`` ``[B]`` of a cache of ``length``
-    positions (see ``DecodeLayout``); ``flash``: build FlashAttention's description, else SDPA's mask."""
+    positions (see ``DecodeLayout``); ``flash``: build FlashAttention's description, False: SDPA's mask, None: only
+    the cache rows (an attention that describes the used keys itself, ``flex_decode``)."""
     b, device = positions.shape[0], positions.device
     seq = torch.arange(b * kv_heads, device=device)  # (row, key head) -> its own sequence of the cache
     per_head = lambda t: t[:, None].expand(b, kv_heads).reshape(-1)  # noqa: E731 - [B] -> [B * Hk], no sync
     cache_index = seq * length + per_head(positions)
+    if flash is None:
+        return DecodeLayout(cache_index)
     used = positions + 1
     if flash:
         starts = torch.arange(b * kv_heads + 1, device=device, dtype=torch.int32)

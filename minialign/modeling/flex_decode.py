@@ -15,18 +15,23 @@ import functools
 import warnings
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from minialign.base.errors import UserError
 
 KV_BLOCK = 128  # keys per block of the mask; the decoding kernel's own key tile divides it
+RECOMPILES = 64  # one compilation per (batch bucket, cache length); torch's default of 8 would fall back to eager
 
 
-def decode_block_mask(used: torch.Tensor, length: int, block: int = KV_BLOCK) -> BlockMask:
+def decode_block_mask(used: torch.Tensor, length: int, block: int = KV_BLOCK):
     """The mask of one decode step: row b's single query sees its first ``used[b]`` cached keys of ``length``.
 
     ``used`` ``[B]`` (int) -> a ``BlockMask`` over ``[B, 1 (every head), 1 query, length keys]`` that visits only the
     blocks holding used keys and masks the tail of the last one. Built from device tensors, no host sync, so it can
-    be recorded in a CUDA graph with the step.
+    be recorded in a CUDA graph with the step. Rebuilt in every layer's call, inside its compiled graph: built
+    outside, its ``mask_mod`` would be a new closure each step, which the compiled call would not reuse.
     """
+    from torch.nn.attention.flex_attention import BlockMask
+
     rows, blocks = used.shape[0], -(-length // block)
     visited = torch.div(used + (block - 1), block, rounding_mode="floor").to(torch.int32).view(rows, 1, 1)
     order = torch.arange(blocks, device=used.device, dtype=torch.int32).view(1, 1, 1, blocks).repeat(rows, 1, 1, 1)
@@ -43,6 +48,8 @@ def flex_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     """One new query per row over its first ``used`` cached keys: ``q`` ``[B, H, D]``, caches ``[B, Hk, L, D]``,
     ``used`` ``[B]`` -> ``[B, H, D]``; the same numbers as ``decode_attention`` (query head h reads key head
     h // (H / Hk))."""
+    from torch.nn.attention.flex_attention import flex_attention
+
     mask = decode_block_mask(used, k_cache.shape[2])
     out = flex_attention(q[:, :, None], k_cache, v_cache, block_mask=mask, scale=scale, enable_gqa=True)
     return out[:, :, 0]
@@ -50,14 +57,27 @@ def flex_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 @functools.cache
 def compiled_flex_decode():
-    """``flex_decode_attention`` compiled once a process (one compilation per batch bucket): uncompiled,
-    FlexAttention is a slow reference, so CUDA always runs this."""
-    return torch.compile(flex_decode_attention, dynamic=False, fullgraph=True)
+    """``flex_decode_attention`` compiled once a process (one compilation per batch bucket and cache length), with
+    room for that many: uncompiled, FlexAttention is a slow reference, so CUDA always runs the compiled one."""
+    compiled = torch.compile(flex_decode_attention, dynamic=False, fullgraph=True)
+
+    def call(*args):
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILES):
+            return compiled(*args)
+
+    return call
 
 
 def flex_decode(device: torch.device):
     """The decode attention to call on ``device``: compiled on CUDA, the eager reference elsewhere (quietly: its
     warning says it is slow, which a CPU test run knows)."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask
+    except ImportError:
+        BlockMask = None
+    if BlockMask is None or not hasattr(BlockMask, "from_kv_blocks"):
+        raise UserError(f"attention='flex' needs FlexAttention's BlockMask.from_kv_blocks, which torch "
+                        f"{torch.__version__} lacks; upgrade torch or use attention='flash'.")
     if device.type == "cuda":
         return compiled_flex_decode()
 

@@ -4,6 +4,7 @@ learning-rate schedule. Kept apart from the loop (``train.py``), which only call
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -38,9 +39,9 @@ class InBackwardAdamW(torch.optim.AdamW):
     A ``post_accumulate_grad`` hook steps each parameter as soon as its gradient is complete and frees that
     gradient at once, so the whole-model gradient never exists. To the loop it is an ordinary AdamW:
     ``step()`` and ``zero_grad()`` are no-ops (the work was done in backward), the LR scheduler drives
-    ``param_groups`` (read by each hook when it fires), and ``state_dict()`` / ``load_state_dict()`` are
-    AdamW's own, so its checkpoints and the plain optimizer's are interchangeable. Each parameter is stepped
-    by a one-parameter AdamW that shares this optimizer's ``state``: the same kernels (fused on CUDA), the
+    ``param_groups`` (read by each hook when it fires), and its checkpoints and the plain optimizer's are
+    interchangeable (AdamW's ``state_dict`` plus ``last_grad_norm``, which plain AdamW ignores). Each parameter is
+    stepped by a one-parameter AdamW that shares this optimizer's ``state``: the same kernels (fused on CUDA), the
     same numbers as one ``AdamW.step()`` over all of them.
 
     Each hook also writes its gradient's norm into a device vector: ``take_grad_norm()`` gives the norm of the
@@ -49,9 +50,14 @@ class InBackwardAdamW(torch.optim.AdamW):
     ``max_norm`` > 0 clips with the norm of the *previous* step's whole gradient: this step's norm is complete only
     after its last parameter has been updated. Over a few steps the norm changes little, so this keeps what
     clipping does to AdamW's second moments (early large gradients do not shrink every later update), which
-    unclipped training loses (llama-1b SFT LoRA: 0.36 nats of held-out loss, NOTES entry 25). The first step is not
-    clipped; the coefficient travels in ``state_dict()`` (``clip_coef``) so a resumed run clips as an unbroken one.
+    unclipped training loses (llama-1b SFT LoRA: 0.36 nats of held-out loss, NOTES entry 25). Where no previous norm
+    is known (a run's first step, a resume from a checkpoint without one), ``measure_first`` runs that step's backward
+    once with the hooks only measuring, so the step is clipped by its own norm. The last norm travels in
+    ``state_dict()``; a resumed run clips with its own ``max_norm``.
     """
+
+    # what the one-parameter optimizers keep from their constructor (a checkpoint may come from another device)
+    KEEP = ("params", "fused", "foreach", "capturable", "differentiable")
 
     def __init__(self, params, max_norm: float = 0.0, **kwargs):
         super().__init__(params, **kwargs)
@@ -60,7 +66,10 @@ class InBackwardAdamW(torch.optim.AdamW):
             raise ValueError("InBackwardAdamW got no parameters")
         device = owned[0][1].device
         self.max_norm = max_norm
+        self.measuring = False  # hooks record norms and free gradients without stepping (``measure_first``)
+        self.norm_known = False  # whether ``last_norm`` holds a real step's norm (host flag: no sync to read it)
         self._norms = torch.zeros(len(owned), dtype=torch.float32, device=device)
+        self.last_norm = torch.zeros((), dtype=torch.float32, device=device)
         self._coef = torch.ones((), dtype=torch.float32, device=device)  # applied to the next step's gradients
         self._inv_coef = torch.ones((), dtype=torch.float32, device=device)  # the same as fused AdamW's grad_scale
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(i, g, torch.optim.AdamW([p], **kwargs)))
@@ -72,6 +81,9 @@ class InBackwardAdamW(torch.optim.AdamW):
 
         def step_now(param: torch.Tensor) -> None:
             torch.linalg.vector_norm(param.grad, dtype=torch.float32, out=norm)
+            if self.measuring:
+                param.grad = None
+                return
             if self.max_norm > 0:
                 if folds:
                     single.grad_scale = self._inv_coef
@@ -80,35 +92,50 @@ class InBackwardAdamW(torch.optim.AdamW):
             # Looked up at every step: load_state_dict replaces both the state dict and the group dicts.
             single.state = self.state  # the moments live in this optimizer's state
             group = self.param_groups[g]
-            single.param_groups[0].update((k, v) for k, v in group.items() if k != "params")  # lr from the scheduler
+            single.param_groups[0].update((k, v) for k, v in group.items() if k not in self.KEEP)  # lr, betas, ...
             single.step()
             param.grad = None
 
         return step_now
+
+    @property
+    def needs_norm(self) -> bool:
+        """Whether the next step would be clipped without knowing any gradient norm (see ``measure_first``)."""
+        return self.max_norm > 0 and not self.norm_known
 
     @torch.no_grad()
     def take_grad_norm(self) -> torch.Tensor:
         """Norm of the gradient of the last backward (a device scalar, before clipping); resets for the next one
         and, with ``max_norm``, sets the next step's clipping coefficient from it."""
         total = torch.linalg.vector_norm(self._norms)
-        if self.max_norm > 0:
-            torch.clamp(self.max_norm / (total + 1e-6), max=1.0, out=self._coef)  # clip_grad_norm_'s coefficient
-            torch.reciprocal(self._coef, out=self._inv_coef)
+        self.last_norm.copy_(total)
+        self.norm_known = True
+        self._set_coef()
         self._norms.zero_()
         return total
 
+    def _set_coef(self) -> None:
+        if self.max_norm > 0 and self.norm_known:
+            torch.clamp(self.max_norm / (self.last_norm + 1e-6), max=1.0, out=self._coef)  # clip_grad_norm_'s
+        else:
+            self._coef.fill_(1.0)
+        torch.reciprocal(self._coef, out=self._inv_coef)
+
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["clip_coef"] = self._coef.detach().cpu().clone()
+        if self.norm_known:
+            state["last_grad_norm"] = self.last_norm.detach().cpu().clone()
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """AdamW's state; the clipping coefficient too when saved by this class (else the next step is unclipped)."""
+        """AdamW's state, and the last step's gradient norm when the checkpoint has one (else the next step is
+        measured first, see ``measure_first``)."""
         state_dict = dict(state_dict)
-        coef = state_dict.pop("clip_coef", None)
+        norm = state_dict.pop("last_grad_norm", None)
         super().load_state_dict(state_dict)
-        self._coef.fill_(1.0 if coef is None else float(coef))
-        torch.reciprocal(self._coef, out=self._inv_coef)
+        self.norm_known = norm is not None
+        self.last_norm.fill_(0.0 if norm is None else float(norm))
+        self._set_coef()
 
     def step(self, closure=None):
         """Nothing to do: every parameter was stepped in backward. A closure is run (its backward steps them)."""
@@ -124,6 +151,23 @@ class InBackwardAdamW(torch.optim.AdamW):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def measure_first(optimizer: torch.optim.Optimizer, backward: Callable[[], object], device: torch.device) -> None:
+    """Before a step that an in-backward optimizer would clip without knowing any gradient norm, run ``backward``
+    (that step's forward and backward) once with its hooks only measuring: the step is then clipped by its own norm,
+    as ``clip_grad_norm_`` would. The random state is restored, so dropout draws the same masks in the real pass.
+    Costs one forward and backward, once a run (or after a resume from a checkpoint without a norm)."""
+    if not (isinstance(optimizer, InBackwardAdamW) and optimizer.needs_norm):
+        return
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        optimizer.measuring = True
+        try:
+            backward()
+        finally:
+            optimizer.measuring = False
+    optimizer.take_grad_norm()
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

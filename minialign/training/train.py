@@ -36,7 +36,7 @@ from minialign.training import checkpoint
 from minialign.training.batches import prepare_batch
 from minialign.training.graphs import ForwardBackward, GraphedStep, Update
 from minialign.training.health import check_finite, check_learning
-from minialign.training.optim import InBackwardAdamW, grad_norm_step, make_optimizer, make_scheduler
+from minialign.training.optim import InBackwardAdamW, grad_norm_step, make_optimizer, make_scheduler, measure_first
 from minialign.training.trackers import Trackers, requested
 
 
@@ -63,7 +63,7 @@ def step_functions(policy, task, optimizer, params: list[torch.nn.Parameter], cf
     and returns the gradient norm. Neither reads anything back from the device.
     """
 
-    def forward_backward(batches: list[dict], scale) -> dict[str, torch.Tensor]:
+    def accumulate(batches: list[dict], scale) -> dict[str, torch.Tensor]:
         sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
             with dist.no_sync(policy, last=i == len(batches) - 1), autocast():
@@ -72,6 +72,10 @@ def step_functions(policy, task, optimizer, params: list[torch.nn.Parameter], cf
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.float()
         return sums
+
+    def forward_backward(batches: list[dict], scale) -> dict[str, torch.Tensor]:
+        measure_first(optimizer, lambda: accumulate(batches, scale), params[0].device)  # in-backward clipping only
+        return accumulate(batches, scale)
 
     def update() -> torch.Tensor:
         grad_norm = grad_norm_step(optimizer, params, cfg.max_grad_norm)
