@@ -194,7 +194,11 @@ def test_static_decoder_with_flex_attention_answers_as_transformers(tok):
     eos = eos_for(model, tok, PROMPTS)
     common = {"max_new_tokens": NEW, "eos_token_id": eos, "details": True, "batch_size": 4, "stop_strings": ()}
     reference = generate(model, tok, PROMPTS, decoder="hf", **common)
-    assert generate(model, tok, PROMPTS, decoder=StaticDecoder(model, attention="flex"), **common) == reference
+    decoder, calls = StaticDecoder(model, attention="flex"), []
+    flex = decoder.flex
+    decoder.flex = lambda *args: calls.append(1) or flex(*args)
+    assert generate(model, tok, PROMPTS, decoder=decoder, **common) == reference
+    assert len(calls) >= NEW * model.config.num_hidden_layers  # every decode step of every layer went through flex
     with pytest.raises(UserError, match="attention must be 'flash' or 'flex'"):
         StaticDecoder(model, attention="flexible")
 

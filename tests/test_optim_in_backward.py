@@ -6,6 +6,7 @@ parameters after every step, checkpoints interchangeable with it, resume equal t
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -133,7 +134,14 @@ def test_clipping_scales_each_step_by_the_previous_steps_norm(fused):
     params = list(model.parameters())
     fused_opt = InBackwardAdamW(params, max_norm=0.05, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     plain = torch.optim.AdamW(list(reference.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    fused_opt.load_state_dict(torch.optim.AdamW(params, lr=cfg.lr, fused=not fused).state_dict())  # kept: fused or not
+    copies = [p.detach().clone().requires_grad_() for p in params]  # a checkpoint of the other kernel, stepped once
+    other = torch.optim.AdamW(copies, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=not fused)
+    for p in copies:
+        p.grad = torch.zeros_like(p)
+    other.step()
+    fused_opt.load_state_dict(other.state_dict())
+    assert fused_opt.param_groups[0]["fused"] is fused  # this device's kernel, not the checkpoint's
+    fused_opt.state.clear()  # the moments start empty, as the reference's do
     norms = []
     for batch in batches:
         backward = lambda: SFTTask().loss(TokenLogps(model), batch)[0].backward()  # noqa: E731
@@ -157,13 +165,42 @@ def test_clipping_scales_each_step_by_the_previous_steps_norm(fused):
     assert float(fused_opt.state_dict()["last_grad_norm"]) == pytest.approx(norms[-1], rel=1e-5)
 
 
-def test_a_step_without_a_known_norm_is_clipped_exactly_as_clip_grad_norm():
+def test_a_step_without_a_known_norm_is_clipped_exactly_as_clip_grad_norm(monkeypatch):
     """The first step of a run, and the first after resuming from a plain AdamW checkpoint (which holds no norm),
-    are measured first: the weights equal plain AdamW with clip_grad_norm_ at that step."""
+    are measured first: the weights equal plain AdamW with clip_grad_norm_ at that step. Measured once a run, and
+    never without clipping (each measurement is one more take_grad_norm than steps)."""
     clip = dict(max_grad_norm=0.05)
     _, plain, _ = run(config(max_steps=1, **clip))
     _, ours, _ = run(config(optim_in_backward=True, max_steps=1, **clip))
     assert_same_params(ours, plain)
+    calls, real = [], InBackwardAdamW.take_grad_norm
+    monkeypatch.setattr(InBackwardAdamW, "take_grad_norm", lambda self: calls.append(1) or real(self))
+    for norm, expected in ((0.05, 4), (0.0, 3)):
+        calls.clear()
+        run(config(optim_in_backward=True, max_steps=3, max_grad_norm=norm))
+        assert len(calls) == expected, norm
+
+
+def test_the_measuring_pass_draws_the_same_dropout_masks():
+    """With dropout, the measured norm is the real pass's only if the random state is restored after measuring."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Dropout(0.5), torch.nn.Linear(32, 1))
+    reference = copy.deepcopy(net)
+    x = torch.randn(16, 8)
+    optimizer = InBackwardAdamW(list(net.parameters()), max_norm=0.01, lr=1e-2)
+    plain = torch.optim.AdamW(list(reference.parameters()), lr=1e-2)
+    torch.manual_seed(1)
+    backward = lambda: net(x).square().mean().backward()  # noqa: E731
+    measure_first(optimizer, backward, torch.device("cpu"))
+    backward()
+    measured = float(optimizer.take_grad_norm())
+    torch.manual_seed(1)
+    reference(x).square().mean().backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 0.01))
+    plain.step()
+    optimizer.remove_hooks()
+    assert measured == pytest.approx(norm, rel=1e-6) and norm > 0.01
+    assert_same_params(dict(net.named_parameters()), dict(reference.named_parameters()))
 
 
 @pytest.mark.parametrize("clip", [0.05, 0.0])

@@ -69,6 +69,9 @@ class GraphedStep:
         self.warm_up = warm_up  # every new shape (compiled code); else only the first capture
         self.device = device
         self.enabled = enabled and device.type == "cuda"
+        if self.enabled and getattr(optimizer, "measuring", None) is not None:  # InBackwardAdamW (config refuses it)
+            raise ValueError("CUDA graphs cannot record an optimizer stepped inside backward: its hooks free each "
+                             "gradient as it is made")
         self.graphs: dict[tuple, _Captured] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.enabled else None
         self.stream = torch.cuda.Stream(device) if self.enabled else None

@@ -132,6 +132,10 @@ class InBackwardAdamW(torch.optim.AdamW):
         measured first, see ``measure_first``)."""
         state_dict = dict(state_dict)
         norm = state_dict.pop("last_grad_norm", None)
+        # This device's kernel flags, not the saved ones: torch places each loaded step count by them (a CPU-written
+        # checkpoint would leave CPU step counts for CUDA's fused kernel).
+        state_dict["param_groups"] = [{**saved, **{k: mine[k] for k in self.KEEP[1:] if k in mine}}
+                                      for saved, mine in zip(state_dict["param_groups"], self.param_groups)]
         super().load_state_dict(state_dict)
         self.norm_known = norm is not None
         self.last_norm.fill_(0.0 if norm is None else float(norm))
@@ -157,7 +161,9 @@ def measure_first(optimizer: torch.optim.Optimizer, backward: Callable[[], objec
     """Before a step that an in-backward optimizer would clip without knowing any gradient norm, run ``backward``
     (that step's forward and backward) once with its hooks only measuring: the step is then clipped by its own norm,
     as ``clip_grad_norm_`` would. The random state is restored, so dropout draws the same masks in the real pass.
-    Costs one forward and backward, once a run (or after a resume from a checkpoint without a norm)."""
+    Costs one forward and backward, once a run (or after a resume from a checkpoint without a norm). Every tensor
+    that ``backward`` gives a gradient must be the optimizer's (the loop's trainable parameters are): the
+    measuring pass frees only those."""
     if not (isinstance(optimizer, InBackwardAdamW) and optimizer.needs_norm):
         return
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
