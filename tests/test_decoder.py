@@ -19,7 +19,7 @@ from transformers.generation.logits_process import (
 from minialign.base.errors import UserError
 from minialign.modeling.decoder import GREEDY, StaticDecoder
 from minialign.modeling.decoder_model import decode_attention, decode_layout, decoder_support, write_cache
-from minialign.modeling.flex_decode import KV_BLOCK, flex_decode
+from minialign.modeling.flex_decode import KV_BLOCK, decode_blocks, flex_decode
 from minialign.modeling.generate import generate
 from minialign.modeling.lora import LoRAConfig, apply_lora, disabled, lora_layers, merge_lora
 from minialign.modeling.models import BUILTIN_CONFIGS, builtin_config, load_tokenizer
@@ -181,7 +181,7 @@ def test_flex_decode_attention_reads_each_rows_used_keys(dtype):
     q = torch.randn(b, heads, d, dtype=dtype)
     k, v = (torch.randn(b, kv_heads, length, d, dtype=dtype) for _ in range(2))
     used = torch.tensor([1, KV_BLOCK, KV_BLOCK + 1, length, 77])
-    out = flex_decode(torch.device("cpu"))(q, k, v, used, d**-0.5)
+    out = flex_decode(torch.device("cpu"))(q, k, v, *decode_blocks(used, length), d**-0.5)
     for row in range(b):
         for h in range(heads):
             keys, values = k[row, h // 3, : used[row]], v[row, h // 3, : used[row]]

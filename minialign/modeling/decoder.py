@@ -46,7 +46,7 @@ from minialign.modeling.decoder_model import (
     rope_table,
     write_cache,
 )
-from minialign.modeling.flex_decode import flex_decode
+from minialign.modeling.flex_decode import decode_blocks, flex_decode
 from minialign.modeling.sampling import Sampling, draw_uniforms, next_tokens
 
 MIN_BUCKET = 16  # smaller batches cost a step about as much: not worth another graph
@@ -276,14 +276,14 @@ class StaticDecoder:
         dims = w.dims
         flash = flash_ok(w.dtype, self.device) if self.flex is None else None  # None: flex needs the cache rows only
         layout = decode_layout(positions, dims.kv_heads, dims.groups, s.length, flash)
-        used = positions + 1 if self.flex is not None else None
+        blocks = decode_blocks(positions + 1, s.length) if self.flex is not None else ()
 
         def attend(q, k, v, layer):
             k_cache, v_cache = s.k_cache[layer, :bucket], s.v_cache[layer, :bucket]
             write_cache(k_cache, k, layout)
             write_cache(v_cache, v, layout)
             if self.flex is not None:
-                return self.flex(q, k_cache, v_cache, used, self.scale)
+                return self.flex(q, k_cache, v_cache, *blocks, self.scale)
             return decode_attention(q, k_cache, v_cache, layout, self.scale)
 
         x = F.embedding(tokens, w.embed)

@@ -22,19 +22,23 @@ KV_BLOCK = 128  # keys per block of the mask; the decoding kernel's own key tile
 RECOMPILES = 64  # one compilation per (batch bucket, cache length); torch's default of 8 would fall back to eager
 
 
-def decode_block_mask(used: torch.Tensor, length: int, block: int = KV_BLOCK):
-    """The mask of one decode step: row b's single query sees its first ``used[b]`` cached keys of ``length``.
-
-    ``used`` ``[B]`` (int) -> a ``BlockMask`` over ``[B, 1 (every head), 1 query, length keys]`` that visits only the
-    blocks holding used keys and masks the tail of the last one. Built from device tensors, no host sync, so it can
-    be recorded in a CUDA graph with the step. Rebuilt in every layer's call, inside its compiled graph: built
-    outside, its ``mask_mod`` would be a new closure each step, which the compiled call would not reuse.
-    """
-    from torch.nn.attention.flex_attention import BlockMask
-
+def decode_blocks(used: torch.Tensor, length: int, block: int = KV_BLOCK) -> tuple[torch.Tensor, ...]:
+    """What every layer's mask in one decode step shares, built once a step: ``used`` ``[B]`` (keys each row's query
+    sees), how many key blocks each row visits ``[B, 1, 1]`` and their order ``[B, 1, 1, blocks]`` (int32). Device
+    tensors, no host sync: recorded in the step's CUDA graph."""
     rows, blocks = used.shape[0], -(-length // block)
     visited = torch.div(used + (block - 1), block, rounding_mode="floor").to(torch.int32).view(rows, 1, 1)
     order = torch.arange(blocks, device=used.device, dtype=torch.int32).view(1, 1, 1, blocks).repeat(rows, 1, 1, 1)
+    return used, visited, order
+
+
+def decode_block_mask(used: torch.Tensor, visited: torch.Tensor, order: torch.Tensor, length: int,
+                      block: int = KV_BLOCK):
+    """The mask of one decode step (``decode_blocks``'s tensors): row b's single query sees its first ``used[b]`` of
+    ``length`` cached keys, visiting only the blocks that hold them and masking the tail of the last one. Made in
+    each layer's compiled call, where it only wraps the tensors: made outside, its ``mask_mod`` would be a new
+    closure each step, which a compiled call would not reuse."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     def sees(b, h, q_idx, kv_idx):
         return kv_idx < used[b]
@@ -44,13 +48,13 @@ def decode_block_mask(used: torch.Tensor, length: int, block: int = KV_BLOCK):
 
 
 def flex_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, used: torch.Tensor,
-                          scale: float) -> torch.Tensor:
+                          visited: torch.Tensor, order: torch.Tensor, scale: float) -> torch.Tensor:
     """One new query per row over its first ``used`` cached keys: ``q`` ``[B, H, D]``, caches ``[B, Hk, L, D]``,
-    ``used`` ``[B]`` -> ``[B, H, D]``; the same numbers as ``decode_attention`` (query head h reads key head
-    h // (H / Hk))."""
+    ``used, visited, order`` from ``decode_blocks`` -> ``[B, H, D]``; the same numbers as ``decode_attention``
+    (query head h reads key head h // (H / Hk))."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    mask = decode_block_mask(used, k_cache.shape[2])
+    mask = decode_block_mask(used, visited, order, k_cache.shape[2])
     out = flex_attention(q[:, :, None], k_cache, v_cache, block_mask=mask, scale=scale, enable_gqa=True)
     return out[:, :, 0]
 
