@@ -69,6 +69,9 @@ row() {
       --json-out $W/profile-decode.json 2>&1 | grep -v Warning | tail -60 ;;
     decode-random) python3 benchmarks/checks/profile_decode.py --model /tmp/smollm2-random --data $DATA \
       --json-out $W/profile-decode-random.json 2>&1 | grep -v Warning | tail -60 ;;
+    memory-peak) python3 benchmarks/checks/memory_peak.py --json-out $W/memory-peak.json -- sft --model llama-1b \
+      --tokenizer $TOK --dataset $DATA --train-rows 300:1612 --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
+      --max-length 512 --max-steps 12 --eval-every 0 --overwrite --out $W/peak-run 2>&1 | grep -v "it/s\]" | tail -40 ;;
     check-graphs) python3 benchmarks/checks/check_graphs.py --task sft --mode lora --out $W/check-graphs.json 2>&1 \
       | grep -v "it/s\]" | tail -30 ;;
     bench-decode-random) python3 benchmarks/bench_decode.py --model /tmp/smollm2-random --data $DATA --rows 300:556 \
@@ -84,7 +87,7 @@ row() {
 # collect: follow the rows (see follow), then copy every result any row writes (absent ones are skipped) to $OUT.
 collect() {
   follow $W "^\[(rows|e2e|hh2)\]|Error|error:|Traceback" 70
-  cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode*.json $W/decode-random.json $W/check-graphs.json \
+  cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode*.json $W/decode-random.json $W/check-graphs.json $W/memory-peak.json \
     /tmp/hh2/hh-two-axes.json /tmp/hh2/hh-two-axes.md /tmp/hh2/state.json "$OUT"/ 2>/dev/null
   tar czf "$OUT"/logs.tgz -C $W log.txt e2e/logs 2>/dev/null
   ls -la "$OUT"
@@ -107,10 +110,11 @@ start)
 wait) collect ;;
 lite)
   # One call, no GGUF, no Unsloth (carry .whl .gl): rows that need SmolLM2's tokenizer and shapes only, i.e. sft-gap,
-  # sft-lora-fast, check-graphs (checks/check_graphs.py: graphed = plain training, uncompiled, several captures),
-  # decode-random (the decoder profile on random SmolLM2-135M weights built from .gl/smollm2's
-  # config: every row runs all max_new_tokens, so the step time is measured without early finishes) and
-  # bench-decode-random (bench_decode.py's static decoder against transformers' static cache + compile, same weights).
+  # sft-lora-fast, memory-peak (what fills memory at llama-1b SFT LoRA's peak, checks/memory_peak.py), check-graphs
+  # (checks/check_graphs.py: graphed = plain training, uncompiled, several captures), decode-random (the decoder
+  # profile on random SmolLM2-135M weights built from .gl/smollm2's config: every row runs all max_new_tokens, so the
+  # step time is measured without early finishes) and bench-decode-random (bench_decode.py's static decoders, flash
+  # and flex, against transformers' static cache + compile, same weights).
   ROWS=${2:-sft-gap,check-graphs,bench-decode-random,decode-random}
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
