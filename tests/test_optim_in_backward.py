@@ -145,7 +145,7 @@ def test_clipping_scales_each_step_by_the_previous_steps_norm(fused):
     norms = []
     for batch in batches:
         backward = lambda: SFTTask().loss(TokenLogps(model), batch)[0].backward()  # noqa: E731
-        measure_first(fused_opt, backward, torch.device("cpu"))
+        measure_first(fused_opt, backward)
         backward()
         logged = float(fused_opt.take_grad_norm())
         SFTTask().loss(TokenLogps(reference), batch)[0].backward()
@@ -191,7 +191,7 @@ def test_the_measuring_pass_draws_the_same_dropout_masks():
     plain = torch.optim.AdamW(list(reference.parameters()), lr=1e-2)
     torch.manual_seed(1)
     backward = lambda: net(x).square().mean().backward()  # noqa: E731
-    measure_first(optimizer, backward, torch.device("cpu"))
+    measure_first(optimizer, backward)
     backward()
     measured = float(optimizer.take_grad_norm())
     torch.manual_seed(1)

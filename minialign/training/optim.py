@@ -56,8 +56,8 @@ class InBackwardAdamW(torch.optim.AdamW):
     ``state_dict()``; a resumed run clips with its own ``max_norm``.
     """
 
-    # what the one-parameter optimizers keep from their constructor (a checkpoint may come from another device)
-    KEEP = ("params", "fused", "foreach", "capturable", "differentiable")
+    # kernel flags: each device's own, never a checkpoint's (it may come from another device)
+    FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
     def __init__(self, params, max_norm: float = 0.0, **kwargs):
         super().__init__(params, **kwargs)
@@ -70,29 +70,30 @@ class InBackwardAdamW(torch.optim.AdamW):
         self.norm_known = False  # whether ``last_norm`` holds a real step's norm (host flag: no sync to read it)
         self._norms = torch.zeros(len(owned), dtype=torch.float32, device=device)
         self.last_norm = torch.zeros((), dtype=torch.float32, device=device)
-        self._coef = torch.ones((), dtype=torch.float32, device=device)  # applied to the next step's gradients
-        self._inv_coef = torch.ones((), dtype=torch.float32, device=device)  # the same as fused AdamW's grad_scale
+        self._grad_scale = torch.ones((), dtype=torch.float32, device=device)  # the next step's gradients are divided by it
         self._handles = [p.register_post_accumulate_grad_hook(self._hook(i, g, torch.optim.AdamW([p], **kwargs)))
                          for i, (g, p) in enumerate(owned)]
 
     def _hook(self, i: int, g: int, single: torch.optim.AdamW):
         norm = self._norms[i]
-        folds = bool(single.param_groups[0].get("fused"))  # the fused kernel divides by grad_scale as it reads
+        divide = False
+        if self.max_norm > 0:
+            if single.param_groups[0].get("fused"):
+                single.grad_scale = self._grad_scale  # the fused kernel divides by it as it reads (updated in place)
+            else:
+                divide = True
 
         def step_now(param: torch.Tensor) -> None:
             torch.linalg.vector_norm(param.grad, dtype=torch.float32, out=norm)
             if self.measuring:
                 param.grad = None
                 return
-            if self.max_norm > 0:
-                if folds:
-                    single.grad_scale = self._inv_coef
-                else:
-                    param.grad.mul_(self._coef.to(param.grad.dtype))
+            if divide:
+                param.grad.div_(self._grad_scale.to(param.grad.dtype))
             # Looked up at every step: load_state_dict replaces both the state dict and the group dicts.
             single.state = self.state  # the moments live in this optimizer's state
             group = self.param_groups[g]
-            single.param_groups[0].update((k, v) for k, v in group.items() if k not in self.KEEP)  # lr, betas, ...
+            single.param_groups[0].update((k, v) for k, v in group.items() if k != "params" and k not in self.FLAGS)
             single.step()
             param.grad = None
 
@@ -110,16 +111,15 @@ class InBackwardAdamW(torch.optim.AdamW):
         total = torch.linalg.vector_norm(self._norms)
         self.last_norm.copy_(total)
         self.norm_known = True
-        self._set_coef()
+        self._scale_from_last_norm()
         self._norms.zero_()
         return total
 
-    def _set_coef(self) -> None:
+    def _scale_from_last_norm(self) -> None:
         if self.max_norm > 0 and self.norm_known:
-            torch.clamp(self.max_norm / (self.last_norm + 1e-6), max=1.0, out=self._coef)  # clip_grad_norm_'s
+            self._grad_scale.copy_(clip_scale(self.last_norm, self.max_norm))
         else:
-            self._coef.fill_(1.0)
-        torch.reciprocal(self._coef, out=self._inv_coef)
+            self._grad_scale.fill_(1.0)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -134,12 +134,12 @@ class InBackwardAdamW(torch.optim.AdamW):
         norm = state_dict.pop("last_grad_norm", None)
         # This device's kernel flags, not the saved ones: torch places each loaded step count by them (a CPU-written
         # checkpoint would leave CPU step counts for CUDA's fused kernel).
-        state_dict["param_groups"] = [{**saved, **{k: mine[k] for k in self.KEEP[1:] if k in mine}}
+        state_dict["param_groups"] = [{**saved, **{k: mine[k] for k in self.FLAGS if k in mine}}
                                       for saved, mine in zip(state_dict["param_groups"], self.param_groups)]
         super().load_state_dict(state_dict)
         self.norm_known = norm is not None
         self.last_norm.fill_(0.0 if norm is None else float(norm))
-        self._set_coef()
+        self._scale_from_last_norm()
 
     def step(self, closure=None):
         """Nothing to do: every parameter was stepped in backward. A closure is run (its backward steps them)."""
@@ -157,7 +157,7 @@ class InBackwardAdamW(torch.optim.AdamW):
         self._handles = []
 
 
-def measure_first(optimizer: torch.optim.Optimizer, backward: Callable[[], object], device: torch.device) -> None:
+def measure_first(optimizer: torch.optim.Optimizer, backward: Callable[[], object]) -> None:
     """Before a step that an in-backward optimizer would clip without knowing any gradient norm, run ``backward``
     (that step's forward and backward) once with its hooks only measuring: the step is then clipped by its own norm,
     as ``clip_grad_norm_`` would. The random state is restored, so dropout draws the same masks in the real pass.
@@ -166,6 +166,7 @@ def measure_first(optimizer: torch.optim.Optimizer, backward: Callable[[], objec
     measuring pass frees only those."""
     if not (isinstance(optimizer, InBackwardAdamW) and optimizer.needs_norm):
         return
+    device = optimizer.last_norm.device
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         optimizer.measuring = True
@@ -287,8 +288,14 @@ def grad_norm_step(optimizer: torch.optim.Optimizer, params: list[torch.nn.Param
         return dist.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))  # FSDP: a DTensor
     norm = dist.full_tensor(torch.nn.utils.get_total_norm(grads))
     if max_norm > 0:
-        optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)  # clip_grad_norm_'s coefficient, inverted
+        optimizer.grad_scale = clip_scale(norm, max_norm)
     return norm
+
+
+def clip_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What to divide gradients of total ``norm`` by to clip them to ``max_norm``: ``clip_grad_norm_``'s coefficient,
+    inverted (>= 1), in the form fused AdamW's ``grad_scale`` takes."""
+    return ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)
 
 
 def folds_clipping(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]) -> bool:

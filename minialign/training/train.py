@@ -74,7 +74,7 @@ def step_functions(policy, task, optimizer, params: list[torch.nn.Parameter], cf
         return sums
 
     def forward_backward(batches: list[dict], scale) -> dict[str, torch.Tensor]:
-        measure_first(optimizer, lambda: accumulate(batches, scale), params[0].device)  # in-backward clipping only
+        measure_first(optimizer, lambda: accumulate(batches, scale))  # in-backward clipping only
         return accumulate(batches, scale)
 
     def update() -> torch.Tensor:
