@@ -100,6 +100,11 @@ def measure(model, tokenizer, prompts: list[str], decoder, batch_size: int, args
     return row, answers
 
 
+def identical_share(answers, reference) -> float:
+    """The share of ``answers`` whose text equals ``reference``'s answer to the same prompt."""
+    return round(sum(a.text == r.text for a, r in zip(answers, reference)) / len(answers), 4)
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -139,11 +144,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                 if name == "static":
                     static_answers = answers
                 if name == "static-flex" and static_answers is not None and not args.sample:
-                    row["identical_to_static"] = round(
-                        sum(a.text == r.text for a, r in zip(answers, static_answers)) / len(answers), 4)
+                    row["identical_to_static"] = identical_share(answers, static_answers)
                 if reference is not None and not args.sample:
-                    row["identical_to_hf"] = round(
-                        sum(a.text == r.text for a, r in zip(answers, reference)) / len(answers), 4)
+                    row["identical_to_hf"] = identical_share(answers, reference)
                 if name.startswith("static") and "tokens_per_s" in rows.get("hf", {}):
                     row["speedup_vs_hf"] = round(row["tokens_per_s"] / rows["hf"]["tokens_per_s"], 2)
                 rows[name] = row

@@ -33,8 +33,10 @@ from minialign.base.errors import UserError
 from minialign.modeling.decoder_model import (
     PLAIN,
     BlockParts,
+    DecodeLayout,
     DecoderWeights,
     block_forward,
+    cache_rows,
     decode_attention,
     decode_layout,
     decoder_support,
@@ -274,9 +276,11 @@ class StaticDecoder:
         s, w = self.state, self.weights
         tokens, positions, done = s.tokens[:bucket], s.lengths[:bucket], s.done[:bucket]
         dims = w.dims
-        flash = flash_ok(w.dtype, self.device) if self.flex is None else None  # None: flex needs the cache rows only
-        layout = decode_layout(positions, dims.kv_heads, dims.groups, s.length, flash)
-        blocks = decode_blocks(positions + 1, s.length) if self.flex is not None else ()
+        if self.flex is None:
+            layout = decode_layout(positions, dims.kv_heads, dims.groups, s.length, flash_ok(w.dtype, self.device))
+        else:  # flex describes the used keys itself (decode_blocks): only the cache rows
+            layout = DecodeLayout(cache_rows(positions, dims.kv_heads, s.length))
+            blocks = decode_blocks(positions + 1, s.length)
 
         def attend(q, k, v, layer):
             k_cache, v_cache = s.k_cache[layer, :bucket], s.v_cache[layer, :bucket]

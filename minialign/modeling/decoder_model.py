@@ -270,21 +270,26 @@ class DecodeLayout:
     mask: torch.Tensor | None = None
 
 
-def decode_layout(positions: torch.Tensor, kv_heads: int, groups: int, length: int,
-                  flash: bool | None) -> DecodeLayout:
+def _per_head(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[B]`` -> ``[B * Hk]``, each row's value once per key head (no sync)."""
+    return t[:, None].expand(t.shape[0], kv_heads).reshape(-1)
+
+
+def cache_rows(positions: torch.Tensor, kv_heads: int, length: int) -> torch.Tensor:
+    """``DecodeLayout.cache_index`` alone: where rows 0..B-1 write their new key, at ``positions`` ``[B]``."""
+    seq = torch.arange(positions.shape[0] * kv_heads, device=positions.device)  # (row, key head) -> its sequence
+    return seq * length + _per_head(positions, kv_heads)
+
+
+def decode_layout(positions: torch.Tensor, kv_heads: int, groups: int, length: int, flash: bool) -> DecodeLayout:
     """The layout of a step whose rows 0..B-1 write their new key at ``positions`` ``[B]`` of a cache of ``length``
-    positions (see ``DecodeLayout``); ``flash``: build FlashAttention's description, False: SDPA's mask, None: only
-    the cache rows (an attention that describes the used keys itself, ``flex_decode``)."""
+    positions (see ``DecodeLayout``); ``flash``: build FlashAttention's description, else SDPA's mask."""
     b, device = positions.shape[0], positions.device
-    seq = torch.arange(b * kv_heads, device=device)  # (row, key head) -> its own sequence of the cache
-    per_head = lambda t: t[:, None].expand(b, kv_heads).reshape(-1)  # noqa: E731 - [B] -> [B * Hk], no sync
-    cache_index = seq * length + per_head(positions)
-    if flash is None:
-        return DecodeLayout(cache_index)
+    cache_index = cache_rows(positions, kv_heads, length)
     used = positions + 1
     if flash:
         starts = torch.arange(b * kv_heads + 1, device=device, dtype=torch.int32)
-        seqused = per_head(used.to(torch.int32))
+        seqused = _per_head(used.to(torch.int32), kv_heads)
         return DecodeLayout(cache_index, starts * groups, starts * length, seqused)
     mask = torch.arange(length, device=device)[None, :] < used[:, None]
     return DecodeLayout(cache_index, mask=mask[:, None, None, :])
