@@ -16,7 +16,8 @@
 # reward model and the loop penalty) can be queued among them. Ready for the next session (each a question NOTES
 # entry 23 leaves open): `dpo8-lowmem` (DPO at matched memory), `sft-lora-fast` (llama-1b SFT LoRA with --fast on vs
 # off: where the 0.29-nat learning gap comes from), `sft-gap` (the same against TRL: the fast path and
-# minialign-lowmem clipped by the previous step's norm and unclipped, the question NOTES entry 25 leaves open), `hh-per-axis` (one online
+# minialign-lowmem clipped by the previous step's norm and unclipped, the question NOTES entry 25 leaves open),
+# `sft-seed1` (sft-gap's TRL and minialign at seed 1: is the +0.03 nats seed noise?), `hh-per-axis` (one online
 # reward model an axis).
 # Results: $OUT/unsloth-peer.json and .md (bench_e2e's format), profile-decode.json, hh-two-axes.json/.md, state.json.
 set -u
@@ -61,10 +62,13 @@ row() {
     sft-gap) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer $TOK \
       --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
       --runners trl,minialign,minialign-lowmem,minialign-lowmem-unclipped --label llama1b-sft-lora-gap $SAME ;;
+    sft-seed1) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer $TOK \
+      --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
+      --runners trl,minialign --label llama1b-sft-lora-seed1 ${SAME/--seed 0/--seed 1} ;;
     hh-per-axis) seed_state online-full-rm
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm per-axis \
-        --candidates r1-rpo1-lp4,r2-rpo1-lp4 ;;
+        --candidates r1-rpo1-lp4,r2-rpo1-lp4,r2-rpo1-lp4-g ;;
     decode) python3 benchmarks/checks/profile_decode.py --model /tmp/model.gguf --data $DATA \
       --json-out $W/profile-decode.json 2>&1 | grep -v Warning | tail -60 ;;
     decode-random) python3 benchmarks/checks/profile_decode.py --model /tmp/smollm2-random --data $DATA \

@@ -23,6 +23,7 @@ from minialign.data.demo import demo_rows
 from minialign.evaluation.judge import load_judge
 from minialign.evaluation.textmetrics import loops
 from minialign.modeling import adapters
+from minialign.modeling.generate import generate
 from minialign.modeling.models import load_model, load_tokenizer
 from tests.conftest import torch_threads
 
@@ -164,6 +165,25 @@ def test_reference_is_the_starting_model_in_every_round(run_a):
     for side, values in rewards.items():
         assert abs(sum(values)) > 1e-4
         assert logged[f"rewards/{side}"] == pytest.approx(sum(values) / len(values), rel=1e-3, abs=1e-5)
+
+
+def test_greedy_sample_is_the_policys_greedy_answer_and_takes_part_in_pairs(root, rms):
+    """--greedy-sample: each prompt's sample 0 is the starting policy's greedy answer (round 1 samples from it), the
+    other two are sampled, and all three are scored and paired alike."""
+    out = root / "greedy"
+    assert run_cli("online", *SMALL, "--rounds", "1", "--reward-models", rms[0], "--greedy-sample", "--out", out) == 0
+    cfg = recipes.load_run_config(out, OnlineConfig)
+    assert cfg.greedy_sample
+    samples = jsonl(out / "round-1" / "samples.jsonl")
+    raw = {i: r["prompt"] for i, r in enumerate(demo_rows("train"))}
+    prompts = [raw[s["row"]] for s in samples[::3]]
+    policy = common.attach_lora(load_model(cfg.model, seed=cfg.seed), cfg, torch.device("cpu")).eval()
+    greedy = generate(policy, load_tokenizer("demo"), prompts, max_new_tokens=8, batch_size=64)
+    assert [s["text"] for s in samples[::3]] == greedy
+    others = [s["text"] for i, s in enumerate(samples) if i % 3]
+    assert sum(t != greedy[i // 2] for i, t in enumerate(others)) >= 12  # sampled, not greedy again
+    pairs = jsonl(out / "round-1" / "pairs.jsonl")
+    assert any(x["chosen"] in greedy or x["rejected"] in greedy for x in pairs)
 
 
 def test_resume_redoes_a_round_killed_by_sigkill(run_a, root, rms):

@@ -53,7 +53,8 @@ TRL_DPO_FLAGS = ["--epochs", "2", "--batch-size", "16", "--lr", "5e-4", "--sched
                  "--beta", "0.1", "--lora-r", "16", "--lora-alpha", "32"]
 # Shared by every online run (minialign's candidates and TRL's peer): sampling, LoRA, optimiser.
 ONLINE_COMMON = {"samples": 4, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 128, "lora_r": 16,
-                 "lora_alpha": 32, "lr": 5e-4, "epochs": 1, "batch_size": 16, "min_gap": 0.0, "loop_penalty": 0.0}
+                 "lora_alpha": 32, "lr": 5e-4, "epochs": 1, "batch_size": 16, "min_gap": 0.0, "loop_penalty": 0.0,
+                 "greedy_sample": False}
 # Online candidates over the same 1,000 training prompts (rounds x prompts per round). ~60-100 s each on an H100
 # with the fast decoder, + ~25 s for its validation eval; the default sweep runs the first two.
 CANDIDATES: dict[str, dict] = {
@@ -65,6 +66,12 @@ CANDIDATES: dict[str, dict] = {
     "r2-rpo1-lp4": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0},
     # a third round: sampled from the policy round 2 made (the mix's 1,256 online prompts wrap around into round 3)
     "r3-rpo1-lp4": {"rounds": 3, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0},
+    # each prompt's first answer greedy: the first study's sampled answers looped in 3% of round 2 while the greedy
+    # answers evaluation sees looped in 9-14%, so the penalty rarely met the loops that count
+    "r1-rpo1-lp4-g": {"rounds": 1, "prompts_per_round": 1000, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0,
+                      "greedy_sample": True},
+    "r2-rpo1-lp4-g": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0,
+                      "greedy_sample": True},
 }
 SMALL_TRAIN = ["--epochs", "1", "--max-length", "128"]  # --small: appended to every training command (last wins)
 SMALL_ONLINE = {"samples": 2, "max_new_tokens": 16, "batch_size": 4, "rounds": 1, "prompts_per_round": 8}
@@ -209,7 +216,8 @@ def online_flags(settings: dict) -> list[str]:
     """`minialign online` flags for ``settings`` (one reward model: --combine has one score to normalise)."""
     keys = ("rounds", "prompts_per_round", "samples", "temperature", "top_p", "max_new_tokens", "min_gap", "beta",
             "rpo_alpha", "lr", "epochs", "batch_size", "lora_r", "lora_alpha", "loop_penalty")
-    return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(settings[k]))]
+    return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(settings[k]))] + \
+        (["--greedy-sample"] if settings.get("greedy_sample") else [])
 
 
 def trl_online_plan(settings: dict) -> dict:

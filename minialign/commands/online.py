@@ -218,9 +218,7 @@ def run_round(s: Session, k: int) -> dict:
     picked = [s.prompts[i] for i in round_prompts(len(s.prompts), cfg.prompts_per_round, k, cfg.seed)]
     n = cfg.samples
     t0 = time.perf_counter()
-    completions = generate(s.model, s.tokenizer, [p.text for p in picked], max_new_tokens=cfg.max_new_tokens,
-                           do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed + k,
-                           batch_size=cfg.gen_batch_size or None, num_samples=n, details=True)
+    completions = sample_answers(s, [p.text for p in picked], k)
     texts = [c.text.strip() if cfg.chat_template else c.text for c in completions]  # as chat training data is
     t1 = time.perf_counter()
     raw = [p.raw for p in picked for _ in range(n)]
@@ -256,6 +254,20 @@ def run_round(s: Session, k: int) -> dict:
              "generate_s": round(t1 - t0, 3), "score_s": round(t2 - t1, 3), "train_s": round(t3 - t2, 3)}
     write_atomic(folder / ROUND_DONE, json.dumps(stats).encode())  # the completion marker: written last
     return stats
+
+
+def sample_answers(s: Session, prompts: list[str], k: int) -> list:
+    """``--samples`` completions of each prompt in prompt-major order: all sampled, or with ``--greedy-sample`` the
+    greedy one first and N-1 sampled after it."""
+    cfg = s.cfg
+    common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size or None, details=True)
+    n_sampled = cfg.samples - cfg.greedy_sample
+    sampled = generate(s.model, s.tokenizer, prompts, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
+                       seed=cfg.seed + k, num_samples=n_sampled, **common)
+    if not cfg.greedy_sample:
+        return sampled
+    greedy = generate(s.model, s.tokenizer, prompts, do_sample=False, **common)
+    return [c for i, g in enumerate(greedy) for c in (g, *sampled[i * n_sampled : (i + 1) * n_sampled])]
 
 
 def check_pairs(kept: int, pairing, n_prompts: int, cfg: OnlineConfig, k: int) -> None:

@@ -274,6 +274,10 @@ class OnlineConfig(DPOConfig):
                               "sequence 3 times or more, the loop share's rule): 4 puts nearly every looping answer "
                               "below the others under zsum, 100 all of them (>= 0; 0: off)", group="online",
                               metavar="L")
+    greedy_sample: bool = opt(False, "decode each prompt's first answer greedily and sample the other N-1: the "
+                              "answer greedy evaluation sees then takes part in its prompt's pair (a greedy answer "
+                              "that loops becomes the rejected one), where sampled answers loop less than it",
+                              group="online")
     gen_batch_size: int = opt(0, "rows decoded at once (0: 128 on CUDA, 8 on CPU)", group="online")
     rm_batch_size: int = opt(64, "answers a reward model scores at once", group="online")
     out: str = opt("runs/online", "run folder", group="output", metavar="DIR")
