@@ -18,7 +18,7 @@
 # off: where the 0.29-nat learning gap comes from), `sft-gap` (the same against TRL: the fast path and
 # minialign-lowmem clipped by the previous step's norm and unclipped, the question NOTES entry 25 leaves open),
 # `sft-seed1` (sft-gap's TRL and minialign at seed 1: is the +0.03 nats seed noise?), `hh-per-axis` (one online
-# reward model an axis).
+# reward model an axis, summed), `hh-routed` (the same two, each prompt scored by its own axis's model).
 # Results: $OUT/unsloth-peer.json and .md (bench_e2e's format), profile-decode.json, hh-two-axes.json/.md, state.json.
 set -u
 W=/tmp/uns
@@ -80,6 +80,10 @@ row() {
       | grep -v "it/s\]" | tail -30 ;;
     bench-decode-random) python3 benchmarks/bench_decode.py --model /tmp/smollm2-random --data $DATA --rows 300:556 \
       --batch-sizes 256 --decoders static,static-flex,hf-static --json-out $W/decode-random.json 2>&1 | grep -v Warning | tail -30 ;;
+    hh-routed) seed_state online-full-rm
+      python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
+        --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm routed \
+        --candidates r1-rpo1-lp4,r2-rpo1-lp4,r2-rpo1-lp4-g ;;
     hh) seed_state online-first-rm
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm lora \

@@ -186,6 +186,48 @@ def test_greedy_sample_is_the_policys_greedy_answer_and_takes_part_in_pairs(root
     assert any(x["chosen"] in greedy or x["rejected"] in greedy for x in pairs)
 
 
+@pytest.fixture(scope="module")
+def tagged(root) -> Path:
+    """Demo rows 0:100 as a local file, each row tagged `source` a (odd rows) or b (even rows)."""
+    path = root / "tagged.jsonl"
+    path.write_text("".join(json.dumps({**r, "source": "ab"[i % 2 == 0]}) + "\n"
+                            for i, r in enumerate(demo_rows("train")[:100])))
+    return path
+
+
+def test_route_scores_each_prompt_with_its_rows_reward_model(root, rms, tagged):
+    """--combine route: every answer's combined score is its routed model's score standardised over the answers
+    routed to that model alone, recomputed here from both models' saved scores; pairs follow those scores."""
+    out = root / "route"
+    assert run_cli("online", *SMALL, "--rounds", "1", "--dataset", tagged, "--train-rows", "0:100",
+                   "--reward-models", ",".join(map(str, rms)), "--combine", "route", "--rm-routes", "b,a",
+                   "--out", out) == 0
+    rows = [json.loads(line) for line in tagged.read_text().splitlines()]
+    samples = jsonl(out / "round-1" / "samples.jsonl")
+    model_of = torch.tensor([0 if rows[x["row"]]["source"] == "b" else 1 for x in samples])
+    assert 0 < int(model_of.sum()) < len(samples)  # both models have answers to score
+    scores = torch.tensor([x["scores"] for x in samples], dtype=torch.float64).T  # [2, K]
+    want = torch.zeros(len(samples), dtype=torch.float64)
+    for m in (0, 1):
+        mine = scores[m, model_of == m]
+        want[model_of == m] = (mine - mine.mean()) / mine.var(unbiased=False).sqrt()
+    assert [x["combined"] for x in samples] == pytest.approx(want.tolist(), abs=1e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["routes"] == {"field": "source", "values": ["b", "a"]}
+    assert [m["route"] for m in summary["reward_models"]] == ["b", "a"]
+    assert "source = b" in (out / "report.md").read_text()
+
+
+def test_route_refuses_a_row_whose_field_names_no_reward_model(root, rms, tagged, capsys):
+    out = root / "route-bad"
+    capsys.readouterr()
+    assert run_cli("online", *SMALL, "--dataset", tagged, "--train-rows", "0:100", "--reward-models", rms[0],
+                   "--combine", "route", "--rm-routes", "b", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert f"{tagged} line 2" in err and "'source' field" in err and "'a'" in err and "--rm-routes b" in err
+    assert not out.exists()
+
+
 def test_resume_redoes_a_round_killed_by_sigkill(run_a, root, rms):
     out = root / "b"
     with launched(online_args(rms, out), root / "b.log") as proc:
@@ -233,6 +275,12 @@ BAD = {
     "no prompts": (lambda root, rms: ["--reward-models", rms[0], "--train-rows", "50:50"], "selects no rows"),
     "weights": (lambda root, rms: ["--reward-models", rms[0], "--rm-weights", "1,2"], "gives 2 weight(s)"),
     "weight text": (lambda root, rms: ["--reward-models", rms[0], "--rm-weights", "heavy"], "must be numbers"),
+    "routes count": (lambda root, rms: ["--reward-models", rms[0], "--combine", "route", "--rm-routes", "a,b"],
+                     "one distinct value of --route-field 'source' per reward model"),
+    "routes without route": (lambda root, rms: ["--reward-models", rms[0], "--rm-routes", "a"],
+                             "--rm-routes applies only with --combine route"),
+    "route weights": (lambda root, rms: ["--reward-models", rms[0], "--combine", "route", "--rm-routes", "a",
+                                         "--rm-weights", "1"], "--rm-weights does not apply with --combine route"),
 }
 
 

@@ -42,6 +42,25 @@ def test_sum_is_the_weighted_raw_sum():
     assert combine_scores(scores, [2.0, -1.0], "sum").tolist() == [2 * 1 - 3, 2 * -2 - 0.5]
 
 
+def test_route_standardises_each_model_over_its_own_answers_only():
+    # answers 0, 2, 3 routed to model 0 (scores 1, 3, 8: mean 4, population std sqrt(26/3)); 1 and 4 to model 1
+    # (scores 20, 50: mean 35, std 15); each answer's other-model score is ignored
+    scores = torch.tensor([[1.0, 900.0, 3.0, 8.0, -900.0], [-5.0, 20.0, 99.0, -99.0, 50.0]])
+    routes = torch.tensor([0, 1, 0, 0, 1])
+    s0 = math.sqrt(((1 - 4) ** 2 + (3 - 4) ** 2 + (8 - 4) ** 2) / 3)
+    want = [(1 - 4) / s0, (20 - 35) / 15, (3 - 4) / s0, (8 - 4) / s0, (50 - 35) / 15]
+    got = combine_scores(scores, [0.9, 0.1], "route", routes)  # weights do not apply
+    assert got.dtype == torch.float64 and got.tolist() == pytest.approx(want, abs=1e-12)
+    alone = combine_scores(scores, [0.5, 0.5], "route", torch.tensor([1, 1, 1, 1, 1]))  # one model: its z-scores
+    assert alone.tolist() == pytest.approx(combine_scores(scores[1:], [1], "zsum").tolist(), abs=1e-12)
+
+
+@pytest.mark.parametrize("routes", [None, torch.tensor([0, 1]), torch.tensor([0, 1, 2])])
+def test_route_needs_one_model_index_per_answer(routes):
+    with pytest.raises(ValueError, match="route needs routes"):
+        combine_scores(torch.zeros(2, 3), [0.5, 0.5], "route", routes)
+
+
 def test_combine_rejects_a_weight_count_that_does_not_match():
     with pytest.raises(ValueError):
         combine_scores(torch.zeros(2, 3), [1.0], "zsum")

@@ -44,7 +44,9 @@ JUDGE_FLAGS = ["--epochs", "4", "--lr", "5e-4", "--lora-r", "16", "--lora-alpha"
 # (0.64-0.68 on their rows); TRL cannot load it as it stands.
 ONLINE_RMS = {"full": ["--full", "--lr", "1e-5", "--epochs", "2"], "lora": JUDGE_FLAGS,
               # one LoRA reward model per axis, each on its axis's rows of the same first half, combined by zsum
-              "per-axis": JUDGE_FLAGS}
+              "per-axis": JUDGE_FLAGS,
+              # the same two models, each prompt's answers scored by its own axis's model (--combine route)
+              "routed": JUDGE_FLAGS}
 ONLINE_RM_FLAGS = ONLINE_RMS["full"]
 RECIPE = "minialign/configs/smollm2-hh.yaml"  # today's harmless-only recipe (DPO + NLL, LoRA r 16)
 # TRL DPO on the mix: TRL 1.16's DPOTrainer has no NLL (rpo_alpha) term, so it runs plain DPO at the recipe's

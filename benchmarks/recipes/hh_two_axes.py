@@ -213,8 +213,8 @@ def phase_harmless_only(s: Study) -> None:
 
 def phase_online_rm(s: Study) -> None:
     mix, setting = s.mix(), s.args.online_rm
-    if setting == "per-axis":
-        phase_online_rm_per_axis(s)
+    if setting in ("per-axis", "routed"):
+        phase_online_rm_per_axis(s, setting)
         return
     flags = plan.ONLINE_RMS[setting]
     run_dir = s.work / ("online-rm" if setting == "full" else f"online-rm-{setting}")
@@ -231,10 +231,11 @@ def phase_online_rm(s: Study) -> None:
     s.save()
 
 
-def phase_online_rm_per_axis(s: Study) -> None:
+def phase_online_rm_per_axis(s: Study, setting: str) -> None:
     """One reward model per axis on that axis's rows of the mix's first half (the rows the single model reads), each
-    validated on its axis's validation rows; `minialign online` combines them by zsum with equal weights."""
-    mix, flags = s.mix(), plan.ONLINE_RMS["per-axis"]
+    validated on its axis's validation rows; `minialign online` combines them by zsum with equal weights (per-axis)
+    or scores each prompt with its own axis's model, by the mix's `source` field (routed)."""
+    mix, flags = s.mix(), plan.ONLINE_RMS[setting]
     first = plan.halves(mix["rows"]["train"])[0]
     rows, dirs, accs = plan.source_spans(mix["file"], first), [], {}
     missing = [axis for axis in plan.AXES if axis not in rows]
@@ -250,9 +251,11 @@ def phase_online_rm_per_axis(s: Study) -> None:
                         *flags, *s.cut, "--overwrite", "--out", str(run_dir))
         dirs.append(str(run_dir))
         accs[axis] = ((_read_json(run_dir / "summary.json") or {}).get("eval") or {}).get("eval/accuracy")
+    routed = {"combine": "route", "routes": ",".join(plan.FOLDERS[axis] for axis in plan.AXES)}
     s.state["online_rm"] = {"run_dir": ",".join(dirs), "rows": rows, "mix_rows": first,
                             "source_rows": mix["parts_from"]["train"], "validation_accuracy": accs, "flags": flags,
-                            "setting": "per-axis", "weights": ",".join(["0.5"] * len(dirs))}
+                            "setting": setting, **({"weights": ",".join(["0.5"] * len(dirs))}
+                                                   if setting == "per-axis" else routed)}
     s.save()
 
 
@@ -260,18 +263,20 @@ def train_online(s: Study, name: str, settings: dict, run_dir: Path) -> dict:
     """One `minialign online` run on the mix's train rows with the online reward model; its step record."""
     mix = s.mix()
     s.need("online_rm", "online-rm")
+    rm = s.state["online_rm"]
+    combine = rm.get("combine", "zsum")
     if finished(run_dir):
-        used = load_run_config(run_dir, OnlineConfig).reward_models
-        want = ",".join(str(Path(d).resolve()) for d in s.state["online_rm"]["run_dir"].split(","))
-        if used != want:  # another --online-rm's run: never reuse it under this one's name
-            raise SystemExit(f"hh_two_axes: {run_dir} was trained with the reward models {used}, not this study's "
-                             f"{want}; move it away or use another --work")
+        cfg = load_run_config(run_dir, OnlineConfig)
+        want = ",".join(str(Path(d).resolve()) for d in rm["run_dir"].split(","))
+        if (cfg.reward_models, cfg.combine) != (want, combine):  # another --online-rm's run: never reuse it
+            raise SystemExit(f"hh_two_axes: {run_dir} was trained with the reward models {cfg.reward_models} "
+                             f"({cfg.combine}), not this study's {want} ({combine}); move it away or use another --work")
         return s.last_step(name)
     fresh(run_dir)
+    scoring = ["--rm-routes", rm["routes"]] if combine == "route" else ["--rm-weights", rm.get("weights", "1")]
     return s.minialign(name, "online", "--model", s.args.model, *s.chat, "--dataset", mix["file"], "--train-rows",
-                       plan.halves(mix["rows"]["train"])[1], "--reward-models", s.state["online_rm"]["run_dir"],
-                       "--rm-weights", s.state["online_rm"].get("weights", "1"),
-                       "--combine", "zsum", *plan.online_flags(settings), "--out", str(run_dir))
+                       plan.halves(mix["rows"]["train"])[1], "--reward-models", rm["run_dir"], *scoring,
+                       "--combine", combine, *plan.online_flags(settings), "--out", str(run_dir))
 
 
 def phase_online(s: Study) -> None:

@@ -61,6 +61,7 @@ class Prompt:
     text: str
     raw: str
     row: int
+    route: int = 0  # with --combine route: the index of the reward model that scores its answers
 
 
 @dataclasses.dataclass
@@ -141,7 +142,8 @@ def check_reward_models(cfg: OnlineConfig, tokenizer, tokenizer_label: str) -> l
 
     policy_rows = evalrows.train_rows(cfg)
     models = []
-    for path, weight in zip(split_list(cfg.reward_models), cfg.weights(), strict=True):
+    routes = cfg.routes() or [None] * len(cfg.weights())
+    for path, weight, route in zip(split_list(cfg.reward_models), cfg.weights(), routes, strict=True):
         if not Path(path).is_dir():
             raise UserError(f"--reward-models {path} does not exist. Give the --out folder of a finished `minialign "
                             "rm` run (train one with `minialign rm --out DIR ...`).")
@@ -155,7 +157,8 @@ def check_reward_models(cfg: OnlineConfig, tokenizer, tokenizer_label: str) -> l
                 "the policy would be rewarded for fitting the reward model's memory. Give the policy other rows "
                 "(--train-rows) or train the reward model on rows the policy does not use (`minialign rm "
                 "--train-rows ...`).")
-        models.append({"run_dir": str(Path(path).resolve()), "weight": weight, "model": rm_cfg.model,
+        models.append({"run_dir": str(Path(path).resolve()), "weight": None if route else weight, "route": route,
+                       "model": rm_cfg.model,
                        "train_rows": rows.to_dict(), "train_rows_label": rows.label(),
                        "heldout_accuracy": _heldout_accuracy(Path(path))})
     return models
@@ -185,7 +188,26 @@ def load_prompts(cfg: OnlineConfig, tokenizer) -> list[Prompt]:
     texts = [p.prompt for _, p in indexed]
     if cfg.chat_template:
         texts = [p.prompt for p in to_chat_format([p for _, p in indexed], tokenizer)]
-    return [Prompt(t, p.prompt, i) for t, (i, p) in zip(texts, indexed, strict=True)]
+    routes = prompt_routes(cfg, [i for i, _ in indexed])
+    return [Prompt(t, p.prompt, i, r) for t, (i, p), r in zip(texts, indexed, routes, strict=True)]
+
+
+def prompt_routes(cfg: OnlineConfig, rows: list[int]) -> list[int]:
+    """With --combine route, the reward model of each raw row (by its --route-field value); else all 0."""
+    routes = cfg.routes()
+    if not routes:
+        return [0] * len(rows)
+    fields = evalrows.row_fields(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.train_rows, cfg.route_field)
+    out = []
+    for i in rows:
+        where, value = fields[i]
+        if str(value) not in routes or value is None:
+            raise UserError(f"{where}: --combine route picks each prompt's reward model by its row's "
+                            f"{cfg.route_field!r} field, and this row's is {value!r}, none of --rm-routes "
+                            f"{','.join(routes)}. Add its value to --rm-routes (with a reward model for it), name "
+                            "another field with --route-field, or leave this row out with --train-rows.")
+        out.append(routes.index(str(value)))
+    return out
 
 
 def open_run_dir(cfg: OnlineConfig, *, resume: bool, overwrite: bool) -> Path:
@@ -223,7 +245,8 @@ def run_round(s: Session, k: int) -> dict:
     t1 = time.perf_counter()
     raw = [p.raw for p in picked for _ in range(n)]
     scores = torch.stack([j.score(raw, texts, batch_size=cfg.rm_batch_size) for j in s.judges])  # [M, P * N]
-    raw_combined = combine_scores(scores, cfg.weights(), cfg.combine)
+    routes = torch.tensor([p.route for p in picked for _ in range(n)])
+    raw_combined = combine_scores(scores, cfg.weights(), cfg.combine, routes)
     looped = [loops(t) for t in texts]
     combined = penalise_loops(raw_combined, looped, cfg.loop_penalty)
     t2 = time.perf_counter()

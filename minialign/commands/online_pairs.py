@@ -7,7 +7,10 @@ Rules (docs/online.md repeats them):
   answers (``(s - mean) / std``, population std; a model whose scores are all equal contributes 0) and sums them
   with the weights; ``sum`` is the weighted sum of the raw scores. z-scoring puts reward models of different scales
   on one footing, so a weight means the same for each; under ``zsum`` the round's mean combined score is 0 by
-  construction, so progress shows in each model's raw mean score.
+  construction, so progress shows in each model's raw mean score. ``route`` gives each answer its prompt's one
+  reward model's score, standardised over the answers routed to that model (weights unused): a helpful and a
+  harmless model summed pull against each other on every prompt (a refusal is harmless and unhelpful), so each
+  prompt is judged on its own axis instead, as Llama 2 picks its safety or helpfulness model by the prompt.
 - *loop penalty* (``penalise_loops``): ``--loop-penalty L`` subtracts L from the combined score of each answer that
   loops (``textmetrics.loops``, the rule of the loop share every eval reports). A reward model trained on human
   answers has rarely seen a degenerate repetition and may score one well; with L above the combined scores' spread a
@@ -44,21 +47,37 @@ def round_prompts(n: int, per_round: int, round_no: int, seed: int) -> list[int]
     return sorted(order[(start + j) % n] for j in range(per_round))
 
 
-def combine_scores(scores: torch.Tensor, weights: Sequence[float], rule: str) -> torch.Tensor:
+def _standardise(s: torch.Tensor) -> torch.Tensor:
+    """``(s - mean) / std`` along the last dim (population std); 0 where a row is constant."""
+    std = s.std(dim=-1, unbiased=False, keepdim=True)
+    return torch.where(std > 0, (s - s.mean(dim=-1, keepdim=True)) / std.clamp(min=1e-300), torch.zeros_like(s))
+
+
+def combine_scores(scores: torch.Tensor, weights: Sequence[float], rule: str,
+                   routes: torch.Tensor | None = None) -> torch.Tensor:
     """``[K]`` float64 combined score of K answers from ``scores`` ``[M, K]`` (one row per reward model).
 
     ``rule`` "zsum": sum over models of ``weight * (s - mean) / std`` (statistics over the K answers, population
-    std, a constant row giving 0); "sum": sum of ``weight * s``.
+    std, a constant row giving 0); "sum": sum of ``weight * s``; "route": answer k gets model ``routes[k]``'s score
+    standardised over the answers routed to that model (``routes`` ``[K]`` int64 in [0, M); weights unused).
     """
     s = scores.to(torch.float64)
     w = torch.as_tensor(list(weights), dtype=torch.float64)
     if s.dim() != 2 or s.shape[0] != len(w):
         raise ValueError(f"scores must be [M, K] with M = {len(w)} weights, got {tuple(s.shape)}")
+    if rule == "route":
+        if routes is None or routes.shape != s.shape[1:] or not bool(((routes >= 0) & (routes < len(w))).all()):
+            raise ValueError(f"route needs routes [K] = [{s.shape[1]}] in [0, {len(w)})")
+        out = torch.zeros(s.shape[1], dtype=torch.float64)
+        for m in range(len(w)):
+            mine = routes == m
+            if mine.any():
+                out[mine] = _standardise(s[m, mine])
+        return out
     if rule == "zsum":
-        std = s.std(dim=1, unbiased=False, keepdim=True)
-        s = torch.where(std > 0, (s - s.mean(dim=1, keepdim=True)) / std.clamp(min=1e-300), torch.zeros_like(s))
+        s = _standardise(s)
     elif rule != "sum":
-        raise ValueError(f"unknown combine rule {rule!r} (zsum or sum)")
+        raise ValueError(f"unknown combine rule {rule!r} (zsum, sum or route)")
     return (w[:, None] * s).sum(0)
 
 

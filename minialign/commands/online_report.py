@@ -64,7 +64,8 @@ def rebuild_outputs(run_dir: Path, cfg, models: list[dict], clock: dict[str, flo
     time.update({k: v for k, v in clock.items() if k in ("load_s", "tokenize_s", "save_s", "wall_s")})
     summary = {
         "kind": "online", "completed_rounds": len(stats), "rounds": cfg.rounds, "reward_models": models,
-        "combine": cfg.combine, "time": time, "per_round": stats, "final": stats[-1] if stats else None,
+        "combine": cfg.combine, **({"routes": {"field": cfg.route_field, "values": cfg.routes()}}
+                                     if cfg.combine == "route" else {}), "time": time, "per_round": stats, "final": stats[-1] if stats else None,
         "final_weights": str(run_dir / "final") if (run_dir / "final").is_dir() else None,
     }
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1).encode())
@@ -97,8 +98,9 @@ def run_section(summary: dict[str, Any], c: dict[str, Any]) -> Section:
         f"{c['rpo_alpha']}, lr {c['lr']}, {c['epochs']} epoch(s), batch {c['batch_size']}; the optimizer restarts each "
         f"round. {summary['completed_rounds']} of {summary['rounds']} rounds complete; generate {duration(t['generate_s'])}, "
         f"score {duration(t['score_s'])}, train {duration(t['train_s'])}.")
-    table = Table(["reward model", "weight", "trained on", "held-out accuracy"],
-                  [[m["run_dir"], fmt(m["weight"]), m["train_rows_label"], fmt(m["heldout_accuracy"])]
+    table = Table(["reward model", "weight (or route)", "trained on", "held-out accuracy"],
+                  [[m["run_dir"], fmt(m["weight"]) if m.get("route") is None else f"{c['route_field']} = {m['route']}",
+                    m["train_rows_label"], fmt(m["heldout_accuracy"])]
                    for m in summary["reward_models"]])
     return Section("Run", [note, table])
 

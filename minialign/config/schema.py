@@ -257,8 +257,14 @@ class OnlineConfig(DPOConfig):
     rm_weights: str = opt("", "weight of each reward model in the combined score, comma-separated in --reward-models "
                           "order; empty: 1/M each", group="online", metavar="W1[,W2...]")
     combine: str = opt("zsum", "zsum: each reward model's scores standardised over the round's samples (mean 0, std "
-                       "1), then the weighted sum; sum: the weighted sum of raw scores", group="online",
-                       choices=("zsum", "sum"))
+                       "1), then the weighted sum; sum: the weighted sum of raw scores; route: each prompt's answers "
+                       "scored by the one reward model --rm-routes gives its row (standardised over the answers "
+                       "routed to that model)", group="online", choices=("zsum", "sum", "route"))
+    rm_routes: str = opt("", "with --combine route: one value of --route-field per reward model, comma-separated in "
+                         "--reward-models order; a prompt whose row holds a model's value is scored by that model",
+                         group="online", metavar="V1[,V2...]")
+    route_field: str = opt("source", "with --combine route: the training rows' field that names their reward model",
+                           group="online", metavar="FIELD")
     rounds: int = opt(3, "rounds of sample -> score -> pair -> train", group="online", metavar="R")
     prompts_per_round: int = opt(0, "prompts sampled per round: 0 every training prompt each round; else the next P "
                                  "of one seeded shuffle of them (fresh prompts each round until they run out)",
@@ -306,6 +312,25 @@ class OnlineConfig(DPOConfig):
             if not ok:
                 raise UserError(f"Invalid configuration: {message}.")
         self.weights()
+        self.routes()
+
+    def routes(self) -> list[str]:
+        """--rm-routes as a list, one value per reward model (empty unless --combine route)."""
+        models, routes = split_list(self.reward_models), split_list(self.rm_routes)
+        if self.combine != "route":
+            if routes:
+                raise UserError(f"Invalid configuration: --rm-routes applies only with --combine route (got --combine "
+                                f"{self.combine}); add --combine route or drop --rm-routes.")
+            return []
+        if len(routes) != len(models) or len(set(routes)) != len(routes):
+            raise UserError(f"Invalid configuration: --combine route needs --rm-routes with one distinct value of "
+                            f"--route-field {self.route_field!r} per reward model, in --reward-models order; got "
+                            f"{len(routes)} value(s) ({self.rm_routes!r}) for {len(models)} reward model(s), e.g. "
+                            "--rm-routes harmless-base,helpful-base.")
+        if split_list(self.rm_weights):
+            raise UserError("Invalid configuration: --rm-weights does not apply with --combine route (each prompt is "
+                            "scored by one reward model); drop --rm-weights.")
+        return routes
 
     def weights(self) -> list[float]:
         """The weight of each reward model: --rm-weights, else 1/M each."""

@@ -96,6 +96,13 @@ def indexed_pairs(dataset: str, split: str, data_dir: str, rows: str) -> Iterato
             yield index, pair
 
 
+def row_fields(dataset: str, split: str, data_dir: str, rows: str, field: str) -> dict[int, tuple[str, object]]:
+    """Raw row index -> (where, the row's ``field``; None where the row lacks it) over a row span."""
+    indexed = enumerate(read_rows(dataset, split=split, data_dir=data_dir or None))
+    return {index: (where, row.get(field) if isinstance(row, dict) else None)
+            for index, (where, row) in select_rows(indexed, parse_rows(rows or None))}
+
+
 def _split_rows(cfg: TrainConfig) -> tuple[list[int], list[int]]:
     """Raw rows of the (train, held-out) parts of a local source that training split 90/10 itself.
 
