@@ -88,6 +88,7 @@ row() {
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm lora \
         --candidates r1-rpo1-lp4,r2-rpo1-lp4 ;;
+    after-hh) while [ ! -f /tmp/hh2/DONE ]; do sleep 5; done ;;  # queue timed rows behind a study launched apart
     *) echo "unknown row $1"; return 2 ;;
   esac
 }
