@@ -83,7 +83,7 @@ row() {
     hh-routed) seed_state online-full-rm
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm routed \
-        --candidates r1-rpo1-lp4,r2-rpo1-lp4-g ;;
+        --candidates ${HH_CANDIDATES:-r1-rpo1-lp4,r2-rpo1-lp4-g} ;;
     hh) seed_state online-first-rm
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm lora \
