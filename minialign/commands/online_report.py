@@ -62,10 +62,10 @@ def rebuild_outputs(run_dir: Path, cfg, models: list[dict], clock: dict[str, flo
     write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     time = {f"{key}_s": round(sum(s[f"{key}_s"] for s in stats), 3) for key in ("generate", "score", "train")}
     time.update({k: v for k, v in clock.items() if k in ("load_s", "tokenize_s", "save_s", "wall_s")})
+    routes = {"routes": {"field": cfg.route_field, "values": cfg.routes()}} if cfg.combine == "route" else {}
     summary = {
         "kind": "online", "completed_rounds": len(stats), "rounds": cfg.rounds, "reward_models": models,
-        "combine": cfg.combine, **({"routes": {"field": cfg.route_field, "values": cfg.routes()}}
-                                     if cfg.combine == "route" else {}), "time": time, "per_round": stats, "final": stats[-1] if stats else None,
+        "combine": cfg.combine, **routes, "time": time, "per_round": stats, "final": stats[-1] if stats else None,
         "final_weights": str(run_dir / "final") if (run_dir / "final").is_dir() else None,
     }
     write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1).encode())
