@@ -124,6 +124,7 @@ def test_online_flags_and_trl_matching():
     assert plan.trl_online_plan({**s, "epochs": 2, "prompts_per_round": 8, "batch_size": 4})["steps"] == 8
     small = plan.online_settings("r1-rpo1", small=True)
     assert small["rounds"] == 1 and small["prompts_per_round"] == 8 and small["beta"] == 0.1
+    assert "--greedy-sample" not in flags and plan.online_flags(plan.online_settings("r2-rpo1-lp4-g"))[-1] == "--greedy-sample"
 
 
 # ----------------------------------------------------------------------------- results
