@@ -180,8 +180,11 @@ def test_greedy_sample_is_the_policys_greedy_answer_and_takes_part_in_pairs(root
     policy = common.attach_lora(load_model(cfg.model, seed=cfg.seed), cfg, torch.device("cpu")).eval()
     greedy = generate(policy, load_tokenizer("demo"), prompts, max_new_tokens=8, batch_size=64)
     assert [s["text"] for s in samples[::3]] == greedy
-    others = [s["text"] for i, s in enumerate(samples) if i % 3]
-    assert sum(t != greedy[i // 2] for i, t in enumerate(others)) >= 12  # sampled, not greedy again
+    sampled = generate(policy, load_tokenizer("demo"), prompts, max_new_tokens=8, batch_size=64, do_sample=True,
+                       temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed + 1, num_samples=2)
+    assert [s["text"] for i, s in enumerate(samples) if i % 3] == sampled  # each prompt's own, in order
+    assert [s["sample"] for s in samples] == [0, 1, 2] * 12
+    assert sum(t != greedy[i // 2] for i, t in enumerate(sampled)) >= 12  # sampled, not greedy again
     pairs = jsonl(out / "round-1" / "pairs.jsonl")
     assert any(x["chosen"] in greedy or x["rejected"] in greedy for x in pairs)
 
@@ -212,9 +215,18 @@ def test_route_scores_each_prompt_with_its_rows_reward_model(root, rms, tagged):
         mine = scores[m, model_of == m]
         want[model_of == m] = (mine - mine.mean()) / mine.var(unbiased=False).sqrt()
     assert [x["combined"] for x in samples] == pytest.approx(want.tolist(), abs=1e-6)
+    expected = []
+    for p in range(0, len(samples), 3):
+        group = {x["text"]: x for x in reversed(samples[p : p + 3])}  # a repeated text: its first sample
+        ranked = sorted(group.values(), key=lambda x: (x["combined"], -x["sample"]))
+        if ranked[-1]["combined"] > ranked[0]["combined"]:
+            expected.append((ranked[-1]["text"], min(ranked, key=lambda x: (x["combined"], x["sample"]))["text"]))
+    assert [(x["chosen"], x["rejected"]) for x in jsonl(out / "round-1" / "pairs.jsonl")] == expected
     summary = json.loads((out / "summary.json").read_text())
     assert summary["routes"] == {"field": "source", "values": ["b", "a"]}
     assert [m["route"] for m in summary["reward_models"]] == ["b", "a"]
+    routed = summary["per_round"][0]["rm_scores_routed"]
+    assert list(routed.values()) == pytest.approx([scores[m, model_of == m].mean().item() for m in (0, 1)], abs=1e-5)
     assert "source = b" in (out / "report.md").read_text()
 
 
@@ -226,6 +238,21 @@ def test_route_refuses_a_row_whose_field_names_no_reward_model(root, rms, tagged
     err = capsys.readouterr().err
     assert f"{tagged} line 2" in err and "'source' field" in err and "'a'" in err and "--rm-routes b" in err
     assert not out.exists()
+    untagged = root / "untagged.jsonl"
+    untagged.write_text("".join(json.dumps(r) + "\n" for r in demo_rows("train")[:100]))
+    assert run_cli("online", *SMALL, "--dataset", untagged, "--train-rows", "0:100", "--reward-models", rms[0],
+                   "--combine", "route", "--rm-routes", "b", "--out", out) == 2
+    err = capsys.readouterr().err
+    assert f"{untagged} line " in err and "this row has no such field" in err
+
+
+def test_resume_refuses_a_change_of_how_rounds_sample_or_score(run_a, capsys):
+    before = (run_a / "config.yaml").read_text()
+    capsys.readouterr()
+    assert run_cli("online", "--resume", run_a, "--greedy-sample", "--loop-penalty", "0") == 2
+    err = capsys.readouterr().err
+    assert "greedy_sample false -> true" in err and "loop_penalty 100 -> 0" in err and "A resume may change only" in err
+    assert (run_a / "config.yaml").read_text() == before
 
 
 def test_resume_redoes_a_round_killed_by_sigkill(run_a, root, rms):
@@ -275,6 +302,7 @@ BAD = {
     "no prompts": (lambda root, rms: ["--reward-models", rms[0], "--train-rows", "50:50"], "selects no rows"),
     "weights": (lambda root, rms: ["--reward-models", rms[0], "--rm-weights", "1,2"], "gives 2 weight(s)"),
     "weight text": (lambda root, rms: ["--reward-models", rms[0], "--rm-weights", "heavy"], "must be numbers"),
+    "repeated": (lambda root, rms: ["--reward-models", f"{rms[0]},{rms[0]}"], "more than once"),
     "routes count": (lambda root, rms: ["--reward-models", rms[0], "--combine", "route", "--rm-routes", "a,b"],
                      "one distinct value of --route-field 'source' per reward model"),
     "routes without route": (lambda root, rms: ["--reward-models", rms[0], "--rm-routes", "a"],

@@ -241,7 +241,7 @@ def phase_online_rm_per_axis(s: Study, setting: str) -> None:
     missing = [axis for axis in plan.AXES if axis not in rows]
     if missing:
         raise SystemExit(f"hh_two_axes: the mix's first half ({first}) holds no {', '.join(missing)} rows: "
-                         "--online-rm per-axis needs both axes there; use --online-rm lora")
+                         f"--online-rm {setting} needs both axes there; use --online-rm lora")
     for axis in plan.AXES:
         run_dir = s.work / f"online-rm-{axis}"
         if not finished(run_dir):
@@ -279,21 +279,30 @@ def train_online(s: Study, name: str, settings: dict, run_dir: Path) -> dict:
                        "--combine", combine, *plan.online_flags(settings), "--out", str(run_dir))
 
 
+def candidate_key(s: Study, cand: str) -> str:
+    """A candidate's name in the state and its run folder: with another reward-model setting than the first study's
+    (full), the setting is part of it, so a study seeded with earlier results keeps them beside the new ones."""
+    setting = s.state["online_rm"].get("setting", "full")
+    return cand if setting == "full" else f"{cand}-{setting}"
+
+
 def phase_online(s: Study) -> None:
-    for cand in s.args.candidates.split(","):
-        settings, run_dir = plan.online_settings(cand, s.args.small), s.work / f"online-{cand}"
-        step = train_online(s, f"online-{cand}", settings, run_dir)
+    s.need("online_rm", "online-rm")
+    keys = {cand: candidate_key(s, cand) for cand in s.args.candidates.split(",")}
+    for cand, key in keys.items():
+        settings, run_dir = plan.online_settings(cand, s.args.small), s.work / f"online-{key}"
+        step = train_online(s, f"online-{key}", settings, run_dir)
         rm = s.state["online_rm"]
         entry = {"settings": settings, "run_dir": str(run_dir), "wall_s": step.get("wall_s"),
                  "rounds": _read_jsonl(run_dir / "rounds.jsonl"),
                  "online_rm": {k: rm.get(k) for k in ("run_dir", "setting", "validation_accuracy")}}
-        ev = s.evaluate(cand, ["--policy", str(run_dir)], part="validation") if finished(run_dir) else None
+        ev = s.evaluate(key, ["--policy", str(run_dir)], part="validation") if finished(run_dir) else None
         if ev is not None:
             entry["validation"] = {axis: results.axis_headline(ev, axis) for axis in plan.AXES}
             s.state.setdefault("validation_start", {a: results.reference_headline(ev, a) for a in plan.AXES})
-        s.state["candidates"][cand] = entry
+        s.state["candidates"][key] = entry
         s.save()
-    ran = {c: s.state["candidates"][c] for c in s.args.candidates.split(",") if c in s.state["candidates"]}
+    ran = {k: s.state["candidates"][k] for k in keys.values() if k in s.state["candidates"]}
     name, why = results.choose_online(ran, s.state.get("validation_start") or {})  # among this call's runs only
     s.state["chosen"] = {"name": name, "why": why, "settings": (s.state["candidates"].get(name) or {}).get("settings")}
     s.save()
@@ -316,7 +325,8 @@ def matched_candidate(s: Study) -> str:
 
 
 def matched_settings(s: Study) -> dict:
-    return plan.online_settings(matched_candidate(s), s.args.small)
+    name = matched_candidate(s)  # a candidate key may carry its reward-model setting (candidate_key)
+    return (s.state["candidates"].get(name) or {}).get("settings") or plan.online_settings(name, s.args.small)
 
 
 def train_trl_online(s: Study, name: str, out: Path) -> dict:

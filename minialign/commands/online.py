@@ -32,9 +32,11 @@ from minialign.base.devices import resolve_device
 from minialign.base.errors import UserError
 from minialign.base.files import write_atomic
 from minialign.commands import folders, recipes
+from minialign.commands import resume as resume_rules
 from minialign.commands.online_pairs import answer_stats, combine_scores, form_pairs, penalise_loops, round_prompts
 from minialign.commands.online_report import ROUND_DONE, completed_rounds, rebuild_outputs, round_dir
 from minialign.config.fields import split_list
+from minialign.config.presets import save_config
 from minialign.config.schema import OnlineConfig, RMConfig
 from minialign.data import PreferencePair, flat_sizes, sequence_lengths, tokenize_pairs
 from minialign.data.chat import to_chat_format
@@ -43,6 +45,8 @@ from minialign.evaluation import evalrows
 from minialign.evaluation.judge import load_judge
 from minialign.evaluation.textmetrics import loops
 from minialign.modeling.blocks import check_fast_path
+from minialign.modeling.decoder import StaticDecoder
+from minialign.modeling.decoder_model import decoder_support
 from minialign.modeling.generate import generate
 from minialign.modeling.models import default_tokenizer, load_tokenizer
 from minialign.training import checkpoint
@@ -51,6 +55,9 @@ from minialign.training.timing import Stopwatch
 from minialign.training.train import train, use_varlen
 
 KIND = "online"
+# What a resume may change: more rounds, and switches that leave the rounds done valid (how rows are batched for
+# decoding and scoring, logging, speed); any other change would mix two settings in one run.
+RESUME_SAFE = (*resume_rules.SAFE, "rounds", "gen_batch_size", "rm_batch_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +149,11 @@ def check_reward_models(cfg: OnlineConfig, tokenizer, tokenizer_label: str) -> l
 
     policy_rows = evalrows.train_rows(cfg)
     models = []
+    paths = [str(Path(p).resolve()) for p in split_list(cfg.reward_models)]
+    repeated = sorted({p for p in paths if paths.count(p) > 1})
+    if repeated:
+        raise UserError(f"--reward-models names {', '.join(repeated)} more than once; name each reward model once "
+                        "(give it more weight with --rm-weights instead).")
     routes = cfg.routes() or [None] * len(cfg.weights())
     for path, weight, route in zip(split_list(cfg.reward_models), cfg.weights(), routes, strict=True):
         if not Path(path).is_dir():
@@ -201,12 +213,15 @@ def prompt_routes(cfg: OnlineConfig, rows: list[int]) -> list[int]:
     out = []
     for i in rows:
         where, value = fields[i]
-        if str(value) not in routes or value is None:
+        text = None if value is evalrows.MISSING or value is None else str(value).strip()
+        if text not in routes:
+            found = ("has no such field" if value is evalrows.MISSING else
+                     f"holds {value!r}" + (" (compared as text)" if text is not None else ""))
             raise UserError(f"{where}: --combine route picks each prompt's reward model by its row's "
-                            f"{cfg.route_field!r} field, and this row's is {value!r}, none of --rm-routes "
+                            f"{cfg.route_field!r} field, and this row {found}, none of --rm-routes "
                             f"{','.join(routes)}. Add its value to --rm-routes (with a reward model for it), name "
                             "another field with --route-field, or leave this row out with --train-rows.")
-        out.append(routes.index(str(value)))
+        out.append(routes.index(text))
     return out
 
 
@@ -219,6 +234,11 @@ def open_run_dir(cfg: OnlineConfig, *, resume: bool, overwrite: bool) -> Path:
         if kind != KIND:
             raise UserError(f"--resume {run_dir} is not a `minialign online` run folder (its 'kind' file says "
                             f"{kind!r}); resume it with its own command, or start an online run with --out.")
+        saved = resume_rules.resume_config(run_dir, OnlineConfig)
+        resume_rules.refuse_unsafe(run_dir, KIND, resume_rules.changes(saved, cfg), RESUME_SAFE)
+        updated = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in RESUME_SAFE})
+        if updated != saved:
+            save_config(updated, run_dir / folders.CONFIG_FILE)
         return run_dir
     if overwrite:
         for old in [*run_dir.glob("round-*"), run_dir / "rounds.jsonl", run_dir / "report.md", run_dir / "report.html",
@@ -271,6 +291,7 @@ def run_round(s: Session, k: int) -> dict:
              "penalised": sum(looped) if cfg.loop_penalty > 0 else 0,
              "score_mean": raw_combined.mean().item(),
              "rm_scores": {m: scores[i].double().mean().item() for i, m in enumerate(split_list(cfg.reward_models))},
+             **routed_means(scores, routes, cfg),
              "gap_mean": sum(x.gap for x in pairing.pairs) / len(pairing.pairs),
              **answer_stats(texts, [c.n_tokens for c in completions], [c.stop for c in completions], looped),
              "loss": last.get("loss"), **{k_: v for k_, v in last.items() if k_.startswith("eval/")},
@@ -283,7 +304,9 @@ def sample_answers(s: Session, prompts: list[str], k: int) -> list:
     """``--samples`` completions of each prompt in prompt-major order: all sampled, or with ``--greedy-sample`` the
     greedy one first and N-1 sampled after it."""
     cfg = s.cfg
-    common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size or None, details=True)
+    decoder = StaticDecoder(s.model) if decoder_support(s.model) is None else "auto"  # one for both calls
+    common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size or None, details=True,
+                  decoder=decoder)
     n_sampled = cfg.samples - cfg.greedy_sample
     sampled = generate(s.model, s.tokenizer, prompts, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
                        seed=cfg.seed + k, num_samples=n_sampled, **common)
@@ -291,6 +314,15 @@ def sample_answers(s: Session, prompts: list[str], k: int) -> list:
         return sampled
     greedy = generate(s.model, s.tokenizer, prompts, do_sample=False, **common)
     return [c for i, g in enumerate(greedy) for c in (g, *sampled[i * n_sampled : (i + 1) * n_sampled])]
+
+
+def routed_means(scores: torch.Tensor, routes: torch.Tensor, cfg: OnlineConfig) -> dict:
+    """With --combine route, each reward model's mean score over the answers routed to it (None: none were), the
+    progress of each axis on its own prompts; ``rm_scores`` averages every answer, the other axis's prompts too."""
+    if cfg.combine != "route":
+        return {}
+    return {"rm_scores_routed": {m: scores[i, routes == i].double().mean().item() if bool((routes == i).any()) else None
+                                 for i, m in enumerate(split_list(cfg.reward_models))}}
 
 
 def check_pairs(kept: int, pairing, n_prompts: int, cfg: OnlineConfig, k: int) -> None:

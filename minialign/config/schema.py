@@ -317,6 +317,9 @@ class OnlineConfig(DPOConfig):
     def routes(self) -> list[str]:
         """--rm-routes as a list, one value per reward model (empty unless --combine route)."""
         models, routes = split_list(self.reward_models), split_list(self.rm_routes)
+        if self.combine == "route" and not self.route_field.strip():
+            raise UserError("Invalid configuration: --route-field is empty; name the training rows' field whose value "
+                            "picks each prompt's reward model (default: source).")
         if self.combine != "route":
             if routes:
                 raise UserError(f"Invalid configuration: --rm-routes applies only with --combine route (got --combine "

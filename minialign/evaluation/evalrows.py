@@ -96,10 +96,13 @@ def indexed_pairs(dataset: str, split: str, data_dir: str, rows: str) -> Iterato
             yield index, pair
 
 
+MISSING = object()  # row_fields: the row has no such field
+
+
 def row_fields(dataset: str, split: str, data_dir: str, rows: str, field: str) -> dict[int, tuple[str, object]]:
-    """Raw row index -> (where, the row's ``field``; None where the row lacks it) over a row span."""
+    """Raw row index -> (where, the row's ``field``; ``MISSING`` where the row lacks it) over a row span."""
     indexed = enumerate(read_rows(dataset, split=split, data_dir=data_dir or None))
-    return {index: (where, row.get(field) if isinstance(row, dict) else None)
+    return {index: (where, row.get(field, MISSING) if isinstance(row, dict) else MISSING)
             for index, (where, row) in select_rows(indexed, parse_rows(rows or None))}
 
 
