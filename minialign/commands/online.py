@@ -36,18 +36,16 @@ from minialign.commands import resume as resume_rules
 from minialign.commands.online_pairs import answer_stats, combine_scores, form_pairs, penalise_loops, round_prompts
 from minialign.commands.online_report import ROUND_DONE, completed_rounds, rebuild_outputs, round_dir
 from minialign.config.fields import split_list
-from minialign.config.presets import save_config
 from minialign.config.schema import OnlineConfig, RMConfig
 from minialign.data import PreferencePair, flat_sizes, sequence_lengths, tokenize_pairs
 from minialign.data.chat import to_chat_format
+from minialign.data.sources import row_to_pair
 from minialign.data.splits import load_pairs
 from minialign.evaluation import evalrows
 from minialign.evaluation.judge import load_judge
 from minialign.evaluation.textmetrics import loops
 from minialign.modeling.blocks import check_fast_path
-from minialign.modeling.decoder import StaticDecoder
-from minialign.modeling.decoder_model import decoder_support
-from minialign.modeling.generate import generate
+from minialign.modeling.generate import generate, resolve_decoder
 from minialign.modeling.models import default_tokenizer, load_tokenizer
 from minialign.training import checkpoint
 from minialign.training.tasks import cached_reference, reference_table
@@ -154,8 +152,8 @@ def check_reward_models(cfg: OnlineConfig, tokenizer, tokenizer_label: str) -> l
     if repeated:
         raise UserError(f"--reward-models names {', '.join(repeated)} more than once; name each reward model once "
                         "(give it more weight with --rm-weights instead).")
-    routes = cfg.routes() or [None] * len(cfg.weights())
-    for path, weight, route in zip(split_list(cfg.reward_models), cfg.weights(), routes, strict=True):
+    routes = cfg.routes() or [None] * len(paths)
+    for path, weight, route in zip(paths, cfg.weights(), routes, strict=True):
         if not Path(path).is_dir():
             raise UserError(f"--reward-models {path} does not exist. Give the --out folder of a finished `minialign "
                             "rm` run (train one with `minialign rm --out DIR ...`).")
@@ -169,7 +167,7 @@ def check_reward_models(cfg: OnlineConfig, tokenizer, tokenizer_label: str) -> l
                 "the policy would be rewarded for fitting the reward model's memory. Give the policy other rows "
                 "(--train-rows) or train the reward model on rows the policy does not use (`minialign rm "
                 "--train-rows ...`).")
-        models.append({"run_dir": str(Path(path).resolve()), "weight": None if route else weight, "route": route,
+        models.append({"run_dir": path, "weight": None if route else weight, "route": route,
                        "model": rm_cfg.model,
                        "train_rows": rows.to_dict(), "train_rows_label": rows.label(),
                        "heldout_accuracy": _heldout_accuracy(Path(path))})
@@ -187,35 +185,38 @@ def load_prompts(cfg: OnlineConfig, tokenizer) -> list[Prompt]:
     """The prompts of the training pairs (--dataset / --train-rows / --limit, as `minialign dpo` reads them; their
     answers unused), each once, with its raw row; chat-formatted for the policy with --chat-template."""
     rows = evalrows.train_rows(cfg)
-    indexed = list(evalrows.indexed_pairs(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.train_rows))
+    # (raw row index, pair, where, raw row): one pass gives the pairs and, for --combine route, the rows' fields
+    indexed = [(i, pair, where, row) for i, where, row in evalrows.indexed_rows(cfg.dataset, cfg.train_split,
+                                                                               cfg.data_dir, cfg.train_rows)
+               if not isinstance(pair := row_to_pair(row, where), str)]
     if rows.only is not None:  # a local source split 90/10 by training: its train part
-        indexed = [(i, p) for i, p in indexed if i in rows.only]
+        indexed = [x for x in indexed if x[0] in rows.only]
     elif cfg.limit:
         indexed = indexed[: cfg.limit]
     seen: set[str] = set()
-    indexed = [(i, p) for i, p in indexed if not (p.prompt in seen or seen.add(p.prompt))]
+    indexed = [x for x in indexed if not (x[1].prompt in seen or seen.add(x[1].prompt))]
     if not indexed:
         raise UserError(f"--dataset {cfg.dataset} --train-rows {cfg.train_rows or 'all'} ({rows.label()}) holds no "
                         "usable prompt. Widen --train-rows or choose another --dataset.")
-    texts = [p.prompt for _, p in indexed]
+    texts = [x[1].prompt for x in indexed]
     if cfg.chat_template:
-        texts = [p.prompt for p in to_chat_format([p for _, p in indexed], tokenizer)]
-    routes = prompt_routes(cfg, [i for i, _ in indexed])
-    return [Prompt(t, p.prompt, i, r) for t, (i, p), r in zip(texts, indexed, routes, strict=True)]
+        texts = [p.prompt for p in to_chat_format([x[1] for x in indexed], tokenizer)]
+    routes = prompt_routes(cfg, [(where, row) for _, _, where, row in indexed])
+    return [Prompt(t, p.prompt, i, r) for t, (i, p, _, _), r in zip(texts, indexed, routes, strict=True)]
 
 
-def prompt_routes(cfg: OnlineConfig, rows: list[int]) -> list[int]:
-    """With --combine route, the reward model of each raw row (by its --route-field value); else all 0."""
+def prompt_routes(cfg: OnlineConfig, rows: list[tuple[str, dict]]) -> list[int]:
+    """With --combine route, the reward model of each (where, raw row) by its --route-field value; else all 0."""
     routes = cfg.routes()
     if not routes:
         return [0] * len(rows)
-    fields = evalrows.row_fields(cfg.dataset, cfg.train_split, cfg.data_dir, cfg.train_rows, cfg.route_field)
+    missing = object()
     out = []
-    for i in rows:
-        where, value = fields[i]
-        text = None if value is evalrows.MISSING or value is None else str(value).strip()
+    for where, row in rows:
+        value = row.get(cfg.route_field, missing)
+        text = None if value is missing or value is None else str(value).strip()
         if text not in routes:
-            found = ("has no such field" if value is evalrows.MISSING else
+            found = ("has no such field" if value is missing else
                      f"holds {value!r}" + (" (compared as text)" if text is not None else ""))
             raise UserError(f"{where}: --combine route picks each prompt's reward model by its row's "
                             f"{cfg.route_field!r} field, and this row {found}, none of --rm-routes "
@@ -234,12 +235,8 @@ def open_run_dir(cfg: OnlineConfig, *, resume: bool, overwrite: bool) -> Path:
         if kind != KIND:
             raise UserError(f"--resume {run_dir} is not a `minialign online` run folder (its 'kind' file says "
                             f"{kind!r}); resume it with its own command, or start an online run with --out.")
-        saved = resume_rules.resume_config(run_dir, OnlineConfig)
-        resume_rules.refuse_unsafe(run_dir, KIND, resume_rules.changes(saved, cfg), RESUME_SAFE)
-        updated = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in RESUME_SAFE})
-        if updated != saved:
-            save_config(updated, run_dir / folders.CONFIG_FILE)
-        return run_dir
+        resume_rules.resume_changes(cfg, KIND, safe=RESUME_SAFE)
+        return resume_rules.open_run_dir(cfg, KIND, resume=True, overwrite=False, safe=RESUME_SAFE)
     if overwrite:
         for old in [*run_dir.glob("round-*"), run_dir / "rounds.jsonl", run_dir / "report.md", run_dir / "report.html",
                     run_dir / "plots"]:
@@ -304,7 +301,7 @@ def sample_answers(s: Session, prompts: list[str], k: int) -> list:
     """``--samples`` completions of each prompt in prompt-major order: all sampled, or with ``--greedy-sample`` the
     greedy one first and N-1 sampled after it."""
     cfg = s.cfg
-    decoder = StaticDecoder(s.model) if decoder_support(s.model) is None else "auto"  # one for both calls
+    decoder = resolve_decoder(s.model, "auto")  # one decoder for both calls
     common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size or None, details=True,
                   decoder=decoder)
     n_sampled = cfg.samples - cfg.greedy_sample

@@ -132,13 +132,13 @@ def resume_config(run_dir: Path, cls, kind: str | None = None, requested: dict |
     return build(cls, dataclasses.asdict(cfg), requested) if requested else cfg
 
 
-def resume_changes(cfg, kind: str) -> dict[str, tuple]:
+def resume_changes(cfg, kind: str, safe: tuple[str, ...] = SAFE) -> dict[str, tuple]:
     """What ``cfg`` changes in the config of the run it resumes (its folder must be a ``kind`` run); refused
-    unless every change is one a resume can take (``SAFE``)."""
+    unless every change is one a resume can take (``safe``: this command's list, ``SAFE`` for training runs)."""
     run_dir = Path(cfg.out)
     folders.check_folder(run_dir, kind, resume=True)
     changed = changes(resume_config(run_dir, type(cfg)), cfg)
-    refuse_unsafe(run_dir, kind, changed)
+    refuse_unsafe(run_dir, kind, changed, safe)
     return changed
 
 
@@ -155,14 +155,14 @@ def check_run_length(run_dir: Path, cfg, point: Path | None, changed: dict[str, 
     check_left_to_train(run_dir, cfg, at, old_total, new_total, changed)
 
 
-def open_run_dir(cfg, kind: str, *, resume: bool, overwrite: bool) -> Path:
+def open_run_dir(cfg, kind: str, *, resume: bool, overwrite: bool, safe: tuple[str, ...] = SAFE) -> Path:
     """The run folder, written just before the run's first result: a new run's (``folders.prepare_run_dir``), or a
-    resumed run's config.yaml updated with the changes its resume took (``SAFE``; the others were refused)."""
+    resumed run's config.yaml updated with the changes its resume took (``safe``; the others were refused)."""
     if not resume:
         return folders.prepare_run_dir(cfg, kind, overwrite=overwrite)
     run_dir = Path(cfg.out)
     saved = resume_config(run_dir, type(cfg))
-    updated = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in SAFE})
+    updated = dataclasses.replace(saved, **{name: getattr(cfg, name) for name in safe})
     if updated != saved and dist.rank() == 0:
         save_config(updated, run_dir / folders.CONFIG_FILE)
     return run_dir

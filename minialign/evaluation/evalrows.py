@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -87,23 +88,19 @@ class RowSet:
         return max(a.start, b.start) < min(a.stop, b.stop)
 
 
-def indexed_pairs(dataset: str, split: str, data_dir: str, rows: str) -> Iterator[tuple[int, PreferencePair]]:
-    """Usable (raw row index, pair) of a source's row span, lazily, in row order (unusable rows skipped)."""
+def indexed_rows(dataset: str, split: str, data_dir: str, rows: str) -> Iterator[tuple[int, str, Any]]:
+    """(raw row index, where, raw row) of a source's row span, lazily, in row order."""
     indexed = enumerate(read_rows(dataset, split=split, data_dir=data_dir or None))
     for index, (where, row) in select_rows(indexed, parse_rows(rows or None)):
+        yield index, where, row
+
+
+def indexed_pairs(dataset: str, split: str, data_dir: str, rows: str) -> Iterator[tuple[int, PreferencePair]]:
+    """Usable (raw row index, pair) of a source's row span, lazily, in row order (unusable rows skipped)."""
+    for index, where, row in indexed_rows(dataset, split, data_dir, rows):
         pair = row_to_pair(row, where)
         if not isinstance(pair, str):
             yield index, pair
-
-
-MISSING = object()  # row_fields: the row has no such field
-
-
-def row_fields(dataset: str, split: str, data_dir: str, rows: str, field: str) -> dict[int, tuple[str, object]]:
-    """Raw row index -> (where, the row's ``field``; ``MISSING`` where the row lacks it) over a row span."""
-    indexed = enumerate(read_rows(dataset, split=split, data_dir=data_dir or None))
-    return {index: (where, row.get(field, MISSING) if isinstance(row, dict) else MISSING)
-            for index, (where, row) in select_rows(indexed, parse_rows(rows or None))}
 
 
 def _split_rows(cfg: TrainConfig) -> tuple[list[int], list[int]]:

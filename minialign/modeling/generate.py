@@ -118,7 +118,7 @@ def generate(
     config = _generation_config(
         max_new_tokens, do_sample, temperature, top_p, top_k, eos_ids, pad_id, stop_strings
     )
-    backend = _resolve_decoder(model, decoder)
+    backend = resolve_decoder(model, decoder)
     encoded = _encode(tokenizer, prompts)
     # Rows are (prompt, sample) pairs, longest prompt first: each batch holds prompts of similar
     # length, so little of it is left padding. A stable sort keeps a prompt's samples together.
@@ -148,8 +148,9 @@ def generate(
     return results if details else [c.text for c in results]  # every row filled above
 
 
-def _resolve_decoder(model: torch.nn.Module, decoder: str | StaticDecoder) -> str | StaticDecoder:
-    """The decoder ``generate`` runs: a ``StaticDecoder``, or "hf" / "hf-static" (transformers' generate)."""
+def resolve_decoder(model: torch.nn.Module, decoder: str | StaticDecoder) -> str | StaticDecoder:
+    """The decoder ``generate`` runs: a ``StaticDecoder``, or "hf" / "hf-static" (transformers' generate). Resolve
+    once and pass the result as ``decoder=`` to share one static decoder (its graphs and cache) over several calls."""
     if isinstance(decoder, StaticDecoder):
         if decoder.model is not model:
             raise UserError("The StaticDecoder given as decoder= was built for another model; build one with "
