@@ -5,7 +5,7 @@ Rounded target counts (``add_target_index(multiple=...)``) add slots that must c
 Both are compared with the eager, unrounded batch: loss, per-sequence sums and every gradient.
 Compilation here uses the ``aot_eager`` backend, which traces exactly what Inductor would compile (the graph,
 autograd of the custom function included) without generating C++, so it fits the CPU suite's time; the fused loss
-math, which Inductor does compile, is checked in test_losses.py and in the static-shape test below.
+math, which Inductor does compile, is checked in test_logprobs.py and in the static-shape test below.
 """
 
 import copy

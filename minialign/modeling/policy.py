@@ -12,7 +12,7 @@ from torch import nn
 from minialign.base.errors import UserError
 from minialign.data.batching import block_causal_mask
 from minialign.modeling import blocks
-from minialign.ops import losses
+from minialign.ops import logprobs
 from minialign.ops.attention import POSITIONS_KWARG, VARLEN_KWARG, enable_flex_documents
 
 ATTENTION = ("auto", "sdpa", "flex", "varlen")  # how packed rows mask attention: see TokenLogps
@@ -27,7 +27,7 @@ class TokenLogps(nn.Module):
     """Wraps a causal LM so that its forward returns target-token log-probs instead of logits.
 
 
-    Only positions that have a target reach the output head, and through ``losses.token_logps`` in chunks,
+    Only positions that have a target reach the output head, and through ``logprobs.token_logps`` in chunks,
     so the [tokens x vocab] float32 logits of a batch never exist. Wrapping (rather than calling
     sub-modules from outside) keeps DDP, FSDP and ``torch.compile`` working on one module.
 
@@ -78,7 +78,7 @@ class TokenLogps(nn.Module):
         if self.final_softcap is not None:
             logps = capped_token_logps(head(hidden), tgt_ids.clamp(min=0), self.final_softcap)
         else:
-            logps = losses.token_logps(hidden, head.weight, tgt_ids.clamp(min=0), self.chunk_size, fused=self.fused)
+            logps = logprobs.token_logps(hidden, head.weight, tgt_ids.clamp(min=0), self.chunk_size, fused=self.fused)
         return logps.masked_fill(tgt_ids < 0, 0.0)  # slots that only round the count up (see add_target_index)
 
 

@@ -59,7 +59,7 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
 
     Set up exactly as ``minialign sft|dpo`` do: on a GPU, LoRA's frozen base weights are bf16. Gradients are
     clipped to norm 1 (with ``optim_in_backward``, AdamW stepped inside backward, by the previous step's norm, as in
-    training). ``chunk_size``: rows of the output projection computed at once (None: ``losses.default_chunk_size``);
+    training). ``chunk_size``: rows of the output projection computed at once (None: ``logprobs.default_chunk_size``);
     ``target_multiple``: their count is rounded up to a multiple of it (``add_target_index``), as training does.
     ``cuda_graphs``: each step replayed as one CUDA graph (``minialign.training.graphs``); every distinct batch shape is
     captured after the first step, before the timed ones, as a long run would have done by then.
