@@ -38,7 +38,8 @@ from minialign.training import checkpoint
 from minialign.training.batches import add_target_index
 from minialign.training.optim import make_optimizer, make_scheduler
 from minialign.training.tasks import DPOTask, SFTTask, adapter_reference, sequence_sums
-from minialign.training.train import MetricsLog, train
+from minialign.training.trackers import MetricsLog
+from minialign.training.train import train
 
 # Small runs: a handful of steps of the tiny model on a slice of the demo data.
 SMALL = ["--demo", "--batch-size", "4", "--limit", "32", "--eval-limit", "8"]

@@ -1,21 +1,30 @@
-"""Experiment trackers (``--report-to``): the loop's metrics rows, sent under the names TRL's trainers give them.
+"""metrics.jsonl and the experiment trackers (``--report-to``) that mirror it under the names TRL's trainers give.
 
-metrics.jsonl stays the record of a run; a tracker only mirrors it, so that runs of minialign and of TRL land in
-one dashboard with comparable curves. Names follow transformers' ``rewrite_logs`` (``train/`` or ``eval/`` prefix)
-and TRL's keys (``rewards/chosen``, ``logps/rejected``, ``learning_rate``, ``num_tokens`` ...). Every tracker
-package is optional (``pip install 'minialign[wandb]'``); only rank 0 opens one.
+``MetricsLog`` keeps the loop's per-step metrics on the device until a flush, so the step never waits for the
+GPU, then appends them to metrics.jsonl, the record of a run. A tracker only mirrors that file, so that runs of
+minialign and of TRL land in one dashboard with comparable curves. Names follow transformers' ``rewrite_logs``
+(``train/`` or ``eval/`` prefix) and TRL's keys (``rewards/chosen``, ``logps/rejected``, ``learning_rate``,
+``num_tokens`` ...). Every tracker package is optional (``pip install 'minialign[wandb]'``); only rank 0 opens one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import importlib
 import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import torch
+
 from minialign.base.errors import UserError
 from minialign.config.fields import TRACKERS, split_list
+from minialign.config.schema import TrainConfig
 
 # The package each tracker needs; tests point one at a name that does not import.
 PACKAGES = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "mlflow": "mlflow"}
@@ -144,3 +153,63 @@ class Trackers:
         for tracker in self.trackers:
             tracker.close()
         self.trackers = []
+
+
+@dataclass
+class MetricsLog:
+    """Per-step metrics kept as device tensors until ``flush``, then appended as JSON lines."""
+
+    path: Path | None
+    trackers: Trackers | None = None  # --report-to: rows mirrored to TensorBoard, W&B, ... (rank 0)
+    pending: list[tuple[int, dict]] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def tracking(self, cfg: TrainConfig, run_dir: Path | None):
+        """Open the trackers ``cfg.report_to`` names for the loop's duration (only where metrics are written)."""
+        if self.path is None or run_dir is None or not requested(cfg.report_to):
+            yield self
+            return
+        self.trackers = Trackers(cfg.report_to, run_dir, dataclasses.asdict(cfg))
+        try:
+            yield self
+        finally:
+            self.trackers.close()
+            self.trackers = None
+
+    def add(self, step: int, values: dict) -> None:
+        self.pending.append((step, values))
+
+    def flush(self) -> list[dict]:
+        if not self.pending:
+            return []
+        keys = sorted({k for _, v in self.pending for k, x in v.items() if torch.is_tensor(x)})
+        stacked = torch.stack([torch.stack([v[k].float() for k in keys]) for _, v in self.pending]).cpu().tolist()
+        rows = []
+        for (step, values), numbers in zip(self.pending, stacked):
+            row = {"step": step, **{k: x for k, x in values.items() if not torch.is_tensor(x)}, **dict(zip(keys, numbers))}
+            rows.append(row)
+        self.pending.clear()
+        self.write(rows)
+        return rows
+
+    def write(self, rows: list[dict]) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
+            if not _ends_with_newline(self.path):  # a killed run left half a row: start a fresh line
+                fh.write("\n")
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+            fh.flush()
+        if self.trackers is not None:
+            for row in rows:
+                self.trackers.log(row["step"], row)
+
+
+def _ends_with_newline(path: Path) -> bool:
+    """True for an empty file or one whose last byte is a newline."""
+    with open(path, "rb") as fh:
+        if fh.seek(0, os.SEEK_END) == 0:
+            return True
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"

@@ -10,15 +10,12 @@ same however the global batch is split. Metrics stay on the device and are read 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
-import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +34,7 @@ from minialign.training.batches import prepare_batch
 from minialign.training.graphs import ForwardBackward, GraphedStep, Update
 from minialign.training.health import check_finite, check_learning
 from minialign.training.optim import InBackwardAdamW, grad_norm_step, make_optimizer, make_scheduler, measure_first
-from minialign.training.trackers import Trackers, requested
+from minialign.training.trackers import MetricsLog
 
 
 @dataclass
@@ -83,66 +80,6 @@ def step_functions(policy, task, optimizer, params: list[torch.nn.Parameter], cf
         return grad_norm
 
     return forward_backward, update
-
-
-@dataclass
-class MetricsLog:
-    """Per-step metrics kept as device tensors until ``flush``, then appended as JSON lines."""
-
-    path: Path | None
-    trackers: Trackers | None = None  # --report-to: rows mirrored to TensorBoard, W&B, ... (rank 0)
-    pending: list[tuple[int, dict]] = field(default_factory=list)
-
-    @contextlib.contextmanager
-    def tracking(self, cfg: TrainConfig, run_dir: Path | None):
-        """Open the trackers ``cfg.report_to`` names for the loop's duration (only where metrics are written)."""
-        if self.path is None or run_dir is None or not requested(cfg.report_to):
-            yield self
-            return
-        self.trackers = Trackers(cfg.report_to, run_dir, dataclasses.asdict(cfg))
-        try:
-            yield self
-        finally:
-            self.trackers.close()
-            self.trackers = None
-
-    def add(self, step: int, values: dict) -> None:
-        self.pending.append((step, values))
-
-    def flush(self) -> list[dict]:
-        if not self.pending:
-            return []
-        keys = sorted({k for _, v in self.pending for k, x in v.items() if torch.is_tensor(x)})
-        stacked = torch.stack([torch.stack([v[k].float() for k in keys]) for _, v in self.pending]).cpu().tolist()
-        rows = []
-        for (step, values), numbers in zip(self.pending, stacked):
-            row = {"step": step, **{k: x for k, x in values.items() if not torch.is_tensor(x)}, **dict(zip(keys, numbers))}
-            rows.append(row)
-        self.pending.clear()
-        self.write(rows)
-        return rows
-
-    def write(self, rows: list[dict]) -> None:
-        if self.path is None:
-            return
-        with open(self.path, "a", encoding="utf-8") as fh:
-            if not _ends_with_newline(self.path):  # a killed run left half a row: start a fresh line
-                fh.write("\n")
-            for row in rows:
-                fh.write(json.dumps(row) + "\n")
-            fh.flush()
-        if self.trackers is not None:
-            for row in rows:
-                self.trackers.log(row["step"], row)
-
-
-def _ends_with_newline(path: Path) -> bool:
-    """True for an empty file or one whose last byte is a newline."""
-    with open(path, "rb") as fh:
-        if fh.seek(0, os.SEEK_END) == 0:
-            return True
-        fh.seek(-1, os.SEEK_END)
-        return fh.read(1) == b"\n"
 
 
 class StopRequested:
