@@ -20,7 +20,7 @@ import torch
 from minialign import cli
 from minialign.config.modelnames import builtin_names
 from minialign.data import load_preference_pairs, split_pairs
-from minialign.data.sources import read_rows
+from minialign.data.readers import read_rows
 from minialign.modeling.adapters import load_adapter
 from minialign.modeling.models import load_model
 

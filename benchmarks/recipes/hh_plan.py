@@ -161,7 +161,7 @@ def write_mix(out: Path, root: str | Path, plan: dict[str, dict[str, str]], part
     Mixed files because a comma-separated dataset counts rows over the concatenation: with one file the
     train and validation parts are plain spans (``--train-rows 0:N``), and the file records where each line came from.
     Written atomically; an existing file with the same composition is kept (resume)."""
-    from minialign.data.sources import read_rows
+    from minialign.data.readers import read_rows
 
     out = Path(out)
     comp_path = out.with_name(out.name + ".rows.json")

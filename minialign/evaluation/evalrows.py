@@ -19,14 +19,15 @@ import yaml
 from minialign.base.errors import UserError
 from minialign.config.fields import parse_rows
 from minialign.config.schema import TrainConfig
-from minialign.data.sources import PreferencePair, read_rows, resolve_paths, row_to_pair, select_rows, split_pairs
+from minialign.data.readers import read_rows, resolve_paths
+from minialign.data.sources import PreferencePair, row_to_pair, select_rows, split_pairs
 from minialign.data.splits import single_split
 from minialign.evaluation.geneval import EvalPrompt
 
 
 def source_key(dataset: str, split: str, data_dir: str) -> tuple:
     """What makes two sources the same rows: files by resolved path, the hub by id, data_dir and split."""
-    from minialign.data.sources import is_local
+    from minialign.data.readers import is_local
 
     if dataset == "demo":
         return ("demo", split)
