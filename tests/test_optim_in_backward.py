@@ -22,7 +22,7 @@ from minialign.config.schema import SFTConfig, TrainConfig
 from minialign.data import collate_sft, load_preference_pairs, tokenize_sft
 from minialign.modeling.models import load_model, load_tokenizer
 from minialign.modeling.policy import TokenLogps
-from minialign.ops import losses
+from minialign.ops import logprobs, losses
 from minialign.training import train as train_module
 from minialign.training.batches import add_target_index
 from minialign.training.bench import measure
@@ -263,13 +263,13 @@ def test_nan_stops_the_run(monkeypatch, what, make_bad):
 
 def test_cli_run_with_optim_in_backward_and_a_loss_chunk_size(tmp_path, monkeypatch):
     chunk_sizes = set()
-    real = losses.token_logps
+    real = logprobs.token_logps
 
     def spy(hidden, weight, targets, chunk_size=None, fused=False):
         chunk_sizes.add(chunk_size)
         return real(hidden, weight, targets, chunk_size, fused)
 
-    monkeypatch.setattr(losses, "token_logps", spy)
+    monkeypatch.setattr(logprobs, "token_logps", spy)
     out = tmp_path / "run"
     assert cli.main(["sft", "--demo", "--batch-size", "4", "--limit", "16", "--eval-limit", "4", "--max-steps", "2",
                      "--optim-in-backward", "--max-grad-norm", "0", "--loss-chunk-size", "16", "--out", str(out)]) == 0
@@ -314,8 +314,9 @@ def test_bench_measure_with_optim_in_backward(task, monkeypatch):
     from minialign.data import collate_pairs, tokenize_pairs
 
     chunk_sizes = set()
-    real = losses.token_logps
-    monkeypatch.setattr(losses, "token_logps", lambda h, w, t, c=None, fused=False: chunk_sizes.add(c) or real(h, w, t, c, fused))
+    real = logprobs.token_logps
+    monkeypatch.setattr(logprobs, "token_logps",
+                        lambda h, w, t, c=None, fused=False: chunk_sizes.add(c) or real(h, w, t, c, fused))
     tokenizer = load_tokenizer("demo")
     raw = load_preference_pairs("demo", split="train", limit=6)
     if task == "sft":
