@@ -30,9 +30,6 @@ atomically after each step with its Markdown beside it; the study's state is ``W
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -43,7 +40,8 @@ for p in (HERE, HERE.parent):
         sys.path.insert(0, str(p))
 import hh_plan as plan  # noqa: E402
 import hh_results as results  # noqa: E402
-from bench_e2e import _read_json, child_env, run_timed  # noqa: E402
+from bench_e2e import _read_json  # noqa: E402
+from hh_study import Study, finished, fresh, read_jsonl  # noqa: E402
 
 from minialign.config.presets import load_run_config  # noqa: E402
 from minialign.config.schema import OnlineConfig  # noqa: E402
@@ -77,103 +75,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.model = "tiny-llama" if args.model == "smollm2-135m-instruct" else args.model
         args.n = args.val_n = min(args.n, 4)
     return args
-
-
-class Study:
-    """Paths, the state document and one recorded command at a time."""
-
-    def __init__(self, args: argparse.Namespace):
-        self.args, self.work, self.out = args, Path(args.work).resolve(), Path(args.out)
-        self.plan = plan.small_plan(plan.ROW_PLAN) if args.small else plan.ROW_PLAN
-        plan.check_plan(self.plan)
-        self.chat = [] if args.small else ["--chat-template"]
-        self.tokenizer = "demo" if args.small else args.model
-        self.cut = plan.SMALL_TRAIN if args.small else []  # appended to training commands
-        self.state = _read_json(self.work / "state.json") or {
-            "rows": self.plan, "held_out": list(plan.HELD_OUT), "judges": {}, "candidates": {}, "policies": {},
-            "steps": [], "notes": [], "decline_check": results.decline_check_source()}
-        self.state.setdefault("invocations", []).append(shlex.join([Path(sys.executable).name, *sys.argv]))
-        self.env = child_env(self.work / "probe", False)
-
-    def data(self, axis: str) -> str:
-        return plan.dataset_path(self.args.data_root, axis)
-
-    def run(self, name: str, argv: list[str]) -> dict:
-        print(f"[hh2] {name}: {shlex.join(argv)}", flush=True)
-        done = run_timed([sys.executable, *argv], self.work / "logs" / f"{name}.log", self.args.timeout_s, self.env)
-        step = {"name": name, "command": done["command"], "wall_s": round(done["elapsed_s"], 2),
-                "returncode": done["returncode"], "timed_out": done["timed_out"], "log_tail": done.get("log_tail")}
-        self.state["steps"].append(step)
-        print(f"[hh2] {name}: rc {step['returncode']} in {step['wall_s']:.1f} s", flush=True)
-        self.save()
-        return step
-
-    def minialign(self, name: str, *flags: str) -> dict:
-        return self.run(name, ["-m", "minialign", *flags])
-
-    def last_step(self, name: str) -> dict:
-        return next((s for s in reversed(self.state["steps"]) if s["name"] == name), {})
-
-    def save(self) -> None:
-        self.work.mkdir(parents=True, exist_ok=True)
-        plan._atomic_write(self.work / "state.json", json.dumps(self.state, indent=1))
-        doc = results.build_summary(self.state)
-        plan._atomic_write(self.out, json.dumps(doc, indent=1))
-        plan._atomic_write(self.out.with_suffix(".md"), results.markdown(doc))
-
-    def mix(self) -> dict:
-        """The helpful+harmless train/validation file (written once; its composition goes into the JSON)."""
-        comp = plan.write_mix(self.work / "data" / "mix.jsonl", self.args.data_root, self.plan)
-        self.state["mixes"] = comp
-        return comp
-
-    def need(self, key: str, phase: str) -> None:
-        """Stop with a clear message when an earlier phase's result is missing."""
-        if not self.state.get(key):
-            raise SystemExit(f"hh_two_axes: phase {phase} has not run (no {key} in {self.work / 'state.json'}); "
-                             f"run --phases {phase} first")
-
-    def suite(self, part: str) -> Path:
-        self.need("judges", "judges")
-        judges = {axis: self.state["judges"][axis]["run_dir"] for axis in plan.AXES}
-        n = self.args.n if part == "eval" else self.args.val_n
-        return plan.write_suite(self.work / "suites" / f"{part}.yaml", self.args.data_root, self.plan, part, n, judges)
-
-    def evaluate(self, name: str, policy: list[str], part: str = "eval") -> dict | None:
-        """`minialign eval --suite` of one policy, greedy, on ``part`` rows; its eval.json (None if it failed)."""
-        out = self.work / "evals" / part / name
-        if not (out / "eval.json").is_file():
-            self.minialign(f"eval-{part}-{name}", "eval", *policy, "--suite", str(self.suite(part)), "--samples", "0",
-                           "--n", str(self.args.n if part == "eval" else self.args.val_n), "--out", str(out))
-        return _read_json(out / "eval.json")
-
-    def record_policy(self, name: str, policy: list[str], run: str) -> None:
-        ev = self.evaluate(name, policy)
-        if ev is None:
-            self.state["notes"].append(f"{name}: its eval failed (see logs/eval-eval-{name}.log)")
-            return self.save()
-        self.state["policies"][name] = {**results.policy_entry(ev, plan.TEST4_ROW), "run": run}
-        if not self.state.get("starting_model"):  # the eval's reference is the starting model
-            start = {axis: results.reference_headline(ev, axis) for axis in plan.AXES}
-            answer = results.answer_for_row(ev, "harmless", plan.TEST4_ROW, side="reference")
-            start["test4_declined"] = None if answer is None else results.declines(answer)
-            self.state["starting_model"] = start
-        self.save()
-
-    def adapter_policy(self, adapter: Path) -> list[str]:
-        """Eval flags for a plain model + a PEFT adapter (TRL's results): the chat template said explicitly."""
-        return ["--policy", self.args.model, "--adapter", str(adapter), "--tokenizer", self.tokenizer,
-                "--chat-template", "off" if self.args.small else "on"]
-
-
-def finished(run_dir: Path, marker: str = "summary.json") -> bool:
-    return (run_dir / marker).is_file()
-
-
-def fresh(run_dir: Path) -> None:
-    """Remove an unfinished run folder of this study (a cut-off call's), so its command starts clean."""
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
 
 
 # ----------------------------------------------------------------------------- phases
@@ -294,7 +195,7 @@ def phase_online(s: Study) -> None:
         step = train_online(s, f"online-{key}", settings, run_dir)
         rm = s.state["online_rm"]
         entry = {"settings": settings, "run_dir": str(run_dir), "wall_s": step.get("wall_s"),
-                 "rounds": _read_jsonl(run_dir / "rounds.jsonl"),
+                 "rounds": read_jsonl(run_dir / "rounds.jsonl"),
                  "online_rm": {k: rm.get(k) for k in ("run_dir", "setting", "validation_accuracy")}}
         ev = s.evaluate(key, ["--policy", str(run_dir)], part="validation") if finished(run_dir) else None
         if ev is not None:
@@ -403,13 +304,6 @@ def phase_timing(s: Study) -> None:
                          "round_prompts": cands[big]["settings"]["prompts_per_round"] if big else None,
                          "round_samples": cands[big]["settings"]["samples"] if big else None}
     s.save()
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    try:
-        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    except (OSError, ValueError):
-        return []
 
 
 def main(argv=None) -> int:

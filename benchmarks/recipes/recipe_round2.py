@@ -33,6 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]  # benchmarks/: the harnesses these scripts drive
 sys.path.insert(0, str(HERE))
+import recipe_report as report  # noqa: E402
 import recipe_sweep as r1  # noqa: E402
 from bench_e2e import _read_json  # noqa: E402
 
@@ -71,7 +72,7 @@ def phase_judges(s: r1.Sweep) -> None:
     judge = s.doc["judges"][s.doc["judge"]]
     judge["eval_accuracy"] = r1.judge_accuracy(s, judge["run_dir"], name=f"{s.doc['judge']}-eval-accuracy")
     print(f"[recipe] judge: {s.doc['judge']} ({judge['validation_accuracy']:.3f} on rows {VALIDATE_JUDGES}, "
-          f"{r1._f(judge['eval_accuracy'])} on the eval rows)", flush=True)
+          f"{report._f(judge['eval_accuracy'])} on the eval rows)", flush=True)
     s.save()
 
 
@@ -98,7 +99,7 @@ def rescore(s: r1.Sweep, label: str, answers: Path, judges: dict[str, str]) -> d
         out = s.work / "rescored" / f"{label}-{jname}"
         ok = s.minialign(f"rescore-{label}-{jname}", "eval", "--answers", str(answers), "--judge", jdir,
                          "--tokenizer", s.args.model, "--judge-batch-size", "64", "--out", str(out), "--overwrite")
-        found[jname] = r1.headline(_read_json(out / "eval.json") or {}) if ok else {"error": "failed"}
+        found[jname] = report.headline(_read_json(out / "eval.json") or {}) if ok else {"error": "failed"}
     return found
 
 
@@ -121,13 +122,13 @@ def phase_final(s: r1.Sweep, round1: dict) -> None:
     judges = answer_judges(s)  # the answers are generated and scored by the chosen judge, then by the others
     ev = s.eval_generations("final-eval", ["--policy", str(run_dir / "dpo")], r1.ROWS["eval"], s.args.final_samples,
                             judges.pop(s.doc["judge"]), s.work / "final")
-    final["generations"] = r1.headline(ev, keep_samples=True)
-    final["rescored"] = {s.doc["judge"]: r1.headline(ev), **rescore(s, chosen, s.work / "final" / "eval.json", judges)}
+    final["generations"] = report.headline(ev, keep_samples=True)
+    final["rescored"] = {s.doc["judge"]: report.headline(ev), **rescore(s, chosen, s.work / "final" / "eval.json", judges)}
     s.save()
 
 
 def markdown(doc: dict) -> str:
-    f = r1._f
+    f = report._f
     lines = ["# SmolLM2-135M-Instruct x HH harmless-base: recipe, round 2", "",
              f"Device: {doc.get('device', '-')}. Rows of harmless-base: {doc['rows']}. Round 1: {doc.get('round1')}.",
              "", f"Judges (validated on rows {VALIDATE_JUDGES}, which no judge trained on):", ""]
@@ -146,18 +147,18 @@ def markdown(doc: dict) -> str:
                           if "rescored" in doc.get("final", {}) else {})
         for name, by_judge in {**doc["rescored"], **final_rescored}.items():
             for jname, g in by_judge.items():
-                lines.append(f"| {name} | {jname} | {r1._win(g, 'greedy')} | {r1._win(g, 'sampled')} | "
+                lines.append(f"| {name} | {jname} | {report._win(g, 'greedy')} | {report._win(g, 'sampled')} | "
                              f"{f(g.get('greedy_policy_judge_score'))} | {f(g.get('greedy_reference_judge_score'))} |")
     if doc.get("candidates"):
-        lines += ["", *r1.candidate_lines(doc["candidates"])]
+        lines += ["", *report.candidate_lines(doc["candidates"])]
     if doc.get("chosen"):
         lines += ["", f"Chosen over both rounds: **{doc['chosen']}**."]
     final = doc.get("final")
     if final:
         g = final.get("generations", {})
         lines += ["", f"Final (eval rows 0:300): reward accuracy {f((final.get('heldout') or {}).get('reward_accuracy'))}"
-                  f", greedy loops {f(g.get('greedy_policy_loop_share'), '{:.2f}')}, win greedy {r1._win(g, 'greedy')}, "
-                  f"win sampled {r1._win(g, 'sampled')}."]
+                  f", greedy loops {f(g.get('greedy_policy_loop_share'), '{:.2f}')}, win greedy {report._win(g, 'greedy')}, "
+                  f"win sampled {report._win(g, 'sampled')}."]
     lines += ["", "Commands:", "", *[f"    {c}" for c in doc.get("invocations", [])],
               *[f"    {c}" for c in doc.get("device_commands", [])]]
     if doc.get("note"):
