@@ -30,6 +30,14 @@ ALTERNATIVES = (
 Rows = Iterator[tuple[str, Any]]  # (where, row): "where" names the file and line for error messages
 
 
+def _not_utf8(where: str, exc: UnicodeDecodeError) -> UserError:
+    return UserError(f"{where} is not valid UTF-8 ({exc.reason} at byte {exc.start}). Re-save the file as UTF-8.")
+
+
+def _not_json(where: str, exc: json.JSONDecodeError, hint: str) -> UserError:
+    return UserError(f"{where} is not valid JSON ({exc.msg} at column {exc.colno}). {hint}")
+
+
 def _read_jsonl(path: Path) -> Rows:
     """JSON lines, decoded line by line so every error can name its line number."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
@@ -40,19 +48,14 @@ def _read_jsonl(path: Path) -> Rows:
                 try:
                     line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 except UnicodeDecodeError as exc:
-                    raise UserError(
-                        f"{where} is not valid UTF-8 ({exc.reason} at byte {exc.start}). Re-save the "
-                        "file as UTF-8."
-                    ) from None
+                    raise _not_utf8(where, exc) from None
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise UserError(
-                        f"{where} is not valid JSON ({exc.msg} at column {exc.colno}). Each line of a "
-                        ".jsonl file must hold one complete JSON object; fix or remove that line."
-                    ) from None
+                    raise _not_json(where, exc, "Each line of a .jsonl file must hold one complete JSON object; "
+                                    "fix or remove that line.") from None
                 yield where, row
     except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
         raise UserError(f"cannot read {path}: {exc}. Check that the file is complete and not corrupted.") from None
@@ -65,17 +68,12 @@ def _read_json(path: Path) -> Rows:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise UserError(
-            f"{path} line {line} is not valid UTF-8 ({exc.reason} at byte {exc.start}). Re-save the "
-            "file as UTF-8."
-        ) from None
+        raise _not_utf8(f"{path} line {line}", exc) from None
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UserError(
-            f"{path} line {exc.lineno} is not valid JSON ({exc.msg} at column {exc.colno}). A .json "
-            "source must hold one list of objects; use .jsonl for one object per line."
-        ) from None
+        raise _not_json(f"{path} line {exc.lineno}", exc, "A .json source must hold one list of objects; use .jsonl "
+                        "for one object per line.") from None
     if not isinstance(rows, list):
         raise UserError(
             f"{path} holds {kind_of(rows)}, but a .json source must hold a list of row "
