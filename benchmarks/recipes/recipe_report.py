@@ -34,11 +34,11 @@ def headline(ev: dict, keep_samples: bool = False) -> dict:
     return out
 
 
-def _f(x, spec="{:.3f}") -> str:
+def fmt(x, spec="{:.3f}") -> str:
     return "-" if x is None else spec.format(x)
 
 
-def _win(g: dict, mode: str) -> str:
+def win(g: dict, mode: str) -> str:
     ci = g.get(f"{mode}_win_ci")
     return "-" if ci is None else f"{g[f'{mode}_win_rate']:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
@@ -52,15 +52,15 @@ def candidate_lines(candidates: dict) -> list[str]:
     for name, c in candidates.items():
         v = c.get("validation", {})
         g = v.get("generations", {})
-        lines.append(f"| {name} | {_f(v.get('dpo', {}).get('eval/rewards/accuracies'))} | {_win(g, 'greedy')} | "
-                     f"{_win(g, 'sampled')} | {_f(g.get('greedy_policy_loop_share'), '{:.2f}')} | "
-                     f"{_f(g.get('greedy_policy_finished_share'), '{:.2f}')} | "
-                     f"{_f(g.get('greedy_policy_mean_tokens'), '{:.1f}')} | {_f(v.get('train_s'), '{:.1f}')} |")
+        lines.append(f"| {name} | {fmt(v.get('dpo', {}).get('eval/rewards/accuracies'))} | {win(g, 'greedy')} | "
+                     f"{win(g, 'sampled')} | {fmt(g.get('greedy_policy_loop_share'), '{:.2f}')} | "
+                     f"{fmt(g.get('greedy_policy_finished_share'), '{:.2f}')} | "
+                     f"{fmt(g.get('greedy_policy_mean_tokens'), '{:.1f}')} | {fmt(v.get('train_s'), '{:.1f}')} |")
     if any("generations" in c.get("validation", {}) for c in candidates.values()):
         g = next(c["validation"]["generations"] for c in candidates.values() if "generations" in c.get("validation", {}))
-        lines.append(f"| *starting model* | | | | {_f(g.get('greedy_reference_loop_share'), '{:.2f}')} | "
-                     f"{_f(g.get('greedy_reference_finished_share'), '{:.2f}')} | "
-                     f"{_f(g.get('greedy_reference_mean_tokens'), '{:.1f}')} | |")
+        lines.append(f"| *starting model* | | | | {fmt(g.get('greedy_reference_loop_share'), '{:.2f}')} | "
+                     f"{fmt(g.get('greedy_reference_finished_share'), '{:.2f}')} | "
+                     f"{fmt(g.get('greedy_reference_mean_tokens'), '{:.1f}')} | |")
     return lines
 
 
@@ -69,13 +69,13 @@ def markdown(doc: dict) -> str:
              f"Device: {doc.get('device', '-')}. Rows of harmless-base: {doc['rows']}. Targets: {doc['targets']}.", ""]
     for name, j in doc.get("judges", {}).items():
         lines.append(f"- judge {name}: rows {j['rows']} of {j['dataset']}, validation accuracy "
-                     f"{_f(j.get('validation_accuracy'))}{' (chosen)' if doc.get('judge') == name else ''}")
+                     f"{fmt(j.get('validation_accuracy'))}{' (chosen)' if doc.get('judge') == name else ''}")
     lines += ["", *candidate_lines(doc.get("candidates", {}))]
     if doc.get("chosen"):
         lines += ["", f"Chosen: **{doc['chosen']}** (rule: `choose` in benchmarks/recipes/recipe_sweep.py)."]
     final = doc.get("final", {})
     if final:
-        lines += ["", f"Eval rows 0:300, touched once. Judge accuracy on them: {_f(final.get('judge_eval_accuracy'))}.", "",
+        lines += ["", f"Eval rows 0:300, touched once. Judge accuracy on them: {fmt(final.get('judge_eval_accuracy'))}.", "",
                   "| model | reward acc (300 pairs) | greedy loops | sampled loops | finished (greedy) | mean tokens | "
                   "distinct-2 | win greedy | win sampled |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         rows = [("recipe", "recipe", (final.get("recipe_heldout") or {}).get("reward_accuracy"))]
@@ -88,17 +88,17 @@ def markdown(doc: dict) -> str:
             rows.append(("TRL (rerun, chat template)", None, (trl_e2e.get("heldout") or {}).get("reward_accuracy")))
         for label, key, acc in rows:
             g = final.get(key, {}) if key else rerun["generations"]
-            lines.append(f"| {label} | {_f(acc)} | {_f(g.get('greedy_policy_loop_share'), '{:.2f}')} | "
-                         f"{_f(g.get('sampled_policy_loop_share'), '{:.2f}')} | "
-                         f"{_f(g.get('greedy_policy_finished_share'), '{:.2f}')} | "
-                         f"{_f(g.get('greedy_policy_mean_tokens'), '{:.1f}')} | "
-                         f"{_f(g.get('greedy_policy_distinct_2'), '{:.3f}')} | {_win(g, 'greedy')} | {_win(g, 'sampled')} |")
+            lines.append(f"| {label} | {fmt(acc)} | {fmt(g.get('greedy_policy_loop_share'), '{:.2f}')} | "
+                         f"{fmt(g.get('sampled_policy_loop_share'), '{:.2f}')} | "
+                         f"{fmt(g.get('greedy_policy_finished_share'), '{:.2f}')} | "
+                         f"{fmt(g.get('greedy_policy_mean_tokens'), '{:.1f}')} | "
+                         f"{fmt(g.get('greedy_policy_distinct_2'), '{:.3f}')} | {win(g, 'greedy')} | {win(g, 'sampled')} |")
         g = final.get("recipe", {})
-        lines.append(f"| starting model | - | {_f(g.get('greedy_reference_loop_share'), '{:.2f}')} | "
-                     f"{_f(g.get('sampled_reference_loop_share'), '{:.2f}')} | "
-                     f"{_f(g.get('greedy_reference_finished_share'), '{:.2f}')} | "
-                     f"{_f(g.get('greedy_reference_mean_tokens'), '{:.1f}')} | "
-                     f"{_f(g.get('greedy_reference_distinct_2'), '{:.3f}')} | | |")
+        lines.append(f"| starting model | - | {fmt(g.get('greedy_reference_loop_share'), '{:.2f}')} | "
+                     f"{fmt(g.get('sampled_reference_loop_share'), '{:.2f}')} | "
+                     f"{fmt(g.get('greedy_reference_finished_share'), '{:.2f}')} | "
+                     f"{fmt(g.get('greedy_reference_mean_tokens'), '{:.1f}')} | "
+                     f"{fmt(g.get('greedy_reference_distinct_2'), '{:.3f}')} | | |")
     lines += ["", "Commands:", "", *[f"    {c}" for c in doc.get("invocations", [])],
               *[f"    {c}" for c in doc.get("device_commands", [])]]
     if doc.get("trl_rerun"):

@@ -72,7 +72,7 @@ def phase_judges(s: r1.Sweep) -> None:
     judge = s.doc["judges"][s.doc["judge"]]
     judge["eval_accuracy"] = r1.judge_accuracy(s, judge["run_dir"], name=f"{s.doc['judge']}-eval-accuracy")
     print(f"[recipe] judge: {s.doc['judge']} ({judge['validation_accuracy']:.3f} on rows {VALIDATE_JUDGES}, "
-          f"{report._f(judge['eval_accuracy'])} on the eval rows)", flush=True)
+          f"{report.fmt(judge['eval_accuracy'])} on the eval rows)", flush=True)
     s.save()
 
 
@@ -128,7 +128,7 @@ def phase_final(s: r1.Sweep, round1: dict) -> None:
 
 
 def markdown(doc: dict) -> str:
-    f = report._f
+    f = report.fmt
     lines = ["# SmolLM2-135M-Instruct x HH harmless-base: recipe, round 2", "",
              f"Device: {doc.get('device', '-')}. Rows of harmless-base: {doc['rows']}. Round 1: {doc.get('round1')}.",
              "", f"Judges (validated on rows {VALIDATE_JUDGES}, which no judge trained on):", ""]
@@ -147,7 +147,7 @@ def markdown(doc: dict) -> str:
                           if "rescored" in doc.get("final", {}) else {})
         for name, by_judge in {**doc["rescored"], **final_rescored}.items():
             for jname, g in by_judge.items():
-                lines.append(f"| {name} | {jname} | {report._win(g, 'greedy')} | {report._win(g, 'sampled')} | "
+                lines.append(f"| {name} | {jname} | {report.win(g, 'greedy')} | {report.win(g, 'sampled')} | "
                              f"{f(g.get('greedy_policy_judge_score'))} | {f(g.get('greedy_reference_judge_score'))} |")
     if doc.get("candidates"):
         lines += ["", *report.candidate_lines(doc["candidates"])]
@@ -157,8 +157,8 @@ def markdown(doc: dict) -> str:
     if final:
         g = final.get("generations", {})
         lines += ["", f"Final (eval rows 0:300): reward accuracy {f((final.get('heldout') or {}).get('reward_accuracy'))}"
-                  f", greedy loops {f(g.get('greedy_policy_loop_share'), '{:.2f}')}, win greedy {report._win(g, 'greedy')}, "
-                  f"win sampled {report._win(g, 'sampled')}."]
+                  f", greedy loops {f(g.get('greedy_policy_loop_share'), '{:.2f}')}, win greedy {report.win(g, 'greedy')}, "
+                  f"win sampled {report.win(g, 'sampled')}."]
     lines += ["", "Commands:", "", *[f"    {c}" for c in doc.get("invocations", [])],
               *[f"    {c}" for c in doc.get("device_commands", [])]]
     if doc.get("note"):
