@@ -17,8 +17,14 @@ from transformers.generation.logits_process import (
 )
 
 from minialign.base.errors import UserError
-from minialign.modeling.decoder import GREEDY, StaticDecoder
-from minialign.modeling.decoder_model import decode_attention, decode_layout, decoder_support, write_cache
+from minialign.modeling.decoder import GREEDY, StaticDecoder, _compiled_parts
+from minialign.modeling.decoder_model import (
+    decode_attention,
+    decode_layout,
+    decoder_support,
+    qkv_rope,
+    write_cache,
+)
 from minialign.modeling.flex_decode import KV_BLOCK, decode_blocks, flex_decode
 from minialign.modeling.generate import generate
 from minialign.modeling.lora import LoRAConfig, apply_lora, disabled, lora_layers, merge_lora
@@ -215,6 +221,44 @@ def test_write_cache_puts_each_rows_key_at_its_position_and_touches_nothing_else
     for row in range(bucket):
         expected[row, :, positions[row]] = new[row]
     assert torch.equal(cache, expected)
+
+
+def test_compiled_cache_store_writes_in_place_what_eager_writes():
+    """The fused store as the decoder compiles it (``_compiled_parts().qkv_store``, Inductor; here its CPU code), on
+    two layers' caches (views into one buffer at different offsets, as a decode step passes them): q and each cache
+    equal the eager qkv_rope + write_cache, the store lands in the caller's buffer (not a functional copy), nothing
+    else of it changes, and the second layer reuses the first's compilation."""
+    torch.manual_seed(0)
+    layers, rows, bucket, heads, kv_heads, length, d, hidden = 2, 5, 4, 4, 2, 6, 8, 16
+    x, norm = torch.randn(bucket, hidden), torch.randn(hidden)
+    wqkv, bqkv = torch.randn((heads + 2 * kv_heads) * d, hidden), torch.randn((heads + 2 * kv_heads) * d)
+    angles = torch.randn(bucket, 1, d)
+    cos, sin = angles.cos(), angles.sin()
+    layout = decode_layout(torch.tensor([0, 5, 2, 3]), kv_heads, heads // kv_heads, length, False)
+    caches = torch.randn(2, layers, rows, kv_heads, length, d)
+    expected = caches.clone()
+    args = (x, norm, wqkv, bqkv, cos, sin, heads, kv_heads, 1e-6)
+    want_q, k, v = qkv_rope(*args)
+    for layer in range(layers):
+        write_cache(expected[0, layer, :bucket], k, layout)
+        write_cache(expected[1, layer, :bucket], v, layout)
+    torch._dynamo.reset()
+    store = _compiled_parts().qkv_store
+    for layer in range(layers):
+        with torch._dynamo.config.patch(error_on_recompile=layer > 0):
+            q = store(*args, caches[0, layer, :bucket], caches[1, layer, :bucket], layout.cache_index)
+        torch.testing.assert_close(q, want_q)
+    torch.testing.assert_close(caches, expected)
+
+
+def test_cache_stores_apart_give_the_fused_answers(tok):
+    """``fuse_store=False`` (the benchmark's ``static-unfused``): the same greedy answers as the default."""
+    model = llama()
+    encoded = tok(PROMPTS, add_special_tokens=False)["input_ids"]
+    common = {"max_new_tokens": NEW, "eos_ids": [-1], "pad_id": 0, "sampling": GREEDY}
+    fused, apart = StaticDecoder(model), StaticDecoder(model, fuse_store=False)
+    assert apart.parts.qkv_store is None and fused.parts.qkv_store is not None
+    assert apart.decode(encoded, **common) == fused.decode(encoded, **common)
 
 
 def test_lora_models_decode_as_merged_without_being_modified(tok):

@@ -21,6 +21,7 @@ parameters changed (optimizer steps, ``lora.disabled``), so the captured graphs 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from collections.abc import Callable
@@ -38,6 +39,7 @@ from minialign.modeling.decoder_model import (
     block_forward,
     cache_rows,
     decode_attention,
+    decode_block,
     decode_layout,
     decoder_support,
     flash_ok,
@@ -45,10 +47,10 @@ from minialign.modeling.decoder_model import (
     out_mlp,
     prefill_attention,
     qkv_rope,
+    qkv_rope_store,
     rope_table,
-    write_cache,
 )
-from minialign.modeling.flex_decode import decode_blocks, flex_decode
+from minialign.modeling.flex_decode import RECOMPILES, decode_blocks, flex_decode
 from minialign.modeling.sampling import Sampling, draw_uniforms, next_tokens
 
 MIN_BUCKET = 16  # smaller batches cost a step about as much: not worth another graph
@@ -90,11 +92,17 @@ def _is_eos(tokens: torch.Tensor, eos_ids: tuple[int, ...]) -> torch.Tensor:
 
 @functools.cache
 def _compiled_parts() -> BlockParts:
-    """The block halves compiled for fixed shapes (one compilation per bucket): inductor fuses RMSNorm, RoPE, the
-    residual adds and ``act(gate) * up`` into a few kernels around the matmuls. Once per process, so that every
-    decoder shares the compiled code (and the recompilation limit is not spent on copies of it)."""
-    return BlockParts(torch.compile(qkv_rope, dynamic=False, fullgraph=True),
-                      torch.compile(out_mlp, dynamic=False, fullgraph=True))
+    """The block halves compiled for fixed shapes (one compilation per bucket): inductor fuses RMSNorm, RoPE with the
+    cache stores, the residual adds and ``act(gate) * up`` into a few kernels around the matmuls. Once per process,
+    so that every decoder shares the compiled code (and the recompilation limit is not spent on copies of it)."""
+    fixed = functools.partial(torch.compile, dynamic=False, fullgraph=True)
+    store = fixed(qkv_rope_store)
+
+    def store_roomy(*args):  # it sees the cache: a compilation per (bucket, cache length), as the flex attention
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILES):
+            return store(*args)
+
+    return BlockParts(fixed(qkv_rope), fixed(out_mlp), store_roomy)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -105,7 +113,8 @@ class StaticDecoder:
     """Batched decoding of one supported model (``decoder_model.decoder_support``); ``decode`` does one batch.
 
     ``graphs``: record steps as CUDA graphs (CUDA only); ``compile``: fuse each block's elementwise work with
-    ``torch.compile`` in decode steps (CUDA only; a failing compilation falls back to plain kernels);
+    ``torch.compile`` in decode steps (CUDA only; a failing compilation falls back to plain kernels); ``fuse_store``:
+    compiled, store the new keys and values in RoPE's kernel (off: two cache writes apart, for benchmarks);
     ``sync_every``: steps between looks at the rows; ``retire``: move live rows into smaller buckets as rows finish
     (``min_bucket`` rows at least); ``prefill_tokens``: prompt tokens per prefill pass; ``attention``: the decode
     steps' attention, ``"flash"`` (FlashAttention-2 varlen on CUDA, SDPA elsewhere) or ``"flex"`` (``flex_decode``,
@@ -114,7 +123,7 @@ class StaticDecoder:
 
     def __init__(self, model: torch.nn.Module, *, graphs: bool = True, compile: bool = True, sync_every: int = 8,
                  retire: bool = True, min_bucket: int = MIN_BUCKET, prefill_tokens: int | None = None,
-                 attention: str = "flash"):
+                 attention: str = "flash", fuse_store: bool = True):
         reason = decoder_support(model)
         if reason is not None:
             raise UserError(f"The static decoder cannot run this model: {reason}. Use decoder='auto' (falls back "
@@ -125,7 +134,10 @@ class StaticDecoder:
         self.weights = DecoderWeights(model)
         self.device = self.weights.embed.device
         self.graphs_enabled = graphs and self.device.type == "cuda"
-        self.parts = _compiled_parts() if compile and self.device.type == "cuda" else PLAIN
+        self.compiled = compile and self.device.type == "cuda"
+        self.parts = _compiled_parts() if self.compiled else PLAIN
+        if not fuse_store:
+            self.parts = dataclasses.replace(self.parts, qkv_store=None)
         self.sync_every, self.retire, self.min_bucket = max(1, sync_every), retire, max(1, min_bucket)
         self.prefill_tokens = prefill_tokens or (65536 if self.device.type == "cuda" else 2048)
         self.scale = self.weights.dims.head_dim ** -0.5
@@ -282,10 +294,7 @@ class StaticDecoder:
             layout = DecodeLayout(cache_rows(positions, dims.kv_heads, s.length))
             blocks = decode_blocks(positions + 1, s.length)
 
-        def attend(q, k, v, layer):
-            k_cache, v_cache = s.k_cache[layer, :bucket], s.v_cache[layer, :bucket]
-            write_cache(k_cache, k, layout)
-            write_cache(v_cache, v, layout)
+        def attend(q, k_cache, v_cache):
             if self.flex is not None:
                 return self.flex(q, k_cache, v_cache, *blocks, self.scale)
             return decode_attention(q, k_cache, v_cache, layout, self.scale)
@@ -293,8 +302,8 @@ class StaticDecoder:
         x = F.embedding(tokens, w.embed)
         cos, sin = s.cos[positions][:, None], s.sin[positions][:, None]
         for layer, block in enumerate(w.blocks):
-            x = block_forward(x, block, w.dims, w.act, cos, sin, lambda q, k, v, layer=layer: attend(q, k, v, layer),
-                              self.parts)
+            x = decode_block(x, block, dims, w.act, cos, sin, s.k_cache[layer, :bucket], s.v_cache[layer, :bucket],
+                             layout, attend, self.parts)
         rows = s.row_id[:bucket]
         chosen = next_tokens(last_logits(x, w), sampling, s.uniforms[s.step, rows])
         chosen = torch.where(done, pad_id, chosen)
@@ -320,11 +329,11 @@ class StaticDecoder:
             try:
                 self._step(bucket, key)
             except Exception as exc:  # a compilation failed; rerunning the step rewrites the same cache positions
-                if self.parts is PLAIN and self.flex is None:
+                if not self.compiled and self.flex is None:
                     raise
                 print(f"minialign: compiling the decode step failed ({type(exc).__name__}: {exc}); "
                       "decoding with plain kernels.", file=sys.stderr)
-                self.parts, self.flex = PLAIN, None
+                self.compiled, self.parts, self.flex = False, PLAIN, None
                 self.graphs.clear()
                 self._step(bucket, key)
         graph = torch.cuda.CUDAGraph()

@@ -202,6 +202,20 @@ def qkv_rope(x: torch.Tensor, norm: torch.Tensor, wqkv: torch.Tensor, bqkv: torc
     return q, k, v.reshape(n, kv_heads, d).contiguous()
 
 
+def qkv_rope_store(x: torch.Tensor, norm: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
+                   cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, eps: float, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, cache_index: torch.Tensor) -> torch.Tensor:
+    """``qkv_rope`` for a decode step, with k and v stored straight into one layer's caches ``[B, Hk, L, D]`` at
+    ``cache_index`` (``DecodeLayout``); returns q. Compiled, the stores join RoPE's kernel: a step of a small model
+    is a chain of small kernels, and apart this is five a layer (RoPE of q, of k, v made contiguous, two cache
+    writes)."""
+    q, k, v = qkv_rope(x, norm, wqkv, bqkv, cos, sin, heads, kv_heads, eps)
+    d = k.shape[-1]
+    k_cache.view(-1, d).index_copy_(0, cache_index, k.reshape(-1, d))
+    v_cache.view(-1, d).index_copy_(0, cache_index, v.reshape(-1, d))
+    return q
+
+
 def out_mlp(x: torch.Tensor, attn: torch.Tensor, w: dict, act: Callable, eps: float) -> torch.Tensor:
     """The rest of a block: o_proj and residual, RMSNorm, fused gate/up, ``act(gate) * up``, down_proj and residual."""
     x = x + F.linear(attn.reshape(x.shape[0], -1), w["wo"], w["bo"])
@@ -212,24 +226,27 @@ def out_mlp(x: torch.Tensor, attn: torch.Tensor, w: dict, act: Callable, eps: fl
 
 @dataclass(frozen=True)
 class BlockParts:
-    """The two halves of a block, plain or compiled (a decode step on CUDA fuses their elementwise work)."""
+    """The two halves of a block, plain or compiled (a decode step on CUDA fuses their elementwise work).
+    ``qkv_store``: the decode steps' first half with its cache stores (``qkv_rope_store``); None stores apart, after
+    ``qkv_rope`` (what a benchmark compares the fused stores with)."""
 
     qkv_rope: Callable = qkv_rope
     out_mlp: Callable = out_mlp
+    qkv_store: Callable | None = qkv_rope_store
 
 
 PLAIN = BlockParts()
 
 
 def block_forward(x: torch.Tensor, w: dict, dims: Dims, act: Callable, cos: torch.Tensor, sin: torch.Tensor,
-                  attend: Attend, parts: BlockParts = PLAIN) -> torch.Tensor:
-    """One Llama block over ``N`` tokens: ``x`` ``[N, hidden]`` -> ``[N, hidden]``.
+                  attend: Attend) -> torch.Tensor:
+    """One Llama block over ``N`` prompt tokens (prefill): ``x`` ``[N, hidden]`` -> ``[N, hidden]``.
 
     ``attend(q [N, H, D], k [N, Hk, D], v [N, Hk, D]) -> [N, H, D]`` stores the new keys and values where it keeps
-    them and attends; prefill and decode steps differ only there.
+    them and attends. A decode step's block is ``decode_block``.
     """
-    q, k, v = parts.qkv_rope(x, w["norm1"], w["wqkv"], w["bqkv"], cos, sin, dims.heads, dims.kv_heads, dims.eps)
-    return parts.out_mlp(x, attend(q, k, v), w, act, dims.eps)
+    q, k, v = qkv_rope(x, w["norm1"], w["wqkv"], w["bqkv"], cos, sin, dims.heads, dims.kv_heads, dims.eps)
+    return out_mlp(x, attend(q, k, v), w, act, dims.eps)
 
 
 def last_logits(x: torch.Tensor, weights: DecoderWeights) -> torch.Tensor:
@@ -321,6 +338,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = F.scaled_dot_product_attention(q.view(b, kv_heads, groups, d), k_cache, v_cache, attn_mask=layout.mask,
                                          scale=scale)
     return out.reshape(b, heads, d)
+
+
+def decode_block(x: torch.Tensor, w: dict, dims: Dims, act: Callable, cos: torch.Tensor, sin: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, layout: DecodeLayout,
+                 attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                 parts: BlockParts = PLAIN) -> torch.Tensor:
+    """One Llama block of a decode step, ``x`` ``[B, hidden]`` -> ``[B, hidden]``: the new keys and values go into
+    this layer's caches ``[B, Hk, L, D]`` where ``layout`` says, then ``attend(q [B, H, D], k_cache, v_cache) ->
+    [B, H, D]`` reads them there."""
+    args = (x, w["norm1"], w["wqkv"], w["bqkv"], cos, sin, dims.heads, dims.kv_heads, dims.eps)
+    if parts.qkv_store is not None:
+        q = parts.qkv_store(*args, k_cache, v_cache, layout.cache_index)
+    else:
+        q, k, v = parts.qkv_rope(*args)
+        write_cache(k_cache, k, layout)
+        write_cache(v_cache, v, layout)
+    return parts.out_mlp(x, attend(q, k_cache, v_cache), w, act, dims.eps)
 
 
 def rope_table(model: torch.nn.Module, length: int, dtype: torch.dtype,

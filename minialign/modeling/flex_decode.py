@@ -20,6 +20,7 @@ from minialign.base.errors import UserError
 
 KV_BLOCK = 128  # keys per block of the mask; the decoding kernel's own key tile divides it
 RECOMPILES = 64  # one compilation per (batch bucket, cache length); torch's default of 8 would fall back to eager
+# (the decoder's compiled cache store shares it)
 
 
 def decode_blocks(used: torch.Tensor, length: int, block: int = KV_BLOCK) -> tuple[torch.Tensor, ...]:
