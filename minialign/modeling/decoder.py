@@ -21,7 +21,6 @@ parameters changed (optimizer steps, ``lora.disabled``), so the captured graphs 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import sys
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from minialign.modeling.decoder_model import (
     DecoderWeights,
     block_forward,
     cache_rows,
+    compile_fixed,
     decode_attention,
     decode_block,
     decode_layout,
@@ -47,10 +47,10 @@ from minialign.modeling.decoder_model import (
     out_mlp,
     prefill_attention,
     qkv_rope,
-    qkv_rope_store,
     rope_table,
+    with_stores,
 )
-from minialign.modeling.flex_decode import RECOMPILES, decode_blocks, flex_decode
+from minialign.modeling.flex_decode import decode_blocks, flex_decode
 from minialign.modeling.sampling import Sampling, draw_uniforms, next_tokens
 
 MIN_BUCKET = 16  # smaller batches cost a step about as much: not worth another graph
@@ -91,18 +91,11 @@ def _is_eos(tokens: torch.Tensor, eos_ids: tuple[int, ...]) -> torch.Tensor:
 
 
 @functools.cache
-def _compiled_parts() -> BlockParts:
-    """The block halves compiled for fixed shapes (one compilation per bucket): inductor fuses RMSNorm, RoPE with the
-    cache stores, the residual adds and ``act(gate) * up`` into a few kernels around the matmuls. Once per process,
-    so that every decoder shares the compiled code (and the recompilation limit is not spent on copies of it)."""
-    fixed = functools.partial(torch.compile, dynamic=False, fullgraph=True)
-    store = fixed(qkv_rope_store)
-
-    def store_roomy(*args):  # it sees the cache: a compilation per (bucket, cache length), as the flex attention
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILES):
-            return store(*args)
-
-    return BlockParts(fixed(qkv_rope), fixed(out_mlp), store_roomy)
+def _compiled_parts(fuse_store: bool = True) -> BlockParts:
+    """The block halves compiled: inductor fuses RMSNorm, RoPE (with the cache stores, under ``fuse_store``), the
+    residual adds and ``act(gate) * up`` into a few kernels around the matmuls."""
+    qkv_store = compile_fixed(PLAIN.qkv_store) if fuse_store else with_stores(compile_fixed(qkv_rope))
+    return BlockParts(qkv_store, compile_fixed(out_mlp))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -114,7 +107,7 @@ class StaticDecoder:
 
     ``graphs``: record steps as CUDA graphs (CUDA only); ``compile``: fuse each block's elementwise work with
     ``torch.compile`` in decode steps (CUDA only; a failing compilation falls back to plain kernels); ``fuse_store``:
-    compiled, store the new keys and values in RoPE's kernel (off: two cache writes apart, for benchmarks);
+    compiled, store the new keys and values from RoPE's kernel (off: two cache writes apart, for benchmarks);
     ``sync_every``: steps between looks at the rows; ``retire``: move live rows into smaller buckets as rows finish
     (``min_bucket`` rows at least); ``prefill_tokens``: prompt tokens per prefill pass; ``attention``: the decode
     steps' attention, ``"flash"`` (FlashAttention-2 varlen on CUDA, SDPA elsewhere) or ``"flex"`` (``flex_decode``,
@@ -134,10 +127,7 @@ class StaticDecoder:
         self.weights = DecoderWeights(model)
         self.device = self.weights.embed.device
         self.graphs_enabled = graphs and self.device.type == "cuda"
-        self.compiled = compile and self.device.type == "cuda"
-        self.parts = _compiled_parts() if self.compiled else PLAIN
-        if not fuse_store:
-            self.parts = dataclasses.replace(self.parts, qkv_store=None)
+        self.parts = _compiled_parts(fuse_store) if compile and self.device.type == "cuda" else PLAIN
         self.sync_every, self.retire, self.min_bucket = max(1, sync_every), retire, max(1, min_bucket)
         self.prefill_tokens = prefill_tokens or (65536 if self.device.type == "cuda" else 2048)
         self.scale = self.weights.dims.head_dim ** -0.5
@@ -329,11 +319,11 @@ class StaticDecoder:
             try:
                 self._step(bucket, key)
             except Exception as exc:  # a compilation failed; rerunning the step rewrites the same cache positions
-                if not self.compiled and self.flex is None:
+                if self.parts is PLAIN and self.flex is None:
                     raise
                 print(f"minialign: compiling the decode step failed ({type(exc).__name__}: {exc}); "
                       "decoding with plain kernels.", file=sys.stderr)
-                self.compiled, self.parts, self.flex = False, PLAIN, None
+                self.parts, self.flex = PLAIN, None
                 self.graphs.clear()
                 self._step(bucket, key)
         graph = torch.cuda.CUDAGraph()

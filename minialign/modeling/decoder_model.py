@@ -19,6 +19,7 @@ sliding windows) with a rope table that does not depend on the sequence length.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from minialign.modeling.lora import LoRALinear, lora_layers
 from minialign.ops.attention import flash_varlen_available, varlen_reference
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+RECOMPILES = 64  # one compilation per (batch bucket, cache length); torch's default of 8 would fall back to eager
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")  # their cos/sin change with the sequence length: no fixed table
 
 
@@ -173,6 +175,20 @@ class DecoderWeights:
         self.structure, self.versions = _fingerprint(self.model)
 
 
+@functools.cache
+def compile_fixed(fn: Callable) -> Callable:
+    """``fn`` compiled for fixed shapes, once per process (every decoder shares the compiled code, and the
+    recompilation limit is not spent on copies of it), with room for ``RECOMPILES``: a decode step's pieces compile
+    once per batch bucket and, those that see the cache, once per cache length too."""
+    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+
+    def call(*args):
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILES):
+            return compiled(*args)
+
+    return call
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm, op for op: ``[..., hidden]`` normalised in float32, cast back, then scaled."""
     xf = x.float()
@@ -202,18 +218,21 @@ def qkv_rope(x: torch.Tensor, norm: torch.Tensor, wqkv: torch.Tensor, bqkv: torc
     return q, k, v.reshape(n, kv_heads, d).contiguous()
 
 
-def qkv_rope_store(x: torch.Tensor, norm: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
-                   cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, eps: float, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, cache_index: torch.Tensor) -> torch.Tensor:
-    """``qkv_rope`` for a decode step, with k and v stored straight into one layer's caches ``[B, Hk, L, D]`` at
-    ``cache_index`` (``DecodeLayout``); returns q. Compiled, the stores join RoPE's kernel: a step of a small model
-    is a chain of small kernels, and apart this is five a layer (RoPE of q, of k, v made contiguous, two cache
-    writes)."""
-    q, k, v = qkv_rope(x, norm, wqkv, bqkv, cos, sin, heads, kv_heads, eps)
-    d = k.shape[-1]
-    k_cache.view(-1, d).index_copy_(0, cache_index, k.reshape(-1, d))
-    v_cache.view(-1, d).index_copy_(0, cache_index, v.reshape(-1, d))
-    return q
+def with_stores(qkv: Callable) -> Callable:
+    """A decode step's first half from ``qkv`` (``qkv_rope``'s arguments and result): the same arguments plus one
+    layer's caches ``[B, Hk, L, D]`` and the step's ``cache_index`` (``DecodeLayout``); k and v are stored there and
+    q is returned. Where the compiling happens decides the kernels: compiled whole, Inductor stores k and v from the
+    kernels that compute them; around a compiled ``qkv``, the stores are two kernels apart."""
+
+    def qkv_store(x: torch.Tensor, norm: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
+                  cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, eps: float, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, cache_index: torch.Tensor) -> torch.Tensor:
+        q, k, v = qkv(x, norm, wqkv, bqkv, cos, sin, heads, kv_heads, eps)
+        write_cache(k_cache, k, cache_index)
+        write_cache(v_cache, v, cache_index)
+        return q
+
+    return qkv_store
 
 
 def out_mlp(x: torch.Tensor, attn: torch.Tensor, w: dict, act: Callable, eps: float) -> torch.Tensor:
@@ -226,13 +245,11 @@ def out_mlp(x: torch.Tensor, attn: torch.Tensor, w: dict, act: Callable, eps: fl
 
 @dataclass(frozen=True)
 class BlockParts:
-    """The two halves of a block, plain or compiled (a decode step on CUDA fuses their elementwise work).
-    ``qkv_store``: the decode steps' first half with its cache stores (``qkv_rope_store``); None stores apart, after
-    ``qkv_rope`` (what a benchmark compares the fused stores with)."""
+    """The two halves of a decode step's block, plain or compiled (on CUDA, fusing their elementwise work):
+    ``qkv_store`` (``with_stores``) and ``out_mlp``."""
 
-    qkv_rope: Callable = qkv_rope
+    qkv_store: Callable = with_stores(qkv_rope)
     out_mlp: Callable = out_mlp
-    qkv_store: Callable | None = qkv_rope_store
 
 
 PLAIN = BlockParts()
@@ -312,9 +329,10 @@ def decode_layout(positions: torch.Tensor, kv_heads: int, groups: int, length: i
     return DecodeLayout(cache_index, mask=mask[:, None, None, :])
 
 
-def write_cache(cache: torch.Tensor, new: torch.Tensor, layout: DecodeLayout) -> None:
-    """Store ``new`` ``[B, Hk, D]`` into one layer's cache ``[rows, Hk, L, D]`` (contiguous) at the step's positions."""
-    cache.view(-1, cache.shape[-1]).index_copy_(0, layout.cache_index, new.reshape(-1, new.shape[-1]))
+def write_cache(cache: torch.Tensor, new: torch.Tensor, cache_index: torch.Tensor) -> None:
+    """Store ``new`` ``[B, Hk, D]`` into one layer's cache ``[rows, Hk, L, D]`` (contiguous) at the step's positions
+    (``DecodeLayout.cache_index``)."""
+    cache.view(-1, cache.shape[-1]).index_copy_(0, cache_index, new.reshape(-1, new.shape[-1]))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: DecodeLayout,
@@ -347,13 +365,8 @@ def decode_block(x: torch.Tensor, w: dict, dims: Dims, act: Callable, cos: torch
     """One Llama block of a decode step, ``x`` ``[B, hidden]`` -> ``[B, hidden]``: the new keys and values go into
     this layer's caches ``[B, Hk, L, D]`` where ``layout`` says, then ``attend(q [B, H, D], k_cache, v_cache) ->
     [B, H, D]`` reads them there."""
-    args = (x, w["norm1"], w["wqkv"], w["bqkv"], cos, sin, dims.heads, dims.kv_heads, dims.eps)
-    if parts.qkv_store is not None:
-        q = parts.qkv_store(*args, k_cache, v_cache, layout.cache_index)
-    else:
-        q, k, v = parts.qkv_rope(*args)
-        write_cache(k_cache, k, layout)
-        write_cache(v_cache, v, layout)
+    q = parts.qkv_store(x, w["norm1"], w["wqkv"], w["bqkv"], cos, sin, dims.heads, dims.kv_heads, dims.eps, k_cache,
+                        v_cache, layout.cache_index)
     return parts.out_mlp(x, attend(q, k_cache, v_cache), w, act, dims.eps)
 
 

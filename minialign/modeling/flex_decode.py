@@ -11,16 +11,14 @@ with the same answers; on a CPU it runs FlexAttention's eager reference, which t
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
 
 from minialign.base.errors import UserError
+from minialign.modeling.decoder_model import compile_fixed
 
 KV_BLOCK = 128  # keys per block of the mask; the decoding kernel's own key tile divides it
-RECOMPILES = 64  # one compilation per (batch bucket, cache length); torch's default of 8 would fall back to eager
-# (the decoder's compiled cache store shares it)
 
 
 def decode_blocks(used: torch.Tensor, length: int, block: int = KV_BLOCK) -> tuple[torch.Tensor, ...]:
@@ -60,19 +58,6 @@ def flex_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return out[:, :, 0]
 
 
-@functools.cache
-def compiled_flex_decode():
-    """``flex_decode_attention`` compiled once a process (one compilation per batch bucket and cache length), with
-    room for that many: uncompiled, FlexAttention is a slow reference, so CUDA always runs the compiled one."""
-    compiled = torch.compile(flex_decode_attention, dynamic=False, fullgraph=True)
-
-    def call(*args):
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILES):
-            return compiled(*args)
-
-    return call
-
-
 def flex_decode(device: torch.device):
     """The decode attention to call on ``device``: compiled on CUDA, the eager reference elsewhere (quietly: its
     warning says it is slow, which a CPU test run knows)."""
@@ -84,7 +69,7 @@ def flex_decode(device: torch.device):
         raise UserError(f"attention='flex' needs FlexAttention's BlockMask.from_kv_blocks, which torch "
                         f"{torch.__version__} lacks; upgrade torch or use attention='flash'.")
     if device.type == "cuda":
-        return compiled_flex_decode()
+        return compile_fixed(flex_decode_attention)  # uncompiled, FlexAttention is a slow reference
 
     def eager(*args):
         with warnings.catch_warnings():
