@@ -79,7 +79,7 @@ row() {
     check-graphs) python3 benchmarks/checks/check_graphs.py --task sft --mode lora --out $W/check-graphs.json 2>&1 \
       | grep -v "it/s\]" | tail -30 ;;
     bench-decode-random) python3 benchmarks/bench_decode.py --model /tmp/smollm2-random --data $DATA --rows 300:556 \
-      --batch-sizes 256 --decoders static,static-unfused,static-flex,hf-static --json-out $W/decode-random.json 2>&1 | grep -v Warning | tail -30 ;;
+      --batch-sizes 256 --decoders hf,static,static-flex,hf-static --json-out $W/decode-random.json 2>&1 | grep -v Warning | tail -30 ;;
     hh-routed) seed_state online-full-rm
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm routed \

@@ -223,13 +223,12 @@ def test_write_cache_puts_each_rows_key_at_its_position_and_touches_nothing_else
     assert torch.equal(cache, expected)
 
 
-@pytest.mark.parametrize("fuse_store", [True, False])
-def test_compiled_cache_store_writes_in_place_what_eager_writes(fuse_store):
-    """A decode step's first half as the decoder compiles it (``_compiled_parts(fuse_store).qkv_store``, Inductor;
-    here its CPU code): the stores compiled with RoPE (the default) or apart (the benchmark's ``static-unfused``). On
-    two layers' caches (views into one buffer at different offsets, as a decode step passes them): q and each cache
-    equal the eager qkv_rope + write_cache, the store lands in the caller's buffer (not a functional copy), nothing
-    else of it changes, and the second layer reuses the first's compilation."""
+def test_compiled_cache_store_writes_in_place_what_eager_writes():
+    """A decode step's first half as the decoder compiles it (``_compiled_parts().qkv_store``: Inductor's code for
+    RMSNorm, QKV and RoPE, here its CPU code, then the two cache stores). On two layers' caches (views into one
+    buffer at different offsets, as a decode step passes them): q and each cache equal the eager qkv_rope +
+    write_cache, the store lands in the caller's buffer, nothing else of it changes, and the second layer reuses the
+    first's compilation."""
     torch.manual_seed(0)
     layers, rows, bucket, heads, kv_heads, length, d, hidden = 2, 5, 4, 4, 2, 6, 8, 16
     x, norm = torch.randn(bucket, hidden), torch.randn(hidden)
@@ -245,7 +244,7 @@ def test_compiled_cache_store_writes_in_place_what_eager_writes(fuse_store):
         write_cache(expected[0, layer, :bucket], k, layout.cache_index)
         write_cache(expected[1, layer, :bucket], v, layout.cache_index)
     torch._dynamo.reset()
-    store = _compiled_parts(fuse_store).qkv_store
+    store = _compiled_parts().qkv_store
     for layer in range(layers):
         with torch._dynamo.config.patch(error_on_recompile=layer > 0):
             q = store(*args, caches[0, layer, :bucket], caches[1, layer, :bucket], layout.cache_index)

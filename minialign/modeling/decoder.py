@@ -91,11 +91,11 @@ def _is_eos(tokens: torch.Tensor, eos_ids: tuple[int, ...]) -> torch.Tensor:
 
 
 @functools.cache
-def _compiled_parts(fuse_store: bool = True) -> BlockParts:
-    """The block halves compiled: inductor fuses RMSNorm, RoPE (with the cache stores, under ``fuse_store``), the
-    residual adds and ``act(gate) * up`` into a few kernels around the matmuls."""
-    qkv_store = compile_fixed(PLAIN.qkv_store) if fuse_store else with_stores(compile_fixed(qkv_rope))
-    return BlockParts(qkv_store, compile_fixed(out_mlp))
+def _compiled_parts() -> BlockParts:
+    """The block halves compiled: inductor fuses RMSNorm, RoPE, the residual adds and ``act(gate) * up`` into a few
+    kernels around the matmuls. The cache stores stay outside the compiled code: compiled with RoPE they made Inductor
+    copy each layer's whole cache every step on CUDA (3.4x slower decoding, benchmarks/NOTES.md entry 29)."""
+    return BlockParts(with_stores(compile_fixed(qkv_rope)), compile_fixed(out_mlp))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -106,17 +106,16 @@ class StaticDecoder:
     """Batched decoding of one supported model (``decoder_model.decoder_support``); ``decode`` does one batch.
 
     ``graphs``: record steps as CUDA graphs (CUDA only); ``compile``: fuse each block's elementwise work with
-    ``torch.compile`` in decode steps (CUDA only; a failing compilation falls back to plain kernels); ``fuse_store``:
-    compiled, store the new keys and values from RoPE's kernel (off: two cache writes apart, for benchmarks);
+    ``torch.compile`` in decode steps (CUDA only; a failing compilation falls back to plain kernels);
     ``sync_every``: steps between looks at the rows; ``retire``: move live rows into smaller buckets as rows finish
     (``min_bucket`` rows at least); ``prefill_tokens``: prompt tokens per prefill pass; ``attention``: the decode
-    steps' attention, ``"flash"`` (FlashAttention-2 varlen on CUDA, SDPA elsewhere) or ``"flex"`` (``flex_decode``,
-    an experiment).
+    steps' attention, ``"flash"`` (FlashAttention-2 varlen on CUDA, SDPA elsewhere) or ``"flex"`` (``flex_decode``;
+    slower on an H100, benchmarks/NOTES.md entry 29).
     """
 
     def __init__(self, model: torch.nn.Module, *, graphs: bool = True, compile: bool = True, sync_every: int = 8,
                  retire: bool = True, min_bucket: int = MIN_BUCKET, prefill_tokens: int | None = None,
-                 attention: str = "flash", fuse_store: bool = True):
+                 attention: str = "flash"):
         reason = decoder_support(model)
         if reason is not None:
             raise UserError(f"The static decoder cannot run this model: {reason}. Use decoder='auto' (falls back "
@@ -127,7 +126,7 @@ class StaticDecoder:
         self.weights = DecoderWeights(model)
         self.device = self.weights.embed.device
         self.graphs_enabled = graphs and self.device.type == "cuda"
-        self.parts = _compiled_parts(fuse_store) if compile and self.device.type == "cuda" else PLAIN
+        self.parts = _compiled_parts() if compile and self.device.type == "cuda" else PLAIN
         self.sync_every, self.retire, self.min_bucket = max(1, sync_every), retire, max(1, min_bucket)
         self.prefill_tokens = prefill_tokens or (65536 if self.device.type == "cuda" else 2048)
         self.scale = self.weights.dims.head_dim ** -0.5

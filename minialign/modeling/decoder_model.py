@@ -221,8 +221,8 @@ def qkv_rope(x: torch.Tensor, norm: torch.Tensor, wqkv: torch.Tensor, bqkv: torc
 def with_stores(qkv: Callable) -> Callable:
     """A decode step's first half from ``qkv`` (``qkv_rope``'s arguments and result): the same arguments plus one
     layer's caches ``[B, Hk, L, D]`` and the step's ``cache_index`` (``DecodeLayout``); k and v are stored there and
-    q is returned. Where the compiling happens decides the kernels: compiled whole, Inductor stores k and v from the
-    kernels that compute them; around a compiled ``qkv``, the stores are two kernels apart."""
+    q is returned. The decoder wraps a compiled ``qkv`` (the stores are plain ``index_copy_`` kernels): compiled
+    whole, Inductor on CUDA copied each layer's whole cache back every step (benchmarks/NOTES.md entry 29)."""
 
     def qkv_store(x: torch.Tensor, norm: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
                   cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, eps: float, k_cache: torch.Tensor,
