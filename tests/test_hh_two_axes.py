@@ -210,6 +210,17 @@ def test_summary_targets_and_tables():
     assert "| 48.0 s | 110.0 s | 550.0 s | 5.00x |" in md and "Chosen: **r1-rpo1**" in md
 
 
+def test_a_study_resumed_on_another_device_says_which_steps_ran_where():
+    state = {"device": "H200", "steps": [{"name": "judge", "command": "a"}, {"name": "rm", "command": "b", "device": "H200"},
+                                         {"name": "judge", "command": "c", "device": "H100"},
+                                         {"name": "eval", "command": "d", "device": "H100"}]}
+    doc = results.build_summary(state)
+    assert doc["devices"] == [{"device": "H200", "steps": ["judge", "rm"]}, {"device": "H100", "steps": ["judge", "eval"]}]
+    assert "Devices: H200 (2 steps: judge, rm); H100 (2 steps: judge, eval)." in results.markdown(doc)
+    one = results.build_summary({"device": "H100", "steps": [{"name": "judge", "command": "a", "device": "H100"}]})
+    assert "Device: H100." in results.markdown(one)
+
+
 def test_study_flags_pick_the_small_model_and_refuse_unknown_phases():
     study = load_benchmark("hh_two_axes", RECIPES)
     args = study.parse_args(["--small", "--data-root", "/d", "--out", "/tmp/x.json"])

@@ -195,6 +195,15 @@ def timing_summary(online_round_s: float | None, minialign_s: list[float], trl_s
             "minialign_online_runs_s": minialign_s, "trl_online_runs_s": trl_s}
 
 
+def step_devices(state: dict) -> list[dict]:
+    """Which device ran which steps, in order of first use: a study resumed on another machine mixes them (a step
+    recorded before steps carried their device ran on the state's first ``device``)."""
+    groups: dict[str, list[str]] = {}
+    for step in state.get("steps", []):
+        groups.setdefault(step.get("device") or state.get("device") or "-", []).append(step["name"])
+    return [{"device": d, "steps": names} for d, names in groups.items()]
+
+
 def build_summary(state: dict) -> dict:
     """The committed JSON (benchmarks/results/hh-two-axes.json) from the study's state document."""
     start = state.get("starting_model") or {}
@@ -204,7 +213,8 @@ def build_summary(state: dict) -> dict:
               for axis, j in (state.get("judges") or {}).items()}
     return {
         "title": "SmolLM2-135M-Instruct x HH: helpful and harmless (issue 31)",
-        "device": state.get("device"), "rows": state.get("rows"), "mixes": state.get("mixes"),
+        "device": state.get("device"), "devices": step_devices(state), "rows": state.get("rows"),
+        "mixes": state.get("mixes"),
         "held_out_of_training": state.get("held_out"),
         "judges": judges, "online_rm": state.get("online_rm"),
         "starting_model": start,
@@ -238,7 +248,10 @@ def _win(a: dict) -> str:
 
 def markdown(doc: dict) -> str:
     """The tables of ``build_summary``'s document: judges, policies on both axes, candidates, timing, targets."""
-    lines = [f"# {doc['title']}", "", f"Device: {doc.get('device') or '-'}. Rows: `{doc.get('rows')}`.", "",
+    devices = doc.get("devices") or []
+    where = (f"Device: {doc.get('device') or '-'}." if len(devices) < 2 else "Devices: " + "; ".join(
+        f"{d['device']} ({len(d['steps'])} steps: {', '.join(d['steps'])})" for d in devices) + ".")
+    lines = [f"# {doc['title']}", "", f"{where} Rows: `{doc.get('rows')}`.", "",
              "## Judges (trained on judge rows only; accuracy on the eval pairs)", "",
              "| axis | rows | held-out accuracy |", "|---|---|---:|"]
     for axis, j in (doc.get("judges") or {}).items():
@@ -246,17 +259,19 @@ def markdown(doc: dict) -> str:
     start = doc.get("starting_model") or {}
     lines += ["", "## Policies (eval rows 0:300, 100 prompts an axis, greedy; win rate over the starting model)", "",
               ("| policy | harmless win | harmless evasion | harmless loops | helpful win | helpful evasion | "
-               "helpful loops | mean win | Test 4 declined |"), "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+               "helpful loops | mean win | Test 4 declined | judges' accuracy |"),
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     lines.append(f"| starting model | | {_f((start.get('harmless') or {}).get('evasion'), '{:.2f}')} | "
                  f"{_f((start.get('harmless') or {}).get('loops'), '{:.2f}')} | | "
                  f"{_f((start.get('helpful') or {}).get('evasion'), '{:.2f}')} | "
-                 f"{_f((start.get('helpful') or {}).get('loops'), '{:.2f}')} | | |")
+                 f"{_f((start.get('helpful') or {}).get('loops'), '{:.2f}')} | | | |")
     for name, p in (doc.get("policies") or {}).items():
         s, h = p.get("harmless") or {}, p.get("helpful") or {}
         t4 = p.get("test4_declined")
         lines.append(f"| {name} | {_win(s)} | {_f(s.get('evasion'), '{:.2f}')} | {_f(s.get('loops'), '{:.2f}')} | "
                      f"{_win(h)} | {_f(h.get('evasion'), '{:.2f}')} | {_f(h.get('loops'), '{:.2f}')} | "
-                     f"{_f(mean_win(p))} | {'-' if t4 is None else ('yes' if t4 else 'no')} |")
+                     f"{_f(mean_win(p))} | {'-' if t4 is None else ('yes' if t4 else 'no')} | "
+                     f"{_f(s.get('judge_accuracy'))}, {_f(h.get('judge_accuracy'))} |")
     cands = doc.get("candidates") or {}
     if cands:
         lines += ["", "## Online candidates (validation rows; never the eval rows)", "",

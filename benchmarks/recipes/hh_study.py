@@ -16,6 +16,13 @@ import hh_results as results
 from bench_e2e import _read_json, child_env, run_timed
 
 
+def device_name() -> str:
+    """This process's GPU (or ``cpu``): each step records it, since a study resumed on another machine mixes them."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 class Study:
     """Paths, the state document and one recorded command at a time."""
 
@@ -31,6 +38,8 @@ class Study:
             "steps": [], "notes": [], "decline_check": results.decline_check_source()}
         self.state.setdefault("invocations", []).append(shlex.join([Path(sys.executable).name, *sys.argv]))
         self.env = child_env(self.work / "probe", False)
+        self.device = device_name()
+        self.state.setdefault("device", self.device)
 
     def data(self, axis: str) -> str:
         return plan.dataset_path(self.args.data_root, axis)
@@ -39,7 +48,8 @@ class Study:
         print(f"[hh2] {name}: {shlex.join(argv)}", flush=True)
         done = run_timed([sys.executable, *argv], self.work / "logs" / f"{name}.log", self.args.timeout_s, self.env)
         step = {"name": name, "command": done["command"], "wall_s": round(done["elapsed_s"], 2),
-                "returncode": done["returncode"], "timed_out": done["timed_out"], "log_tail": done.get("log_tail")}
+                "returncode": done["returncode"], "timed_out": done["timed_out"], "log_tail": done.get("log_tail"),
+                "device": self.device}
         self.state["steps"].append(step)
         print(f"[hh2] {name}: rc {step['returncode']} in {step['wall_s']:.1f} s", flush=True)
         self.save()

@@ -309,7 +309,6 @@ def phase_timing(s: Study) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     s = Study(args)
-    s.state.setdefault("device", _device())
     phases = {"judges": phase_judges, "harmless-only": phase_harmless_only, "online-rm": phase_online_rm,
               "online": phase_online, "offline-mix": phase_offline_mix, "trl-online": phase_trl_online,
               "trl-dpo": phase_trl_dpo, "timing": phase_timing}
@@ -319,12 +318,6 @@ def main(argv=None) -> int:
     s.save()
     print(results.markdown(results.build_summary(s.state)))
     return 0
-
-
-def _device() -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":
