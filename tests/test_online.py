@@ -199,8 +199,8 @@ def tagged(root) -> Path:
 
 
 def test_route_scores_each_prompt_with_its_rows_reward_model(root, rms, tagged):
-    """--combine route: every answer's combined score is its routed model's score standardised over the answers
-    routed to that model alone, recomputed here from both models' saved scores; pairs follow those scores."""
+    """--combine route: every answer is scored by its routed model alone, and its combined score is that score
+    standardised over the answers routed to that model, recomputed here from the saved scores; pairs follow them."""
     out = root / "route"
     assert run_cli("online", *SMALL, "--rounds", "1", "--dataset", tagged, "--train-rows", "0:100",
                    "--reward-models", ",".join(map(str, rms)), "--combine", "route", "--rm-routes", "b,a",
@@ -209,7 +209,10 @@ def test_route_scores_each_prompt_with_its_rows_reward_model(root, rms, tagged):
     samples = jsonl(out / "round-1" / "samples.jsonl")
     model_of = torch.tensor([0 if rows[x["row"]]["source"] == "b" else 1 for x in samples])
     assert 0 < int(model_of.sum()) < len(samples)  # both models have answers to score
-    scores = torch.tensor([x["scores"] for x in samples], dtype=torch.float64).T  # [2, K]
+    # each answer scored by its own model only (the other's score would go unused): null there
+    assert [[v is None for v in x["scores"]] for x in samples] == [[m == 1, m == 0] for m in model_of.tolist()]
+    scores = torch.tensor([[float("nan") if v is None else v for v in x["scores"]] for x in samples],
+                          dtype=torch.float64).T  # [2, K]
     want = torch.zeros(len(samples), dtype=torch.float64)
     for m in (0, 1):
         mine = scores[m, model_of == m]
@@ -227,6 +230,7 @@ def test_route_scores_each_prompt_with_its_rows_reward_model(root, rms, tagged):
     assert [m["route"] for m in summary["reward_models"]] == ["b", "a"]
     routed = summary["per_round"][0]["rm_scores_routed"]
     assert list(routed.values()) == pytest.approx([scores[m, model_of == m].mean().item() for m in (0, 1)], abs=1e-5)
+    assert summary["per_round"][0]["rm_scores"] == pytest.approx(routed, abs=1e-6)
     assert "source = b" in (out / "report.md").read_text()
 
 

@@ -159,8 +159,8 @@ def run_round(s: Session, k: int) -> dict:
     texts = [c.text.strip() if cfg.chat_template else c.text for c in completions]  # as chat training data is
     t1 = time.perf_counter()
     raw = [p.raw for p in picked for _ in range(n)]
-    scores = torch.stack([j.score(raw, texts, batch_size=cfg.rm_batch_size) for j in s.judges])  # [M, P * N]
     routes = torch.tensor([p.route for p in picked for _ in range(n)])
+    scores = score_answers(s, raw, texts, routes)  # [M, P * N]
     raw_combined = combine_scores(scores, cfg.weights(), cfg.combine, routes)
     looped = [loops(t) for t in texts]
     combined = penalise_loops(raw_combined, looped, cfg.loop_penalty)
@@ -173,10 +173,11 @@ def run_round(s: Session, k: int) -> dict:
         p, c, r = picked[pair.prompt], pair.prompt * n + pair.chosen, pair.prompt * n + pair.rejected
         records.append({"row": p.row, "prompt": p.text, "raw_prompt": p.raw, "chosen": texts[c], "rejected": texts[r],
                         "scores": {"chosen": combined[c].item(), "rejected": combined[r].item(), "gap": pair.gap,
-                                   "per_model": {"chosen": scores[:, c].tolist(), "rejected": scores[:, r].tolist()}}})
+                                   "per_model": {"chosen": _json_scores(scores[:, c]),
+                                                 "rejected": _json_scores(scores[:, r])}}})
     write_atomic(folder / "pairs.jsonl", "".join(json.dumps(x) + "\n" for x in records).encode())
     samples = [{"row": picked[i // n].row, "sample": i % n, "text": texts[i], "n_tokens": c.n_tokens, "stop": c.stop,
-                "scores": scores[:, i].tolist(), "combined": combined[i].item()} for i, c in enumerate(completions)]
+                "scores": _json_scores(scores[:, i]), "combined": combined[i].item()} for i, c in enumerate(completions)]
     write_atomic(folder / "samples.jsonl", "".join(json.dumps(x) + "\n" for x in samples).encode())
     last = train_round(s, k, [PreferencePair(x["prompt"], x["chosen"], x["rejected"]) for x in records], folder)
     t3 = time.perf_counter()
@@ -185,7 +186,8 @@ def run_round(s: Session, k: int) -> dict:
              "below_gap": pairing.below_gap, "no_contrast": pairing.no_contrast,
              "penalised": sum(looped) if cfg.loop_penalty > 0 else 0,
              "score_mean": raw_combined.mean().item(),
-             "rm_scores": {m: scores[i].double().mean().item() for i, m in enumerate(split_list(cfg.reward_models))},
+             "rm_scores": {m: _json_scores(scores[i].double().nanmean()[None])[0]
+                           for i, m in enumerate(split_list(cfg.reward_models))},
              **routed_means(scores, routes, cfg),
              "gap_mean": sum(x.gap for x in pairing.pairs) / len(pairing.pairs),
              **answer_stats(texts, [c.n_tokens for c in completions], [c.stop for c in completions], looped),
@@ -193,6 +195,26 @@ def run_round(s: Session, k: int) -> dict:
              "generate_s": round(t1 - t0, 3), "score_s": round(t2 - t1, 3), "train_s": round(t3 - t2, 3)}
     write_atomic(folder / ROUND_DONE, json.dumps(stats).encode())  # the completion marker: written last
     return stats
+
+
+def score_answers(s: Session, raw: list[str], texts: list[str], routes: torch.Tensor) -> torch.Tensor:
+    """``[M, K]`` float32: reward model m's score of answer k. Under ``--combine route`` a model scores only the
+    answers routed to it (the rest is NaN): the others' scores would be discarded, and with two models scoring
+    everything took twice the time."""
+    cfg = s.cfg
+    if cfg.combine != "route":
+        return torch.stack([j.score(raw, texts, batch_size=cfg.rm_batch_size) for j in s.judges])
+    out = torch.full((len(s.judges), len(texts)), float("nan"))
+    for m, judge in enumerate(s.judges):
+        mine = (routes == m).nonzero().flatten().tolist()
+        if mine:
+            out[m, mine] = judge.score([raw[i] for i in mine], [texts[i] for i in mine], batch_size=cfg.rm_batch_size)
+    return out
+
+
+def _json_scores(column: torch.Tensor) -> list[float | None]:
+    """One answer's scores by each model, ``None`` where a model did not score it (JSON has no NaN)."""
+    return [None if v != v else v for v in column.tolist()]
 
 
 def sample_answers(s: Session, prompts: list[str], k: int) -> list:
@@ -213,7 +235,7 @@ def sample_answers(s: Session, prompts: list[str], k: int) -> list:
 
 def routed_means(scores: torch.Tensor, routes: torch.Tensor, cfg: OnlineConfig) -> dict:
     """With --combine route, each reward model's mean score over the answers routed to it (None: none were), the
-    progress of each axis on its own prompts; ``rm_scores`` averages every answer, the other axis's prompts too."""
+    progress of each axis on its own prompts (the answers it scored: ``rm_scores`` says the same under routing)."""
     if cfg.combine != "route":
         return {}
     return {"rm_scores_routed": {m: scores[i, routes == i].double().mean().item() if bool((routes == i).any()) else None
