@@ -18,7 +18,8 @@
 # off: where the 0.29-nat learning gap comes from), `sft-gap` (the same against TRL: the fast path and
 # minialign-lowmem clipped by the previous step's norm and unclipped, the question NOTES entry 25 leaves open),
 # `sft-seed1` (sft-gap's TRL and minialign at seed 1: is the +0.03 nats seed noise?), `hh-per-axis` (one online
-# reward model an axis, summed), `hh-routed` (the same two, each prompt scored by its own axis's model).
+# reward model an axis, summed), `hh-routed` (the same two, each prompt scored by its own axis's model; candidates
+# $HH_CANDIDATES, then TRL's OnlineDPOTrainer given the same routed scoring and the timing, unless HH_TRL is set empty).
 # Results: $OUT/unsloth-peer.json and .md (bench_e2e's format), profile-decode.json, hh-two-axes.json/.md, state.json.
 set -u
 W=/tmp/uns
@@ -31,12 +32,13 @@ SAME="--data $DATA --train-rows 300:1612 --eval-rows 1612:1812 --epochs 1 --sche
  --max-length 512 --max-prompt-length 256 --seed 0 --work $W/e2e --out $W/unsloth-peer.json --append \
  --unsloth-site /tmp/usite --timeout-s 300"
 
-# seed_state NAME: the committed study state as /tmp/hh2's (once), its `online` policy kept under NAME, so a call that
-# reruns only the online phases adds a row instead of replacing the one the committed results show.
+# seed_state: the committed study state as /tmp/hh2's (once), its `online` policy kept as online-<its chosen candidate>
+# and TRL's match forgotten, so a call that reruns the online phases adds rows instead of replacing the committed ones.
 seed_state() {
-  [ -f /tmp/hh2/state.json ] || python3 -c "import json, sys; \
+  [ -f /tmp/hh2/state.json ] || python3 -c "import json; \
 s = json.load(open('benchmarks/results/hh-two-axes-state.json')); p = s['policies']; \
-p.setdefault(sys.argv[1], p.pop('online', None)); json.dump(s, open('/tmp/hh2/state.json', 'w'))" "$1"
+p.update({'online-' + s['chosen']['name']: p.pop('online')} if 'online' in p else {}); \
+s.pop('trl_online_candidate', None); json.dump(s, open('/tmp/hh2/state.json', 'w'))"
 }
 
 row() {
@@ -65,7 +67,7 @@ row() {
     sft-seed1) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer $TOK \
       --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
       --runners trl,minialign --label llama1b-sft-lora-seed1 ${SAME/--seed 0/--seed 1} ;;
-    hh-per-axis) seed_state online-full-rm
+    hh-per-axis) seed_state
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm per-axis \
         --candidates r1-rpo1-lp4,r2-rpo1-lp4-g ;;
@@ -80,11 +82,11 @@ row() {
       | grep -v "it/s\]" | tail -30 ;;
     bench-decode-random) python3 benchmarks/bench_decode.py --model /tmp/smollm2-random --data $DATA --rows 300:556 \
       --batch-sizes 256 --decoders hf,static,static-flex,hf-static --json-out $W/decode-random.json 2>&1 | grep -v Warning | tail -30 ;;
-    hh-routed) seed_state online-full-rm
+    hh-routed) seed_state
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
-        --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm routed \
-        --candidates ${HH_CANDIDATES:-r1-rpo1-lp4,r2-rpo1-lp4-g} ;;
-    hh) seed_state online-first-rm
+        --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online${HH_TRL:-,trl-online,timing} \
+        --online-rm routed --candidates ${HH_CANDIDATES:-r1-rpo1-lp4,r1-rpo1-lp4-g} ;;
+    hh) seed_state
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm lora \
         --candidates r1-rpo1-lp4,r2-rpo1-lp4 ;;

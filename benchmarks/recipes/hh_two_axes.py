@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {', '.join(PHASES)}")
     p.add_argument("--candidates", default="r1-rpo1-lp4,r2-rpo1-lp4", help=f"comma list of {', '.join(plan.CANDIDATES)}")
     p.add_argument("--online-rm", choices=sorted(plan.ONLINE_RMS), default="full",
-                   help="the online reward model's setting (hh_plan.ONLINE_RMS); trl-online needs full")
+                   help="the online reward model's setting (hh_plan.ONLINE_RMS); trl-online needs full or routed")
     p.add_argument("--n", type=int, default=100, help="eval prompts an axis")
     p.add_argument("--val-n", type=int, default=100, help="validation prompts an axis (online candidates)")
     p.add_argument("--timing-repeats", type=int, default=0, help="extra alternating minialign/TRL online runs")
@@ -234,16 +234,22 @@ def train_trl_online(s: Study, name: str, out: Path) -> dict:
     s.state["trl_online_candidate"] = matched_candidate(s)
     mix, settings = s.mix(), matched_settings(s)
     s.need("online_rm", "online-rm")
-    if s.state["online_rm"].get("setting", "full") != "full":
-        raise SystemExit("hh_two_axes: trl-online loads the online reward model as a full model folder; this study's "
-                         f"is {s.state['online_rm']['setting']} (--online-rm full trains one TRL can load)")
+    rm = s.state["online_rm"]
+    if rm.get("combine", "zsum") == "route":  # minialign's routed scoring as TRL's reward function
+        scoring = ["--reward-models", rm["run_dir"], "--rm-routes", rm["routes"], "--loop-penalty",
+                   str(settings.get("loop_penalty", 0.0))]
+    elif rm.get("setting", "full") == "full":
+        scoring = ["--reward-model", rm["model_dir"]]
+    else:
+        raise SystemExit("hh_two_axes: trl-online loads one online reward model as a full model folder or routes "
+                         f"between per-axis ones; this study's is {rm['setting']} (use --online-rm full or routed)")
     match = plan.trl_online_plan(settings)
     if finished(out, "trl_online.json"):
         return s.last_step(name)
     fresh(out)
     return s.run(name, [str(HERE / "trl_online.py"), "--model", s.args.model, "--tokenizer", s.tokenizer,
                         "--dataset", mix["file"], "--train-rows", plan.halves(mix["rows"]["train"])[1], "--prompts",
-                        str(match["prompts"]), "--reward-model", s.state["online_rm"]["model_dir"], "--epochs",
+                        str(match["prompts"]), *scoring, "--epochs",
                         str(match["epochs"]), "--batch-size", str(match["batch_size"]), "--beta", str(settings["beta"]),
                         "--lr", str(settings["lr"]), "--temperature", str(settings["temperature"]), "--top-p",
                         str(settings["top_p"]), "--max-new-tokens", str(settings["max_new_tokens"]), "--lora-r",
@@ -251,17 +257,29 @@ def train_trl_online(s: Study, name: str, out: Path) -> dict:
                         *(["--chat-template"] if s.chat else []), "--out", str(out)])
 
 
+def trl_online_key(s: Study) -> str:
+    """TRL's online policy's name, with the reward-model setting as in ``candidate_key``."""
+    setting = s.state["online_rm"].get("setting", "full")
+    return "trl-online" if setting == "full" else f"trl-online-{setting}"
+
+
 def phase_trl_online(s: Study) -> None:
-    out = s.work / "trl-online"
-    train_trl_online(s, "trl-online", out)
+    s.need("online_rm", "online-rm")
+    key = trl_online_key(s)
+    out = s.work / key
+    train_trl_online(s, key, out)
     s.state["trl_online_match"] = plan.trl_online_plan(matched_settings(s))
     note = ("TRL online: 2 samples a prompt (fixed in TRL 1.16's OnlineDPOTrainer) where minialign samples 4, "
             "and no NLL term (rpo_alpha) in its loss; prompts, reward model, temperature, top-p, max new tokens, "
             "LoRA, learning rate and steps matched")
-    if note not in s.state["notes"]:
-        s.state["notes"].append(note)
+    notes = [note]
+    if s.state["online_rm"].get("combine") == "route":
+        notes.append("TRL online routed: minialign's two reward models and routing as one TRL reward function "
+                     "(minialign's combine_scores and loop penalty), each model's scores standardised over a "
+                     "step's batch where minialign standardises over the round's samples")
+    s.state["notes"] += [n for n in notes if n not in s.state["notes"]]
     if finished(out, "trl_online.json"):
-        s.record_policy("trl-online", s.adapter_policy(out / "adapter"), str(out))
+        s.record_policy(key, s.adapter_policy(out / "adapter"), str(out))
 
 
 def phase_trl_dpo(s: Study) -> None:
@@ -295,7 +313,7 @@ def phase_timing(s: Study) -> None:
     round_s = round_seconds(cands[big]["rounds"]) if big else None
     chosen = (s.state.get("chosen") or {}).get("name")
     m_walls = [cands[chosen]["wall_s"]] if chosen and cands[chosen].get("wall_s") else []
-    t_walls = [s.last_step("trl-online").get("wall_s")] if s.last_step("trl-online") else []
+    t_walls = [s.last_step(trl_online_key(s)).get("wall_s")] if s.last_step(trl_online_key(s)) else []
     for i in range(s.args.timing_repeats):  # alternating, in this same call
         step = train_online(s, f"timing-online-{i}", matched_settings(s), s.work / "timing" / f"online-{i}")
         m_walls.append(step.get("wall_s"))

@@ -4,12 +4,17 @@
     python benchmarks/recipes/trl_online.py --model M --dataset MIX.jsonl --train-rows 0:2512 --prompts 1000 \
         --reward-model RM_RUN/final/model --epochs 1 --batch-size 16 --beta 0.1 --lr 5e-4 --temperature 0.7 \
         --top-p 0.9 --max-new-tokens 128 --lora-r 16 --lora-alpha 32 --chat-template --out DIR
+    # or minialign's routed reward models: --reward-models RM_A,RM_B --rm-routes harmless-base,helpful-base \
+    #     [--route-field source] [--loop-penalty 4]
 
 TRL 1.16 keeps ``OnlineDPOTrainer`` under ``trl.experimental.online_dpo`` (older versions: ``trl``). The run
 matches minialign's: the same first ``--prompts`` prompts of the same rows (``minialign.data.load_preference_pairs``,
 rewritten in the chat template as minialign does), the same reward model (a `minialign rm --full` run's
 ``final/model``, an AutoModelForSequenceClassification read at the last non-padding token with pad = EOS, as
-minialign's judge reads it), temperature, top-p, max new tokens, beta, learning rate, LoRA r/alpha on every linear
+minialign's judge reads it; or, with ``--reward-models``, `minialign online --combine route`'s scoring as a TRL
+reward function: each answer scored by the `minialign rm` run its prompt's row routes it to, standardised over the
+answers of the batch routed to that model (minialign: of the round), minus ``--loop-penalty`` for a looping answer,
+with minialign's own functions), temperature, top-p, max new tokens, beta, learning rate, LoRA r/alpha on every linear
 layer, epochs and prompts a batch (so as many optimiser steps as minialign's rounds give when every prompt keeps a
 pair: ``hh_plan.trl_online_plan``). What differs, and cannot be set: TRL samples 2 answers a prompt (minialign 4),
 and its loss has no NLL term.
@@ -43,7 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", required=True, help="preference data; only the prompts are read")
     p.add_argument("--train-rows", default="", help="START:STOP over the raw rows")
     p.add_argument("--prompts", type=int, required=True, help="the first N usable prompts of those rows")
-    p.add_argument("--reward-model", required=True, help="an AutoModelForSequenceClassification folder")
+    p.add_argument("--reward-model", default="", help="an AutoModelForSequenceClassification folder")
+    p.add_argument("--reward-models", default="", help="instead: `minialign rm` run folders, comma-separated, "
+                   "each prompt's answers scored by the one its row routes it to (--rm-routes)")
+    p.add_argument("--rm-routes", default="", help="with --reward-models: one --route-field value per model")
+    p.add_argument("--route-field", default="source", help="the rows' field that names their reward model")
+    p.add_argument("--loop-penalty", type=float, default=0.0, help="with --reward-models: subtracted from a "
+                   "looping answer's standardised score (minialign online's --loop-penalty)")
     p.add_argument("--reward-tokenizer", default="", help="default: final/tokenizer beside --reward-model")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16, help="prompts a step (2 answers each)")
@@ -58,7 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chat-template", action="store_true", help="prompts in the tokenizer's chat template")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if bool(args.reward_model) == bool(args.reward_models):
+        p.error("give either --reward-model (one sequence-classification folder) or --reward-models with --rm-routes")
+    if args.reward_models and len(args.reward_models.split(",")) != len(args.rm_routes.split(",")):
+        p.error("--rm-routes needs one value per --reward-models folder")
+    return args
 
 
 def online_dpo_classes():
@@ -71,15 +87,57 @@ def online_dpo_classes():
     return OnlineDPOConfig, OnlineDPOTrainer
 
 
-def load_prompts(args: argparse.Namespace, tokenizer) -> list[str]:
-    """The first ``--prompts`` prompts of the rows, as minialign's online command reads them (chat template or not)."""
-    from minialign.data import load_preference_pairs
+def load_prompts(args: argparse.Namespace, tokenizer) -> dict[str, list[str]]:
+    """The first ``--prompts`` prompts of the rows, as minialign's online command reads them (chat template or not),
+    as dataset columns: ``prompt`` (what the policy sees), ``raw_prompt`` (the HH text, what a minialign reward
+    model is given) and, with ``--reward-models``, ``route`` (each row's ``--route-field``). TRL passes the columns
+    other than ``prompt`` to a reward function."""
     from minialign.data.chat import to_chat_format
+    from minialign.data.sources import row_to_pair
+    from minialign.evaluation.evalrows import indexed_rows
 
-    pairs = load_preference_pairs(args.dataset, rows=args.train_rows or None, limit=args.prompts)
-    if args.chat_template:
-        pairs = to_chat_format(pairs, tokenizer)
-    return [p.prompt for p in pairs]
+    rows = []
+    for _, where, row in indexed_rows(args.dataset, "train", "", args.train_rows):
+        pair = row_to_pair(row, where)
+        if not isinstance(pair, str):
+            rows.append((pair, row.get(args.route_field) if isinstance(row, dict) else None, where))
+        if len(rows) == args.prompts:
+            break
+    raw = [pair.prompt for pair, _, _ in rows]
+    shown = [p.prompt for p in to_chat_format([pair for pair, _, _ in rows], tokenizer)] if args.chat_template else raw
+    columns = {"prompt": shown, "raw_prompt": raw}
+    if args.reward_models:
+        routes = args.rm_routes.split(",")
+        for _, value, where in rows:
+            if str(value).strip() not in routes:
+                raise SystemExit(f"trl_online: {where}: its {args.route_field!r} field holds {value!r}, none of "
+                                 f"--rm-routes {args.rm_routes}")
+        columns["route"] = [str(value).strip() for _, value, _ in rows]
+    return columns
+
+
+def routed_reward(run_dirs: list[str], routes: list[str], loop_penalty: float, device):
+    """A TRL reward function doing `minialign online --combine route`'s scoring with minialign's own functions."""
+    import torch
+
+    from minialign.commands.online_pairs import combine_scores, penalise_loops
+    from minialign.evaluation.judge import load_judge
+    from minialign.evaluation.textmetrics import loops
+
+    judges = [load_judge(d, device) for d in run_dirs]
+
+    def routed_rm(prompts, completions, raw_prompt, route, **_):
+        texts = [(c if isinstance(c, str) else c[-1]["content"]).strip() for c in completions]
+        model_of = torch.tensor([routes.index(r) for r in route])
+        scores = torch.full((len(judges), len(texts)), float("nan"))
+        for m, judge in enumerate(judges):
+            mine = (model_of == m).nonzero().flatten().tolist()
+            if mine:
+                scores[m, mine] = judge.score([raw_prompt[i] for i in mine], [texts[i] for i in mine])
+        combined = combine_scores(scores, [1.0] * len(judges), "route", model_of)
+        return penalise_loops(combined, [loops(t) for t in texts], loop_penalty).tolist()
+
+    return routed_rm
 
 
 def reward_model(path: str, tokenizer_path: str):
@@ -117,10 +175,15 @@ def main(argv=None) -> int:
     tok = load_tokenizer(args.tokenizer or default_tokenizer(args.model))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    prompts = load_prompts(args, tok)
-    train = datasets.Dataset.from_dict({"prompt": prompts})
+    columns = load_prompts(args, tok)
+    train = datasets.Dataset.from_dict(columns)
+    prompts = columns["prompt"]
     model = load_model(args.model, seed=args.seed, dtype=torch.float32)
-    rm, rm_tok = reward_model(args.reward_model, args.reward_tokenizer)
+    if args.reward_models:
+        rm, rm_tok = routed_reward(args.reward_models.split(","), args.rm_routes.split(","), args.loop_penalty,
+                                   "cuda" if cuda else "cpu"), None
+    else:
+        rm, rm_tok = reward_model(args.reward_model, args.reward_tokenizer)
     alpha = int(args.lora_alpha) if float(args.lora_alpha).is_integer() else args.lora_alpha
     lora = LoraConfig(r=args.lora_r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", bias="none",
                       task_type="CAUSAL_LM")
@@ -147,7 +210,9 @@ def main(argv=None) -> int:
            "epochs": args.epochs, "batch_size": args.batch_size, "samples_per_prompt": 2, "train_s": train_s,
            "t_start": T_START, "t_done": t_done, "wall_to_done_s": t_done - T_START, "log": logs,
            "settings": {k: getattr(args, k) for k in ("beta", "lr", "temperature", "top_p", "max_new_tokens",
-                                                      "max_length", "lora_r", "lora_alpha", "chat_template", "seed")},
+                                                      "max_length", "lora_r", "lora_alpha", "chat_template", "seed",
+                                                      "reward_model", "reward_models", "rm_routes", "route_field",
+                                                      "loop_penalty")},
            "device": torch.cuda.get_device_name() if cuda else "cpu", "adapter": str(out / "adapter"),
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                         "peft": peft.__version__, "datasets": datasets.__version__}}
