@@ -17,7 +17,8 @@
 # entry 23 leaves open): `dpo8-lowmem` (DPO at matched memory), `sft-lora-fast` (llama-1b SFT LoRA with --fast on vs
 # off: where the 0.29-nat learning gap comes from), `sft-gap` (the same against TRL: the fast path and
 # minialign-lowmem clipped by the previous step's norm and unclipped, the question NOTES entry 25 leaves open),
-# `sft-seed1` (sft-gap's TRL and minialign at seed 1: is the +0.03 nats seed noise?), `hh-per-axis` (one online
+# `sft-seed1` (sft-gap's TRL and minialign at seed 1: is the +0.03 nats seed noise?), `sft-seeds` (the same at seeds 2
+# and 3: minialign trailed by 0.03 and 0.06 at seeds 0 and 1, NOTES entry 29), `hh-per-axis` (one online
 # reward model an axis, summed), `hh-routed` (the same two, each prompt scored by its own axis's model; candidates
 # $HH_CANDIDATES, then TRL's OnlineDPOTrainer given the same routed scoring and the timing, unless HH_TRL is set empty).
 # Results: $OUT/unsloth-peer.json and .md (bench_e2e's format), profile-decode.json, hh-two-axes.json/.md, state.json.
@@ -67,6 +68,9 @@ row() {
     sft-seed1) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer $TOK \
       --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
       --runners trl,minialign --label llama1b-sft-lora-seed1 ${SAME/--seed 0/--seed 1} ;;
+    sft-seeds) for seed in 2 3; do python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b \
+      --tokenizer $TOK --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
+      --runners trl,minialign --label llama1b-sft-lora-seed$seed ${SAME/--seed 0/--seed $seed}; done ;;
     hh-per-axis) seed_state
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm per-axis \
@@ -84,7 +88,7 @@ row() {
       --batch-sizes 256 --decoders hf,static,static-flex,hf-static --json-out $W/decode-random.json 2>&1 | grep -v Warning | tail -30 ;;
     hh-routed) seed_state
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
-        --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online${HH_TRL:-,trl-online,timing} \
+        --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online${HH_TRL-,trl-online,timing} \
         --online-rm routed --candidates ${HH_CANDIDATES:-r1-rpo1-lp4,r1-rpo1-lp4-g} ;;
     hh) seed_state
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \

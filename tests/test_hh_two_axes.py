@@ -231,6 +231,26 @@ def test_study_flags_pick_the_small_model_and_refuse_unknown_phases():
     assert study.round_seconds([{"generate_s": 20.0}]) is None and study.round_seconds([]) is None
 
 
+def test_timing_takes_the_round_of_this_calls_candidates_not_a_seeded_states():
+    from types import SimpleNamespace
+
+    study = load_benchmark("hh_two_axes", RECIPES)
+
+    def cand(generate_s: float, prompts: int) -> dict:
+        return {"settings": {"prompts_per_round": prompts, "samples": 4}, "wall_s": 60.0,
+                "rounds": [{"generate_s": generate_s, "score_s": 5.0, "train_s": 5.0}]}
+
+    state = {"online_rm": {"setting": "routed"}, "chosen": {"name": "r1-rpo1-lp4-g-routed"},
+             "candidates": {"r1-rpo1-lp4": cand(20.0, 1000),  # an earlier call's, another reward model
+                            "r1-rpo1-lp4-routed": cand(30.0, 1000), "r2-rpo1-lp4-routed": cand(1.0, 500),
+                            "r1-rpo1-lp4-g-routed": cand(40.0, 1000)}}
+    s = SimpleNamespace(state=state, args=SimpleNamespace(candidates="r1-rpo1-lp4,r2-rpo1-lp4,r1-rpo1-lp4-g",
+                                                          timing_repeats=0),
+                        last_step=lambda name: {}, save=lambda: None)
+    study.phase_timing(s)
+    assert state["timing"]["round_from"] == "r1-rpo1-lp4-g-routed" and state["timing"]["online_round_s"] == 50.0
+
+
 # ----------------------------------------------------------------------------- TRL's online peer
 
 
@@ -325,24 +345,42 @@ def test_trl_online_peer_trains_the_matched_steps_and_saves_a_peft_adapter(scori
     assert {"q_proj", "down_proj"} <= {m.split(".")[-1] for m in config["target_modules"]}  # all-linear
 
 
-def test_trl_online_reads_the_prompts_minialign_reads_with_each_rows_route(tmp_path, shared_dir):
-    from minialign.data import load_preference_pairs
-
+def test_trl_online_trains_on_the_prompts_minialign_online_sampled(tiny_rm, tiny_rm_helpful, tmp_path, shared_dir):
+    """The TRL peer's prompts are those a real `minialign online` run sampled, round after round (its 10% held-out
+    rows, each prompt once, its seeded pick), each with the route its row names."""
     trl_online = load_benchmark("trl_online", RECIPES)
     mix = tmp_path / "mix.jsonl"
     plan.write_mix(mix, shared_dir, plan.ROW_PLAN)
-    base = ["--model", "tiny-llama", "--dataset", str(mix), "--train-rows", "10:30", "--prompts", "6", "--out", "x"]
-    args = trl_online.parse_args([*base, "--reward-models", "a,b", "--rm-routes", "harmless-base,helpful-base"])
+    routed = ["--reward-models", f"{tiny_rm},{tiny_rm_helpful}", "--rm-routes", "harmless-base,helpful-base"]
+    out = tmp_path / "online"
+    subprocess.run([sys.executable, "-m", "minialign", "online", "--model", "tiny-llama", "--dataset", str(mix),
+                    "--train-rows", "10:50", *routed, "--combine", "route", "--rounds", "2", "--prompts-per-round",
+                    "6", "--samples", "2", "--max-new-tokens", "4", "--batch-size", "4", "--eval-limit", "4",
+                    "--max-length", "128", "--out", str(out)], check=True, capture_output=True, cwd=ROOT)
+    lines = [json.loads(x) for x in mix.read_text().splitlines()]
+    sampled = []
+    for k in (1, 2):
+        rows = [x["row"] for x in (json.loads(y) for y in (out / f"round-{k}" / "samples.jsonl").read_text().splitlines())]
+        sampled += [r for i, r in enumerate(rows) if i == 0 or r != rows[i - 1]]  # one per prompt
+    args = trl_online.parse_args(["--model", "tiny-llama", "--dataset", str(mix), "--train-rows", "10:50", "--prompts",
+                                  "6", "--rounds", "2", *routed, "--out", "x"])
     columns = trl_online.load_prompts(args, tokenizer=None)
-    want = [p.prompt for p in load_preference_pairs(str(mix), rows="10:30", limit=6)]
-    assert columns["prompt"] == columns["raw_prompt"] == want
-    lines = [json.loads(x) for x in mix.read_text().splitlines()[10:16]]
-    assert columns["route"] == [x["source"] for x in lines]
-    bad = trl_online.parse_args([*base, "--reward-models", "a", "--rm-routes", "harmless-base"])
-    with pytest.raises(SystemExit, match="helpful-base"):  # a helpful row routed to no model: file and line said
+    assert len(columns["prompt"]) == 12 and columns["prompt"] == columns["raw_prompt"]
+    want = [trl_online_prompt(lines[r]) for r in sampled]
+    assert columns["raw_prompt"] == want
+    assert columns["route"] == [lines[r]["source"] for r in sampled]
+    bad = trl_online.parse_args(["--model", "tiny-llama", "--dataset", str(mix), "--train-rows", "10:50", "--prompts",
+                                 "6", "--reward-models", "a", "--rm-routes", "harmless-base", "--out", "x"])
+    with pytest.raises(Exception, match="helpful-base"):  # a helpful row routed to no model: said, file and line
         trl_online.load_prompts(bad, tokenizer=None)
     with pytest.raises(SystemExit):
-        trl_online.parse_args(base)  # neither --reward-model nor --reward-models
+        trl_online.parse_args(["--model", "m", "--dataset", "d", "--prompts", "6", "--out", "x"])  # no reward model
+
+
+def trl_online_prompt(row: dict) -> str:
+    from minialign.data.sources import row_to_pair
+
+    return row_to_pair(row, "mix").prompt
 
 
 # ----------------------------------------------------------------------------- the whole pipeline, small

@@ -234,6 +234,18 @@ def test_route_scores_each_prompt_with_its_rows_reward_model(root, rms, tagged):
     assert "source = b" in (out / "report.md").read_text()
 
 
+def test_a_routed_model_with_no_prompt_in_a_round_scores_nothing_and_the_run_goes_on(root, rms):
+    only_b = root / "only-b.jsonl"
+    only_b.write_text("".join(json.dumps({**r, "source": "b"}) + "\n" for r in demo_rows("train")[:40]))
+    out = root / "route-idle"
+    assert run_cli("online", *SMALL, "--rounds", "2", "--dataset", only_b, "--train-rows", "0:40",
+                   "--reward-models", ",".join(map(str, rms)), "--combine", "route", "--rm-routes", "b,a",
+                   "--out", out) == 0
+    assert all(x["scores"][1] is None and x["scores"][0] is not None for x in jsonl(out / "round-1" / "samples.jsonl"))
+    per_round = json.loads((out / "summary.json").read_text())["per_round"]
+    assert len(per_round) == 2 and all(list(r["rm_scores"].values())[1] is None for r in per_round)
+
+
 def test_route_refuses_a_row_whose_field_names_no_reward_model(root, rms, tagged, capsys):
     out = root / "route-bad"
     capsys.readouterr()

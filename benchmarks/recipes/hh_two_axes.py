@@ -249,7 +249,7 @@ def train_trl_online(s: Study, name: str, out: Path) -> dict:
     fresh(out)
     return s.run(name, [str(HERE / "trl_online.py"), "--model", s.args.model, "--tokenizer", s.tokenizer,
                         "--dataset", mix["file"], "--train-rows", plan.halves(mix["rows"]["train"])[1], "--prompts",
-                        str(match["prompts"]), *scoring, "--epochs",
+                        str(settings["prompts_per_round"]), "--rounds", str(settings["rounds"]), *scoring, "--epochs",
                         str(match["epochs"]), "--batch-size", str(match["batch_size"]), "--beta", str(settings["beta"]),
                         "--lr", str(settings["lr"]), "--temperature", str(settings["temperature"]), "--top-p",
                         str(settings["top_p"]), "--max-new-tokens", str(settings["max_new_tokens"]), "--lora-r",
@@ -309,9 +309,12 @@ def round_seconds(rounds: list[dict]) -> float | None:
 
 def phase_timing(s: Study) -> None:
     cands = s.state["candidates"]
-    big = max(cands, key=lambda c: cands[c]["settings"]["prompts_per_round"], default=None)
-    round_s = round_seconds(cands[big]["rounds"]) if big else None
     chosen = (s.state.get("chosen") or {}).get("name")
+    # the round: this call's candidate with the most prompts a round (the chosen one among equals), never one an
+    # earlier call (a seeded state) ran on another machine or with another reward model
+    mine = [k for k in (candidate_key(s, c) for c in s.args.candidates.split(",")) if k in cands]
+    big = max(mine, key=lambda c: (cands[c]["settings"]["prompts_per_round"], c == chosen), default=None)
+    round_s = round_seconds(cands[big]["rounds"]) if big else None
     m_walls = [cands[chosen]["wall_s"]] if chosen and cands[chosen].get("wall_s") else []
     t_walls = [s.last_step(trl_online_key(s)).get("wall_s")] if s.last_step(trl_online_key(s)) else []
     for i in range(s.args.timing_repeats):  # alternating, in this same call

@@ -8,16 +8,16 @@
     #     [--route-field source] [--loop-penalty 4]
 
 TRL 1.16 keeps ``OnlineDPOTrainer`` under ``trl.experimental.online_dpo`` (older versions: ``trl``). The run
-matches minialign's: the same first ``--prompts`` prompts of the same rows (``minialign.data.load_preference_pairs``,
-rewritten in the chat template as minialign does), the same reward model (a `minialign rm --full` run's
-``final/model``, an AutoModelForSequenceClassification read at the last non-padding token with pad = EOS, as
-minialign's judge reads it; or, with ``--reward-models``, `minialign online --combine route`'s scoring as a TRL
-reward function: each answer scored by the `minialign rm` run its prompt's row routes it to, standardised over the
-answers of the batch routed to that model (minialign: of the round), minus ``--loop-penalty`` for a looping answer,
-with minialign's own functions), temperature, top-p, max new tokens, beta, learning rate, LoRA r/alpha on every linear
-layer, epochs and prompts a batch (so as many optimiser steps as minialign's rounds give when every prompt keeps a
-pair: ``hh_plan.trl_online_plan``). What differs, and cannot be set: TRL samples 2 answers a prompt (minialign 4),
-and its loss has no NLL term.
+matches minialign's: the prompts `minialign online` samples in its ``--rounds`` rounds of ``--prompts`` from the
+same rows (picked by its own functions, in the chat template as minialign writes it); the same reward model (a
+`minialign rm --full` run's ``final/model``, an AutoModelForSequenceClassification read at the last non-padding
+token with pad = EOS, as minialign's judge reads it) or, with ``--reward-models``, `minialign online --combine
+route`'s scoring as a TRL reward function (each answer scored by the `minialign rm` run its prompt's row routes it
+to, standardised over the batch's answers routed to that model where minialign uses the round's, minus
+``--loop-penalty`` for a looping answer, with minialign's own functions); temperature, top-p, max new tokens, beta,
+learning rate, LoRA r/alpha on every linear layer, epochs and prompts a batch (so as many optimiser steps as
+minialign's rounds give when every prompt keeps a pair: ``hh_plan.trl_online_plan``). What differs, and cannot be
+set: TRL samples 2 answers a prompt (minialign 4), and its loss has no NLL term.
 
 Writes ``DIR/adapter`` (PEFT; `minialign eval --policy M --adapter DIR/adapter` evaluates it) and, last,
 ``DIR/trl_online.json`` (steps, train_s, TRL's logged stats, versions): its presence means the run finished.
@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default="", help="default: the model's own (minialign's default tokenizer)")
     p.add_argument("--dataset", required=True, help="preference data; only the prompts are read")
     p.add_argument("--train-rows", default="", help="START:STOP over the raw rows")
-    p.add_argument("--prompts", type=int, required=True, help="the first N usable prompts of those rows")
+    p.add_argument("--prompts", type=int, required=True, help="prompts a round, as `minialign online` picks them")
+    p.add_argument("--rounds", type=int, default=1, help="minialign online's rounds whose prompts TRL trains on")
     p.add_argument("--reward-model", default="", help="an AutoModelForSequenceClassification folder")
     p.add_argument("--reward-models", default="", help="instead: `minialign rm` run folders, comma-separated, "
                    "each prompt's answers scored by the one its row routes it to (--rm-routes)")
@@ -88,35 +89,30 @@ def online_dpo_classes():
 
 
 def load_prompts(args: argparse.Namespace, tokenizer) -> dict[str, list[str]]:
-    """The first ``--prompts`` prompts of the rows, as minialign's online command reads them (chat template or not),
-    as dataset columns: ``prompt`` (what the policy sees), ``raw_prompt`` (the HH text, what a minialign reward
-    model is given) and, with ``--reward-models``, ``route`` (each row's ``--route-field``). TRL passes the columns
-    other than ``prompt`` to a reward function."""
-    from minialign.data.chat import to_chat_format
-    from minialign.data.sources import row_to_pair
-    from minialign.evaluation.evalrows import indexed_rows
+    """The prompts `minialign online` samples in rounds 1..``--rounds`` (``--prompts`` a round) from the same rows
+    (its own functions: the rows' usable pairs, each prompt once, the 10% it holds out left out, each round's seeded
+    pick), as dataset columns: ``prompt`` (what the policy sees, chat template or not), ``raw_prompt`` (the HH
+    text, what a minialign reward model is given) and, with ``--reward-models``, ``route`` (each row's
+    ``--route-field``, checked as minialign checks it). TRL passes the columns other than ``prompt`` to a reward
+    function."""
+    from minialign.commands.online_inputs import load_prompts as online_prompts
+    from minialign.commands.online_pairs import round_prompts
+    from minialign.config.schema import OnlineConfig
 
-    rows = []
-    for _, where, row in indexed_rows(args.dataset, "train", "", args.train_rows):
-        pair = row_to_pair(row, where)
-        if not isinstance(pair, str):
-            rows.append((pair, row.get(args.route_field) if isinstance(row, dict) else None, where))
-        if len(rows) == args.prompts:
-            break
-    raw = [pair.prompt for pair, _, _ in rows]
-    shown = [p.prompt for p in to_chat_format([pair for pair, _, _ in rows], tokenizer)] if args.chat_template else raw
-    columns = {"prompt": shown, "raw_prompt": raw}
-    if args.reward_models:
-        routes = args.rm_routes.split(",")
-        for _, value, where in rows:
-            if str(value).strip() not in routes:
-                raise SystemExit(f"trl_online: {where}: its {args.route_field!r} field holds {value!r}, none of "
-                                 f"--rm-routes {args.rm_routes}")
-        columns["route"] = [str(value).strip() for _, value, _ in rows]
+    routed = bool(args.reward_models)
+    cfg = OnlineConfig(model=args.model, dataset=args.dataset, train_rows=args.train_rows, seed=args.seed,
+                       chat_template=args.chat_template, reward_models=args.reward_models or args.reward_model,
+                       combine="route" if routed else "zsum", rm_routes=args.rm_routes if routed else "",
+                       route_field=args.route_field, rounds=args.rounds, prompts_per_round=args.prompts)
+    pool = online_prompts(cfg, tokenizer)
+    picked = [pool[i] for k in range(1, args.rounds + 1) for i in round_prompts(len(pool), args.prompts, k, args.seed)]
+    columns = {"prompt": [p.text for p in picked], "raw_prompt": [p.raw for p in picked]}
+    if routed:
+        columns["route"] = [cfg.routes()[p.route] for p in picked]
     return columns
 
 
-def routed_reward(run_dirs: list[str], routes: list[str], loop_penalty: float, device):
+def routed_reward(run_dirs: list[str], routes: list[str], loop_penalty: float, device, strip: bool = True):
     """A TRL reward function doing `minialign online --combine route`'s scoring with minialign's own functions."""
     import torch
 
@@ -127,7 +123,8 @@ def routed_reward(run_dirs: list[str], routes: list[str], loop_penalty: float, d
     judges = [load_judge(d, device) for d in run_dirs]
 
     def routed_rm(prompts, completions, raw_prompt, route, **_):
-        texts = [(c if isinstance(c, str) else c[-1]["content"]).strip() for c in completions]
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        texts = [t.strip() for t in texts] if strip else texts  # as minialign online keeps chat answers
         model_of = torch.tensor([routes.index(r) for r in route])
         scores = torch.full((len(judges), len(texts)), float("nan"))
         for m, judge in enumerate(judges):
@@ -181,7 +178,7 @@ def main(argv=None) -> int:
     model = load_model(args.model, seed=args.seed, dtype=torch.float32)
     if args.reward_models:
         rm, rm_tok = routed_reward(args.reward_models.split(","), args.rm_routes.split(","), args.loop_penalty,
-                                   "cuda" if cuda else "cpu"), None
+                                   "cuda" if cuda else "cpu", strip=args.chat_template), None
     else:
         rm, rm_tok = reward_model(args.reward_model, args.reward_tokenizer)
     alpha = int(args.lora_alpha) if float(args.lora_alpha).is_integer() else args.lora_alpha

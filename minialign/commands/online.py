@@ -323,7 +323,8 @@ def load_round_weights(run_dir: Path, k: int, model: torch.nn.Module) -> None:
 def round_line(stats: dict, rounds: int, models: list[dict]) -> str:
     """The terminal line of one round."""
     names = [Path(m["run_dir"]).name for m in models]
-    scores = ", ".join(f"{name} {v:.3f}" for name, v in zip(names, stats["rm_scores"].values(), strict=True))
+    scores = ", ".join(f"{name} {'-' if v is None else f'{v:.3f}'}"  # None: routed no answer this round
+                       for name, v in zip(names, stats["rm_scores"].values(), strict=True))
     return (f"minialign online: round {stats['round']}/{rounds}: {stats['prompts']} prompts, {stats['pairs']} pairs "
             f"({stats['below_gap']} below --min-gap, {stats['no_contrast']} without contrast); mean score {scores}; "
             f"loops {stats['loop_share']:.2f}, EOS {stats['eos_share']:.2f}, {stats['mean_tokens']:.1f} tokens; "

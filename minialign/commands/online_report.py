@@ -130,9 +130,9 @@ def rounds_section(stats: list[dict[str, Any]]) -> Section:
                                                    line("train", "train_s")])], xlabel="round")
     return Section("Rounds", [
         Table(headers, rows),
-        Note("Scores are each reward model's raw mean over the round's samples (the zsum combination is 0 on "
-             "average by construction). A loop: some 4-word sequence 3+ times in an answer; EOS: the answer ended "
-             "on the end-of-sequence token."),
+        Note("Scores are each reward model's raw mean over the round's samples it scored: all of them, or under "
+             "--combine route those routed to it (the combination is 0 on average by construction). A loop: some "
+             "4-word sequence 3+ times in an answer; EOS: the answer ended on the end-of-sequence token."),
         Plot("online-scores", scores, "mean reward-model scores and pairs kept per round"),
         Plot("online-answers", text, "loops, EOS share and length of the sampled answers"),
         Plot("online-time", time, "time per round: generation, scoring, DPO training"),
