@@ -354,3 +354,17 @@ def test_eval_takes_an_online_run_as_policy(run_a, root):
                    "--out", root / "eval") == 0
     results = json.loads((root / "eval" / "eval.json").read_text())
     assert results["policy"] == f"online run {run_a}" and "starting model" in results["reference"]
+
+
+def test_a_round_decodes_256_rows_at_once_on_a_gpu_unless_told():
+    from types import SimpleNamespace
+
+    from minialign.commands.online import gen_batch_size
+    from minialign.config.schema import OnlineConfig
+
+    def on(device: str):
+        return SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device(device))]))
+
+    cfg = OnlineConfig(reward_models="rm")
+    assert gen_batch_size(cfg, on("cuda")) == 256 and gen_batch_size(cfg, on("cpu")) is None  # generate's own: 8
+    assert gen_batch_size(OnlineConfig(reward_models="rm", gen_batch_size=64), on("cuda")) == 64

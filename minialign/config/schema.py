@@ -284,7 +284,7 @@ class OnlineConfig(DPOConfig):
                               "answer greedy evaluation sees then takes part in its prompt's pair (a greedy answer "
                               "that loops becomes the rejected one), where sampled answers loop less than it",
                               group="online")
-    gen_batch_size: int = opt(0, "rows decoded at once (0: 128 on CUDA, 8 on CPU)", group="online")
+    gen_batch_size: int = opt(0, "rows decoded at once (0: 256 on CUDA, 8 on CPU)", group="online")
     rm_batch_size: int = opt(64, "answers a reward model scores at once", group="online")
     out: str = opt("runs/online", "run folder", group="output", metavar="DIR")
 
