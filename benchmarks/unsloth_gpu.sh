@@ -18,7 +18,8 @@
 # off: where the 0.29-nat learning gap comes from), `sft-gap` (the same against TRL: the fast path and
 # minialign-lowmem clipped by the previous step's norm and unclipped, the question NOTES entry 25 leaves open),
 # `sft-seed1` (sft-gap's TRL and minialign at seed 1: is the +0.03 nats seed noise?), `sft-seeds` (the same at seeds 2
-# and 3: minialign trailed by 0.03 and 0.06 at seeds 0 and 1, NOTES entry 29), `hh-per-axis` (one online
+# and 3: minialign trailed by 0.03 and 0.06 at seeds 0 and 1, NOTES entry 29), `decode-sample` (real SmolLM2 weights,
+# sampled answers that finish early as online rounds' do, 128 against 256 rows a batch), `hh-per-axis` (one online
 # reward model an axis, summed), `hh-routed` (the same two, each prompt scored by its own axis's model; candidates
 # $HH_CANDIDATES, then TRL's OnlineDPOTrainer given the same routed scoring and the timing, unless HH_TRL is set empty).
 # Results: $OUT/unsloth-peer.json and .md (bench_e2e's format), profile-decode.json, hh-two-axes.json/.md, state.json.
@@ -86,6 +87,8 @@ row() {
       | grep -v "it/s\]" | tail -30 ;;
     bench-decode-random) python3 benchmarks/bench_decode.py --model /tmp/smollm2-random --data $DATA --rows 300:556 \
       --batch-sizes 256 --decoders hf,static,static-flex,hf-static --json-out $W/decode-random.json 2>&1 | grep -v Warning | tail -30 ;;
+    decode-sample) python3 benchmarks/bench_decode.py --model /tmp/model.gguf --data $DATA --rows 300:812 \
+      --batch-sizes 128,256 --decoders static --sample --json-out $W/decode-sample.json 2>&1 | grep -v Warning | tail -8 ;;
     hh-routed) seed_state
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online${HH_TRL-,trl-online,timing} \
@@ -102,7 +105,7 @@ row() {
 # collect: follow the rows (see follow), then copy every result any row writes (absent ones are skipped) to $OUT.
 collect() {
   follow $W "^\[(rows|e2e|hh2)\]|Error|error:|Traceback" 70
-  cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode*.json $W/decode-random.json $W/check-graphs.json $W/memory-peak.json \
+  cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode*.json $W/decode-random.json $W/decode-sample.json $W/check-graphs.json $W/memory-peak.json \
     /tmp/hh2/hh-two-axes.json /tmp/hh2/hh-two-axes.md /tmp/hh2/state.json "$OUT"/ 2>/dev/null
   tar czf "$OUT"/logs.tgz -C $W log.txt e2e/logs 2>/dev/null
   ls -la "$OUT"
