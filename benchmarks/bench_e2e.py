@@ -74,6 +74,9 @@ RUNNERS: dict[str, list[str] | None] = {
     "minialign-lowmem-unclipped": ["--fast", "on", "--grad-checkpointing", "--compile", "--optim-in-backward",
                                    "--max-grad-norm", "0"],
     "minialign-lowmem-bf16": ["--fast", "on", "--grad-checkpointing", "--compile", "--base-dtype", "bfloat16"],
+    # the same memory options without --compile: eager checkpointing (no CUDA graphs), no compilation inside a short
+    # run's training time, which is where minialign-lowmem lost its steady-state lead over one epoch (NOTES entry 23)
+    "minialign-lowmem-eager": ["--fast", "on", "--grad-checkpointing", "--optim-in-backward"],
 }
 PROBE = ("import json, platform, torch; from importlib.metadata import version; "
          "print(json.dumps({'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', "

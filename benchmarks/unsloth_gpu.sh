@@ -19,7 +19,9 @@
 # minialign-lowmem clipped by the previous step's norm and unclipped, the question NOTES entry 25 leaves open),
 # `sft-seed1` (sft-gap's TRL and minialign at seed 1: is the +0.03 nats seed noise?), `sft-seeds` (the same at seeds 2
 # and 3: minialign trailed by 0.03 and 0.06 at seeds 0 and 1, NOTES entry 29), `decode-sample` (real SmolLM2 weights,
-# sampled answers that finish early as online rounds' do, 128 against 256 rows a batch), `hh-per-axis` (one online
+# sampled answers that finish early as online rounds' do, 128 against 256 rows a batch), `sft-lowmem` (matched memory:
+# Unsloth's default against minialign's memory options compiled and eager; Unsloth's wheels in /tmp/usite: `start`
+# installs them, or `pip install --no-index --no-deps --target /tmp/usite .whlu/*.whl`), `hh-per-axis` (one online
 # reward model an axis, summed), `hh-routed` (the same two, each prompt scored by its own axis's model; candidates
 # $HH_CANDIDATES, then TRL's OnlineDPOTrainer given the same routed scoring and the timing, unless HH_TRL is set empty).
 # Results: $OUT/unsloth-peer.json and .md (bench_e2e's format), profile-decode.json, hh-two-axes.json/.md, state.json.
@@ -69,6 +71,9 @@ row() {
     sft-seed1) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer $TOK \
       --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
       --runners trl,minialign --label llama1b-sft-lora-seed1 ${SAME/--seed 0/--seed 1} ;;
+    sft-lowmem) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer $TOK \
+      --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
+      --runners unsloth,minialign-lowmem,minialign-lowmem-eager --label llama1b-sft-lora-lowmem $SAME ;;
     sft-seeds) for seed in 2 3; do python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b \
       --tokenizer $TOK --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
       --runners trl,minialign --label llama1b-sft-lora-seed$seed ${SAME/--seed 0/--seed $seed}; done ;;
