@@ -45,8 +45,10 @@ from minialign.modeling.generate import generate
 from minialign.modeling.models import load_model, load_tokenizer
 
 # hf first: the others are compared with its answers. static-plain: the static decoder without torch.compile;
-# static-flex: with FlexAttention's split-KV decoding kernel (minialign.modeling.flex_decode).
-DECODERS = ("hf", "static", "static-plain", "static-flex", "hf-static")
+# static-flex: with FlexAttention's split-KV decoding kernel (minialign.modeling.flex_decode); static-efficient: with
+# the memory-efficient attention kernel (64-row query tiles) instead of FlashAttention's (128).
+DECODERS = ("hf", "static", "static-plain", "static-flex", "static-efficient", "hf-static")
+ATTENTION = {"static-flex": "flex", "static-efficient": "efficient"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -126,7 +128,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "definitions": {"tokens_per_s": "answer tokens (EOS included) / best pass wall time, whole generate() call",
                         "ms_per_step": "best pass wall time / decode steps (each batch: its longest answer)",
                         "identical_to_hf": "share of answers whose text equals decoder='hf' at this batch size",
-                        "identical_to_static": "static-flex: the same share against decoder='static'"},
+                        "identical_to_static": "static-flex, static-efficient: the same share against decoder='static'"},
         "results": {},
     }
     decoders = [d for d in DECODERS if d in args.decoders.split(",")]
@@ -137,13 +139,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             try:
                 if name.startswith("static") and name not in statics:
                     statics[name] = StaticDecoder(model, compile=name != "static-plain",
-                                                  attention="flex" if name == "static-flex" else "flash")
+                                                  attention=ATTENTION.get(name, "flash"))
                 row, answers = measure(model, tokenizer, prompts, statics.get(name, name), batch_size, args, eos)
                 if name == "hf":
                     reference = answers
                 if name == "static":
                     static_answers = answers
-                if name == "static-flex" and static_answers is not None and not args.sample:
+                if name in ATTENTION and static_answers is not None and not args.sample:
                     row["identical_to_static"] = identical_share(answers, static_answers)
                 if reference is not None and not args.sample:
                     row["identical_to_hf"] = identical_share(answers, reference)

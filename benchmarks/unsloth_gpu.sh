@@ -91,7 +91,7 @@ row() {
     check-graphs) python3 benchmarks/checks/check_graphs.py --task sft --mode lora --out $W/check-graphs.json 2>&1 \
       | grep -v "it/s\]" | tail -30 ;;
     bench-decode-random) python3 benchmarks/bench_decode.py --model /tmp/smollm2-random --data $DATA --rows 300:556 \
-      --batch-sizes 256 --decoders hf,static,static-flex,hf-static --json-out $W/decode-random.json 2>&1 | grep -v Warning | tail -30 ;;
+      --batch-sizes 256 --decoders hf,static,static-efficient,hf-static --json-out $W/decode-random.json 2>&1 | grep -v Warning | tail -30 ;;
     decode-sample) python3 benchmarks/bench_decode.py --model /tmp/model.gguf --data $DATA --rows 300:812 \
       --batch-sizes 128,256 --decoders static --sample --json-out $W/decode-sample.json 2>&1 | grep -v Warning | tail -8 ;;
     hh-routed) seed_state

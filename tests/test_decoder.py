@@ -23,6 +23,7 @@ from minialign.modeling.decoder_model import (
     decode_layout,
     decoder_support,
     qkv_rope,
+    varlen_decode_args,
     write_cache,
 )
 from minialign.modeling.flex_decode import KV_BLOCK, decode_blocks, flex_decode
@@ -178,6 +179,30 @@ def test_decode_attention_reads_each_rows_used_keys():
             torch.testing.assert_close(out[row, h], weights @ values)
 
 
+def test_the_varlen_call_describes_each_rows_used_keys():
+    """What the CUDA kernels (FlashAttention's seqused_k, the memory-efficient kernel's seqlen_k) are given, read by
+    their contract: sequence s holds queries cu_q[s]:cu_q[s+1] and the first used[s] keys from cu_k[s], no mask.
+    Read so, it is each row's attention over its used keys (the kernels themselves run only on a GPU)."""
+    torch.manual_seed(0)
+    b, heads, kv_heads, length, d = 3, 6, 2, 9, 8
+    q = torch.randn(b, heads, d, dtype=torch.float64)
+    k, v = (torch.randn(b, kv_heads, length, d, dtype=torch.float64) for _ in range(2))
+    used = torch.tensor([1, 9, 4])
+    layout = decode_layout(used - 1, kv_heads, heads // kv_heads, length, True)
+    q2, k2, v2, cu_q, cu_k, seqused = varlen_decode_args(q, k, v, layout)
+    assert seqused.dtype == cu_q.dtype == cu_k.dtype == torch.int32 and k2.data_ptr() == k.data_ptr()  # views
+    out = torch.empty_like(q2)
+    for seq in range(len(seqused)):
+        queries, start = q2[cu_q[seq] : cu_q[seq + 1], 0], int(cu_k[seq])
+        keys, values = k2[start : start + seqused[seq], 0], v2[start : start + seqused[seq], 0]
+        out[cu_q[seq] : cu_q[seq + 1], 0] = (queries @ keys.T * d**-0.5).softmax(-1) @ values
+    out = out.view(b, heads, d)
+    for row in range(b):
+        for h in range(heads):
+            keys, values = k[row, h // 3, : used[row]], v[row, h // 3, : used[row]]
+            torch.testing.assert_close(out[row, h], (keys @ q[row, h] * d**-0.5).softmax(0) @ values)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_flex_decode_attention_reads_each_rows_used_keys(dtype):
     """FlexAttention's decode path (an experiment) against the formula, over several key blocks: a row that uses
@@ -205,7 +230,7 @@ def test_static_decoder_with_flex_attention_answers_as_transformers(tok):
     decoder.flex = lambda *args: calls.append(1) or flex(*args)
     assert generate(model, tok, PROMPTS, decoder=decoder, **common) == reference
     assert len(calls) >= NEW * model.config.num_hidden_layers  # every decode step of every layer went through flex
-    with pytest.raises(UserError, match="attention must be 'flash' or 'flex'"):
+    with pytest.raises(UserError, match="attention must be 'flash', 'efficient' or 'flex'"):
         StaticDecoder(model, attention="flexible")
 
 

@@ -109,8 +109,9 @@ class StaticDecoder:
     ``torch.compile`` in decode steps (CUDA only; a failing compilation falls back to plain kernels);
     ``sync_every``: steps between looks at the rows; ``retire``: move live rows into smaller buckets as rows finish
     (``min_bucket`` rows at least); ``prefill_tokens``: prompt tokens per prefill pass; ``attention``: the decode
-    steps' attention, ``"flash"`` (FlashAttention-2 varlen on CUDA, SDPA elsewhere) or ``"flex"`` (``flex_decode``;
-    slower on an H100, benchmarks/NOTES.md entry 29).
+    steps' attention, ``"flash"`` (FlashAttention-2 varlen on CUDA, SDPA elsewhere), ``"efficient"`` (the
+    memory-efficient kernel on CUDA, an experiment: ``decode_attention``) or ``"flex"`` (``flex_decode``; slower on an
+    H100, benchmarks/NOTES.md entry 29).
     """
 
     def __init__(self, model: torch.nn.Module, *, graphs: bool = True, compile: bool = True, sync_every: int = 8,
@@ -120,8 +121,8 @@ class StaticDecoder:
         if reason is not None:
             raise UserError(f"The static decoder cannot run this model: {reason}. Use decoder='auto' (falls back "
                             "to transformers' generate) or decoder='hf'.")
-        if attention not in ("flash", "flex"):
-            raise UserError(f"StaticDecoder attention must be 'flash' or 'flex' (got {attention!r}).")
+        if attention not in ("flash", "efficient", "flex"):
+            raise UserError(f"StaticDecoder attention must be 'flash', 'efficient' or 'flex' (got {attention!r}).")
         self.model = model
         self.weights = DecoderWeights(model)
         self.device = self.weights.embed.device
@@ -131,6 +132,7 @@ class StaticDecoder:
         self.prefill_tokens = prefill_tokens or (65536 if self.device.type == "cuda" else 2048)
         self.scale = self.weights.dims.head_dim ** -0.5
         self.flex = flex_decode(self.device) if attention == "flex" else None
+        self.kernel = "efficient" if attention == "efficient" else "flash"  # the varlen call's kernel on CUDA
         self.state: _State | None = None
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphs_enabled else None
@@ -286,7 +288,7 @@ class StaticDecoder:
         def attend(q, k_cache, v_cache):
             if self.flex is not None:
                 return self.flex(q, k_cache, v_cache, *blocks, self.scale)
-            return decode_attention(q, k_cache, v_cache, layout, self.scale)
+            return decode_attention(q, k_cache, v_cache, layout, self.scale, self.kernel)
 
         x = F.embedding(tokens, w.embed)
         cos, sin = s.cos[positions][:, None], s.sin[positions][:, None]
@@ -317,12 +319,12 @@ class StaticDecoder:
         with torch.cuda.stream(self.stream):
             try:
                 self._step(bucket, key)
-            except Exception as exc:  # a compilation failed; rerunning the step rewrites the same cache positions
-                if self.parts is PLAIN and self.flex is None:
+            except Exception as exc:  # a compilation or kernel failed; rerunning rewrites the same cache positions
+                if self.parts is PLAIN and self.flex is None and self.kernel == "flash":
                     raise
-                print(f"minialign: compiling the decode step failed ({type(exc).__name__}: {exc}); "
-                      "decoding with plain kernels.", file=sys.stderr)
-                self.parts, self.flex = PLAIN, None
+                print(f"minialign: the decode step failed ({type(exc).__name__}: {exc}); decoding with plain "
+                      "kernels and FlashAttention.", file=sys.stderr)
+                self.parts, self.flex, self.kernel = PLAIN, None, "flash"
                 self.graphs.clear()
                 self._step(bucket, key)
         graph = torch.cuda.CUDAGraph()
