@@ -96,7 +96,7 @@ row() {
       --batch-sizes 128,256 --decoders static --sample --json-out $W/decode-sample.json 2>&1 | grep -v Warning | tail -8 ;;
     hh-routed) seed_state
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
-        --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online${HH_TRL-,trl-online,timing} \
+        --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online${HH_TRL-,trl-online,timing},heldout \
         --online-rm routed --candidates ${HH_CANDIDATES:-r1-rpo1-lp4,r1-rpo1-lp4-g} ;;
     hh) seed_state
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \

@@ -95,6 +95,25 @@ def test_the_suite_yaml_names_each_axis_file_rows_and_judge(tmp_path):
     assert not list(path.parent.glob("*.tmp"))
 
 
+def test_the_independent_check_reads_only_the_held_out_files_with_the_helpfulness_judge(tmp_path):
+    doc = yaml.safe_load(plan.write_heldout_suite(tmp_path / "h.yaml", "/data", 100, "/w/judge-helpful").read_text())
+    assert [(a["name"], a["dataset"], a["rows"], a["n"], a["judge"]) for a in doc["axes"]] == [
+        (f, f"/data/data/hh-rlhf/{f}/test.jsonl.gz", "0:100", 100, "/w/judge-helpful") for f in plan.HELD_OUT]
+    assert set(plan.HELD_OUT).isdisjoint(plan.FOLDERS.values())  # files no policy, reward model or judge reads
+    ev = _eval(_axis(0.7, 0.0, 0.0), _axis(0.6, 0.1, 0.0), "No.")
+    ev["summary"] = {f: ev["summary"][axis] for f, axis in zip(plan.HELD_OUT, plan.AXES)}
+    state = {"judges": {"helpful": {"rows": "1700:2354"}}, "heldout_setup": {"files": list(plan.HELD_OUT),
+                                                                             "rows": "0:100"},
+             "heldout": {"online": {f: results.axis_headline(ev, f) for f in plan.HELD_OUT}},
+             "heldout_start": {f: {"evasion": 0.0, "loops": 0.4} for f in plan.HELD_OUT}}
+    checks = results.build_summary(state)["heldout_checks"]
+    assert checks["judge_rows"] == "1700:2354" and checks["policies"]["online"]["helpful-online"]["win_rate"] == 0.7
+    md = results.markdown(results.build_summary(state))
+    assert "## Independent check (rows 0:100 of helpful-online, helpful-rejection-sampled" in md
+    assert "| online | 0.700 [0.60, 0.80] | 0.00 | 0.00 | 0.600 [0.50, 0.70] | 0.10 | 0.00 |" in md
+    assert results.build_summary({})["heldout_checks"] is None
+
+
 def test_per_axis_reward_models_read_exactly_the_mixs_first_half(tmp_path, shared_dir):
     """source_spans: the raw rows of each axis behind a span of the mixed file, so that one reward model per axis reads
     what the single mixed one reads (the first half of the train lines) and none of the online prompts' rows."""

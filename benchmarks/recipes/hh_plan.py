@@ -199,6 +199,20 @@ def write_suite(path: Path, root: str | Path, plan: dict[str, dict[str, str]], p
     return Path(path)
 
 
+HELD_OUT_ROWS = "0:100"  # the independent check's prompts in each held-out file (nothing trained reads any row)
+
+
+def write_heldout_suite(path: Path, root: str | Path, n: int, judge: str, rows: str = HELD_OUT_ROWS) -> Path:
+    """The independent final check's `minialign eval --suite` YAML: each held-out helpful file (``HELD_OUT``, read by
+    no policy, reward model or judge) an axis, ``rows``, ``n`` prompts, the helpfulness judge."""
+    import yaml
+
+    axes = [{"name": folder, "dataset": dataset_path(root, folder), "rows": rows, "n": n, "judge": judge}
+            for folder in HELD_OUT]
+    _atomic_write(Path(path), yaml.safe_dump({"axes": axes}, sort_keys=False))
+    return Path(path)
+
+
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

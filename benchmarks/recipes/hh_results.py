@@ -204,6 +204,16 @@ def step_devices(state: dict) -> list[dict]:
     return [{"device": d, "steps": names} for d, names in groups.items()]
 
 
+def heldout_checks(state: dict) -> dict | None:
+    """The independent final check (``phase_heldout``): per policy and held-out file its win rate over the starting
+    model by the helpfulness judge, with the starting model's evasion and loops there; None until it has run."""
+    if not state.get("heldout"):
+        return None
+    judge = (state.get("judges") or {}).get("helpful") or {}
+    return {**(state.get("heldout_setup") or {}), "judge_rows": judge.get("rows"),
+            "starting_model": state.get("heldout_start"), "policies": state["heldout"]}
+
+
 def build_summary(state: dict) -> dict:
     """The committed JSON (benchmarks/results/hh-two-axes.json) from the study's state document."""
     start = state.get("starting_model") or {}
@@ -224,6 +234,7 @@ def build_summary(state: dict) -> dict:
         "candidates": state.get("candidates"),
         "chosen": state.get("chosen"),
         "timing": timing,
+        "heldout_checks": heldout_checks(state),
         "targets": targets(policies, start, timing),
         "decline_check": state.get("decline_check"),
         "notes": state.get("notes", []),
@@ -244,6 +255,24 @@ def _win(a: dict) -> str:
         return "-"
     ci = f" [{a['low']:.2f}, {a['high']:.2f}]" if a.get("low") is not None and a.get("high") is not None else ""
     return f"{a['win_rate']:.3f}{ci}"
+
+
+def heldout_markdown(checks: dict | None) -> list[str]:
+    if not checks:
+        return []
+    files = checks["files"]
+    start = checks.get("starting_model") or {}
+    lines = ["", f"## Independent check (rows {checks['rows']} of {', '.join(files)}: read by nothing trained; "
+             f"helpfulness judge, rows {checks.get('judge_rows')})", "",
+             "| policy | " + " | ".join(f"{f} win | evasion | loops" for f in files) + " |",
+             "|---|" + "---:|---:|---:|" * len(files),
+             "| starting model | " + " | ".join(f"| {_f((start.get(f) or {}).get('evasion'), '{:.2f}')} | "
+                                            f"{_f((start.get(f) or {}).get('loops'), '{:.2f}')}" for f in files) + " |"]
+    for name, axes in checks["policies"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{_win(axes.get(f) or {})} | "
+                                                 f"{_f((axes.get(f) or {}).get('evasion'), '{:.2f}')} | "
+                                                 f"{_f((axes.get(f) or {}).get('loops'), '{:.2f}')}" for f in files) + " |")
+    return lines
 
 
 def markdown(doc: dict) -> str:
@@ -286,6 +315,7 @@ def markdown(doc: dict) -> str:
     chosen = doc.get("chosen") or {}
     if chosen.get("name"):
         lines += ["", f"Chosen: **{chosen['name']}** ({chosen.get('why')})."]
+    lines += heldout_markdown(doc.get("heldout_checks"))
     t = doc.get("timing") or {}
     lines += ["", "## Timing", "", "| online round (1,000 prompts x 4) | minialign online | TRL online | speed-up |",
               "|---:|---:|---:|---:|",

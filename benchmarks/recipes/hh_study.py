@@ -99,7 +99,7 @@ class Study:
         if ev is None:
             self.state["notes"].append(f"{name}: its eval failed (see logs/eval-eval-{name}.log)")
             return self.save()
-        self.state["policies"][name] = {**results.policy_entry(ev, plan.TEST4_ROW), "run": run}
+        self.state["policies"][name] = {**results.policy_entry(ev, plan.TEST4_ROW), "run": run, "flags": policy}
         if not self.state.get("starting_model"):  # the eval's reference is the starting model
             start = {axis: results.reference_headline(ev, axis) for axis in plan.AXES}
             answer = results.answer_for_row(ev, "harmless", plan.TEST4_ROW, side="reference")

@@ -22,6 +22,8 @@ a run is cut off; each skips the runs whose output exists, so a second call resu
 ``trl-dpo``       TRL DPO on the mix (benchmarks/trl_e2e.py; ~100 s + 25 s)
 ``timing``        online_round_s from the 1-round candidate's rounds.jsonl; whole-command walls of the chosen
                   candidate and TRL online (their phase runs; ``--timing-repeats N`` reruns both N times, alternating)
+``heldout``       the independent final check: every policy whose run is on this machine, on helpful-online and
+                  helpful-rejection-sampled prompts (read by nothing trained), by the helpfulness judge (~25 s each)
 
 About 16-18 minutes in all. Every command, its wall clock and return code land in the JSON (``--out``, rewritten
 atomically after each step with its Markdown beside it; the study's state is ``WORK/state.json``).
@@ -46,7 +48,8 @@ from hh_study import Study, finished, fresh, read_jsonl  # noqa: E402
 from minialign.config.presets import load_run_config  # noqa: E402
 from minialign.config.schema import OnlineConfig  # noqa: E402
 
-PHASES = ("judges", "harmless-only", "online-rm", "online", "offline-mix", "trl-online", "trl-dpo", "timing")
+PHASES = ("judges", "harmless-only", "online-rm", "online", "offline-mix", "trl-online", "trl-dpo", "timing",
+          "heldout")
 JUDGE_TARGET = 0.62
 
 
@@ -327,12 +330,34 @@ def phase_timing(s: Study) -> None:
     s.save()
 
 
+def phase_heldout(s: Study) -> None:
+    """Each recorded policy whose run folder is here (a seeded state's are not) against the starting model on the
+    held-out helpful files, judged for helpfulness: prompts no model of the study has read."""
+    s.need("judges", "judges")
+    suite = plan.write_heldout_suite(s.work / "suites" / "heldout.yaml", s.args.data_root, s.args.n,
+                                     s.state["judges"]["helpful"]["run_dir"])
+    s.state["heldout_setup"] = {"files": list(plan.HELD_OUT), "rows": plan.HELD_OUT_ROWS}
+    checks = s.state.setdefault("heldout", {})
+    for name, p in s.state["policies"].items():
+        if not p.get("flags") or not Path(p.get("run") or "").exists():
+            continue
+        out = s.work / "evals" / "heldout" / name
+        if not (out / "eval.json").is_file():
+            s.minialign(f"eval-heldout-{name}", "eval", *p["flags"], "--suite", str(suite), "--samples", "0", "--n",
+                        str(s.args.n), "--out", str(out))
+        ev = _read_json(out / "eval.json")
+        if ev is not None:
+            checks[name] = {folder: results.axis_headline(ev, folder) for folder in plan.HELD_OUT}
+            s.state.setdefault("heldout_start", {f: results.reference_headline(ev, f) for f in plan.HELD_OUT})
+        s.save()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     s = Study(args)
     phases = {"judges": phase_judges, "harmless-only": phase_harmless_only, "online-rm": phase_online_rm,
               "online": phase_online, "offline-mix": phase_offline_mix, "trl-online": phase_trl_online,
-              "trl-dpo": phase_trl_dpo, "timing": phase_timing}
+              "trl-dpo": phase_trl_dpo, "timing": phase_timing, "heldout": phase_heldout}
     for name in args.phases.split(","):
         phases[name](s)
         print(f"[hh2] phase {name} done", flush=True)
