@@ -99,6 +99,8 @@ def measure(model, tokenizer, prompts: list[str], decoder, batch_size: int, args
     row = {"wall_s": [round(w, 4) for w in walls], "new_tokens": tokens, "decode_steps": steps,
            "tokens_per_s": round(tokens / best, 1), "ms_per_step": round(1000 * best / steps, 3),
            "finished_share": round(sum(c.finished for c in answers) / len(answers), 4)}
+    if getattr(decoder, "fallback", None):  # the variant failed and the decoder fell back: not the variant's speed
+        row["fallback"] = decoder.fallback
     return row, answers
 
 

@@ -23,7 +23,8 @@
 # Unsloth's default against minialign's memory options compiled and eager; Unsloth's wheels in /tmp/usite: `start`
 # installs them, or `pip install --no-index --no-deps --target /tmp/usite .whlu/*.whl`), `hh-per-axis` (one online
 # reward model an axis, summed), `hh-routed` (the same two, each prompt scored by its own axis's model; candidates
-# $HH_CANDIDATES, then TRL's OnlineDPOTrainer given the same routed scoring and the timing, unless HH_TRL is set empty).
+# $HH_CANDIDATES, then TRL's OnlineDPOTrainer given the same routed scoring and the timing, unless HH_TRL is set empty,
+# then the independent check on the held-out helpful files, `heldout`).
 # Results: $OUT/unsloth-peer.json and .md (bench_e2e's format), profile-decode.json, hh-two-axes.json/.md, state.json.
 set -u
 W=/tmp/uns
@@ -37,11 +38,13 @@ SAME="--data $DATA --train-rows 300:1612 --eval-rows 1612:1812 --epochs 1 --sche
  --unsloth-site /tmp/usite --timeout-s 300"
 
 # seed_state: the committed study state as /tmp/hh2's (once), its `online` policy kept as online-<its chosen candidate>
-# and TRL's match forgotten, so a call that reruns the online phases adds rows instead of replacing the committed ones.
+# and TRL's match and every policy's eval flags forgotten (its run folder is another machine's: the heldout phase must
+# not evaluate a folder this call retrains under the old name), so a rerun adds rows instead of replacing them.
 seed_state() {
   [ -f /tmp/hh2/state.json ] || python3 -c "import json; \
 s = json.load(open('benchmarks/results/hh-two-axes-state.json')); p = s['policies']; \
 p.update({'online-' + s['chosen']['name']: p.pop('online')} if 'online' in p else {}); \
+[q.pop('flags', None) for q in p.values()]; \
 s.pop('trl_online_candidate', None); json.dump(s, open('/tmp/hh2/state.json', 'w'))"
 }
 
@@ -136,8 +139,9 @@ lite)
   # sft-lora-fast, memory-peak (what fills memory at llama-1b SFT LoRA's peak, checks/memory_peak.py), check-graphs
   # (checks/check_graphs.py: graphed = plain training, uncompiled, several captures), decode-random (the decoder
   # profile on random SmolLM2-135M weights built from .gl/smollm2's config: every row runs all max_new_tokens, so the
-  # step time is measured without early finishes) and bench-decode-random (bench_decode.py's static decoders, flash
-  # and flex, against transformers' static cache + compile, same weights).
+  # step time is measured without early finishes) and bench-decode-random (bench_decode.py's static decoder with
+  # FlashAttention and with the memory-efficient kernel, against transformers' dynamic and static+compile caches, same
+  # weights).
   ROWS=${2:-sft-gap,check-graphs,bench-decode-random,decode-random}
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1

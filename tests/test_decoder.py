@@ -277,6 +277,16 @@ def test_compiled_cache_store_writes_in_place_what_eager_writes():
     torch.testing.assert_close(caches, expected)
 
 
+def test_a_failing_step_drops_one_thing_at_a_time_and_says_what():
+    efficient = StaticDecoder(llama(), attention="efficient")
+    assert efficient.kernel == "efficient" and efficient.fallback is None
+    assert efficient._fall_back(RuntimeError("no kernel image"))
+    assert efficient.kernel == "flash" and "memory-efficient" in efficient.fallback and "no kernel image" in efficient.fallback
+    assert not efficient._fall_back(RuntimeError("again"))  # plain parts and FlashAttention: nothing left to drop
+    flex = StaticDecoder(llama(), attention="flex")
+    assert flex._fall_back(RuntimeError("x")) and flex.flex is None and "FlexAttention" in flex.fallback
+
+
 def test_lora_models_decode_as_merged_without_being_modified(tok):
     model = apply_lora(llama(), LoRAConfig(r=4, alpha=8))
     with torch.no_grad():

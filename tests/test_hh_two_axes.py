@@ -139,7 +139,8 @@ def test_online_flags_and_trl_matching():
     assert got["--rounds"] == "2" and got["--prompts-per-round"] == "500" and got["--samples"] == "4"
     assert got["--rpo-alpha"] == "1.0" and got["--top-p"] == "0.9" and got["--max-new-tokens"] == "128"
     match = plan.trl_online_plan(s)
-    assert match == {"prompts": 1000, "epochs": 1, "batch_size": 16, "steps": 63, "samples": 2, "minialign_samples": 4}
+    assert match == {"prompts": 1000, "epochs": 1, "batch_size": 16, "steps": 63, "minialign_steps": 64, "samples": 2,
+                     "minialign_samples": 4}  # minialign rounds each round's last batch up: 2 x ceil(500 / 16)
     assert plan.trl_online_plan({**s, "epochs": 2, "prompts_per_round": 8, "batch_size": 4})["steps"] == 8
     small = plan.online_settings("r1-rpo1", small=True)
     assert small["rounds"] == 1 and small["prompts_per_round"] == 8 and small["beta"] == 0.1
@@ -248,6 +249,31 @@ def test_study_flags_pick_the_small_model_and_refuse_unknown_phases():
         study.parse_args(["--data-root", "/d", "--phases", "judges,nope"])
     assert study.round_seconds([{"generate_s": 20.0, "score_s": 5.0, "train_s": 30.0}, {}]) == 55.0
     assert study.round_seconds([{"generate_s": 20.0}]) is None and study.round_seconds([]) is None
+
+
+def test_the_heldout_phase_checks_only_policies_trained_on_this_machine(tmp_path):
+    from types import SimpleNamespace
+
+    study = load_benchmark("hh_two_axes", RECIPES)
+    here = tmp_path / "online-run"
+    here.mkdir()
+    ev = _eval(_axis(0.7, 0.0, 0.0), _axis(0.6, 0.1, 0.0), "No.")
+    ev["summary"] = {f: ev["summary"][axis] for f, axis in zip(plan.HELD_OUT, plan.AXES)}
+    done = tmp_path / "evals" / "heldout" / "online" / "eval.json"
+    done.parent.mkdir(parents=True)
+    done.write_text(json.dumps(ev))  # evaluated by an earlier call: read back, not rerun
+    calls = []
+    state = {"judges": {"helpful": {"run_dir": "/w/judge-helpful", "rows": "1700:2354"}}, "notes": [], "policies": {
+        "online": {"flags": ["--policy", str(here)], "run": str(here)},
+        "fresh": {"flags": ["--policy", str(here)], "run": str(here)},  # its eval fails: a note, no row
+        "seeded": {"flags": ["--policy", "/gone"], "run": "/gone"},  # another machine's run folder
+        "committed": {"run": str(here)},  # recorded before policies kept their flags
+        "empty": {"flags": ["--policy", "x"], "run": ""}}}
+    s = SimpleNamespace(state=state, work=tmp_path, args=SimpleNamespace(data_root="/data", n=4),
+                        need=lambda *a: None, save=lambda: None, minialign=lambda name, *argv: calls.append(name))
+    study.phase_heldout(s)
+    assert calls == ["eval-heldout-fresh"] and set(state["heldout"]) == {"online"}
+    assert state["heldout"]["online"]["helpful-online"]["win_rate"] == 0.7 and "heldout fresh" in state["notes"][0]
 
 
 def test_timing_takes_the_round_of_this_calls_candidates_not_a_seeded_states():

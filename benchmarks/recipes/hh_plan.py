@@ -238,10 +238,12 @@ def online_flags(settings: dict) -> list[str]:
 
 def trl_online_plan(settings: dict) -> dict:
     """TRL OnlineDPOTrainer's run matched to a minialign online run: the same ``rounds x prompts_per_round``
-    prompts, each trained on ``epochs`` times in batches of ``batch_size`` prompts, so its optimiser steps equal
-    minialign's when every prompt keeps a pair (minialign keeps at most one pair a prompt a round). TRL samples
-    2 answers a prompt (fixed in TRL 1.16) where minialign samples ``samples``: the one difference left."""
-    prompts = settings["rounds"] * settings["prompts_per_round"]
-    steps = settings["epochs"] * -(-prompts // settings["batch_size"])
-    return {"prompts": prompts, "epochs": settings["epochs"], "batch_size": settings["batch_size"], "steps": steps,
+    prompts, each trained on ``epochs`` times in batches of ``batch_size`` prompts. ``steps`` is TRL's count;
+    ``minialign_steps`` minialign's when every prompt keeps a pair (at most one a prompt a round), each round's
+    last batch rounded up on its own, so with several rounds TRL can take up to ``rounds - 1`` steps fewer. TRL
+    samples 2 answers a prompt (fixed in TRL 1.16) where minialign samples ``samples``."""
+    prompts, bs = settings["rounds"] * settings["prompts_per_round"], settings["batch_size"]
+    steps = settings["epochs"] * -(-prompts // bs)
+    return {"prompts": prompts, "epochs": settings["epochs"], "batch_size": bs, "steps": steps,
+            "minialign_steps": settings["rounds"] * settings["epochs"] * -(-settings["prompts_per_round"] // bs),
             "samples": 2, "minialign_samples": settings["samples"]}

@@ -133,6 +133,7 @@ class StaticDecoder:
         self.scale = self.weights.dims.head_dim ** -0.5
         self.flex = flex_decode(self.device) if attention == "flex" else None
         self.kernel = "efficient" if attention == "efficient" else "flash"  # the varlen call's kernel on CUDA
+        self.fallback: str | None = None  # what _fall_back dropped, if anything
         self.state: _State | None = None
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphs_enabled else None
@@ -317,21 +318,33 @@ class StaticDecoder:
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
-            try:
-                self._step(bucket, key)
-            except Exception as exc:  # a compilation or kernel failed; rerunning rewrites the same cache positions
-                if self.parts is PLAIN and self.flex is None and self.kernel == "flash":
-                    raise
-                print(f"minialign: the decode step failed ({type(exc).__name__}: {exc}); decoding with plain "
-                      "kernels and FlashAttention.", file=sys.stderr)
-                self.parts, self.flex, self.kernel = PLAIN, None, "flash"
-                self.graphs.clear()
-                self._step(bucket, key)
+            while True:  # a failing step leaves the state as it was: rerunning rewrites the same cache positions
+                try:
+                    self._step(bucket, key)
+                    break
+                except Exception as exc:
+                    if not self._fall_back(exc):
+                        raise
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
             self._step(bucket, key)  # recorded, not run
         current.wait_stream(self.stream)
         self.graphs[(bucket, key)] = graph
+
+    def _fall_back(self, exc: Exception) -> bool:
+        """After a failed step, one thing fewer to fail: the memory-efficient kernel gives way to FlashAttention,
+        else compiled parts and FlexAttention to plain kernels; False when nothing is left to drop. ``fallback``
+        keeps what happened, for benchmarks (a row must not pass off the fallback's speed as the variant's)."""
+        if self.kernel != "flash":
+            self.kernel, dropped = "flash", "the memory-efficient attention kernel"
+        elif self.parts is not PLAIN or self.flex is not None:
+            self.parts, self.flex, dropped = PLAIN, None, "compiled parts / FlexAttention"
+        else:
+            return False
+        self.fallback = f"{dropped} failed ({type(exc).__name__}: {exc})"
+        print(f"minialign: decoding without {self.fallback}.", file=sys.stderr)
+        self.graphs.clear()
+        return True
 
     def _compact(self, live: list[int], bucket: int, used: int) -> None:
         """Move the live slots to the front (their first ``used`` cache positions) and empty the rest of ``bucket``."""
