@@ -19,6 +19,7 @@ from transformers.generation.logits_process import (
 from minialign.base.errors import UserError
 from minialign.modeling.decoder import GREEDY, StaticDecoder, _compiled_parts
 from minialign.modeling.decoder_model import (
+    PLAIN,
     decode_attention,
     decode_layout,
     decoder_support,
@@ -248,33 +249,28 @@ def test_write_cache_puts_each_rows_key_at_its_position_and_touches_nothing_else
     assert torch.equal(cache, expected)
 
 
-def test_compiled_cache_store_writes_in_place_what_eager_writes():
-    """A decode step's first half as the decoder compiles it (``_compiled_parts().qkv_store``: Inductor's code for
-    RMSNorm, QKV and RoPE, here its CPU code, then the two cache stores). On two layers' caches (views into one
-    buffer at different offsets, as a decode step passes them): q and each cache equal the eager qkv_rope +
-    write_cache, the store lands in the caller's buffer, nothing else of it changes, and the second layer reuses the
-    first's compilation."""
+def test_the_compiled_block_halves_compute_what_eager_ones_do_without_recompiling_per_layer():
+    """A decode step's block halves as the decoder compiles them (``_compiled_parts()``: Inductor's code, here its CPU
+    code) against the plain ones, on two layers' weights: the same q, k, v and block output, and the second layer
+    reuses the first's compilation. The caches never enter the compiled code (NOTES entry 29)."""
     torch.manual_seed(0)
-    layers, rows, bucket, heads, kv_heads, length, d, hidden = 2, 5, 4, 4, 2, 6, 8, 16
-    x, norm = torch.randn(bucket, hidden), torch.randn(hidden)
-    wqkv, bqkv = torch.randn((heads + 2 * kv_heads) * d, hidden), torch.randn((heads + 2 * kv_heads) * d)
+    bucket, heads, kv_heads, d, hidden, inter = 4, 4, 2, 8, 16, 24
     angles = torch.randn(bucket, 1, d)
     cos, sin = angles.cos(), angles.sin()
-    layout = decode_layout(torch.tensor([0, 5, 2, 3]), kv_heads, heads // kv_heads, length, False)
-    caches = torch.randn(2, layers, rows, kv_heads, length, d)
-    expected = caches.clone()
-    args = (x, norm, wqkv, bqkv, cos, sin, heads, kv_heads, 1e-6)
-    want_q, k, v = qkv_rope(*args)
-    for layer in range(layers):
-        write_cache(expected[0, layer, :bucket], k, layout.cache_index)
-        write_cache(expected[1, layer, :bucket], v, layout.cache_index)
     torch._dynamo.reset()
-    store = _compiled_parts().qkv_store
-    for layer in range(layers):
+    parts = _compiled_parts()
+    for layer in range(2):
+        x, norm = torch.randn(bucket, hidden), torch.randn(hidden)
+        wqkv, bqkv = torch.randn((heads + 2 * kv_heads) * d, hidden), torch.randn((heads + 2 * kv_heads) * d)
+        w = {"wo": torch.randn(hidden, heads * d), "bo": None, "norm2": torch.randn(hidden),
+             "wgu": torch.randn(2 * inter, hidden), "bgu": None, "wd": torch.randn(hidden, inter), "bd": None}
+        attn = torch.randn(bucket, heads, d)
         with torch._dynamo.config.patch(error_on_recompile=layer > 0):
-            q = store(*args, caches[0, layer, :bucket], caches[1, layer, :bucket], layout.cache_index)
-        torch.testing.assert_close(q, want_q)
-    torch.testing.assert_close(caches, expected)
+            got = parts.qkv(x, norm, wqkv, bqkv, cos, sin, heads, kv_heads, 1e-6)
+            out = parts.out_mlp(x, attn, w, torch.nn.functional.silu, 1e-6)
+        for a, b in zip(got, qkv_rope(x, norm, wqkv, bqkv, cos, sin, heads, kv_heads, 1e-6)):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(out, PLAIN.out_mlp(x, attn, w, torch.nn.functional.silu, 1e-6))
 
 
 def test_a_failing_step_drops_one_thing_at_a_time_and_says_what():

@@ -48,7 +48,7 @@ from minialign.modeling.decoder_model import (
     prefill_attention,
     qkv_rope,
     rope_table,
-    with_stores,
+    write_cache,
 )
 from minialign.modeling.flex_decode import decode_blocks, flex_decode
 from minialign.modeling.sampling import Sampling, draw_uniforms, next_tokens
@@ -95,7 +95,7 @@ def _compiled_parts() -> BlockParts:
     """The block halves compiled: inductor fuses RMSNorm, RoPE, the residual adds and ``act(gate) * up`` into a few
     kernels around the matmuls. The cache stores stay outside the compiled code: compiled with RoPE they made Inductor
     copy each layer's whole cache every step on CUDA (3.4x slower decoding, benchmarks/NOTES.md entry 29)."""
-    return BlockParts(with_stores(compile_fixed(qkv_rope)), compile_fixed(out_mlp))
+    return BlockParts(compile_fixed(qkv_rope), compile_fixed(out_mlp))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -286,7 +286,9 @@ class StaticDecoder:
             layout = DecodeLayout(cache_rows(positions, dims.kv_heads, s.length))
             blocks = decode_blocks(positions + 1, s.length)
 
-        def attend(q, k_cache, v_cache):
+        def attend(q, k, v, k_cache, v_cache):
+            write_cache(k_cache, k, layout.cache_index)
+            write_cache(v_cache, v, layout.cache_index)
             if self.flex is not None:
                 return self.flex(q, k_cache, v_cache, *blocks, self.scale)
             return decode_attention(q, k_cache, v_cache, layout, self.scale, self.kernel)
@@ -295,7 +297,7 @@ class StaticDecoder:
         cos, sin = s.cos[positions][:, None], s.sin[positions][:, None]
         for layer, block in enumerate(w.blocks):
             x = decode_block(x, block, dims, w.act, cos, sin, s.k_cache[layer, :bucket], s.v_cache[layer, :bucket],
-                             layout, attend, self.parts)
+                             attend, self.parts)
         rows = s.row_id[:bucket]
         chosen = next_tokens(last_logits(x, w), sampling, s.uniforms[s.step, rows])
         chosen = torch.where(done, pad_id, chosen)

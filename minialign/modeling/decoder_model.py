@@ -218,23 +218,6 @@ def qkv_rope(x: torch.Tensor, norm: torch.Tensor, wqkv: torch.Tensor, bqkv: torc
     return q, k, v.reshape(n, kv_heads, d).contiguous()
 
 
-def with_stores(qkv: Callable) -> Callable:
-    """A decode step's first half from ``qkv`` (``qkv_rope``'s arguments and result): the same arguments plus one
-    layer's caches ``[B, Hk, L, D]`` and the step's ``cache_index`` (``DecodeLayout``); k and v are stored there and
-    q is returned. The decoder wraps a compiled ``qkv`` (the stores are plain ``index_copy_`` kernels): compiled
-    whole, Inductor on CUDA copied each layer's whole cache back every step (benchmarks/NOTES.md entry 29)."""
-
-    def qkv_store(x: torch.Tensor, norm: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
-                  cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, eps: float, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, cache_index: torch.Tensor) -> torch.Tensor:
-        q, k, v = qkv(x, norm, wqkv, bqkv, cos, sin, heads, kv_heads, eps)
-        write_cache(k_cache, k, cache_index)
-        write_cache(v_cache, v, cache_index)
-        return q
-
-    return qkv_store
-
-
 def out_mlp(x: torch.Tensor, attn: torch.Tensor, w: dict, act: Callable, eps: float) -> torch.Tensor:
     """The rest of a block: o_proj and residual, RMSNorm, fused gate/up, ``act(gate) * up``, down_proj and residual."""
     x = x + F.linear(attn.reshape(x.shape[0], -1), w["wo"], w["bo"])
@@ -245,10 +228,11 @@ def out_mlp(x: torch.Tensor, attn: torch.Tensor, w: dict, act: Callable, eps: fl
 
 @dataclass(frozen=True)
 class BlockParts:
-    """The two halves of a decode step's block, plain or compiled (on CUDA, fusing their elementwise work):
-    ``qkv_store`` (``with_stores``) and ``out_mlp``."""
+    """The two halves of a decode step's block around its attention, plain or compiled (on CUDA, fusing their
+    elementwise work): ``qkv`` (``qkv_rope``) and ``out_mlp``. The cache stores stay outside the compiled code:
+    compiled with RoPE, Inductor on CUDA copied each layer's whole cache back every step (benchmarks/NOTES.md 29)."""
 
-    qkv_store: Callable = with_stores(qkv_rope)
+    qkv: Callable = qkv_rope
     out_mlp: Callable = out_mlp
 
 
@@ -375,15 +359,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 def decode_block(x: torch.Tensor, w: dict, dims: Dims, act: Callable, cos: torch.Tensor, sin: torch.Tensor,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, layout: DecodeLayout,
-                 attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, attend: Callable[..., torch.Tensor],
                  parts: BlockParts = PLAIN) -> torch.Tensor:
-    """One Llama block of a decode step, ``x`` ``[B, hidden]`` -> ``[B, hidden]``: the new keys and values go into
-    this layer's caches ``[B, Hk, L, D]`` where ``layout`` says, then ``attend(q [B, H, D], k_cache, v_cache) ->
-    [B, H, D]`` reads them there."""
-    q = parts.qkv_store(x, w["norm1"], w["wqkv"], w["bqkv"], cos, sin, dims.heads, dims.kv_heads, dims.eps, k_cache,
-                        v_cache, layout.cache_index)
-    return parts.out_mlp(x, attend(q, k_cache, v_cache), w, act, dims.eps)
+    """One Llama block of a decode step, ``x`` ``[B, hidden]`` -> ``[B, hidden]``. ``attend(q [B, H, D], k, v
+    [B, Hk, D], k_cache, v_cache) -> [B, H, D]`` stores the new keys and values in this layer's caches
+    ``[B, Hk, L, D]`` and attends over each row's used keys (one kernel may do both)."""
+    q, k, v = parts.qkv(x, w["norm1"], w["wqkv"], w["bqkv"], cos, sin, dims.heads, dims.kv_heads, dims.eps)
+    return parts.out_mlp(x, attend(q, k, v, k_cache, v_cache), w, act, dims.eps)
 
 
 def rope_table(model: torch.nn.Module, length: int, dtype: torch.dtype,
