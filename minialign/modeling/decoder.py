@@ -52,6 +52,7 @@ from minialign.modeling.decoder_model import (
 )
 from minialign.modeling.flex_decode import decode_blocks, flex_decode
 from minialign.modeling.sampling import Sampling, draw_uniforms, next_tokens
+from minialign.ops import triton_decode
 
 MIN_BUCKET = 16  # smaller batches cost a step about as much: not worth another graph
 GREEDY = Sampling()
@@ -110,8 +111,9 @@ class StaticDecoder:
     ``sync_every``: steps between looks at the rows; ``retire``: move live rows into smaller buckets as rows finish
     (``min_bucket`` rows at least); ``prefill_tokens``: prompt tokens per prefill pass; ``attention``: the decode
     steps' attention, ``"flash"`` (FlashAttention-2 varlen on CUDA, SDPA elsewhere), ``"efficient"`` (the
-    memory-efficient kernel on CUDA, an experiment: ``decode_attention``) or ``"flex"`` (``flex_decode``; slower on an
-    H100, benchmarks/NOTES.md entry 29).
+    memory-efficient kernel on CUDA, an experiment: ``decode_attention``), ``"triton"`` (``ops.triton_decode``, an
+    experiment: the cache stores and the attention in one kernel) or ``"flex"`` (``flex_decode``; slower on an H100,
+    benchmarks/NOTES.md entry 29).
     """
 
     def __init__(self, model: torch.nn.Module, *, graphs: bool = True, compile: bool = True, sync_every: int = 8,
@@ -121,8 +123,9 @@ class StaticDecoder:
         if reason is not None:
             raise UserError(f"The static decoder cannot run this model: {reason}. Use decoder='auto' (falls back "
                             "to transformers' generate) or decoder='hf'.")
-        if attention not in ("flash", "efficient", "flex"):
-            raise UserError(f"StaticDecoder attention must be 'flash', 'efficient' or 'flex' (got {attention!r}).")
+        if attention not in ("flash", "efficient", "triton", "flex"):
+            raise UserError("StaticDecoder attention must be 'flash', 'efficient', 'triton' or 'flex' "
+                            f"(got {attention!r}).")
         self.model = model
         self.weights = DecoderWeights(model)
         self.device = self.weights.embed.device
@@ -132,8 +135,8 @@ class StaticDecoder:
         self.prefill_tokens = prefill_tokens or (65536 if self.device.type == "cuda" else 2048)
         self.scale = self.weights.dims.head_dim ** -0.5
         self.flex = flex_decode(self.device) if attention == "flex" else None
-        self.kernel = "efficient" if attention == "efficient" else "flash"  # the varlen call's kernel on CUDA
         self.fallback: str | None = None  # what _fall_back dropped, if anything
+        self.kernel = self._kernel(attention)  # the decode steps' attention kernel on CUDA
         self.state: _State | None = None
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphs_enabled else None
@@ -287,6 +290,8 @@ class StaticDecoder:
             blocks = decode_blocks(positions + 1, s.length)
 
         def attend(q, k, v, k_cache, v_cache):
+            if self.kernel == "triton":
+                return triton_decode.append_attend(q, k, v, k_cache, v_cache, positions, self.scale)
             write_cache(k_cache, k, layout.cache_index)
             write_cache(v_cache, v, layout.cache_index)
             if self.flex is not None:
@@ -333,12 +338,24 @@ class StaticDecoder:
         current.wait_stream(self.stream)
         self.graphs[(bucket, key)] = graph
 
+    def _kernel(self, attention: str) -> str:
+        """"flash", "efficient" or "triton" (``triton_decode``: stores and attends in one kernel, where Triton is
+        installed and the shapes suit it); a CPU runs SDPA whatever is asked."""
+        if attention != "triton" or self.device.type != "cuda":
+            return "efficient" if attention == "efficient" else "flash"
+        dims = self.weights.dims
+        if triton_decode.available() and triton_decode.supports(dims.groups, dims.head_dim):
+            return "triton"
+        self.fallback = f"the triton kernel cannot run here (Triton installed: {triton_decode.available()}, " \
+                        f"{dims.groups} queries a key head, head dim {dims.head_dim})"
+        return "flash"
+
     def _fall_back(self, exc: Exception) -> bool:
         """After a failed step, one thing fewer to fail: the memory-efficient kernel gives way to FlashAttention,
         else compiled parts and FlexAttention to plain kernels; False when nothing is left to drop. ``fallback``
         keeps what happened, for benchmarks (a row must not pass off the fallback's speed as the variant's)."""
         if self.kernel != "flash":
-            self.kernel, dropped = "flash", "the memory-efficient attention kernel"
+            self.kernel, dropped = "flash", f"the {self.kernel} attention kernel"
         elif self.parts is not PLAIN or self.flex is not None:
             self.parts, self.flex, dropped = PLAIN, None, "compiled parts / FlexAttention"
         else:

@@ -1,0 +1,61 @@
+"""minialign.ops.triton_decode, the decode step's store-and-attend kernel: under Triton's interpreter on a CPU (where
+Triton is installed; CUDA builds of torch ship it) against the decoder's own store and attention, and the decoder's
+choice of it (which falls back to FlashAttention, or SDPA on a CPU, wherever the kernel cannot run)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minialign.modeling.decoder import StaticDecoder
+from minialign.modeling.generate import generate
+from minialign.modeling.models import load_tokenizer
+from minialign.ops import triton_decode
+from tests.test_decoder import NEW, PROMPTS, eos_for, llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+INTERPRETED = """
+import torch
+from minialign.modeling.decoder_model import decode_attention, decode_layout, write_cache
+from minialign.ops.triton_decode import append_attend
+torch.manual_seed(0)
+b, heads, kv_heads, length, d = 4, 6, 2, 150, 16
+q = torch.randn(b, heads, d)
+k_new, v_new = torch.randn(b, kv_heads, d), torch.randn(b, kv_heads, d)
+k_cache, v_cache = torch.randn(b, kv_heads, length, d), torch.randn(b, kv_heads, length, d)
+positions = torch.tensor([0, 63, 64, 149])  # no cached key, one tile, a tile and a key, the whole cache
+want_k, want_v = k_cache.clone(), v_cache.clone()
+layout = decode_layout(positions, kv_heads, heads // kv_heads, length, False)
+write_cache(want_k, k_new, layout.cache_index)
+write_cache(want_v, v_new, layout.cache_index)
+want = decode_attention(q, want_k, want_v, layout, d ** -0.5)
+got = append_attend(q, k_new, v_new, k_cache, v_cache, positions, d ** -0.5)
+assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v), "the stores"
+torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+def test_the_kernel_stores_and_attends_as_the_decoder_does():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=600, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_shapes_the_kernel_takes():
+    assert triton_decode.supports(3, 64) and triton_decode.supports(1, 128) and triton_decode.supports(16, 16)
+    assert not triton_decode.supports(3, 80) and not triton_decode.supports(17, 64) and not triton_decode.supports(3, 8)
+
+
+def test_a_decoder_asked_for_the_kernel_where_it_cannot_run_decodes_as_transformers():
+    model, tok = llama(), load_tokenizer("demo")
+    common = {"max_new_tokens": NEW, "eos_token_id": eos_for(model, tok, PROMPTS), "stop_strings": (), "batch_size": 4}
+    decoder = StaticDecoder(model, attention="triton")
+    assert decoder.kernel == "flash"  # a CPU: SDPA, as for every other choice
+    assert generate(model, tok, PROMPTS, decoder=decoder, **common) == generate(model, tok, PROMPTS, decoder="hf",
+                                                                                **common)
