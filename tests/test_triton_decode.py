@@ -22,19 +22,20 @@ import torch
 from minialign.modeling.decoder_model import decode_attention, decode_layout, write_cache
 from minialign.ops.triton_decode import append_attend
 torch.manual_seed(0)
-b, heads, kv_heads, length, d = 4, 6, 2, 150, 16
-q = torch.randn(b, heads, d)
-k_new, v_new = torch.randn(b, kv_heads, d), torch.randn(b, kv_heads, d)
-k_cache, v_cache = torch.randn(b, kv_heads, length, d), torch.randn(b, kv_heads, length, d)
-positions = torch.tensor([0, 63, 64, 149])  # no cached key, one tile, a tile and a key, the whole cache
-want_k, want_v = k_cache.clone(), v_cache.clone()
-layout = decode_layout(positions, kv_heads, heads // kv_heads, length, False)
-write_cache(want_k, k_new, layout.cache_index)
-write_cache(want_v, v_new, layout.cache_index)
-want = decode_attention(q, want_k, want_v, layout, d ** -0.5)
-got = append_attend(q, k_new, v_new, k_cache, v_cache, positions, d ** -0.5)
-assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v), "the stores"
-torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+for b, heads, kv_heads, length, d in [(4, 6, 2, 150, 16), (4, 9, 3, 130, 64), (2, 4, 4, 70, 32)]:  # G = 3, 3, 1
+    q = torch.randn(b, heads, d)
+    k_new, v_new = torch.randn(b, kv_heads, d), torch.randn(b, kv_heads, d)
+    k_cache, v_cache = torch.randn(b, kv_heads, length, d), torch.randn(b, kv_heads, length, d)
+    # no cached key, one tile, a tile and a key, the whole cache
+    positions = torch.tensor([0, 63, 64, length - 1][:b])
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    layout = decode_layout(positions, kv_heads, heads // kv_heads, length, False)
+    write_cache(want_k, k_new, layout.cache_index)
+    write_cache(want_v, v_new, layout.cache_index)
+    want = decode_attention(q, want_k, want_v, layout, d ** -0.5)
+    got = append_attend(q, k_new, v_new, k_cache, v_cache, positions, d ** -0.5)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v), "the stores"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 print("ok")
 """
 
@@ -48,8 +49,11 @@ def test_the_kernel_stores_and_attends_as_the_decoder_does():
 
 
 def test_shapes_the_kernel_takes():
+    import torch
+
     assert triton_decode.supports(3, 64) and triton_decode.supports(1, 128) and triton_decode.supports(16, 16)
     assert not triton_decode.supports(3, 80) and not triton_decode.supports(17, 64) and not triton_decode.supports(3, 8)
+    assert triton_decode.supports(3, 64, torch.float16) and not triton_decode.supports(3, 64, torch.float32)  # TF32
 
 
 def test_a_decoder_asked_for_the_kernel_where_it_cannot_run_decodes_as_transformers():

@@ -283,7 +283,9 @@ class StaticDecoder:
         s, w = self.state, self.weights
         tokens, positions, done = s.tokens[:bucket], s.lengths[:bucket], s.done[:bucket]
         dims = w.dims
-        if self.flex is None:
+        if self.kernel == "triton":  # the kernel reads the positions itself
+            layout = None
+        elif self.flex is None:
             layout = decode_layout(positions, dims.kv_heads, dims.groups, s.length, flash_ok(w.dtype, self.device))
         else:  # flex describes the used keys itself (decode_blocks): only the cache rows
             layout = DecodeLayout(cache_rows(positions, dims.kv_heads, s.length))
@@ -344,10 +346,10 @@ class StaticDecoder:
         if attention != "triton" or self.device.type != "cuda":
             return "efficient" if attention == "efficient" else "flash"
         dims = self.weights.dims
-        if triton_decode.available() and triton_decode.supports(dims.groups, dims.head_dim):
+        if triton_decode.available() and triton_decode.supports(dims.groups, dims.head_dim, self.weights.dtype):
             return "triton"
         self.fallback = f"the triton kernel cannot run here (Triton installed: {triton_decode.available()}, " \
-                        f"{dims.groups} queries a key head, head dim {dims.head_dim})"
+                        f"{dims.groups} queries a key head, head dim {dims.head_dim}, {self.weights.dtype})"
         return "flash"
 
     def _fall_back(self, exc: Exception) -> bool:
@@ -360,8 +362,9 @@ class StaticDecoder:
             self.parts, self.flex, dropped = PLAIN, None, "compiled parts / FlexAttention"
         else:
             return False
-        self.fallback = f"{dropped} failed ({type(exc).__name__}: {exc})"
-        print(f"minialign: decoding without {self.fallback}.", file=sys.stderr)
+        what = f"{dropped} failed ({type(exc).__name__}: {exc})"
+        self.fallback = what if self.fallback is None else f"{self.fallback}; then {what}"  # every drop, in order
+        print(f"minialign: decoding without {what}.", file=sys.stderr)
         self.graphs.clear()
         return True
 

@@ -17,7 +17,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: the kernel is never launched there
+except Exception:  # noqa: BLE001 - not installed (CPU-only torch) or broken: the kernel is never launched
     triton = tl = None
 
 BLOCK_N = 64  # keys a tile
@@ -28,10 +28,12 @@ def available() -> bool:
     return triton is not None
 
 
-def supports(groups: int, head_dim: int) -> bool:
-    """The shapes the kernel handles: a power-of-two head dim of at least 16 (``tl.arange``, ``tl.dot``) and at
-    most ``MIN_ROWS`` queries a key head."""
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and 1 <= groups <= MIN_ROWS
+def supports(groups: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """What the kernel handles: a power-of-two head dim of at least 16 (``tl.arange``, ``tl.dot``), at most
+    ``MIN_ROWS`` queries a key head, and 16-bit weights (``tl.dot`` on float32 would round through TF32, where the
+    float32 decoder promises transformers' exact tokens)."""
+    return (head_dim >= 16 and head_dim & (head_dim - 1) == 0 and 1 <= groups <= MIN_ROWS
+            and dtype in (torch.bfloat16, torch.float16))
 
 
 if triton is not None:
@@ -40,7 +42,7 @@ if triton is not None:
     def _append_attend(q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, scale,
                        LENGTH: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
                        BLOCK: tl.constexpr, TILES: tl.constexpr):
-        seq = tl.program_id(0)  # (row, key head)
+        seq = tl.program_id(0).to(tl.int64)  # (row, key head); 64-bit offsets: a cache may pass 2^31 elements
         row, head = seq // HK, seq % HK
         pos = tl.load(pos_ptr + row)  # the new token's position: the keys cached before it
         g, d = tl.arange(0, ROWS), tl.arange(0, D)
@@ -62,13 +64,13 @@ if triton is not None:
                 n = tile * BLOCK + tl.arange(0, BLOCK)
                 cached = n < pos
                 k = tl.load(k_cache_ptr + base + n[:, None] * D + d[None, :], mask=cached[:, None], other=0.0)
+                v = tl.load(v_cache_ptr + base + n[:, None] * D + d[None, :], mask=cached[:, None], other=0.0)
                 s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
                 s = tl.where(cached[None, :], s, float("-inf"))
                 m_new = tl.maximum(m, tl.max(s, axis=1))
                 keep = tl.exp(m - m_new)
                 p = tl.exp(s - m_new[:, None])
                 total = total * keep + tl.sum(p, axis=1)
-                v = tl.load(v_cache_ptr + base + n[:, None] * D + d[None, :], mask=cached[:, None], other=0.0)
                 acc = acc * keep[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
                 m = m_new
         out = acc / total[:, None]
