@@ -315,6 +315,8 @@ def test_the_small_study_runs_every_phase_and_writes_its_summary(tmp_path, share
         assert 0.0 <= p["harmless"]["win_rate"] <= 1.0 and 0.0 <= p["helpful"]["win_rate"] <= 1.0
     assert doc["timing"]["minialign_online_s"] > 0 and doc["timing"]["trl_online_s"] > 0
     assert set(doc["targets"]) >= {"helpful", "harmless", "loops", "ahead_of_offline", "round_s"}
+    assert set(doc["heldout_checks"]["policies"]) == set(doc["policies"])  # every policy trained in this call
+    assert doc["heldout_checks"]["files"] == ["helpful-online", "helpful-rejection-sampled"]
     assert out.with_suffix(".md").is_file()
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert again.returncode == 0 and json.loads(out.read_text())["commands"] == doc["commands"]  # resumed: no rerun
