@@ -39,7 +39,6 @@ from minialign.modeling.decoder_model import (
     cache_rows,
     compile_fixed,
     decode_attention,
-    decode_block,
     decode_layout,
     decoder_support,
     flash_ok,
@@ -291,7 +290,8 @@ class StaticDecoder:
             layout = DecodeLayout(cache_rows(positions, dims.kv_heads, s.length))
             blocks = decode_blocks(positions + 1, s.length)
 
-        def attend(q, k, v, k_cache, v_cache):
+        def attend(q, k, v, layer):
+            k_cache, v_cache = s.k_cache[layer, :bucket], s.v_cache[layer, :bucket]
             if self.kernel == "triton":
                 return triton_decode.append_attend(q, k, v, k_cache, v_cache, positions, self.scale)
             write_cache(k_cache, k, layout.cache_index)
@@ -303,8 +303,8 @@ class StaticDecoder:
         x = F.embedding(tokens, w.embed)
         cos, sin = s.cos[positions][:, None], s.sin[positions][:, None]
         for layer, block in enumerate(w.blocks):
-            x = decode_block(x, block, dims, w.act, cos, sin, s.k_cache[layer, :bucket], s.v_cache[layer, :bucket],
-                             attend, self.parts)
+            x = block_forward(x, block, dims, w.act, cos, sin, lambda q, k, v, layer=layer: attend(q, k, v, layer),
+                              self.parts)
         rows = s.row_id[:bucket]
         chosen = next_tokens(last_logits(x, w), sampling, s.uniforms[s.step, rows])
         chosen = torch.where(done, pad_id, chosen)

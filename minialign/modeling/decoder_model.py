@@ -240,14 +240,15 @@ PLAIN = BlockParts()
 
 
 def block_forward(x: torch.Tensor, w: dict, dims: Dims, act: Callable, cos: torch.Tensor, sin: torch.Tensor,
-                  attend: Attend) -> torch.Tensor:
-    """One Llama block over ``N`` prompt tokens (prefill): ``x`` ``[N, hidden]`` -> ``[N, hidden]``.
+                  attend: Attend, parts: BlockParts = PLAIN) -> torch.Tensor:
+    """One Llama block over ``N`` tokens (a prompt's in prefill, one a row in a decode step): ``x`` ``[N, hidden]`` ->
+    ``[N, hidden]``.
 
     ``attend(q [N, H, D], k [N, Hk, D], v [N, Hk, D]) -> [N, H, D]`` stores the new keys and values where it keeps
-    them and attends. A decode step's block is ``decode_block``.
+    them and attends (one kernel may do both); prefill and decode steps differ only there and in ``parts``.
     """
-    q, k, v = qkv_rope(x, w["norm1"], w["wqkv"], w["bqkv"], cos, sin, dims.heads, dims.kv_heads, dims.eps)
-    return out_mlp(x, attend(q, k, v), w, act, dims.eps)
+    q, k, v = parts.qkv(x, w["norm1"], w["wqkv"], w["bqkv"], cos, sin, dims.heads, dims.kv_heads, dims.eps)
+    return parts.out_mlp(x, attend(q, k, v), w, act, dims.eps)
 
 
 def last_logits(x: torch.Tensor, weights: DecoderWeights) -> torch.Tensor:
@@ -356,16 +357,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = F.scaled_dot_product_attention(q.view(b, kv_heads, groups, d), k_cache, v_cache, attn_mask=layout.mask,
                                          scale=scale)
     return out.reshape(b, heads, d)
-
-
-def decode_block(x: torch.Tensor, w: dict, dims: Dims, act: Callable, cos: torch.Tensor, sin: torch.Tensor,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, attend: Callable[..., torch.Tensor],
-                 parts: BlockParts = PLAIN) -> torch.Tensor:
-    """One Llama block of a decode step, ``x`` ``[B, hidden]`` -> ``[B, hidden]``. ``attend(q [B, H, D], k, v
-    [B, Hk, D], k_cache, v_cache) -> [B, H, D]`` stores the new keys and values in this layer's caches
-    ``[B, Hk, L, D]`` and attends over each row's used keys (one kernel may do both)."""
-    q, k, v = parts.qkv(x, w["norm1"], w["wqkv"], w["bqkv"], cos, sin, dims.heads, dims.kv_heads, dims.eps)
-    return parts.out_mlp(x, attend(q, k, v, k_cache, v_cache), w, act, dims.eps)
 
 
 def rope_table(model: torch.nn.Module, length: int, dtype: torch.dtype,
