@@ -357,13 +357,11 @@ def test_eval_takes_an_online_run_as_policy(run_a, root):
 
 
 def test_a_round_decodes_256_rows_at_once_on_a_gpu_unless_told():
-    from types import SimpleNamespace
-
     from minialign.commands.online import gen_batch_size
     from minialign.config.schema import OnlineConfig
 
     def on(device: str):
-        return SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device(device))]))
+        return torch.device(device)
 
     cfg = OnlineConfig(reward_models="rm")
     assert gen_batch_size(cfg, on("cuda")) == 256 and gen_batch_size(cfg, on("cpu")) is None  # generate's own: 8

@@ -187,9 +187,7 @@ def run_round(s: Session, k: int) -> dict:
              "below_gap": pairing.below_gap, "no_contrast": pairing.no_contrast,
              "penalised": sum(looped) if cfg.loop_penalty > 0 else 0,
              "score_mean": raw_combined.mean().item(),
-             "rm_scores": {m: _json_scores(scores[i].double().nanmean()[None])[0]
-                           for i, m in enumerate(split_list(cfg.reward_models))},
-             **routed_means(scores, routes, cfg),
+             **rm_means(scores, cfg),
              "gap_mean": sum(x.gap for x in pairing.pairs) / len(pairing.pairs),
              **answer_stats(texts, [c.n_tokens for c in completions], [c.stop for c in completions], looped),
              "loss": last.get("loss"), **{k_: v for k_, v in last.items() if k_.startswith("eval/")},
@@ -218,13 +216,13 @@ def _json_scores(column: torch.Tensor) -> list[float | None]:
     return [None if v != v else v for v in column.tolist()]
 
 
-def gen_batch_size(cfg: OnlineConfig, model: torch.nn.Module) -> int | None:
+def gen_batch_size(cfg: OnlineConfig, device: torch.device) -> int | None:
     """Rows decoded at once: ``--gen-batch-size``, else ``GEN_BATCH_CUDA`` on a GPU (a round decodes thousands of
     answers; the decoder's new tokens/s at 256 rows was 2.5x that at 64 on an H100, results/decode-h100.json), else
     generate's own default (None)."""
     if cfg.gen_batch_size:
         return cfg.gen_batch_size
-    return GEN_BATCH_CUDA if next(model.parameters()).device.type == "cuda" else None
+    return GEN_BATCH_CUDA if device.type == "cuda" else None
 
 
 def sample_answers(s: Session, prompts: list[str], k: int) -> list:
@@ -232,7 +230,7 @@ def sample_answers(s: Session, prompts: list[str], k: int) -> list:
     greedy one first and N-1 sampled after it."""
     cfg = s.cfg
     decoder = resolve_decoder(s.model, "auto")  # one decoder for both calls
-    common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=gen_batch_size(cfg, s.model), details=True,
+    common = dict(max_new_tokens=cfg.max_new_tokens, batch_size=gen_batch_size(cfg, s.device), details=True,
                   decoder=decoder)
     n_sampled = cfg.samples - cfg.greedy_sample
     sampled = generate(s.model, s.tokenizer, prompts, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -243,13 +241,12 @@ def sample_answers(s: Session, prompts: list[str], k: int) -> list:
     return [c for i, g in enumerate(greedy) for c in (g, *sampled[i * n_sampled : (i + 1) * n_sampled])]
 
 
-def routed_means(scores: torch.Tensor, routes: torch.Tensor, cfg: OnlineConfig) -> dict:
-    """With --combine route, each reward model's mean score over the answers routed to it (None: none were), the
-    progress of each axis on its own prompts (the answers it scored: ``rm_scores`` says the same under routing)."""
-    if cfg.combine != "route":
-        return {}
-    return {"rm_scores_routed": {m: scores[i, routes == i].double().mean().item() if bool((routes == i).any()) else None
-                                 for i, m in enumerate(split_list(cfg.reward_models))}}
+def rm_means(scores: torch.Tensor, cfg: OnlineConfig) -> dict:
+    """``rm_scores``: each reward model's mean over the answers it scored (None: none). Under --combine route those
+    are the answers routed to it, its axis's progress on its own prompts, also kept as ``rm_scores_routed``."""
+    means = {m: _json_scores(scores[i].double().nanmean().reshape(1))[0]
+             for i, m in enumerate(split_list(cfg.reward_models))}
+    return {"rm_scores": means, **({"rm_scores_routed": means} if cfg.combine == "route" else {})}
 
 
 def check_pairs(kept: int, pairing, n_prompts: int, cfg: OnlineConfig, k: int) -> None:
