@@ -269,11 +269,15 @@ def test_the_heldout_phase_checks_only_policies_trained_on_this_machine(tmp_path
         "seeded": {"flags": ["--policy", "/gone"], "run": "/gone"},  # another machine's run folder
         "committed": {"run": str(here)},  # recorded before policies kept their flags
         "empty": {"flags": ["--policy", "x"], "run": ""}}}
-    s = SimpleNamespace(state=state, work=tmp_path, args=SimpleNamespace(data_root="/data", n=4),
-                        need=lambda *a: None, save=lambda: None, minialign=lambda name, *argv: calls.append(name))
+    s = object.__new__(load_benchmark("hh_study", RECIPES).Study)  # its evaluate and suite, not its set-up
+    s.state, s.work, s.args = state, tmp_path, SimpleNamespace(data_root="/data", n=4, val_n=2)
+    s.save, s.minialign = lambda: None, lambda name, *argv: calls.append(name)
     study.phase_heldout(s)
     assert calls == ["eval-heldout-fresh"] and set(state["heldout"]) == {"online"}
-    assert state["heldout"]["online"]["helpful-online"]["win_rate"] == 0.7 and "heldout fresh" in state["notes"][0]
+    assert state["heldout"]["online"]["helpful-online"]["win_rate"] == 0.7
+    assert "fresh: its heldout eval failed" in state["notes"][0]
+    suite = yaml.safe_load((tmp_path / "suites" / "heldout.yaml").read_text())
+    assert [(a["name"], a["n"], a["judge"]) for a in suite["axes"]] == [(f, 4, "/w/judge-helpful") for f in plan.HELD_OUT]
 
 
 def test_timing_takes_the_round_of_this_calls_candidates_not_a_seeded_states():

@@ -191,12 +191,8 @@ def write_mix(out: Path, root: str | Path, plan: dict[str, dict[str, str]], part
 def write_suite(path: Path, root: str | Path, plan: dict[str, dict[str, str]], part: str, n: int,
                 judges: dict[str, str]) -> Path:
     """The `minialign eval --suite` YAML: one axis per HH file, its ``part`` rows, ``n`` prompts, its judge."""
-    import yaml
-
-    axes = [{"name": axis, "dataset": dataset_path(root, axis), "rows": plan[axis][part], "n": n,
-             "judge": judges[axis]} for axis in AXES]
-    _atomic_write(Path(path), yaml.safe_dump({"axes": axes}, sort_keys=False))
-    return Path(path)
+    return _write_axes(path, [{"name": axis, "dataset": dataset_path(root, axis), "rows": plan[axis][part], "n": n,
+                               "judge": judges[axis]} for axis in AXES])
 
 
 HELD_OUT_ROWS = "0:100"  # the independent check's prompts in each held-out file (nothing trained reads any row)
@@ -205,10 +201,13 @@ HELD_OUT_ROWS = "0:100"  # the independent check's prompts in each held-out file
 def write_heldout_suite(path: Path, root: str | Path, n: int, judge: str, rows: str = HELD_OUT_ROWS) -> Path:
     """The independent final check's `minialign eval --suite` YAML: each held-out helpful file (``HELD_OUT``, read by
     no policy, reward model or judge) an axis, ``rows``, ``n`` prompts, the helpfulness judge."""
+    return _write_axes(path, [{"name": folder, "dataset": dataset_path(root, folder), "rows": rows, "n": n,
+                               "judge": judge} for folder in HELD_OUT])
+
+
+def _write_axes(path: Path, axes: list[dict]) -> Path:
     import yaml
 
-    axes = [{"name": folder, "dataset": dataset_path(root, folder), "rows": rows, "n": n, "judge": judge}
-            for folder in HELD_OUT]
     _atomic_write(Path(path), yaml.safe_dump({"axes": axes}, sort_keys=False))
     return Path(path)
 

@@ -15,12 +15,7 @@ import hh_plan as plan
 import hh_results as results
 from bench_e2e import _read_json, child_env, run_timed
 
-
-def device_name() -> str:
-    """This process's GPU (or ``cpu``): each step records it, since a study resumed on another machine mixes them."""
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+from minialign.base.devices import device_name, resolve_device
 
 
 class Study:
@@ -38,7 +33,7 @@ class Study:
             "steps": [], "notes": [], "decline_check": results.decline_check_source()}
         self.state.setdefault("invocations", []).append(shlex.join([Path(sys.executable).name, *sys.argv]))
         self.env = child_env(self.work / "probe", False)
-        self.device = device_name()
+        self.device = device_name(resolve_device("auto"))  # each step records it: a resumed study may mix machines
         self.state.setdefault("device", self.device)
 
     def data(self, axis: str) -> str:
@@ -80,24 +75,34 @@ class Study:
             raise SystemExit(f"hh_two_axes: phase {phase} has not run (no {key} in {self.work / 'state.json'}); "
                              f"run --phases {phase} first")
 
+    def n(self, part: str) -> int:
+        return self.args.val_n if part == "validation" else self.args.n
+
     def suite(self, part: str) -> Path:
+        """The suite YAML of ``part``: the plan's eval or validation rows of both axes with their judges, or
+        ``heldout`` (the held-out helpful files, by the helpfulness judge)."""
         self.need("judges", "judges")
-        judges = {axis: self.state["judges"][axis]["run_dir"] for axis in plan.AXES}
-        n = self.args.n if part == "eval" else self.args.val_n
-        return plan.write_suite(self.work / "suites" / f"{part}.yaml", self.args.data_root, self.plan, part, n, judges)
+        judges, path = self.state["judges"], self.work / "suites" / f"{part}.yaml"
+        if part == "heldout":
+            return plan.write_heldout_suite(path, self.args.data_root, self.n(part), judges["helpful"]["run_dir"])
+        return plan.write_suite(path, self.args.data_root, self.plan, part, self.n(part),
+                                {axis: judges[axis]["run_dir"] for axis in plan.AXES})
 
     def evaluate(self, name: str, policy: list[str], part: str = "eval") -> dict | None:
-        """`minialign eval --suite` of one policy, greedy, on ``part`` rows; its eval.json (None if it failed)."""
+        """`minialign eval --suite` of one policy, greedy, on ``part`` (``suite``); its eval.json (None if it
+        failed, with a note)."""
         out = self.work / "evals" / part / name
         if not (out / "eval.json").is_file():
             self.minialign(f"eval-{part}-{name}", "eval", *policy, "--suite", str(self.suite(part)), "--samples", "0",
-                           "--n", str(self.args.n if part == "eval" else self.args.val_n), "--out", str(out))
-        return _read_json(out / "eval.json")
+                           "--n", str(self.n(part)), "--out", str(out))
+        ev = _read_json(out / "eval.json")
+        if ev is None:
+            self.state["notes"].append(f"{name}: its {part} eval failed (see logs/eval-{part}-{name}.log)")
+        return ev
 
     def record_policy(self, name: str, policy: list[str], run: str) -> None:
         ev = self.evaluate(name, policy)
         if ev is None:
-            self.state["notes"].append(f"{name}: its eval failed (see logs/eval-eval-{name}.log)")
             return self.save()
         self.state["policies"][name] = {**results.policy_entry(ev, plan.TEST4_ROW), "run": run, "flags": policy}
         if not self.state.get("starting_model"):  # the eval's reference is the starting model

@@ -333,23 +333,14 @@ def phase_timing(s: Study) -> None:
 def phase_heldout(s: Study) -> None:
     """Each recorded policy whose run folder is here (a seeded state's are not) against the starting model on the
     held-out helpful files, judged for helpfulness: prompts no model of the study has read."""
-    s.need("judges", "judges")
-    suite = plan.write_heldout_suite(s.work / "suites" / "heldout.yaml", s.args.data_root, s.args.n,
-                                     s.state["judges"]["helpful"]["run_dir"])
     s.state["heldout_setup"] = {"files": list(plan.HELD_OUT), "rows": plan.HELD_OUT_ROWS}
     checks = s.state.setdefault("heldout", {})
     for name, p in s.state["policies"].items():
         run = p.get("run")
         if not p.get("flags") or not run or not Path(run).exists():  # seeded from another machine's state
             continue
-        out = s.work / "evals" / "heldout" / name
-        if not (out / "eval.json").is_file():
-            s.minialign(f"eval-heldout-{name}", "eval", *p["flags"], "--suite", str(suite), "--samples", "0", "--n",
-                        str(s.args.n), "--out", str(out))
-        ev = _read_json(out / "eval.json")
-        if ev is None:
-            s.state["notes"].append(f"heldout {name}: its eval failed (see logs/eval-heldout-{name}.log)")
-        else:
+        ev = s.evaluate(name, p["flags"], part="heldout")
+        if ev is not None:
             checks[name] = {folder: results.axis_headline(ev, folder) for folder in plan.HELD_OUT}
             s.state.setdefault("heldout_start", {f: results.reference_headline(ev, f) for f in plan.HELD_OUT})
         s.save()
