@@ -116,6 +116,7 @@ def routed_reward(run_dirs: list[str], routes: list[str], loop_penalty: float, d
     """A TRL reward function doing `minialign online --combine route`'s scoring with minialign's own functions."""
     import torch
 
+    from minialign.commands.online import score_answers
     from minialign.commands.online_pairs import combine_scores, penalise_loops
     from minialign.evaluation.judge import load_judge
     from minialign.evaluation.textmetrics import loops
@@ -126,11 +127,7 @@ def routed_reward(run_dirs: list[str], routes: list[str], loop_penalty: float, d
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
         texts = [t.strip() for t in texts] if strip else texts  # as minialign online keeps chat answers
         model_of = torch.tensor([routes.index(r) for r in route])
-        scores = torch.full((len(judges), len(texts)), float("nan"))
-        for m, judge in enumerate(judges):
-            mine = (model_of == m).nonzero().flatten().tolist()
-            if mine:
-                scores[m, mine] = judge.score([raw_prompt[i] for i in mine], [texts[i] for i in mine])
+        scores = score_answers(judges, raw_prompt, texts, model_of)
         combined = combine_scores(scores, [1.0] * len(judges), "route", model_of)
         return penalise_loops(combined, [loops(t) for t in texts], loop_penalty).tolist()
 

@@ -161,7 +161,8 @@ def run_round(s: Session, k: int) -> dict:
     t1 = time.perf_counter()
     raw = [p.raw for p in picked for _ in range(n)]
     routes = torch.tensor([p.route for p in picked for _ in range(n)])
-    scores = score_answers(s, raw, texts, routes)  # [M, P * N]
+    scores = score_answers(s.judges, raw, texts, routes if cfg.combine == "route" else None,
+                           cfg.rm_batch_size)  # [M, P * N]
     raw_combined = combine_scores(scores, cfg.weights(), cfg.combine, routes)
     looped = [loops(t) for t in texts]
     combined = penalise_loops(raw_combined, looped, cfg.loop_penalty)
@@ -196,18 +197,18 @@ def run_round(s: Session, k: int) -> dict:
     return stats
 
 
-def score_answers(s: Session, raw: list[str], texts: list[str], routes: torch.Tensor) -> torch.Tensor:
-    """``[M, K]`` float32: reward model m's score of answer k. Under ``--combine route`` a model scores only the
-    answers routed to it (the rest is NaN): the others' scores would be discarded, and with two models scoring
-    everything took twice the time."""
-    cfg = s.cfg
-    if cfg.combine != "route":
-        return torch.stack([j.score(raw, texts, batch_size=cfg.rm_batch_size) for j in s.judges])
-    out = torch.full((len(s.judges), len(texts)), float("nan"))
-    for m, judge in enumerate(s.judges):
+def score_answers(judges: list, raw: list[str], texts: list[str], routes: torch.Tensor | None,
+                  batch_size: int = 32) -> torch.Tensor:
+    """``[M, K]`` float32: reward model (``Judge``) m's score of answer k to raw prompt k. With ``routes`` ``[K]``
+    (``--combine route``) a model scores only the answers routed to it, the rest NaN: the others' scores would be
+    discarded, and with two models scoring everything took twice the time. TRL's peer scores through it too."""
+    if routes is None:
+        return torch.stack([j.score(raw, texts, batch_size=batch_size) for j in judges])
+    out = torch.full((len(judges), len(texts)), float("nan"))
+    for m, judge in enumerate(judges):
         mine = (routes == m).nonzero().flatten().tolist()
         if mine:
-            out[m, mine] = judge.score([raw[i] for i in mine], [texts[i] for i in mine], batch_size=cfg.rm_batch_size)
+            out[m, mine] = judge.score([raw[i] for i in mine], [texts[i] for i in mine], batch_size=batch_size)
     return out
 
 
