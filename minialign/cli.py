@@ -304,8 +304,15 @@ def _main(argv: list[str] | None) -> int:
     except Exception as exc:
         if type(exc).__name__ == "OutOfMemoryError":
             batch = getattr(args, "batch_size", None)
-            print(f"error: the GPU ran out of memory{f' at --batch-size {batch}' if batch else ''}. Lower --batch-size "
-                  "(and raise --grad-accum to keep the global batch), lower --max-length, or use LoRA instead of --full.",
-                  file=sys.stderr)
+            where = f" at --batch-size {batch}" if batch else ""
+            if args.command == "eval":
+                what = ("Lower --batch-size (rows decoded at once; 0 means 128 on CUDA) or --judge-batch-size (answers "
+                        "the judge scores at once), or shorten --max-new-tokens.")
+            elif args.command == "generate":
+                what = "Give fewer or shorter prompts, or shorten --max-new-tokens."
+            else:
+                what = ("Lower --batch-size (and raise --grad-accum to keep the global batch), lower --max-length, "
+                        "or use LoRA instead of --full.")
+            print(f"error: the GPU ran out of memory{where}. {what}", file=sys.stderr)
             return 2
         raise

@@ -127,6 +127,18 @@ def test_retiring_finished_rows_changes_no_answer(tok, sampling):
     assert retiring.compactions >= 1 and kept.compactions == 0
 
 
+def test_prefill_passes_stay_small_wherever_attention_is_dense(monkeypatch):
+    # A float32 model on CUDA prefills through the dense SDPA path: 65,536 tokens a pass there ran out of 80 GB.
+    from minialign.modeling import decoder as module
+
+    monkeypatch.setattr(module, "flash_ok", lambda dtype, device: dtype != torch.float32 and device.type == "cuda")
+    cuda = torch.device("cuda")
+    assert module.default_prefill_tokens(torch.float32, cuda) == module.DENSE_PREFILL_TOKENS
+    assert module.default_prefill_tokens(torch.bfloat16, torch.device("cpu")) == module.DENSE_PREFILL_TOKENS
+    assert module.default_prefill_tokens(torch.bfloat16, cuda) == module.FLASH_PREFILL_TOKENS
+    assert module.DENSE_PREFILL_TOKENS ** 2 * 9 * 4 < 2**30  # SmolLM2's 9 heads of float32 scores: < 1 GiB a pass
+
+
 def test_sampling_is_seeded_and_repeatable(tok):
     model = llama()
     common = {"max_new_tokens": NEW, "do_sample": True, "temperature": 0.9, "top_p": 0.95, "top_k": 50,

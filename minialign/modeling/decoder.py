@@ -54,6 +54,8 @@ from minialign.modeling.sampling import Sampling, draw_uniforms, next_tokens
 from minialign.ops import triton_decode
 
 MIN_BUCKET = 16  # smaller batches cost a step about as much: not worth another graph
+FLASH_PREFILL_TOKENS = 65536  # FlashAttention's varlen prefill holds O(T) memory: a whole eval batch in one pass
+DENSE_PREFILL_TOKENS = 2048  # the SDPA reference holds a [T, T] mask and [H, T, T] scores: 65,536 tokens is ~160 GB
 GREEDY = Sampling()
 Stopped = Callable[[list[list[int]]], list[bool]]  # each live row's tokens so far -> did it reach a stop string
 
@@ -98,6 +100,12 @@ def _compiled_parts() -> BlockParts:
     return BlockParts(compile_fixed(qkv_rope), compile_fixed(out_mlp))
 
 
+def default_prefill_tokens(dtype: torch.dtype, device: torch.device) -> int:
+    """Prompt tokens a prefill pass takes: many with FlashAttention, few on the dense SDPA path, which a float32
+    model takes on CUDA too (a float32 eval of 100 long helpful-online prompts ran out of an H100's 80 GB)."""
+    return FLASH_PREFILL_TOKENS if flash_ok(dtype, device) else DENSE_PREFILL_TOKENS
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -131,7 +139,7 @@ class StaticDecoder:
         self.graphs_enabled = graphs and self.device.type == "cuda"
         self.parts = _compiled_parts() if compile and self.device.type == "cuda" else PLAIN
         self.sync_every, self.retire, self.min_bucket = max(1, sync_every), retire, max(1, min_bucket)
-        self.prefill_tokens = prefill_tokens or (65536 if self.device.type == "cuda" else 2048)
+        self.prefill_tokens = prefill_tokens or default_prefill_tokens(self.weights.dtype, self.device)
         self.scale = self.weights.dims.head_dim ** -0.5
         self.flex = flex_decode(self.device) if attention == "flex" else None
         self.fallback: str | None = None  # what _fall_back dropped, if anything
