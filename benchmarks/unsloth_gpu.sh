@@ -100,7 +100,7 @@ row() {
     hh-routed) seed_state
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online${HH_TRL-,trl-online,timing},heldout \
-        --online-rm routed --candidates ${HH_CANDIDATES:-r1-rpo1-lp4,r1-rpo1-lp4-g} ;;
+        --online-rm routed --candidates ${HH_CANDIDATES:-r1-rpo1-lp4,r4-rpo1-lp4-g} ;;
     hh) seed_state
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm lora \

@@ -74,6 +74,10 @@ CANDIDATES: dict[str, dict] = {
                       "greedy_sample": True},
     "r2-rpo1-lp4-g": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0,
                       "greedy_sample": True},
+    # closer to on-policy: TRL's OnlineDPOTrainer samples from the current policy every step and, given the same
+    # routed reward models, won 0.655 harmless on the eval rows where one 1,000-prompt round won 0.590 (entry 30)
+    "r4-rpo1-lp4-g": {"rounds": 4, "prompts_per_round": 250, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0,
+                      "greedy_sample": True},
 }
 SMALL_TRAIN = ["--epochs", "1", "--max-length", "128"]  # --small: appended to every training command (last wins)
 SMALL_ONLINE = {"samples": 2, "max_new_tokens": 16, "batch_size": 4, "rounds": 1, "prompts_per_round": 8}
