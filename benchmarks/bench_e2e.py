@@ -44,6 +44,8 @@ from trl_e2e import add_run_args  # noqa: E402
 # Peer runners: (user script, its extra flags). Each writes the same JSON (trl_e2e.run_script).
 PEERS: dict[str, tuple[str, list[str]]] = {
     "trl": ("trl_e2e.py", []),
+    # TRL's trainer on minialign's token ids and loss mask (SFT): splits a learning gap into data and trainer
+    "trl-minialign-data": ("trl_e2e.py", ["--minialign-data"]),
     # Unsloth as its notebooks run it (its offloaded gradient checkpointing, 8-bit AdamW): its low-memory default
     "unsloth": ("unsloth_peer.py", ["--runner", "unsloth", "--grad-checkpointing", "unsloth", "--optim", "adamw_8bit"]),
     # Unsloth at minialign's setting: no recomputation, fused AdamW

@@ -74,7 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-json", required=True)
     p.add_argument("--adapter-out", default="", help="where the trained adapter (or full model) goes; "
                    "default: final/ beside --out-json")
-    return p.parse_args(argv)
+    p.add_argument("--minialign-data", action="store_true",
+                   help="SFT only, a diagnosis: train on minialign's tokenization of the rows (its prompt cut to "
+                        "--max-prompt-length from the left, no row dropped) instead of TRL's, so a learning gap "
+                        "between the tools splits into the data's share and the trainer's")
+    args = p.parse_args(argv)
+    if args.minialign_data and args.task != "sft":
+        p.error("--minialign-data is for --task sft only")
+    return args
 
 
 def trainer_args(args: argparse.Namespace, cls, output_dir: str, cuda: bool, **extra):
@@ -148,7 +155,13 @@ def run_script(args: argparse.Namespace, runner: str, load, t_start: float, row_
     eval_pairs = load_preference_pairs(args.data, rows=args.eval_rows or None)
     if args.chat_template:  # the same text minialign trains on: TRL gets explicit prompt/chosen/rejected strings
         train_pairs, eval_pairs = to_chat_format(train_pairs, tok), to_chat_format(eval_pairs, tok)
-    train_ds = _dataset(args.task, None, range(len(train_pairs)), False, train_pairs)
+    if getattr(args, "minialign_data", False):  # the same token ids and loss mask minialign trains on
+        from minialign.data.tokenize import tokenize_sft
+
+        items = tokenize_sft(train_pairs, tok, max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+        train_ds = _dataset("sft", items, range(len(items)), True, None)
+    else:
+        train_ds = _dataset(args.task, None, range(len(train_pairs)), False, train_pairs)
     eval_ds = _dataset(args.task, None, range(len(eval_pairs)), False, eval_pairs)
     marks["data"] = time.time()
     workdir = str(out_json.parent / "trainer")

@@ -18,8 +18,10 @@
 # off: where the 0.29-nat learning gap comes from), `sft-gap` (the same against TRL: the fast path and
 # minialign-lowmem clipped by the previous step's norm and unclipped, the question NOTES entry 25 leaves open),
 # `sft-seed1` (sft-gap's TRL and minialign at seed 1: is the +0.03 nats seed noise?), `sft-seeds` (the same at seeds 2
-# and 3: minialign trailed by 0.03 and 0.06 at seeds 0 and 1, NOTES entry 29), `decode-sample` (real SmolLM2 weights,
-# sampled answers that finish early as online rounds' do, 128 against 256 rows a batch), `sft-lowmem` (matched memory:
+# and 3: minialign trailed by 0.03 and 0.06 at seeds 0 and 1, NOTES entry 29), `sft-gap-data` (TRL's trainer on
+# minialign's token ids beside TRL and minialign at seeds 0 and 3: does the 0.055-nat gap follow the data or the
+# trainer? NOTES entry 30), `decode-sample` (real SmolLM2 weights, sampled answers that finish early as online
+# rounds' do, 128 against 256 rows a batch), `sft-lowmem` (matched memory:
 # Unsloth's default against minialign's memory options compiled and eager; Unsloth's wheels in /tmp/usite: `start`
 # installs them, or `pip install --no-index --no-deps --target /tmp/usite .whlu/*.whl`), `hh-per-axis` (one online
 # reward model an axis, summed), `hh-routed` (the same two, each prompt scored by its own axis's model; candidates
@@ -80,6 +82,9 @@ row() {
     sft-seeds) for seed in 2 3; do python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b \
       --tokenizer $TOK --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
       --runners trl,minialign --label llama1b-sft-lora-seed$seed ${SAME/--seed 0/--seed $seed}; done ;;
+    sft-gap-data) for seed in 0 3; do python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b \
+      --tokenizer $TOK --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
+      --runners trl,trl-minialign-data,minialign --label llama1b-sft-lora-data-seed$seed ${SAME/--seed 0/--seed $seed}; done ;;
     hh-per-axis) seed_state
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm per-axis \

@@ -100,3 +100,37 @@ def test_a_builtin_model_is_saved_once_and_loaded_as_a_checkpoint(e2e, tmp_path)
     from minialign.modeling.models import load_tokenizer
 
     assert load_tokenizer(str(path)).get_vocab() == load_tokenizer("demo").get_vocab()
+
+
+def test_trl_trains_on_minialigns_tokens_when_asked(tmp_path, shared_dir):
+    # The learning-gap diagnosis: TRL's trainer on minialign's token ids and loss mask. With prompts cut to 32 of 64
+    # tokens, TRL's own tokenization keeps sequence starts and drops prompt-only rows; minialign's keeps every row.
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    from minialign.data import load_preference_pairs
+    from minialign.data.tokenize import tokenize_sft
+    from minialign.modeling.models import load_tokenizer
+
+    data, rows = shared_dir / HH, "300:340"
+    ours = tokenize_sft(load_preference_pairs(data, rows=rows), load_tokenizer("demo"), max_length=64,
+                        max_prompt_length=32)
+    assert ours.truncated > 0
+    want = sum(len(ex.prompt_ids) + len(ex.response_ids) for ex in ours)
+
+    def run(*flags):
+        out = tmp_path / f"trl{len(flags)}.json"
+        cmd = [sys.executable, str(BENCH / "trl_e2e.py"), "--task", "sft", "--mode", "lora", "--model", "tiny",
+               "--tokenizer", "demo", "--data", str(data), "--train-rows", rows, "--eval-rows", "0:8", "--batch-size",
+               "8", "--max-length", "64", "--max-prompt-length", "32", "--out-json", str(out), *flags]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    mixed = run("--minialign-data")
+    assert mixed["tokens"] == want and mixed["train_rows_after_trl_filter"] == len(ours) == mixed["train_pairs"]
+    assert mixed["steps"] == -(-len(ours) // 8)
+    assert run()["tokens"] != want  # TRL's own tokenization differs here, so the flag is what changed the data
+    bad = subprocess.run([sys.executable, str(BENCH / "trl_e2e.py"), "--task", "dpo", "--mode", "lora", "--model",
+                          "tiny", "--tokenizer", "demo", "--data", str(data), "--out-json", str(tmp_path / "x.json"),
+                          "--minialign-data"], capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 2 and "--task sft only" in bad.stderr
