@@ -93,6 +93,8 @@ row() {
       --json-out $W/profile-decode.json 2>&1 | grep -v Warning | tail -60 ;;
     decode-random) python3 benchmarks/checks/profile_decode.py --model /tmp/smollm2-random --data $DATA \
       --json-out $W/profile-decode-random.json 2>&1 | grep -v Warning | tail -60 ;;
+    decode-random-triton) python3 benchmarks/checks/profile_decode.py --model /tmp/smollm2-random --data $DATA \
+      --attention triton --json-out $W/profile-decode-random-triton.json 2>&1 | grep -v Warning | tail -60 ;;
     memory-peak) python3 benchmarks/checks/memory_peak.py --json-out $W/memory-peak.json -- sft --model llama-1b \
       --tokenizer $TOK --dataset $DATA --train-rows 300:1612 --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
       --max-length 512 --max-steps 12 --eval-every 0 --overwrite --out $W/peak-run 2>&1 | grep -v "it/s\]" | tail -40 ;;

@@ -60,12 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="300:556")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--attention", default="flash", choices=["flash", "efficient", "triton", "flex"],
+                   help="the decode steps' attention (StaticDecoder's attention)")
     p.add_argument("--json-out", default="")
     args = p.parse_args(argv)
     tok = load_tokenizer(args.model)
     model = load_model(args.model, dtype=torch.bfloat16).cuda().eval()
     prompts = [x.prompt for x in load_preference_pairs(args.data, rows=args.rows)]
-    decoder = StaticDecoder(model)
+    decoder = StaticDecoder(model, attention=args.attention)
     kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, decoder=decoder, details=True)
     generate(model, tok, prompts, **kw)  # warm-up: compiles and records every bucket's graph
     torch.cuda.synchronize()
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    result = {"device": torch.cuda.get_device_name(0), "batch_size": args.batch_size, "prompts": len(prompts),
+    result = {"device": torch.cuda.get_device_name(0), "attention": args.attention, "fallback": decoder.fallback,
+              "batch_size": args.batch_size, "prompts": len(prompts),
               "steps": steps, "new_tokens": new, "wall_s": wall, "tokens_per_s": new / wall,
               "generate_ms_per_step": 1000 * wall / max(steps, 1), "compactions": decoder.compactions,
               "cuda_kernel_launches": sum(e.count for e in kernels),
