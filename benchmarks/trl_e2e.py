@@ -10,8 +10,10 @@ The run mirrors minialign's CLI flags: the same rows of the same file (``miniali
 epochs, batch, learning rate, schedule, warm-up, beta, LoRA r/alpha on every block linear, max_length, seed. TRL
 1.16 has no prompt-length limit: ``max_length`` cuts each whole sequence keeping its start, where minialign keeps
 the last ``max_prompt_length`` prompt tokens and cuts the response. Gradient checkpointing is off (TRL's default
-is on; minialign does not recompute activations). Throughput counting and step timing reuse ``trl_peer``'s
-collator wrapper and step-timer callback, so they mean the same as in ``bench_gpu.py``.
+is on; minialign does not recompute activations). ``--minialign-data`` (SFT, a diagnosis) gives TRL's trainer
+minialign's tokenization instead (``minialign.data.tokenize.tokenize_sft``, pre-tokenized). Throughput counting and
+step timing reuse ``trl_peer``'s collator wrapper and step-timer callback, so they mean the same as in
+``bench_gpu.py``.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_run_args(p)
     p.add_argument("--data", required=True)
     p.add_argument("--max-prompt-length", type=int, default=256,
-                   help="recorded only: TRL 1.16 has no prompt-length limit (max_length cuts whole sequences)")
+                   help="recorded only (TRL 1.16 has no prompt-length limit: max_length cuts whole sequences), "
+                        "except with --minialign-data, whose tokenization keeps this many prompt tokens")
     p.add_argument("--out-json", required=True)
     p.add_argument("--adapter-out", default="", help="where the trained adapter (or full model) goes; "
                    "default: final/ beside --out-json")
@@ -199,6 +202,8 @@ def run_script(args: argparse.Namespace, runner: str, load, t_start: float, row_
 
     # ---- measurement bookkeeping, after t_done: not counted in the wall clock
     peak, kind = peak_memory(device)
+    loss_tokens = (sum(sum(t != -100 for t in ex["labels"]) for ex in trainer.train_dataset)
+                   if args.task == "sft" else None)  # the tokens the SFT loss is taken over
     steps = trainer.state.global_step
     if steps != total or len(records) < total or timer.end is None or timer.start is None:
         raise RuntimeError(f"expected {total} steps, ran {steps}, collated {len(records)} training batches")
@@ -222,7 +227,8 @@ def run_script(args: argparse.Namespace, runner: str, load, t_start: float, row_
         "peak_memory_mb": peak, "memory_kind": kind, "t_start": t_start, "t_done": t_done, "phases_s": phases,
         "trl_eval": trl_eval, "final_train_loss": float(trainer.last_loss) if trainer.last_loss is not None else None,
         "logged_train_loss": losses[-1] if losses else None, "mean_train_loss": output.training_loss,
-        "train_pairs": len(train_pairs), "train_rows_after_trl_filter": n_train, "eval_pairs": len(eval_pairs),
+        "train_pairs": len(train_pairs), "train_rows_after_trl_filter": n_train, "train_loss_tokens": loss_tokens,
+        "eval_pairs": len(eval_pairs),
         "gradient_checkpointing": checkpointing, "optim": str(config.optim),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu", "saved": str(adapter_out),
         "versions": {"torch": torch.__version__, **versions}, **(row_extra or {}),

@@ -21,7 +21,8 @@
 # and 3: minialign trailed by 0.03 and 0.06 at seeds 0 and 1, NOTES entry 29), `sft-gap-data` (TRL's trainer on
 # minialign's token ids beside TRL and minialign at seeds 0 and 3: does the 0.055-nat gap follow the data or the
 # trainer? NOTES entry 30), `decode-sample` (real SmolLM2 weights, sampled answers that finish early as online
-# rounds' do, 128 against 256 rows a batch), `sft-lowmem` (matched memory:
+# rounds' do, 128 against 256 rows a batch), `decode-random-triton` (the decoder profile with the Triton decode
+# kernel, `lite`), `sft-lowmem` (matched memory:
 # Unsloth's default against minialign's memory options compiled and eager; Unsloth's wheels in /tmp/usite: `start`
 # installs them, or `pip install --no-index --no-deps --target /tmp/usite .whlu/*.whl`), `hh-per-axis` (one online
 # reward model an axis, summed), `hh-routed` (the same two, each prompt scored by its own axis's model; candidates
@@ -146,7 +147,8 @@ lite)
   # sft-lora-fast, memory-peak (what fills memory at llama-1b SFT LoRA's peak, checks/memory_peak.py), check-graphs
   # (checks/check_graphs.py: graphed = plain training, uncompiled, several captures), decode-random (the decoder
   # profile on random SmolLM2-135M weights built from .gl/smollm2's config: every row runs all max_new_tokens, so the
-  # step time is measured without early finishes) and bench-decode-random (bench_decode.py's static decoder with
+  # step time is measured without early finishes; decode-random-triton: the same with minialign's Triton
+  # store-and-attend kernel) and bench-decode-random (bench_decode.py's static decoder with
   # FlashAttention, the memory-efficient kernel and minialign's Triton store-and-attend kernel, against transformers'
   # dynamic and static+compile caches, same weights).
   ROWS=${2:-sft-gap,check-graphs,bench-decode-random,decode-random}

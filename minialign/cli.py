@@ -272,6 +272,21 @@ def cmd_run(args) -> int:
     return 0
 
 
+# What to lower when a command runs out of GPU memory: only flags the command has.
+OUT_OF_MEMORY = {
+    "eval": "Lower --batch-size (rows decoded at once; 0 means 128 on CUDA) or --judge-batch-size (answers the judge "
+            "scores at once), or shorten --max-new-tokens.",
+    "generate": "Give fewer or shorter prompts, or shorten --max-new-tokens.",
+    "online": "Lower --gen-batch-size (rows decoded at once) or --rm-batch-size while sampling and scoring, "
+              "--batch-size (with a higher --grad-accum) while training, or --max-length.",
+    "run": "Lower the stages' batch sizes in the --config YAML (sft: {batch_size: ...}, dpo: {batch_size: ...}) or "
+           "--bench-batch-size, or shorten --max-new-tokens.",
+    "bench": "Give smaller --batch-sizes.",
+    "train": "Lower --batch-size (and raise --grad-accum to keep the global batch), lower --max-length, or use LoRA "
+             "instead of --full.",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit code. A Ctrl-C anywhere in here, torch's import included, ends with one line."""
     try:
@@ -305,14 +320,7 @@ def _main(argv: list[str] | None) -> int:
         if type(exc).__name__ == "OutOfMemoryError":
             batch = getattr(args, "batch_size", None)
             where = f" at --batch-size {batch}" if batch else ""
-            if args.command == "eval":
-                what = ("Lower --batch-size (rows decoded at once; 0 means 128 on CUDA) or --judge-batch-size (answers "
-                        "the judge scores at once), or shorten --max-new-tokens.")
-            elif args.command == "generate":
-                what = "Give fewer or shorter prompts, or shorten --max-new-tokens."
-            else:
-                what = ("Lower --batch-size (and raise --grad-accum to keep the global batch), lower --max-length, "
-                        "or use LoRA instead of --full.")
+            what = OUT_OF_MEMORY.get(args.command, OUT_OF_MEMORY["train"])
             print(f"error: the GPU ran out of memory{where}. {what}", file=sys.stderr)
             return 2
         raise

@@ -129,6 +129,7 @@ def test_trl_trains_on_minialigns_tokens_when_asked(tmp_path, shared_dir):
     mixed = run("--minialign-data")
     assert mixed["tokens"] == want and mixed["train_rows_after_trl_filter"] == len(ours) == mixed["train_pairs"]
     assert mixed["steps"] == -(-len(ours) // 8)
+    assert mixed["train_loss_tokens"] == sum(len(ex.response_ids) for ex in ours)  # the loss mask is minialign's too
     assert run()["tokens"] != want  # TRL's own tokenization differs here, so the flag is what changed the data
     bad = subprocess.run([sys.executable, str(BENCH / "trl_e2e.py"), "--task", "dpo", "--mode", "lora", "--model",
                           "tiny", "--tokenizer", "demo", "--data", str(data), "--out-json", str(tmp_path / "x.json"),

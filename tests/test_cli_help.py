@@ -4,8 +4,10 @@
 import argparse
 import dataclasses
 import json
+import re
 
 import pytest
+import torch
 
 from minialign import cli
 from minialign.base.errors import UserError
@@ -160,3 +162,23 @@ def test_run_config_choices_are_checked_outside_argparse(tmp_path):
     bad.write_text("stages: [sft, train]\n")
     assert cli.main(["run", "--demo", "--config", str(bad), "--out", str(tmp_path / "r")]) == 2
     assert not (tmp_path / "r" / "run.yaml").exists()
+
+
+def test_running_out_of_gpu_memory_names_only_flags_the_command_has(monkeypatch, capsys):
+    parsers = dict(sub_parsers(cli.build_parser()))
+    for command, advice in cli.OUT_OF_MEMORY.items():
+        for name in ("sft", "dpo", "rm") if command == "train" else (command,):
+            flags = {o for action in parsers[f"minialign {name}"]._actions for o in action.option_strings}
+            named = set(re.findall(r"--[a-z][a-z-]*", advice))
+            assert named and named <= flags, (name, named - flags)
+
+    def oom(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(cli, "cmd_eval", oom)
+    monkeypatch.setattr(cli, "cmd_train", oom)
+    assert cli.main(["eval", "--policy", "tiny", "--batch-size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "at --batch-size 64" in err and "--judge-batch-size" in err and "--grad-accum" not in err
+    assert cli.main(["sft", "--demo"]) == 2
+    assert "--grad-accum" in capsys.readouterr().err

@@ -137,6 +137,10 @@ def test_prefill_passes_stay_small_wherever_attention_is_dense(monkeypatch):
     assert module.default_prefill_tokens(torch.bfloat16, torch.device("cpu")) == module.DENSE_PREFILL_TOKENS
     assert module.default_prefill_tokens(torch.bfloat16, cuda) == module.FLASH_PREFILL_TOKENS
     assert module.DENSE_PREFILL_TOKENS ** 2 * 9 * 4 < 2**30  # SmolLM2's 9 heads of float32 scores: < 1 GiB a pass
+    # and the decoder takes it from the dtype its weights run in (here "flash" = bf16, whatever the device)
+    monkeypatch.setattr(module, "flash_ok", lambda dtype, device: dtype == torch.bfloat16)
+    for dtype, tokens in ((torch.float32, module.DENSE_PREFILL_TOKENS), (torch.bfloat16, module.FLASH_PREFILL_TOKENS)):
+        assert StaticDecoder(llama().to(dtype), graphs=False, compile=False).prefill_tokens == tokens
 
 
 def test_sampling_is_seeded_and_repeatable(tok):

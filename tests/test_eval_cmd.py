@@ -249,21 +249,6 @@ def test_bad_inputs_exit_2(run_dir, judge_dir, root, capsys):
     assert "--policy is required" in _error(capsys, "eval", *SMALL)
 
 
-def test_running_out_of_gpu_memory_names_each_commands_own_knobs(monkeypatch, capsys):
-    from minialign import cli
-
-    def oom(*_):
-        raise torch.OutOfMemoryError("CUDA out of memory")
-
-    monkeypatch.setattr(cli, "cmd_eval", oom)
-    monkeypatch.setattr(cli, "cmd_train", oom)
-    assert run_cli("eval", "--policy", "tiny", "--batch-size", "64") == 2
-    err = capsys.readouterr().err
-    assert "at --batch-size 64" in err and "--judge-batch-size" in err and "--grad-accum" not in err
-    assert run_cli("sft", "--demo") == 2
-    assert "--grad-accum" in capsys.readouterr().err
-
-
 def test_a_judge_on_another_tokenizer_is_refused_naming_both(judge_dir, root, shared_dir, capsys):
     """A judge on `tiny` (demo tokenizer) for a pythia-70m policy (GPT-NeoX tokenizer): refused before any model
     loads, by `minialign eval` and by `minialign run` (before its run folder is written)."""
