@@ -79,6 +79,8 @@ RUNNERS: dict[str, list[str] | None] = {
     # the same memory options without --compile: eager checkpointing (no CUDA graphs), no compilation inside a short
     # run's training time, which is where minialign-lowmem lost its steady-state lead over one epoch (NOTES entry 23)
     "minialign-lowmem-eager": ["--fast", "on", "--grad-checkpointing", "--optim-in-backward"],
+    # the same with the checkpoints' inputs in pinned CPU memory, as Unsloth's default keeps its checkpoints
+    "minialign-lowmem-offload": ["--fast", "on", "--grad-checkpointing", "--optim-in-backward", "--offload-activations"],
 }
 PROBE = ("import json, platform, torch; from importlib.metadata import version; "
          "print(json.dumps({'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', "

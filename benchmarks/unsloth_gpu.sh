@@ -22,7 +22,8 @@
 # minialign's token ids beside TRL and minialign at seeds 0 and 3: does the 0.055-nat gap follow the data or the
 # trainer? NOTES entry 30), `decode-sample` (real SmolLM2 weights, sampled answers that finish early as online
 # rounds' do, 128 against 256 rows a batch), `decode-random-triton` (the decoder profile with the Triton decode
-# kernel, `lite`), `sft-lowmem` (matched memory:
+# kernel, `lite`), `sft-offload` (Unsloth's default against minialign's eager memory options without and with
+# --offload-activations; needs Unsloth's wheels), `sft-lowmem` (matched memory:
 # Unsloth's default against minialign's memory options compiled and eager; Unsloth's wheels in /tmp/usite: `start`
 # installs them, or `pip install --no-index --no-deps --target /tmp/usite .whlu/*.whl`), `hh-per-axis` (one online
 # reward model an axis, summed), `hh-routed` (the same two, each prompt scored by its own axis's model; candidates
@@ -80,6 +81,9 @@ row() {
     sft-lowmem) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer $TOK \
       --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
       --runners unsloth,minialign-lowmem,minialign-lowmem-eager --label llama1b-sft-lora-lowmem $SAME ;;
+    sft-offload) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer $TOK \
+      --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
+      --runners unsloth,minialign-lowmem-eager,minialign-lowmem-offload --label llama1b-sft-lora-offload $SAME ;;
     sft-seeds) for seed in 2 3; do python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b \
       --tokenizer $TOK --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
       --runners trl,minialign --label llama1b-sft-lora-seed$seed ${SAME/--seed 0/--seed $seed}; done ;;

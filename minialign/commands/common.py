@@ -19,7 +19,7 @@ from minialign.config.schema import TrainConfig
 from minialign.data import pack_sft
 from minialign.data.splits import load_pairs
 from minialign.data.tokenize import check_tokenized
-from minialign.modeling import adapters, lora
+from minialign.modeling import adapters, lora, offload
 from minialign.modeling.blocks import transformer_blocks
 from minialign.modeling.models import check_model_source, check_vocab, default_tokenizer, load_model, load_tokenizer
 from minialign.modeling.policy import TokenLogps
@@ -70,6 +70,8 @@ def wrap_policy(model, cfg: TrainConfig, device: torch.device, cls: type[TokenLo
     model.to(device)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.offload_activations:
+            offload.install(model)
     policy = cls(model, cfg.loss_chunk_size or None, attention=cfg.attention)
     if cfg.compile:
         compile_policy(policy, cfg)

@@ -91,6 +91,9 @@ class TrainConfig:
                           choices=("auto", "float32", "bfloat16"))
     grad_checkpointing: bool = opt(False, "recompute activations in backward: less memory, more compute",
                                    group="memory")
+    offload_activations: bool = opt(False, "with --grad-checkpointing: keep each block's saved input in pinned CPU "
+                                    "memory until backward (CUDA; the copies overlap compute; eager, one process)",
+                                    group="memory")
     optim_in_backward: bool = opt(False, "step AdamW on each parameter as soon as its gradient is complete and free "
                                   "it: no whole-model gradient (one process, --grad-accum 1; clips by the previous step's norm)",
                                   group="memory")
@@ -145,6 +148,8 @@ class TrainConfig:
         parse_rows(self.eval_rows or None, "--eval-rows")
         if self.optim_in_backward:
             self.check_optim_in_backward(world)
+        if self.offload_activations:
+            self.check_offload(world)
         if self.full and self.base_dtype == "bfloat16":
             self.check_bf16_weights(world)
         if self.cuda_graphs:
@@ -180,6 +185,20 @@ class TrainConfig:
         for bad, need in problems:
             if bad:
                 raise UserError(f"Invalid configuration: cuda_graphs needs {need}.")
+
+    def check_offload(self, world: int) -> None:
+        """``offload_activations`` moves what eager activation checkpointing keeps, in one process."""
+        problems = [
+            (not self.grad_checkpointing, "it moves the block inputs that activation checkpointing keeps: add "
+             "--grad-checkpointing"),
+            (self.compile, "compiled blocks checkpoint inside the compiled code, which it does not reach: drop "
+             "--compile"),
+            (world > 1, f"it runs in one process only (this is one of {world} torchrun processes): drop it under "
+             "torchrun"),
+        ]
+        for bad, why in problems:
+            if bad:
+                raise UserError(f"Invalid configuration: --offload-activations: {why}.")
 
     def check_bf16_weights(self, world: int) -> None:
         """What full fine-tuning in bf16 (``StochasticAdamW``) has not been built for."""

@@ -1,0 +1,96 @@
+"""--offload-activations (minialign.modeling.offload): checkpointing whose kept block inputs wait on the host.
+
+The reference is transformers' own checkpointing and no checkpointing at all: the same loss and the same LoRA
+gradients (float32, CPU), dropout masks included; through the CLI, the same run. The CUDA copies themselves (pinned
+memory, a side stream) cannot run here; benchmarks/unsloth_gpu.sh's `sft-offload` row measures them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from minialign import cli
+from minialign.base.errors import UserError
+from minialign.config.schema import SFTConfig
+from minialign.modeling import lora, offload
+from minialign.modeling.models import load_model
+from tests.conftest import torch_threads
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+def lora_grads(name: str, checkpointing: str, dropout: float = 0.0) -> tuple[float, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = load_model(name)
+    lora.apply_lora(model, lora.LoRAConfig(r=4, alpha=8, dropout=dropout))
+    model.train()
+    if checkpointing != "off":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing == "offload":
+        assert offload.install(model) == model.config.num_hidden_layers
+    for _, layer in lora.lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.02)  # B = 0 would leave A without a gradient
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)  # the dropout masks of the forward
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-llama"])
+def test_gradients_are_those_of_plain_and_checkpointed_backward(name):
+    loss, plain = lora_grads(name, "off")
+    for kind in ("checkpoint", "offload"):
+        other_loss, grads = lora_grads(name, kind)
+        assert other_loss == pytest.approx(loss, rel=1e-6)
+        assert len(grads) == len(plain) and all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, plain))
+
+
+def test_recomputation_draws_the_forwards_dropout_masks():
+    loss, reference = lora_grads("tiny-llama", "checkpoint", dropout=0.3)
+    other_loss, grads = lora_grads("tiny-llama", "offload", dropout=0.3)
+    assert other_loss == loss and all(torch.equal(a, b) for a, b in zip(grads, reference))
+    _, plain = lora_grads("tiny-llama", "off", dropout=0.3)  # and dropout is on: no dropout would differ
+    _, without = lora_grads("tiny-llama", "off", dropout=0.0)
+    assert not all(torch.allclose(a, b) for a, b in zip(plain, without))
+
+
+def test_a_model_without_checkpointed_blocks_is_refused():
+    with pytest.raises(UserError, match="no checkpointed block"):
+        offload.install(load_model("tiny"))
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({}, "add --grad-checkpointing"),
+    ({"grad_checkpointing": True, "compile": True}, "drop --compile"),
+])
+def test_bad_combinations_are_refused(fields, match):
+    with pytest.raises(UserError, match=match):
+        SFTConfig(offload_activations=True, **fields).validate()
+    with pytest.raises(UserError, match="one process only"):
+        SFTConfig(offload_activations=True, grad_checkpointing=True).validate(world=2)
+
+
+def test_the_cli_run_is_the_checkpointed_run(tmp_path, monkeypatch):
+    kept = []
+    real = offload.Offloader.to_host
+    monkeypatch.setattr(offload.Offloader, "to_host", lambda self, x: kept.append(x.shape) or real(self, x))
+
+    def losses(*flags):
+        out = tmp_path / "-".join(flags)
+        assert cli.main(["sft", "--demo", "--batch-size", "4", "--limit", "16", "--eval-limit", "4", "--max-steps",
+                         "3", "--grad-checkpointing", *flags, "--out", str(out)]) == 0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r and "step" in r]
+
+    checkpointed = losses()
+    assert len(checkpointed) == 3 and not kept
+    assert losses("--offload-activations") == pytest.approx(checkpointed, rel=1e-6)
+    assert len(kept) == 3 * 2  # each training step, each of the tiny model's two blocks
