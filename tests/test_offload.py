@@ -7,7 +7,9 @@ memory, a side stream) cannot run here; benchmarks/unsloth_gpu.sh's `sft-offload
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -26,7 +28,7 @@ def _one_thread():
         yield
 
 
-def lora_grads(name: str, checkpointing: str, dropout: float = 0.0) -> tuple[float, list[torch.Tensor]]:
+def lora_model(name: str, checkpointing: str, dropout: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(0)
     model = load_model(name)
     lora.apply_lora(model, lora.LoRAConfig(r=4, alpha=8, dropout=dropout))
@@ -37,10 +39,22 @@ def lora_grads(name: str, checkpointing: str, dropout: float = 0.0) -> tuple[flo
         assert offload.install(model) == model.config.num_hidden_layers
     for _, layer in lora.lora_layers(model):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.02)  # B = 0 would leave A without a gradient
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
-    torch.manual_seed(2)  # the dropout masks of the forward
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
+    return model
+
+
+def batch(model) -> torch.Tensor:
+    return torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def lora_grads(name: str, checkpointing: str, dropout: float = 0.0, steps: int = 1) -> tuple[float, list[torch.Tensor]]:
+    """The last step's loss and the LoRA gradients summed over ``steps`` forward/backward passes (each pass draws
+    new dropout masks from where the last one left the random state)."""
+    model = lora_model(name, checkpointing, dropout)
+    ids = batch(model)
+    torch.manual_seed(2)  # the dropout masks of the forwards
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
     return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
@@ -53,13 +67,41 @@ def test_gradients_are_those_of_plain_and_checkpointed_backward(name):
         assert len(grads) == len(plain) and all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, plain))
 
 
-def test_recomputation_draws_the_forwards_dropout_masks():
-    loss, reference = lora_grads("tiny-llama", "checkpoint", dropout=0.3)
-    other_loss, grads = lora_grads("tiny-llama", "offload", dropout=0.3)
+def test_recomputation_draws_the_forwards_dropout_masks_and_leaves_the_random_state_alone():
+    # two passes: the second pass's masks come from where backward left the random state
+    loss, reference = lora_grads("tiny-llama", "checkpoint", dropout=0.3, steps=2)
+    other_loss, grads = lora_grads("tiny-llama", "offload", dropout=0.3, steps=2)
     assert other_loss == loss and all(torch.equal(a, b) for a, b in zip(grads, reference))
     _, plain = lora_grads("tiny-llama", "off", dropout=0.3)  # and dropout is on: no dropout would differ
     _, without = lora_grads("tiny-llama", "off", dropout=0.0)
     assert not all(torch.allclose(a, b) for a, b in zip(plain, without))
+
+
+def test_each_blocks_input_is_let_go_once_the_block_has_run(monkeypatch):
+    # What leaves the GPU there: here the "host copy" is a clone, so the inputs themselves must be unreferenced.
+    model = lora_model("tiny-llama", "offload")
+    monkeypatch.setattr(offload.Offloader, "to_host", lambda self, x: (x.detach().clone(), None))
+    inputs = []
+    call = offload.Offloader.__call__
+    monkeypatch.setattr(offload.Offloader, "__call__",
+                        lambda self, f, *args: inputs.append(weakref.ref(args[0])) or call(self, f, *args))
+    ids = batch(model)
+    loss = model(input_ids=ids, labels=ids).loss
+    gc.collect()
+    alive = [r for r in inputs if r() is not None]
+    assert len(inputs) == model.config.num_hidden_layers
+    assert len(alive) <= 1  # the first block's input is the embedding's output, a leaf autograd keeps for backward
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_without_gradients_blocks_run_as_they_are(monkeypatch):
+    model = lora_model("tiny-llama", "offload")
+    plain = lora_model("tiny-llama", "off")
+    monkeypatch.setattr(offload.Offloader, "to_host", lambda *_: pytest.fail("nothing should be kept"))
+    ids = batch(model)
+    with torch.no_grad():  # e.g. the adapters switched off as DPO's reference, the model still in training mode
+        assert torch.allclose(model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-6)
 
 
 def test_a_model_without_checkpointed_blocks_is_refused():

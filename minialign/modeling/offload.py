@@ -30,19 +30,26 @@ class Offloader:
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def __call__(self, function: Callable, *args):
+        if not torch.is_grad_enabled():  # a frozen reference run in training mode: nothing to keep (transformers
+            return function(*args)  # before 5.2x checkpoints it anyway)
         if not args or not torch.is_tensor(args[0]):
             raise UserError("--offload-activations keeps a block's hidden states, which this model passes its blocks "
                             "by keyword: drop --offload-activations.")
         x, rest = args[0], args[1:]
-        if any(torch.is_tensor(a) and a.requires_grad for a in rest):
+        others = [*rest, *getattr(function, "keywords", {}).values()]
+        if any(torch.is_tensor(a) and a.requires_grad for a in others):
             raise UserError("--offload-activations keeps one input a block (its hidden states); this model's blocks "
-                            "take several inputs that need gradients: drop --offload-activations.")
+                            "take other inputs that need gradients: drop --offload-activations.")
+        if not x.requires_grad:  # the output would need no gradient and the block's adapters would get none
+            return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
         return _OffloadedBlock.apply(self, function, x, *rest)
 
     def to_host(self, x: torch.Tensor) -> tuple:
         if x.device.type != "cuda":
             return (x.detach(), None)
-        stream = self.streams.setdefault(x.device, torch.cuda.Stream(x.device))
+        if x.device not in self.streams:
+            self.streams[x.device] = torch.cuda.Stream(x.device)
+        stream = self.streams[x.device]
         stream.wait_stream(torch.cuda.current_stream(x.device))  # x is complete before it is read
         host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
         with torch.cuda.stream(stream):
