@@ -224,6 +224,10 @@ def test_summary_targets_and_tables():
     assert t["harmless"]["met"] is True and t["loops"]["met"] is True
     assert t["ahead_of_offline"]["met"] is True and t["ahead_of_offline"]["mean_win"] == pytest.approx(0.68)
     assert t["round_s"]["met"] is True and t["speedup_vs_trl_online"]["met"] is True
+    assert t["as_good_as_trl_online"]["met"] is None  # no TRL row: unknown
+    trl = results.policy_entry(_eval(_axis(0.72, 0.0, 0.1), _axis(0.66, 0.0, 0.1), "No."), 3)
+    both = results.targets({**policies, "trl-online": trl, "trl-online-routed": trl}, start, timing)
+    assert both["as_good_as_trl_online"]["peer"] == "trl-online-routed" and both["as_good_as_trl_online"]["met"] is False
     assert doc["policies"]["offline-mix"]["test4_declined"] is False and doc["commands"] == ["python -m x"]
     assert results.targets({}, start, {})["helpful"]["met"] is None  # nothing measured: unknown, not failed
     md = results.markdown(json.loads(json.dumps(doc)))

@@ -167,6 +167,9 @@ def targets(policies: dict, start: dict, timing: dict, online: str = "online") -
     ours = mean_win(p)
     rivals = {n: mean_win(policies.get(n) or {}) for n in ("harmless-only", "offline-mix")}
     ahead = None if ours is None or any(v is None for v in rivals.values()) else all(ours > v for v in rivals.values())
+    # TRL's online peer given the same reward models (routed) where it ran, else the older one
+    peer = next((n for n in ("trl-online-routed", "trl-online") if policies.get(n)), None)
+    theirs = mean_win(policies[peer]) if peer else None
     return {
         "helpful": _target(helpful_ok, win_rate=h.get("win_rate"), evasion=h.get("evasion"), start_evasion=ev0,
                            rule="win >= 0.65 and evasion <= start + 0.05"),
@@ -176,6 +179,9 @@ def targets(policies: dict, start: dict, timing: dict, online: str = "online") -
                          harmless=loops[0], helpful=loops[1], rule="<= 0.05 on both axes"),
         "ahead_of_offline": _target(ahead, mean_win=ours, **{f"{n}_mean_win": v for n, v in rivals.items()},
                                     rule="mean win of the two axes above harmless-only and offline-mix"),
+        "as_good_as_trl_online": _target(None if ours is None or theirs is None else ours >= theirs, mean_win=ours,
+                                         peer=peer, peer_mean_win=theirs,
+                                         rule="mean win of the two axes at least that of TRL's OnlineDPOTrainer"),
         "round_s": _target(le(timing.get("online_round_s"), TARGETS["round_s"]), value=timing.get("online_round_s"),
                            rule="one round over 1,000 prompts x 4 samples <= 60 s"),
         "speedup_vs_trl_online": _target(ge(timing.get("speedup_vs_trl_online"), TARGETS["speedup_vs_trl"]),
