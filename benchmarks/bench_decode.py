@@ -45,11 +45,11 @@ from minialign.modeling.generate import generate
 from minialign.modeling.models import load_model, load_tokenizer
 
 # hf first: the others are compared with its answers. static-plain: the static decoder without torch.compile;
-# static-flex: with FlexAttention's split-KV decoding kernel (minialign.modeling.flex_decode); static-efficient: with
-# the memory-efficient attention kernel (64-row query tiles) instead of FlashAttention's (128); static-triton: with
-# minialign.ops.triton_decode, the cache stores and the attention in one kernel.
-DECODERS = ("hf", "static", "static-plain", "static-flex", "static-efficient", "static-triton", "hf-static")
-ATTENTION = {"static-flex": "flex", "static-efficient": "efficient", "static-triton": "triton"}
+# static-flex: with FlexAttention's split-KV decoding kernel (minialign.modeling.flex_decode); static-triton: with
+# minialign.ops.triton_decode, the cache stores and the attention in one kernel. (The memory-efficient kernel raced
+# here once, 62.9k against FlashAttention's 75.7k new tokens/s on an H100, NOTES entry 30, and was removed.)
+DECODERS = ("hf", "static", "static-plain", "static-flex", "static-triton", "hf-static")
+ATTENTION = {"static-flex": "flex", "static-triton": "triton"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "definitions": {"tokens_per_s": "answer tokens (EOS included) / best pass wall time, whole generate() call",
                         "ms_per_step": "best pass wall time / decode steps (each batch: its longest answer)",
                         "identical_to_hf": "share of answers whose text equals decoder='hf' at this batch size",
-                        "identical_to_static": "static-flex, -efficient, -triton: the same share against decoder='static'"},
+                        "identical_to_static": "static-flex, static-triton: the same share against decoder='static'"},
         "results": {},
     }
     decoders = [d for d in DECODERS if d in args.decoders.split(",")]

@@ -197,9 +197,9 @@ def test_decode_attention_reads_each_rows_used_keys():
 
 
 def test_the_varlen_call_describes_each_rows_used_keys():
-    """What the CUDA kernels (FlashAttention's seqused_k, the memory-efficient kernel's seqlen_k) are given, read by
-    their contract: sequence s holds queries cu_q[s]:cu_q[s+1] and the first used[s] keys from cu_k[s], no mask.
-    Read so, it is each row's attention over its used keys (the kernels themselves run only on a GPU)."""
+    """What FlashAttention's varlen kernel (its seqused_k) is given, read by its contract: sequence s holds queries
+    cu_q[s]:cu_q[s+1] and the first used[s] keys from cu_k[s], no mask. Read so, it is each row's attention over its
+    used keys (the kernel itself runs only on a GPU)."""
     torch.manual_seed(0)
     b, heads, kv_heads, length, d = 3, 6, 2, 9, 8
     q = torch.randn(b, heads, d, dtype=torch.float64)
@@ -247,7 +247,7 @@ def test_static_decoder_with_flex_attention_answers_as_transformers(tok):
     decoder.flex = lambda *args: calls.append(1) or flex(*args)
     assert generate(model, tok, PROMPTS, decoder=decoder, **common) == reference
     assert len(calls) >= NEW * model.config.num_hidden_layers  # every decode step of every layer went through flex
-    with pytest.raises(UserError, match="attention must be 'flash', 'efficient', 'triton' or 'flex'"):
+    with pytest.raises(UserError, match="attention must be 'flash', 'triton' or 'flex'"):
         StaticDecoder(model, attention="flexible")
 
 
@@ -290,12 +290,12 @@ def test_the_compiled_block_halves_compute_what_eager_ones_do_without_recompilin
 
 
 def test_a_failing_step_drops_one_thing_at_a_time_and_says_what():
-    efficient = StaticDecoder(llama(), attention="efficient")
-    assert efficient.kernel == "efficient" and efficient.fallback is None
-    assert efficient._fall_back(RuntimeError("no kernel image"))
-    assert efficient.kernel == "flash" and "efficient attention kernel failed" in efficient.fallback
-    assert "no kernel image" in efficient.fallback
-    assert not efficient._fall_back(RuntimeError("again"))  # plain parts and FlashAttention: nothing left to drop
+    triton = StaticDecoder(llama())
+    triton.kernel = "triton"  # as on a GPU with Triton (a CPU decodes through SDPA whatever is asked)
+    assert triton.fallback is None and triton._fall_back(RuntimeError("no kernel image"))
+    assert triton.kernel == "flash" and "triton attention kernel failed" in triton.fallback
+    assert "no kernel image" in triton.fallback
+    assert not triton._fall_back(RuntimeError("again"))  # plain parts and FlashAttention: nothing left to drop
     flex = StaticDecoder(llama(), attention="flex")
     assert flex._fall_back(RuntimeError("x")) and flex.flex is None and "FlexAttention" in flex.fallback
 

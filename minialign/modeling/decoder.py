@@ -117,10 +117,9 @@ class StaticDecoder:
     ``torch.compile`` in decode steps (CUDA only; a failing compilation falls back to plain kernels);
     ``sync_every``: steps between looks at the rows; ``retire``: move live rows into smaller buckets as rows finish
     (``min_bucket`` rows at least); ``prefill_tokens``: prompt tokens per prefill pass; ``attention``: the decode
-    steps' attention, ``"flash"`` (FlashAttention-2 varlen on CUDA, SDPA elsewhere), ``"efficient"`` (the
-    memory-efficient kernel on CUDA, an experiment: ``decode_attention``), ``"triton"`` (``ops.triton_decode``, an
-    experiment: the cache stores and the attention in one kernel) or ``"flex"`` (``flex_decode``; slower on an H100,
-    benchmarks/NOTES.md entry 29).
+    steps' attention, ``"flash"`` (FlashAttention-2 varlen on CUDA, SDPA elsewhere), ``"triton"``
+    (``ops.triton_decode``, an experiment: the cache stores and the attention in one kernel) or ``"flex"``
+    (``flex_decode``; slower on an H100, benchmarks/NOTES.md entry 29).
     """
 
     def __init__(self, model: torch.nn.Module, *, graphs: bool = True, compile: bool = True, sync_every: int = 8,
@@ -130,9 +129,8 @@ class StaticDecoder:
         if reason is not None:
             raise UserError(f"The static decoder cannot run this model: {reason}. Use decoder='auto' (falls back "
                             "to transformers' generate) or decoder='hf'.")
-        if attention not in ("flash", "efficient", "triton", "flex"):
-            raise UserError("StaticDecoder attention must be 'flash', 'efficient', 'triton' or 'flex' "
-                            f"(got {attention!r}).")
+        if attention not in ("flash", "triton", "flex"):
+            raise UserError(f"StaticDecoder attention must be 'flash', 'triton' or 'flex' (got {attention!r}).")
         self.model = model
         self.weights = DecoderWeights(model)
         self.device = self.weights.embed.device
@@ -264,7 +262,7 @@ class StaticDecoder:
         x = F.embedding(flat, w.embed)
         cos, sin = s.cos[positions][:, None], s.sin[positions][:, None]
         for layer, block in enumerate(w.blocks):
-            x = block_forward(x, block, w.dims, w.act, cos, sin, lambda q, k, v, layer=layer: attend(q, k, v, layer))
+            x = block_forward(x, block, w.dims, w.act, cos, sin, functools.partial(attend, layer=layer))
         first = next_tokens(last_logits(x[cu[1:].long() - 1], w), sampling, s.uniforms[0, rows])
         s.tokens[rows] = first
         s.lengths[rows] = lengths.to(self.device)
@@ -306,12 +304,12 @@ class StaticDecoder:
             write_cache(v_cache, v, layout.cache_index)
             if self.flex is not None:
                 return self.flex(q, k_cache, v_cache, *blocks, self.scale)
-            return decode_attention(q, k_cache, v_cache, layout, self.scale, self.kernel)
+            return decode_attention(q, k_cache, v_cache, layout, self.scale)
 
         x = F.embedding(tokens, w.embed)
         cos, sin = s.cos[positions][:, None], s.sin[positions][:, None]
         for layer, block in enumerate(w.blocks):
-            x = block_forward(x, block, dims, w.act, cos, sin, lambda q, k, v, layer=layer: attend(q, k, v, layer),
+            x = block_forward(x, block, dims, w.act, cos, sin, functools.partial(attend, layer=layer),
                               self.parts)
         rows = s.row_id[:bucket]
         chosen = next_tokens(last_logits(x, w), sampling, s.uniforms[s.step, rows])
@@ -349,10 +347,10 @@ class StaticDecoder:
         self.graphs[(bucket, key)] = graph
 
     def _kernel(self, attention: str) -> str:
-        """"flash", "efficient" or "triton" (``triton_decode``: stores and attends in one kernel, where Triton is
-        installed and the shapes suit it); a CPU runs SDPA whatever is asked."""
+        """"flash" or "triton" (``triton_decode``: stores and attends in one kernel, where Triton is installed and
+        the shapes suit it); a CPU runs SDPA whatever is asked."""
         if attention != "triton" or self.device.type != "cuda":
-            return "efficient" if attention == "efficient" else "flash"
+            return "flash"
         dims = self.weights.dims
         if triton_decode.available() and triton_decode.supports(dims.groups, dims.head_dim, self.weights.dtype):
             return "triton"
@@ -361,7 +359,7 @@ class StaticDecoder:
         return "flash"
 
     def _fall_back(self, exc: Exception) -> bool:
-        """After a failed step, one thing fewer to fail: the memory-efficient kernel gives way to FlashAttention,
+        """After a failed step, one thing fewer to fail: the Triton kernel gives way to FlashAttention,
         else compiled parts and FlexAttention to plain kernels; False when nothing is left to drop. ``fallback``
         keeps what happened, for benchmarks (a row must not pass off the fallback's speed as the variant's)."""
         if self.kernel != "flash":

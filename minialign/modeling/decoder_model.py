@@ -322,7 +322,7 @@ def write_cache(cache: torch.Tensor, new: torch.Tensor, cache_index: torch.Tenso
 
 def varlen_decode_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        layout: DecodeLayout) -> tuple[torch.Tensor, ...]:
-    """A decode step's attention as one varlen call over the padded cache (what both CUDA kernels read): the G = H / Hk
+    """A decode step's attention as one varlen call over the padded cache (what FlashAttention reads): the G = H / Hk
     query heads sharing a key head are G queries of one sequence per (row, key head), so each cached key is read
     once, not G times. Returns q ``[B * Hk * G, 1, D]``, k and v ``[B * Hk * L, 1, D]`` (views of the caches
     ``[B, Hk, L, D]``), each sequence's start in q and in k (``cu_q``, ``cu_k``) and its used keys (``seqused``)."""
@@ -334,25 +334,20 @@ def varlen_decode_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: DecodeLayout,
-                     scale: float, kernel: str = "flash") -> torch.Tensor:
+                     scale: float) -> torch.Tensor:
     """One new query per row over that row's used cached keys (as ``layout`` says): ``q`` ``[B, H, D]``, caches
     ``[B, Hk, L, D]`` -> ``[B, H, D]``.
 
-    On CUDA (``layout`` with ``seqused``) one varlen call (``varlen_decode_args``): ``kernel`` "flash"
-    (FlashAttention-2, 128-row query tiles) or "efficient" (the memory-efficient CUTLASS kernel, 64-row tiles: a
-    sequence holds only G queries, so most of a tile is padding); elsewhere SDPA with a length mask computes the same.
+    On CUDA (``layout`` with ``seqused``) one FlashAttention-2 varlen call (``varlen_decode_args``); elsewhere SDPA
+    with a length mask computes the same.
     """
     b, heads, d = q.shape
     kv_heads, length = k_cache.shape[1], k_cache.shape[2]
     groups = heads // kv_heads
     if layout.seqused is not None:
         q2, k2, v2, cu_q, cu_k, used = varlen_decode_args(q, k_cache, v_cache, layout)
-        if kernel == "efficient":
-            out = torch.ops.aten._efficient_attention_forward(q2[None], k2[None], v2[None], None, cu_q, cu_k, groups,
-                                                              length, 0.0, 0, False, scale=scale, seqlen_k=used)[0][0]
-        else:
-            out = torch.ops.aten._flash_attention_forward(q2, k2, v2, cu_q, cu_k, groups, length, 0.0, False, False,
-                                                          scale=scale, seqused_k=used)[0]
+        out = torch.ops.aten._flash_attention_forward(q2, k2, v2, cu_q, cu_k, groups, length, 0.0, False, False,
+                                                      scale=scale, seqused_k=used)[0]
         return out.view(b, heads, d)
     out = F.scaled_dot_product_attention(q.view(b, kv_heads, groups, d), k_cache, v_cache, attn_mask=layout.mask,
                                          scale=scale)
