@@ -244,10 +244,8 @@ def sample_answers(s: Session, prompts: list[str], k: int) -> list:
 
 def rm_means(scores: torch.Tensor, cfg: OnlineConfig) -> dict:
     """``rm_scores``: each reward model's mean over the answers it scored (None: none). Under --combine route those
-    are the answers routed to it, its axis's progress on its own prompts, also kept as ``rm_scores_routed``."""
-    means = {m: _json_scores(scores[i].double().nanmean().reshape(1))[0]
-             for i, m in enumerate(split_list(cfg.reward_models))}
-    return {"rm_scores": means, **({"rm_scores_routed": means} if cfg.combine == "route" else {})}
+    are the answers routed to it, its axis's progress on its own prompts."""
+    return {"rm_scores": dict(zip(split_list(cfg.reward_models), _json_scores(scores.double().nanmean(1)), strict=True))}
 
 
 def check_pairs(kept: int, pairing, n_prompts: int, cfg: OnlineConfig, k: int) -> None:
