@@ -18,7 +18,8 @@ from minialign import cli
 from minialign.base.errors import UserError
 from minialign.config.schema import SFTConfig
 from minialign.modeling import lora, offload
-from minialign.modeling.models import load_model
+from minialign.modeling import models
+from minialign.modeling.models import builtin_config, load_model
 from tests.conftest import torch_threads
 
 
@@ -136,3 +137,37 @@ def test_the_cli_run_is_the_checkpointed_run(tmp_path, monkeypatch):
     assert len(checkpointed) == 3 and not kept
     assert losses("--offload-activations") == pytest.approx(checkpointed, rel=1e-6)
     assert len(kept) == 3 * 2  # each training step, each of the tiny model's two blocks
+
+
+def test_backward_fetches_each_input_one_block_ahead(monkeypatch):
+    # The GPU path's bookkeeping with clones for its copies (no CUDA here): every kept input comes back exactly
+    # once; the last block's when backward reaches it, each other one while backward is still in the block after it.
+    hosts, events = [], []
+    monkeypatch.setattr(offload.Offloader, "offloads", staticmethod(lambda x: True))
+    monkeypatch.setattr(offload.Offloader, "copy_to_host", lambda self, x: hosts.append(x.detach().clone()) or hosts[-1])
+    monkeypatch.setattr(offload.Offloader, "use_on_compute_stream", staticmethod(lambda gpu, arrived: None))
+
+    def index(tensor):
+        return next(i for i, h in enumerate(hosts) if h is tensor)
+
+    def copy_to_device(self, host, device):
+        events.append(("fetch", index(host)))
+        return host.clone(), None
+
+    to_device = offload.Offloader.to_device
+    monkeypatch.setattr(offload.Offloader, "copy_to_device", copy_to_device)
+    monkeypatch.setattr(offload.Offloader, "to_device",
+                        lambda self, saved: events.append(("use", index(saved[0]))) or to_device(self, saved))
+    config = builtin_config("tiny-llama")
+    config.num_hidden_layers = 4
+    monkeypatch.setattr(models, "builtin_config", lambda *_: config)
+    model = lora_model("tiny-llama", "offload")
+    ids = batch(model)
+    model(input_ids=ids, labels=ids).loss.backward()
+    last = len(hosts) - 1
+    assert last == 3
+    expected = [("use", last), ("fetch", last)]
+    for i in range(last - 1, -1, -1):
+        expected += [("fetch", i), ("use", i)]
+    assert events == expected
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

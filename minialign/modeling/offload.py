@@ -6,7 +6,8 @@ Unsloth's default moves those to the CPU, which is most of its lead in peak memo
 Each block runs under torch's reentrant checkpoint, which keeps exactly its tensor inputs (``save_for_backward``) and
 replays the block in backward under the forward's autocast and random state; saved-tensor hooks around it copy those
 inputs to pinned host memory on a side stream (the GPU copy is freed once that copy is done, with no host wait) and
-back on the compute stream when backward reaches the block. Nothing in a step reads a value back to the host.
+back on that stream one block ahead of backward: when backward reaches a block, the copy of the input it needs next
+starts, so it arrives while this block recomputes. Nothing in a step reads a value back to the host.
 
 ``install(model)`` replaces the checkpointing function of every block transformers' ``gradient_checkpointing_enable``
 set up, so the block classes, their eager forwards and their keyword inputs stay transformers' own. A block whose
@@ -17,6 +18,7 @@ GPU, which is what the CPU tests check against plain checkpointing.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -30,11 +32,24 @@ def _needs_grad(values) -> bool:
     return any(torch.is_tensor(v) and v.requires_grad for v in values)
 
 
+class _Kept:
+    """One block input waiting on the host; ``before`` (a weak reference) is the input kept just before it, the one
+    backward reaches next, and ``fetched`` its way back to the GPU once started: the GPU tensor and the event that
+    marks its arrival."""
+
+    def __init__(self, host: torch.Tensor, device: torch.device, before: weakref.ref | None) -> None:
+        self.host, self.device, self.before = host, device, before
+        self.fetched: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        self.used = False
+
+
 class Offloader:
-    """The checkpointing function of one model's blocks; holds the side stream its copies to the host run on."""
+    """The checkpointing function of one model's blocks; holds the side stream its copies run on and the input it
+    kept last (a weak reference: a graph that is dropped takes its kept inputs with it)."""
 
     def __init__(self) -> None:
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.last: weakref.ref | None = None
 
     def __call__(self, function: Callable, *args):
         if not torch.is_grad_enabled():  # a frozen reference run in training mode: nothing to keep (transformers
@@ -45,28 +60,62 @@ class Offloader:
             return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=True)
 
     def to_host(self, x: torch.Tensor) -> tuple:
-        if x.device.type != "cuda":
+        if not self.offloads(x):
             return (x, None)
-        if x.device not in self.streams:
-            self.streams[x.device] = torch.cuda.Stream(x.device)
-        stream = self.streams[x.device]
-        stream.wait_stream(torch.cuda.current_stream(x.device))  # x is complete before it is read
+        kept = _Kept(self.copy_to_host(x), x.device, self.last)
+        self.last = weakref.ref(kept)
+        return (kept.host, kept)
+
+    def to_device(self, saved: tuple) -> torch.Tensor:
+        """The kept input back on the GPU for its block's backward; and the copy of the input backward needs next
+        started on the side stream, so that it arrives while this block recomputes."""
+        tensor, kept = saved
+        if kept is None:
+            return tensor
+        gpu, arrived = kept.fetched or self.copy_to_device(kept.host, kept.device)
+        kept.fetched, kept.used = None, True
+        self.use_on_compute_stream(gpu, arrived)
+        before = kept.before() if kept.before is not None else None
+        if before is not None and not before.used and before.fetched is None:
+            before.fetched = self.copy_to_device(before.host, before.device)
+        return gpu
+
+    @staticmethod
+    def offloads(x: torch.Tensor) -> bool:
+        return x.device.type == "cuda"
+
+    def side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self.streams:
+            self.streams[device] = torch.cuda.Stream(device)
+        return self.streams[device]
+
+    def copy_to_host(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` into pinned host memory on the side stream, once the compute stream has written it; its GPU memory
+        is handed out again only after the copy has read it."""
+        stream = self.side_stream(x.device)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
         host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
         with torch.cuda.stream(stream):
             host.copy_(x, non_blocking=True)
-        x.record_stream(stream)  # its memory is not handed out again before the copy has read it
-        done = torch.cuda.Event()
-        done.record(stream)
-        return (host, (done, x.device))
+        x.record_stream(stream)
+        return host
+
+    def copy_to_device(self, host: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """``host`` back to ``device`` on the side stream (after its copy to the host, queued there before)."""
+        stream = self.side_stream(device)
+        with torch.cuda.stream(stream):
+            gpu = host.to(device, non_blocking=True)
+            arrived = torch.cuda.Event()
+            arrived.record(stream)
+        return gpu, arrived
 
     @staticmethod
-    def to_device(saved: tuple) -> torch.Tensor:
-        tensor, copy = saved
-        if copy is None:
-            return tensor
-        done, device = copy
-        torch.cuda.current_stream(device).wait_event(done)
-        return tensor.to(device, non_blocking=True)
+    def use_on_compute_stream(gpu: torch.Tensor, arrived: torch.cuda.Event | None) -> None:
+        """The compute stream waits for ``gpu`` to arrive (a GPU-side wait), and its memory, allocated on the side
+        stream, is not handed out again before the compute stream is done with it."""
+        stream = torch.cuda.current_stream(gpu.device)
+        stream.wait_event(arrived)
+        gpu.record_stream(stream)
 
 
 def install(model: nn.Module) -> int:
