@@ -17,8 +17,7 @@ import torch
 from minialign import cli
 from minialign.base.errors import UserError
 from minialign.config.schema import SFTConfig
-from minialign.modeling import lora, offload
-from minialign.modeling import models
+from minialign.modeling import lora, models, offload
 from minialign.modeling.models import builtin_config, load_model
 from tests.conftest import torch_threads
 
