@@ -22,7 +22,8 @@
 # minialign's token ids beside TRL and minialign at seeds 0 and 3: does the 0.055-nat gap follow the data or the
 # trainer? NOTES entry 30), `decode-sample` (real SmolLM2 weights, sampled answers that finish early as online
 # rounds' do, 128 against 256 rows a batch), `decode-random-triton` (the decoder profile with the Triton decode
-# kernel, `lite`), `sft-offload` (Unsloth's default against minialign's eager memory options without and with
+# kernel, `lite`), `tune-triton` (checks/tune_triton_decode.py: that kernel's tilings against FlashAttention,
+# `lite`), `sft-offload` (Unsloth's default against minialign's eager memory options without and with
 # --offload-activations; needs Unsloth's wheels), `sft-lowmem` (matched memory:
 # Unsloth's default against minialign's memory options compiled and eager; Unsloth's wheels in /tmp/usite: `start`
 # installs them, or `pip install --no-index --no-deps --target /tmp/usite .whlu/*.whl`), `hh-per-axis` (one online
@@ -98,6 +99,8 @@ row() {
       --json-out $W/profile-decode.json 2>&1 | grep -v Warning | tail -60 ;;
     decode-random) python3 benchmarks/checks/profile_decode.py --model /tmp/smollm2-random --data $DATA \
       --json-out $W/profile-decode-random.json 2>&1 | grep -v Warning | tail -60 ;;
+    tune-triton) python3 benchmarks/checks/tune_triton_decode.py --model /tmp/smollm2-random --data $DATA --rows 300:556 \
+      --json-out $W/tune-triton.json 2>&1 | grep -v Warning | tail -40 ;;
     decode-random-triton) python3 benchmarks/checks/profile_decode.py --model /tmp/smollm2-random --data $DATA \
       --attention triton --json-out $W/profile-decode-random-triton.json 2>&1 | grep -v Warning | tail -60 ;;
     memory-peak) python3 benchmarks/checks/memory_peak.py --json-out $W/memory-peak.json -- sft --model llama-1b \
@@ -125,7 +128,7 @@ row() {
 # collect: follow the rows (see follow), then copy every result any row writes (absent ones are skipped) to $OUT.
 collect() {
   follow $W "^\[(rows|e2e|hh2)\]|Error|error:|Traceback" 70
-  cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode*.json $W/decode-random.json $W/decode-sample.json $W/check-graphs.json $W/memory-peak.json \
+  cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode*.json $W/tune-triton.json $W/decode-random.json $W/decode-sample.json $W/check-graphs.json $W/memory-peak.json \
     /tmp/hh2/hh-two-axes.json /tmp/hh2/hh-two-axes.md /tmp/hh2/state.json "$OUT"/ 2>/dev/null
   tar czf "$OUT"/logs.tgz -C $W log.txt e2e/logs 2>/dev/null
   ls -la "$OUT"

@@ -20,9 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 INTERPRETED = """
 import torch
 from minialign.modeling.decoder_model import decode_attention, decode_layout, write_cache
-from minialign.ops.triton_decode import append_attend
+from minialign.ops.triton_decode import Tiling, append_attend
 torch.manual_seed(0)
-for b, heads, kv_heads, length, d in [(4, 6, 2, 150, 16), (4, 9, 3, 130, 64), (2, 4, 4, 70, 32)]:  # G = 3, 3, 1
+# G = 3, 3, 1; each row's keys in one program, and shared out in 64-key parts (three parts at 150) merged after
+cases = [(4, 6, 2, 150, 16), (4, 9, 3, 130, 64), (2, 4, 4, 70, 32)]
+tilings = (Tiling(chunk=0, stages=0), Tiling(64, 32, stages=0))  # the interpreter runs only the unpipelined loop
+for (b, heads, kv_heads, length, d), tiling in [(c, t) for c in cases for t in tilings]:
     q = torch.randn(b, heads, d)
     k_new, v_new = torch.randn(b, kv_heads, d), torch.randn(b, kv_heads, d)
     k_cache, v_cache = torch.randn(b, kv_heads, length, d), torch.randn(b, kv_heads, length, d)
@@ -33,9 +36,9 @@ for b, heads, kv_heads, length, d in [(4, 6, 2, 150, 16), (4, 9, 3, 130, 64), (2
     write_cache(want_k, k_new, layout.cache_index)
     write_cache(want_v, v_new, layout.cache_index)
     want = decode_attention(q, want_k, want_v, layout, d ** -0.5)
-    got = append_attend(q, k_new, v_new, k_cache, v_cache, positions, d ** -0.5)
-    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v), "the stores"
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got = append_attend(q, k_new, v_new, k_cache, v_cache, positions, d ** -0.5, tiling)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v), ("the stores", tiling)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=str(tiling))
 print("ok")
 """
 

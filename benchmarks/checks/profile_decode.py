@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="300:556")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--attention", default="flash", choices=["flash", "efficient", "triton", "flex"],
+    p.add_argument("--attention", default="flash", choices=["flash", "triton", "flex"],
                    help="the decode steps' attention (StaticDecoder's attention)")
     p.add_argument("--json-out", default="")
     args = p.parse_args(argv)

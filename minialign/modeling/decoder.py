@@ -142,6 +142,7 @@ class StaticDecoder:
         self.flex = flex_decode(self.device) if attention == "flex" else None
         self.fallback: str | None = None  # what _fall_back dropped, if anything
         self.kernel = self._kernel(attention)  # the decode steps' attention kernel on CUDA
+        self.tiling = triton_decode.TILING  # how the Triton kernel shares out a step (benchmarks tune it)
         self.state: _State | None = None
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphs_enabled else None
@@ -299,7 +300,7 @@ class StaticDecoder:
         def attend(q, k, v, layer):
             k_cache, v_cache = s.k_cache[layer, :bucket], s.v_cache[layer, :bucket]
             if self.kernel == "triton":
-                return triton_decode.append_attend(q, k, v, k_cache, v_cache, positions, self.scale)
+                return triton_decode.append_attend(q, k, v, k_cache, v_cache, positions, self.scale, self.tiling)
             write_cache(k_cache, k, layout.cache_index)
             write_cache(v_cache, v, layout.cache_index)
             if self.flex is not None:

@@ -4,13 +4,17 @@ FlashAttention's forward tiles queries 128 rows at a time, and a decode step's s
 G = H / Hk queries: at G = 3 nearly all of each tile is padding, and the kernel is bound by that wasted compute, not by
 reading the cache (benchmarks/NOTES.md entry 29). Here one program serves one (row, key head): its G queries padded to
 16 rows (``tl.dot``'s least), keys read once in 64-key tiles, an online softmax in float32, and the new key and value
-both written into the cache and attended from registers, which saves the two cache-store kernels a layer.
+both written into the cache and attended from registers, which saves the two cache-store kernels a layer. A long row's
+keys are shared out among several programs and merged by a second kernel (``Tiling``), so the longest prompt of a
+batch does not leave the GPU to one program.
 
 Triton is imported only where it is installed (it ships with CUDA builds of torch); ``available()`` says whether the
 kernel can run. On a CPU it runs under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -20,8 +24,26 @@ try:
 except Exception:  # noqa: BLE001 - not installed (CPU-only torch) or broken: the kernel is never launched
     triton = tl = None
 
-BLOCK_N = 64  # keys a tile
 MIN_ROWS = 16  # tl.dot's smallest M: a program's G queries are padded to this
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How the kernel shares out a step: ``chunk`` cached keys a program (0: each row's keys in one program),
+    ``block`` keys a tile, the launch's warps, and the tile loop's software-pipeline stages (0: a fixed trip count
+    with tiles past a row's keys skipped, unpipelined; Triton's interpreter, the CPU tests', takes only that loop).
+
+    Split rows (flash-decoding): a batch's prompts differ in length (13 to 835 tokens among 256 HH prompts), and one
+    program walking the longest row's keys alone bounds the kernel while the others idle. With ``chunk`` set, each
+    program takes at most ``chunk`` keys of one row and a second, small kernel merges a row's parts."""
+
+    chunk: int = 256
+    block: int = 64
+    warps: int = 4
+    stages: int = 2
+
+
+TILING = Tiling()
 
 
 def available() -> bool:
@@ -39,54 +61,111 @@ def supports(groups: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) ->
 if triton is not None:
 
     @triton.jit
-    def _append_attend(q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, scale,
-                       LENGTH: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
-                       BLOCK: tl.constexpr, TILES: tl.constexpr):
+    def _tile(q, k_cache_ptr, v_cache_ptr, base, tile, end, m, total, acc, scale, D: tl.constexpr,
+              BLOCK: tl.constexpr):
+        """The online softmax over one tile of cached keys (``tile`` .. ``tile + BLOCK``, those before ``end``)."""
+        n, d = tile + tl.arange(0, BLOCK), tl.arange(0, D)
+        cached = n < end
+        k = tl.load(k_cache_ptr + base + n[:, None] * D + d[None, :], mask=cached[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + base + n[:, None] * D + d[None, :], mask=cached[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        s = tl.where(cached[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        keep = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        return m_new, total * keep + tl.sum(p, axis=1), acc * keep[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+
+    @triton.jit
+    def _append_attend(q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, out_ptr, part_ptr, lse_ptr,
+                       scale, LENGTH: tl.constexpr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr,
+                       STAGES: tl.constexpr):
         seq = tl.program_id(0).to(tl.int64)  # (row, key head); 64-bit offsets: a cache may pass 2^31 elements
-        row, head = seq // HK, seq % HK
-        pos = tl.load(pos_ptr + row)  # the new token's position: the keys cached before it
+        split = tl.program_id(1)
+        pos = tl.load(pos_ptr + seq // HK).to(tl.int64)  # the row's new token's position: the keys cached before it
+        start = split * CHUNK
+        if start <= pos:  # else the row's keys end before this program's share
+            g, d = tl.arange(0, ROWS), tl.arange(0, D)
+            real = g < G
+            q_rows = (seq * G + g) * D
+            q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=real[:, None], other=0.0)
+            base = seq * LENGTH * D
+            m = tl.full([ROWS], float("-inf"), tl.float32)
+            total = tl.zeros([ROWS], tl.float32)
+            acc = tl.zeros([ROWS, D], tl.float32)
+            if pos < start + CHUNK:  # the share that ends with the new key stores it and starts from its registers
+                k_new = tl.load(k_new_ptr + seq * D + d)
+                v_new = tl.load(v_new_ptr + seq * D + d)
+                tl.store(k_cache_ptr + base + pos * D + d, k_new)
+                tl.store(v_cache_ptr + base + pos * D + d, v_new)
+                m = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale
+                total = tl.full([ROWS], 1.0, tl.float32)
+                acc = tl.zeros([ROWS, D], tl.float32) + v_new.to(tl.float32)[None, :]
+            end = tl.minimum(start + CHUNK, pos)
+            if STAGES > 0:  # a loop over the share's own tiles, pipelined (its bounds are read on the GPU)
+                for tile in tl.range(start, end, BLOCK, num_stages=STAGES):
+                    m, total, acc = _tile(q, k_cache_ptr, v_cache_ptr, base, tile, end, m, total, acc, scale, D,
+                                          BLOCK)
+            else:  # a fixed trip count, tiles past the row's keys skipped (what Triton's interpreter runs)
+                for i in range(CHUNK // BLOCK):
+                    if start + i * BLOCK < end:
+                        m, total, acc = _tile(q, k_cache_ptr, v_cache_ptr, base, start + i * BLOCK, end, m, total,
+                                              acc, scale, D, BLOCK)
+            if SPLITS == 1:
+                tl.store(out_ptr + q_rows[:, None] + d[None, :], (acc / total[:, None]).to(out_ptr.dtype.element_ty),
+                         mask=real[:, None])
+            else:  # this share's attention and its log-sum-exp, for _merge
+                part = (seq * SPLITS + split) * G + g
+                tl.store(part_ptr + part[:, None] * D + d[None, :], acc / total[:, None], mask=real[:, None])
+                tl.store(lse_ptr + part, m + tl.log(total), mask=real)
+
+    @triton.jit
+    def _merge(part_ptr, lse_ptr, pos_ptr, out_ptr, HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+               ROWS: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr):
+        seq = tl.program_id(0).to(tl.int64)
+        pos = tl.load(pos_ptr + seq // HK).to(tl.int64)
         g, d = tl.arange(0, ROWS), tl.arange(0, D)
         real = g < G
-        q_rows = (row * HK * G + head * G + g) * D
-        q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=real[:, None], other=0.0)
-        k_new = tl.load(k_new_ptr + seq * D + d)
-        v_new = tl.load(v_new_ptr + seq * D + d)
-        base = seq * LENGTH * D
-        tl.store(k_cache_ptr + base + pos * D + d, k_new)
-        tl.store(v_cache_ptr + base + pos * D + d, v_new)
-        # the new key first (from registers): the running max, the softmax sum and the weighted values start there
-        m = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale
-        total = tl.full([ROWS], 1.0, tl.float32)
-        acc = tl.zeros([ROWS, D], tl.float32) + v_new.to(tl.float32)[None, :]
-        # a fixed trip count (the cache length is fixed per recorded step), tiles past the row's keys skipped
-        for tile in range(TILES):
-            if tile * BLOCK < pos:
-                n = tile * BLOCK + tl.arange(0, BLOCK)
-                cached = n < pos
-                k = tl.load(k_cache_ptr + base + n[:, None] * D + d[None, :], mask=cached[:, None], other=0.0)
-                v = tl.load(v_cache_ptr + base + n[:, None] * D + d[None, :], mask=cached[:, None], other=0.0)
-                s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-                s = tl.where(cached[None, :], s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, axis=1))
-                keep = tl.exp(m - m_new)
-                p = tl.exp(s - m_new[:, None])
-                total = total * keep + tl.sum(p, axis=1)
-                acc = acc * keep[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        total = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, D], tl.float32)
+        for split in range(SPLITS):
+            if split * CHUNK <= pos:  # a share that held keys
+                part = (seq * SPLITS + split) * G + g
+                lse = tl.load(lse_ptr + part, mask=real, other=0.0)
+                o = tl.load(part_ptr + part[:, None] * D + d[None, :], mask=real[:, None], other=0.0)
+                m_new = tl.maximum(m, lse)
+                keep, weight = tl.exp(m - m_new), tl.exp(lse - m_new)
+                total = total * keep + weight
+                acc = acc * keep[:, None] + weight[:, None] * o
                 m = m_new
         out = acc / total[:, None]
-        tl.store(out_ptr + q_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=real[:, None])
+        tl.store(out_ptr + (seq * G + g)[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=real[:, None])
 
 
 def append_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
+                  v_cache: torch.Tensor, positions: torch.Tensor, scale: float, tiling: Tiling = TILING) -> torch.Tensor:
     """Store ``k_new``/``v_new`` ``[B, Hk, D]`` at ``positions`` ``[B]`` of one layer's caches ``[B, Hk, L, D]``
     (contiguous) and return each row's attention over its keys up to and including the new one: ``q`` ``[B, H, D]``
     -> ``[B, H, D]``. The same numbers as ``write_cache`` twice then ``decoder_model.decode_attention``."""
     b, heads, d = q.shape
     kv_heads, length = k_cache.shape[1], k_cache.shape[2]
-    groups = heads // kv_heads
+    groups, seqs = heads // kv_heads, b * kv_heads
+    chunk = _round_up(min(tiling.chunk or length, length), tiling.block)
+    splits = triton.cdiv(length, chunk)
     out = torch.empty_like(q)
-    _append_attend[(b * kv_heads,)](q.contiguous(), k_new.contiguous(), v_new.contiguous(), k_cache, v_cache,
-                                    positions, out, scale, LENGTH=length, HK=kv_heads, G=groups, D=d, ROWS=MIN_ROWS,
-                                    BLOCK=BLOCK_N, TILES=triton.cdiv(length, BLOCK_N))
+    part = torch.empty(seqs * splits * groups, d, dtype=torch.float32, device=q.device) if splits > 1 else out
+    lse = torch.empty(seqs * splits * groups, dtype=torch.float32, device=q.device) if splits > 1 else out
+    _append_attend[(seqs, splits)](q.contiguous(), k_new.contiguous(), v_new.contiguous(), k_cache, v_cache,
+                                   positions, out, part, lse, scale, LENGTH=length, HK=kv_heads, G=groups, D=d,
+                                   ROWS=MIN_ROWS, BLOCK=tiling.block, CHUNK=chunk, SPLITS=splits,
+                                   STAGES=tiling.stages, num_warps=tiling.warps)
+    if splits > 1:
+        _merge[(seqs,)](part, lse, positions, out, HK=kv_heads, G=groups, D=d, ROWS=triton.next_power_of_2(groups),
+                        CHUNK=chunk, SPLITS=splits)
     return out
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
