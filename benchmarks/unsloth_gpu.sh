@@ -88,7 +88,7 @@ row() {
     sft-seeds) for seed in 2 3; do python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b \
       --tokenizer $TOK --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
       --runners trl,minialign --label llama1b-sft-lora-seed$seed ${SAME/--seed 0/--seed $seed}; done ;;
-    sft-gap-data) for seed in 0 3; do python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b \
+    sft-gap-data) for seed in ${GAP_SEEDS:-0 3}; do python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b \
       --tokenizer $TOK --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
       --runners trl,trl-minialign-data,minialign --label llama1b-sft-lora-data-seed$seed ${SAME/--seed 0/--seed $seed}; done ;;
     hh-per-axis) seed_state
