@@ -247,7 +247,7 @@ def test_static_decoder_with_flex_attention_answers_as_transformers(tok):
     decoder.flex = lambda *args: calls.append(1) or flex(*args)
     assert generate(model, tok, PROMPTS, decoder=decoder, **common) == reference
     assert len(calls) >= NEW * model.config.num_hidden_layers  # every decode step of every layer went through flex
-    with pytest.raises(UserError, match="attention must be 'flash', 'triton' or 'flex'"):
+    with pytest.raises(UserError, match="attention must be 'auto', 'flash', 'triton' or 'flex'"):
         StaticDecoder(model, attention="flexible")
 
 

@@ -66,3 +66,20 @@ def test_a_decoder_asked_for_the_kernel_where_it_cannot_run_decodes_as_transform
     assert decoder.kernel == "flash"  # a CPU: SDPA, as for every other choice
     assert generate(model, tok, PROMPTS, decoder=decoder, **common) == generate(model, tok, PROMPTS, decoder="hf",
                                                                                 **common)
+
+
+@pytest.mark.parametrize("attention,installed,dtype,kernel,fallback", [
+    ("auto", True, "bfloat16", "triton", False),  # the default takes the kernel wherever it can run
+    ("auto", False, "bfloat16", "flash", False),  # and FlashAttention elsewhere, as a matter of course
+    ("auto", True, "float32", "flash", False),
+    ("triton", False, "bfloat16", "flash", True),  # asked for by name: the fallback is recorded
+    ("flash", True, "bfloat16", "flash", False),
+])
+def test_which_kernel_a_cuda_decoder_takes(monkeypatch, attention, installed, dtype, kernel, fallback):
+    import torch
+
+    decoder = StaticDecoder(llama().to(getattr(torch, dtype)), attention="flash")
+    decoder.device = torch.device("cuda")  # the choice only; nothing runs
+    monkeypatch.setattr(triton_decode, "available", lambda: installed)
+    assert decoder._kernel(attention) == kernel
+    assert (decoder.fallback is not None) == fallback

@@ -117,20 +117,22 @@ class StaticDecoder:
     ``torch.compile`` in decode steps (CUDA only; a failing compilation falls back to plain kernels);
     ``sync_every``: steps between looks at the rows; ``retire``: move live rows into smaller buckets as rows finish
     (``min_bucket`` rows at least); ``prefill_tokens``: prompt tokens per prefill pass; ``attention``: the decode
-    steps' attention, ``"flash"`` (FlashAttention-2 varlen on CUDA, SDPA elsewhere), ``"triton"``
-    (``ops.triton_decode``, an experiment: the cache stores and the attention in one kernel) or ``"flex"``
+    steps' attention, ``"auto"`` (``"triton"`` where its kernel can run, else ``"flash"``), ``"flash"``
+    (FlashAttention-2 varlen on CUDA, SDPA elsewhere), ``"triton"`` (``ops.triton_decode``: the cache stores and the
+    attention in one kernel, a long row's keys shared out among programs; 90.4k against 76.8k new tokens/s on an H100,
+    benchmarks/NOTES.md entry 31) or ``"flex"``
     (``flex_decode``; slower on an H100, benchmarks/NOTES.md entry 29).
     """
 
     def __init__(self, model: torch.nn.Module, *, graphs: bool = True, compile: bool = True, sync_every: int = 8,
                  retire: bool = True, min_bucket: int = MIN_BUCKET, prefill_tokens: int | None = None,
-                 attention: str = "flash"):
+                 attention: str = "auto"):
         reason = decoder_support(model)
         if reason is not None:
             raise UserError(f"The static decoder cannot run this model: {reason}. Use decoder='auto' (falls back "
                             "to transformers' generate) or decoder='hf'.")
-        if attention not in ("flash", "triton", "flex"):
-            raise UserError(f"StaticDecoder attention must be 'flash', 'triton' or 'flex' (got {attention!r}).")
+        if attention not in ("auto", "flash", "triton", "flex"):
+            raise UserError(f"StaticDecoder attention must be 'auto', 'flash', 'triton' or 'flex' (got {attention!r}).")
         self.model = model
         self.weights = DecoderWeights(model)
         self.device = self.weights.embed.device
@@ -349,12 +351,15 @@ class StaticDecoder:
 
     def _kernel(self, attention: str) -> str:
         """"flash" or "triton" (``triton_decode``: stores and attends in one kernel, where Triton is installed and
-        the shapes suit it); a CPU runs SDPA whatever is asked."""
-        if attention != "triton" or self.device.type != "cuda":
+        the shapes suit it); a CPU runs SDPA whatever is asked. Only an explicit "triton" that cannot run is recorded
+        as a fallback: "auto" takes FlashAttention there as a matter of course."""
+        if attention not in ("auto", "triton") or self.device.type != "cuda":
             return "flash"
         dims = self.weights.dims
         if triton_decode.available() and triton_decode.supports(dims.groups, dims.head_dim, self.weights.dtype):
             return "triton"
+        if attention == "auto":
+            return "flash"
         self.fallback = f"the triton kernel cannot run here (Triton installed: {triton_decode.available()}, " \
                         f"{dims.groups} queries a key head, head dim {dims.head_dim}, {self.weights.dtype})"
         return "flash"
