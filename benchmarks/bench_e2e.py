@@ -81,6 +81,9 @@ RUNNERS: dict[str, list[str] | None] = {
     "minialign-lowmem-eager": ["--fast", "on", "--grad-checkpointing", "--optim-in-backward"],
     # the same with the checkpoints' inputs in pinned CPU memory, as Unsloth's default keeps its checkpoints
     "minialign-lowmem-offload": ["--fast", "on", "--grad-checkpointing", "--optim-in-backward", "--offload-activations"],
+    # SFT examples cut as TRL's SFTTrainer cuts them (first --max-length tokens, prompt-only examples dropped): TRL's
+    # trainer on minialign's tokens learned as minialign does, so the held-out gap came with the data (NOTES 31)
+    "minialign-keep-start": ["--fast", "on", "--truncation", "keep-start"],
 }
 PROBE = ("import json, platform, torch; from importlib.metadata import version; "
          "print(json.dumps({'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', "

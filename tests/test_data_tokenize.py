@@ -117,3 +117,42 @@ def test_bad_limits_and_missing_eos(tok):
 
     with pytest.raises(UserError, match="no EOS token"):
         tokenize_sft(pairs, NoEos(), max_length=64, max_prompt_length=32)
+
+
+def test_keep_start_keeps_each_examples_first_tokens_as_trl_does(tok, shared_dir: Path):
+    # TRL's SFT default (truncation_mode="keep_start"): input_ids[:max_length] of prompt + response + EOS, and an
+    # example whose labels are all masked after that cut is dropped. Recomputed here from the untruncated ids.
+    pairs = load_preference_pairs(str(shared_dir / "data/hh-rlhf/harmless-base/test.jsonl.gz"), rows="300:500")
+    full = tokenize_sft(pairs, tok, max_length=100_000, max_prompt_length=50_000)
+    length = 256
+    data = tokenize_sft(pairs, tok, max_length=length, max_prompt_length=128, truncation="keep-start")
+    kept = [f for f in full if len(f.prompt_ids) < length]
+    assert 0 < data.dropped == len(full) - len(kept) and len(data) == len(kept)
+    for want, got in zip(kept, data, strict=True):
+        assert got.prompt_ids == want.prompt_ids  # whole, whatever --max-prompt-length says
+        assert got.prompt_ids + got.response_ids == (want.prompt_ids + want.response_ids)[:length]
+    assert data.truncated == sum(len(f.prompt_ids) + len(f.response_ids) > length for f in kept) > 0
+    default = tokenize_sft(pairs, tok, max_length=length, max_prompt_length=128)
+    assert default.dropped == 0 and len(default) == len(pairs)
+
+
+def test_keep_start_refuses_data_it_would_leave_empty(tok):
+    pair = PreferencePair("\n\nHuman: " + "word " * 40 + A, " yes", " no")
+    with pytest.raises(UserError, match="--truncation keep-start.*none keeps a response token.*--max-length"):
+        tokenize_sft([pair], tok, max_length=16, max_prompt_length=8, truncation="keep-start")
+    with pytest.raises(UserError, match="truncation is 'keep-end'"):
+        tokenize_sft([pair], tok, max_length=16, max_prompt_length=8, truncation="keep-end")
+
+
+def test_the_sft_command_leaves_out_and_says_so(tmp_path, capsys):
+    from minialign import cli
+
+    def run(*flags):
+        out = tmp_path / "-".join(flags or ("default",))
+        assert cli.main(["sft", "--demo", "--limit", "32", "--eval-limit", "4", "--max-steps", "1", "--max-length", "32",
+                         "--max-prompt-length", "16", *flags, "--out", str(out)]) == 0
+        return capsys.readouterr().out
+
+    assert "left out" not in run()
+    said = run("--truncation", "keep-start")  # 11 of the 32 demo prompts are 32 tokens or longer
+    assert "21 train / 4 eval examples" in said and "11 left out: no response token fits" in said, said

@@ -85,8 +85,10 @@ class Context:
         self.pad = self.tokenizer.pad_token_id
 
     def tokenize(self, kind: str, pairs):
-        fn = tokenize_sft if kind == "sft" else tokenize_pairs
-        return fn(pairs, self.tokenizer, max_length=self.sft_cfg.max_length, max_prompt_length=self.sft_cfg.max_prompt_length)
+        limits = dict(max_length=self.sft_cfg.max_length, max_prompt_length=self.sft_cfg.max_prompt_length)
+        if kind == "sft":
+            return tokenize_sft(pairs, self.tokenizer, truncation=self.sft_cfg.truncation, **limits)
+        return tokenize_pairs(pairs, self.tokenizer, **limits)
 
 
 def stage_lora(ctx: Context) -> dict:

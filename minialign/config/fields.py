@@ -16,6 +16,7 @@ GROUPS = ("model", "data", "lora", "training", "speed", "memory", "distributed",
 
 # Choices shared with other modules, kept here so that `--help` needs no torch import (tests check they agree).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo")  # minialign.ops.losses.LOSS_TYPES
+TRUNCATIONS = ("prompt", "keep-start")  # how a long SFT example is cut (minialign.data.tokenize_sft)
 
 
 

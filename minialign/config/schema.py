@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from minialign.base.errors import UserError
-from minialign.config.fields import LOSS_TYPES, TRACKERS, check_choices, opt, parse_rows, prompt_length, split_list
+from minialign.config.fields import LOSS_TYPES, TRACKERS, TRUNCATIONS, check_choices, opt, parse_rows, prompt_length, split_list
 from minialign.config.modelnames import model_help
 
 
@@ -229,6 +229,10 @@ class TrainConfig:
 
 @dataclass
 class SFTConfig(TrainConfig):
+    truncation: str = opt("prompt", "how an example longer than --max-length is cut: prompt (the prompt keeps its "
+                          "end, up to --max-prompt-length, the response the room left) or keep-start (its first "
+                          "--max-length tokens; an example whose prompt fills them is left out: TRL's SFT default)",
+                          group="data", choices=TRUNCATIONS)
     out: str = opt("runs/sft", "run folder", group="output", metavar="DIR")
 
 

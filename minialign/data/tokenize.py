@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from minialign.base.errors import UserError
+from minialign.config.fields import TRUNCATIONS
 from minialign.data.sources import PreferencePair
 
 
@@ -38,11 +39,12 @@ class TokenizedExample:
 
 
 class TokenizedData(list):
-    """A list of TokenizedPair or TokenizedExample plus ``truncated``: how many were cut to fit."""
+    """A list of TokenizedPair or TokenizedExample plus ``truncated``: how many were cut to fit, and ``dropped``: how
+    many were left out because no response token fit (``--truncation keep-start`` only)."""
 
-    def __init__(self, items: Sequence[Any] = (), *, truncated: int = 0) -> None:
+    def __init__(self, items: Sequence[Any] = (), *, truncated: int = 0, dropped: int = 0) -> None:
         super().__init__(items)
-        self.truncated = truncated
+        self.truncated, self.dropped = truncated, dropped
 
 
 def truncate(
@@ -103,19 +105,40 @@ def tokenize_pairs(
 
 
 def tokenize_sft(
-    pairs: Sequence[PreferencePair], tokenizer: Any, *, max_length: int, max_prompt_length: int
+    pairs: Sequence[PreferencePair], tokenizer: Any, *, max_length: int, max_prompt_length: int,
+    truncation: str = "prompt",
 ) -> TokenizedData:
-    """Tokenize the chosen side of each pair as an SFT example (prompt + chosen response + EOS)."""
+    """Tokenize the chosen side of each pair as an SFT example (prompt + chosen response + EOS).
+
+    ``truncation``: "prompt" cuts a long example as ``truncate`` does (the prompt keeps its end, the response the
+    room left); "keep-start" keeps an example's first ``max_length`` tokens, whole prompt first, and leaves out an
+    example whose prompt alone fills them (no response token would be trained): TRL's SFT default, for runs that
+    must see the same tokens as TRL's (``max_prompt_length`` is not used).
+    """
     eos = check_limits(tokenizer, max_length, max_prompt_length)
+    if truncation not in TRUNCATIONS:
+        raise UserError(f"truncation is {truncation!r}; it must be one of {', '.join(TRUNCATIONS)}.")
     limits = {"max_length": max_length, "max_prompt_length": max_prompt_length}
     prompts = encode([p.prompt for p in pairs], tokenizer)
     responses = encode([p.chosen for p in pairs], tokenizer)
-    out, truncated = [], 0
+    out, truncated, dropped = [], 0, 0
     for p, r in zip(prompts, responses):
-        p, (r,), was_cut = truncate(p, [r + [eos]], **limits)
+        r = r + [eos]
+        if truncation == "keep-start":
+            if len(p) >= max_length:
+                dropped += 1
+                continue
+            cut = r[: max_length - len(p)]
+            p, r, was_cut = p, cut, len(cut) < len(r)
+        else:
+            p, (r,), was_cut = truncate(p, [r], **limits)
         out.append(TokenizedExample(p, r))
         truncated += was_cut
-    return TokenizedData(out, truncated=truncated)
+    if pairs and not out:
+        raise UserError(f"With --truncation keep-start every one of the {len(pairs)} examples has a prompt of at "
+                        f"least --max-length {max_length} tokens, so none keeps a response token. Raise --max-length "
+                        "or use --truncation prompt (the prompt keeps its end).")
+    return TokenizedData(out, truncated=truncated, dropped=dropped)
 
 
 MIN_TARGET_TOKENS = 2  # a response of one word and its EOS; fewer means the response text tokenized to nothing
