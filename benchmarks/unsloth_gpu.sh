@@ -94,7 +94,7 @@ row() {
       --runners trl,trl-minialign-data,minialign --label llama1b-sft-lora-data-seed$seed ${SAME/--seed 0/--seed $seed}; done ;;
     sft-keep-start) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer $TOK \
       --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
-      --runners trl,minialign-keep-start,minialign --label llama1b-sft-lora-keep-start $SAME ;;
+      --runners ${KS_RUNNERS:-trl,minialign-keep-start,minialign} --label llama1b-sft-lora-keep-start $SAME ;;
     hh-per-axis) seed_state
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm per-axis \
