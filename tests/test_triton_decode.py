@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 INTERPRETED = """
 import torch
-from minialign.modeling.decoder_model import decode_attention, decode_layout, write_cache
+from minialign.modeling.decoder_model import apply_rope, decode_attention, decode_layout, write_cache
 from minialign.ops.triton_decode import Tiling, append_attend
 torch.manual_seed(0)
 # G = 3, 3, 1; each row's keys in one program, and shared out in 64-key parts (three parts at 150) merged after
@@ -39,6 +39,24 @@ for (b, heads, kv_heads, length, d), tiling in [(c, t) for c in cases for t in t
     got = append_attend(q, k_new, v_new, k_cache, v_cache, positions, d ** -0.5, tiling)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v), ("the stores", tiling)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=str(tiling))
+# RoPE in the kernel: q, k, v as views into one QKV output (the decode step's layout), rotated at each row's position
+for b, heads, kv_heads, length, d in cases:
+    qkv = torch.randn(b, (heads + 2 * kv_heads) * d)
+    q, k_new, v_new = (t.view(b, -1, d) for t in qkv.split([heads * d, kv_heads * d, kv_heads * d], -1))
+    angles = torch.arange(length)[:, None] * 10000.0 ** (-torch.arange(0, d, 2) / d)[None, :]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    positions = torch.tensor([0, 63, 64, length - 1][:b])
+    k_cache, v_cache = torch.randn(b, kv_heads, length, d), torch.randn(b, kv_heads, length, d)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    c, s_ = cos[positions][:, None], sin[positions][:, None]
+    layout = decode_layout(positions, kv_heads, heads // kv_heads, length, False)
+    write_cache(want_k, apply_rope(k_new, c, s_), layout.cache_index)
+    write_cache(want_v, v_new.contiguous(), layout.cache_index)
+    want = decode_attention(apply_rope(q, c, s_), want_k, want_v, layout, d ** -0.5)
+    got = append_attend(q, k_new, v_new, k_cache, v_cache, positions, d ** -0.5, Tiling(64, 32, stages=0), (cos, sin))
+    torch.testing.assert_close(k_cache, want_k, rtol=1e-6, atol=1e-6)
+    assert torch.equal(v_cache, want_v), "v stored as given"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 print("ok")
 """
 
@@ -49,6 +67,36 @@ def test_the_kernel_stores_and_attends_as_the_decoder_does():
     proc = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=600, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout[-2000:] + proc.stderr[-3000:]
+
+# The whole decoder with the kernel in its steps (RoPE applied in the kernel, q/k/v as views into the QKV output,
+# rows retiring at EOS), run eagerly under the interpreter in float32: transformers' greedy tokens.
+INTERPRETED_DECODER = """
+import minialign.ops.triton_decode as td
+from minialign.modeling.decoder import StaticDecoder
+from minialign.modeling.generate import generate
+from minialign.modeling.models import load_tokenizer
+from tests.test_decoder import NEW, PROMPTS, eos_for, llama
+model, tok = llama(), load_tokenizer("demo")
+common = {"max_new_tokens": NEW, "eos_token_id": eos_for(model, tok, PROMPTS), "stop_strings": (), "batch_size": 4}
+decoder = StaticDecoder(model)
+decoder.kernel = "triton"  # what a CUDA decoder takes; here the interpreter runs it
+decoder.tiling = td.Tiling(chunk=16, block=16, stages=0)  # prompts of up to 30 tokens: rows shared out, merged
+calls = []
+real = td.append_attend
+td.append_attend = lambda *a, **k: calls.append(1) or real(*a, **k)
+got = generate(model, tok, PROMPTS, decoder=decoder, **common)
+assert calls, "the kernel ran"
+assert got == generate(model, tok, PROMPTS, decoder="hf", **common), got
+print("ok")
+"""
+
+
+def test_the_decoder_with_the_kernel_decodes_as_transformers():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", INTERPRETED_DECODER], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=600, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
 def test_shapes_the_kernel_takes():

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ from minialign.modeling.decoder_model import (
     last_logits,
     out_mlp,
     prefill_attention,
+    qkv_heads,
     qkv_rope,
     rope_table,
     write_cache,
@@ -97,7 +98,7 @@ def _compiled_parts() -> BlockParts:
     """The block halves compiled: inductor fuses RMSNorm, RoPE, the residual adds and ``act(gate) * up`` into a few
     kernels around the matmuls. The cache stores stay outside the compiled code: compiled with RoPE they made Inductor
     copy each layer's whole cache every step on CUDA (3.4x slower decoding, benchmarks/NOTES.md entry 29)."""
-    return BlockParts(compile_fixed(qkv_rope), compile_fixed(out_mlp))
+    return BlockParts(compile_fixed(qkv_rope), compile_fixed(out_mlp), compile_fixed(qkv_heads))
 
 
 def default_prefill_tokens(dtype: torch.dtype, device: torch.device) -> int:
@@ -302,7 +303,8 @@ class StaticDecoder:
         def attend(q, k, v, layer):
             k_cache, v_cache = s.k_cache[layer, :bucket], s.v_cache[layer, :bucket]
             if self.kernel == "triton":
-                return triton_decode.append_attend(q, k, v, k_cache, v_cache, positions, self.scale, self.tiling)
+                return triton_decode.append_attend(q, k, v, k_cache, v_cache, positions, self.scale, self.tiling,
+                                                   (s.cos, s.sin))
             write_cache(k_cache, k, layout.cache_index)
             write_cache(v_cache, v, layout.cache_index)
             if self.flex is not None:
@@ -311,9 +313,9 @@ class StaticDecoder:
 
         x = F.embedding(tokens, w.embed)
         cos, sin = s.cos[positions][:, None], s.sin[positions][:, None]
+        parts = replace(self.parts, qkv=self.parts.heads) if self.kernel == "triton" else self.parts
         for layer, block in enumerate(w.blocks):
-            x = block_forward(x, block, dims, w.act, cos, sin, functools.partial(attend, layer=layer),
-                              self.parts)
+            x = block_forward(x, block, dims, w.act, cos, sin, functools.partial(attend, layer=layer), parts)
         rows = s.row_id[:bucket]
         chosen = next_tokens(last_logits(x, w), sampling, s.uniforms[s.step, rows])
         chosen = torch.where(done, pad_id, chosen)

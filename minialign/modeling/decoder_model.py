@@ -218,6 +218,16 @@ def qkv_rope(x: torch.Tensor, norm: torch.Tensor, wqkv: torch.Tensor, bqkv: torc
     return q, k, v.reshape(n, kv_heads, d).contiguous()
 
 
+def qkv_heads(x: torch.Tensor, norm: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None, cos: torch.Tensor,
+              sin: torch.Tensor, heads: int, kv_heads: int,
+              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``qkv_rope`` without RoPE, for an attention kernel that rotates q and k itself: q ``[N, H, D]``, k, v
+    ``[N, Hk, D]`` as views into one QKV output (no copies); ``cos``/``sin`` go unused."""
+    n, d = x.shape[0], cos.shape[-1]
+    q, k, v = F.linear(rms_norm(x, norm, eps), wqkv, bqkv).split([heads * d, kv_heads * d, kv_heads * d], -1)
+    return q.view(n, heads, d), k.view(n, kv_heads, d), v.view(n, kv_heads, d)
+
+
 def out_mlp(x: torch.Tensor, attn: torch.Tensor, w: dict, act: Callable, eps: float) -> torch.Tensor:
     """The rest of a block: o_proj and residual, RMSNorm, fused gate/up, ``act(gate) * up``, down_proj and residual."""
     x = x + F.linear(attn.reshape(x.shape[0], -1), w["wo"], w["bo"])
@@ -229,11 +239,13 @@ def out_mlp(x: torch.Tensor, attn: torch.Tensor, w: dict, act: Callable, eps: fl
 @dataclass(frozen=True)
 class BlockParts:
     """The two halves of a decode step's block around its attention, plain or compiled (on CUDA, fusing their
-    elementwise work): ``qkv`` (``qkv_rope``) and ``out_mlp``. The cache stores stay outside the compiled code:
-    compiled with RoPE, Inductor on CUDA copied each layer's whole cache back every step (benchmarks/NOTES.md 29)."""
+    elementwise work): ``qkv`` (``qkv_rope``, or ``qkv_heads`` where the attention kernel applies RoPE) and
+    ``out_mlp``. The cache stores stay outside the compiled code: compiled with RoPE, Inductor on CUDA copied each
+    layer's whole cache back every step (benchmarks/NOTES.md 29)."""
 
     qkv: Callable = qkv_rope
     out_mlp: Callable = out_mlp
+    heads: Callable = qkv_heads
 
 
 PLAIN = BlockParts()
