@@ -138,8 +138,10 @@ def test_keep_start_keeps_each_examples_first_tokens_as_trl_does(tok, shared_dir
 
 def test_keep_start_refuses_data_it_would_leave_empty(tok):
     pair = PreferencePair("\n\nHuman: " + "word " * 40 + A, " yes", " no")
-    with pytest.raises(UserError, match="--truncation keep-start.*none keeps a response token.*--max-length"):
+    with pytest.raises(UserError, match="--truncation keep-start.*1 training examples.*none keeps a response"):
         tokenize_sft([pair], tok, max_length=16, max_prompt_length=8, truncation="keep-start")
+    with pytest.raises(UserError, match="1 held-out examples"):
+        tokenize_sft([pair], tok, max_length=16, max_prompt_length=8, truncation="keep-start", label="held-out")
     with pytest.raises(UserError, match="truncation is 'keep-end'"):
         tokenize_sft([pair], tok, max_length=16, max_prompt_length=8, truncation="keep-end")
 
@@ -155,4 +157,4 @@ def test_the_sft_command_leaves_out_and_says_so(tmp_path, capsys):
 
     assert "left out" not in run()
     said = run("--truncation", "keep-start")  # 11 of the 32 demo prompts are 32 tokens or longer
-    assert "21 train / 4 eval examples" in said and "11 left out: no response token fits" in said, said
+    assert "21 train / 4 eval examples" in said and "11 left out (train and eval): no response" in said, said

@@ -206,8 +206,9 @@ def test_the_online_choice_uses_gates_then_mean_win_on_validation_only():
     lopsided = {"harmless": _axis(0.875, 0.01, 0.02), "helpful": _axis(0.36, 0.0, 0.04)}
     even = {"harmless": _axis(0.61, 0.05, 0.10), "helpful": _axis(0.545, 0.0, 0.09)}
     name, why = results.choose_online({"r4": {"validation": lopsided}, "r1": {"validation": even}}, start)
-    assert name == "r1" and why.startswith("validation rows: ahead of the starting model on both axes")
-    assert results.choose_online({"r4": {"validation": lopsided}}, start)[1].startswith("validation rows: NOT ahead")
+    assert name == "r1" and why.startswith("validation rows: not behind the starting model on either axis")
+    alone = results.choose_online({"r4": {"validation": lopsided}}, start)[1]
+    assert alone.startswith("validation rows: BEHIND the starting model on an axis")
 
 
 def test_summary_targets_and_tables():

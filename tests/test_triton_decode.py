@@ -116,18 +116,64 @@ def test_a_decoder_asked_for_the_kernel_where_it_cannot_run_decodes_as_transform
                                                                                 **common)
 
 
-@pytest.mark.parametrize("attention,installed,dtype,kernel,fallback", [
-    ("auto", True, "bfloat16", "triton", False),  # the default takes the kernel wherever it can run
-    ("auto", False, "bfloat16", "flash", False),  # and FlashAttention elsewhere, as a matter of course
-    ("auto", True, "float32", "flash", False),
-    ("triton", False, "bfloat16", "flash", True),  # asked for by name: the fallback is recorded
-    ("flash", True, "bfloat16", "flash", False),
+@pytest.mark.parametrize("attention,installed,dtype,major,kernel,fallback", [
+    ("auto", True, "bfloat16", 9, "triton", False),  # the default takes the kernel wherever it can run
+    ("auto", False, "bfloat16", 9, "flash", False),  # and FlashAttention elsewhere, as a matter of course
+    ("auto", True, "float32", 9, "flash", False),
+    ("auto", True, "bfloat16", 7, "flash", False),  # no bf16 tensor cores before Ampere
+    ("triton", False, "bfloat16", 9, "flash", True),  # asked for by name: the fallback is recorded
+    ("triton", True, "bfloat16", 7, "flash", True),
+    ("flash", True, "bfloat16", 9, "flash", False),
 ])
-def test_which_kernel_a_cuda_decoder_takes(monkeypatch, attention, installed, dtype, kernel, fallback):
+def test_which_kernel_a_cuda_decoder_takes(monkeypatch, attention, installed, dtype, major, kernel, fallback):
     import torch
 
-    decoder = StaticDecoder(llama().to(getattr(torch, dtype)), attention="flash")
-    decoder.device = torch.device("cuda")  # the choice only; nothing runs
+    from minialign.modeling.decode_kernel import choose_kernel
+    from minialign.modeling.decoder_model import model_dims
+
     monkeypatch.setattr(triton_decode, "available", lambda: installed)
-    assert decoder._kernel(attention) == kernel
-    assert (decoder.fallback is not None) == fallback
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (major, 0))
+    got, why = choose_kernel(attention, model_dims(llama()), getattr(torch, dtype), torch.device("cuda"))
+    assert got == kernel and (why is not None) == fallback
+    assert choose_kernel(attention, model_dims(llama()), getattr(torch, dtype), torch.device("cpu")) == ("flash", None)
+
+
+def _reference_kernel(q, k, v, k_cache, v_cache, positions, scale, tiling, rope):
+    """The decoder's reference path in append_attend's place (what a correct kernel computes)."""
+
+    from minialign.modeling.decoder_model import apply_rope, decode_attention, decode_layout, write_cache
+
+    b, heads, d = q.shape
+    c, s = rope[0][positions][:, None], rope[1][positions][:, None]
+    layout = decode_layout(positions, k.shape[1], heads // k.shape[1], k_cache.shape[2], False)
+    write_cache(k_cache, apply_rope(k, c, s), layout.cache_index)
+    write_cache(v_cache, v.contiguous(), layout.cache_index)
+    return decode_attention(apply_rope(q, c, s), k_cache, v_cache, layout, scale)
+
+
+@pytest.mark.parametrize("kernel,verdict", [
+    (_reference_kernel, None),
+    (lambda *a: _reference_kernel(*a) + 0.1, "differs from the reference path by 0.1"),
+    (lambda *a: _reference_kernel(*a) * float("nan"), "differs from the reference path by nan"),
+    (lambda *a: 1 / 0, "failed (ZeroDivisionError"),
+])
+def test_the_kernel_is_checked_against_the_reference_path_once(monkeypatch, kernel, verdict):
+    import torch
+
+    from minialign.modeling import decode_kernel, decoder
+
+    model, tok = llama(), load_tokenizer("demo")
+    decoder_ = StaticDecoder(model)
+    tables = decoder.rope_table(model, 64, torch.float32, torch.device("cpu"))
+    monkeypatch.setattr(triton_decode, "append_attend", kernel)
+    why = decode_kernel.triton_disagrees(decoder_.weights.dims, *tables, triton_decode.TILING)
+    assert why is None if verdict is None else why.startswith(verdict), why
+    # in the decoder: checked before its first step; a kernel that disagrees gives way to the reference path
+    checks = []
+    monkeypatch.setattr(decoder, "triton_disagrees", lambda *a: checks.append(1) or decode_kernel.triton_disagrees(*a))
+    decoder_.kernel = "triton"  # what a CUDA decoder takes (here every step would call the patched kernel)
+    common = {"max_new_tokens": NEW, "eos_token_id": eos_for(model, tok, PROMPTS), "stop_strings": (), "batch_size": 4}
+    answers = [generate(model, tok, PROMPTS, decoder=decoder_, **common) for _ in range(2)]
+    assert checks == [1] and decoder_.kernel == ("triton" if verdict is None else "flash")
+    assert (decoder_.fallback is None) == (verdict is None)
+    assert answers[0] == answers[1] == generate(model, tok, PROMPTS, decoder="hf", **common)

@@ -120,8 +120,8 @@ def gates(entry: dict, start: dict) -> dict[str, bool]:
 
 
 def choose_online(candidates: dict[str, dict], start: dict) -> tuple[str | None, str]:
-    """The online candidate to evaluate on the eval rows, from its VALIDATION numbers only: first one that beats the
-    starting model on both axes (a win rate of at least 0.5 on each: a policy that loses one axis is not helpful
+    """The online candidate to evaluate on the eval rows, from its VALIDATION numbers only: first one not behind the
+    starting model on either axis (a win rate of at least 0.5 on each: a policy that loses one axis is not helpful
     *and* harmless, whatever gates it passes; four rounds went 0.875 / 0.360 that way, benchmarks/NOTES.md 31), then
     most gates passed, then the higher mean win rate of the two axes, then lower helpful evasion. Returns (name, why)."""
     scored = {n: c for n, c in candidates.items() if mean_win(c.get("validation") or {}) is not None}
@@ -139,10 +139,11 @@ def choose_online(candidates: dict[str, dict], start: dict) -> tuple[str | None,
     best = max(scored, key=key)
     v = scored[best]["validation"]
     passed = [g for g, ok in gates(v, start).items() if ok]
-    why = (f"validation rows: {'ahead of' if both(v) else 'NOT ahead of'} the starting model on both axes, "
+    standing = "not behind the starting model on either axis" if both(v) else "BEHIND the starting model on an axis"
+    why = (f"validation rows: {standing}, "
            f"{len(passed)} of 4 gates passed ({', '.join(passed) or 'none'}), mean win rate {mean_win(v):.3f} "
-           f"(harmless {v['harmless']['win_rate']:.3f}, helpful {v['helpful']['win_rate']:.3f}); rule: ahead on both "
-           f"axes, then most gates, then mean win rate, then lower helpful evasion, over {', '.join(scored)}")
+           f"(harmless {v['harmless']['win_rate']:.3f}, helpful {v['helpful']['win_rate']:.3f}); rule: not behind on "
+           f"either axis, then most gates, then mean win rate, then lower helpful evasion, over {', '.join(scored)}")
     return best, why
 
 

@@ -170,9 +170,10 @@ def prologue(cfg: TrainConfig, kind: str, tokenize, *, resume: bool, overwrite: 
     with clock.phase("tokenize"):  # reading the data too
         train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
         tok = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+        held = {}
         if kind == "sft":
-            tok["truncation"] = cfg.truncation
-        items, held_out = tokenize(train_pairs, tokenizer, **tok), tokenize(eval_pairs, tokenizer, **tok)
+            tok["truncation"], held["label"] = cfg.truncation, "held-out"
+        items, held_out = tokenize(train_pairs, tokenizer, **tok), tokenize(eval_pairs, tokenizer, **tok, **held)
     check_tokenized(items, tokenizer, tokenizer_name)
     if not (resume or getattr(cfg, "packing", False)):  # packed rows are counted again by the loop
         check_enough_examples(len(items), cfg, dist.world_size())
@@ -181,7 +182,7 @@ def prologue(cfg: TrainConfig, kind: str, tokenize, *, resume: bool, overwrite: 
     if resume:
         n = len(pack_sft(items, cfg.max_length)) if getattr(cfg, "packing", False) else len(items)
         resume_rules.check_run_length(run_dir, cfg, point, changed, n)
-    _announce(cfg, kind, len(items), len(held_out), items.truncated, items.dropped)
+    _announce(cfg, kind, len(items), len(held_out), items.truncated, items.dropped + held_out.dropped)
     return run_dir, point, device, tokenizer, items, held_out
 
 
@@ -190,7 +191,7 @@ def _announce(cfg: TrainConfig, kind: str, n_train: int, n_eval: int, truncated:
         return
     world = dist.world_size()
     method = "full fine-tuning" if cfg.full else f"LoRA r={cfg.lora_r}"
-    left_out = f", {dropped} left out: no response token fits" if dropped else ""
+    left_out = f", {dropped} left out (train and eval): no response token fits" if dropped else ""
     print(f"minialign {kind}: {cfg.model}, {method}; {n_train} train / {n_eval} eval examples "
           f"({truncated} truncated{left_out}); global batch {cfg.batch_size} x {world} rank(s) x {cfg.grad_accum} "
           f"accum = {cfg.batch_size * world * cfg.grad_accum}; run folder {cfg.out}")

@@ -106,14 +106,17 @@ def tokenize_pairs(
 
 def tokenize_sft(
     pairs: Sequence[PreferencePair], tokenizer: Any, *, max_length: int, max_prompt_length: int,
-    truncation: str = "prompt",
+    truncation: str = "prompt", label: str = "training",
 ) -> TokenizedData:
     """Tokenize the chosen side of each pair as an SFT example (prompt + chosen response + EOS).
 
     ``truncation``: "prompt" cuts a long example as ``truncate`` does (the prompt keeps its end, the response the
     room left); "keep-start" keeps an example's first ``max_length`` tokens, whole prompt first, and leaves out an
     example whose prompt alone fills them (no response token would be trained): TRL's SFT default, for runs that
-    must see the same tokens as TRL's (``max_prompt_length`` is not used).
+    must see the same tokens as TRL's (``max_prompt_length`` is not used). The same ids as TRL's where its tokenizer
+    adds no special tokens (TRL's call adds a BOS where the tokenizer does: Llama 3, Mistral), no tokens merge across
+    the prompt/response boundary (TRL tokenizes them jointly) and the response does not already end with the EOS text
+    (TRL then adds none); TRL skips the cut when packing, minialign cuts before packing.
     """
     eos = check_limits(tokenizer, max_length, max_prompt_length)
     if truncation not in TRUNCATIONS:
@@ -135,9 +138,9 @@ def tokenize_sft(
         out.append(TokenizedExample(p, r))
         truncated += was_cut
     if pairs and not out:
-        raise UserError(f"With --truncation keep-start every one of the {len(pairs)} examples has a prompt of at "
-                        f"least --max-length {max_length} tokens, so none keeps a response token. Raise --max-length "
-                        "or use --truncation prompt (the prompt keeps its end).")
+        raise UserError(f"With --truncation keep-start every one of the {len(pairs)} {label} examples has a prompt "
+                        f"of at least --max-length {max_length} tokens, so none keeps a response token. Raise "
+                        "--max-length or use --truncation prompt (the prompt keeps its end).")
     return TokenizedData(out, truncated=truncated, dropped=dropped)
 
 

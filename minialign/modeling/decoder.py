@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from minialign.base.errors import UserError
+from minialign.modeling.decode_kernel import ATTENTIONS, choose_kernel, triton_disagrees
 from minialign.modeling.decoder_model import (
     PLAIN,
     BlockParts,
@@ -132,7 +133,7 @@ class StaticDecoder:
         if reason is not None:
             raise UserError(f"The static decoder cannot run this model: {reason}. Use decoder='auto' (falls back "
                             "to transformers' generate) or decoder='hf'.")
-        if attention not in ("auto", "flash", "triton", "flex"):
+        if attention not in ATTENTIONS:
             raise UserError(f"StaticDecoder attention must be 'auto', 'flash', 'triton' or 'flex' (got {attention!r}).")
         self.model = model
         self.weights = DecoderWeights(model)
@@ -143,9 +144,10 @@ class StaticDecoder:
         self.prefill_tokens = prefill_tokens or default_prefill_tokens(self.weights.dtype, self.device)
         self.scale = self.weights.dims.head_dim ** -0.5
         self.flex = flex_decode(self.device) if attention == "flex" else None
-        self.fallback: str | None = None  # what _fall_back dropped, if anything
-        self.kernel = self._kernel(attention)  # the decode steps' attention kernel on CUDA
-        self.tiling = triton_decode.TILING  # how the Triton kernel shares out a step (benchmarks tune it)
+        self.attention = attention
+        self.kernel, self.fallback = choose_kernel(attention, self.weights.dims, self.weights.dtype, self.device)
+        self.tiling = triton_decode.TILING  # how the Triton kernel shares out a step (set before the first decode)
+        self.kernel_checked = False  # the Triton kernel against the reference path, once (kernel_check)
         self.state: _State | None = None
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphs_enabled else None
@@ -218,6 +220,13 @@ class StaticDecoder:
             self.graphs.clear()
             self.state = self._allocate(max(rows, old[0]), _round_up(max(length, old[1]), 64),
                                         max(new_tokens, old[2]))
+        if self.kernel == "triton" and not self.kernel_checked:
+            self.kernel_checked = True
+            why = triton_disagrees(self.weights.dims, self.state.cos, self.state.sin, self.tiling)
+            if why is not None:
+                self.kernel, self.fallback = "flash", f"the triton kernel {why}"
+                if self.attention == "triton":  # asked for by name: say so ("auto" takes FlashAttention quietly)
+                    print(f"minialign: decoding with FlashAttention: {self.fallback}.", file=sys.stderr)
         return self.state
 
     def _allocate(self, rows: int, length: int, new_tokens: int) -> _State:
@@ -312,8 +321,10 @@ class StaticDecoder:
             return decode_attention(q, k_cache, v_cache, layout, self.scale)
 
         x = F.embedding(tokens, w.embed)
-        cos, sin = s.cos[positions][:, None], s.sin[positions][:, None]
-        parts = replace(self.parts, qkv=self.parts.heads) if self.kernel == "triton" else self.parts
+        if self.kernel == "triton":  # the kernel rotates q and k itself, reading the tables at each row's position
+            cos, sin, parts = s.cos, s.sin, replace(self.parts, qkv=self.parts.heads)
+        else:
+            cos, sin, parts = s.cos[positions][:, None], s.sin[positions][:, None], self.parts
         for layer, block in enumerate(w.blocks):
             x = block_forward(x, block, dims, w.act, cos, sin, functools.partial(attend, layer=layer), parts)
         rows = s.row_id[:bucket]
@@ -350,21 +361,6 @@ class StaticDecoder:
             self._step(bucket, key)  # recorded, not run
         current.wait_stream(self.stream)
         self.graphs[(bucket, key)] = graph
-
-    def _kernel(self, attention: str) -> str:
-        """"flash" or "triton" (``triton_decode``: stores and attends in one kernel, where Triton is installed and
-        the shapes suit it); a CPU runs SDPA whatever is asked. Only an explicit "triton" that cannot run is recorded
-        as a fallback: "auto" takes FlashAttention there as a matter of course."""
-        if attention not in ("auto", "triton") or self.device.type != "cuda":
-            return "flash"
-        dims = self.weights.dims
-        if triton_decode.available() and triton_decode.supports(dims.groups, dims.head_dim, self.weights.dtype):
-            return "triton"
-        if attention == "auto":
-            return "flash"
-        self.fallback = f"the triton kernel cannot run here (Triton installed: {triton_decode.available()}, " \
-                        f"{dims.groups} queries a key head, head dim {dims.head_dim}, {self.weights.dtype})"
-        return "flash"
 
     def _fall_back(self, exc: Exception) -> bool:
         """After a failed step, one thing fewer to fail: the Triton kernel gives way to FlashAttention,
