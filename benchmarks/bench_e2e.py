@@ -81,6 +81,11 @@ RUNNERS: dict[str, list[str] | None] = {
     "minialign-lowmem-eager": ["--fast", "on", "--grad-checkpointing", "--optim-in-backward"],
     # the same with the checkpoints' inputs in pinned CPU memory, as Unsloth's default keeps its checkpoints
     "minialign-lowmem-offload": ["--fast", "on", "--grad-checkpointing", "--optim-in-backward", "--offload-activations"],
+    # and with 128-row loss chunks: the default's 682 rows of a 49k vocabulary hold ~256 MiB (bf16 logits, their
+    # float32 copy, the bf16 gradient) at the peak, where offloading left minialign 201 MiB above Unsloth's default
+    # (NOTES entry 31); 128 rows hold ~48 MiB
+    "minialign-lowmem-lean": ["--fast", "on", "--grad-checkpointing", "--optim-in-backward", "--offload-activations",
+                              "--loss-chunk-size", "128"],
     # SFT examples cut as TRL's SFTTrainer cuts them (first --max-length tokens, prompt-only examples dropped): TRL's
     # trainer on minialign's tokens learned as minialign does, so the held-out gap came with the data (NOTES 31)
     "minialign-keep-start": ["--fast", "on", "--truncation", "keep-start"],

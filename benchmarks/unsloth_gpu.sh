@@ -25,7 +25,8 @@
 # rounds' do, 128 against 256 rows a batch), `decode-random-triton` (the decoder profile with the Triton decode
 # kernel, `lite`), `tune-triton` (checks/tune_triton_decode.py: that kernel's tilings against FlashAttention,
 # `lite`), `sft-offload` (Unsloth's default against minialign's eager memory options without and with
-# --offload-activations; needs Unsloth's wheels), `sft-lowmem` (matched memory:
+# --offload-activations; needs Unsloth's wheels), `sft-lean` (Unsloth's default against offloading with and without
+# 128-row loss chunks; Unsloth's wheels), `sft-lowmem` (matched memory:
 # Unsloth's default against minialign's memory options compiled and eager; Unsloth's wheels in /tmp/usite: `start`
 # installs them, or `pip install --no-index --no-deps --target /tmp/usite .whlu/*.whl`), `hh-per-axis` (one online
 # reward model an axis, summed), `hh-routed` (the same two, each prompt scored by its own axis's model; candidates
@@ -86,6 +87,9 @@ row() {
     sft-offload) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer $TOK \
       --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
       --runners unsloth,minialign-lowmem-eager,minialign-lowmem-offload --label llama1b-sft-lora-offload $SAME ;;
+    sft-lean) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer $TOK \
+      --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
+      --runners unsloth,minialign-lowmem-offload,minialign-lowmem-lean --label llama1b-sft-lora-lean $SAME ;;
     sft-seeds) for seed in 2 3; do python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b \
       --tokenizer $TOK --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
       --runners trl,minialign --label llama1b-sft-lora-seed$seed ${SAME/--seed 0/--seed $seed}; done ;;
