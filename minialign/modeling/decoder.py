@@ -147,7 +147,7 @@ class StaticDecoder:
         self.attention = attention
         self.kernel, self.fallback = choose_kernel(attention, self.weights.dims, self.weights.dtype, self.device)
         self.tiling = triton_decode.TILING  # how the Triton kernel shares out a step (set before the first decode)
-        self.kernel_checked = False  # the Triton kernel against the reference path, once (kernel_check)
+        self.kernel_checked = False  # the Triton kernel against the reference path, once (decode_kernel)
         self.state: _State | None = None
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphs_enabled else None
