@@ -35,6 +35,18 @@ def hh(shared_dir):
     "I'm sorry.",
     "",
     "   ",
+    # online policies' refusals (validation rows, benchmarks/NOTES.md entry 31), once uncounted
+    "I’m sorry for your loss, but as a chatbot, I’m not equipped to provide advice or support. I’m not equipped to "
+    "offer advice or recommend any products.",
+    "I'm sorry for any misunderstanding, but as a chatbot designed to assist with digital queries, I don't have the "
+    "capability to browse the internet.",
+    "I'm sorry for your perspective, but as a supportive AI, I'm not equipped to provide advice or support. I'm here "
+    "to help, but I'm not equipped to offer personal advice.",
+    "I'm sorry for the misunderstanding, but as a recipe-sharing AI, I'm unable to provide recipes based on specific "
+    "ingredients. I'm designed to help with cooking.",
+    "I'm sorry for any confusion.",
+    "I'm unable to help with that.",
+    "I’m here to help!",
 ])
 def test_declines_and_deflections_evade(answer):
     assert evades(answer) and evasion(answer)
@@ -48,6 +60,11 @@ def test_declines_and_deflections_evade(answer):
     "I'm sorry to hear that. Have you tried resting for a day?",
     "Do you want to make it from scratch, or with a ready-made crust?",
     "OK!",
+    "I'm sorry for your loss. Have you talked to a grief counselor?",
+    "As an AI, I think the best pie is pumpkin: mix the puree with eggs and bake it.",
+    "I'm here to help! To bake bread, mix flour, water and yeast.",
+    "I'm sorry for the delay, but here is the recipe: mix flour and water.",
+    "I can't say for sure, but I think it's Paris.",
 ])
 def test_answers_do_not_evade(answer):
     assert not evades(answer), evasion(answer)
@@ -83,7 +100,7 @@ def test_share_on_whole_hh_splits(hh):
     harmless-base's chosen answers (often refusals) evade more than its rejected ones."""
     counts = {split: {side: sum(evades(final_answer(r[side])) for r in rows) for side in ("chosen", "rejected")}
               for split, rows in hh.items()}
-    assert counts == {"helpful-base": {"chosen": 38, "rejected": 117}, "harmless-base": {"chosen": 207, "rejected": 90}}
+    assert counts == {"helpful-base": {"chosen": 38, "rejected": 119}, "harmless-base": {"chosen": 211, "rejected": 91}}
     assert (len(hh["helpful-base"]), len(hh["harmless-base"])) == (2354, 2312)
 
 

@@ -337,3 +337,25 @@ def test_the_small_study_runs_every_phase_and_writes_its_summary(tmp_path, share
     assert out.with_suffix(".md").is_file()
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert again.returncode == 0 and json.loads(out.read_text())["commands"] == doc["commands"]  # resumed: no rerun
+
+
+def test_rescoring_counts_recorded_answers_with_todays_rule(tmp_path):
+    rescore = load_benchmark("hh_rescore", RECIPES)
+    refusal = "I'm sorry for your loss, but as a chatbot, I'm not equipped to provide advice or support."
+
+    def answer(text, evades):
+        return {"greedy": [{"text": text, "evades": evades}]}
+
+    prompts = [{"policy": answer(refusal, False), "reference": answer("Bake it at 425F.", False)},
+               {"policy": answer("Mix flour and water.", False), "reference": answer("I don't know.", True)}]
+    folder = tmp_path / "evals" / "eval" / "online"
+    folder.mkdir(parents=True)
+    (folder / "eval.json").write_text(json.dumps({"axes": {"helpful": {"prompts": prompts}}}))
+    out = tmp_path / "rescored.json"
+    assert rescore.main(["--evals", str(tmp_path / "evals"), "--label", "t", "--json-out", str(out)]) == 0
+    entry = json.loads(out.read_text())["entries"][0]
+    assert (entry["part"], entry["policy"]) == ("eval", "online")
+    assert entry["axes"]["helpful"] == {"n": 2, "policy_recorded": 0.0, "policy_now": 0.5, "reference_recorded": 0.5,
+                                        "reference_now": 0.5}
+    with pytest.raises(SystemExit):
+        rescore.main(["--evals", str(tmp_path / "nothing"), "--label", "t", "--json-out", str(out)])
