@@ -20,6 +20,7 @@ from minialign.commands import common, recipes
 from minialign.config.schema import OnlineConfig
 from minialign.data import PreferencePair, batch_indices, sequence_lengths, tokenize_pairs
 from minialign.data.demo import demo_rows
+from minialign.evaluation.evasion import evades
 from minialign.evaluation.judge import load_judge
 from minialign.evaluation.textmetrics import loops
 from minialign.modeling import adapters
@@ -53,9 +54,9 @@ def rms(root) -> list[Path]:
 
 
 def online_args(rms: list[Path], out: Path) -> list:
-    """The two-round runs (a, and b resumed): with a loop penalty; the other runs keep the default (off)."""
+    """The two-round runs (a, and b resumed): with loop and evasion penalties; the other runs keep the default (off)."""
     return ["online", *SMALL, "--reward-models", ",".join(map(str, rms)), "--rm-weights", "0.7,0.3",
-            "--loop-penalty", "100", "--out", out]
+            "--loop-penalty", "100", "--evasion-penalty", "50", "--out", out]
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +107,10 @@ def test_scores_pairs_and_statistics_recomputed(run_a, rms):
         mean, std = scores.mean(1, keepdim=True), scores.var(1, unbiased=False, keepdim=True).sqrt()
         combined = (torch.tensor([[0.7], [0.3]], dtype=torch.float64) * (scores - mean) / std).sum(0)
         looped = torch.tensor([loops(t) for t in texts], dtype=torch.float64)
-        combined = combined - 100 * looped  # --loop-penalty 100
-        assert r["penalised"] == int(looped.sum())
+        evaded = torch.tensor([evades(t) for t in texts], dtype=torch.float64)
+        combined = combined - 100 * looped - 50 * evaded  # --loop-penalty 100 --evasion-penalty 50
+        assert r["penalised"] == int(looped.sum()) and r["penalised_evasion"] == int(evaded.sum())
+        assert r["evasion_share"] == pytest.approx(float(evaded.mean()))
         assert combined.tolist() == pytest.approx([s["combined"] for s in samples], abs=1e-4)
         expected = []
         for p in range(12):
@@ -315,6 +318,8 @@ BAD = {
                      "--loop-penalty must be a finite number >= 0"),
     "loop penalty inf": (lambda root, rms: ["--reward-models", rms[0], "--loop-penalty", "inf"],
                          "--loop-penalty must be a finite number >= 0"),
+    "evasion penalty": (lambda root, rms: ["--reward-models", rms[0], "--evasion-penalty", "-2"],
+                        "--evasion-penalty must be a finite number >= 0"),
     "no prompts": (lambda root, rms: ["--reward-models", rms[0], "--train-rows", "50:50"], "selects no rows"),
     "weights": (lambda root, rms: ["--reward-models", rms[0], "--rm-weights", "1,2"], "gives 2 weight(s)"),
     "weight text": (lambda root, rms: ["--reward-models", rms[0], "--rm-weights", "heavy"], "must be numbers"),

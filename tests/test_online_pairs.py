@@ -11,9 +11,10 @@ from minialign.commands.online_pairs import (
     answer_stats,
     combine_scores,
     form_pairs,
-    penalise_loops,
+    penalise,
     round_prompts,
 )
+from minialign.evaluation.evasion import evades
 from minialign.evaluation.textmetrics import loops
 
 
@@ -122,13 +123,25 @@ def test_the_loop_penalty_lowers_exactly_the_answers_that_loop():
     texts = ["Preheat the oven, then bake the pie for an hour.", LOOPING, "Sure.", LOOPING + " Anything else?"]
     combined = torch.tensor([0.5, 2.0, -1.0, 1.5], dtype=torch.float64)
     flags = [loops(t) for t in texts]
-    got = penalise_loops(combined, flags, 4.0)
+    got = penalise(combined, flags, 4.0)
     assert sum(flags) == 2 and got.tolist() == [0.5, -2.0, -1.0, -2.5]
-    assert penalise_loops(combined, flags, 0.0).tolist() == combined.tolist()  # 0: off
+    assert penalise(combined, flags, 0.0).tolist() == combined.tolist()  # 0: off
     assert answer_stats(texts, [1] * 4, ["eos"] * 4, flags)["loop_share"] == answer_stats(texts, [1] * 4, ["eos"] * 4)[
         "loop_share"] == 0.5  # the caller's flags count as the recomputed ones
     with pytest.raises(ValueError):
-        penalise_loops(combined, flags[:3], 1.0)
+        penalise(combined, flags[:3], 1.0)
+
+
+def test_with_the_evasion_penalty_a_refusal_loses_its_pair():
+    """The harmless reward model liked the refusal best on a benign prompt; penalised, the answer that engages wins."""
+    refusal = "I'm sorry for your loss, but as a chatbot, I'm not equipped to provide advice or support."
+    texts = [["Bake the pie at 425F for 15 minutes, then at 350F.", refusal, "Pumpkin pie needs eggs."]]
+    combined = torch.tensor([[0.3, 1.2, -0.4]], dtype=torch.float64)
+    flags = [evades(t) for t in texts[0]]
+    assert flags == [False, True, False]
+    assert form_pairs(combined, texts, 0.0).pairs[0].chosen == 1
+    penalised = penalise(combined.flatten(), flags, 2.0)
+    assert form_pairs(penalised.reshape(1, 3), texts, 0.0).pairs == [Pair(0, 0, 1, pytest.approx(0.3 - (1.2 - 2.0)))]
 
 
 def test_with_the_penalty_a_loop_is_rejected_instead_of_chosen():
@@ -136,5 +149,5 @@ def test_with_the_penalty_a_loop_is_rejected_instead_of_chosen():
     texts = [["A short, clear answer.", LOOPING, "Another answer here."]]
     combined = torch.tensor([[0.3, 1.2, -0.4]], dtype=torch.float64)
     assert form_pairs(combined, texts, 0.0).pairs == [Pair(0, 1, 2, pytest.approx(1.6))]
-    penalised = penalise_loops(combined.flatten(), [loops(t) for t in texts[0]], 4.0)
+    penalised = penalise(combined.flatten(), [loops(t) for t in texts[0]], 4.0)
     assert form_pairs(penalised.reshape(1, 3), texts, 0.0).pairs == [Pair(0, 0, 1, pytest.approx(0.3 - (1.2 - 4.0)))]

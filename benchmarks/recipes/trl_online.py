@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--route-field", default="source", help="the rows' field that names their reward model")
     p.add_argument("--loop-penalty", type=float, default=0.0, help="with --reward-models: subtracted from a "
                    "looping answer's standardised score (minialign online's --loop-penalty)")
+    p.add_argument("--evasion-penalty", type=float, default=0.0, help="with --reward-models: subtracted from an "
+                   "evading answer's standardised score (minialign online's --evasion-penalty)")
     p.add_argument("--reward-tokenizer", default="", help="default: final/tokenizer beside --reward-model")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16, help="prompts a step (2 answers each)")
@@ -112,12 +114,14 @@ def load_prompts(args: argparse.Namespace, tokenizer) -> dict[str, list[str]]:
     return columns
 
 
-def routed_reward(run_dirs: list[str], routes: list[str], loop_penalty: float, device, strip: bool = True):
+def routed_reward(run_dirs: list[str], routes: list[str], loop_penalty: float, device, strip: bool = True,
+                  evasion_penalty: float = 0.0):
     """A TRL reward function doing `minialign online --combine route`'s scoring with minialign's own functions."""
     import torch
 
     from minialign.commands.online import score_answers
-    from minialign.commands.online_pairs import combine_scores, penalise_loops
+    from minialign.commands.online_pairs import combine_scores, penalise
+    from minialign.evaluation.evasion import evades
     from minialign.evaluation.judge import load_judge
     from minialign.evaluation.textmetrics import loops
 
@@ -129,7 +133,8 @@ def routed_reward(run_dirs: list[str], routes: list[str], loop_penalty: float, d
         model_of = torch.tensor([routes.index(r) for r in route])
         scores = score_answers(judges, raw_prompt, texts, model_of)
         combined = combine_scores(scores, [1.0] * len(judges), "route", model_of)
-        return penalise_loops(combined, [loops(t) for t in texts], loop_penalty).tolist()
+        combined = penalise(combined, [loops(t) for t in texts], loop_penalty)
+        return penalise(combined, [evades(t) for t in texts], evasion_penalty).tolist()
 
     return routed_rm
 
@@ -175,7 +180,8 @@ def main(argv=None) -> int:
     model = load_model(args.model, seed=args.seed, dtype=torch.float32)
     if args.reward_models:
         rm, rm_tok = routed_reward(args.reward_models.split(","), args.rm_routes.split(","), args.loop_penalty,
-                                   "cuda" if cuda else "cpu", strip=args.chat_template), None
+                                   "cuda" if cuda else "cpu", strip=args.chat_template,
+                                   evasion_penalty=args.evasion_penalty), None
     else:
         rm, rm_tok = reward_model(args.reward_model, args.reward_tokenizer)
     alpha = int(args.lora_alpha) if float(args.lora_alpha).is_integer() else args.lora_alpha
@@ -206,7 +212,7 @@ def main(argv=None) -> int:
            "settings": {k: getattr(args, k) for k in ("beta", "lr", "temperature", "top_p", "max_new_tokens",
                                                       "max_length", "lora_r", "lora_alpha", "chat_template", "seed",
                                                       "reward_model", "reward_models", "rm_routes", "route_field",
-                                                      "loop_penalty")},
+                                                      "loop_penalty", "evasion_penalty")},
            "device": torch.cuda.get_device_name() if cuda else "cpu", "adapter": str(out / "adapter"),
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                         "peft": peft.__version__, "datasets": datasets.__version__}}

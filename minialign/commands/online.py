@@ -34,12 +34,13 @@ from minialign.base.files import write_atomic
 from minialign.commands import folders, recipes
 from minialign.commands import resume as resume_rules
 from minialign.commands.online_inputs import Prompt, check_reward_models, load_prompts
-from minialign.commands.online_pairs import answer_stats, combine_scores, form_pairs, penalise_loops, round_prompts
+from minialign.commands.online_pairs import answer_stats, combine_scores, form_pairs, penalise, round_prompts
 from minialign.commands.online_report import ROUND_DONE, completed_rounds, rebuild_outputs, round_dir
 from minialign.config.fields import split_list
 from minialign.config.schema import OnlineConfig
 from minialign.data import PreferencePair, flat_sizes, sequence_lengths, tokenize_pairs
 from minialign.data.splits import load_pairs
+from minialign.evaluation.evasion import evades
 from minialign.evaluation.judge import load_judge
 from minialign.evaluation.textmetrics import loops
 from minialign.modeling.blocks import check_fast_path
@@ -164,8 +165,8 @@ def run_round(s: Session, k: int) -> dict:
     scores = score_answers(s.judges, raw, texts, routes if cfg.combine == "route" else None,
                            cfg.rm_batch_size)  # [M, P * N]
     raw_combined = combine_scores(scores, cfg.weights(), cfg.combine, routes)
-    looped = [loops(t) for t in texts]
-    combined = penalise_loops(raw_combined, looped, cfg.loop_penalty)
+    looped, evaded = [loops(t) for t in texts], [evades(t) for t in texts]
+    combined = penalise(penalise(raw_combined, looped, cfg.loop_penalty), evaded, cfg.evasion_penalty)
     t2 = time.perf_counter()
     grouped = [texts[i * n : (i + 1) * n] for i in range(len(picked))]
     pairing = form_pairs(combined.reshape(len(picked), n), grouped, cfg.min_gap)
@@ -187,6 +188,7 @@ def run_round(s: Session, k: int) -> dict:
     stats = {"round": k, "prompts": len(picked), "answers": len(texts), "pairs": len(records),
              "below_gap": pairing.below_gap, "no_contrast": pairing.no_contrast,
              "penalised": sum(looped) if cfg.loop_penalty > 0 else 0,
+             "evasion_share": sum(evaded) / len(evaded), "penalised_evasion": sum(evaded) if cfg.evasion_penalty > 0 else 0,
              "score_mean": raw_combined.mean().item(),
              **rm_means(scores, cfg),
              "gap_mean": sum(x.gap for x in pairing.pairs) / len(pairing.pairs),

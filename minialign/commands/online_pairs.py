@@ -11,10 +11,14 @@ Rules (docs/online.md repeats them):
   reward model's score, standardised over the answers routed to that model (weights unused): a helpful and a
   harmless model summed pull against each other on every prompt (a refusal is harmless and unhelpful), so each
   prompt is judged on its own axis instead, as Llama 2 picks its safety or helpfulness model by the prompt.
-- *loop penalty* (``penalise_loops``): ``--loop-penalty L`` subtracts L from the combined score of each answer that
+- *loop penalty* (``penalise``): ``--loop-penalty L`` subtracts L from the combined score of each answer that
   loops (``textmetrics.loops``, the rule of the loop share every eval reports). A reward model trained on human
   answers has rarely seen a degenerate repetition and may score one well; with L above the combined scores' spread a
   looping answer is rejected against any answer that does not loop, and never chosen over one.
+- *evasion penalty* (``penalise``): ``--evasion-penalty E`` subtracts E from each answer that declines or deflects
+  (``evasion.evades``, the evasion share's rule). A harmless reward model scores a refusal well on any prompt, and
+  rounds learn to refuse benign ones too (61% of a four-round policy's harmless answers and 42% of its helpful ones
+  evaded: benchmarks/NOTES.md entry 31); E pulls refusals below the answers that engage, on every prompt.
 - *pair* (``form_pairs``): among a prompt's distinct answer texts (a repeated text counts once, its first sample),
   the highest combined score is chosen and the lowest rejected; ties go to the earlier sample. A prompt is skipped
   when its answers hold no contrast (one distinct text, or every score equal) or when best minus worst is below
@@ -81,12 +85,12 @@ def combine_scores(scores: torch.Tensor, weights: Sequence[float], rule: str,
     return (w[:, None] * s).sum(0)
 
 
-def penalise_loops(combined: torch.Tensor, looped: Sequence[bool], penalty: float) -> torch.Tensor:
-    """``combined`` ``[K]`` minus ``penalty`` at each of the K answers whose ``looped`` flag (``textmetrics.loops``)
-    is set."""
-    if len(looped) != combined.numel():
-        raise ValueError(f"{len(looped)} loop flags for {combined.numel()} scores")
-    return combined - penalty * torch.tensor(list(looped), dtype=combined.dtype)
+def penalise(combined: torch.Tensor, flagged: Sequence[bool], penalty: float) -> torch.Tensor:
+    """``combined`` ``[K]`` minus ``penalty`` at each of the K answers whose flag is set (an answer that loops, or
+    one that evades)."""
+    if len(flagged) != combined.numel():
+        raise ValueError(f"{len(flagged)} flags for {combined.numel()} scores")
+    return combined - penalty * torch.tensor(list(flagged), dtype=combined.dtype)
 
 
 @dataclass(frozen=True)

@@ -303,6 +303,9 @@ class OnlineConfig(DPOConfig):
                               "sequence 3 times or more, the loop share's rule): 4 puts nearly every looping answer "
                               "below the others under zsum, 100 all of them (>= 0; 0: off)", group="online",
                               metavar="L")
+    evasion_penalty: float = opt(0.0, "subtracted from the combined score of each sampled answer that declines or "
+                                 "deflects (the evasion share's rule), so that refusing stops winning pairs on benign "
+                                 "prompts (>= 0; 0: off)", group="online", metavar="E")
     greedy_sample: bool = opt(False, "decode each prompt's first answer greedily and sample the other N-1: the "
                               "answer greedy evaluation sees then takes part in its prompt's pair (a greedy answer "
                               "that loops becomes the rejected one), where sampled answers loop less than it",
@@ -322,6 +325,9 @@ class OnlineConfig(DPOConfig):
              "differ in score"),
             (math.isfinite(self.loop_penalty) and self.loop_penalty >= 0, f"--loop-penalty must be a finite number "
              f">= 0 (got {self.loop_penalty:g}): it lowers the score of answers that loop; 0 turns it off"),
+            (math.isfinite(self.evasion_penalty) and self.evasion_penalty >= 0, f"--evasion-penalty must be a finite "
+             f"number >= 0 (got {self.evasion_penalty:g}): it lowers the score of answers that decline or deflect; 0 "
+             "turns it off"),
             (self.rounds >= 1, f"--rounds must be >= 1 (got {self.rounds})"),
             (self.prompts_per_round >= 0, f"--prompts-per-round must be >= 0 (got {self.prompts_per_round}; 0: "
              "every training prompt each round)"),
