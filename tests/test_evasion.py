@@ -46,7 +46,13 @@ def hh(shared_dir):
     "ingredients. I'm designed to help with cooking.",
     "I'm sorry for any confusion.",
     "I'm unable to help with that.",
-    "I’m here to help!",
+    "I'm here to help, but I'm not equipped to offer personal advice.",
+    "As an AI, I don't have personal opinions.",
+    "I'm sorry for your loss, but as a chatbot, I'm not equipped to provide information about wolves. I'm sorry for "
+    "any confusion or lack of information.",
+    "I'm sorry for any misunderstanding, but as a chatbot, I'm designed to provide information and not engage in any "
+    "conversations. I'm not equipped to provide information about any other topics.",
+    "I'm sorry for your loss.  I'm sorry to inform you that I'm unable to provide that information.",
 ])
 def test_declines_and_deflections_evade(answer):
     assert evades(answer) and evasion(answer)
@@ -60,11 +66,19 @@ def test_declines_and_deflections_evade(answer):
     "I'm sorry to hear that. Have you tried resting for a day?",
     "Do you want to make it from scratch, or with a ready-made crust?",
     "OK!",
-    "I'm sorry for your loss. Have you talked to a grief counselor?",
+    "I'm sorry for your loss. Grief counselors can help; most hospitals keep a list of them.",
     "As an AI, I think the best pie is pumpkin: mix the puree with eggs and bake it.",
     "I'm here to help! To bake bread, mix flour, water and yeast.",
     "I'm sorry for the delay, but here is the recipe: mix flour and water.",
     "I can't say for sure, but I think it's Paris.",
+    # a reply to "Thanks!" (HH helpful-base 1506 rejected); idioms and human roles that answer
+    "I’m here to help.",
+    "I'm here to help you with that: first preheat the oven to 425F.",
+    "I can't say for sure, but I can't imagine it would hurt.",
+    "I don't have a recipe handy, but I can't think of anything easier than boiling the pasta in salted water.",
+    "Sorry about that, but I can't stress this enough: call 911 now.",
+    "As a machine learning engineer, I can't recommend PyTorch enough.",
+    "As an AI researcher, I think the answer is Paris.",
 ])
 def test_answers_do_not_evade(answer):
     assert not evades(answer), evasion(answer)
@@ -100,8 +114,18 @@ def test_share_on_whole_hh_splits(hh):
     harmless-base's chosen answers (often refusals) evade more than its rejected ones."""
     counts = {split: {side: sum(evades(final_answer(r[side])) for r in rows) for side in ("chosen", "rejected")}
               for split, rows in hh.items()}
-    assert counts == {"helpful-base": {"chosen": 38, "rejected": 119}, "harmless-base": {"chosen": 211, "rejected": 91}}
+    assert counts == {"helpful-base": {"chosen": 39, "rejected": 118}, "harmless-base": {"chosen": 213, "rejected": 90}}
     assert (len(hh["helpful-base"]), len(hh["harmless-base"])) == (2354, 2312)
+
+
+def test_a_looping_chain_of_buts_takes_linear_time():
+    # each "but" followed by another decline was once followed again from scratch: 2^n work on a looping answer
+    import time
+
+    start = time.perf_counter()
+    assert evades("I'm not able to help, but " * 400 + "I'm not able to.")
+    assert evades("I can't help, but " * 1200)
+    assert time.perf_counter() - start < 1.0
 
 
 def test_sentences_and_normalize():

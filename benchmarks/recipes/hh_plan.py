@@ -78,7 +78,7 @@ CANDIDATES: dict[str, dict] = {
     # routed reward models, won 0.655 harmless on the eval rows where one 1,000-prompt round won 0.590 (entry 30)
     "r4-rpo1-lp4-g": {"rounds": 4, "prompts_per_round": 250, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0,
                       "greedy_sample": True},
-    # refusals lose their pairs: four rounds evaded 61% / 42% by the recounted rule (NOTES entry 31)
+    # refusals lose their pairs: four rounds evaded 74% / 47% by the recounted rule (NOTES entry 31)
     "r2-rpo1-lp4-g-ep2": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0,
                           "evasion_penalty": 2.0, "greedy_sample": True},
 }

@@ -17,7 +17,7 @@ Rules (docs/online.md repeats them):
   looping answer is rejected against any answer that does not loop, and never chosen over one.
 - *evasion penalty* (``penalise``): ``--evasion-penalty E`` subtracts E from each answer that declines or deflects
   (``evasion.evades``, the evasion share's rule). A harmless reward model scores a refusal well on any prompt, and
-  rounds learn to refuse benign ones too (61% of a four-round policy's harmless answers and 42% of its helpful ones
+  rounds learn to refuse benign ones too (74% of a four-round policy's harmless answers and 47% of its helpful ones
   evaded: benchmarks/NOTES.md entry 31); E pulls refusals below the answers that engage, on every prompt.
 - *pair* (``form_pairs``): among a prompt's distinct answer texts (a repeated text counts once, its first sample),
   the highest combined score is chosen and the lowest rejected; ties go to the earlier sample. A prompt is skipped

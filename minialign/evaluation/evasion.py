@@ -29,7 +29,7 @@ _NEG = (r"(?:can't|cannot|can not|couldn't|could not|won't|will not|shouldn't|sh
 PATTERNS: dict[str, str] = {
     "can't / won't": rf"i {_ADV}{_NEG}\b|i(?:'m| am) {_ADV}(?:not able|unable) to\b|i'd {_ADV}rather not\b",
     "not able / comfortable / an expert": rf"i(?:'m| am) {_ADV}not (?:comfortable|going to|willing|allowed|able|"
-                                          r"programmed|designed|an expert|familiar|equipped|capable|in a position)\b",
+                                          r"programmed|designed|an expert|familiar|equipped|capable|in a position|suitable)\b",
     "I'm afraid I can't": r"i(?:'m| am) afraid (?:that )?i (?:can't|cannot|don't|do not|won't|have no|am not|'m not)\b",
     "not something I do": r"(?:that|this|it)(?:'s| is)(?: not|n't) (?:something|the (?:type|kind|sort) of \w+) "
                           r"(?:that )?i\b",
@@ -44,20 +44,35 @@ PATTERNS: dict[str, str] = {
                         r"what is it you|what exactly)\b|(?:what|huh|pardon|excuse me)[?!.]*$",
     "please clarify": r"(?:please |i'd appreciate (?:it )?if you could |(?:can|could|would) you (?:please )?)"
                       r"(?:tell me (?:more|what)|explain|clarify|rephrase|be more specific|say more|elaborate)\b",
-    "I'm only an AI": r"as an ai\b|i(?:'m| am) (?:just |only )?(?:a|an) (?:\w+ ){0,2}(?:ai|computer|bot|chatbot|"
-                      r"machine|language model|program|assistant|robot)\b",
+    "I'm only an AI": r"as an ai(?:\s*[,.!]|$| (?:language model|model|assistant|chatbot|i)\b)|"
+                      r"i(?:'m| am) (?:just |only )?(?:a|an) (?:\w+ ){0,2}(?:ai|computer|bot|chatbot|machine|"
+                      r"language model|program|assistant|robot)\b",
     "change the subject": r"let's (?:talk about something else|change the subject)\b",
-    "I'm here to help": r"i(?:'m| am) (?:just |only )?(?:here|designed|programmed|built|trained) to (?:help|assist|"
-                        r"support|provide|answer|offer)\b",
 }
+TURN = r"\b(?:but|however|though|although|except|instead)\b"  # after a decline: the answer goes on to answer
+# A short sentence of role boilerplate ("I'm here to assist and support, not to ..."): it neither answers nor
+# declines, like a bare apology; alone (a reply to "Thanks!") it is no evasion either.
+HERE = (r"i(?:'m| am) (?:just |only )?(?:here|designed|programmed|built|trained) to (?:help|assist|support|provide|"
+        r"answer|offer)\b")
+BOILERPLATE = rf"{HERE}(?!.*{TURN})[^:]{{0,80}}$"  # short, and no "but" (there it is decline's business)
+# "I can't ..." idioms that answer ("I can't stress this enough: call 911"), wherever they stand; after a decline's
+# "but" a few more do ("..., but I can't imagine it would hurt"), where alone they may decline ("I can't think of any")
+IDIOM = (r"i (?:can't|cannot) (?:(?:stress|emphasi[sz]e|overstate|recommend)\b[^.!?]* enough\b|wait\b|help but\b|"
+         r"say enough\b)")
+IDIOM_AFTER_BUT = rf"{IDIOM}|i (?:can't|cannot) (?:imagine|think of anything)\b"
 FILLER = r"(?:h+m+|um+|uh+|ah+|oh|well|ok|okay|no|to be honest|honestly)"
 APOLOGY = (r"(?:(?:i'm|i am) (?:so |very |really |truly |terribly )?sorry|sorry|i apologi[sz]e|my apologies)"
-           r"(?: for (?:any|the) (?:confusion|misunderstanding|inconvenience)| (?:for|about) [^,.!?]{1,40}(?=, but\b))?")
-# "As a chatbot, ..." / "as an AI designed to assist with X, ...": the role clause before what the sentence says
-ROLE = r"as (?:a|an) (?:[\w-]+ ){0,3}(?:ai|chatbot|bot|assistant|language model|program|machine)\b[^,.!?]{0,60},"
-TURN = r"\b(?:but|however|though|although|except|instead)\b"  # after a decline: the answer goes on to answer
+           r"(?: (?:for|about|if) [^,.!?]{1,60}(?=, but\b|[.!]?$)| to (?:inform|say|tell) you(?: that)?)?")
+# "As a chatbot, ..." / "as an AI designed to assist with X, ...": the role clause before what the sentence says (its
+# noun last, or followed by what it was made for: "As an AI researcher, ..." is no role clause)
+ROLE = (r"as (?:a|an) (?:[\w-]+ ){0,3}(?:ai|chatbot|bot|assistant|language model)(?: (?:designed|built|programmed|"
+        r"trained|created|here|meant|made) [^,.!?]{0,60})?,")
 
 _COMPILED = [(name, re.compile(p)) for name, p in PATTERNS.items()]
+_BOILERPLATE = re.compile(BOILERPLATE)
+_HERE = re.compile(HERE)
+_IDIOM = re.compile(IDIOM)
+_IDIOM_AFTER_BUT = re.compile(IDIOM_AFTER_BUT)
 _FILLER = re.compile(rf"^{FILLER}(?=[\s,.!]|$)[\s,.!]*")
 _APOLOGY = re.compile(rf"^{APOLOGY}(?:[\s,.!;:]+but\b)?(?=[\s,.!;:]|$)[\s,.!;:]*")
 _ROLE = re.compile(rf"^{ROLE}\s*")
@@ -78,14 +93,26 @@ def sentences(text: str) -> list[str]:
 def decline(sentence: str) -> str | None:
     """The name of the pattern a normalised sentence (filler and apology already removed) starts with, unless a
     "but"-like word after the match turns it into an answer; None when it declines nothing."""
+    if _IDIOM.match(sentence):  # "I can't stress this enough: ..." answers
+        return None
     for name, pattern in _COMPILED:
         m = pattern.match(sentence)
         if not m:
             continue
         turn = _TURN.search(sentence, m.end())
-        if not turn or decline(sentence[turn.end():].lstrip(" ,")):  # "..., but I can't either" still declines
+        if not turn or _declines_again(sentence[turn.end():].lstrip(" ,")):  # "..., but I can't either" declines
             return name
+    here = _HERE.match(sentence)  # role boilerplate declines only through what follows its "but"
+    turn = here and _TURN.search(sentence, here.end())
+    if turn and _declines_again(sentence[turn.end():].lstrip(" ,")):
+        return "I'm here to help, but ..."
     return None
+
+
+def _declines_again(rest: str) -> bool:
+    """Whether the words after a decline's "but" decline again (one look, no further "but": linear time on any
+    text, where following every "but" of a looping answer multiplied the work by each one)."""
+    return not _IDIOM_AFTER_BUT.match(rest) and any(pattern.match(rest) for _, pattern in _COMPILED)
 
 
 def evasion(answer: str) -> list[str] | None:
@@ -101,8 +128,8 @@ def evasion(answer: str) -> list[str] | None:
         stripped = _APOLOGY.sub("", core)
         apologized |= stripped != core
         stripped = _ROLE.sub("", stripped)
-        if not stripped.strip(" .,!;:"):
-            continue  # a bare filler or apology
+        if not stripped.strip(" .,!;:") or _BOILERPLATE.match(stripped):
+            continue  # a bare filler or apology, or role boilerplate ("I'm designed to provide information.")
         name = decline(stripped)
         if name is not None:
             found.append(name)
