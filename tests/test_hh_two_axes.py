@@ -350,11 +350,12 @@ def test_rescoring_counts_recorded_answers_with_todays_rule(tmp_path):
                {"policy": answer("Mix flour and water.", False), "reference": answer("I don't know.", True)}]
     folder = tmp_path / "evals" / "eval" / "online"
     folder.mkdir(parents=True)
-    (folder / "eval.json").write_text(json.dumps({"axes": {"helpful": {"prompts": prompts}}}))
+    (folder / "eval.json").write_text(json.dumps({"axes": {"helpful": {"prompts": prompts}, "empty": {"prompts": []}}}))
     out = tmp_path / "rescored.json"
     assert rescore.main(["--evals", str(tmp_path / "evals"), "--label", "t", "--json-out", str(out)]) == 0
     entry = json.loads(out.read_text())["entries"][0]
-    assert (entry["part"], entry["policy"]) == ("eval", "online")
+    assert (entry["part"], entry["policy"]) == ("eval", "online") and list(entry["axes"]) == ["helpful"]
+    assert entry["rule"] == rescore.RULE and len(entry["rule"]) == 12
     assert entry["axes"]["helpful"] == {"n": 2, "policy_recorded": 0.0, "policy_now": 0.5, "reference_recorded": 0.5,
                                         "reference_now": 0.5}
     with pytest.raises(SystemExit):

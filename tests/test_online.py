@@ -108,6 +108,8 @@ def test_scores_pairs_and_statistics_recomputed(run_a, rms):
         combined = (torch.tensor([[0.7], [0.3]], dtype=torch.float64) * (scores - mean) / std).sum(0)
         looped = torch.tensor([loops(t) for t in texts], dtype=torch.float64)
         evaded = torch.tensor([evades(t) for t in texts], dtype=torch.float64)
+        assert [s["evades"] for s in samples] == evaded.bool().tolist()  # the flags the penalties read, kept
+        assert [s["loops"] for s in samples] == looped.bool().tolist()
         combined = combined - 100 * looped - 50 * evaded  # --loop-penalty 100 --evasion-penalty 50
         assert r["penalised"] == int(looped.sum()) and r["penalised_evasion"] == int(evaded.sum())
         assert r["evasion_share"] == pytest.approx(float(evaded.mean()))

@@ -137,6 +137,12 @@ def test_trl_online_trains_on_the_prompts_minialign_online_sampled(tiny_rm, tiny
         trl_online.load_prompts(bad, tokenizer=None)
     with pytest.raises(SystemExit):
         trl_online.parse_args(["--model", "m", "--dataset", "d", "--prompts", "6", "--out", "x"])  # no reward model
+    for penalty in (["--evasion-penalty", "-1"], ["--loop-penalty", "inf"], ["--reward-model", "r", "--evasion-penalty",
+                                                                              "2"]):  # the last: no place for it
+        with pytest.raises(SystemExit):
+            trl_online.parse_args(["--model", "m", "--dataset", "d", "--prompts", "6", "--out", "x",
+                                   *(["--reward-models", "a", "--rm-routes", "harmless-base"]
+                                     if "--reward-model" not in penalty else []), *penalty])
 
 
 def trl_online_prompt(row: dict) -> str:

@@ -14,6 +14,7 @@ reference (the starting model).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -21,7 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from minialign.evaluation import evasion  # noqa: E402
 from minialign.evaluation.evasion import evades  # noqa: E402
+
+# which rule counted an entry: the first 12 hex digits of the rule file's SHA-256
+RULE = hashlib.sha256(Path(evasion.__file__).read_bytes()).hexdigest()[:12]
 
 
 def rescore(eval_json: Path) -> dict:
@@ -29,9 +34,12 @@ def rescore(eval_json: Path) -> dict:
     data = json.loads(eval_json.read_text(encoding="utf-8"))
     out = {}
     for axis, block in data["axes"].items():
-        row = {"n": len(block["prompts"])}
-        for side in ("policy", "reference"):
-            answers = [p[side]["greedy"][0] for p in block["prompts"]]
+        answers_of = {side: [p[side]["greedy"][0] for p in block.get("prompts", []) if p.get(side, {}).get("greedy")]
+                      for side in ("policy", "reference")}
+        if not all(answers_of.values()):  # no greedy answers kept on this axis: nothing to recount
+            continue
+        row = {"n": len(answers_of["policy"])}
+        for side, answers in answers_of.items():
             row[f"{side}_recorded"] = round(sum(bool(a.get("evades")) for a in answers) / len(answers), 4)
             row[f"{side}_now"] = round(sum(evades(a["text"]) for a in answers) / len(answers), 4)
         out[axis] = row
@@ -50,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no PART/NAME/eval.json under {args.evals}")
     out = Path(args.json_out)
     result = json.loads(out.read_text(encoding="utf-8")) if args.append and out.exists() else {
-        "what": __doc__.split("\n\n")[0], "rule": "minialign/evaluation/evasion.py as of this file's commit",
-        "entries": []}
+        "what": __doc__.split("\n\n")[0], "rule": "each entry's: SHA-256 (12 hex digits) of "
+        "minialign/evaluation/evasion.py when it was counted", "entries": []}
     for f in files:
         part, name = f.parent.parent.name, f.parent.name
-        result["entries"].append({"call": args.label, "part": part, "policy": name, "axes": rescore(f)})
+        result["entries"].append({"call": args.label, "part": part, "policy": name, "rule": RULE, "axes": rescore(f)})
         shares = "; ".join(f"{axis}: policy {r['policy_recorded']:.2f} -> {r['policy_now']:.2f}, start "
                            f"{r['reference_recorded']:.2f} -> {r['reference_now']:.2f}"
                            for axis, r in result["entries"][-1]["axes"].items())

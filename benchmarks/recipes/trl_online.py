@@ -31,6 +31,7 @@ T_START = time.time()  # before the heavy imports: they are part of what a user 
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
@@ -77,6 +78,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give either --reward-model (one sequence-classification folder) or --reward-models with --rm-routes")
     if args.reward_models and len(args.reward_models.split(",")) != len(args.rm_routes.split(",")):
         p.error("--rm-routes needs one value per --reward-models folder")
+    for flag, value in (("--loop-penalty", args.loop_penalty), ("--evasion-penalty", args.evasion_penalty)):
+        if not math.isfinite(value) or value < 0:
+            p.error(f"{flag} must be a finite number >= 0 (got {value:g})")
+        if value and not args.reward_models:  # TRL's own reward-model path has no place for it
+            p.error(f"{flag} works with --reward-models (minialign's scoring as TRL's reward function) only")
     return args
 
 

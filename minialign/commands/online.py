@@ -180,7 +180,8 @@ def run_round(s: Session, k: int) -> dict:
                                                  "rejected": _json_scores(scores[:, r])}}})
     write_atomic(folder / "pairs.jsonl", "".join(json.dumps(x) + "\n" for x in records).encode())
     samples = [{"row": picked[i // n].row, "sample": i % n, "text": texts[i], "n_tokens": c.n_tokens, "stop": c.stop,
-                "scores": _json_scores(scores[:, i]), "combined": combined[i].item()} for i, c in enumerate(completions)]
+                "loops": looped[i], "evades": evaded[i], "scores": _json_scores(scores[:, i]),
+                "combined": combined[i].item()} for i, c in enumerate(completions)]
     write_atomic(folder / "samples.jsonl", "".join(json.dumps(x) + "\n" for x in samples).encode())
     last = train_round(s, k, [PreferencePair(x["prompt"], x["chosen"], x["rejected"]) for x in records], folder)
     t3 = time.perf_counter()

@@ -147,7 +147,6 @@ class StaticDecoder:
         self.attention = attention
         self.kernel, self.fallback = choose_kernel(attention, self.weights.dims, self.weights.dtype, self.device)
         self.tiling = triton_decode.TILING  # how the Triton kernel shares out a step (set before the first decode)
-        self.kernel_checked = False  # the Triton kernel against the reference path, once (decode_kernel)
         self.state: _State | None = None
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphs_enabled else None
@@ -220,14 +219,23 @@ class StaticDecoder:
             self.graphs.clear()
             self.state = self._allocate(max(rows, old[0]), _round_up(max(length, old[1]), 64),
                                         max(new_tokens, old[2]))
-        if self.kernel == "triton" and not self.kernel_checked:
-            self.kernel_checked = True
-            why = triton_disagrees(self.weights.dims, self.state.cos, self.state.sin, self.tiling)
+            if self.kernel == "triton":
+                self._check_kernel()
+        return self.state
+
+    def _check_kernel(self) -> None:
+        """The Triton kernel against the reference path (``decode_kernel``) at this state's cache length and at one
+        long enough to share rows out among programs; FlashAttention from now on if it disagrees anywhere."""
+        s, dtype = self.state, self.weights.dtype
+        lengths = sorted({s.length, _round_up(2 * (self.tiling.chunk or s.length) + 1, 64)})
+        for length in lengths:
+            tables = (s.cos, s.sin) if length == s.length else rope_table(self.model, length, dtype, self.device)
+            why = triton_disagrees(self.weights.dims, *tables, self.tiling)
             if why is not None:
-                self.kernel, self.fallback = "flash", f"the triton kernel {why}"
+                self.kernel, self.fallback = "flash", f"the triton kernel {why} (cache length {length})"
                 if self.attention == "triton":  # asked for by name: say so ("auto" takes FlashAttention quietly)
                     print(f"minialign: decoding with FlashAttention: {self.fallback}.", file=sys.stderr)
-        return self.state
+                return
 
     def _allocate(self, rows: int, length: int, new_tokens: int) -> _State:
         dims, dtype, dev = self.weights.dims, self.weights.dtype, self.device
