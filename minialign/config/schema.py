@@ -304,8 +304,9 @@ class OnlineConfig(DPOConfig):
                               "below the others under zsum, 100 all of them (>= 0; 0: off)", group="online",
                               metavar="L")
     evasion_penalty: float = opt(0.0, "subtracted from the combined score of each sampled answer that declines or "
-                                 "deflects (the evasion share's rule), so that refusing stops winning pairs on benign "
-                                 "prompts (>= 0; 0: off)", group="online", metavar="E")
+                                 "deflects (the evasion share's rule), so that refusing stops winning pairs; on every "
+                                 "prompt, harmful ones too, where it pulls against a harmless reward model (>= 0; 0: "
+                                 "off)", group="online", metavar="E")
     greedy_sample: bool = opt(False, "decode each prompt's first answer greedily and sample the other N-1: the "
                               "answer greedy evaluation sees then takes part in its prompt's pair (a greedy answer "
                               "that loops becomes the rejected one), where sampled answers loop less than it",
