@@ -171,7 +171,8 @@ def test_the_kernel_is_checked_against_the_reference_path_once(monkeypatch, kern
     assert why is None if verdict is None else why.startswith(verdict), why
     # in the decoder: checked before its first step; a kernel that disagrees gives way to the reference path
     checks = []
-    monkeypatch.setattr(decoder, "triton_disagrees", lambda *a: checks.append(1) or decode_kernel.triton_disagrees(*a))
+    monkeypatch.setattr(decode_kernel, "triton_disagrees",
+                        lambda *a, real=decode_kernel.triton_disagrees: checks.append(1) or real(*a))
     decoder_.kernel = "triton"  # what a CUDA decoder takes (here every step would call the patched kernel)
     common = {"max_new_tokens": NEW, "eos_token_id": eos_for(model, tok, PROMPTS), "stop_strings": (), "batch_size": 4}
     answers = [generate(model, tok, PROMPTS, decoder=decoder_, **common)]

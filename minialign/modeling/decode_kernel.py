@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from minialign.modeling.decoder_model import Dims, apply_rope, decode_attention, decode_layout, write_cache
+from minialign.modeling.decoder_model import (
+    Dims,
+    apply_rope,
+    decode_attention,
+    decode_layout,
+    rope_table,
+    write_cache,
+)
 from minialign.ops import triton_decode
 
 ATTENTIONS = ("auto", "flash", "triton", "flex")
@@ -36,6 +43,20 @@ def choose_kernel(attention: str, dims: Dims, dtype: torch.dtype, device: torch.
 
 ROWS = 8
 SHARPEN = 4.0  # queries scaled up: attention rests on a few keys, so one key missed or misplaced moves the output
+
+
+def kernel_disagrees(model: torch.nn.Module, dims: Dims, cos: torch.Tensor, sin: torch.Tensor,
+                     tiling: triton_decode.Tiling) -> str | None:
+    """``triton_disagrees`` at a decoder's cache length (its rope tables ``cos``/``sin`` ``[L, D]``) and at one long
+    enough to share rows out among programs (a short cache never runs the merge); the first disagreement, or None."""
+    length = cos.shape[0]
+    split = -(-(2 * (tiling.chunk or length) + 1) // 64) * 64
+    for n in sorted({length, split}):
+        tables = (cos, sin) if n == length else rope_table(model, n, cos.dtype, cos.device)
+        why = triton_disagrees(dims, *tables, tiling)
+        if why is not None:
+            return f"{why} (cache length {n})"
+    return None
 
 
 def triton_disagrees(dims: Dims, cos: torch.Tensor, sin: torch.Tensor, tiling: triton_decode.Tiling,

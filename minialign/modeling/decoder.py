@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from minialign.base.errors import UserError
-from minialign.modeling.decode_kernel import ATTENTIONS, choose_kernel, triton_disagrees
+from minialign.modeling.decode_kernel import ATTENTIONS, choose_kernel, kernel_disagrees
 from minialign.modeling.decoder_model import (
     PLAIN,
     BlockParts,
@@ -224,18 +224,13 @@ class StaticDecoder:
         return self.state
 
     def _check_kernel(self) -> None:
-        """The Triton kernel against the reference path (``decode_kernel``) at this state's cache length and at one
-        long enough to share rows out among programs; FlashAttention from now on if it disagrees anywhere."""
-        s, dtype = self.state, self.weights.dtype
-        lengths = sorted({s.length, _round_up(2 * (self.tiling.chunk or s.length) + 1, 64)})
-        for length in lengths:
-            tables = (s.cos, s.sin) if length == s.length else rope_table(self.model, length, dtype, self.device)
-            why = triton_disagrees(self.weights.dims, *tables, self.tiling)
-            if why is not None:
-                self.kernel, self.fallback = "flash", f"the triton kernel {why} (cache length {length})"
-                if self.attention == "triton":  # asked for by name: say so ("auto" takes FlashAttention quietly)
-                    print(f"minialign: decoding with FlashAttention: {self.fallback}.", file=sys.stderr)
-                return
+        """The Triton kernel against the reference path (``decode_kernel.kernel_disagrees``); FlashAttention from now
+        on if it disagrees."""
+        why = kernel_disagrees(self.model, self.weights.dims, self.state.cos, self.state.sin, self.tiling)
+        if why is not None:
+            self.kernel, self.fallback = "flash", f"the triton kernel {why}"
+            if self.attention == "triton":  # asked for by name: say so ("auto" takes FlashAttention quietly)
+                print(f"minialign: decoding with FlashAttention: {self.fallback}.", file=sys.stderr)
 
     def _allocate(self, rows: int, length: int, new_tokens: int) -> _State:
         dims, dtype, dev = self.weights.dims, self.weights.dtype, self.device
