@@ -270,9 +270,10 @@ def test_route_refuses_a_row_whose_field_names_no_reward_model(root, rms, tagged
 def test_resume_refuses_a_change_of_how_rounds_sample_or_score(run_a, capsys):
     before = (run_a / "config.yaml").read_text()
     capsys.readouterr()
-    assert run_cli("online", "--resume", run_a, "--greedy-sample", "--loop-penalty", "0") == 2
+    assert run_cli("online", "--resume", run_a, "--greedy-sample", "--loop-penalty", "0", "--evasion-penalty", "0") == 2
     err = capsys.readouterr().err
     assert "greedy_sample false -> true" in err and "loop_penalty 100 -> 0" in err and "A resume may change only" in err
+    assert "evasion_penalty 50 -> 0" in err
     assert (run_a / "config.yaml").read_text() == before
 
 
