@@ -36,7 +36,8 @@ for (b, heads, kv_heads, length, d), tiling in [(c, t) for c in cases for t in t
     write_cache(want_k, k_new, layout.cache_index)
     write_cache(want_v, v_new, layout.cache_index)
     want = decode_attention(q, want_k, want_v, layout, d ** -0.5)
-    got = append_attend(q, k_new, v_new, k_cache, v_cache, positions, d ** -0.5, tiling)
+    identity = (torch.ones(length, d), torch.zeros(length, d))  # RoPE that rotates nothing: q and k as given
+    got = append_attend(q, k_new, v_new, k_cache, v_cache, positions, d ** -0.5, identity, tiling)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v), ("the stores", tiling)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=str(tiling))
 # RoPE in the kernel: q, k, v as views into one QKV output (the decode step's layout), rotated at each row's position
@@ -53,7 +54,7 @@ for b, heads, kv_heads, length, d in cases:
     write_cache(want_k, apply_rope(k_new, c, s_), layout.cache_index)
     write_cache(want_v, v_new.contiguous(), layout.cache_index)
     want = decode_attention(apply_rope(q, c, s_), want_k, want_v, layout, d ** -0.5)
-    got = append_attend(q, k_new, v_new, k_cache, v_cache, positions, d ** -0.5, Tiling(64, 32, stages=0), (cos, sin))
+    got = append_attend(q, k_new, v_new, k_cache, v_cache, positions, d ** -0.5, (cos, sin), Tiling(64, 32, stages=0))
     torch.testing.assert_close(k_cache, want_k, rtol=1e-6, atol=1e-6)
     assert torch.equal(v_cache, want_v), "v stored as given"
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -138,7 +139,7 @@ def test_which_kernel_a_cuda_decoder_takes(monkeypatch, attention, installed, dt
     assert choose_kernel(attention, model_dims(llama()), getattr(torch, dtype), torch.device("cpu")) == ("flash", None)
 
 
-def _reference_kernel(q, k, v, k_cache, v_cache, positions, scale, tiling, rope):
+def _reference_kernel(q, k, v, k_cache, v_cache, positions, scale, rope, tiling):
     """The decoder's reference path in append_attend's place (what a correct kernel computes)."""
 
     from minialign.modeling.decoder_model import apply_rope, decode_attention, decode_layout, write_cache

@@ -131,8 +131,7 @@ def tokenize_sft(
             if len(p) >= max_length:
                 dropped += 1
                 continue
-            cut = r[: max_length - len(p)]
-            p, r, was_cut = p, cut, len(cut) < len(r)
+            r, was_cut = r[: max_length - len(p)], len(p) + len(r) > max_length
         else:
             p, (r,), was_cut = truncate(p, [r], **limits)
         out.append(TokenizedExample(p, r))

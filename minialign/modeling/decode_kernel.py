@@ -18,6 +18,7 @@ from minialign.modeling.decoder_model import (
     decode_attention,
     decode_layout,
     rope_table,
+    round_up,
     write_cache,
 )
 from minialign.ops import triton_decode
@@ -50,7 +51,7 @@ def kernel_disagrees(model: torch.nn.Module, dims: Dims, cos: torch.Tensor, sin:
     """``triton_disagrees`` at a decoder's cache length (its rope tables ``cos``/``sin`` ``[L, D]``) and at one long
     enough to share rows out among programs (a short cache never runs the merge); the first disagreement, or None."""
     length = cos.shape[0]
-    split = -(-(2 * (tiling.chunk or length) + 1) // 64) * 64
+    split = round_up(2 * (tiling.chunk or length) + 1, 64)
     for n in sorted({length, split}):
         tables = (cos, sin) if n == length else rope_table(model, n, cos.dtype, cos.device)
         why = triton_disagrees(dims, *tables, tiling)
@@ -95,7 +96,7 @@ def _disagreement(dims: Dims, cos: torch.Tensor, sin: torch.Tensor, tiling: trit
     write_cache(want_k, k_rot, layout.cache_index)
     write_cache(want_v, v.contiguous(), layout.cache_index)
     want = decode_attention(q_rot.float(), want_k.float(), want_v.float(), layout, d ** -0.5)
-    got = triton_decode.append_attend(q, k, v, caches[0], caches[1], positions, d ** -0.5, tiling, (cos, sin))
+    got = triton_decode.append_attend(q, k, v, caches[0], caches[1], positions, d ** -0.5, (cos, sin), tiling)
     stores = max(((a.float() - b.float()).abs() - eps * b.float().abs()).max().item()
                  for a, b in ((caches[0], want_k), (caches[1], want_v)))
     output = (got.float() - want).abs().max().item()

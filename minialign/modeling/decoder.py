@@ -49,6 +49,7 @@ from minialign.modeling.decoder_model import (
     qkv_heads,
     qkv_rope,
     rope_table,
+    round_up,
     write_cache,
 )
 from minialign.modeling.flex_decode import decode_blocks, flex_decode
@@ -106,10 +107,6 @@ def default_prefill_tokens(dtype: torch.dtype, device: torch.device) -> int:
     """Prompt tokens a prefill pass takes: many with FlashAttention, few on the dense SDPA path, which a float32
     model takes on CUDA too (a float32 eval of 100 long helpful-online prompts ran out of an H100's 80 GB)."""
     return FLASH_PREFILL_TOKENS if flash_ok(dtype, device) else DENSE_PREFILL_TOKENS
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 class StaticDecoder:
@@ -217,7 +214,7 @@ class StaticDecoder:
             old = (s.rows, s.length, s.new_tokens) if s is not None else (0, 0, 0)
             self.state = None
             self.graphs.clear()
-            self.state = self._allocate(max(rows, old[0]), _round_up(max(length, old[1]), 64),
+            self.state = self._allocate(max(rows, old[0]), round_up(max(length, old[1]), 64),
                                         max(new_tokens, old[2]))
             if self.kernel == "triton":
                 self._check_kernel()
@@ -315,8 +312,8 @@ class StaticDecoder:
         def attend(q, k, v, layer):
             k_cache, v_cache = s.k_cache[layer, :bucket], s.v_cache[layer, :bucket]
             if self.kernel == "triton":
-                return triton_decode.append_attend(q, k, v, k_cache, v_cache, positions, self.scale, self.tiling,
-                                                   (s.cos, s.sin))
+                return triton_decode.append_attend(q, k, v, k_cache, v_cache, positions, self.scale, (s.cos, s.sin),
+                                                   self.tiling)
             write_cache(k_cache, k, layout.cache_index)
             write_cache(v_cache, v, layout.cache_index)
             if self.flex is not None:

@@ -189,6 +189,11 @@ def compile_fixed(fn: Callable) -> Callable:
     return call
 
 
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (cache lengths)."""
+    return -(-n // multiple) * multiple
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm, op for op: ``[..., hidden]`` normalised in float32, cast back, then scaled."""
     xf = x.float()

@@ -76,24 +76,22 @@ if triton is not None:
         return m_new, total * keep + tl.sum(p, axis=1), acc * keep[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
 
     @triton.jit
-    def _rotated(ptr, offsets, d, cos_ptr, sin_ptr, pos, mask, ROPE: tl.constexpr, D: tl.constexpr):
-        """Rows of head vectors at ``ptr + offsets`` (``[R]`` starts, ``d`` ``[D]``), rotated by RoPE at ``pos`` when
-        ``ROPE``: ``x * cos + rotate_half(x) * sin`` in float32, rounded once to the input's dtype."""
+    def _rotated(ptr, offsets, d, cos_ptr, sin_ptr, pos, mask, D: tl.constexpr):
+        """Rows of head vectors at ``ptr + offsets`` (``[R]`` starts, ``d`` ``[D]``), rotated by RoPE at ``pos``:
+        ``x * cos + rotate_half(x) * sin`` in float32, rounded once to the input's dtype."""
         x = tl.load(ptr + offsets[:, None] + d[None, :], mask=mask[:, None], other=0.0)
-        if ROPE:
-            half = (d + D // 2) % D  # each coordinate's partner in rotate_half, negated in the first half
-            partner = tl.load(ptr + offsets[:, None] + half[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-            cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
-            sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
-            sign = tl.where(d < D // 2, -1.0, 1.0)
-            x = (x.to(tl.float32) * cos[None, :] + (sign * sin)[None, :] * partner).to(x.dtype)
-        return x
+        half = (d + D // 2) % D  # each coordinate's partner in rotate_half, negated in the first half
+        partner = tl.load(ptr + offsets[:, None] + half[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+        cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+        sign = tl.where(d < D // 2, -1.0, 1.0)
+        return (x.to(tl.float32) * cos[None, :] + (sign * sin)[None, :] * partner).to(x.dtype)
 
     @triton.jit
     def _append_attend(q_ptr, k_new_ptr, v_new_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr,
                        part_ptr, lse_ptr, scale, q_row, q_head, k_row, k_head, v_row, v_head, LENGTH: tl.constexpr,
                        HK: tl.constexpr, G: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                       CHUNK: tl.constexpr, SPLITS: tl.constexpr, STAGES: tl.constexpr, ROPE: tl.constexpr):
+                       CHUNK: tl.constexpr, SPLITS: tl.constexpr, STAGES: tl.constexpr):
         seq = tl.program_id(0).to(tl.int64)  # (row, key head); 64-bit offsets: a cache may pass 2^31 elements
         split = tl.program_id(1)
         row, head = seq // HK, seq % HK
@@ -103,7 +101,7 @@ if triton is not None:
             g, d = tl.arange(0, ROWS), tl.arange(0, D)
             real = g < G
             q_rows = (seq * G + g) * D  # in the output
-            q = _rotated(q_ptr, row * q_row + (head * G + g) * q_head, d, cos_ptr, sin_ptr, pos, real, ROPE, D)
+            q = _rotated(q_ptr, row * q_row + (head * G + g) * q_head, d, cos_ptr, sin_ptr, pos, real, D)
             base = seq * LENGTH * D
             m = tl.full([ROWS], float("-inf"), tl.float32)
             total = tl.zeros([ROWS], tl.float32)
@@ -111,7 +109,7 @@ if triton is not None:
             if pos < start + CHUNK:  # the share that ends with the new key stores it and starts from its registers
                 one = tl.arange(0, 1)
                 k_new = tl.sum(_rotated(k_new_ptr, row * k_row + head * k_head + one, d, cos_ptr, sin_ptr, pos,
-                                        one < 1, ROPE, D), axis=0)
+                                        one < 1, D), axis=0)
                 v_new = tl.load(v_new_ptr + row * v_row + head * v_head + d)
                 tl.store(k_cache_ptr + base + pos * D + d, k_new)
                 tl.store(v_cache_ptr + base + pos * D + d, v_new)
@@ -162,35 +160,32 @@ if triton is not None:
 
 
 def append_attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, positions: torch.Tensor, scale: float, tiling: Tiling = TILING,
-                  rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                  v_cache: torch.Tensor, positions: torch.Tensor, scale: float, rope: tuple[torch.Tensor, torch.Tensor],
+                  tiling: Tiling = TILING) -> torch.Tensor:
     """Store ``k_new``/``v_new`` ``[B, Hk, D]`` at ``positions`` ``[B]`` of one layer's caches ``[B, Hk, L, D]``
     (contiguous) and return each row's attention over its keys up to and including the new one: ``q`` ``[B, H, D]``
-    -> ``[B, H, D]``. The same numbers as ``write_cache`` twice then ``decoder_model.decode_attention``.
+    -> ``[B, H, D]``. The same numbers as ``decoder_model.apply_rope`` on q and k, ``write_cache`` twice, then
+    ``decoder_model.decode_attention``.
 
-    ``rope``: the cos and sin tables ``[positions, D]``; given, ``q`` and ``k_new`` arrive unrotated and the kernel
-    rotates them at each row's position (as ``decoder_model.apply_rope``), which saves a step the RoPE kernels and the
-    copies that lay q, k and v out. q, k and v may be views into one QKV output (any row and head strides)."""
+    ``rope``: the cos and sin tables ``[positions, D]``: ``q`` and ``k_new`` arrive unrotated and the kernel rotates
+    them at each row's position, which saves a step the RoPE kernels and the copies that lay q, k and v out. q, k and v
+    may be views into one QKV output (any row and head strides)."""
     b, heads, d = q.shape
     kv_heads, length = k_cache.shape[1], k_cache.shape[2]
     groups, seqs = heads // kv_heads, b * kv_heads
-    chunk = _round_up(min(tiling.chunk or length, length), tiling.block)
+    chunk = triton.cdiv(min(tiling.chunk or length, length), tiling.block) * tiling.block
     splits = triton.cdiv(length, chunk)
     q, k_new, v_new = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_new, v_new))
     out = torch.empty(b, heads, d, dtype=q.dtype, device=q.device)
     part = torch.empty(seqs * splits * groups, d, dtype=torch.float32, device=q.device) if splits > 1 else out
     lse = torch.empty(seqs * splits * groups, dtype=torch.float32, device=q.device) if splits > 1 else out
-    cos, sin = rope if rope is not None else (out, out)
+    cos, sin = rope
     _append_attend[(seqs, splits)](q, k_new, v_new, k_cache, v_cache, positions, cos, sin, out, part, lse, scale,
                                    *q.stride()[:2], *k_new.stride()[:2], *v_new.stride()[:2], LENGTH=length,
                                    HK=kv_heads, G=groups, D=d, ROWS=MIN_ROWS, BLOCK=tiling.block, CHUNK=chunk,
-                                   SPLITS=splits, STAGES=tiling.stages, ROPE=rope is not None,
-                                   num_warps=tiling.warps)
+                                   SPLITS=splits, STAGES=tiling.stages, num_warps=tiling.warps)
     if splits > 1:
         _merge[(seqs,)](part, lse, positions, out, HK=kv_heads, G=groups, D=d, ROWS=triton.next_power_of_2(groups),
                         CHUNK=chunk, SPLITS=splits)
     return out
 
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
