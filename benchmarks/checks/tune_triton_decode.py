@@ -7,11 +7,11 @@ programs, merged by a second kernel) and load latency (``stages``: a pipelined t
 
 1. Kernel alone: one layer's stores + attention for every layer of the model (each layer its own cache, so the keys
    come from memory, not L2), recorded as one CUDA graph and replayed; microseconds a layer, and the largest
-   difference from FlashAttention's output (bf16), for FlashAttention (``write_cache`` x 2 + ``decode_attention``) and
-   each tiling; then both as the decoder runs them, RoPE included (``flash-rope``: the RoPE kernels, v's copy, the
-   stores and FlashAttention; ``triton-default-rope``: the kernel rotating q and the new key itself, q/k/v views of
-   one QKV output). Positions: each prompt's length (harmless-base rows, the model's tokenizer) plus
-   ``--answer-tokens``.
+   difference from the flash path's output (bf16), both as the decoder runs them: ``flash`` (the RoPE kernels, v's
+   copy, ``write_cache`` x 2, ``decode_attention``) and each tiling of the kernel, which rotates q and the new key
+   itself and reads q, k, v as views of one QKV output (the results before 2026-12-07 14:55 UTC timed the tilings
+   without RoPE, against FlashAttention without its RoPE kernels). Positions: each prompt's length (harmless-base
+   rows, the model's tokenizer) plus ``--answer-tokens``.
 2. Whole decoding: ``bench_decode.measure`` (the same timed ``generate`` calls) for FlashAttention, the default tiling
    and the fastest tiling of step 1, same prompts.
 
@@ -50,7 +50,8 @@ from minialign.ops.triton_decode import TILING, Tiling, append_attend  # noqa: E
 
 # step 1's grid: every chunk x stages x warps at 64-key tiles, then the fastest with 32- and 128-key tiles
 CHUNKS, STAGES, WARPS, BLOCKS = (0, 512, 256, 128), (0, 2, 3), (2, 4), (32, 128)
-TOLERANCE = 0.01  # largest difference from FlashAttention's output a timed tiling may have (bf16; 0.0039 measured)
+TOLERANCE = 0.02  # largest difference from the flash path a timed tiling may have (bf16; 0.0039 measured without
+# RoPE; the flash path rounds RoPE after each bf16 op, the kernel once)
 
 
 def layer_us(attend, layers: int, repeats: int) -> float:
@@ -73,56 +74,34 @@ def layer_us(attend, layers: int, repeats: int) -> float:
 
 
 def kernel_table(dims, positions: torch.Tensor, length: int, layers: int, repeats: int) -> dict:
-    """Step 1: FlashAttention's and each tiling's microseconds a layer and largest difference from FlashAttention."""
-    b, device, dtype = positions.shape[0], positions.device, torch.bfloat16
+    """Step 1: the flash path's and each tiling's microseconds a layer, as the decoder runs them (q, k, v views of one
+    QKV output, RoPE applied), and each tiling's largest difference from the flash path."""
+    b, device, dtype, d = positions.shape[0], positions.device, torch.bfloat16, dims.head_dim
     gen = torch.Generator(device=device).manual_seed(0)
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
 
-    caches = [randn(layers, b, dims.kv_heads, length, dims.head_dim) for _ in range(2)]
-    q, k, v = randn(b, dims.heads, dims.head_dim), randn(b, dims.kv_heads, dims.head_dim), randn(b, dims.kv_heads,
-                                                                                                   dims.head_dim)
-    scale = dims.head_dim ** -0.5
-    layout = decode_layout(positions, dims.kv_heads, dims.groups, length, True)
-
-    def flash(layer):
-        write_cache(caches[0][layer], k, layout.cache_index)
-        write_cache(caches[1][layer], v, layout.cache_index)
-        return decode_attention(q, caches[0][layer], caches[1][layer], layout, scale)
-
-    want = flash(0).float()
-    rows = {"flash": {"us_per_layer": round(layer_us(flash, layers, repeats), 2)}}
-
-    # what the decoder runs: q and the new key unrotated, q/k/v views of one QKV output, RoPE in the kernel
-    d = dims.head_dim
+    caches = [randn(layers, b, dims.kv_heads, length, d) for _ in range(2)]
     qkv = randn(b, (dims.heads + 2 * dims.kv_heads) * d)
     raw = [t.view(b, -1, d) for t in qkv.split([dims.heads * d, dims.kv_heads * d, dims.kv_heads * d], -1)]
     angles = torch.arange(length, device=device)[:, None] * 10000.0 ** (-torch.arange(0, d, 2, device=device) / d)
     cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
     c, s_ = cos[positions][:, None], sin[positions][:, None]
+    scale = d ** -0.5
+    layout = decode_layout(positions, dims.kv_heads, dims.groups, length, True)
 
-    def flash_rope(layer):  # the flash path's RoPE kernels and copies, then its stores and attention
-        q1, k1 = apply_rope(raw[0], c, s_), apply_rope(raw[1], c, s_)
-        write_cache(caches[0][layer], k1, layout.cache_index)
+    def flash(layer):  # the flash path: its RoPE kernels and v's copy, the two stores, FlashAttention
+        write_cache(caches[0][layer], apply_rope(raw[1], c, s_), layout.cache_index)
         write_cache(caches[1][layer], raw[2].contiguous(), layout.cache_index)
-        return decode_attention(q1, caches[0][layer], caches[1][layer], layout, scale)
+        return decode_attention(apply_rope(raw[0], c, s_), caches[0][layer], caches[1][layer], layout, scale)
 
-    def triton_rope(layer):
-        return append_attend(*raw, caches[0][layer], caches[1][layer], positions, scale, TILING, (cos, sin))
-
-    want_rope = flash_rope(0).float()
-    rows["flash-rope"] = {"us_per_layer": round(layer_us(flash_rope, layers, repeats), 2)}
-    try:
-        error = (triton_rope(0).float() - want_rope).abs().max().item()
-        rows["triton-default-rope"] = {**dataclasses.asdict(TILING), "max_abs_diff": error,
-                                       "us_per_layer": round(layer_us(triton_rope, layers, repeats), 2)}
-    except Exception as exc:  # noqa: BLE001 - recorded; the tilings below still run
-        rows["triton-default-rope"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    want = flash(0).float()
+    rows = {"flash": {"us_per_layer": round(layer_us(flash, layers, repeats), 2)}}
 
     def triton(tiling: Tiling) -> dict:
         def call(layer):
-            return append_attend(q, k, v, caches[0][layer], caches[1][layer], positions, scale, tiling)
+            return append_attend(*raw, caches[0][layer], caches[1][layer], positions, scale, (cos, sin), tiling)
         try:
             error = (call(0).float() - want).abs().max().item()
             return {"us_per_layer": round(layer_us(call, layers, repeats), 2), "max_abs_diff": error}
