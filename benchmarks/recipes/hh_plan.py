@@ -81,6 +81,9 @@ CANDIDATES: dict[str, dict] = {
     # refusals lose their pairs: four rounds evaded 74% / 47% by the recounted rule (NOTES entry 31)
     "r2-rpo1-lp4-g-ep2": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0,
                           "evasion_penalty": 2.0, "greedy_sample": True},
+    # four rounds' harmless gain (0.875 on validation) without the declining that came with it
+    "r4-rpo1-lp4-g-ep2": {"rounds": 4, "prompts_per_round": 250, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0,
+                          "evasion_penalty": 2.0, "greedy_sample": True},
 }
 SMALL_TRAIN = ["--epochs", "1", "--max-length", "128"]  # --small: appended to every training command (last wins)
 SMALL_ONLINE = {"samples": 2, "max_new_tokens": 16, "batch_size": 4, "rounds": 1, "prompts_per_round": 8}
