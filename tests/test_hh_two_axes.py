@@ -145,6 +145,8 @@ def test_online_flags_and_trl_matching():
     small = plan.online_settings("r1-rpo1", small=True)
     assert small["rounds"] == 1 and small["prompts_per_round"] == 8 and small["beta"] == 0.1
     assert "--greedy-sample" not in flags and plan.online_flags(plan.online_settings("r2-rpo1-lp4-g"))[-1] == "--greedy-sample"
+    scoped = plan.online_flags(plan.online_settings("r2-rpo1-lp4-g-ep2h"))  # evasion penalised on helpful prompts only
+    assert scoped[-2:] == ["--evasion-routes", "helpful-base"] and "--evasion-routes" not in flags
     r4 = plan.online_settings("r4-rpo1-lp4-g")  # four rounds over the same 1,000 prompts as one round of 1,000
     assert r4["rounds"] * r4["prompts_per_round"] == 1000 and plan.trl_online_plan(r4)["minialign_steps"] == 64
 

@@ -209,7 +209,7 @@ def test_route_scores_each_prompt_with_its_rows_reward_model(root, rms, tagged):
     out = root / "route"
     assert run_cli("online", *SMALL, "--rounds", "1", "--dataset", tagged, "--train-rows", "0:100",
                    "--reward-models", ",".join(map(str, rms)), "--combine", "route", "--rm-routes", "b,a",
-                   "--out", out) == 0
+                   "--evasion-penalty", "50", "--evasion-routes", "a", "--out", out) == 0
     rows = [json.loads(line) for line in tagged.read_text().splitlines()]
     samples = jsonl(out / "round-1" / "samples.jsonl")
     model_of = torch.tensor([0 if rows[x["row"]]["source"] == "b" else 1 for x in samples])
@@ -222,7 +222,8 @@ def test_route_scores_each_prompt_with_its_rows_reward_model(root, rms, tagged):
     for m in (0, 1):
         mine = scores[m, model_of == m]
         want[model_of == m] = (mine - mine.mean()) / mine.var(unbiased=False).sqrt()
-    assert [x["combined"] for x in samples] == pytest.approx(want.tolist(), abs=1e-6)
+    scoped = torch.tensor([x["evades"] for x in samples]) & (model_of == 1)  # --evasion-routes a: model 1's prompts
+    assert [x["combined"] for x in samples] == pytest.approx((want - 50 * scoped).tolist(), abs=1e-6)
     expected = []
     for p in range(0, len(samples), 3):
         group = {x["text"]: x for x in reversed(samples[p : p + 3])}  # a repeated text: its first sample
@@ -233,6 +234,7 @@ def test_route_scores_each_prompt_with_its_rows_reward_model(root, rms, tagged):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["routes"] == {"field": "source", "values": ["b", "a"]}
     assert [m["route"] for m in summary["reward_models"]] == ["b", "a"]
+    assert summary["per_round"][0]["penalised_evasion"] == int(scoped.sum())
     routed = summary["per_round"][0]["rm_scores"]  # each model's mean over the answers routed to it
     assert list(routed.values()) == pytest.approx([scores[m, model_of == m].mean().item() for m in (0, 1)], abs=1e-5)
     assert "rm_scores_routed" not in summary["per_round"][0]  # not kept twice
@@ -333,6 +335,12 @@ BAD = {
                              "--rm-routes applies only with --combine route"),
     "route weights": (lambda root, rms: ["--reward-models", rms[0], "--combine", "route", "--rm-routes", "a",
                                          "--rm-weights", "1"], "--rm-weights does not apply with --combine route"),
+    "evasion routes unknown": (lambda root, rms: ["--reward-models", rms[0], "--combine", "route", "--rm-routes", "a",
+                                                  "--evasion-penalty", "2", "--evasion-routes", "b"], "unknown: b"),
+    "evasion routes off": (lambda root, rms: ["--reward-models", rms[0], "--combine", "route", "--rm-routes", "a",
+                                              "--evasion-routes", "a"], "an --evasion-penalty above 0"),
+    "evasion routes unrouted": (lambda root, rms: ["--reward-models", rms[0], "--evasion-penalty", "2",
+                                                   "--evasion-routes", "a"], "needs --combine route"),
 }
 
 

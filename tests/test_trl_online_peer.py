@@ -63,9 +63,11 @@ def test_trl_routed_reward_scores_each_answer_with_its_rows_model_as_minialign_o
 
     trl_online = load_benchmark("trl_online", RECIPES)
     routes = ["harmless-base", "helpful-base"]
-    reward = trl_online.routed_reward([str(tiny_rm), str(tiny_rm_helpful)], routes, 4.0, "cpu")
+    reward = trl_online.routed_reward([str(tiny_rm), str(tiny_rm_helpful)], routes, 4.0, "cpu", evasion_penalty=2.0,
+                                      evasion_routes=("helpful-base",))
     raw = [f"\n\nHuman: Question {i}?\n\nAssistant:" for i in range(6)]
-    texts = [" Yes.", " No, thanks.", " the cat sat down " * 5, " Maybe later.", " Sure, here it is.", " Fine."]
+    decline = " I'm sorry, but I can't help with that."
+    texts = [" Yes.", " No, thanks.", " the cat sat down " * 5, decline, " Sure, here it is.", decline]
     route = ["harmless-base", "helpful-base", "harmless-base", "harmless-base", "helpful-base", "helpful-base"]
     got = reward(prompts=raw, completions=texts, raw_prompt=raw, route=route, completion_ids=[], trainer_state=None)
     want = torch.zeros(6, dtype=torch.float64)
@@ -74,6 +76,7 @@ def test_trl_routed_reward_scores_each_answer_with_its_rows_model_as_minialign_o
         s = load_judge(run, cache=False).score([raw[i] for i in mine], [texts[i].strip() for i in mine]).double()
         want[mine] = (s - s.mean()) / s.std(unbiased=False)
     want[2] -= 4.0  # the looping answer
+    want[5] -= 2.0  # the decline on a helpful prompt; the one on a harmless prompt (3) keeps its score
     assert got == pytest.approx(want.tolist(), abs=1e-5)
 
 
@@ -137,8 +140,9 @@ def test_trl_online_trains_on_the_prompts_minialign_online_sampled(tiny_rm, tiny
         trl_online.load_prompts(bad, tokenizer=None)
     with pytest.raises(SystemExit):
         trl_online.parse_args(["--model", "m", "--dataset", "d", "--prompts", "6", "--out", "x"])  # no reward model
-    for penalty in (["--evasion-penalty", "-1"], ["--loop-penalty", "inf"], ["--reward-model", "r", "--evasion-penalty",
-                                                                              "2"]):  # the last: no place for it
+    for penalty in (["--evasion-penalty", "-1"], ["--loop-penalty", "inf"], ["--evasion-routes", "harmless-base"],
+                    ["--evasion-penalty", "2", "--evasion-routes", "helpful-base"],
+                    ["--reward-model", "r", "--evasion-penalty", "2"]):  # the last: no place for it
         with pytest.raises(SystemExit):
             trl_online.parse_args(["--model", "m", "--dataset", "d", "--prompts", "6", "--out", "x",
                                    *(["--reward-models", "a", "--rm-routes", "harmless-base"]

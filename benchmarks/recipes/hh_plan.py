@@ -56,7 +56,7 @@ TRL_DPO_FLAGS = ["--epochs", "2", "--batch-size", "16", "--lr", "5e-4", "--sched
 # Shared by every online run (minialign's candidates and TRL's peer): sampling, LoRA, optimiser.
 ONLINE_COMMON = {"samples": 4, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 128, "lora_r": 16,
                  "lora_alpha": 32, "lr": 5e-4, "epochs": 1, "batch_size": 16, "min_gap": 0.0, "loop_penalty": 0.0,
-                 "evasion_penalty": 0.0, "greedy_sample": False}
+                 "evasion_penalty": 0.0, "evasion_axes": (), "greedy_sample": False}
 # Online candidates over the same 1,000 training prompts (rounds x prompts per round). ~60-100 s each on an H100
 # with the fast decoder, + ~25 s for its validation eval; the default sweep runs the first two.
 CANDIDATES: dict[str, dict] = {
@@ -81,9 +81,12 @@ CANDIDATES: dict[str, dict] = {
     # refusals lose their pairs: four rounds evaded 74% / 47% by the recounted rule (NOTES entry 31)
     "r2-rpo1-lp4-g-ep2": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0,
                           "evasion_penalty": 2.0, "greedy_sample": True},
-    # four rounds' harmless gain (0.875 on validation) without the declining that came with it
-    "r4-rpo1-lp4-g-ep2": {"rounds": 4, "prompts_per_round": 250, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0,
-                          "evasion_penalty": 2.0, "greedy_sample": True},
+    # the penalty on helpful prompts only: declining a harmful request is what the harmless reward model wants
+    "r2-rpo1-lp4-g-ep2h": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0,
+                           "evasion_penalty": 2.0, "evasion_axes": ("helpful",), "greedy_sample": True},
+    # four rounds' harmless gain (0.875 on validation) without the declining of helpful prompts that came with it
+    "r4-rpo1-lp4-g-ep2h": {"rounds": 4, "prompts_per_round": 250, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0,
+                           "evasion_penalty": 2.0, "evasion_axes": ("helpful",), "greedy_sample": True},
 }
 SMALL_TRAIN = ["--epochs", "1", "--max-length", "128"]  # --small: appended to every training command (last wins)
 SMALL_ONLINE = {"samples": 2, "max_new_tokens": 16, "batch_size": 4, "rounds": 1, "prompts_per_round": 8}
@@ -242,7 +245,14 @@ def online_flags(settings: dict) -> list[str]:
     keys = ("rounds", "prompts_per_round", "samples", "temperature", "top_p", "max_new_tokens", "min_gap", "beta",
             "rpo_alpha", "lr", "epochs", "batch_size", "lora_r", "lora_alpha", "loop_penalty", "evasion_penalty")
     return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(settings[k]))] + \
-        (["--greedy-sample"] if settings.get("greedy_sample") else [])
+        (["--greedy-sample"] if settings.get("greedy_sample") else []) + \
+        (["--evasion-routes", evasion_routes(settings)] if settings.get("evasion_axes") else [])
+
+
+def evasion_routes(settings: dict) -> str:
+    """The --rm-routes values (the axes' folders) whose prompts the evasion penalty applies to; empty: every prompt
+    (an axis-scoped penalty needs the routed reward models)."""
+    return ",".join(FOLDERS[axis] for axis in settings.get("evasion_axes", ()))
 
 
 def trl_online_plan(settings: dict) -> dict:

@@ -240,7 +240,8 @@ def train_trl_online(s: Study, name: str, out: Path) -> dict:
     rm = s.state["online_rm"]
     if rm.get("combine", "zsum") == "route":  # minialign's routed scoring as TRL's reward function
         scoring = ["--reward-models", rm["run_dir"], "--rm-routes", rm["routes"], "--loop-penalty",
-                   str(settings.get("loop_penalty", 0.0)), "--evasion-penalty", str(settings.get("evasion_penalty", 0.0))]
+                   str(settings.get("loop_penalty", 0.0)), "--evasion-penalty", str(settings.get("evasion_penalty", 0.0)),
+                   "--evasion-routes", plan.evasion_routes(settings)]
     elif rm.get("setting", "full") == "full":
         scoring = ["--reward-model", rm["model_dir"]]
     else:

@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "looping answer's standardised score (minialign online's --loop-penalty)")
     p.add_argument("--evasion-penalty", type=float, default=0.0, help="with --reward-models: subtracted from an "
                    "evading answer's standardised score (minialign online's --evasion-penalty)")
+    p.add_argument("--evasion-routes", default="", help="--rm-routes values whose prompts --evasion-penalty applies "
+                   "to (minialign online's --evasion-routes); empty: every prompt")
     p.add_argument("--reward-tokenizer", default="", help="default: final/tokenizer beside --reward-model")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16, help="prompts a step (2 answers each)")
@@ -78,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give either --reward-model (one sequence-classification folder) or --reward-models with --rm-routes")
     if args.reward_models and len(args.reward_models.split(",")) != len(args.rm_routes.split(",")):
         p.error("--rm-routes needs one value per --reward-models folder")
+    if args.evasion_routes and (not args.evasion_penalty or
+                                set(args.evasion_routes.split(",")) - set(args.rm_routes.split(","))):
+        p.error("--evasion-routes needs an --evasion-penalty above 0 and values among --rm-routes")
     for flag, value in (("--loop-penalty", args.loop_penalty), ("--evasion-penalty", args.evasion_penalty)):
         if not math.isfinite(value) or value < 0:
             p.error(f"{flag} must be a finite number >= 0 (got {value:g})")
@@ -121,7 +126,7 @@ def load_prompts(args: argparse.Namespace, tokenizer) -> dict[str, list[str]]:
 
 
 def routed_reward(run_dirs: list[str], routes: list[str], loop_penalty: float, device, strip: bool = True,
-                  evasion_penalty: float = 0.0):
+                  evasion_penalty: float = 0.0, evasion_routes: tuple[str, ...] = ()):
     """A TRL reward function doing `minialign online --combine route`'s scoring with minialign's own functions."""
     import torch
 
@@ -140,7 +145,8 @@ def routed_reward(run_dirs: list[str], routes: list[str], loop_penalty: float, d
         scores = score_answers(judges, raw_prompt, texts, model_of)
         combined = combine_scores(scores, [1.0] * len(judges), "route", model_of)
         combined = penalise(combined, [loops(t) for t in texts], loop_penalty)
-        return penalise(combined, [evades(t) for t in texts], evasion_penalty).tolist()
+        scoped = [evades(t) and (not evasion_routes or r in evasion_routes) for t, r in zip(texts, route)]
+        return penalise(combined, scoped, evasion_penalty).tolist()
 
     return routed_rm
 
@@ -187,7 +193,8 @@ def main(argv=None) -> int:
     if args.reward_models:
         rm, rm_tok = routed_reward(args.reward_models.split(","), args.rm_routes.split(","), args.loop_penalty,
                                    "cuda" if cuda else "cpu", strip=args.chat_template,
-                                   evasion_penalty=args.evasion_penalty), None
+                                   evasion_penalty=args.evasion_penalty,
+                                   evasion_routes=tuple(filter(None, args.evasion_routes.split(",")))), None
     else:
         rm, rm_tok = reward_model(args.reward_model, args.reward_tokenizer)
     alpha = int(args.lora_alpha) if float(args.lora_alpha).is_integer() else args.lora_alpha
@@ -218,7 +225,7 @@ def main(argv=None) -> int:
            "settings": {k: getattr(args, k) for k in ("beta", "lr", "temperature", "top_p", "max_new_tokens",
                                                       "max_length", "lora_r", "lora_alpha", "chat_template", "seed",
                                                       "reward_model", "reward_models", "rm_routes", "route_field",
-                                                      "loop_penalty", "evasion_penalty")},
+                                                      "loop_penalty", "evasion_penalty", "evasion_routes")},
            "device": torch.cuda.get_device_name() if cuda else "cpu", "adapter": str(out / "adapter"),
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                         "peft": peft.__version__, "datasets": datasets.__version__}}

@@ -166,7 +166,9 @@ def run_round(s: Session, k: int) -> dict:
                            cfg.rm_batch_size)  # [M, P * N]
     raw_combined = combine_scores(scores, cfg.weights(), cfg.combine, routes)
     looped, evaded = [loops(t) for t in texts], [evades(t) for t in texts]
-    combined = penalise(penalise(raw_combined, looped, cfg.loop_penalty), evaded, cfg.evasion_penalty)
+    scope = cfg.evasion_route_ids()  # None: every prompt's evading answers are penalised
+    penalised = [e and (scope is None or r in scope) for e, r in zip(evaded, routes.tolist())]
+    combined = penalise(penalise(raw_combined, looped, cfg.loop_penalty), penalised, cfg.evasion_penalty)
     t2 = time.perf_counter()
     grouped = [texts[i * n : (i + 1) * n] for i in range(len(picked))]
     pairing = form_pairs(combined.reshape(len(picked), n), grouped, cfg.min_gap)
@@ -189,7 +191,7 @@ def run_round(s: Session, k: int) -> dict:
     stats = {"round": k, "prompts": len(picked), "answers": len(texts), "pairs": len(records),
              "below_gap": pairing.below_gap, "no_contrast": pairing.no_contrast,
              "penalised": sum(looped) if cfg.loop_penalty > 0 else 0,
-             "evasion_share": sum(evaded) / len(evaded), "penalised_evasion": sum(evaded) if cfg.evasion_penalty > 0 else 0,
+             "evasion_share": sum(evaded) / len(evaded), "penalised_evasion": sum(penalised) if cfg.evasion_penalty > 0 else 0,
              "score_mean": raw_combined.mean().item(),
              **rm_means(scores, cfg),
              "gap_mean": sum(x.gap for x in pairing.pairs) / len(pairing.pairs),

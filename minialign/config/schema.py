@@ -305,8 +305,10 @@ class OnlineConfig(DPOConfig):
                               metavar="L")
     evasion_penalty: float = opt(0.0, "subtracted from the combined score of each sampled answer that declines or "
                                  "deflects (the evasion share's rule), so that refusing stops winning pairs; on every "
-                                 "prompt, harmful ones too, where it pulls against a harmless reward model (>= 0; 0: "
-                                 "off)", group="online", metavar="E")
+                                 "prompt unless --evasion-routes names some (>= 0; 0: off)", group="online", metavar="E")
+    evasion_routes: str = opt("", "with --combine route: the --rm-routes values whose prompts --evasion-penalty "
+                              "applies to (e.g. helpful-base: declining a harmful request is not penalised); empty: "
+                              "every prompt", group="online", metavar="V1[,V2...]")
     greedy_sample: bool = opt(False, "decode each prompt's first answer greedily and sample the other N-1: the "
                               "answer greedy evaluation sees then takes part in its prompt's pair (a greedy answer "
                               "that loops becomes the rejected one), where sampled answers loop less than it",
@@ -342,7 +344,7 @@ class OnlineConfig(DPOConfig):
             if not ok:
                 raise UserError(f"Invalid configuration: {message}.")
         self.weights()
-        self.routes()
+        self.evasion_route_ids()
 
     def routes(self) -> list[str]:
         """--rm-routes as a list, one value per reward model (empty unless --combine route)."""
@@ -364,6 +366,18 @@ class OnlineConfig(DPOConfig):
             raise UserError("Invalid configuration: --rm-weights does not apply with --combine route (each prompt is "
                             "scored by one reward model); drop --rm-weights.")
         return routes
+
+    def evasion_route_ids(self) -> list[int] | None:
+        """The reward-model (route) indices whose prompts --evasion-penalty applies to; None: every prompt."""
+        routes, named = self.routes(), split_list(self.evasion_routes)
+        if not named:
+            return None
+        unknown = [v for v in named if v not in routes]
+        if self.combine != "route" or unknown or self.evasion_penalty <= 0:
+            raise UserError(f"Invalid configuration: --evasion-routes {self.evasion_routes!r} needs --combine route, "
+                            f"an --evasion-penalty above 0 and values among --rm-routes ({self.rm_routes!r}); "
+                            f"{'unknown: ' + ', '.join(unknown) if unknown else 'fix the other two'}.")
+        return [routes.index(v) for v in named]
 
     def weights(self) -> list[float]:
         """The weight of each reward model: --rm-weights, else 1/M each."""
