@@ -18,8 +18,9 @@ from minialign.commands.tools import BENCH_VARIANTS, cmd_bench, cmd_data, cmd_ge
 from minialign.config.cli_help import Parser, add_config_flags
 from minialign.config.evaluation import EvalConfig, RunConfig
 from minialign.config.modelnames import model_help
+from minialign.config.online import OnlineConfig
 from minialign.config.presets import build, flag_values, load_yaml, preset
-from minialign.config.schema import DPOConfig, OnlineConfig, RMConfig, SFTConfig
+from minialign.config.schema import DPOConfig, RMConfig, SFTConfig
 
 MODEL_HELP = model_help()
 USAGE = "%(prog)s [--demo | --config FILE | --resume RUN_DIR] [--overwrite] [options]"

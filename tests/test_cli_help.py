@@ -139,8 +139,9 @@ def test_data_command_prompt_length_follows_max_length(capsys):
 def test_every_shipped_preset_builds_its_command_config():
     """Each YAML in configs/ names only fields of its command's config and validates (a typo fails here, not on a GPU)."""
     from minialign.config.evaluation import RunConfig
+    from minialign.config.online import OnlineConfig
     from minialign.config.presets import PRESETS, load_yaml
-    from minialign.config.schema import DPOConfig, OnlineConfig, RMConfig, SFTConfig
+    from minialign.config.schema import DPOConfig, RMConfig, SFTConfig
 
     kinds = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RMConfig, "run": RunConfig, "smollm2-hh": DPOConfig,
              "smollm2-hh-online": OnlineConfig,

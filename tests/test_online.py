@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from test_train import THREADS, launched, run_cli, wait_for
 
 from minialign.commands import common, recipes
-from minialign.config.schema import OnlineConfig
+from minialign.config.online import OnlineConfig
 from minialign.data import PreferencePair, batch_indices, sequence_lengths, tokenize_pairs
 from minialign.data.demo import demo_rows
 from minialign.evaluation.evasion import evades
@@ -374,7 +374,7 @@ def test_eval_takes_an_online_run_as_policy(run_a, root):
 
 def test_a_round_decodes_256_rows_at_once_on_a_gpu_unless_told():
     from minialign.commands.online import gen_batch_size
-    from minialign.config.schema import OnlineConfig
+    from minialign.config.online import OnlineConfig
 
     def on(device: str):
         return torch.device(device)

@@ -45,8 +45,8 @@ import hh_results as results  # noqa: E402
 from bench_e2e import _read_json  # noqa: E402
 from hh_study import Study, finished, fresh, read_jsonl  # noqa: E402
 
+from minialign.config.online import OnlineConfig  # noqa: E402
 from minialign.config.presets import load_run_config  # noqa: E402
-from minialign.config.schema import OnlineConfig  # noqa: E402
 
 PHASES = ("judges", "harmless-only", "online-rm", "online", "offline-mix", "trl-online", "trl-dpo", "timing",
           "heldout")

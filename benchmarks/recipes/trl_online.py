@@ -110,7 +110,7 @@ def load_prompts(args: argparse.Namespace, tokenizer) -> dict[str, list[str]]:
     function."""
     from minialign.commands.online_inputs import load_prompts as online_prompts
     from minialign.commands.online_pairs import round_prompts
-    from minialign.config.schema import OnlineConfig
+    from minialign.config.online import OnlineConfig
 
     routed = bool(args.reward_models)
     cfg = OnlineConfig(model=args.model, dataset=args.dataset, train_rows=args.train_rows, seed=args.seed,

@@ -37,7 +37,7 @@ from minialign.commands.online_inputs import Prompt, check_reward_models, load_p
 from minialign.commands.online_pairs import answer_stats, combine_scores, form_pairs, penalise, round_prompts
 from minialign.commands.online_report import ROUND_DONE, completed_rounds, rebuild_outputs, round_dir
 from minialign.config.fields import split_list
-from minialign.config.schema import OnlineConfig
+from minialign.config.online import OnlineConfig
 from minialign.data import PreferencePair, flat_sizes, sequence_lengths, tokenize_pairs
 from minialign.data.splits import load_pairs
 from minialign.evaluation.evasion import evades

@@ -10,7 +10,8 @@ from pathlib import Path
 from minialign.base.errors import UserError
 from minialign.commands import recipes
 from minialign.config.fields import split_list
-from minialign.config.schema import OnlineConfig, RMConfig
+from minialign.config.online import OnlineConfig
+from minialign.config.schema import RMConfig
 from minialign.data.chat import to_chat_format
 from minialign.data.sources import row_to_pair
 from minialign.evaluation import evalrows
