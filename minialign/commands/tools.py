@@ -10,7 +10,7 @@ import functools
 import json
 
 from minialign.base.errors import UserError
-from minialign.config.schema import prompt_length
+from minialign.config.fields import prompt_length
 
 
 def cmd_lora_params(args) -> int:

@@ -182,8 +182,9 @@ def online_reward_rows(run_dir: Path | None) -> list[tuple[str, RowSet]]:
     """The rows of the reward models a policy trained against online: a run folder whose config.yaml names them
     in ``reward_models`` (comma-separated run folders, as `minialign online` records them), each read from its own
     config.yaml. A policy that maximised a reward model's score has learned from that model's rows as well."""
+    from minialign.config.fields import split_list
     from minialign.config.presets import CONFIG_FILE, load_run_config
-    from minialign.config.schema import RMConfig, split_list
+    from minialign.config.schema import RMConfig
 
     config = Path(run_dir) / CONFIG_FILE if run_dir is not None else None
     if config is None or not config.is_file():
