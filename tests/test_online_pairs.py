@@ -11,6 +11,7 @@ from minialign.commands.online_pairs import (
     answer_stats,
     combine_scores,
     form_pairs,
+    in_scope,
     penalise,
     round_prompts,
 )
@@ -130,6 +131,16 @@ def test_the_loop_penalty_lowers_exactly_the_answers_that_loop():
         "loop_share"] == 0.5  # the caller's flags count as the recomputed ones
     with pytest.raises(ValueError):
         penalise(combined, flags[:3], 1.0)
+
+
+def test_in_scope_keeps_the_flags_of_the_named_routes_only():
+    flags, routes = [True, True, False, True], [0, 1, 1, 2]
+    assert in_scope(flags, routes, None) == flags  # no scope: every flag
+    assert in_scope(flags, routes, [1]) == [False, True, False, False]
+    assert in_scope(flags, ["harmless-base", "helpful-base", "helpful-base", "x"], ("helpful-base", "x")) == \
+        [False, True, False, True]
+    with pytest.raises(ValueError, match="3 flags for 4 routes"):
+        in_scope(flags[:3], routes, [1])
 
 
 def test_with_the_evasion_penalty_a_refusal_loses_its_pair():

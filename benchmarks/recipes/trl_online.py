@@ -131,7 +131,7 @@ def routed_reward(run_dirs: list[str], routes: list[str], loop_penalty: float, d
     import torch
 
     from minialign.commands.online import score_answers
-    from minialign.commands.online_pairs import combine_scores, penalise
+    from minialign.commands.online_pairs import combine_scores, in_scope, penalise
     from minialign.evaluation.evasion import evades
     from minialign.evaluation.judge import load_judge
     from minialign.evaluation.textmetrics import loops
@@ -145,7 +145,7 @@ def routed_reward(run_dirs: list[str], routes: list[str], loop_penalty: float, d
         scores = score_answers(judges, raw_prompt, texts, model_of)
         combined = combine_scores(scores, [1.0] * len(judges), "route", model_of)
         combined = penalise(combined, [loops(t) for t in texts], loop_penalty)
-        scoped = [evades(t) and (not evasion_routes or r in evasion_routes) for t, r in zip(texts, route)]
+        scoped = in_scope([evades(t) for t in texts], route, evasion_routes or None)
         return penalise(combined, scoped, evasion_penalty).tolist()
 
     return routed_rm

@@ -34,7 +34,7 @@ from minialign.base.files import write_atomic
 from minialign.commands import folders, recipes
 from minialign.commands import resume as resume_rules
 from minialign.commands.online_inputs import Prompt, check_reward_models, load_prompts
-from minialign.commands.online_pairs import answer_stats, combine_scores, form_pairs, penalise, round_prompts
+from minialign.commands.online_pairs import answer_stats, combine_scores, form_pairs, in_scope, penalise, round_prompts
 from minialign.commands.online_report import ROUND_DONE, completed_rounds, rebuild_outputs, round_dir
 from minialign.config.fields import split_list
 from minialign.config.online import OnlineConfig
@@ -166,8 +166,7 @@ def run_round(s: Session, k: int) -> dict:
                            cfg.rm_batch_size)  # [M, P * N]
     raw_combined = combine_scores(scores, cfg.weights(), cfg.combine, routes)
     looped, evaded = [loops(t) for t in texts], [evades(t) for t in texts]
-    scope = cfg.evasion_route_ids()  # None: every prompt's evading answers are penalised
-    penalised = [e and (scope is None or r in scope) for e, r in zip(evaded, routes.tolist())]
+    penalised = in_scope(evaded, routes.tolist(), cfg.evasion_route_ids())
     combined = penalise(penalise(raw_combined, looped, cfg.loop_penalty), penalised, cfg.evasion_penalty)
     t2 = time.perf_counter()
     grouped = [texts[i * n : (i + 1) * n] for i in range(len(picked))]

@@ -29,7 +29,7 @@ Rules (docs/online.md repeats them):
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +84,14 @@ def combine_scores(scores: torch.Tensor, weights: Sequence[float], rule: str,
     elif rule != "sum":
         raise ValueError(f"unknown combine rule {rule!r} (zsum, sum or route)")
     return (w[:, None] * s).sum(0)
+
+
+def in_scope(flags: Sequence[bool], routes: Sequence, scope: Collection | None) -> list[bool]:
+    """Each of the K ``flags`` kept only where its prompt's route (``routes`` ``[K]``, a reward model's index or name)
+    is in ``scope``; None keeps every flag. ``--evasion-routes``: declining a harmful request is not penalised."""
+    if len(flags) != len(routes):
+        raise ValueError(f"{len(flags)} flags for {len(routes)} routes")
+    return [bool(f) and (scope is None or r in scope) for f, r in zip(flags, routes)]
 
 
 def penalise(combined: torch.Tensor, flagged: Sequence[bool], penalty: float) -> torch.Tensor:
