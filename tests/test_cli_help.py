@@ -11,7 +11,7 @@ import torch
 
 from minialign import cli
 from minialign.base.errors import UserError
-from minialign.config import evaluation, fields, presets
+from minialign.config import evaluation, fields, online, presets
 from minialign.config import schema as config
 from minialign.config.presets import build
 from minialign.config.schema import DPOConfig, SFTConfig
@@ -33,12 +33,17 @@ def help_of(capsys, *argv: str) -> str:
     return " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare word sequences
 
 
-CONFIG_MODULES = (config, evaluation)  # every module of minialign/config that declares command configs
+CONFIG_MODULES = (config, online, evaluation)  # every module of minialign/config that declares command configs
 
 
 def config_classes():
     return [cls for module in CONFIG_MODULES for cls in vars(module).values()
             if dataclasses.is_dataclass(cls) and isinstance(cls, type) and cls.__module__ == module.__name__]
+
+
+def test_the_checked_config_classes_are_every_commands():
+    names = {cls.__name__ for cls in config_classes()}
+    assert {"SFTConfig", "DPOConfig", "RMConfig", "OnlineConfig", "RunConfig", "EvalConfig"} <= names
 
 
 def test_every_option_of_every_command_has_help():

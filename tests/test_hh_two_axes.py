@@ -295,6 +295,19 @@ def test_the_heldout_phase_checks_only_policies_trained_on_this_machine(tmp_path
     assert [(a["name"], a["n"], a["judge"]) for a in suite["axes"]] == [(f, 4, "/w/judge-helpful") for f in plan.HELD_OUT]
 
 
+def test_an_axis_scoped_evasion_penalty_needs_the_routed_reward_models(tmp_path):
+    from types import SimpleNamespace
+
+    study = load_benchmark("hh_two_axes", RECIPES)
+    s = object.__new__(load_benchmark("hh_study", RECIPES).Study)
+    s.state, s.work = {"online_rm": {"setting": "per-axis", "weights": "0.5,0.5"}}, tmp_path
+    s.args = SimpleNamespace(candidates="r1-rpo1-lp4,r2-rpo1-lp4-g-ep2h", small=False)
+    s.minialign = lambda name, *argv: pytest.fail("nothing may train before the refusal")
+    with pytest.raises(SystemExit, match="r2-rpo1-lp4-g-ep2h penalise evasion .* this study's online reward model is "
+                                         "per-axis"):
+        study.phase_online(s)
+
+
 def test_timing_takes_the_round_of_this_calls_candidates_not_a_seeded_states():
     from types import SimpleNamespace
 

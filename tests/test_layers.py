@@ -15,7 +15,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minialign"
 LAYERS = ("base", "config", "data", "ops", "modeling", "training", "evaluation", "reporting", "commands", "cli")
 TOP_LEVEL = {"minialign.cli": "cli", "minialign.__main__": "cli", "minialign": "base"}
 MAX_LINES = 450
-TORCH_FREE = ("minialign.config.schema", "minialign.base.errors", "minialign.base.files")  # --help must not load torch
+# --help must not load torch
+TORCH_FREE = ("minialign.config.schema", "minialign.config.online", "minialign.base.errors", "minialign.base.files")
 
 
 def module_name(path: Path) -> str:

@@ -203,9 +203,12 @@ def tagged(root) -> Path:
     return path
 
 
-def test_route_scores_each_prompt_with_its_rows_reward_model(root, rms, tagged):
+def test_route_scores_each_prompt_with_its_rows_reward_model(root, rms, tagged, monkeypatch):
     """--combine route: every answer is scored by its routed model alone, and its combined score is that score
-    standardised over the answers routed to that model, recomputed here from the saved scores; pairs follow them."""
+    standardised over the answers routed to that model, recomputed here from the saved scores; pairs follow them.
+    --evasion-routes a: only answers routed to model 1 (route "a", second in --rm-routes) lose the evasion penalty."""
+    # the demo model's answers are byte noise that never reads as a decline: flag half of them by a rule of the text
+    monkeypatch.setattr("minialign.commands.online.evades", lambda text: len(text) % 2 == 0)
     out = root / "route"
     assert run_cli("online", *SMALL, "--rounds", "1", "--dataset", tagged, "--train-rows", "0:100",
                    "--reward-models", ",".join(map(str, rms)), "--combine", "route", "--rm-routes", "b,a",
@@ -222,7 +225,10 @@ def test_route_scores_each_prompt_with_its_rows_reward_model(root, rms, tagged):
     for m in (0, 1):
         mine = scores[m, model_of == m]
         want[model_of == m] = (mine - mine.mean()) / mine.var(unbiased=False).sqrt()
-    scoped = torch.tensor([x["evades"] for x in samples]) & (model_of == 1)  # --evasion-routes a: model 1's prompts
+    evaded = torch.tensor([x["evades"] for x in samples])
+    assert evaded.tolist() == [len(x["text"]) % 2 == 0 for x in samples]
+    scoped = evaded & (model_of == 1)  # --evasion-routes a: model 1's prompts
+    assert scoped.any() and (evaded & (model_of == 0)).any()  # penalised answers, and evading ones left alone
     assert [x["combined"] for x in samples] == pytest.approx((want - 50 * scoped).tolist(), abs=1e-6)
     expected = []
     for p in range(0, len(samples), 3):
@@ -336,9 +342,12 @@ BAD = {
     "route weights": (lambda root, rms: ["--reward-models", rms[0], "--combine", "route", "--rm-routes", "a",
                                          "--rm-weights", "1"], "--rm-weights does not apply with --combine route"),
     "evasion routes unknown": (lambda root, rms: ["--reward-models", rms[0], "--combine", "route", "--rm-routes", "a",
-                                                  "--evasion-penalty", "2", "--evasion-routes", "b"], "unknown: b"),
+                                                  "--evasion-penalty", "2", "--evasion-routes", "b"],
+                               "b not among --rm-routes (a)"),
+    "evasion routes empty": (lambda root, rms: ["--reward-models", rms[0], "--combine", "route", "--rm-routes", "a",
+                                                "--evasion-penalty", "2", "--evasion-routes", ","], "names no route"),
     "evasion routes off": (lambda root, rms: ["--reward-models", rms[0], "--combine", "route", "--rm-routes", "a",
-                                              "--evasion-routes", "a"], "an --evasion-penalty above 0"),
+                                              "--evasion-routes", "a"], "needs an --evasion-penalty above 0"),
     "evasion routes unrouted": (lambda root, rms: ["--reward-models", rms[0], "--evasion-penalty", "2",
                                                    "--evasion-routes", "a"], "needs --combine route"),
 }
@@ -382,3 +391,10 @@ def test_a_round_decodes_256_rows_at_once_on_a_gpu_unless_told():
     cfg = OnlineConfig(reward_models="rm")
     assert gen_batch_size(cfg, on("cuda")) == 256 and gen_batch_size(cfg, on("cpu")) is None  # generate's own: 8
     assert gen_batch_size(OnlineConfig(reward_models="rm", gen_batch_size=64), on("cuda")) == 64
+
+
+def test_evasion_routes_name_reward_models_by_their_route_value_not_their_place():
+    routed = dict(reward_models="rm1,rm2", combine="route", rm_routes="b,a", evasion_penalty=2.0)
+    assert OnlineConfig(**routed, evasion_routes="a").evasion_route_ids() == [1]  # "a" is the second reward model
+    assert OnlineConfig(**routed, evasion_routes=" a , b, a").evasion_route_ids() == [0, 1]
+    assert OnlineConfig(**routed).evasion_route_ids() is None  # empty: every prompt

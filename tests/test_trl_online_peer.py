@@ -140,8 +140,13 @@ def test_trl_online_trains_on_the_prompts_minialign_online_sampled(tiny_rm, tiny
         trl_online.load_prompts(bad, tokenizer=None)
     with pytest.raises(SystemExit):
         trl_online.parse_args(["--model", "m", "--dataset", "d", "--prompts", "6", "--out", "x"])  # no reward model
+    args = trl_online.parse_args(["--model", "m", "--dataset", "d", "--prompts", "6", "--out", "x", "--reward-models",
+                                  "a", "--rm-routes", "harmless-base", "--evasion-penalty", "2", "--evasion-routes",
+                                  " harmless-base ,"])
+    assert args.evasion_routes == "harmless-base"  # read as minialign online reads it: stripped, empty parts dropped
     for penalty in (["--evasion-penalty", "-1"], ["--loop-penalty", "inf"], ["--evasion-routes", "harmless-base"],
                     ["--evasion-penalty", "2", "--evasion-routes", "helpful-base"],
+                    ["--evasion-penalty", "2", "--evasion-routes", ","],
                     ["--reward-model", "r", "--evasion-penalty", "2"]):  # the last: no place for it
         with pytest.raises(SystemExit):
             trl_online.parse_args(["--model", "m", "--dataset", "d", "--prompts", "6", "--out", "x",

@@ -193,6 +193,11 @@ def candidate_key(s: Study, cand: str) -> str:
 def phase_online(s: Study) -> None:
     s.need("online_rm", "online-rm")
     keys = {cand: candidate_key(s, cand) for cand in s.args.candidates.split(",")}
+    scoped = [cand for cand in keys if plan.online_settings(cand).get("evasion_axes")]
+    if scoped and s.state["online_rm"].get("combine") != "route":
+        raise SystemExit(f"hh_two_axes: {', '.join(scoped)} penalise evasion on some axes' prompts only, which needs "
+                         f"each prompt routed to its axis's reward model (--online-rm routed); this study's online "
+                         f"reward model is {s.state['online_rm'].get('setting', 'full')}")
     for cand, key in keys.items():
         settings, run_dir = plan.online_settings(cand, s.args.small), s.work / f"online-{key}"
         step = train_online(s, f"online-{key}", settings, run_dir)

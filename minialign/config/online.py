@@ -112,13 +112,17 @@ class OnlineConfig(DPOConfig):
         """The reward-model (route) indices whose prompts --evasion-penalty applies to; None: every prompt."""
         routes, named = self.routes(), split_list(self.evasion_routes)
         if not named:
+            if self.evasion_routes.strip():  # only commas: a scope was asked for but names nothing
+                raise UserError(f"Invalid configuration: --evasion-routes {self.evasion_routes!r} names no route; give "
+                                "values of --rm-routes, or leave it empty to penalise evasion on every prompt.")
             return None
-        unknown = [v for v in named if v not in routes]
-        if self.combine != "route" or unknown or self.evasion_penalty <= 0:
-            raise UserError(f"Invalid configuration: --evasion-routes {self.evasion_routes!r} needs --combine route, "
-                            f"an --evasion-penalty above 0 and values among --rm-routes ({self.rm_routes!r}); "
-                            f"{'unknown: ' + ', '.join(unknown) if unknown else 'fix the other two'}.")
-        return [routes.index(v) for v in named]
+        problem = ("it needs --combine route (each prompt routed to one reward model)" if self.combine != "route" else
+                   "it needs an --evasion-penalty above 0" if self.evasion_penalty <= 0 else
+                   f"{', '.join(v for v in named if v not in routes)} not among --rm-routes ({self.rm_routes})"
+                   if set(named) - set(routes) else None)
+        if problem:
+            raise UserError(f"Invalid configuration: --evasion-routes {self.evasion_routes!r}: {problem}.")
+        return sorted({routes.index(v) for v in named})
 
     def weights(self) -> list[float]:
         """The weight of each reward model: --rm-weights, else 1/M each."""

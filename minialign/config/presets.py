@@ -2,8 +2,8 @@
 
 Precedence, lowest first: the dataclass defaults, a YAML preset (``--config FILE`` or ``--demo``), then the
 flags a user typed. The resolved config is written to the run folder, so ``--resume RUN_DIR`` needs nothing else.
-The dataclasses themselves live in ``minialign.config.schema``, which imports nothing from here: every function takes
-the config class as an argument, so the two modules form no import cycle.
+The dataclasses themselves live in ``minialign.config.schema``, ``.online`` and ``.evaluation``, which import
+nothing from here: every function takes the config class as an argument, so these modules form no import cycle.
 """
 
 from __future__ import annotations
