@@ -84,6 +84,10 @@ CANDIDATES: dict[str, dict] = {
     # the penalty on helpful prompts only: declining a harmful request is what the harmless reward model wants
     "r2-rpo1-lp4-g-ep2h": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0,
                            "evasion_penalty": 2.0, "evasion_axes": ("helpful",), "greedy_sample": True},
+    # the refusal is learned on harmless prompts and carries over (NOTES entry 32): a tighter hold on the starting
+    # model, which declines 1% of benign prompts, with the penalty on every prompt
+    "r2-rpo1-lp4-g-ep2-b0.3": {"rounds": 2, "prompts_per_round": 500, "beta": 0.3, "rpo_alpha": 1.0,
+                               "loop_penalty": 4.0, "evasion_penalty": 2.0, "greedy_sample": True},
     # four rounds' harmless gain (0.875 on validation) without the declining of helpful prompts that came with it
     "r4-rpo1-lp4-g-ep2h": {"rounds": 4, "prompts_per_round": 250, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0,
                            "evasion_penalty": 2.0, "evasion_axes": ("helpful",), "greedy_sample": True},
