@@ -8,7 +8,9 @@ held-out pairs, whichever trainer made it:
 * DPO: policy = base + adapter (or the saved full model), reference = the base model (for LoRA, the same model with
   its adapter off) -> ``evaluate.pair_logps`` and ``evaluate.preference_metrics`` (reward accuracy and margin,
   policy accuracy = the policy alone prefers the chosen response, reference accuracy);
-* SFT: mean negative log-likelihood per response token (``evaluate.heldout_loss``), of the result and of the base.
+* SFT: mean negative log-likelihood per response token (``evaluate.heldout_loss``), of the result and of the base,
+  and the result's per-example sums (``evaluate.heldout_nll``), from which ``e2e_table`` puts a paired bootstrap
+  interval on the difference between two results.
 
 Run after all timed runs, one process per result, not timed: ``python benchmarks/e2e_heldout.py --task dpo
 --model M --tokenizer T --data FILE --eval-rows 0:300 (--adapter DIR | --model-dir DIR) --out-json PATH``.
@@ -49,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def score(args: argparse.Namespace) -> dict:
     """The held-out metrics of one trained result (see the module docstring)."""
     from minialign.data import load_preference_pairs, tokenize_pairs, tokenize_sft
-    from minialign.evaluation.evaluate import heldout_loss, pair_logps, preference_metrics
+    from minialign.evaluation.evaluate import heldout_loss, heldout_nll, pair_logps, preference_metrics
     from minialign.modeling import adapters, lora
     from minialign.modeling.models import load_model, load_tokenizer
 
@@ -86,7 +88,8 @@ def score(args: argparse.Namespace) -> dict:
         score = lambda model: heldout_loss(model, items, pad_id=pad, batch_size=bs, device=device)  # noqa: E731
         base_out = on_base(score)
         out = {**score(trained), "base_loss": base_out["loss"], "base_perplexity": base_out["perplexity"],
-               "n_examples": len(items)}
+               "n_examples": len(items),  # and per example (NLL, tokens): a paired interval between two results
+               "per_example": heldout_nll(trained, items, pad_id=pad, batch_size=bs, device=device).tolist()}
     out["truncated"] = items.truncated
     out["scored_on"] = device
     return out

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = str(Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:  # minialign need not be installed (its evaluator's interval is read below)
+    sys.path.insert(0, ROOT)
+
 
 def _ok(r: dict) -> bool:
     return r.get("returncode") == 0 and bool(r.get("wall_s"))
@@ -17,6 +26,18 @@ def _diff(a, b) -> float | None:
 
 def _delta(mine: dict, peer: dict, key: str) -> float | None:
     return _diff((mine.get("heldout") or {}).get(key), (peer.get("heldout") or {}).get(key))
+
+
+def _loss_ci(mine: dict, peer: dict) -> list[float] | None:
+    """The paired 95% interval of the held-out loss difference (``evaluate.loss_difference``), where both results
+    kept their per-example sums over the same tokens; None otherwise (results from before they were kept)."""
+    a, b = (peer.get("heldout") or {}).get("per_example"), (mine.get("heldout") or {}).get("per_example")
+    if not a or not b or len(a) != len(b) or [x[1] for x in a] != [x[1] for x in b]:
+        return None
+    from minialign.evaluation.evaluate import loss_difference
+
+    d = loss_difference(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+    return [d["low"], d["high"]]
 
 
 def _is_peer(runner: str) -> bool:
@@ -48,7 +69,8 @@ def ratios(runs: list[dict]) -> list[dict]:
                 f"memory_ratio_vs_{v}": _div(r.get("peak_memory_mb"), t.get("peak_memory_mb")),
                 **({"reward_accuracy_delta": _delta(r, t, "reward_accuracy"), "policy_accuracy_delta":
                     _delta(r, t, "policy_accuracy"), "reward_margin_delta": _delta(r, t, "reward_margin")}
-                   if r.get("task") == "dpo" else {"heldout_loss_delta": _delta(r, t, "loss")}),
+                   if r.get("task") == "dpo" else {"heldout_loss_delta": _delta(r, t, "loss"),
+                                                    "heldout_loss_delta_ci": _loss_ci(r, t)}),
                 "final_train_loss_delta": _diff(r.get("final_train_loss"), t.get("final_train_loss")),
             })
     return out
@@ -101,7 +123,8 @@ def markdown(doc: dict) -> str:
         v = q.get("peer", "trl").replace("-", "_")
         delta = (f"reward acc {fmt(q.get('reward_accuracy_delta'), '{:+.3f}')}, policy acc "
                  f"{fmt(q.get('policy_accuracy_delta'), '{:+.3f}')}" if "reward_accuracy_delta" in q
-                 else f"loss {fmt(q.get('heldout_loss_delta'), '{:+.4f}')}")
+                 else f"loss {fmt(q.get('heldout_loss_delta'), '{:+.4f}')}" + (
+                     " [{:+.4f}, {:+.4f}]".format(*q["heldout_loss_delta_ci"]) if q.get("heldout_loss_delta_ci") else ""))
         lines.append(f"| {q['label']} | {q['runner']} | {q.get('peer', 'trl')} "
                      f"| {fmt(q[f'wall_speedup_vs_{v}'], '{:.2f}x')} "
                      f"({fmt(q.get(f'wall_to_eval_speedup_vs_{v}'), '{:.2f}x')}) "

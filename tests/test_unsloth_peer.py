@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import BENCHMARKS as BENCH
 from tests.conftest import HH, load_benchmark
@@ -100,6 +101,29 @@ def test_ratios_pair_each_minialign_row_with_each_peer(e2e):
     assert vs_trl["wall_speedup_vs_trl"] == pytest.approx(3.2) and vs_trl["trl_call"] == 0
     table = load_benchmark("e2e_table").markdown({"device": "cpu", "runs": runs, "ratios": out})
     assert "| a | minialign | unsloth | 4.00x" in table and "| a | minialign | trl | 3.20x" in table
+
+
+def test_an_sft_ratio_carries_the_paired_interval_of_the_heldout_loss_difference(e2e):
+    from minialign.evaluation.evaluate import loss_difference
+
+    torch.manual_seed(0)
+    tokens = torch.randint(5, 60, (40,)).double()
+    peer = torch.stack([tokens * (2 + torch.rand(40)), tokens], 1)
+    mine = torch.stack([peer[:, 0] + tokens * 0.05 * torch.randn(40), tokens], 1)
+
+    def row(runner, per):
+        return {"runner": runner, "label": "a", "task": "sft", "returncode": 0, "wall_s": 10.0, "call": 0,
+                "heldout": {"loss": (per[:, 0].sum() / per[:, 1].sum()).item(), "per_example": per.tolist()}}
+
+    (q,) = e2e.ratios([row("trl", peer), row("minialign", mine)])
+    want = loss_difference(peer, mine)
+    assert q["heldout_loss_delta"] == pytest.approx(want["delta"])
+    assert q["heldout_loss_delta_ci"] == pytest.approx([want["low"], want["high"]])
+    assert want["low"] < want["delta"] < want["high"]
+    table = load_benchmark("e2e_table").markdown({"device": "cpu", "runs": [], "ratios": [q]})
+    assert "loss {:+.4f} [{:+.4f}, {:+.4f}]".format(q["heldout_loss_delta"], *q["heldout_loss_delta_ci"]) in table
+    other = row("minialign", torch.stack([mine[:, 0], tokens + 1], 1))  # scored on other tokens: no interval
+    assert e2e.ratios([row("trl", peer), other])[0]["heldout_loss_delta_ci"] is None
 
 
 def test_trimmed_wheels_keep_every_file_a_run_reads_and_a_matching_record(tmp_path):

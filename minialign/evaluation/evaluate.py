@@ -18,7 +18,7 @@ from minialign.modeling.generate import generate
 from minialign.modeling.policy import TokenLogps, run_logps
 from minialign.ops.losses import perplexity, sft_loss
 from minialign.training.batches import add_target_index
-from minialign.training.tasks import sequence_sums
+from minialign.training.tasks import sequence_sums, target_counts
 
 
 @torch.no_grad()
@@ -33,6 +33,41 @@ def heldout_loss(model, examples: Sequence, *, pad_id: int, batch_size: int = 16
             count += batch["n_targets"]
     loss = total.item() / max(count, 1)
     return {"loss": loss, "perplexity": perplexity(loss)}
+
+
+@torch.no_grad()
+def heldout_nll(model, examples: Sequence, *, pad_id: int, batch_size: int = 16, device="cpu") -> torch.Tensor:
+    """``[N, 2]`` float64: each example's summed response negative log-likelihood and its response token count, kept
+    per example so that two models scored on the same examples can be compared with a paired interval
+    (``loss_difference``); column 0 summed over column 1 is ``heldout_loss``'s loss."""
+    policy = TokenLogps(model).to(device).eval()
+    out = []
+    with autocast(torch.device(device))():
+        for i in range(0, len(examples), batch_size):
+            batch = to_device(add_target_index(collate_sft(examples[i : i + batch_size], pad_id=pad_id)), device)
+            nll = -sequence_sums(policy, batch, normalise=False).double()
+            out.append(torch.stack([nll, target_counts(batch, torch.float64)], dim=1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 2, dtype=torch.float64)
+
+
+def loss_difference(first: torch.Tensor, second: torch.Tensor, *, confidence: float = 0.95, resamples: int = 2000,
+                    seed: int = 0) -> dict[str, float]:
+    """The second model's held-out loss minus the first's, from ``heldout_nll`` rows ``[N, 2]`` of the same N examples,
+    with a percentile bootstrap interval over examples: each draw resamples N examples with replacement and
+    recomputes both token-weighted losses on the same draw (paired), so what both models find hard cancels."""
+    a, b = torch.as_tensor(first, dtype=torch.float64), torch.as_tensor(second, dtype=torch.float64)
+    if a.shape != b.shape or a.dim() != 2 or a.shape[1] != 2 or a.shape[0] == 0:
+        raise ValueError(f"per-example rows must be two [N, 2] tensors of one shape, N >= 1; got {list(a.shape)} and "
+                         f"{list(b.shape)}")
+    if not torch.equal(a[:, 1], b[:, 1]):
+        raise ValueError("the two models were scored on different tokens (their per-example token counts differ)")
+    picks = torch.randint(0, a.shape[0], (resamples, a.shape[0]), generator=torch.Generator().manual_seed(seed))
+    tokens = a[picks, 1].sum(1)
+    boots = (b[picks, 0].sum(1) - a[picks, 0].sum(1)) / tokens  # [resamples]
+    tail = (1.0 - confidence) / 2
+    low, high = torch.quantile(boots, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    delta = ((b[:, 0].sum() - a[:, 0].sum()) / a[:, 1].sum()).item()
+    return {"delta": delta, "low": low, "high": high, "confidence": confidence, "n_examples": a.shape[0]}
 
 
 @torch.no_grad()
