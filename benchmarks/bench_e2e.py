@@ -46,6 +46,8 @@ PEERS: dict[str, tuple[str, list[str]]] = {
     "trl": ("trl_e2e.py", []),
     # TRL's trainer on minialign's token ids and loss mask (SFT): splits a learning gap into data and trainer
     "trl-minialign-data": ("trl_e2e.py", ["--minialign-data"]),
+    # TRL's trainer on its own examples in minialign's order (SFT): beside minialign-keep-start only the step differs
+    "trl-minialign-order": ("trl_e2e.py", ["--minialign-order"]),
     # Unsloth as its notebooks run it (its offloaded gradient checkpointing, 8-bit AdamW): its low-memory default
     "unsloth": ("unsloth_peer.py", ["--runner", "unsloth", "--grad-checkpointing", "unsloth", "--optim", "adamw_8bit"]),
     # Unsloth at minialign's setting: no recomputation, fused AdamW

@@ -11,7 +11,8 @@ epochs, batch, learning rate, schedule, warm-up, beta, LoRA r/alpha on every blo
 1.16 has no prompt-length limit: ``max_length`` cuts each whole sequence keeping its start, where minialign keeps
 the last ``max_prompt_length`` prompt tokens and cuts the response. Gradient checkpointing is off (TRL's default
 is on; minialign does not recompute activations). ``--minialign-data`` (SFT, a diagnosis) gives TRL's trainer
-minialign's tokenization instead (``minialign.data.tokenize.tokenize_sft``, pre-tokenized). Throughput counting and
+minialign's tokenization instead (``minialign.data.tokenize.tokenize_sft``, pre-tokenized); ``--minialign-order``
+(SFT, a diagnosis) draws TRL's own examples in minialign's order, batch for batch. Throughput counting and
 step timing reuse ``trl_peer``'s collator wrapper and step-timer callback, so they mean the same as in
 ``bench_gpu.py``.
 """
@@ -81,10 +82,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="SFT only, a diagnosis: train on minialign's tokenization of the rows (its prompt cut to "
                         "--max-prompt-length from the left, no row dropped) instead of TRL's, so a learning gap "
                         "between the tools splits into the data's share and the trainer's")
+    p.add_argument("--minialign-order", action="store_true",
+                   help="SFT only, a diagnosis: draw the examples (after TRL's own filtering) in the order and batches "
+                        "minialign draws the same number of examples at this seed (data.batching.batch_indices), so "
+                        "beside `minialign sft --truncation keep-start` (the same examples) only the step differs")
     args = p.parse_args(argv)
-    if args.minialign_data and args.task != "sft":
-        p.error("--minialign-data is for --task sft only")
+    for flag in ("minialign_data", "minialign_order"):
+        if getattr(args, flag) and args.task != "sft":
+            p.error(f"--{flag.replace('_', '-')} is for --task sft only")
     return args
+
+
+class MinialignOrder(torch.utils.data.Sampler):
+    """minialign's example order for one process (``batch_indices``: a seeded shuffle of each epoch), as the sampler
+    of TRL's trainer. ``drawn`` keeps each epoch's order, so a run can show which one it trained on."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed, self.epoch, self.drawn = n, batch_size, seed, 0, {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        from minialign.data.batching import batch_indices
+
+        order = [i for b in batch_indices(self.n, self.batch_size, seed=self.seed, epoch=self.epoch) for i in b]
+        self.drawn[self.epoch] = order
+        return iter(order)
 
 
 def trainer_args(args: argparse.Namespace, cls, output_dir: str, cuda: bool, **extra):
@@ -184,6 +211,9 @@ def run_script(args: argparse.Namespace, runner: str, load, t_start: float, row_
         counter = _CountingCollator(trainer.data_collator)
         trainer.data_collator = counter
         n_train = len(trainer.train_dataset)  # after TRL's own filtering
+        order = MinialignOrder(n_train, args.batch_size, args.seed) if getattr(args, "minialign_order", False) else None
+        if order is not None:
+            trainer._get_train_sampler = lambda *_, **__: order
         total = args.epochs * math.ceil(n_train / args.batch_size)
         k = steady_from(total)
         timer = _timer_callback(k, total, device)
@@ -232,6 +262,7 @@ def run_script(args: argparse.Namespace, runner: str, load, t_start: float, row_
         "gradient_checkpointing": checkpointing, "optim": str(config.optim),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu", "saved": str(adapter_out),
         "versions": {"torch": torch.__version__, **versions}, **(row_extra or {}),
+        **({"minialign_order": {str(e): o for e, o in order.drawn.items()}} if order is not None else {}),
     }
     write_json(out_json, row, indent=1)
     return 0

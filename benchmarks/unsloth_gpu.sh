@@ -21,7 +21,8 @@
 # and 3: minialign trailed by 0.03 and 0.06 at seeds 0 and 1, NOTES entry 29), `sft-gap-data` (TRL's trainer on
 # minialign's token ids beside TRL and minialign at seeds 0 and 3: does the 0.055-nat gap follow the data or the
 # trainer? NOTES entry 30; the data, entry 31), `sft-keep-start` (minialign with TRL's SFT truncation beside TRL and
-# minialign), `decode-sample` (real SmolLM2 weights, sampled answers that finish early as online
+# minialign), `sft-order` (TRL on its own examples in minialign's order beside TRL and minialign-keep-start: is the
+# rest of the gap the order or the step? NOTES entry 32), `decode-sample` (real SmolLM2 weights, sampled answers that finish early as online
 # rounds' do, 128 against 256 rows a batch), `decode-random-triton` (the decoder profile with the Triton decode
 # kernel, `lite`), `tune-triton` (checks/tune_triton_decode.py: that kernel's tilings against FlashAttention,
 # `lite`), `sft-offload` (Unsloth's default against minialign's eager memory options without and with
@@ -99,6 +100,9 @@ row() {
     sft-keep-start) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer $TOK \
       --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
       --runners ${KS_RUNNERS:-trl,minialign-keep-start,minialign} --label llama1b-sft-lora-keep-start $SAME ;;
+    sft-order) python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b --tokenizer $TOK \
+      --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
+      --runners trl,trl-minialign-order,minialign-keep-start --label llama1b-sft-lora-order $SAME ;;
     hh-per-axis) seed_state
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm per-axis \
