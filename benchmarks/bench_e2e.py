@@ -218,7 +218,8 @@ def collect(row: dict, runner: str, run_dir: Path) -> Path | None:
         row.update({k: trl.get(k) for k in ("train_s", "tokens", "steps", "tokens_per_s", "steady_tokens_per_s",
                                              "steady_from_step", "peak_memory_mb", "memory_kind", "phases_s",
                                              "final_train_loss", "train_rows_after_trl_filter", "gradient_checkpointing",
-                                             "optim", "versions", "unsloth_gradient_checkpointing")})
+                                             "optim", "versions", "unsloth_gradient_checkpointing",
+                                             "minialign_order")})
         row["own_eval"] = trl.get("trl_eval", {})
         return run_dir / "final"
     row["wall_s"] = row["t_exit"] - row["t_spawn"]
@@ -352,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     for row, result, run_dir in results:
         if result is not None and not args.no_heldout:
             row["heldout"] = score(args, row, result, run_dir, child_env(run_dir, False))
-            print(f"[e2e] {row['runner']} held-out: {row['heldout']}", flush=True)
+            shown = {k: v for k, v in row["heldout"].items() if k != "per_example"}
+            print(f"[e2e] {row['runner']} held-out: {shown}", flush=True)
     write(doc, out)
     print(markdown(doc))
     return 0

@@ -54,6 +54,7 @@ def score(args: argparse.Namespace) -> dict:
     from minialign.evaluation.evaluate import heldout_loss, heldout_nll, pair_logps, preference_metrics
     from minialign.modeling import adapters, lora
     from minialign.modeling.models import load_model, load_tokenizer
+    from minialign.ops.losses import perplexity
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(args.tokenizer)
@@ -85,11 +86,13 @@ def score(args: argparse.Namespace) -> dict:
         out = preference_metrics(score(trained), on_base(score), args.beta)
     else:
         items = tokenize_sft(pairs, tok, **limits)
-        score = lambda model: heldout_loss(model, items, pad_id=pad, batch_size=bs, device=device)  # noqa: E731
-        base_out = on_base(score)
-        out = {**score(trained), "base_loss": base_out["loss"], "base_perplexity": base_out["perplexity"],
-               "n_examples": len(items),  # and per example (NLL, tokens): a paired interval between two results
-               "per_example": heldout_nll(trained, items, pad_id=pad, batch_size=bs, device=device).tolist()}
+        base_out = on_base(lambda model: heldout_loss(model, items, pad_id=pad, batch_size=bs, device=device))
+        per = heldout_nll(trained, items, pad_id=pad, batch_size=bs, device=device)  # [N, 2]: NLL sum, tokens
+        loss = (per[:, 0].sum() / per[:, 1].sum().clamp(min=1)).item()
+        out = {"loss": loss, "perplexity": perplexity(loss), "base_loss": base_out["loss"],
+               "base_perplexity": base_out["perplexity"], "n_examples": len(items),
+               # kept compact: a paired interval between two results scored on the same tokens (e2e_table)
+               "per_example": [[round(nll, 4), int(n)] for nll, n in per.tolist()]}
     out["truncated"] = items.truncated
     out["scored_on"] = device
     return out

@@ -5,11 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = str(Path(__file__).resolve().parents[1])
-if ROOT not in sys.path:  # minialign need not be installed (its evaluator's interval is read below)
-    sys.path.insert(0, ROOT)
 
 
 def _ok(r: dict) -> bool:
@@ -30,10 +26,16 @@ def _delta(mine: dict, peer: dict, key: str) -> float | None:
 
 def _loss_ci(mine: dict, peer: dict) -> list[float] | None:
     """The paired 95% interval of the held-out loss difference (``evaluate.loss_difference``), where both results
-    kept their per-example sums over the same tokens; None otherwise (results from before they were kept)."""
+    kept their per-example sums over the same tokens; None otherwise (results from before they were kept). It is the
+    spread over held-out examples of two fixed trained results, not over training runs: seed to seed, one trainer's
+    loss moves more (benchmarks/NOTES.md entry 32)."""
     a, b = (peer.get("heldout") or {}).get("per_example"), (mine.get("heldout") or {}).get("per_example")
     if not a or not b or len(a) != len(b) or [x[1] for x in a] != [x[1] for x in b]:
         return None
+    import torch
+
+    if ROOT not in sys.path:  # minialign need not be installed
+        sys.path.append(ROOT)
     from minialign.evaluation.evaluate import loss_difference
 
     d = loss_difference(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))

@@ -93,6 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def order_hash(order: list[int]) -> str:
+    """A short fingerprint of an example order, to compare a run's order with minialign's without storing it."""
+    import hashlib
+
+    return hashlib.sha256(",".join(map(str, order)).encode()).hexdigest()[:16]
+
+
 class MinialignOrder(torch.utils.data.Sampler):
     """minialign's example order for one process (``batch_indices``: a seeded shuffle of each epoch), as the sampler
     of TRL's trainer. ``drawn`` keeps each epoch's order, so a run can show which one it trained on."""
@@ -225,6 +232,9 @@ def run_script(args: argparse.Namespace, runner: str, load, t_start: float, row_
         train_s = time.perf_counter() - t0
         marks["train"] = time.time()
         records = list(counter.records)
+        if order is not None and sorted(order.drawn) != list(range(args.epochs)):
+            raise RuntimeError(f"--minialign-order: the trainer drew epochs {sorted(order.drawn)} from minialign's "
+                               f"sampler, not 0..{args.epochs - 1}: it did not train in that order")
         trl_eval = trainer.evaluate(eval_dataset=eval_ds)
         _sync(device)
     t_done = time.time()
@@ -262,7 +272,8 @@ def run_script(args: argparse.Namespace, runner: str, load, t_start: float, row_
         "gradient_checkpointing": checkpointing, "optim": str(config.optim),
         "device": torch.cuda.get_device_name(device) if cuda else "cpu", "saved": str(adapter_out),
         "versions": {"torch": torch.__version__, **versions}, **(row_extra or {}),
-        **({"minialign_order": {str(e): o for e, o in order.drawn.items()}} if order is not None else {}),
+        **({"minialign_order": {"n": n_train, "sha256": {str(e): order_hash(o) for e, o in order.drawn.items()},
+                                "head": {str(e): o[:8] for e, o in order.drawn.items()}}} if order is not None else {}),
     }
     write_json(out_json, row, indent=1)
     return 0

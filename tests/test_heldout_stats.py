@@ -3,6 +3,8 @@ against the pooled loss, and the bootstrap against a recomputation from the same
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from minialign.data import load_preference_pairs
 from minialign.data.tokenize import tokenize_sft
 from minialign.evaluation.evaluate import heldout_loss, heldout_nll, loss_difference
 from minialign.modeling.models import load_model, load_tokenizer
+from tests.conftest import HH, load_benchmark
 
 
 def test_per_example_sums_pool_to_the_heldout_loss_and_score_each_example_alone():
@@ -43,3 +46,17 @@ def test_loss_difference_is_paired_and_its_interval_comes_from_the_same_draws():
         loss_difference(a, torch.stack([b[:, 0], tokens + 1], 1))
     with pytest.raises(ValueError, match=r"\[N, 2\]"):
         loss_difference(a[:, :1], b[:, :1])
+
+
+def test_the_benchmarks_sft_evaluator_keeps_per_example_sums_that_pool_to_its_loss(tmp_path, shared_dir):
+    load_model("tiny", seed=0).save_pretrained(tmp_path / "model")  # the "trained" result: the base itself
+    out = tmp_path / "heldout.json"
+    heldout = load_benchmark("e2e_heldout")
+    assert heldout.main(["--task", "sft", "--model", "tiny", "--tokenizer", "demo", "--data", str(shared_dir / HH),
+                         "--eval-rows", "0:9", "--model-dir", str(tmp_path / "model"), "--batch-size", "4",
+                         "--max-length", "64", "--max-prompt-length", "32", "--out-json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    per = torch.tensor(got["per_example"], dtype=torch.float64)
+    assert per.shape == (got["n_examples"], 2) == (9, 2)
+    assert got["loss"] == pytest.approx((per[:, 0].sum() / per[:, 1].sum()).item(), rel=1e-6)
+    assert got["loss"] == pytest.approx(got["base_loss"], rel=1e-5)  # the same weights, scored by both paths
