@@ -103,12 +103,13 @@ def test_a_builtin_model_is_saved_once_and_loaded_as_a_checkpoint(e2e, tmp_path)
     assert load_tokenizer(str(path)).get_vocab() == load_tokenizer("demo").get_vocab()
 
 
-def test_trl_trains_on_minialigns_tokens_when_asked(tmp_path, shared_dir):
+def test_trl_trains_on_minialigns_tokens_or_in_minialigns_order_when_asked(tmp_path, shared_dir):
     # The learning-gap diagnosis: TRL's trainer on minialign's token ids and loss mask. With prompts cut to 32 of 64
     # tokens, TRL's own tokenization keeps sequence starts and drops prompt-only rows; minialign's keeps every row.
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
     from minialign.data import load_preference_pairs
+    from minialign.data.batching import batch_indices
     from minialign.data.tokenize import tokenize_sft
     from minialign.modeling.models import load_tokenizer
 
@@ -131,36 +132,20 @@ def test_trl_trains_on_minialigns_tokens_when_asked(tmp_path, shared_dir):
     assert mixed["tokens"] == want and mixed["train_rows_after_trl_filter"] == len(ours) == mixed["train_pairs"]
     assert mixed["steps"] == -(-len(ours) // 8)
     assert mixed["train_loss_tokens"] == sum(len(ex.response_ids) for ex in ours)  # the loss mask is minialign's too
-    assert run()["tokens"] != want  # TRL's own tokenization differs here, so the flag is what changed the data
+    own = run("--minialign-order", "--epochs", "2")  # TRL's own examples, in minialign's order
+    assert own["tokens"] != 2 * want  # TRL's own tokenization differs here, so the flag is what changed the data
+    # the other half of the diagnosis: TRL's examples (after its filter: the ones minialign's keep-start keeps), batch
+    # for batch in minialign's order, every epoch
+    kept = tokenize_sft(load_preference_pairs(data, rows=rows), load_tokenizer("demo"), max_length=64,
+                        max_prompt_length=32, truncation="keep-start")
+    n = own["train_rows_after_trl_filter"]
+    assert n == len(kept) < 40
+    order = {str(e): [i for b in batch_indices(n, 8, seed=0, epoch=e) for i in b] for e in (0, 1)}
+    fingerprint = {e: hashlib.sha256(",".join(map(str, o)).encode()).hexdigest()[:16] for e, o in order.items()}
+    assert own["minialign_order"] == {"n": n, "sha256": fingerprint, "head": {e: o[:8] for e, o in order.items()}}
+    assert order["0"] != order["1"] and own["steps"] == 2 * -(-n // 8)
     bad = subprocess.run([sys.executable, str(BENCH / "trl_e2e.py"), "--task", "dpo", "--mode", "lora", "--model",
                           "tiny", "--tokenizer", "demo", "--data", str(data), "--out-json", str(tmp_path / "x.json"),
                           "--minialign-data"], capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 2 and "--task sft only" in bad.stderr
 
-
-def test_trl_draws_its_examples_in_minialigns_order_when_asked(tmp_path, shared_dir):
-    # The other half of the learning-gap diagnosis: TRL's own examples (after its filter, the ones minialign's
-    # keep-start truncation keeps), batch for batch in minialign's order, every epoch.
-    pytest.importorskip("trl")
-    pytest.importorskip("datasets")
-    from minialign.data import load_preference_pairs
-    from minialign.data.batching import batch_indices
-    from minialign.data.tokenize import tokenize_sft
-    from minialign.modeling.models import load_tokenizer
-
-    data, rows = shared_dir / HH, "300:340"
-    kept = tokenize_sft(load_preference_pairs(data, rows=rows), load_tokenizer("demo"), max_length=64,
-                        max_prompt_length=32, truncation="keep-start")
-    out = tmp_path / "trl.json"
-    cmd = [sys.executable, str(BENCH / "trl_e2e.py"), "--task", "sft", "--mode", "lora", "--model", "tiny",
-           "--tokenizer", "demo", "--data", str(data), "--train-rows", rows, "--eval-rows", "0:8", "--batch-size", "8",
-           "--epochs", "2", "--max-length", "64", "--out-json", str(out), "--minialign-order"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    row = json.loads(out.read_text())
-    n = row["train_rows_after_trl_filter"]
-    assert n == len(kept) < 40  # TRL dropped prompt-only rows, as keep-start does
-    want = {str(e): [i for b in batch_indices(n, 8, seed=0, epoch=e) for i in b] for e in (0, 1)}
-    fingerprint = {e: hashlib.sha256(",".join(map(str, o)).encode()).hexdigest()[:16] for e, o in want.items()}
-    assert row["minialign_order"] == {"n": n, "sha256": fingerprint, "head": {e: o[:8] for e, o in want.items()}}
-    assert want["0"] != want["1"] and row["steps"] == 2 * -(-n // 8)
