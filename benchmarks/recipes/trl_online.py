@@ -80,11 +80,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give either --reward-model (one sequence-classification folder) or --reward-models with --rm-routes")
     if args.reward_models and len(args.reward_models.split(",")) != len(args.rm_routes.split(",")):
         p.error("--rm-routes needs one value per --reward-models folder")
-    scope = [v.strip() for v in args.evasion_routes.split(",") if v.strip()]  # as minialign online reads it
-    if args.evasion_routes.strip() and (not scope or not args.evasion_penalty or
-                                        set(scope) - {v.strip() for v in args.rm_routes.split(",")}):
-        p.error("--evasion-routes needs an --evasion-penalty above 0 and values among --rm-routes")
-    args.evasion_routes = ",".join(scope)
+    if args.evasion_routes:  # read by minialign online's own rule, so both peers take the same values
+        from minialign.base.errors import UserError
+        from minialign.config.online import OnlineConfig
+
+        cfg = OnlineConfig(reward_models=args.reward_models, combine="route", rm_routes=args.rm_routes,
+                           evasion_penalty=args.evasion_penalty, evasion_routes=args.evasion_routes)
+        try:
+            args.evasion_routes = ",".join(cfg.routes()[i] for i in cfg.evasion_route_ids() or ())
+        except UserError as exc:
+            p.error(str(exc))
     for flag, value in (("--loop-penalty", args.loop_penalty), ("--evasion-penalty", args.evasion_penalty)):
         if not math.isfinite(value) or value < 0:
             p.error(f"{flag} must be a finite number >= 0 (got {value:g})")

@@ -18,8 +18,9 @@ Rules (docs/online.md repeats them):
 - *evasion penalty* (``penalise``): ``--evasion-penalty E`` subtracts E from each answer that declines or deflects
   (``evasion.evades``, the evasion share's rule). A harmless reward model scores a refusal well on any prompt, and
   rounds learn to refuse benign ones too (74% of a four-round policy's harmless answers and 47% of its helpful ones
-  evaded: benchmarks/NOTES.md entry 31); E pulls refusals below the answers that engage, on every prompt (harmful
-  ones too: there it pulls against the harmless reward model, by design of the one knob).
+  evaded: benchmarks/NOTES.md entry 31); E pulls refusals below the answers that engage, on every prompt, or with
+  ``--evasion-routes`` (``in_scope``) only on the prompts routed to the named reward models, so that declining a
+  harmful request keeps its score.
 - *pair* (``form_pairs``): among a prompt's distinct answer texts (a repeated text counts once, its first sample),
   the highest combined score is chosen and the lowest rejected; ties go to the earlier sample. A prompt is skipped
   when its answers hold no contrast (one distinct text, or every score equal) or when best minus worst is below

@@ -215,19 +215,15 @@ def qkv_rope(x: torch.Tensor, norm: torch.Tensor, wqkv: torch.Tensor, bqkv: torc
              sin: torch.Tensor, heads: int, kv_heads: int,
              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The attention half's inputs: ``x`` ``[N, hidden]`` -> q ``[N, H, D]``, k, v ``[N, Hk, D]`` (RoPE applied)."""
-    n, d = x.shape[0], cos.shape[-1]
-    h = rms_norm(x, norm, eps)
-    q, k, v = F.linear(h, wqkv, bqkv).split([heads * d, kv_heads * d, kv_heads * d], -1)
-    q = apply_rope(q.reshape(n, heads, d), cos, sin)
-    k = apply_rope(k.reshape(n, kv_heads, d), cos, sin)
-    return q, k, v.reshape(n, kv_heads, d).contiguous()
+    q, k, v = qkv_heads(x, norm, wqkv, bqkv, cos, sin, heads, kv_heads, eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous()
 
 
 def qkv_heads(x: torch.Tensor, norm: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None, cos: torch.Tensor,
               sin: torch.Tensor, heads: int, kv_heads: int,
               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``qkv_rope`` without RoPE, for an attention kernel that rotates q and k itself: q ``[N, H, D]``, k, v
-    ``[N, Hk, D]`` as views into one QKV output (no copies); ``cos``/``sin`` go unused."""
+    """``qkv_rope`` before RoPE, for an attention kernel that rotates q and k itself: q ``[N, H, D]``, k, v
+    ``[N, Hk, D]`` as views into one QKV output (no copies); ``cos`` gives only the head dim."""
     n, d = x.shape[0], cos.shape[-1]
     q, k, v = F.linear(rms_norm(x, norm, eps), wqkv, bqkv).split([heads * d, kv_heads * d, kv_heads * d], -1)
     return q.view(n, heads, d), k.view(n, kv_heads, d), v.view(n, kv_heads, d)
