@@ -16,8 +16,8 @@ import random
 import peft
 import pytest
 import torch
+from cli_runs import _one_thread, read_metrics, train_losses  # noqa: F401 (_one_thread: autouse fixture)
 from test_lora import randomise_lora
-from test_train import _one_thread, read_metrics, train_losses  # noqa: F401 (_one_thread: autouse fixture)
 
 from minialign import cli
 from minialign.base.errors import UserError

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as tdist
+from cli_runs import _one_thread  # noqa: F401 (autouse fixture; the subprocesses run OMP_NUM_THREADS=1 too)
 from safetensors.torch import load_file
-from test_train import _one_thread  # noqa: F401 (autouse fixture; the subprocesses run OMP_NUM_THREADS=1 too)
 
 from minialign import cli
 from minialign.base import dist

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_train import run_cli
+from cli_runs import run_cli
 
 from minialign.data import PreferencePair
 from minialign.data.chat import to_chat_format

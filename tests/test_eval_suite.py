@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_runs import run_cli
 from test_eval_cmd import RM, check_judged, heldout_accuracy
-from test_train import run_cli
 
 from minialign.base.errors import UserError
 from minialign.commands.evalsuite import load_suite

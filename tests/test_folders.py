@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_train import SMALL, expect_user_error, read_metrics, run_cli
+from cli_runs import SMALL, expect_user_error, read_metrics, run_cli
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from minialign.base.errors import UserError

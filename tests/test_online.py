@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_runs import THREADS, launched, run_cli, wait_for
 from safetensors.torch import load_file
-from test_train import THREADS, launched, run_cli, wait_for
 
 from minialign.commands import common, recipes
 from minialign.config.online import OnlineConfig

@@ -34,7 +34,7 @@ from tests.conftest import torch_threads
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():  # as tests/test_train.py: the tiny model is as fast on one thread, and never stalls
+def _one_thread():  # as tests/cli_runs.py: the tiny model is as fast on one thread, and never stalls
     with torch_threads(1):
         yield
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from cli_runs import SMALL, expect_user_error, read_metrics, run_cli, train_losses
 from safetensors.torch import load_file
 from test_folders import snapshot
-from test_train import SMALL, expect_user_error, read_metrics, run_cli, train_losses
 
 from minialign.commands.recipes import load_run_config
 from minialign.config.schema import DPOConfig, SFTConfig

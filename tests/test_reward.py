@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import _one_thread, run_cli  # noqa: F401 (_one_thread: autouse fixture)
+from cli_runs import _one_thread, run_cli  # noqa: F401 (_one_thread: autouse fixture)
 
 from minialign.base.errors import UserError
 from minialign.data import TokenizedPair, load_preference_pairs

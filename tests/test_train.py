@@ -2,35 +2,45 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runs import (
+    SMALL,
+    THREADS,
+    _one_thread,  # noqa: F401 (autouse fixture)
+    demo_config,
+    demo_pairs,
+    evals,
+    expect_user_error,
+    launched,
+    n_logged,
+    read_metrics,
+    run_cli,
+    step_of,
+    train_losses,
+    wait_for,
+)
 from safetensors.torch import load_file
 
 from minialign import cli
 from minialign.commands import folders
-from minialign.config.presets import build, load_run_config, load_yaml, preset
+from minialign.config.presets import load_run_config
 from minialign.config.schema import DPOConfig, SFTConfig
 from minialign.data import (
     batch_indices,
     collate_pairs,
     collate_sft,
-    load_preference_pairs,
     tokenize_pairs,
     tokenize_sft,
 )
 from minialign.modeling import lora
-from minialign.modeling.models import load_model, load_tokenizer
+from minialign.modeling.models import load_model
 from minialign.modeling.policy import TokenLogps
 from minialign.ops import losses
 from minialign.ops.losses import PreferenceLoss
@@ -40,92 +50,6 @@ from minialign.training.optim import make_optimizer, make_scheduler
 from minialign.training.tasks import DPOTask, SFTTask, adapter_reference, sequence_sums
 from minialign.training.trackers import MetricsLog
 from minialign.training.train import train
-
-# Small runs: a handful of steps of the tiny model on a slice of the demo data.
-SMALL = ["--demo", "--batch-size", "4", "--limit", "32", "--eval-limit", "8"]
-
-# The tiny model runs as fast on one thread as on two, and one thread cannot stall at OpenMP barriers when
-# other processes share the two cores (that made runs up to 50x slower). Subprocesses get the same count.
-THREADS = 1
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(previous)
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Every row of metrics.jsonl; each line must be valid JSON."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
-def train_losses(rows: list[dict]) -> dict[int, float]:
-    """Training loss per step; a later row for a step (logged again after a resume) overrides an earlier one."""
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def evals(rows: list[dict], key: str) -> list[float]:
-    return [r[key] for r in rows if key in r]
-
-
-def step_of(path: Path | None) -> int:
-    return -1 if path is None else int(path.name.removeprefix(checkpoint.PREFIX))
-
-
-def demo_config(cls, kind: str, **overrides):
-    return build(cls, load_yaml(preset(f"{kind}-demo"), cls), overrides)
-
-
-def demo_pairs(cfg):
-    """The first ``cfg.limit`` demo training pairs, tokenized with the demo tokenizer."""
-    tokenizer = load_tokenizer("demo")
-    pairs = load_preference_pairs("demo", split="train", limit=cfg.limit)
-    return tokenizer, {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}, pairs
-
-
-def run_cli(*args) -> int:
-    return cli.main([str(a) for a in args])
-
-
-@contextlib.contextmanager
-def launched(args: list, log: Path):
-    """``python -m minialign ...`` in a subprocess, with the thread count of the in-process runs (same floats).
-
-    Output goes to ``log``; the process is killed on the way out if a failed assertion left it running.
-    """
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "minialign", *map(str, args)], stdout=fh,
-                                stderr=subprocess.STDOUT, env=env)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def wait_for(condition, proc: subprocess.Popen, log: Path, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            pytest.fail(f"the run exited (status {proc.returncode}) before {what}:\n{log.read_text()[-2000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def n_logged(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return path.read_text().count('"loss"') if path.exists() else 0
-
 
 # ----------------------------------------------------------------------------- learning
 
@@ -348,16 +272,6 @@ def test_metrics_rows_after_a_torn_line_start_on_a_new_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input
-
-
-def expect_user_error(capsys, *args, match: str) -> str:
-    status = run_cli(*args)
-    err = capsys.readouterr().err
-    assert status == 2, err
-    errors = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and match in errors[0], err
-    assert "Traceback" not in err
-    return errors[0]
 
 
 @pytest.mark.parametrize("flags,match", [
