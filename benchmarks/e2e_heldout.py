@@ -51,10 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def score(args: argparse.Namespace) -> dict:
     """The held-out metrics of one trained result (see the module docstring)."""
     from minialign.data import load_preference_pairs, tokenize_pairs, tokenize_sft
-    from minialign.evaluation.evaluate import heldout_loss, heldout_nll, pair_logps, preference_metrics
+    from minialign.evaluation.evaluate import heldout_loss, heldout_nll, pair_logps, pooled_loss, preference_metrics
     from minialign.modeling import adapters, lora
     from minialign.modeling.models import load_model, load_tokenizer
-    from minialign.ops.losses import perplexity
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(args.tokenizer)
@@ -88,8 +87,7 @@ def score(args: argparse.Namespace) -> dict:
         items = tokenize_sft(pairs, tok, **limits)
         base_out = on_base(lambda model: heldout_loss(model, items, pad_id=pad, batch_size=bs, device=device))
         per = heldout_nll(trained, items, pad_id=pad, batch_size=bs, device=device)  # [N, 2]: NLL sum, tokens
-        loss = (per[:, 0].sum() / per[:, 1].sum().clamp(min=1)).item()
-        out = {"loss": loss, "perplexity": perplexity(loss), "base_loss": base_out["loss"],
+        out = {**pooled_loss(per), "base_loss": base_out["loss"],
                "base_perplexity": base_out["perplexity"], "n_examples": len(items),
                # kept compact: a paired interval between two results scored on the same tokens (e2e_table)
                "per_example": [[round(nll, 4), int(n)] for nll, n in per.tolist()]}

@@ -1,8 +1,10 @@
 """Held-out SFT loss per example and the paired interval between two models (``evaluation.evaluate``): the sums
-against the pooled loss, and the bootstrap against a recomputation from the same draws."""
+against a float64 recomputation of each example alone and the pooled loss, and the bootstrap against a
+recomputation from the same draws."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -24,6 +26,14 @@ def test_per_example_sums_pool_to_the_heldout_loss_and_score_each_example_alone(
     assert per[:, 1].tolist() == [float(len(ex.response_ids)) for ex in items]  # every response token is a target
     pooled = heldout_loss(model, items, pad_id=tok.pad_token_id, batch_size=4)["loss"]
     assert (per[:, 0].sum() / per[:, 1].sum()).item() == pytest.approx(pooled, rel=1e-5)
+    reference = copy.deepcopy(model).double().eval()  # each example alone, unbatched, in float64
+    for row, ex in zip(per.tolist(), items):
+        ids = torch.tensor([ex.prompt_ids + ex.response_ids])
+        with torch.no_grad():
+            logps = reference(ids).logits[0, :-1].log_softmax(-1)
+        start = len(ex.prompt_ids) - 1  # the position that predicts the first response token
+        want = -logps[start:].gather(1, ids[0, start + 1 :, None]).sum().item()
+        assert row[0] == pytest.approx(want, rel=1e-4)
     alone = heldout_loss(model, items[3:4], pad_id=tok.pad_token_id)["loss"]  # batch-mates do not leak into a row
     assert per[3, 0].item() / per[3, 1].item() == pytest.approx(alone, rel=1e-5)
 

@@ -15,39 +15,37 @@ from minialign.base.devices import autocast, to_device
 from minialign.data import collate_pairs, collate_sft
 from minialign.modeling import lora
 from minialign.modeling.generate import generate
-from minialign.modeling.policy import TokenLogps, run_logps
-from minialign.ops.losses import perplexity, sft_loss
+from minialign.modeling.policy import TokenLogps
+from minialign.ops.losses import perplexity
 from minialign.training.batches import add_target_index
 from minialign.training.tasks import sequence_sums, target_counts
 
 
 @torch.no_grad()
 def heldout_loss(model, examples: Sequence, *, pad_id: int, batch_size: int = 16, device="cpu") -> dict[str, float]:
-    """Mean negative log-likelihood per response token, and its perplexity."""
-    policy = TokenLogps(model).to(device).eval()
-    total, count = torch.zeros((), device=device), 0
-    with autocast(torch.device(device))():
-        for i in range(0, len(examples), batch_size):
-            batch = to_device(add_target_index(collate_sft(examples[i : i + batch_size], pad_id=pad_id)), device)
-            total += sft_loss(run_logps(policy, batch))
-            count += batch["n_targets"]
-    loss = total.item() / max(count, 1)
-    return {"loss": loss, "perplexity": perplexity(loss)}
+    """Mean negative log-likelihood per response token over all examples (token-weighted), and its perplexity."""
+    return pooled_loss(heldout_nll(model, examples, pad_id=pad_id, batch_size=batch_size, device=device))
 
 
 @torch.no_grad()
 def heldout_nll(model, examples: Sequence, *, pad_id: int, batch_size: int = 16, device="cpu") -> torch.Tensor:
-    """``[N, 2]`` float64: each example's summed response negative log-likelihood and its response token count, kept
-    per example so that two models scored on the same examples can be compared with a paired interval
-    (``loss_difference``); column 0 summed over column 1 is ``heldout_loss``'s loss."""
+    """``[N, 2]`` float64 on the CPU: each example's summed response negative log-likelihood and its response token
+    count, kept per example so that two models scored on the same examples can be compared with a paired interval
+    (``loss_difference``); ``pooled_loss`` turns them into ``heldout_loss``'s numbers."""
     policy = TokenLogps(model).to(device).eval()
     out = []
     with autocast(torch.device(device))():
         for i in range(0, len(examples), batch_size):
             batch = to_device(add_target_index(collate_sft(examples[i : i + batch_size], pad_id=pad_id)), device)
             nll = -sequence_sums(policy, batch, normalise=False).double()
-            out.append(torch.stack([nll, target_counts(batch, torch.float64)], dim=1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, 2, dtype=torch.float64)
+            out.append(torch.stack([nll, target_counts(batch, torch.float64)], dim=1))
+    return torch.cat(out).cpu() if out else torch.zeros(0, 2, dtype=torch.float64)
+
+
+def pooled_loss(per: torch.Tensor) -> dict[str, float]:
+    """``heldout_nll``'s rows ``[N, 2]`` pooled: summed NLL over summed tokens, and its perplexity."""
+    loss = (per[:, 0].sum() / per[:, 1].sum().clamp(min=1)).item()
+    return {"loss": loss, "perplexity": perplexity(loss)}
 
 
 def loss_difference(first: torch.Tensor, second: torch.Tensor, *, confidence: float = 0.95, resamples: int = 2000,
