@@ -151,6 +151,22 @@ def test_online_flags_and_trl_matching():
     assert r4["rounds"] * r4["prompts_per_round"] == 1000 and plan.trl_online_plan(r4)["minialign_steps"] == 64
 
 
+@pytest.mark.parametrize("candidate", sorted(plan.CANDIDATES))
+def test_every_candidates_flags_build_the_online_config_it_names(candidate):
+    """A misspelt key or a value `minialign online` refuses would otherwise surface only on the GPU machine."""
+    from minialign.cli import _config, build_parser
+    from minialign.config.online import OnlineConfig
+
+    assert set(plan.CANDIDATES[candidate]) <= {*plan.ONLINE_COMMON, "rounds", "prompts_per_round", "beta", "rpo_alpha"}
+    s = plan.online_settings(candidate)
+    routed = ["--reward-models", "a,b", "--rm-routes", "harmless-base,helpful-base", "--combine", "route"]
+    argv = ["online", "--dataset", "mix.jsonl", *plan.online_flags(s), *(routed if s.get("evasion_axes") else [])]
+    cfg = _config(build_parser().parse_args(argv), OnlineConfig)
+    for key in ("rounds", "prompts_per_round", "samples", "beta", "rpo_alpha", "loop_penalty", "evasion_penalty"):
+        assert getattr(cfg, key) == s[key], key
+    assert cfg.greedy_sample == bool(s.get("greedy_sample"))
+
+
 # ----------------------------------------------------------------------------- results
 
 

@@ -88,6 +88,11 @@ CANDIDATES: dict[str, dict] = {
     # model, which declines 1% of benign prompts, with the penalty on every prompt
     "r2-rpo1-lp4-g-ep2-b0.3": {"rounds": 2, "prompts_per_round": 500, "beta": 0.3, "rpo_alpha": 1.0,
                                "loop_penalty": 4.0, "evasion_penalty": 2.0, "greedy_sample": True},
+    # the penalty on every prompt with twice the samples: best and worst of 8 lie further apart than of 4 (about
+    # 2.8 against 2.1 standard deviations of a prompt's scores), so each pair says more where the helpful reward
+    # model is weak (0.605-0.625 validation accuracy); a round's 4,000 answers cost what one round of 1,000 x 4 does
+    "r2-rpo1-lp4-g-ep2-n8": {"rounds": 2, "prompts_per_round": 500, "samples": 8, "beta": 0.1, "rpo_alpha": 1.0,
+                             "loop_penalty": 4.0, "evasion_penalty": 2.0, "greedy_sample": True},
     # four rounds' harmless gain (0.875 on validation) without the declining of helpful prompts that came with it
     "r4-rpo1-lp4-g-ep2h": {"rounds": 4, "prompts_per_round": 250, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0,
                            "evasion_penalty": 2.0, "evasion_axes": ("helpful",), "greedy_sample": True},
