@@ -8,7 +8,9 @@
 #   call 3 (carry .whlu):          bash benchmarks/unsloth_gpu.sh start [ROWS]   # then: bash ... wait
 #
 # .carry/{a,b}: the SmolLM2 GGUF in two pieces (../shared/README.md); .whl: trl 1.16, datasets 5.2, dill, multiprocess,
-# gguf wheels and shared/ (data, tokenizer); .whlu: `python benchmarks/unsloth_wheels.py` (Unsloth's own pins, put
+# gguf wheels and shared/ (the four HH files); .gl/smollm2: its config and tokenizer. `python benchmarks/gpu_carry.py
+# build` makes these, and `... check` says whether each call fits (by room on disk, as the tool counts); .whlu:
+# `python benchmarks/unsloth_wheels.py` (Unsloth's own pins, put
 # first on its runners' PYTHONPATH only). `start` installs, joins the model and launches the rows detached (an idle
 # machine is handed back within ~30 s and a call lasts at most 10 minutes), then follows them like `wait`.
 # ROWS: comma list of dpo8, dpo16, sft-lora, sft-full (default: these four, in that order); `decode` (issue 31's
