@@ -162,7 +162,8 @@ def test_every_candidates_flags_build_the_online_config_it_names(candidate):
     routed = ["--reward-models", "a,b", "--rm-routes", "harmless-base,helpful-base", "--combine", "route"]
     argv = ["online", "--dataset", "mix.jsonl", *plan.online_flags(s), *(routed if s.get("evasion_axes") else [])]
     cfg = _config(build_parser().parse_args(argv), OnlineConfig)
-    for key in ("rounds", "prompts_per_round", "samples", "beta", "rpo_alpha", "loop_penalty", "evasion_penalty"):
+    for key in ("rounds", "prompts_per_round", "samples", "beta", "rpo_alpha", "loop_penalty", "evasion_penalty",
+                "missing_eos_penalty"):
         assert getattr(cfg, key) == s[key], key
     assert cfg.greedy_sample == bool(s.get("greedy_sample"))
 

@@ -56,7 +56,7 @@ def rms(root) -> list[Path]:
 def online_args(rms: list[Path], out: Path) -> list:
     """The two-round runs (a, and b resumed): with loop and evasion penalties; the other runs keep the default (off)."""
     return ["online", *SMALL, "--reward-models", ",".join(map(str, rms)), "--rm-weights", "0.7,0.3",
-            "--loop-penalty", "100", "--evasion-penalty", "50", "--out", out]
+            "--loop-penalty", "100", "--evasion-penalty", "50", "--missing-eos-penalty", "25", "--out", out]
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +110,11 @@ def test_scores_pairs_and_statistics_recomputed(run_a, rms):
         evaded = torch.tensor([evades(t) for t in texts], dtype=torch.float64)
         assert [s["evades"] for s in samples] == evaded.bool().tolist()  # the flags the penalties read, kept
         assert [s["loops"] for s in samples] == looped.bool().tolist()
-        combined = combined - 100 * looped - 50 * evaded  # --loop-penalty 100 --evasion-penalty 50
-        assert r["penalised"] == int(looped.sum()) and r["penalised_evasion"] == int(evaded.sum())
+        cut = torch.tensor([s["stop"] == "length" for s in samples], dtype=torch.float64)
+        assert cut.sum() > 0  # the tiny random model seldom ends an answer in 8 tokens: each is lowered by 25
+        combined = combined - 100 * looped - 50 * evaded - 25 * cut  # the three penalties of online_args
+        assert (r["penalised"], r["penalised_evasion"], r["penalised_cut"]) == tuple(
+            int(x.sum()) for x in (looped, evaded, cut))
         assert r["evasion_share"] == pytest.approx(float(evaded.mean()))
         assert combined.tolist() == pytest.approx([s["combined"] for s in samples], abs=1e-4)
         expected = []
@@ -331,6 +334,8 @@ BAD = {
                          "--loop-penalty must be a finite number >= 0"),
     "evasion penalty": (lambda root, rms: ["--reward-models", rms[0], "--evasion-penalty", "-2"],
                         "--evasion-penalty must be a finite number >= 0"),
+    "eos penalty": (lambda root, rms: ["--reward-models", rms[0], "--missing-eos-penalty", "-1"],
+                    "--missing-eos-penalty must be a finite number >= 0"),
     "no prompts": (lambda root, rms: ["--reward-models", rms[0], "--train-rows", "50:50"], "selects no rows"),
     "weights": (lambda root, rms: ["--reward-models", rms[0], "--rm-weights", "1,2"], "gives 2 weight(s)"),
     "weight text": (lambda root, rms: ["--reward-models", rms[0], "--rm-weights", "heavy"], "must be numbers"),
@@ -379,22 +384,3 @@ def test_eval_takes_an_online_run_as_policy(run_a, root):
                    "--out", root / "eval") == 0
     results = json.loads((root / "eval" / "eval.json").read_text())
     assert results["policy"] == f"online run {run_a}" and "starting model" in results["reference"]
-
-
-def test_a_round_decodes_256_rows_at_once_on_a_gpu_unless_told():
-    from minialign.commands.online import gen_batch_size
-    from minialign.config.online import OnlineConfig
-
-    def on(device: str):
-        return torch.device(device)
-
-    cfg = OnlineConfig(reward_models="rm")
-    assert gen_batch_size(cfg, on("cuda")) == 256 and gen_batch_size(cfg, on("cpu")) is None  # generate's own: 8
-    assert gen_batch_size(OnlineConfig(reward_models="rm", gen_batch_size=64), on("cuda")) == 64
-
-
-def test_evasion_routes_name_reward_models_by_their_route_value_not_their_place():
-    routed = dict(reward_models="rm1,rm2", combine="route", rm_routes="b,a", evasion_penalty=2.0)
-    assert OnlineConfig(**routed, evasion_routes="a").evasion_route_ids() == [1]  # "a" is the second reward model
-    assert OnlineConfig(**routed, evasion_routes=" a , b, a").evasion_route_ids() == [0, 1]
-    assert OnlineConfig(**routed).evasion_route_ids() is None  # empty: every prompt

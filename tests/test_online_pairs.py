@@ -15,6 +15,7 @@ from minialign.commands.online_pairs import (
     penalise,
     round_prompts,
 )
+from minialign.config.online import OnlineConfig
 from minialign.evaluation.evasion import evades
 from minialign.evaluation.textmetrics import loops
 
@@ -162,3 +163,21 @@ def test_with_the_penalty_a_loop_is_rejected_instead_of_chosen():
     assert form_pairs(combined, texts, 0.0).pairs == [Pair(0, 1, 2, pytest.approx(1.6))]
     penalised = penalise(combined.flatten(), [loops(t) for t in texts[0]], 4.0)
     assert form_pairs(penalised.reshape(1, 3), texts, 0.0).pairs == [Pair(0, 0, 1, pytest.approx(0.3 - (1.2 - 4.0)))]
+
+
+def test_a_round_decodes_256_rows_at_once_on_a_gpu_unless_told():
+    from minialign.commands.online import gen_batch_size
+
+    def on(device: str):
+        return torch.device(device)
+
+    cfg = OnlineConfig(reward_models="rm")
+    assert gen_batch_size(cfg, on("cuda")) == 256 and gen_batch_size(cfg, on("cpu")) is None  # generate's own: 8
+    assert gen_batch_size(OnlineConfig(reward_models="rm", gen_batch_size=64), on("cuda")) == 64
+
+
+def test_evasion_routes_name_reward_models_by_their_route_value_not_their_place():
+    routed = dict(reward_models="rm1,rm2", combine="route", rm_routes="b,a", evasion_penalty=2.0)
+    assert OnlineConfig(**routed, evasion_routes="a").evasion_route_ids() == [1]  # "a" is the second reward model
+    assert OnlineConfig(**routed, evasion_routes=" a , b, a").evasion_route_ids() == [0, 1]
+    assert OnlineConfig(**routed).evasion_route_ids() is None  # empty: every prompt

@@ -95,7 +95,7 @@ def test_trl_online_peer_trains_the_matched_steps_and_saves_a_peft_adapter(scori
         data, rows = str(tmp_path / "mix.jsonl"), "0:40"
         plan.write_mix(Path(data), shared_dir, plan.ROW_PLAN)
         rm = ["--reward-models", f"{tiny_rm},{tiny_rm_helpful}", "--rm-routes", "harmless-base,helpful-base",
-              "--loop-penalty", "4"]
+              "--loop-penalty", "4", "--missing-eos-penalty", "1.5"]
     cmd = [sys.executable, str(RECIPES / "trl_online.py"), "--model", "tiny-llama", "--dataset", data, "--train-rows",
            rows, "--prompts", str(match["prompts"]), *rm, "--batch-size", str(match["batch_size"]),
            "--epochs", str(match["epochs"]), "--max-new-tokens", "4", "--max-length", "128", "--lora-r", "4",
@@ -105,6 +105,8 @@ def test_trl_online_peer_trains_the_matched_steps_and_saves_a_peft_adapter(scori
     row = json.loads((out / "trl_online.json").read_text())
     assert row["prompts"] == 4 and row["steps"] == match["steps"] == 1 and row["samples_per_prompt"] == 2
     assert bool(row["settings"]["reward_models"]) == (scoring == "routed")
+    assert row["settings"]["missing_eos_penalty"] == (1.5 if scoring == "routed" else 0.0)
+    assert row["trl_missing_eos_penalty"] == (1.5 if scoring == "routed" else None)  # TRL's config: 0 is None
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
     assert {"q_proj", "down_proj"} <= {m.split(".")[-1] for m in config["target_modules"]}  # all-linear
@@ -144,7 +146,11 @@ def test_trl_online_trains_on_the_prompts_minialign_online_sampled(tiny_rm, tiny
                                   "a", "--rm-routes", "harmless-base", "--evasion-penalty", "2", "--evasion-routes",
                                   " harmless-base ,"])
     assert args.evasion_routes == "harmless-base"  # read as minialign online reads it: stripped, empty parts dropped
+    args = trl_online.parse_args(["--model", "m", "--dataset", "d", "--prompts", "6", "--out", "x", "--reward-model",
+                                  "r", "--missing-eos-penalty", "2"])
+    assert args.missing_eos_penalty == 2.0  # TRL applies it itself, after any reward function
     for penalty in (["--evasion-penalty", "-1"], ["--loop-penalty", "inf"], ["--evasion-routes", "harmless-base"],
+                    ["--missing-eos-penalty", "-1"],
                     ["--evasion-penalty", "2", "--evasion-routes", "helpful-base"],
                     ["--evasion-penalty", "2", "--evasion-routes", ","],
                     ["--reward-model", "r", "--evasion-penalty", "2"]):  # the last: no place for it

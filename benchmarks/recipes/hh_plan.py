@@ -56,7 +56,7 @@ TRL_DPO_FLAGS = ["--epochs", "2", "--batch-size", "16", "--lr", "5e-4", "--sched
 # Shared by every online run (minialign's candidates and TRL's peer): sampling, LoRA, optimiser.
 ONLINE_COMMON = {"samples": 4, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 128, "lora_r": 16,
                  "lora_alpha": 32, "lr": 5e-4, "epochs": 1, "batch_size": 16, "min_gap": 0.0, "loop_penalty": 0.0,
-                 "evasion_penalty": 0.0, "evasion_axes": (), "greedy_sample": False}
+                 "evasion_penalty": 0.0, "evasion_axes": (), "greedy_sample": False, "missing_eos_penalty": 0.0}
 # Online candidates over the same 1,000 training prompts (rounds x prompts per round). ~60-100 s each on an H100
 # with the fast decoder, + ~25 s for its validation eval; the default sweep runs the first two.
 CANDIDATES: dict[str, dict] = {
@@ -93,6 +93,11 @@ CANDIDATES: dict[str, dict] = {
     # model is weak (0.605-0.625 validation accuracy); a round's 4,000 answers cost what one round of 1,000 x 4 does
     "r2-rpo1-lp4-g-ep2-n8": {"rounds": 2, "prompts_per_round": 500, "samples": 8, "beta": 0.1, "rpo_alpha": 1.0,
                              "loop_penalty": 4.0, "evasion_penalty": 2.0, "greedy_sample": True},
+    # cut answers lose their pairs (TRL's missing_eos_penalty): the harmless reward model scored answers cut at 128
+    # tokens above ended ones (1.01 against -0.93 in round 1), both judges score them below (results/hh-answers.json)
+    "r2-rpo1-lp4-g-ep2-me2": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0,
+                              "loop_penalty": 4.0, "evasion_penalty": 2.0, "missing_eos_penalty": 2.0,
+                              "greedy_sample": True},
     # four rounds' harmless gain (0.875 on validation) without the declining of helpful prompts that came with it
     "r4-rpo1-lp4-g-ep2h": {"rounds": 4, "prompts_per_round": 250, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0,
                            "evasion_penalty": 2.0, "evasion_axes": ("helpful",), "greedy_sample": True},
@@ -252,7 +257,8 @@ def online_settings(candidate: str, small: bool = False) -> dict:
 def online_flags(settings: dict) -> list[str]:
     """`minialign online` flags for ``settings`` (one reward model: --combine has one score to normalise)."""
     keys = ("rounds", "prompts_per_round", "samples", "temperature", "top_p", "max_new_tokens", "min_gap", "beta",
-            "rpo_alpha", "lr", "epochs", "batch_size", "lora_r", "lora_alpha", "loop_penalty", "evasion_penalty")
+            "rpo_alpha", "lr", "epochs", "batch_size", "lora_r", "lora_alpha", "loop_penalty", "evasion_penalty",
+            "missing_eos_penalty")
     return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(settings[k]))] + \
         (["--greedy-sample"] if settings.get("greedy_sample") else []) + \
         (["--evasion-routes", evasion_routes(settings)] if settings.get("evasion_axes") else [])

@@ -262,8 +262,9 @@ def train_trl_online(s: Study, name: str, out: Path) -> dict:
                         str(match["epochs"]), "--batch-size", str(match["batch_size"]), "--beta", str(settings["beta"]),
                         "--lr", str(settings["lr"]), "--temperature", str(settings["temperature"]), "--top-p",
                         str(settings["top_p"]), "--max-new-tokens", str(settings["max_new_tokens"]), "--lora-r",
-                        str(settings["lora_r"]), "--lora-alpha", str(settings["lora_alpha"]),
-                        *(["--chat-template"] if s.chat else []), "--out", str(out)])
+                        str(settings["lora_r"]), "--lora-alpha", str(settings["lora_alpha"]), "--missing-eos-penalty",
+                        str(settings.get("missing_eos_penalty", 0.0)), *(["--chat-template"] if s.chat else []),
+                        "--out", str(out)])
 
 
 def trl_online_key(s: Study) -> str:

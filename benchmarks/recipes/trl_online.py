@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "evading answer's standardised score (minialign online's --evasion-penalty)")
     p.add_argument("--evasion-routes", default="", help="--rm-routes values whose prompts --evasion-penalty applies "
                    "to (minialign online's --evasion-routes); empty: every prompt")
+    p.add_argument("--missing-eos-penalty", type=float, default=0.0, help="subtracted from the score of an answer "
+                   "cut at --max-new-tokens: TRL's own missing_eos_penalty (0: off), as minialign online's flag")
     p.add_argument("--reward-tokenizer", default="", help="default: final/tokenizer beside --reward-model")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16, help="prompts a step (2 answers each)")
@@ -90,10 +92,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.evasion_routes = ",".join(cfg.routes()[i] for i in cfg.evasion_route_ids() or ())
         except UserError as exc:
             p.error(str(exc))
-    for flag, value in (("--loop-penalty", args.loop_penalty), ("--evasion-penalty", args.evasion_penalty)):
+    for flag, value in (("--loop-penalty", args.loop_penalty), ("--evasion-penalty", args.evasion_penalty),
+                        ("--missing-eos-penalty", args.missing_eos_penalty)):
         if not math.isfinite(value) or value < 0:
             p.error(f"{flag} must be a finite number >= 0 (got {value:g})")
-        if value and not args.reward_models:  # TRL's own reward-model path has no place for it
+        # TRL's own reward-model path has no place for minialign's penalties; it applies missing_eos_penalty itself
+        if value and not args.reward_models and flag != "--missing-eos-penalty":
             p.error(f"{flag} works with --reward-models (minialign's scoring as TRL's reward function) only")
     return args
 
@@ -213,7 +217,7 @@ def main(argv=None) -> int:
         max_grad_norm=1.0, bf16=cuda, fp16=False, use_cpu=not cuda, gradient_checkpointing=False, logging_steps=10,
         save_strategy="no", eval_strategy="no", report_to="none", seed=args.seed, beta=[args.beta],
         max_new_tokens=args.max_new_tokens, max_length=args.max_length, temperature=args.temperature,
-        top_p=args.top_p, top_k=0, missing_eos_penalty=None, dataloader_drop_last=False)
+        top_p=args.top_p, top_k=0, missing_eos_penalty=args.missing_eos_penalty or None, dataloader_drop_last=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*max_new_tokens.*max_length.*")
         trainer = OnlineDPOTrainer(model=model, reward_funcs=rm, args=config, train_dataset=train,
@@ -232,7 +236,9 @@ def main(argv=None) -> int:
            "settings": {k: getattr(args, k) for k in ("beta", "lr", "temperature", "top_p", "max_new_tokens",
                                                       "max_length", "lora_r", "lora_alpha", "chat_template", "seed",
                                                       "reward_model", "reward_models", "rm_routes", "route_field",
-                                                      "loop_penalty", "evasion_penalty", "evasion_routes")},
+                                                      "loop_penalty", "evasion_penalty", "evasion_routes",
+                                                      "missing_eos_penalty")},
+           "trl_missing_eos_penalty": config.missing_eos_penalty,  # what TRL's trainer was given
            "device": torch.cuda.get_device_name() if cuda else "cpu", "adapter": str(out / "adapter"),
            "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                         "peft": peft.__version__, "datasets": datasets.__version__}}

@@ -167,7 +167,9 @@ def run_round(s: Session, k: int) -> dict:
     raw_combined = combine_scores(scores, cfg.weights(), cfg.combine, routes)
     looped, evaded = [loops(t) for t in texts], [evades(t) for t in texts]
     penalised = in_scope(evaded, routes.tolist(), cfg.evasion_route_ids())
+    cut = [not c.finished for c in completions]
     combined = penalise(penalise(raw_combined, looped, cfg.loop_penalty), penalised, cfg.evasion_penalty)
+    combined = penalise(combined, cut, cfg.missing_eos_penalty)
     t2 = time.perf_counter()
     grouped = [texts[i * n : (i + 1) * n] for i in range(len(picked))]
     pairing = form_pairs(combined.reshape(len(picked), n), grouped, cfg.min_gap)
@@ -191,6 +193,7 @@ def run_round(s: Session, k: int) -> dict:
              "below_gap": pairing.below_gap, "no_contrast": pairing.no_contrast,
              "penalised": sum(looped) if cfg.loop_penalty > 0 else 0,
              "evasion_share": sum(evaded) / len(evaded), "penalised_evasion": sum(penalised) if cfg.evasion_penalty > 0 else 0,
+             "penalised_cut": sum(cut) if cfg.missing_eos_penalty > 0 else 0,
              "score_mean": raw_combined.mean().item(),
              **rm_means(scores, cfg),
              "gap_mean": sum(x.gap for x in pairing.pairs) / len(pairing.pairs),

@@ -96,8 +96,8 @@ def in_scope(flags: Sequence[bool], routes: Sequence, scope: Collection | None) 
 
 
 def penalise(combined: torch.Tensor, flagged: Sequence[bool], penalty: float) -> torch.Tensor:
-    """``combined`` ``[K]`` minus ``penalty`` at each of the K answers whose flag is set (an answer that loops, or
-    one that evades)."""
+    """``combined`` ``[K]`` minus ``penalty`` at each of the K answers whose flag is set (an answer that loops, one
+    that evades, or one cut at the token limit)."""
     if len(flagged) != combined.numel():
         raise ValueError(f"{len(flagged)} flags for {combined.numel()} scores")
     return combined - penalty * torch.tensor(list(flagged), dtype=combined.dtype)

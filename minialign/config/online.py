@@ -47,6 +47,10 @@ class OnlineConfig(DPOConfig):
     evasion_penalty: float = opt(0.0, "subtracted from the combined score of each sampled answer that declines or "
                                  "deflects (the evasion share's rule), so that refusing stops winning pairs; on every "
                                  "prompt unless --evasion-routes names some (>= 0; 0: off)", group="online", metavar="E")
+    missing_eos_penalty: float = opt(0.0, "subtracted from the combined score of each sampled answer cut at "
+                                     "--max-new-tokens before it ended (TRL's missing_eos_penalty): reward models "
+                                     "never saw a cut answer in training and score them erratically, some above "
+                                     "finished ones (>= 0; 0: off)", group="online", metavar="C")
     evasion_routes: str = opt("", "with --combine route: the --rm-routes values whose prompts --evasion-penalty "
                               "applies to (e.g. helpful-base: declining a harmful request is not penalised); empty: "
                               "every prompt", group="online", metavar="V1[,V2...]")
@@ -72,6 +76,9 @@ class OnlineConfig(DPOConfig):
             (math.isfinite(self.evasion_penalty) and self.evasion_penalty >= 0, f"--evasion-penalty must be a finite "
              f"number >= 0 (got {self.evasion_penalty:g}): it lowers the score of answers that decline or deflect; 0 "
              "turns it off"),
+            (math.isfinite(self.missing_eos_penalty) and self.missing_eos_penalty >= 0, f"--missing-eos-penalty "
+             f"must be a finite number >= 0 (got {self.missing_eos_penalty:g}): it lowers the score of answers cut at "
+             "--max-new-tokens; 0 turns it off"),
             (self.rounds >= 1, f"--rounds must be >= 1 (got {self.rounds})"),
             (self.prompts_per_round >= 0, f"--prompts-per-round must be >= 0 (got {self.prompts_per_round}; 0: "
              "every training prompt each round)"),
