@@ -27,6 +27,7 @@ LIMIT = 64 * 2**20
 PIECE = 50_000_000  # the first GGUF piece's bytes: it rides with the wheels, the rest alone
 # Each planned call's carried folders (benchmarks/unsloth_gpu.sh and benchmarks/NOTES.md say what each runs).
 CALLS = {"stage": [".carry/a", ".whl", ".gl"], "join": [".carry/b"], "lite": [".whl", ".gl"], "unsloth": [".whlu"]}
+BUILT_BY = {".whlu": "unsloth_wheels.py"}  # a carried folder `build` does not make, and the script that does
 WHEELS = ["trl==1.16.0", "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19", "gguf==0.19.0"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "any"]
 # The shared files the GPU rows read (hh_plan's four HH files); not the gpt-neox tokenizer, which none of them reads.
@@ -45,17 +46,19 @@ def occupied(path: Path) -> tuple[int, int]:
 
 
 def tree_files(root: Path = ROOT) -> list[Path]:
-    """What travels without being named: tracked files and untracked ones git does not ignore."""
+    """What travels without being named: tracked files, untracked ones git does not ignore, and a shared/ folder."""
     out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
                          check=True, capture_output=True).stdout
-    return [root / n for n in sorted(set(out.decode().split("\0"))) if n and (root / n).is_file()]
+    listed = {root / n for n in out.decode().split("\0") if n and (root / n).is_file()}
+    return sorted(listed | (set(files_under(root / "shared")) if (root / "shared").is_dir() else set()))
 
 
 def call_sizes(carried: list[str], root: Path = ROOT) -> dict[str, int]:
     """One call's bytes and bytes on disk: the tree plus the carried folders (a missing folder is an error)."""
     missing = [c for c in carried if not (root / c).exists()]
     if missing:
-        raise FileNotFoundError(f"{', '.join(missing)} missing under {root}: run `python benchmarks/gpu_carry.py build`")
+        raise FileNotFoundError(f"{', '.join(missing)} missing under {root}: run " + " and ".join(
+            sorted({f"`python benchmarks/{BUILT_BY.get(c, 'gpu_carry.py build')}`" for c in missing})))
     parts = [occupied(p) for p in tree_files(root)] + [occupied(root / c) for c in carried]
     return {"bytes": sum(a for a, _ in parts), "on_disk": sum(b for _, b in parts)}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 
 from tests.conftest import load_benchmark
@@ -27,7 +28,7 @@ def _repo(tmp_path):
     (root / ".gitignore").write_text("/.carry/\n")
     (root / "code.py").write_text("x = 1\n")
     (root / ".carry").mkdir()
-    (root / ".carry" / "big").write_bytes(b"\0" * 20000)
+    (root / ".carry" / "big").write_bytes(os.urandom(20000))  # not zeros: a compressing file system shrinks those
     return root
 
 
@@ -45,6 +46,11 @@ def test_a_call_counts_the_tree_and_its_folders_by_bytes_and_by_disk_room(tmp_pa
     if size["on_disk"] > size["bytes"]:  # fits by bytes, not by room on disk: refused, as the tool would
         assert carry.check({"room": [".carry"]}, root, limit=size["bytes"]) == ["room"]
     assert carry.check({"gone": [".whl"]}, root) == ["gone"]  # a folder not built yet is a failed check
+    assert carry.check({"peer": [".whlu"]}, root) == ["peer"]
     out = capsys.readouterr().out
-    assert "OVER" in out and "gpu_carry.py build" in out
+    assert "OVER" in out and "`python benchmarks/gpu_carry.py build`" in out
+    assert "`python benchmarks/unsloth_wheels.py`" in out  # the script that makes that one
+    (root / "shared").mkdir()  # a shared/ folder travels too, ignored or not
+    (root / "shared" / "data").write_bytes(b"x" * 100)
+    assert carry.call_sizes([], root)["bytes"] == tree_only["bytes"] + 100
 

@@ -146,14 +146,12 @@ def test_trl_online_trains_on_the_prompts_minialign_online_sampled(tiny_rm, tiny
                                   "a", "--rm-routes", "harmless-base", "--evasion-penalty", "2", "--evasion-routes",
                                   " harmless-base ,"])
     assert args.evasion_routes == "harmless-base"  # read as minialign online reads it: stripped, empty parts dropped
-    args = trl_online.parse_args(["--model", "m", "--dataset", "d", "--prompts", "6", "--out", "x", "--reward-model",
-                                  "r", "--missing-eos-penalty", "2"])
-    assert args.missing_eos_penalty == 2.0  # TRL applies it itself, after any reward function
     for penalty in (["--evasion-penalty", "-1"], ["--loop-penalty", "inf"], ["--evasion-routes", "harmless-base"],
                     ["--missing-eos-penalty", "-1"],
                     ["--evasion-penalty", "2", "--evasion-routes", "helpful-base"],
                     ["--evasion-penalty", "2", "--evasion-routes", ","],
-                    ["--reward-model", "r", "--evasion-penalty", "2"]):  # the last: no place for it
+                    ["--reward-model", "r", "--evasion-penalty", "2"],  # no place for it
+                    ["--reward-model", "r", "--missing-eos-penalty", "2"]):  # raw logits there: another scale
         with pytest.raises(SystemExit):
             trl_online.parse_args(["--model", "m", "--dataset", "d", "--prompts", "6", "--out", "x",
                                    *(["--reward-models", "a", "--rm-routes", "harmless-base"]

@@ -3,12 +3,13 @@
 
     python benchmarks/recipes/hh_answers.py --online RUN [RUN ...] --eval EVAL.json [EVAL.json ...] [--json-out F]
 
-``--online``: `minialign online` run folders; every ``round-*/samples.jsonl`` is read and, per axis (the reward
-model that scored a prompt, ``--rm-routes`` order), the mean score of answers that ended before ``max_new_tokens``
-against those cut there, the mean score of ended answers by length, and how the round's pairs (each prompt's highest
-against lowest combined score, as `minialign online` forms them) differ in length, cuts, loops and evasion.
-``--eval``: `minialign eval --suite` results; per axis the win rate split by whether the starting model's answer
-looped and whether the policy's evaded, and the judge's mean score of each side's answers by how they ended.
+``--online``: `minialign online` run folders; every round's ``samples.jsonl`` and ``pairs.jsonl`` are read and, per
+axis (the reward model that scored a prompt, ``--rm-routes`` order), the mean score of answers that ended before
+``max_new_tokens`` against those cut there (answers that loop left out of both), the mean score of ended answers by
+length, and how the chosen and rejected answers of the pairs the round trained on differ in length, cuts, loops and
+evasion. ``--eval``: `minialign eval --suite` results; per axis the win rate (ties 1/2) split by whether the starting
+model's answer looped and whether the policy's evaded, and the judge's mean score of each side's answers by how they
+ended.
 
 It answers why a policy that wins on one axis loses on the other: which answers the signal it trained on prefers.
 """
@@ -17,7 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
+import shlex
+import sys
 from pathlib import Path
 from statistics import mean
 
@@ -45,36 +47,44 @@ def by_length(answers: list[dict], score) -> dict[str, dict]:
     return out
 
 
-def sample_stats(samples: list[dict], axes=AXES) -> dict[str, dict]:
-    """Per axis: the reward model's score of ended against cut answers, by length, and the pairs' make-up."""
+def sample_stats(samples: list[dict], pairs: list[dict], axes=AXES) -> dict[str, dict]:
+    """Per axis: the reward model's score of ended against cut answers (answers that loop left out), ended answers
+    by length, and the make-up of the round's pairs (``pairs.jsonl``: the pairs `minialign online` trained on)."""
+    by_text = {}
+    for s in samples:
+        by_text.setdefault((s["row"], s["text"]), s)
     out = {}
     for i, axis in enumerate(axes):
         mine = [s for s in samples if s["scores"][i] is not None]
         if not mine:
             continue
         score = lambda s, i=i: s["scores"][i]  # noqa: E731
-        prompts = defaultdict(list)
-        for s in mine:
-            prompts[s["row"]].append(s)
-        pairs = [(max(g, key=lambda s: s["combined"]), min(g, key=lambda s: s["combined"]))
-                 for g in prompts.values() if len(g) > 1]
-        side = {name: {"tokens": _mean(p[k]["n_tokens"] for p in pairs), "cut": _mean(cut(p[k]) for p in pairs),
-                       "loops": _mean(bool(p[k]["loops"]) for p in pairs),
-                       "evades": _mean(bool(p[k].get("evades")) for p in pairs)}
+        rows = {s["row"] for s in mine}
+        kept = [(by_text[p["row"], p["chosen"]], by_text[p["row"], p["rejected"]]) for p in pairs if p["row"] in rows]
+        side = {name: {"tokens": _mean(p[k]["n_tokens"] for p in kept), "cut": _mean(cut(p[k]) for p in kept),
+                       "loops": _mean(bool(p[k]["loops"]) for p in kept),
+                       "evades": _mean(bool(p[k].get("evades")) for p in kept)}
                 for k, name in ((0, "chosen"), (1, "rejected"))}
         clean = [s for s in mine if not s["loops"]]
         out[axis] = {"answers": len(mine), "ended_mean": _mean(score(s) for s in clean if not cut(s)),
                      "cut_mean": _mean(score(s) for s in clean if cut(s)), "cut_share": _mean(cut(s) for s in mine),
-                     "ended_by_length": by_length(clean, score), "pairs": len(pairs), **side}
+                     "ended_by_length": by_length(clean, score), "pairs": len(kept), **side}
     return out
 
 
+def won(rows: list[tuple[dict, dict]]) -> float | None:
+    """The policy's win rate over (policy, reference) answers by judge score, a tie counting 1/2 (as `minialign
+    eval` counts it)."""
+    return _mean(1.0 if q["judge_score"] > r["judge_score"] else 0.5 if q["judge_score"] == r["judge_score"] else 0.0
+                 for q, r in rows)
+
+
 def eval_stats(ev: dict) -> dict[str, dict]:
-    """Per axis of a suite eval.json: win rate by the reference's loops and the policy's evasion, judge scores."""
+    """Per axis of a suite eval.json: win rate by the reference's loops and the policy's evasion; the judge's mean
+    score of each side's ended and cut answers (answers that loop apart) and of its ended answers by length."""
     out = {}
     for axis, body in ev["axes"].items():
         rows = [(p["policy"]["greedy"][0], p["reference"]["greedy"][0]) for p in body["prompts"]]
-        won = lambda rs: _mean(q["judge_score"] > r["judge_score"] for q, r in rs)  # noqa: E731
         sides = {}
         for k, name in ((0, "policy"), (1, "reference")):
             answers = [pair[k] for pair in rows]
@@ -96,13 +106,17 @@ def main(argv=None) -> int:
     p.add_argument("--online", nargs="*", default=[], help="minialign online run folders")
     p.add_argument("--eval", nargs="*", default=[], help="minialign eval --suite eval.json files")
     p.add_argument("--json-out", help="write the numbers here")
+    p.add_argument("--source", default="", help="where the answers came from (a device call, a NOTES entry), recorded")
     args = p.parse_args(argv)
-    result: dict = {"online": {}, "eval": {}}
+    command = shlex.join(["python", "benchmarks/recipes/hh_answers.py", *(sys.argv[1:] if argv is None else argv)])
+    result: dict = {"command": command, "source": args.source, "online": {}, "eval": {}}
     for run in map(Path, args.online):
-        rounds = sorted(run.glob("round-*/samples.jsonl"))
+        rounds = sorted(f.parent for f in run.glob("round-*/samples.jsonl") if (f.parent / "pairs.jsonl").is_file())
         if not rounds:
-            p.error(f"--online {run}: no round-*/samples.jsonl (not a `minialign online` run folder?)")
-        result["online"][str(run)] = {f.parent.name: sample_stats([json.loads(x) for x in f.open()]) for f in rounds}
+            p.error(f"--online {run}: no round-*/ with samples.jsonl and pairs.jsonl (not a `minialign online` run "
+                    "folder?)")
+        result["online"][str(run)] = {d.name: sample_stats(*[[json.loads(x) for x in (d / f).open()]
+                                                            for f in ("samples.jsonl", "pairs.jsonl")]) for d in rounds}
     for f in map(Path, args.eval):
         result["eval"][str(f)] = eval_stats(json.loads(f.read_text()))
     text = json.dumps(result, indent=1)

@@ -94,7 +94,8 @@ CANDIDATES: dict[str, dict] = {
     "r2-rpo1-lp4-g-ep2-n8": {"rounds": 2, "prompts_per_round": 500, "samples": 8, "beta": 0.1, "rpo_alpha": 1.0,
                              "loop_penalty": 4.0, "evasion_penalty": 2.0, "greedy_sample": True},
     # cut answers lose their pairs (TRL's missing_eos_penalty): the harmless reward model scored answers cut at 128
-    # tokens above ended ones (1.01 against -0.93 in round 1), both judges score them below (results/hh-answers.json)
+    # tokens above ended ones (1.01 against -0.93 in r2-rpo1-lp4-g's round 1), while both judges scored that
+    # policy's cut answers below its ended ones (results/hh-answers.json)
     "r2-rpo1-lp4-g-ep2-me2": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0,
                               "loop_penalty": 4.0, "evasion_penalty": 2.0, "missing_eos_penalty": 2.0,
                               "greedy_sample": True},

@@ -61,8 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "evading answer's standardised score (minialign online's --evasion-penalty)")
     p.add_argument("--evasion-routes", default="", help="--rm-routes values whose prompts --evasion-penalty applies "
                    "to (minialign online's --evasion-routes); empty: every prompt")
-    p.add_argument("--missing-eos-penalty", type=float, default=0.0, help="subtracted from the score of an answer "
-                   "cut at --max-new-tokens: TRL's own missing_eos_penalty (0: off), as minialign online's flag")
+    p.add_argument("--missing-eos-penalty", type=float, default=0.0, help="with --reward-models: subtracted by TRL "
+                   "(its missing_eos_penalty) from the standardised score of an answer without an EOS token, as "
+                   "minialign online's flag (0: off)")
     p.add_argument("--reward-tokenizer", default="", help="default: final/tokenizer beside --reward-model")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16, help="prompts a step (2 answers each)")
@@ -96,8 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         ("--missing-eos-penalty", args.missing_eos_penalty)):
         if not math.isfinite(value) or value < 0:
             p.error(f"{flag} must be a finite number >= 0 (got {value:g})")
-        # TRL's own reward-model path has no place for minialign's penalties; it applies missing_eos_penalty itself
-        if value and not args.reward_models and flag != "--missing-eos-penalty":
+        # TRL's own reward-model path has no place for minialign's penalties, and there TRL would subtract
+        # --missing-eos-penalty from raw reward-model logits, not from the standardised scores minialign penalises
+        if value and not args.reward_models:
             p.error(f"{flag} works with --reward-models (minialign's scoring as TRL's reward function) only")
     return args
 
