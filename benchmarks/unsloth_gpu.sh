@@ -35,6 +35,8 @@
 # reward model an axis, summed), `hh-routed` (the same two, each prompt scored by its own axis's model; candidates
 # $HH_CANDIDATES, then TRL's OnlineDPOTrainer given the same routed scoring and the timing, unless HH_TRL is set empty,
 # then the independent check on the held-out helpful files, `heldout`).
+# A study session (NOTES entry 34): `stage` (carry .carry/a .whl .gl), at once `study CANDIDATES` (carry .carry/b),
+# then `study-wait` until the study's exit code shows.
 # Results: $OUT/unsloth-peer.json and .md (bench_e2e's format), profile-decode.json, hh-two-axes.json/.md, state.json.
 set -u
 W=/tmp/uns
@@ -139,9 +141,14 @@ row() {
   esac
 }
 
-# collect: follow the rows (see follow), then copy every result any row writes (absent ones are skipped) to $OUT.
+# collect: follow the rows (see follow), then gather.
 collect() {
   follow $W "^\[(rows|e2e|hh2)\]|Error|error:|Traceback" 70
+  gather
+}
+
+# gather: copy every result any row writes (absent ones are skipped) to $OUT, with the logs.
+gather() {
   cp $W/unsloth-peer.json $W/unsloth-peer.md $W/profile-decode*.json $W/tune-triton.json $W/decode-random.json $W/decode-sample.json $W/check-graphs.json $W/memory-peak.json \
     /tmp/hh2/hh-two-axes.json /tmp/hh2/hh-two-axes.md /tmp/hh2/state.json "$OUT"/ 2>/dev/null
   tar czf "$OUT"/logs.tgz -C $W log.txt e2e/logs 2>/dev/null
@@ -186,6 +193,36 @@ m.to(torch.bfloat16).save_pretrained(sys.argv[2]); t.AutoTokenizer.from_pretrain
     TOK=/tmp/smollm2-tok bash benchmarks/unsloth_gpu.sh row \$r; done"
   collect
   ;;
+stage)
+  # A study session's first call (carry .carry/a .whl .gl): the first GGUF piece and the wheels staged for `study`,
+  # lite's ROWS launched (default: the decoder race, timed alone, then sft-order, learning only, which may share the
+  # GPU with the study); it returns once the first row has ended, so `study` can start at once.
+  mkdir -p /tmp/stage && cp .carry/a/part_00 /tmp/ && cp -r .whl /tmp/stage/whl || exit 1
+  WAIT_S=0 bash "$0" lite "${2:-bench-decode-random,sft-order}" > /dev/null
+  until_lines $W "^\[rows\] " 2
+  gather
+  ;;
+study)
+  # The second call, right after `stage` on the same machine (carry .carry/b): join the GGUF, launch the two-axis
+  # study's routed phases with candidates $2 (without TRL's online peer and the timing unless HH_TRL is set to
+  # ",trl-online,timing"), follow it.
+  [ -f /tmp/part_00 ] && [ -d /tmp/repo ] || { echo "this machine has no staged piece: run stage first"; exit 3; }
+  cp .carry/b/part_01 /tmp/ && cat /tmp/part_00 /tmp/part_01 > /tmp/model.gguf && sha256sum /tmp/model.gguf || exit 1
+  cd /tmp/repo
+  HH_TRL=${HH_TRL-} HH_CANDIDATES=${2:?"usage: $0 study CANDIDATES"} \
+    launch /tmp/hh2 "bash benchmarks/unsloth_gpu.sh row hh-routed"
+  follow /tmp/hh2 "^\[hh2\]|Error|error:|Traceback" 40
+  gather
+  ;;
+study-wait)
+  # Later calls: follow the study, then bring back its summary, the lite rows' results and its small files.
+  cd /tmp/repo 2>/dev/null || { echo "nothing runs on this machine: it was handed back; start again"; exit 3; }
+  follow /tmp/hh2 "^\[hh2\]|Error|error:|Traceback" 40
+  grep -E "^\[rows\]|Error|Traceback" $W/log.txt | tail -10
+  gather
+  pack /tmp/hh2 hh2-runs
+  ;;
 row) shift; row "$@" ;;
-*) echo "usage: $0 start [ROWS] | lite [ROWS] | wait | row NAME"; exit 2 ;;
+*) echo "usage: $0 start [ROWS] | lite [ROWS] | wait | row NAME | stage [ROWS] | study CANDIDATES | study-wait"
+   exit 2 ;;
 esac

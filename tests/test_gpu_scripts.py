@@ -41,3 +41,16 @@ def test_launch_follow_and_pack(tmp_path):
 def test_follow_on_a_bare_machine_says_so_at_once(tmp_path):
     gone = _bash(f"follow {tmp_path / 'gone'} x", tmp_path)
     assert gone.returncode == 3 and "it was handed back; start again" in gone.stdout
+
+
+def test_until_lines_returns_once_the_awaited_step_has_ended_with_the_rest_still_running(tmp_path):
+    w = tmp_path / "w"
+    got = _bash(f'launch {w} "echo [rows] a; sleep 1; echo [rows] b; sleep 20; echo [rows] c"; '
+                f'until_lines {w} "^\\[rows\\] " 2', tmp_path)
+    assert got.stdout.splitlines() == ["[rows] a", "[rows] b"], got.stderr
+    assert not (w / "DONE").exists()  # the third step runs on, detached
+    finished = _bash(f'launch {tmp_path / "v"} "echo [rows] only"; until_lines {tmp_path / "v"} "^\\[rows\\] " 2',
+                     tmp_path)
+    assert finished.stdout.splitlines() == ["[rows] only"]  # fewer lines than asked for: it ends with the work
+    gone = _bash(f"until_lines {tmp_path / 'gone'} x 1", tmp_path)
+    assert gone.returncode == 3 and "it was handed back; start again" in gone.stdout

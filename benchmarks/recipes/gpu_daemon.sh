@@ -25,6 +25,18 @@ follow() {
   if [ -f "$1/DONE" ]; then echo "exit code $(cat "$1/DONE")"; fi
 }
 
+# until_lines W PATTERN N: wait until N lines of W/log.txt match PATTERN (grep -E), W/DONE exists or WAIT_S seconds
+# (default 540) have passed, then print the matching lines: a call can end as soon as the step it waits for has
+# ended, with later steps still running detached (the device time a call holds is what counts).
+until_lines() {
+  [ -f "$1/log.txt" ] || { echo "nothing runs on this machine ($1/log.txt missing): it was handed back; start again"; exit 3; }
+  local end=$(( $(date +%s) + ${WAIT_S:-540} ))
+  while [ "$(grep -cE "$2" "$1/log.txt")" -lt "$3" ] && [ ! -f "$1/DONE" ] && [ "$(date +%s)" -lt "$end" ]; do
+    sleep 5
+  done
+  grep -E "$2" "$1/log.txt" | cut -c1-300
+}
+
 # pack W NAME: W's small files (no weights, checkpoints, caches, tokenizers, models) as $OUT/NAME.tgz.
 pack() {
   tar czf "$OUT/$2.tgz" -C "$1" --exclude='*.safetensors' --exclude='*.pt' --exclude=checkpoints --exclude=cache \
