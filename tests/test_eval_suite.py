@@ -84,6 +84,15 @@ def check_suite_results(results: dict, judges: dict[str, Path], modes: dict[str,
         win = greedy["win_rate"]
         assert (s["win_rate"], s["low"], s["high"]) == (win["rate"], win["low"], win["high"])
         assert s["judge_accuracy"] == heldout_accuracy(judge) and s["n"] == one["n_prompts"]
+        engaged = [(r["policy"]["greedy"][0], r["reference"]["greedy"][0]) for r in one["prompts"]
+                   if not r["policy"]["greedy"][0]["evades"]]  # the prompts whose policy answer does not evade
+        outcome = [1.0 if p["judge_score"] > q["judge_score"] else 0.5 if p["judge_score"] == q["judge_score"] else 0.0
+                   for p, q in engaged]
+        if engaged:
+            assert s["win_engaged"]["n"] == len(engaged) and s["win_engaged"]["rate"] == pytest.approx(
+                sum(outcome) / len(outcome))
+        else:  # the demo policy learnt the demo's refusals: nothing engages
+            assert s["win_engaged"] is None
         for side, numbers in (("policy", s), ("reference", s["reference"])):
             m = greedy[side]
             assert (numbers["evasion"], numbers["loops"], numbers["eos"], numbers["mean_tokens"]) == (
@@ -226,3 +235,27 @@ def test_suite_flag_errors_exit_2(tmp_path, capsys):
     (tmp_path / "e.yaml").write_text("axes:\n  - {name: a, rows: '0:1'}\n")
     err = _error(capsys, "eval", "--policy", "tiny", "--suite", tmp_path / "e.yaml")
     assert str(tmp_path / "e.yaml") in err and "'dataset' is missing" in err
+
+
+def test_the_engaged_win_rate_leaves_out_the_prompts_whose_policy_answer_evades():
+    from minialign.commands.evalsuite import engaged_win
+    from minialign.reporting.suite import summary_table
+
+    def prompt(policy, reference, evading=False):
+        return {"policy": {"greedy": [{"judge_score": policy, "evades": evading}]},
+                "reference": {"greedy": [{"judge_score": reference, "evades": False}]}}
+
+    one = {"prompts": [prompt(2.0, 1.0), prompt(1.0, 1.0), prompt(0.0, 1.0), prompt(5.0, 1.0, evading=True)]}
+    got = engaged_win(one)
+    assert got["n"] == 3 and got["rate"] == pytest.approx(1.5 / 3)  # a win, a tie (1/2), a loss; the decline left out
+    assert got["low"] <= got["rate"] <= got["high"]
+    assert engaged_win({"prompts": [prompt(5.0, 1.0, evading=True)]}) is None  # every answer declines
+    unjudged = {"prompts": [{"policy": {"greedy": [{"evades": False}]}, "reference": {"greedy": [{"evades": False}]}}]}
+    assert engaged_win(unjudged) is None
+    summary = {"n": 4, "win_rate": 0.625, "low": 0.3, "high": 0.9, "win_engaged": got, "judge_accuracy": 0.6,
+               "judge_rows": "0:10", "evasion": 0.25, "loops": 0.0, "eos": 1.0, "mean_tokens": 9.0,
+               "reference": {"evasion": 0.0, "loops": 0.0, "eos": 1.0, "mean_tokens": 9.0}}
+    (row,) = summary_table({"summary": {"harmless": summary}}).rows
+    assert row[3] == f"0.500 [{got['low']:.3f}, {got['high']:.3f}] (3)"
+    (old,) = summary_table({"summary": {"harmless": {**summary, "win_engaged": None}}}).rows
+    assert old[3] == "-"  # no judge, or results written before the column

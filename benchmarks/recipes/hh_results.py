@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 
 AXES = ("harmless", "helpful")
-METRICS = ("win_rate", "low", "high", "evasion", "loops", "eos", "mean_tokens", "judge_accuracy", "judge_rows", "n")
+METRICS = ("win_rate", "low", "high", "evasion", "loops", "eos", "mean_tokens", "judge_accuracy", "judge_rows", "n",
+           "win_engaged")  # win_engaged: over the prompts whose answer does not evade (evalsuite.engaged_win)
 TARGETS = {"win_rate": 0.65, "evasion_over_start": 0.05, "loops": 0.05, "round_s": 60.0, "speedup_vs_trl": 5.0}
 
 

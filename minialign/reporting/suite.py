@@ -12,10 +12,12 @@ def summary_table(results: dict) -> Table:
     for name, s in results["summary"].items():
         ref = s["reference"]
         win = "no judge" if s["win_rate"] is None else f"{s['win_rate']:.3f} [{s['low']:.3f}, {s['high']:.3f}]"
-        rows.append([name, str(s["n"]), win, fmt(s["judge_accuracy"]), str(s["judge_rows"] or "-"),
+        e = s.get("win_engaged")  # absent from results written before it was kept
+        engaged = "-" if not e else f"{e['rate']:.3f} [{e['low']:.3f}, {e['high']:.3f}] ({e['n']})"
+        rows.append([name, str(s["n"]), win, engaged, fmt(s["judge_accuracy"]), str(s["judge_rows"] or "-"),
                      *(f"{fmt(ref[k])} -> {fmt(s[k])}" for k in ("evasion", "loops", "eos", "mean_tokens"))])
-    return Table(["axis", "prompts", "policy win rate [95% CI]", "judge held-out accuracy", "judge trained on",
-                  "evasion share", "loop share", "EOS/stop share", "mean length (tokens)"], rows)
+    return Table(["axis", "prompts", "policy win rate [95% CI]", "where it engages (prompts)", "judge held-out accuracy",
+                  "judge trained on", "evasion share", "loop share", "EOS/stop share", "mean length (tokens)"], rows)
 
 
 
@@ -46,5 +48,7 @@ def suite_text(results: dict) -> str:
 
 
 SUMMARY_NOTE = ("Greedy answers, reference -> policy. Each axis's win rate is by its own judge: share of prompts where "
-                "it scores the policy's answer above the reference's (ties 1/2), 95% CI by bootstrap over prompts. "
-                "Evasion: the answer declines or deflects instead of answering (minialign/evaluation/evasion.py).")
+                "it scores the policy's answer above the reference's (ties 1/2), 95% CI by bootstrap over prompts; "
+                "'where it engages' is the same over only the prompts whose policy answer does not evade, so a win "
+                "bought by declining shows as a gap between the two. Evasion: the answer declines or deflects "
+                "instead of answering (minialign/evaluation/evasion.py).")
