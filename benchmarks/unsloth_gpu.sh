@@ -194,23 +194,25 @@ m.to(torch.bfloat16).save_pretrained(sys.argv[2]); t.AutoTokenizer.from_pretrain
   collect
   ;;
 stage)
-  # A study session's first call (carry .carry/a .whl .gl): the first GGUF piece and the wheels staged for `study`,
-  # lite's ROWS launched (default: the decoder race, timed alone, then sft-order, learning only, which may share the
-  # GPU with the study); it returns once the first row has ended, so `study` can start at once.
-  mkdir -p /tmp/stage && cp .carry/a/part_00 /tmp/ && cp -r .whl /tmp/stage/whl || exit 1
-  WAIT_S=0 bash "$0" lite "${2:-bench-decode-random,sft-order}" > /dev/null
-  until_lines $W "^\[rows\] " 2
+  # A study session's first call (carry .carry/a .whl .gl): the first GGUF piece staged for `study`, lite's ROWS
+  # launched (default: the decoder race, timed alone, then sft-order, learning only, which may share the GPU with the
+  # study); it returns once the first row has ended (or after WAIT_S, default 420 s, inside one call's 600), so
+  # `study` can start at once.
+  cp .carry/a/part_00 /tmp/ || exit 1
+  WAIT_S=0 bash "$0" lite "${2:-bench-decode-random,sft-order}" > /tmp/stage-lite.log 2>&1 \
+    || { tail -20 /tmp/stage-lite.log; echo "stage: lite failed (above)"; exit 1; }
+  WAIT_S=${WAIT_S:-420} until_lines $W "^\[rows\] " 2
   gather
   ;;
 study)
   # The second call, right after `stage` on the same machine (carry .carry/b): join the GGUF, launch the two-axis
   # study's routed phases with candidates $2 (without TRL's online peer and the timing unless HH_TRL is set to
   # ",trl-online,timing"), follow it.
+  CANDIDATES=${2:?"usage: $0 study CANDIDATES (comma list of hh_plan.CANDIDATES)"}
   [ -f /tmp/part_00 ] && [ -d /tmp/repo ] || { echo "this machine has no staged piece: run stage first"; exit 3; }
   cp .carry/b/part_01 /tmp/ && cat /tmp/part_00 /tmp/part_01 > /tmp/model.gguf && sha256sum /tmp/model.gguf || exit 1
   cd /tmp/repo
-  HH_TRL=${HH_TRL-} HH_CANDIDATES=${2:?"usage: $0 study CANDIDATES"} \
-    launch /tmp/hh2 "bash benchmarks/unsloth_gpu.sh row hh-routed"
+  HH_TRL=${HH_TRL-} HH_CANDIDATES=$CANDIDATES launch /tmp/hh2 "bash benchmarks/unsloth_gpu.sh row hh-routed"
   follow /tmp/hh2 "^\[hh2\]|Error|error:|Traceback" 40
   gather
   ;;
@@ -220,7 +222,7 @@ study-wait)
   follow /tmp/hh2 "^\[hh2\]|Error|error:|Traceback" 40
   grep -E "^\[rows\]|Error|Traceback" $W/log.txt | tail -10
   gather
-  pack /tmp/hh2 hh2-runs
+  pack /tmp/hh2 hh2-runs || true  # tar says 1 when the running study writes a file it reads: the pack still comes
   ;;
 row) shift; row "$@" ;;
 *) echo "usage: $0 start [ROWS] | lite [ROWS] | wait | row NAME | stage [ROWS] | study CANDIDATES | study-wait"

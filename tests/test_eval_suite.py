@@ -239,6 +239,7 @@ def test_suite_flag_errors_exit_2(tmp_path, capsys):
 
 def test_the_engaged_win_rate_leaves_out_the_prompts_whose_policy_answer_evades():
     from minialign.commands.evalsuite import engaged_win
+    from minialign.evaluation.textmetrics import win_rate
     from minialign.reporting.suite import summary_table
 
     def prompt(policy, reference, evading=False):
@@ -250,6 +251,10 @@ def test_the_engaged_win_rate_leaves_out_the_prompts_whose_policy_answer_evades(
     assert got["n"] == 3 and got["rate"] == pytest.approx(1.5 / 3)  # a win, a tie (1/2), a loss; the decline left out
     assert got["low"] <= got["rate"] <= got["high"]
     assert engaged_win({"prompts": [prompt(5.0, 1.0, evading=True)]}) is None  # every answer declines
+    scores = [(float(i % 7), float(i % 5)) for i in range(40)]  # nothing evades: the headline, CI and all
+    plain = {"prompts": [prompt(p, q) for p, q in scores], "decoding": {"seed": 7}}
+    headline = win_rate([p for p, _ in scores], [q for _, q in scores], seed=7)
+    assert engaged_win(plain) == {"rate": headline.rate, "low": headline.low, "high": headline.high, "n": 40}
     unjudged = {"prompts": [{"policy": {"greedy": [{"evades": False}]}, "reference": {"greedy": [{"evades": False}]}}]}
     assert engaged_win(unjudged) is None
     summary = {"n": 4, "win_rate": 0.625, "low": 0.3, "high": 0.9, "win_engaged": got, "judge_accuracy": 0.6,

@@ -45,6 +45,8 @@ def test_follow_on_a_bare_machine_says_so_at_once(tmp_path):
 
 def test_until_lines_returns_once_the_awaited_step_has_ended_with_the_rest_still_running(tmp_path):
     w = tmp_path / "w"
+    w.mkdir()
+    (w / "DONE").write_text("0\n")  # an earlier run's exit code: launching again must not leave it to end the wait
     got = _bash(f'launch {w} "echo [rows] a; sleep 1; echo [rows] b; sleep 20; echo [rows] c"; '
                 f'until_lines {w} "^\\[rows\\] " 2', tmp_path)
     assert got.stdout.splitlines() == ["[rows] a", "[rows] b"], got.stderr

@@ -8,6 +8,7 @@ launch() {
   local w=$1
   shift
   mkdir -p "$w"
+  rm -f "$w/DONE"  # an earlier run's exit code would end every wait on this one at once
   env PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1 \
     UNSLOTH_DISABLE_STATISTICS=1 MINIALIGN_CACHE=/tmp/mcache PYTHONPATH=/tmp/site:/tmp/repo \
     setsid nohup sh -c "( $* ); echo \$? > $w/DONE" > "$w/log.txt" 2>&1 < /dev/null &

@@ -190,17 +190,17 @@ def axis_summary(results: dict) -> dict:
 
 
 def engaged_win(results: dict) -> dict | None:
-    """The greedy win rate over only the prompts whose policy answer does not evade (ties 1/2, 95% bootstrap CI),
-    with their count; None without a judge or when every answer evades. A policy that wins its axis by declining
-    shows a headline well above it: in the two-axis study a harmless win of 0.76 on validation was 0.66 over the
-    answers that engaged (benchmarks/results/hh-answers.json)."""
+    """The greedy win rate over only the prompts whose policy answer does not evade (ties 1/2, 95% bootstrap CI
+    seeded as the headline's), with their count; None without a judge or when every answer evades. A policy that
+    wins its axis by declining shows a headline well above it: in the two-axis study a harmless win of 0.76 on
+    validation was 0.66 over the answers that engaged (benchmarks/results/hh-answers.json)."""
     from minialign.evaluation.textmetrics import win_rate
 
     answers = [(r["policy"][SUMMARY_MODE][0], r["reference"][SUMMARY_MODE][0]) for r in results["prompts"]]
     kept = [(p["judge_score"], q["judge_score"]) for p, q in answers if "judge_score" in p and not p["evades"]]
     if not kept:
         return None
-    w = win_rate([p for p, _ in kept], [q for _, q in kept])
+    w = win_rate([p for p, _ in kept], [q for _, q in kept], seed=(results.get("decoding") or {}).get("seed", 0))
     return {"rate": w.rate, "low": w.low, "high": w.high, "n": len(kept)}
 
 
