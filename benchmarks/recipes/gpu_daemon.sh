@@ -15,26 +15,30 @@ launch() {
   sleep 5
 }
 
-# follow W PATTERN [LINES]: wait until W/DONE exists or WAIT_S seconds (default 540) have passed, then print the last
-# LINES (default 60) log lines matching PATTERN (grep -E) and, once done, the exit code. A machine handed back
-# between calls comes back bare: that is said at once (exit 3) rather than waited on.
-follow() {
-  [ -f "$1/log.txt" ] || { echo "nothing runs on this machine ($1/log.txt missing): it was handed back; start again"; exit 3; }
-  local end=$(( $(date +%s) + ${WAIT_S:-540} ))
-  while [ ! -f "$1/DONE" ] && [ "$(date +%s)" -lt "$end" ]; do sleep 10; done
-  grep -E "$2" "$1/log.txt" | cut -c1-300 | tail -"${3:-60}"
-  if [ -f "$1/DONE" ]; then echo "exit code $(cat "$1/DONE")"; fi
-}
-
-# until_lines W PATTERN N: wait until N lines of W/log.txt match PATTERN (grep -E), W/DONE exists or WAIT_S seconds
-# (default 540) have passed, then print the matching lines: a call can end as soon as the step it waits for has
-# ended, with later steps still running detached (the device time a call holds is what counts).
-until_lines() {
+# await_lines W PATTERN N: wait until N lines of W/log.txt match PATTERN (grep -E), W/DONE exists or WAIT_S seconds
+# (default 540) have passed. A machine handed back between calls comes back bare: that is said at once (exit 3)
+# rather than waited on.
+await_lines() {
   [ -f "$1/log.txt" ] || { echo "nothing runs on this machine ($1/log.txt missing): it was handed back; start again"; exit 3; }
   local end=$(( $(date +%s) + ${WAIT_S:-540} ))
   while [ "$(grep -cE "$2" "$1/log.txt")" -lt "$3" ] && [ ! -f "$1/DONE" ] && [ "$(date +%s)" -lt "$end" ]; do
     sleep 5
   done
+}
+
+# follow W PATTERN [LINES]: wait until the work is done (W/DONE) or WAIT_S have passed, then print the last LINES
+# (default 60) log lines matching PATTERN and, once done, the exit code.
+follow() {
+  await_lines "$1" "$2" 1000000000
+  grep -E "$2" "$1/log.txt" | cut -c1-300 | tail -"${3:-60}"
+  if [ -f "$1/DONE" ]; then echo "exit code $(cat "$1/DONE")"; fi
+}
+
+# until_lines W PATTERN N: the same wait, ended as well by the N-th matching line, then the matching lines: a call
+# can end as soon as the step it waits for has ended, with later steps still running detached (the device time a
+# call holds is what counts).
+until_lines() {
+  await_lines "$1" "$2" "$3"
   grep -E "$2" "$1/log.txt" | cut -c1-300
 }
 

@@ -73,10 +73,12 @@ def sample_stats(samples: list[dict], pairs: list[dict], axes=AXES) -> dict[str,
 
 
 def won(rows: list[tuple[dict, dict]]) -> float | None:
-    """The policy's win rate over (policy, reference) answers by judge score, a tie counting 1/2 (as `minialign
-    eval` counts it)."""
-    return _mean(1.0 if q["judge_score"] > r["judge_score"] else 0.5 if q["judge_score"] == r["judge_score"] else 0.0
-                 for q, r in rows)
+    """The policy's win rate over (policy, reference) answers by judge score: `minialign eval`'s own (ties 1/2)."""
+    from minialign.evaluation.textmetrics import win_rate
+
+    if not rows:
+        return None
+    return round(win_rate([q["judge_score"] for q, _ in rows], [r["judge_score"] for _, r in rows]).rate, 3)
 
 
 def eval_stats(ev: dict) -> dict[str, dict]:

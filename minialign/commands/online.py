@@ -166,10 +166,12 @@ def run_round(s: Session, k: int) -> dict:
                            cfg.rm_batch_size)  # [M, P * N]
     raw_combined = combine_scores(scores, cfg.weights(), cfg.combine, routes)
     looped, evaded = [loops(t) for t in texts], [evades(t) for t in texts]
-    penalised = in_scope(evaded, routes.tolist(), cfg.evasion_route_ids())
-    cut = [not c.finished for c in completions]
-    combined = penalise(penalise(raw_combined, looped, cfg.loop_penalty), penalised, cfg.evasion_penalty)
-    combined = penalise(combined, cut, cfg.missing_eos_penalty)
+    penalties = {"penalised": (looped, cfg.loop_penalty),  # rounds.jsonl's count -> (flags, what each loses)
+                 "penalised_evasion": (in_scope(evaded, routes.tolist(), cfg.evasion_route_ids()), cfg.evasion_penalty),
+                 "penalised_cut": ([not c.finished for c in completions], cfg.missing_eos_penalty)}
+    combined = raw_combined
+    for flags, penalty in penalties.values():
+        combined = penalise(combined, flags, penalty)
     t2 = time.perf_counter()
     grouped = [texts[i * n : (i + 1) * n] for i in range(len(picked))]
     pairing = form_pairs(combined.reshape(len(picked), n), grouped, cfg.min_gap)
@@ -191,9 +193,8 @@ def run_round(s: Session, k: int) -> dict:
     save_round_weights(s.run_dir, k, s.model, cfg.keep_last)
     stats = {"round": k, "prompts": len(picked), "answers": len(texts), "pairs": len(records),
              "below_gap": pairing.below_gap, "no_contrast": pairing.no_contrast,
-             "penalised": sum(looped) if cfg.loop_penalty > 0 else 0,
-             "evasion_share": sum(evaded) / len(evaded), "penalised_evasion": sum(penalised) if cfg.evasion_penalty > 0 else 0,
-             "penalised_cut": sum(cut) if cfg.missing_eos_penalty > 0 else 0,
+             **{name: sum(flags) if penalty > 0 else 0 for name, (flags, penalty) in penalties.items()},
+             "evasion_share": sum(evaded) / len(evaded),
              "score_mean": raw_combined.mean().item(),
              **rm_means(scores, cfg),
              "gap_mean": sum(x.gap for x in pairing.pairs) / len(pairing.pairs),
