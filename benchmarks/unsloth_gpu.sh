@@ -131,7 +131,7 @@ row() {
     hh-routed) seed_state
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online${HH_TRL-,trl-online,timing},heldout \
-        --online-rm routed --candidates ${HH_CANDIDATES:-r1-rpo1-lp4,r4-rpo1-lp4-g} ;;
+        --online-rm routed --candidates ${HH_CANDIDATES:-r1-rpo1-lp4,r4-rpo1-lp4-g} --jobs ${HH_JOBS:-1} ;;
     hh) seed_state
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm lora \
@@ -207,12 +207,12 @@ stage)
 study)
   # The second call, right after `stage` on the same machine (carry .carry/b): join the GGUF, launch the two-axis
   # study's routed phases with candidates $2 (without TRL's online peer and the timing unless HH_TRL is set to
-  # ",trl-online,timing"), follow it.
+  # ",trl-online,timing"), $HH_JOBS (default 4) commands at once on the GPU (hh_two_axes.py --jobs), follow it.
   CANDIDATES=${2:?"usage: $0 study CANDIDATES (comma list of hh_plan.CANDIDATES)"}
   [ -f /tmp/part_00 ] && [ -d /tmp/repo ] || { echo "this machine has no staged piece: run stage first"; exit 3; }
   cp .carry/b/part_01 /tmp/ && cat /tmp/part_00 /tmp/part_01 > /tmp/model.gguf && sha256sum /tmp/model.gguf || exit 1
   cd /tmp/repo
-  HH_TRL=${HH_TRL-} HH_CANDIDATES=$CANDIDATES launch /tmp/hh2 "bash benchmarks/unsloth_gpu.sh row hh-routed"
+  HH_TRL=${HH_TRL-} HH_CANDIDATES=$CANDIDATES HH_JOBS=${HH_JOBS:-4} launch /tmp/hh2 "bash benchmarks/unsloth_gpu.sh row hh-routed"
   follow /tmp/hh2 "^\[hh2\]|Error|error:|Traceback" 40
   gather
   ;;

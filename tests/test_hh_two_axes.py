@@ -6,6 +6,7 @@ import gzip
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -303,7 +304,7 @@ def test_the_heldout_phase_checks_only_policies_trained_on_this_machine(tmp_path
         "empty": {"flags": ["--policy", "x"], "run": ""}}}
     s = object.__new__(load_benchmark("hh_study", RECIPES).Study)  # its evaluate and suite, not its set-up
     s.state, s.work, s.args = state, tmp_path, SimpleNamespace(data_root="/data", n=4, val_n=2)
-    s.save, s.minialign = lambda: None, lambda name, *argv: calls.append(name)
+    s.save, s.minialign, s.lock = lambda: None, lambda name, *argv: calls.append(name), threading.RLock()
     study.phase_heldout(s)
     assert calls == ["eval-heldout-fresh"] and set(state["heldout"]) == {"online"}
     assert state["heldout"]["online"]["helpful-online"]["win_rate"] == 0.7

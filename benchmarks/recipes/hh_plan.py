@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import threading
 from pathlib import Path
 
 AXES = ("harmless", "helpful")
@@ -242,7 +243,7 @@ def _write_axes(path: Path, axes: list[dict]) -> Path:
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # a thread of its own (--jobs)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 

@@ -9,7 +9,11 @@ import json
 import shlex
 import shutil
 import sys
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import hh_plan as plan
 import hh_results as results
@@ -17,9 +21,13 @@ from bench_e2e import _read_json, child_env, run_timed
 
 from minialign.base.devices import device_name, resolve_device
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 
 class Study:
-    """Paths, the state document and one recorded command at a time."""
+    """Paths, the state document and the recorded commands (``--jobs`` of them at once, in threads: the state is
+    changed and saved under ``lock``)."""
 
     def __init__(self, args: argparse.Namespace):
         self.args, self.work, self.out = args, Path(args.work).resolve(), Path(args.out)
@@ -35,6 +43,22 @@ class Study:
         self.env = child_env(self.work / "probe", False)
         self.device = device_name(resolve_device("auto"))  # each step records it: a resumed study may mix machines
         self.state.setdefault("device", self.device)
+        self.lock = threading.RLock()
+        self.local = threading.local()  # .shared: this thread's commands run beside others (``each``)
+
+    def each(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """``fn`` over ``items``, ``--jobs`` at a time (their commands share the one GPU); the results in order, the
+        first error raised once every started job has ended."""
+        items = list(items)
+        if self.args.jobs <= 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+
+        def job(x: T) -> R:
+            self.local.shared = True
+            return fn(x)
+
+        with ThreadPoolExecutor(max_workers=self.args.jobs) as pool:
+            return list(pool.map(job, items))
 
     def data(self, axis: str) -> str:
         return plan.dataset_path(self.args.data_root, axis)
@@ -44,29 +68,33 @@ class Study:
         done = run_timed([sys.executable, *argv], self.work / "logs" / f"{name}.log", self.args.timeout_s, self.env)
         step = {"name": name, "command": done["command"], "wall_s": round(done["elapsed_s"], 2),
                 "returncode": done["returncode"], "timed_out": done["timed_out"], "log_tail": done.get("log_tail"),
-                "device": self.device}
-        self.state["steps"].append(step)
+                "device": self.device, "shared_gpu": getattr(self.local, "shared", False)}  # then no timing
         print(f"[hh2] {name}: rc {step['returncode']} in {step['wall_s']:.1f} s", flush=True)
-        self.save()
+        with self.lock:
+            self.state["steps"].append(step)
+            self.save()
         return step
 
     def minialign(self, name: str, *flags: str) -> dict:
         return self.run(name, ["-m", "minialign", *flags])
 
     def last_step(self, name: str) -> dict:
-        return next((s for s in reversed(self.state["steps"]) if s["name"] == name), {})
+        with self.lock:
+            return next((s for s in reversed(self.state["steps"]) if s["name"] == name), {})
 
     def save(self) -> None:
-        self.work.mkdir(parents=True, exist_ok=True)
-        plan._atomic_write(self.work / "state.json", json.dumps(self.state, indent=1))
-        doc = results.build_summary(self.state)
-        plan._atomic_write(self.out, json.dumps(doc, indent=1))
-        plan._atomic_write(self.out.with_suffix(".md"), results.markdown(doc))
+        with self.lock:
+            self.work.mkdir(parents=True, exist_ok=True)
+            plan._atomic_write(self.work / "state.json", json.dumps(self.state, indent=1))
+            doc = results.build_summary(self.state)
+            plan._atomic_write(self.out, json.dumps(doc, indent=1))
+            plan._atomic_write(self.out.with_suffix(".md"), results.markdown(doc))
 
     def mix(self) -> dict:
         """The helpful+harmless train/validation file (written once; its composition goes into the JSON)."""
-        comp = plan.write_mix(self.work / "data" / "mix.jsonl", self.args.data_root, self.plan)
-        self.state["mixes"] = comp
+        with self.lock:
+            comp = plan.write_mix(self.work / "data" / "mix.jsonl", self.args.data_root, self.plan)
+            self.state["mixes"] = comp
         return comp
 
     def need(self, key: str, phase: str) -> None:
@@ -97,7 +125,8 @@ class Study:
                            "--n", str(self.n(part)), "--out", str(out))
         ev = _read_json(out / "eval.json")
         if ev is None:
-            self.state["notes"].append(f"{name}: its {part} eval failed (see logs/eval-{part}-{name}.log)")
+            with self.lock:
+                self.state["notes"].append(f"{name}: its {part} eval failed (see logs/eval-{part}-{name}.log)")
         return ev
 
     def record_policy(self, name: str, policy: list[str], run: str) -> None:

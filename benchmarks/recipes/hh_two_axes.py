@@ -67,12 +67,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-n", type=int, default=100, help="validation prompts an axis (online candidates)")
     p.add_argument("--timing-repeats", type=int, default=0, help="extra alternating minialign/TRL online runs")
     p.add_argument("--timeout-s", type=float, default=600, help="per command")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="commands at once on the one GPU (the two judges, the two per-axis reward models, the online "
+                        "candidates): shorter device time, but their walls are not timings, so the timing phase "
+                        "leaves such runs out")
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny-llama, a few rows, one short round")
     args = p.parse_args(argv)
     unknown = [x for x in args.phases.split(",") if x not in PHASES]
     unknown += [x for x in args.candidates.split(",") if x not in plan.CANDIDATES]
     if unknown:
         p.error(f"unknown phases or candidates: {unknown}")
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: give 1 (one command at a time) or more")
     args.data_root = str(Path(args.data_root).resolve())  # suite YAMLs and children read it from anywhere
     if args.small:
         args.model = "tiny-llama" if args.model == "smollm2-135m-instruct" else args.model
@@ -84,13 +90,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def phase_judges(s: Study) -> None:
-    for axis in plan.AXES:
+    def train(axis: str) -> None:
         run_dir, rows, eval_rows = s.work / f"judge-{axis}", s.plan[axis]["judge"], s.plan[axis]["eval"]
         if not finished(run_dir):
             s.minialign(f"judge-{axis}", "rm", "--model", s.args.model, *s.chat, "--dataset", s.data(axis),
                         "--train-rows", rows, "--eval-data", s.data(axis), "--eval-rows", eval_rows, "--eval-limit",
                         "1000", "--batch-size", "16", "--eval-every", "0", *plan.JUDGE_FLAGS, *s.cut, "--overwrite",
                         "--out", str(run_dir))
+
+    s.each(train, plan.AXES)
+    for axis in plan.AXES:
+        run_dir, rows, eval_rows = s.work / f"judge-{axis}", s.plan[axis]["judge"], s.plan[axis]["eval"]
         acc = ((_read_json(run_dir / "summary.json") or {}).get("eval") or {}).get("eval/accuracy")
         s.state["judges"][axis] = {"dataset": s.data(axis), "rows": rows, "heldout_rows": eval_rows,
                                    "heldout_accuracy": acc, "run_dir": str(run_dir), "flags": plan.JUDGE_FLAGS,
@@ -146,13 +156,17 @@ def phase_online_rm_per_axis(s: Study, setting: str) -> None:
     if missing:
         raise SystemExit(f"hh_two_axes: the mix's first half ({first}) holds no {', '.join(missing)} rows: "
                          f"--online-rm {setting} needs both axes there; use --online-rm lora")
-    for axis in plan.AXES:
+    def train(axis: str) -> None:
         run_dir = s.work / f"online-rm-{axis}"
         if not finished(run_dir):
             s.minialign(f"online-rm-{axis}", "rm", "--model", s.args.model, *s.chat, "--dataset", s.data(axis),
                         "--train-rows", rows[axis], "--eval-data", s.data(axis), "--eval-rows", s.plan[axis]["validation"],
                         "--eval-limit", "1000", "--batch-size", "4" if s.args.small else "16", "--eval-every", "0",
                         *flags, *s.cut, "--overwrite", "--out", str(run_dir))
+
+    s.each(train, plan.AXES)
+    for axis in plan.AXES:
+        run_dir = s.work / f"online-rm-{axis}"
         dirs.append(str(run_dir))
         accs[axis] = ((_read_json(run_dir / "summary.json") or {}).get("eval") or {}).get("eval/accuracy")
     routed = {"combine": "route", "routes": ",".join(plan.FOLDERS[axis] for axis in plan.AXES)}
@@ -198,19 +212,25 @@ def phase_online(s: Study) -> None:
         raise SystemExit(f"hh_two_axes: {', '.join(scoped)} penalise evasion on some axes' prompts only, which needs "
                          f"each prompt routed to its axis's reward model (--online-rm routed); this study's online "
                          f"reward model is {s.state['online_rm'].get('setting', 'full')}")
-    for cand, key in keys.items():
+    s.mix(), s.suite("validation")  # written once, before any job reads them
+
+    def run(item: tuple[str, str]) -> None:
+        cand, key = item
         settings, run_dir = plan.online_settings(cand, s.args.small), s.work / f"online-{key}"
         step = train_online(s, f"online-{key}", settings, run_dir)
         rm = s.state["online_rm"]
         entry = {"settings": settings, "run_dir": str(run_dir), "wall_s": step.get("wall_s"),
-                 "rounds": read_jsonl(run_dir / "rounds.jsonl"),
+                 "shared_gpu": bool(step.get("shared_gpu")), "rounds": read_jsonl(run_dir / "rounds.jsonl"),
                  "online_rm": {k: rm.get(k) for k in ("run_dir", "setting", "validation_accuracy")}}
         ev = s.evaluate(key, ["--policy", str(run_dir)], part="validation") if finished(run_dir) else None
-        if ev is not None:
-            entry["validation"] = {axis: results.axis_headline(ev, axis) for axis in plan.AXES}
-            s.state.setdefault("validation_start", {a: results.reference_headline(ev, a) for a in plan.AXES})
-        s.state["candidates"][key] = entry
-        s.save()
+        with s.lock:
+            if ev is not None:
+                entry["validation"] = {axis: results.axis_headline(ev, axis) for axis in plan.AXES}
+                s.state.setdefault("validation_start", {a: results.reference_headline(ev, a) for a in plan.AXES})
+            s.state["candidates"][key] = entry
+            s.save()
+
+    s.each(run, keys.items())
     ran = {k: s.state["candidates"][k] for k in keys.values() if k in s.state["candidates"]}
     name, why = results.choose_online(ran, s.state.get("validation_start") or {})  # among this call's runs only
     s.state["chosen"] = {"name": name, "why": why, "settings": (s.state["candidates"].get(name) or {}).get("settings")}
@@ -322,10 +342,11 @@ def phase_timing(s: Study) -> None:
     chosen = (s.state.get("chosen") or {}).get("name")
     # the round: this call's candidate with the most prompts a round (the chosen one among equals), never one an
     # earlier call (a seeded state) ran on another machine or with another reward model
-    mine = [k for k in (candidate_key(s, c) for c in s.args.candidates.split(",")) if k in cands]
+    mine = [k for k in (candidate_key(s, c) for c in s.args.candidates.split(","))
+            if k in cands and not cands[k].get("shared_gpu")]  # a run that shared the GPU (--jobs) is no timing
     big = max(mine, key=lambda c: (cands[c]["settings"]["prompts_per_round"], c == chosen), default=None)
     round_s = round_seconds(cands[big]["rounds"]) if big else None
-    m_walls = [cands[chosen]["wall_s"]] if chosen and cands[chosen].get("wall_s") else []
+    m_walls = [cands[chosen]["wall_s"]] if chosen in mine and cands[chosen].get("wall_s") else []
     t_walls = [s.last_step(trl_online_key(s)).get("wall_s")] if s.last_step(trl_online_key(s)) else []
     for i in range(s.args.timing_repeats):  # alternating, in this same call
         step = train_online(s, f"timing-online-{i}", matched_settings(s), s.work / "timing" / f"online-{i}")
