@@ -51,6 +51,7 @@ from minialign.config.presets import load_run_config  # noqa: E402
 PHASES = ("judges", "harmless-only", "online-rm", "online", "offline-mix", "trl-online", "trl-dpo", "timing",
           "heldout")
 JUDGE_TARGET = 0.62
+TOGETHER = ("judges", "online-rm")  # phases that --jobs runs side by side (the four reward models at once)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -102,10 +103,11 @@ def phase_judges(s: Study) -> None:
     for axis in plan.AXES:
         run_dir, rows, eval_rows = s.work / f"judge-{axis}", s.plan[axis]["judge"], s.plan[axis]["eval"]
         acc = ((_read_json(run_dir / "summary.json") or {}).get("eval") or {}).get("eval/accuracy")
-        s.state["judges"][axis] = {"dataset": s.data(axis), "rows": rows, "heldout_rows": eval_rows,
-                                   "heldout_accuracy": acc, "run_dir": str(run_dir), "flags": plan.JUDGE_FLAGS,
-                                   "target": JUDGE_TARGET, "target_met": None if acc is None else acc >= JUDGE_TARGET}
-        s.save()
+        with s.lock:  # another phase may be saving the state (TOGETHER)
+            s.state["judges"][axis] = {"dataset": s.data(axis), "rows": rows, "heldout_rows": eval_rows,
+                                       "heldout_accuracy": acc, "run_dir": str(run_dir), "flags": plan.JUDGE_FLAGS,
+                                       "target": JUDGE_TARGET, "target_met": None if acc is None else acc >= JUDGE_TARGET}
+            s.save()
 
 
 def recipe_dpo(s: Study, name: str, dataset: str, rows: str, eval_rows: str) -> Path:
@@ -138,11 +140,12 @@ def phase_online_rm(s: Study) -> None:
                     "--eval-limit", "1000", "--batch-size", "16", "--eval-every", "0", *flags, *s.cut,
                     "--overwrite", "--out", str(run_dir))
     acc = ((_read_json(run_dir / "summary.json") or {}).get("eval") or {}).get("eval/accuracy")
-    s.state["online_rm"] = {"run_dir": str(run_dir), "dataset": mix["file"], "rows": plan.halves(mix["rows"]["train"])[0],
-                            "source_rows": mix["parts_from"]["train"], "validation_accuracy": acc,
-                            "flags": flags, "setting": setting, "model_dir": str(run_dir / "final" / "model"),
-                            "weights": "1"}
-    s.save()
+    with s.lock:
+        s.state["online_rm"] = {"run_dir": str(run_dir), "dataset": mix["file"], "rows": plan.halves(mix["rows"]["train"])[0],
+                                "source_rows": mix["parts_from"]["train"], "validation_accuracy": acc,
+                                "flags": flags, "setting": setting, "model_dir": str(run_dir / "final" / "model"),
+                                "weights": "1"}
+        s.save()
 
 
 def phase_online_rm_per_axis(s: Study, setting: str) -> None:
@@ -170,11 +173,12 @@ def phase_online_rm_per_axis(s: Study, setting: str) -> None:
         dirs.append(str(run_dir))
         accs[axis] = ((_read_json(run_dir / "summary.json") or {}).get("eval") or {}).get("eval/accuracy")
     routed = {"combine": "route", "routes": ",".join(plan.FOLDERS[axis] for axis in plan.AXES)}
-    s.state["online_rm"] = {"run_dir": ",".join(dirs), "rows": rows, "mix_rows": first,
-                            "source_rows": mix["parts_from"]["train"], "validation_accuracy": accs, "flags": flags,
-                            "setting": setting, **({"weights": ",".join(["0.5"] * len(dirs))}
-                                                   if setting == "per-axis" else routed)}
-    s.save()
+    with s.lock:
+        s.state["online_rm"] = {"run_dir": ",".join(dirs), "rows": rows, "mix_rows": first,
+                                "source_rows": mix["parts_from"]["train"], "validation_accuracy": accs, "flags": flags,
+                                "setting": setting, **({"weights": ",".join(["0.5"] * len(dirs))}
+                                                       if setting == "per-axis" else routed)}
+        s.save()
 
 
 def train_online(s: Study, name: str, settings: dict, run_dir: Path) -> dict:
@@ -289,8 +293,8 @@ def train_trl_online(s: Study, name: str, out: Path) -> dict:
 
 def trl_online_key(s: Study) -> str:
     """TRL's online policy's name, with the reward-model setting as in ``candidate_key``."""
-    setting = s.state["online_rm"].get("setting", "full")
-    return "trl-online" if setting == "full" else f"trl-online-{setting}"
+    return "trl-online" + ("" if s.state["online_rm"].get("setting", "full") == "full" else
+                           f"-{s.state['online_rm']['setting']}")
 
 
 def phase_trl_online(s: Study) -> None:
@@ -380,9 +384,12 @@ def main(argv=None) -> int:
     phases = {"judges": phase_judges, "harmless-only": phase_harmless_only, "online-rm": phase_online_rm,
               "online": phase_online, "offline-mix": phase_offline_mix, "trl-online": phase_trl_online,
               "trl-dpo": phase_trl_dpo, "timing": phase_timing, "heldout": phase_heldout}
-    for name in args.phases.split(","):
-        phases[name](s)
-        print(f"[hh2] phase {name} done", flush=True)
+    order = [(x,) for x in args.phases.split(",")]
+    if args.jobs > 1 and set(TOGETHER) <= set(args.phases.split(",")):  # neither reads the other's result
+        order = [TOGETHER if x == TOGETHER[:1] else x for x in order if x[0] not in TOGETHER[1:]]
+    for names in order:
+        s.each(lambda name: phases[name](s), names)
+        print("\n".join(f"[hh2] phase {name} done" for name in names), flush=True)
     s.save()
     print(results.markdown(results.build_summary(s.state)))
     return 0
