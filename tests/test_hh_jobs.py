@@ -81,6 +81,14 @@ def test_timing_leaves_out_candidates_that_shared_the_gpu():
     assert state["timing"]["round_from"] is None and state["timing"]["online_round_s"] is None
 
 
+def test_the_tables_say_which_candidate_walls_shared_the_gpu():
+    results = load_benchmark("hh_results", RECIPES)
+    cands = {"a": {"settings": {}, "wall_s": 90.0, "shared_gpu": True}, "b": {"settings": {}, "wall_s": 60.0}}
+    doc = results.build_summary({"rows": plan.ROW_PLAN, "candidates": cands})
+    rows = [x for x in results.markdown(doc).splitlines() if x.startswith(("| a ", "| b "))]
+    assert rows[0].endswith("| 90.0 (GPU shared) |") and rows[1].endswith("| 60.0 |")
+
+
 def test_state_files_survive_writes_from_several_threads(tmp_path):
     path, errors = tmp_path / "state.json", []
 

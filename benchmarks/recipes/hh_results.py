@@ -326,7 +326,7 @@ def markdown(doc: dict) -> str:
             s, h = v.get("harmless") or {}, v.get("helpful") or {}
             lines.append(f"| {name} | `{c.get('settings')}` | {_win(s)} | {_win(h)} | {_f(h.get('evasion'), '{:.2f}')}"
                          f" | {_f(s.get('loops'), '{:.2f}')}, {_f(h.get('loops'), '{:.2f}')} | "
-                         f"{_f(c.get('wall_s'), '{:.1f}')} |")
+                         f"{_f(c.get('wall_s'), '{:.1f}')}{' (GPU shared)' if c.get('shared_gpu') else ''} |")
     chosen = doc.get("chosen") or {}
     if chosen.get("name"):
         lines += ["", f"Chosen: **{chosen['name']}** ({chosen.get('why')})."]
