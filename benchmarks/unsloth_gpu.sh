@@ -126,6 +126,8 @@ row() {
       | grep -v "it/s\]" | tail -30 ;;
     bench-decode-random) python3 benchmarks/bench_decode.py --model /tmp/smollm2-random --data $DATA --rows 300:556 \
       --batch-sizes 256 --decoders hf,static,static-triton,hf-static --json-out $W/decode-random.json 2>&1 | grep -v Warning | tail -30 ;;
+    bench-decode-ours) python3 benchmarks/bench_decode.py --model /tmp/smollm2-random --data $DATA --rows 300:556 \
+      --batch-sizes 256 --decoders static,static-triton --json-out $W/decode-random.json 2>&1 | grep -v Warning | tail -30 ;;
     decode-sample) python3 benchmarks/bench_decode.py --model /tmp/model.gguf --data $DATA --rows 300:812 \
       --batch-sizes 128,256 --decoders static --sample --json-out $W/decode-sample.json 2>&1 | grep -v Warning | tail -8 ;;
     hh-routed) seed_state
