@@ -108,6 +108,13 @@ def test_state_files_survive_writes_from_several_threads(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary file left behind
 
 
+def test_the_judges_and_the_online_reward_models_train_side_by_side_only_with_jobs():
+    phases = ["judges", "harmless-only", "online-rm", "online", "heldout"]
+    assert study.phase_groups(phases, 1) == [(x,) for x in phases]
+    assert study.phase_groups(phases, 4) == [("judges", "online-rm"), ("harmless-only",), ("online",), ("heldout",)]
+    assert study.phase_groups(["online-rm", "online"], 4) == [("online-rm",), ("online",)]  # judges not asked
+
+
 def test_jobs_below_one_are_refused():
     with pytest.raises(SystemExit):
         study.parse_args(["--data-root", "/d", "--jobs", "0"])

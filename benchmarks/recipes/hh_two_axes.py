@@ -68,10 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-n", type=int, default=100, help="validation prompts an axis (online candidates)")
     p.add_argument("--timing-repeats", type=int, default=0, help="extra alternating minialign/TRL online runs")
     p.add_argument("--timeout-s", type=float, default=600, help="per command")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="commands at once on the one GPU (the two judges, the two per-axis reward models, the online "
-                        "candidates): shorter device time, but their walls are not timings, so the timing phase "
-                        "leaves such runs out")
+    p.add_argument("--jobs", type=int, default=1, help="commands at once on the one GPU (reward models, candidates): "
+                   "less device time; such runs' walls are no timings (the timing phase leaves them out)")
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny-llama, a few rows, one short round")
     args = p.parse_args(argv)
     unknown = [x for x in args.phases.split(",") if x not in PHASES]
@@ -378,16 +376,19 @@ def phase_heldout(s: Study) -> None:
         s.save()
 
 
+def phase_groups(phases: list[str], jobs: int) -> list[tuple[str, ...]]:
+    """The phases in order, one at a time, except TOGETHER's side by side where --jobs allows and both are asked."""
+    together = jobs > 1 and set(TOGETHER) <= set(phases)
+    return [TOGETHER if together and x == TOGETHER[0] else (x,) for x in phases if not together or x not in TOGETHER[1:]]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     s = Study(args)
     phases = {"judges": phase_judges, "harmless-only": phase_harmless_only, "online-rm": phase_online_rm,
               "online": phase_online, "offline-mix": phase_offline_mix, "trl-online": phase_trl_online,
               "trl-dpo": phase_trl_dpo, "timing": phase_timing, "heldout": phase_heldout}
-    order = [(x,) for x in args.phases.split(",")]
-    if args.jobs > 1 and set(TOGETHER) <= set(args.phases.split(",")):  # neither reads the other's result
-        order = [TOGETHER if x == TOGETHER[:1] else x for x in order if x[0] not in TOGETHER[1:]]
-    for names in order:
+    for names in phase_groups(args.phases.split(","), args.jobs):
         s.each(lambda name: phases[name](s), names)
         print("\n".join(f"[hh2] phase {name} done" for name in names), flush=True)
     s.save()
