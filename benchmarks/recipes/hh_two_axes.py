@@ -68,8 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-n", type=int, default=100, help="validation prompts an axis (online candidates)")
     p.add_argument("--timing-repeats", type=int, default=0, help="extra alternating minialign/TRL online runs")
     p.add_argument("--timeout-s", type=float, default=600, help="per command")
-    p.add_argument("--jobs", type=int, default=1, help="commands at once on the one GPU (reward models, candidates): "
-                   "less device time; such runs' walls are no timings (the timing phase leaves them out)")
+    p.add_argument("--jobs", type=int, default=1, help="N > 1: the four reward models at once, then N "
+                   "candidates at once, on the one GPU; less device time, but no timings (the timing phase skips them)")
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny-llama, a few rows, one short round")
     args = p.parse_args(argv)
     unknown = [x for x in args.phases.split(",") if x not in PHASES]
