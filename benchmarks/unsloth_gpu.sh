@@ -125,9 +125,7 @@ row() {
     check-graphs) python3 benchmarks/checks/check_graphs.py --task sft --mode lora --out $W/check-graphs.json 2>&1 \
       | grep -v "it/s\]" | tail -30 ;;
     bench-decode-random) python3 benchmarks/bench_decode.py --model /tmp/smollm2-random --data $DATA --rows 300:556 \
-      --batch-sizes 256 --decoders hf,static,static-triton,hf-static --json-out $W/decode-random.json 2>&1 | grep -v Warning | tail -30 ;;
-    bench-decode-ours) python3 benchmarks/bench_decode.py --model /tmp/smollm2-random --data $DATA --rows 300:556 \
-      --batch-sizes 256 --decoders static,static-triton --json-out $W/decode-random.json 2>&1 | grep -v Warning | tail -30 ;;
+      --batch-sizes 256 --decoders ${DECODERS:-hf,static,static-triton,hf-static} --json-out $W/decode-random.json 2>&1 | grep -v Warning | tail -30 ;;
     decode-sample) python3 benchmarks/bench_decode.py --model /tmp/model.gguf --data $DATA --rows 300:812 \
       --batch-sizes 128,256 --decoders static --sample --json-out $W/decode-sample.json 2>&1 | grep -v Warning | tail -8 ;;
     hh-routed) seed_state
@@ -180,7 +178,7 @@ lite)
   # step time is measured without early finishes; decode-random-triton: the same with minialign's Triton
   # store-and-attend kernel) and bench-decode-random (bench_decode.py's static decoder with
   # FlashAttention and with minialign's Triton store-and-attend kernel, against transformers'
-  # dynamic and static+compile caches, same weights).
+  # dynamic and static+compile caches, same weights; $DECODERS picks fewer, e.g. static,static-triton).
   ROWS=${2:-sft-gap,check-graphs,bench-decode-random,decode-random}
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1

@@ -1,8 +1,7 @@
 """benchmarks/recipes/: the two-axis study's `--jobs` (several commands at once on the one GPU, to spend less device
 time): the commands really run side by side, their steps say the GPU was shared, the timing phase leaves such runs
-out, an error in one job still stops the study, and the state files survive writes from several threads."""
+out, and an error in one job still stops the study (several threads writing one file: tests/test_files.py)."""
 
-import json
 import sys
 import threading
 from types import SimpleNamespace
@@ -87,25 +86,6 @@ def test_the_tables_say_which_candidate_walls_shared_the_gpu():
     doc = results.build_summary({"rows": plan.ROW_PLAN, "candidates": cands})
     rows = [x for x in results.markdown(doc).splitlines() if x.startswith(("| a ", "| b "))]
     assert rows[0].endswith("| 90.0 (GPU shared) |") and rows[1].endswith("| 60.0 |")
-
-
-def test_state_files_survive_writes_from_several_threads(tmp_path):
-    path, errors = tmp_path / "state.json", []
-
-    def write(i: int) -> None:
-        try:
-            for j in range(40):
-                plan._atomic_write(path, json.dumps({"writer": i, "n": j}))
-        except OSError as exc:  # a shared temporary name: one thread's replace takes the other's file away
-            errors.append(exc)
-
-    threads = [threading.Thread(target=write, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == [] and json.loads(path.read_text())["n"] == 39
-    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary file left behind
 
 
 def test_the_judges_and_the_online_reward_models_train_side_by_side_only_with_jobs():

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import threading
 from pathlib import Path
+
+from minialign.base.files import write_atomic
 
 AXES = ("harmless", "helpful")
 FOLDERS = {"harmless": "harmless-base", "helpful": "helpful-base"}
@@ -212,8 +212,8 @@ def write_mix(out: Path, root: str | Path, plan: dict[str, dict[str, str]], part
         spans[part] = f"{start}:{start + len(mixed)}"
         start += len(mixed)
     comp = {"file": str(out), "rows": spans, "parts_from": want["parts"], "lines": len(lines)}
-    _atomic_write(out, "".join(json.dumps(x) + "\n" for x in lines))
-    _atomic_write(comp_path, json.dumps(comp, indent=1))
+    write_atomic(out, "".join(json.dumps(x) + "\n" for x in lines))
+    write_atomic(comp_path, json.dumps(comp, indent=1))
     return comp
 
 
@@ -237,15 +237,8 @@ def write_heldout_suite(path: Path, root: str | Path, n: int, judge: str, rows: 
 def _write_axes(path: Path, axes: list[dict]) -> Path:
     import yaml
 
-    _atomic_write(Path(path), yaml.safe_dump({"axes": axes}, sort_keys=False))
+    write_atomic(Path(path), yaml.safe_dump({"axes": axes}, sort_keys=False))
     return Path(path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # a thread of its own (--jobs)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- commands (argv lists)

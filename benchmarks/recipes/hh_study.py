@@ -20,6 +20,7 @@ import hh_results as results
 from bench_e2e import _read_json, child_env, run_timed
 
 from minialign.base.devices import device_name, resolve_device
+from minialign.base.files import write_atomic
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -85,10 +86,10 @@ class Study:
     def save(self) -> None:
         with self.lock:
             self.work.mkdir(parents=True, exist_ok=True)
-            plan._atomic_write(self.work / "state.json", json.dumps(self.state, indent=1))
+            write_atomic(self.work / "state.json", json.dumps(self.state, indent=1))
             doc = results.build_summary(self.state)
-            plan._atomic_write(self.out, json.dumps(doc, indent=1))
-            plan._atomic_write(self.out.with_suffix(".md"), results.markdown(doc))
+            write_atomic(self.out, json.dumps(doc, indent=1))
+            write_atomic(self.out.with_suffix(".md"), results.markdown(doc))
 
     def mix(self) -> dict:
         """The helpful+harmless train/validation file (written once; its composition goes into the JSON)."""

@@ -96,16 +96,14 @@ def phase_judges(s: Study) -> None:
                         "--train-rows", rows, "--eval-data", s.data(axis), "--eval-rows", eval_rows, "--eval-limit",
                         "1000", "--batch-size", "16", "--eval-every", "0", *plan.JUDGE_FLAGS, *s.cut, "--overwrite",
                         "--out", str(run_dir))
-
-    s.each(train, plan.AXES)
-    for axis in plan.AXES:
-        run_dir, rows, eval_rows = s.work / f"judge-{axis}", s.plan[axis]["judge"], s.plan[axis]["eval"]
         acc = ((_read_json(run_dir / "summary.json") or {}).get("eval") or {}).get("eval/accuracy")
-        with s.lock:  # another phase may be saving the state (TOGETHER)
+        with s.lock:  # other jobs save the state too
             s.state["judges"][axis] = {"dataset": s.data(axis), "rows": rows, "heldout_rows": eval_rows,
                                        "heldout_accuracy": acc, "run_dir": str(run_dir), "flags": plan.JUDGE_FLAGS,
                                        "target": JUDGE_TARGET, "target_met": None if acc is None else acc >= JUDGE_TARGET}
             s.save()
+
+    s.each(train, plan.AXES)
 
 
 def recipe_dpo(s: Study, name: str, dataset: str, rows: str, eval_rows: str) -> Path:
@@ -152,24 +150,22 @@ def phase_online_rm_per_axis(s: Study, setting: str) -> None:
     or scores each prompt with its own axis's model, by the mix's `source` field (routed)."""
     mix, flags = s.mix(), plan.ONLINE_RMS[setting]
     first = plan.halves(mix["rows"]["train"])[0]
-    rows, dirs, accs = plan.source_spans(mix["file"], first), [], {}
+    rows = plan.source_spans(mix["file"], first)
     missing = [axis for axis in plan.AXES if axis not in rows]
     if missing:
         raise SystemExit(f"hh_two_axes: the mix's first half ({first}) holds no {', '.join(missing)} rows: "
                          f"--online-rm {setting} needs both axes there; use --online-rm lora")
-    def train(axis: str) -> None:
+    def train(axis: str) -> float | None:
         run_dir = s.work / f"online-rm-{axis}"
         if not finished(run_dir):
             s.minialign(f"online-rm-{axis}", "rm", "--model", s.args.model, *s.chat, "--dataset", s.data(axis),
                         "--train-rows", rows[axis], "--eval-data", s.data(axis), "--eval-rows", s.plan[axis]["validation"],
                         "--eval-limit", "1000", "--batch-size", "4" if s.args.small else "16", "--eval-every", "0",
                         *flags, *s.cut, "--overwrite", "--out", str(run_dir))
+        return ((_read_json(run_dir / "summary.json") or {}).get("eval") or {}).get("eval/accuracy")
 
-    s.each(train, plan.AXES)
-    for axis in plan.AXES:
-        run_dir = s.work / f"online-rm-{axis}"
-        dirs.append(str(run_dir))
-        accs[axis] = ((_read_json(run_dir / "summary.json") or {}).get("eval") or {}).get("eval/accuracy")
+    accs = dict(zip(plan.AXES, s.each(train, plan.AXES)))
+    dirs = [str(s.work / f"online-rm-{axis}") for axis in plan.AXES]
     routed = {"combine": "route", "routes": ",".join(plan.FOLDERS[axis] for axis in plan.AXES)}
     with s.lock:
         s.state["online_rm"] = {"run_dir": ",".join(dirs), "rows": rows, "mix_rows": first,
@@ -214,7 +210,8 @@ def phase_online(s: Study) -> None:
         raise SystemExit(f"hh_two_axes: {', '.join(scoped)} penalise evasion on some axes' prompts only, which needs "
                          f"each prompt routed to its axis's reward model (--online-rm routed); this study's online "
                          f"reward model is {s.state['online_rm'].get('setting', 'full')}")
-    s.mix(), s.suite("validation")  # written once, before any job reads them
+    s.mix()  # the mix and the validation suite written once, before any job reads them
+    s.suite("validation")
 
     def run(item: tuple[str, str]) -> None:
         cand, key = item
@@ -291,8 +288,8 @@ def train_trl_online(s: Study, name: str, out: Path) -> dict:
 
 def trl_online_key(s: Study) -> str:
     """TRL's online policy's name, with the reward-model setting as in ``candidate_key``."""
-    return "trl-online" + ("" if s.state["online_rm"].get("setting", "full") == "full" else
-                           f"-{s.state['online_rm']['setting']}")
+    setting = s.state["online_rm"].get("setting", "full")
+    return "trl-online" if setting == "full" else f"trl-online-{setting}"
 
 
 def phase_trl_online(s: Study) -> None:
