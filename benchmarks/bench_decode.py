@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from minialign.base.devices import device_name, sync
 from minialign.data import load_preference_pairs
 from minialign.modeling.decoder import StaticDecoder
+from minialign.modeling.decoder_model import PLAIN
 from minialign.modeling.generate import generate
 from minialign.modeling.models import load_model, load_tokenizer
 
@@ -48,8 +49,10 @@ from minialign.modeling.models import load_model, load_tokenizer
 # static-flex: with FlexAttention's split-KV decoding kernel (minialign.modeling.flex_decode); static-triton: with
 # minialign.ops.triton_decode, the cache stores and the attention in one kernel. (The memory-efficient kernel raced
 # here once, 62.9k against FlashAttention's 75.7k new tokens/s on an H100, NOTES entry 30, and was removed.)
-DECODERS = ("hf", "static", "static-plain", "static-flex", "static-triton", "hf-static")
-ATTENTION = {"static-flex": "flex", "static-triton": "triton"}
+# static-triton-eager-prefill: static-triton with its prefill passes uncompiled, as before NOTES entry 36.
+DECODERS = ("hf", "static", "static-plain", "static-flex", "static-triton", "static-triton-eager-prefill",
+            "hf-static")
+ATTENTION = {"static-flex": "flex", "static-triton": "triton", "static-triton-eager-prefill": "triton"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,7 +134,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "definitions": {"tokens_per_s": "answer tokens (EOS included) / best pass wall time, whole generate() call",
                         "ms_per_step": "best pass wall time / decode steps (each batch: its longest answer)",
                         "identical_to_hf": "share of answers whose text equals decoder='hf' at this batch size",
-                        "identical_to_static": "static-flex, static-triton: the same share against decoder='static'"},
+                        "identical_to_static": "static-flex, static-triton(-eager-prefill): the same share against "
+                                               "decoder='static'"},
         "results": {},
     }
     decoders = [d for d in DECODERS if d in args.decoders.split(",")]
@@ -143,6 +147,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                 if name.startswith("static") and name not in statics:
                     statics[name] = StaticDecoder(model, compile=name != "static-plain",
                                                   attention=ATTENTION.get(name, "flash"))
+                    if name.endswith("eager-prefill"):
+                        statics[name].prefill_parts = PLAIN
                 row, answers = measure(model, tokenizer, prompts, statics.get(name, name), batch_size, args, eos)
                 if name == "hf":
                     reference = answers

@@ -6,6 +6,7 @@ and draw from the filtered distribution; LoRA models decode as their merged equi
 """
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ from transformers.generation.logits_process import (
 )
 
 from minialign.base.errors import UserError
-from minialign.modeling.decoder import GREEDY, StaticDecoder, _compiled_parts
+from minialign.modeling.compiled import decode_parts, prefill_parts
+from minialign.modeling.decoder import GREEDY, StaticDecoder
 from minialign.modeling.decoder_model import (
     PLAIN,
     decode_attention,
@@ -266,7 +268,7 @@ def test_write_cache_puts_each_rows_key_at_its_position_and_touches_nothing_else
 
 
 def test_the_compiled_block_halves_compute_what_eager_ones_do_without_recompiling_per_layer():
-    """A decode step's block halves as the decoder compiles them (``_compiled_parts()``: Inductor's code, here its CPU
+    """A decode step's block halves as the decoder compiles them (``decode_parts()``: Inductor's code, here its CPU
     code) against the plain ones, on two layers' weights: the same q, k, v and block output, and the second layer
     reuses the first's compilation. The caches never enter the compiled code (NOTES entry 29)."""
     torch.manual_seed(0)
@@ -274,7 +276,7 @@ def test_the_compiled_block_halves_compute_what_eager_ones_do_without_recompilin
     angles = torch.randn(bucket, 1, d)
     cos, sin = angles.cos(), angles.sin()
     torch._dynamo.reset()
-    parts = _compiled_parts()
+    parts = decode_parts()
     for layer in range(2):
         x, norm = torch.randn(bucket, hidden), torch.randn(hidden)
         wqkv, bqkv = torch.randn((heads + 2 * kv_heads) * d, hidden), torch.randn((heads + 2 * kv_heads) * d)
@@ -287,6 +289,43 @@ def test_the_compiled_block_halves_compute_what_eager_ones_do_without_recompilin
         for a, b in zip(got, qkv_rope(x, norm, wqkv, bqkv, cos, sin, heads, kv_heads, 1e-6)):
             torch.testing.assert_close(a, b)
         torch.testing.assert_close(out, PLAIN.out_mlp(x, attn, w, torch.nn.functional.silu, 1e-6))
+
+
+def test_the_compiled_prefill_halves_compute_what_eager_ones_do_for_any_token_count():
+    """Prefill passes differ in length from batch to batch: ``prefill_parts()`` (Inductor's CPU code here) gives the
+    plain halves' numbers at 5, 9 and 17 tokens and compiles once for all of them, not once per length."""
+    torch.manual_seed(0)
+    heads, kv_heads, d, hidden, inter = 4, 2, 8, 16, 24
+    w = {"wo": torch.randn(hidden, heads * d), "bo": None, "norm2": torch.randn(hidden),
+         "wgu": torch.randn(2 * inter, hidden), "bgu": None, "wd": torch.randn(hidden, inter), "bd": None}
+    norm, wqkv = torch.randn(hidden), torch.randn((heads + 2 * kv_heads) * d, hidden)
+    torch._dynamo.reset()
+    parts = prefill_parts()
+    for i, tokens in enumerate((5, 9, 17)):
+        x, attn, angles = torch.randn(tokens, hidden), torch.randn(tokens, heads, d), torch.randn(tokens, 1, d)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got = parts.qkv(x, norm, wqkv, None, angles.cos(), angles.sin(), heads, kv_heads, 1e-6)
+            out = parts.out_mlp(x, attn, w, torch.nn.functional.silu, 1e-6)
+        for a, b in zip(got, qkv_rope(x, norm, wqkv, None, angles.cos(), angles.sin(), heads, kv_heads, 1e-6)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)  # fused float32 sums, summed in another order
+        torch.testing.assert_close(out, PLAIN.out_mlp(x, attn, w, torch.nn.functional.silu, 1e-6), rtol=1e-5,
+                                   atol=1e-4)
+
+
+def test_a_failing_compiled_prefill_falls_back_to_plain_parts_and_says_so(tok, capsys):
+    """A prefill part that fails (a compiler error on some GPU) costs its speed, not the batch: the pass reruns with
+    plain parts, the answers are the plain decoder's, and ``fallback`` says what was dropped."""
+    def broken(*args):
+        raise RuntimeError("no inductor here")
+
+    common = {"max_new_tokens": NEW, "stop_strings": (), "batch_size": 8}
+    model = llama()
+    plain = generate(model, tok, PROMPTS, decoder=StaticDecoder(model), **common)
+    decoder = StaticDecoder(model)
+    decoder.prefill_parts = replace(PLAIN, qkv=broken)
+    assert generate(model, tok, PROMPTS, decoder=decoder, **common) == plain
+    assert decoder.prefill_parts is PLAIN and "compiled prefill parts failed" in decoder.fallback
+    assert "no inductor here" in capsys.readouterr().err
 
 
 def test_a_failing_step_drops_one_thing_at_a_time_and_says_what():

@@ -30,24 +30,20 @@ import torch
 import torch.nn.functional as F
 
 from minialign.base.errors import UserError
+from minialign.modeling.compiled import decode_parts, prefill_parts
 from minialign.modeling.decode_kernel import ATTENTIONS, choose_kernel, kernel_disagrees
 from minialign.modeling.decoder_model import (
     PLAIN,
-    BlockParts,
     DecodeLayout,
     DecoderWeights,
     block_forward,
     cache_rows,
-    compile_fixed,
     decode_attention,
     decode_layout,
     decoder_support,
     flash_ok,
     last_logits,
-    out_mlp,
     prefill_attention,
-    qkv_heads,
-    qkv_rope,
     rope_table,
     round_up,
     write_cache,
@@ -95,14 +91,6 @@ def _is_eos(tokens: torch.Tensor, eos_ids: tuple[int, ...]) -> torch.Tensor:
     return hit
 
 
-@functools.cache
-def _compiled_parts() -> BlockParts:
-    """The block halves compiled: inductor fuses RMSNorm, RoPE, the residual adds and ``act(gate) * up`` into a few
-    kernels around the matmuls. The cache stores stay outside the compiled code: compiled with RoPE they made Inductor
-    copy each layer's whole cache every step on CUDA (3.4x slower decoding, benchmarks/NOTES.md entry 29)."""
-    return BlockParts(compile_fixed(qkv_rope), compile_fixed(out_mlp), compile_fixed(qkv_heads))
-
-
 def default_prefill_tokens(dtype: torch.dtype, device: torch.device) -> int:
     """Prompt tokens a prefill pass takes: many with FlashAttention, few on the dense SDPA path, which a float32
     model takes on CUDA too (a float32 eval of 100 long helpful-online prompts ran out of an H100's 80 GB)."""
@@ -113,7 +101,8 @@ class StaticDecoder:
     """Batched decoding of one supported model (``decoder_model.decoder_support``); ``decode`` does one batch.
 
     ``graphs``: record steps as CUDA graphs (CUDA only); ``compile``: fuse each block's elementwise work with
-    ``torch.compile`` in decode steps (CUDA only; a failing compilation falls back to plain kernels);
+    ``torch.compile`` in decode steps and prefill passes (CUDA only; a failing compilation falls back to plain
+    kernels);
     ``sync_every``: steps between looks at the rows; ``retire``: move live rows into smaller buckets as rows finish
     (``min_bucket`` rows at least); ``prefill_tokens``: prompt tokens per prefill pass; ``attention``: the decode
     steps' attention, ``"auto"`` (``"triton"`` where its kernel can run, else ``"flash"``), ``"flash"``
@@ -136,7 +125,8 @@ class StaticDecoder:
         self.weights = DecoderWeights(model)
         self.device = self.weights.embed.device
         self.graphs_enabled = graphs and self.device.type == "cuda"
-        self.parts = _compiled_parts() if compile and self.device.type == "cuda" else PLAIN
+        self.parts = decode_parts() if compile and self.device.type == "cuda" else PLAIN
+        self.prefill_parts = prefill_parts() if compile and self.device.type == "cuda" else PLAIN
         self.sync_every, self.retire, self.min_bucket = max(1, sync_every), retire, max(1, min_bucket)
         self.prefill_tokens = prefill_tokens or default_prefill_tokens(self.weights.dtype, self.device)
         self.scale = self.weights.dims.head_dim ** -0.5
@@ -254,7 +244,15 @@ class StaticDecoder:
         s.out.fill_(key[1])
         s.step.fill_(1)
         for chunk in self._prefill_chunks([len(p) for p in prompts]):
-            self._prefill_chunk([prompts[r] for r in chunk], torch.tensor(chunk, device=self.device), key)
+            while True:  # a failed pass wrote nothing a rerun does not rewrite
+                try:
+                    self._prefill_chunk([prompts[r] for r in chunk], torch.tensor(chunk, device=self.device), key)
+                    break
+                except Exception as exc:
+                    if self.prefill_parts is PLAIN:
+                        raise
+                    self.prefill_parts = PLAIN
+                    self._say_dropped(f"compiled prefill parts failed ({type(exc).__name__}: {exc})")
 
     def _prefill_chunk(self, prompts: list[list[int]], rows: torch.Tensor, key: tuple) -> None:
         """One flat varlen pass over ``prompts`` (slots ``rows``): cache their keys, choose their first tokens."""
@@ -275,7 +273,8 @@ class StaticDecoder:
         x = F.embedding(flat, w.embed)
         cos, sin = s.cos[positions][:, None], s.sin[positions][:, None]
         for layer, block in enumerate(w.blocks):
-            x = block_forward(x, block, w.dims, w.act, cos, sin, functools.partial(attend, layer=layer))
+            x = block_forward(x, block, w.dims, w.act, cos, sin, functools.partial(attend, layer=layer),
+                              self.prefill_parts)
         first = next_tokens(last_logits(x[cu[1:].long() - 1], w), sampling, s.uniforms[0, rows])
         s.tokens[rows] = first
         s.lengths[rows] = lengths.to(self.device)
@@ -372,11 +371,13 @@ class StaticDecoder:
             self.parts, self.flex, dropped = PLAIN, None, "compiled parts / FlexAttention"
         else:
             return False
-        what = f"{dropped} failed ({type(exc).__name__}: {exc})"
-        self.fallback = what if self.fallback is None else f"{self.fallback}; then {what}"  # every drop, in order
-        print(f"minialign: decoding without {what}.", file=sys.stderr)
+        self._say_dropped(f"{dropped} failed ({type(exc).__name__}: {exc})")
         self.graphs.clear()
         return True
+
+    def _say_dropped(self, what: str) -> None:
+        self.fallback = what if self.fallback is None else f"{self.fallback}; then {what}"  # every drop, in order
+        print(f"minialign: decoding without {what}.", file=sys.stderr)
 
     def _compact(self, live: list[int], bucket: int, used: int) -> None:
         """Move the live slots to the front (their first ``used`` cache positions) and empty the rest of ``bucket``."""

@@ -19,7 +19,6 @@ sliding windows) with a rope table that does not depend on the sequence length.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,7 +31,6 @@ from minialign.modeling.lora import LoRALinear, lora_layers
 from minialign.ops.attention import flash_varlen_available, varlen_reference
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
-RECOMPILES = 64  # one compilation per (batch bucket, cache length); torch's default of 8 would fall back to eager
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")  # their cos/sin change with the sequence length: no fixed table
 
 
@@ -173,20 +171,6 @@ class DecoderWeights:
             if head.data_ptr() != self.head.data_ptr():
                 self.head.copy_(head)
         self.structure, self.versions = _fingerprint(self.model)
-
-
-@functools.cache
-def compile_fixed(fn: Callable) -> Callable:
-    """``fn`` compiled for fixed shapes, once per process (every decoder shares the compiled code, and the
-    recompilation limit is not spent on copies of it), with room for ``RECOMPILES``: a decode step's pieces compile
-    once per batch bucket and, those that see the cache, once per cache length too."""
-    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
-
-    def call(*args):
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILES):
-            return compiled(*args)
-
-    return call
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from minialign.base.errors import UserError
-from minialign.modeling.decoder_model import compile_fixed
+from minialign.modeling.compiled import compile_fixed
 
 KV_BLOCK = 128  # keys per block of the mask; the decoding kernel's own key tile divides it
 
