@@ -25,6 +25,7 @@ from minialign.modeling.decoder_model import (
     decode_attention,
     decode_layout,
     decoder_support,
+    flat_prompts,
     qkv_rope,
     varlen_decode_args,
     write_cache,
@@ -289,6 +290,16 @@ def test_the_compiled_block_halves_compute_what_eager_ones_do_without_recompilin
         for a, b in zip(got, qkv_rope(x, norm, wqkv, bqkv, cos, sin, heads, kv_heads, 1e-6)):
             torch.testing.assert_close(a, b)
         torch.testing.assert_close(out, PLAIN.out_mlp(x, attn, w, torch.nn.functional.silu, 1e-6))
+
+
+def test_flat_prompts_lays_the_prompts_end_to_end_with_their_positions_and_slots():
+    """The NumPy build of a prefill pass against the per-prompt Python build it replaced."""
+    prompts, slots = [[5, 6, 7], [9], [], [1, 2, 3, 4]], [3, 0, 7, 2]
+    flat, positions, token_slots, lengths = flat_prompts(prompts, slots)
+    assert flat.tolist() == [t for p in prompts for t in p]
+    assert positions.tolist() == [i for p in prompts for i in range(len(p))]
+    assert token_slots.tolist() == [s for p, s in zip(prompts, slots) for _ in p]
+    assert lengths.tolist() == [3, 1, 0, 4] and flat.dtype == positions.dtype == torch.long
 
 
 def test_the_compiled_prefill_halves_compute_what_eager_ones_do_for_any_token_count():

@@ -42,6 +42,7 @@ from minialign.modeling.decoder_model import (
     decode_layout,
     decoder_support,
     flash_ok,
+    flat_prompts,
     last_logits,
     prefill_attention,
     rope_table,
@@ -246,7 +247,7 @@ class StaticDecoder:
         for chunk in self._prefill_chunks([len(p) for p in prompts]):
             while True:  # a failed pass wrote nothing a rerun does not rewrite
                 try:
-                    self._prefill_chunk([prompts[r] for r in chunk], torch.tensor(chunk, device=self.device), key)
+                    self._prefill_chunk([prompts[r] for r in chunk], chunk, key)
                     break
                 except Exception as exc:
                     if self.prefill_parts is PLAIN:
@@ -254,14 +255,13 @@ class StaticDecoder:
                     self.prefill_parts = PLAIN
                     self._say_dropped(f"compiled prefill parts failed ({type(exc).__name__}: {exc})")
 
-    def _prefill_chunk(self, prompts: list[list[int]], rows: torch.Tensor, key: tuple) -> None:
-        """One flat varlen pass over ``prompts`` (slots ``rows``): cache their keys, choose their first tokens."""
+    def _prefill_chunk(self, prompts: list[list[int]], chunk: list[int], key: tuple) -> None:
+        """One flat varlen pass over ``prompts`` (slots ``chunk``): cache their keys, choose their first tokens."""
         sampling, _, eos_ids = key
         s, w = self.state, self.weights
-        lengths = torch.tensor([len(p) for p in prompts])
-        flat = torch.tensor([t for p in prompts for t in p], device=self.device)
-        positions = torch.cat([torch.arange(len(p)) for p in prompts]).to(self.device)
-        slots = torch.repeat_interleave(rows.cpu(), lengths).to(self.device)
+        flat, positions, slots, lengths = flat_prompts(prompts, chunk)
+        flat, positions, slots = (t.to(self.device) for t in (flat, positions, slots))
+        rows = torch.tensor(chunk, device=self.device)
         cu = F.pad(lengths.cumsum(0), (1, 0)).to(device=self.device, dtype=torch.int32)
         max_len = int(lengths.max())
 
