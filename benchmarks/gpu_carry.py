@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 64 * 2**20
 PIECE = 50_000_000  # the first GGUF piece's bytes: it rides with the wheels, the rest alone
 # Each planned call's carried folders (benchmarks/unsloth_gpu.sh and benchmarks/NOTES.md say what each runs).
-CALLS = {"stage": [".carry/a", ".whl", ".gl"], "join": [".carry/b"], "lite": [".whl", ".gl"], "unsloth": [".whlu"]}
+CALLS = {"stage": [".carry/a", ".whl", ".gl"], "join": [".carry/b"], "lite": [".whl", ".gl"], "unsloth": [".whlu"],
+         "lite+unsloth": [".whl", ".gl", ".whlu"]}
 BUILT_BY = {".whlu": "unsloth_wheels.py"}  # a carried folder `build` does not make, and the script that does
 WHEELS = ["trl==1.16.0", "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19", "gguf==0.19.0"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "any"]

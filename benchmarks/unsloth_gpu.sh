@@ -171,8 +171,8 @@ start)
   ;&
 wait) collect ;;
 lite)
-  # One call, no GGUF, no Unsloth (carry .whl .gl): rows that need SmolLM2's tokenizer and shapes only, i.e. sft-gap,
-  # sft-lora-fast, memory-peak (what fills memory at llama-1b SFT LoRA's peak, checks/memory_peak.py), check-graphs
+  # One call, no GGUF (carry .whl .gl, and .whlu for Unsloth's rows): rows that need SmolLM2's tokenizer and shapes
+  # only, i.e. sft-gap, sft-lora-fast, memory-peak (what fills memory at llama-1b SFT LoRA's peak, checks/memory_peak.py), check-graphs
   # (checks/check_graphs.py: graphed = plain training, uncompiled, several captures), decode-random (the decoder
   # profile on random SmolLM2-135M weights built from .gl/smollm2's config: every row runs all max_new_tokens, so the
   # step time is measured without early finishes; decode-random-triton: the same with minialign's Triton
@@ -182,6 +182,10 @@ lite)
   ROWS=${2:-sft-gap,check-graphs,bench-decode-random,decode-random}
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
+  # Unsloth's wheels where the call carried them too (.whlu, 33 MiB with .whl .gl): the Unsloth rows (sft-lean,
+  # sft-lowmem, sft-offload) on llama-1b need no GGUF, so one call can race the decoders and run them.
+  if [ -d .whlu ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/usite .whlu/*.whl || exit 1; fi
   mkdir -p /tmp/repo $W && cp -r .whl/shared /tmp/shared && cp -r .gl/smollm2 /tmp/smollm2-tok
   tar cf - --exclude=.carry --exclude=.whl --exclude=.whlu --exclude=.gl . | tar xf - -C /tmp/repo
   cd /tmp/repo

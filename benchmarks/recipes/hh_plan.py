@@ -100,6 +100,14 @@ CANDIDATES: dict[str, dict] = {
     "r2-rpo1-lp4-g-ep2-me2": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0,
                               "loop_penalty": 4.0, "evasion_penalty": 2.0, "missing_eos_penalty": 2.0,
                               "greedy_sample": True},
+    # only the prompts whose answers the reward models tell apart: they reach 0.61-0.62 on validation pairs, so a
+    # small best-minus-worst gap is close to a coin and its pair adds drift without signal; the helpful win is lost
+    # where the starting model's answer was fine (0.41 there, results/hh-answers.json). min_gap is in standard
+    # deviations of a round's routed scores (round 2's mean gap was 2.1 in the 2026-12-08 call)
+    "r2-rpo1-lp4-g-ep2-gap1": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0,
+                               "loop_penalty": 4.0, "evasion_penalty": 2.0, "greedy_sample": True, "min_gap": 1.0},
+    "r2-rpo1-lp4-g-ep2-gap2": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0,
+                               "loop_penalty": 4.0, "evasion_penalty": 2.0, "greedy_sample": True, "min_gap": 2.0},
     # four rounds' harmless gain (0.875 on validation) without the declining of helpful prompts that came with it
     "r4-rpo1-lp4-g-ep2h": {"rounds": 4, "prompts_per_round": 250, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0,
                            "evasion_penalty": 2.0, "evasion_axes": ("helpful",), "greedy_sample": True},
