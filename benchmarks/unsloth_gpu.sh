@@ -182,9 +182,9 @@ lite)
   ROWS=${2:-sft-gap,check-graphs,bench-decode-random,decode-random}
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
-  # Unsloth's wheels where the call carried them too (.whlu, 33 MiB with .whl .gl): the Unsloth rows (sft-lean,
-  # sft-lowmem, sft-offload) on llama-1b need no GGUF, so one call can race the decoders and run them.
-  if [ -d .whlu ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  # Unsloth's wheels where the call carried them too (.whlu: 27.9 MiB on disk with .whl .gl): the Unsloth rows
+  # (sft-lean, sft-lowmem, sft-offload) on llama-1b need no GGUF, so one call can race the decoders and run them.
+  if ls .whlu/*.whl > /dev/null 2>&1; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/usite .whlu/*.whl || exit 1; fi
   mkdir -p /tmp/repo $W && cp -r .whl/shared /tmp/shared && cp -r .gl/smollm2 /tmp/smollm2-tok
   tar cf - --exclude=.carry --exclude=.whl --exclude=.whlu --exclude=.gl . | tar xf - -C /tmp/repo

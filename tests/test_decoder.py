@@ -338,6 +338,15 @@ def test_a_failing_compiled_prefill_falls_back_to_plain_parts_and_says_so(tok, c
     assert decoder.prefill_parts is PLAIN and "compiled prefill parts failed" in decoder.fallback
     assert "no inductor here" in capsys.readouterr().err
 
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    decoder = StaticDecoder(model)  # running out of memory is nobody's kernel's fault: raised, nothing dropped
+    decoder.prefill_parts = parts = replace(PLAIN, qkv=out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        generate(model, tok, PROMPTS, decoder=decoder, **common)
+    assert decoder.prefill_parts is parts and decoder.fallback is None
+
 
 def test_a_failing_step_drops_one_thing_at_a_time_and_says_what():
     triton = StaticDecoder(llama())
@@ -346,6 +355,9 @@ def test_a_failing_step_drops_one_thing_at_a_time_and_says_what():
     assert triton.kernel == "flash" and "triton attention kernel failed" in triton.fallback
     assert "no kernel image" in triton.fallback
     assert not triton._fall_back(RuntimeError("again"))  # plain parts and FlashAttention: nothing left to drop
+    kept = StaticDecoder(llama())
+    kept.kernel = "triton"
+    assert not kept._fall_back(torch.OutOfMemoryError("CUDA out of memory")) and kept.kernel == "triton"
     flex = StaticDecoder(llama(), attention="flex")
     assert flex._fall_back(RuntimeError("x")) and flex.flex is None and "FlexAttention" in flex.fallback
 

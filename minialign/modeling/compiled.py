@@ -39,12 +39,16 @@ def compile_tokens(fn: Callable, token_args: tuple[int, ...]) -> Callable:
     def over_tokens(*args):
         return fn(*args)
 
+    # Each fn's own code object: dynamo keeps its compilations (and their recompilation limit) per code object.
+    over_tokens.__code__ = over_tokens.__code__.replace(co_name=f"over_tokens_{fn.__name__}")
     compiled = torch.compile(over_tokens, fullgraph=True)
 
     def call(*args):
         for i in token_args:
             torch._dynamo.maybe_mark_dynamic(args[i], 0)
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILES):
+        # Automatic dynamic shapes off: a second model's shapes recompile specialised instead of making its weight
+        # dims and head counts symbolic too.
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILES, automatic_dynamic_shapes=False):
             return compiled(*args)
 
     return call

@@ -250,7 +250,7 @@ class StaticDecoder:
                     self._prefill_chunk([prompts[r] for r in chunk], chunk, key)
                     break
                 except Exception as exc:
-                    if self.prefill_parts is PLAIN:
+                    if self.prefill_parts is PLAIN or isinstance(exc, torch.OutOfMemoryError):
                         raise
                     self.prefill_parts = PLAIN
                     self._say_dropped(f"compiled prefill parts failed ({type(exc).__name__}: {exc})")
@@ -365,6 +365,8 @@ class StaticDecoder:
         """After a failed step, one thing fewer to fail: the Triton kernel gives way to FlashAttention,
         else compiled parts and FlexAttention to plain kernels; False when nothing is left to drop. ``fallback``
         keeps what happened, for benchmarks (a row must not pass off the fallback's speed as the variant's)."""
+        if isinstance(exc, torch.OutOfMemoryError):  # no kernel's fault: dropping one would only mislabel the run
+            return False
         if self.kernel != "flash":
             self.kernel, dropped = "flash", f"the {self.kernel} attention kernel"
         elif self.parts is not PLAIN or self.flex is not None:
