@@ -41,7 +41,6 @@ sys.path.insert(0, str(ROOT))
 from minialign.base.devices import device_name, sync
 from minialign.data import load_preference_pairs
 from minialign.modeling.decoder import StaticDecoder
-from minialign.modeling.decoder_model import PLAIN
 from minialign.modeling.generate import generate
 from minialign.modeling.models import load_model, load_tokenizer
 
@@ -49,10 +48,11 @@ from minialign.modeling.models import load_model, load_tokenizer
 # static-flex: with FlexAttention's split-KV decoding kernel (minialign.modeling.flex_decode); static-triton: with
 # minialign.ops.triton_decode, the cache stores and the attention in one kernel. (The memory-efficient kernel raced
 # here once, 62.9k against FlashAttention's 75.7k new tokens/s on an H100, NOTES entry 30, and was removed.)
-# static-triton-eager-prefill: static-triton with its prefill passes uncompiled, as before NOTES entry 36.
-DECODERS = ("hf", "static", "static-plain", "static-flex", "static-triton", "static-triton-eager-prefill",
+# static-triton-compiled-prefill: static-triton with its prefill passes compiled too (StaticDecoder's opt-in
+# compile_prefill; warmup_s shows what the compilation costs a process).
+DECODERS = ("hf", "static", "static-plain", "static-flex", "static-triton", "static-triton-compiled-prefill",
             "hf-static")
-ATTENTION = {"static-flex": "flex", "static-triton": "triton", "static-triton-eager-prefill": "triton"}
+ATTENTION = {"static-flex": "flex", "static-triton": "triton", "static-triton-compiled-prefill": "triton"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,7 +90,11 @@ def measure(model, tokenizer, prompts: list[str], decoder, batch_size: int, args
     device = next(model.parameters()).device
     options = {"max_new_tokens": args.max_new_tokens, "batch_size": batch_size, "details": True, "decoder": decoder,
                    "eos_token_id": eos, "do_sample": args.sample, "top_p": 0.95 if args.sample else 1.0}
+    sync(device)
+    start = time.perf_counter()
     generate(model, tokenizer, prompts, **options)  # warm-up: compilation, graph capture, allocator
+    sync(device)
+    warmup = time.perf_counter() - start
     walls, answers = [], []
     for _ in range(args.repeats):
         sync(device)
@@ -100,7 +104,8 @@ def measure(model, tokenizer, prompts: list[str], decoder, batch_size: int, args
         walls.append(time.perf_counter() - start)
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     tokens, steps, best = answer_tokens(answers), decode_steps(answers, batch_size, lengths), min(walls)
-    row = {"wall_s": [round(w, 4) for w in walls], "new_tokens": tokens, "decode_steps": steps,
+    row = {"warmup_s": round(warmup, 3), "wall_s": [round(w, 4) for w in walls], "new_tokens": tokens,
+           "decode_steps": steps,
            "tokens_per_s": round(tokens / best, 1), "ms_per_step": round(1000 * best / steps, 3),
            "finished_share": round(sum(c.finished for c in answers) / len(answers), 4)}
     if getattr(decoder, "fallback", None):  # the variant failed and the decoder fell back: not the variant's speed
@@ -134,8 +139,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "definitions": {"tokens_per_s": "answer tokens (EOS included) / best pass wall time, whole generate() call",
                         "ms_per_step": "best pass wall time / decode steps (each batch: its longest answer)",
                         "identical_to_hf": "share of answers whose text equals decoder='hf' at this batch size",
-                        "identical_to_static": "static-flex, static-triton(-eager-prefill): the same share against "
-                                               "decoder='static'"},
+                        "identical_to_static": "static-flex, static-triton(-compiled-prefill): the same share against "
+                                               "decoder='static'",
+                        "warmup_s": "the untimed first pass's wall: compilation and graph capture included"},
         "results": {},
     }
     decoders = [d for d in DECODERS if d in args.decoders.split(",")]
@@ -146,9 +152,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             try:
                 if name.startswith("static") and name not in statics:
                     statics[name] = StaticDecoder(model, compile=name != "static-plain",
-                                                  attention=ATTENTION.get(name, "flash"))
-                    if name.endswith("eager-prefill"):
-                        statics[name].prefill_parts = PLAIN
+                                                  attention=ATTENTION.get(name, "flash"),
+                                                  compile_prefill=name.endswith("compiled-prefill"))
                 row, answers = measure(model, tokenizer, prompts, statics.get(name, name), batch_size, args, eos)
                 if name == "hf":
                     reference = answers

@@ -16,12 +16,13 @@ def test_decode_benchmark_smoke_run(tmp_path, shared_dir):
     result = json.loads(out.read_text())
     assert "bench_decode.py" in result["command"] and result["prompts"] == 2
     rows = result["results"]["2"]
-    assert set(rows) == {"hf", "static", "static-plain", "static-flex", "static-triton", "static-triton-eager-prefill",
-                         "hf-static"}
+    assert set(rows) == {"hf", "static", "static-plain", "static-flex", "static-triton",
+                         "static-triton-compiled-prefill", "hf-static"}
     assert all(rows[name]["identical_to_static"] == 1.0
-               for name in ("static-flex", "static-triton", "static-triton-eager-prefill"))
+               for name in ("static-flex", "static-triton", "static-triton-compiled-prefill"))
     for name, row in rows.items():
         assert "error" not in row, (name, row.get("traceback"))
         assert row["new_tokens"] == rows["hf"]["new_tokens"] and 0 < row["new_tokens"] <= 8
         assert row["decode_steps"] == 4 and row["tokens_per_s"] > 0 and row["ms_per_step"] > 0
+        assert row["warmup_s"] > 0
         assert row["identical_to_hf"] == 1.0

@@ -102,20 +102,22 @@ class StaticDecoder:
     """Batched decoding of one supported model (``decoder_model.decoder_support``); ``decode`` does one batch.
 
     ``graphs``: record steps as CUDA graphs (CUDA only); ``compile``: fuse each block's elementwise work with
-    ``torch.compile`` in decode steps and prefill passes (CUDA only; a failing compilation falls back to plain
-    kernels);
+    ``torch.compile`` in decode steps (CUDA only; a failing compilation falls back to plain kernels);
+    ``compile_prefill``: in prefill passes too, compiled once for any token count (CUDA only; opt-in: the compilation
+    costs seconds a process and an eager prefill of 33,600 prompt tokens about 74 ms, so it pays back only in a process
+    that prefills hundreds of large batches, benchmarks/NOTES.md entry 36);
     ``sync_every``: steps between looks at the rows; ``retire``: move live rows into smaller buckets as rows finish
     (``min_bucket`` rows at least); ``prefill_tokens``: prompt tokens per prefill pass; ``attention``: the decode
     steps' attention, ``"auto"`` (``"triton"`` where its kernel can run, else ``"flash"``), ``"flash"``
     (FlashAttention-2 varlen on CUDA, SDPA elsewhere), ``"triton"`` (``ops.triton_decode``: the cache stores and the
-    attention in one kernel, a long row's keys shared out among programs; 90.4k against 76.8k new tokens/s on an H100,
-    benchmarks/NOTES.md entry 31) or ``"flex"``
+    attention in one kernel, RoPE included, a long row's keys shared out among programs; 94.1k against 75.4k new
+    tokens/s on an H100, benchmarks/NOTES.md entry 36) or ``"flex"``
     (``flex_decode``; slower on an H100, benchmarks/NOTES.md entry 29).
     """
 
     def __init__(self, model: torch.nn.Module, *, graphs: bool = True, compile: bool = True, sync_every: int = 8,
                  retire: bool = True, min_bucket: int = MIN_BUCKET, prefill_tokens: int | None = None,
-                 attention: str = "auto"):
+                 attention: str = "auto", compile_prefill: bool = False):
         reason = decoder_support(model)
         if reason is not None:
             raise UserError(f"The static decoder cannot run this model: {reason}. Use decoder='auto' (falls back "
@@ -127,7 +129,7 @@ class StaticDecoder:
         self.device = self.weights.embed.device
         self.graphs_enabled = graphs and self.device.type == "cuda"
         self.parts = decode_parts() if compile and self.device.type == "cuda" else PLAIN
-        self.prefill_parts = prefill_parts() if compile and self.device.type == "cuda" else PLAIN
+        self.prefill_parts = prefill_parts() if compile and compile_prefill and self.device.type == "cuda" else PLAIN
         self.sync_every, self.retire, self.min_bucket = max(1, sync_every), retire, max(1, min_bucket)
         self.prefill_tokens = prefill_tokens or default_prefill_tokens(self.weights.dtype, self.device)
         self.scale = self.weights.dims.head_dim ** -0.5
