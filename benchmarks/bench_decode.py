@@ -90,18 +90,19 @@ def measure(model, tokenizer, prompts: list[str], decoder, batch_size: int, args
     device = next(model.parameters()).device
     options = {"max_new_tokens": args.max_new_tokens, "batch_size": batch_size, "details": True, "decoder": decoder,
                    "eos_token_id": eos, "do_sample": args.sample, "top_p": 0.95 if args.sample else 1.0}
-    sync(device)
-    start = time.perf_counter()
-    generate(model, tokenizer, prompts, **options)  # warm-up: compilation, graph capture, allocator
-    sync(device)
-    warmup = time.perf_counter() - start
-    walls, answers = [], []
-    for _ in range(args.repeats):
+
+    def timed() -> tuple[list, float]:
         sync(device)
         start = time.perf_counter()
-        answers = generate(model, tokenizer, prompts, **options)
+        out = generate(model, tokenizer, prompts, **options)
         sync(device)
-        walls.append(time.perf_counter() - start)
+        return out, time.perf_counter() - start
+
+    warmup = timed()[1]  # compilation, graph capture, allocator
+    walls, answers = [], []
+    for _ in range(args.repeats):
+        answers, wall = timed()
+        walls.append(wall)
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     tokens, steps, best = answer_tokens(answers), decode_steps(answers, batch_size, lengths), min(walls)
     row = {"warmup_s": round(warmup, 3), "wall_s": [round(w, 4) for w in walls], "new_tokens": tokens,

@@ -100,20 +100,17 @@ CANDIDATES: dict[str, dict] = {
     "r2-rpo1-lp4-g-ep2-me2": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0,
                               "loop_penalty": 4.0, "evasion_penalty": 2.0, "missing_eos_penalty": 2.0,
                               "greedy_sample": True},
-    # only the prompts whose answers the signals tell apart: the reward models reach 0.61-0.62 on validation pairs,
-    # so a small best-minus-worst gap is close to a coin and its pair adds drift without signal; the helpful win is
-    # lost where the starting model's answer was fine (0.41 there, results/hh-answers.json). The gap is taken after
-    # the loop (4) and evasion (2) penalties, in standard deviations of a round's routed scores, so a prompt with a
-    # looping answer always keeps its pair and one with an evading answer mostly does: the certain signals stay, the
-    # reward models' close calls go (round 2's mean gap, penalties included, was 2.1 in the 2026-12-08 call)
-    "r2-rpo1-lp4-g-ep2-gap1": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0,
-                               "loop_penalty": 4.0, "evasion_penalty": 2.0, "greedy_sample": True, "min_gap": 1.0},
-    "r2-rpo1-lp4-g-ep2-gap2": {"rounds": 2, "prompts_per_round": 500, "beta": 0.1, "rpo_alpha": 1.0,
-                               "loop_penalty": 4.0, "evasion_penalty": 2.0, "greedy_sample": True, "min_gap": 2.0},
     # four rounds' harmless gain (0.875 on validation) without the declining of helpful prompts that came with it
     "r4-rpo1-lp4-g-ep2h": {"rounds": 4, "prompts_per_round": 250, "beta": 0.1, "rpo_alpha": 1.0, "loop_penalty": 4.0,
                            "evasion_penalty": 2.0, "evasion_axes": ("helpful",), "greedy_sample": True},
 }
+# ep2 on only the prompts whose answers the signals tell apart: the reward models reach 0.61-0.62 on validation
+# pairs, so a small best-minus-worst gap is close to a coin and its pair adds drift without signal; the helpful win is
+# lost where the starting model's answer was fine (0.41 there, results/hh-answers.json). The gap is taken after the
+# loop (4) and evasion (2) penalties, in standard deviations of a round's routed scores, so a prompt with a looping
+# answer always keeps its pair and one with an evading answer mostly does: the certain signals stay, the reward
+# models' close calls go (round 2's mean gap, penalties included, was 2.1 in the 2026-12-08 call).
+CANDIDATES.update({f"r2-rpo1-lp4-g-ep2-gap{g}": {**CANDIDATES["r2-rpo1-lp4-g-ep2"], "min_gap": float(g)} for g in (1, 2)})
 SMALL_TRAIN = ["--epochs", "1", "--max-length", "128"]  # --small: appended to every training command (last wins)
 SMALL_ONLINE = {"samples": 2, "max_new_tokens": 16, "batch_size": 4, "rounds": 1, "prompts_per_round": 8}
 

@@ -247,15 +247,14 @@ class StaticDecoder:
         s.out.fill_(key[1])
         s.step.fill_(1)
         for chunk in self._prefill_chunks([len(p) for p in prompts]):
-            while True:  # a failed pass wrote nothing a rerun does not rewrite
-                try:
-                    self._prefill_chunk([prompts[r] for r in chunk], chunk, key)
-                    break
-                except Exception as exc:
-                    if self.prefill_parts is PLAIN or isinstance(exc, torch.OutOfMemoryError):
-                        raise
-                    self.prefill_parts = PLAIN
-                    self._say_dropped(f"compiled prefill parts failed ({type(exc).__name__}: {exc})")
+            try:
+                self._prefill_chunk([prompts[r] for r in chunk], chunk, key)
+            except Exception as exc:
+                if self.prefill_parts is PLAIN or isinstance(exc, torch.OutOfMemoryError):
+                    raise
+                self.prefill_parts = PLAIN
+                self._say_dropped(f"compiled prefill parts failed ({type(exc).__name__}: {exc})")
+                self._prefill_chunk([prompts[r] for r in chunk], chunk, key)  # rewrites what the failed pass wrote
 
     def _prefill_chunk(self, prompts: list[list[int]], chunk: list[int], key: tuple) -> None:
         """One flat varlen pass over ``prompts`` (slots ``chunk``): cache their keys, choose their first tokens."""
