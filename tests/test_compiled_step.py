@@ -18,7 +18,7 @@ from test_flat_batches import lora_policy as make_policy
 
 from minialign.base.errors import UserError
 from minialign.data import TokenizedExample, collate_pairs, collate_sft
-from minialign.modeling import blocks
+from minialign.modeling import blocks, offload
 from minialign.modeling.models import load_model
 from minialign.modeling.policy import TokenLogps
 from minialign.ops.losses import PreferenceLoss
@@ -178,7 +178,7 @@ def test_checkpointed_blocks_recompute_inside_their_compiled_graph(monkeypatch):
     eager = loss_and_grads(full_policy(5), SFTTask(), batch)
     torch._dynamo.reset()
     policy = full_policy(5)
-    policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    offload.checkpoint_blocks(policy.model)
     policy.train()  # checkpointing is for training only
     policy.compile_body(fuse_loss=False, backend="aot_eager", dynamic=False)
     block_class = type(blocks.transformer_blocks(policy)[0])

@@ -34,7 +34,7 @@ def lora_model(name: str, checkpointing: str, dropout: float = 0.0) -> torch.nn.
     lora.apply_lora(model, lora.LoRAConfig(r=4, alpha=8, dropout=dropout))
     model.train()
     if checkpointing != "off":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        offload.checkpoint_blocks(model)
     if checkpointing == "offload":
         assert offload.install(model) == model.config.num_hidden_layers
     for _, layer in lora.lora_layers(model):
@@ -107,6 +107,30 @@ def test_without_gradients_blocks_run_as_they_are(monkeypatch):
 def test_a_model_without_checkpointed_blocks_is_refused():
     with pytest.raises(UserError, match="no checkpointed block"):
         offload.install(load_model("tiny"))
+
+
+def test_checkpoint_blocks_checkpoints_every_block_without_a_deprecation_warning():
+    import warnings
+
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    def blocks(model):
+        return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+    model = load_model("tiny-llama")
+    layers = blocks(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        offload.checkpoint_blocks(model)
+    assert len(layers) == model.config.num_hidden_layers and all(m.gradient_checkpointing for m in layers)
+    # a transformers release without the new name (before 5.2x): its old switch, non-reentrant as well
+    class Older(torch.nn.Module):
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            self.kwargs = gradient_checkpointing_kwargs
+
+    older = Older()
+    offload.checkpoint_blocks(older)
+    assert older.kwargs == {"use_reentrant": False}
 
 
 @pytest.mark.parametrize("fields,match", [

@@ -69,7 +69,7 @@ def wrap_policy(model, cfg: TrainConfig, device: torch.device, cls: type[TokenLo
     """``cls``: the wrapper that runs the body (``reward_model.RewardModel`` for a reward model)."""
     model.to(device)
     if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        offload.checkpoint_blocks(model)
         if cfg.offload_activations:
             offload.install(model)
     policy = cls(model, cfg.loss_chunk_size or None, attention=cfg.attention)

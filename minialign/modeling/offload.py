@@ -9,10 +9,10 @@ inputs to pinned host memory on a side stream (the GPU copy is freed once that c
 back on that stream one block ahead of backward: when backward reaches a block, the copy of the input it needs next
 starts, so it arrives while this block recomputes. Nothing in a step reads a value back to the host.
 
-``install(model)`` replaces the checkpointing function of every block transformers' ``gradient_checkpointing_enable``
-set up, so the block classes, their eager forwards and their keyword inputs stay transformers' own. A block whose
-gradient the reentrant checkpoint would not carry (no positional input needs one, or a keyword input does) gets plain
-checkpointing instead. Off a GPU there is nothing to gain: the input stays where it is, and the rest runs as on a
+``install(model)`` replaces the checkpointing function of every block that ``checkpoint_blocks`` (transformers' own
+switch) set up, so the block classes, their eager forwards and their keyword inputs stay transformers' own. A block
+whose gradient the reentrant checkpoint would not carry (no positional input needs one, or a keyword input does) gets
+plain checkpointing instead. Off a GPU there is nothing to gain: the input stays where it is, and the rest runs as on a
 GPU, which is what the CPU tests check against plain checkpointing.
 """
 
@@ -118,8 +118,19 @@ class Offloader:
         gpu.record_stream(stream)
 
 
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Turn on transformers' activation checkpointing of every block (non-reentrant: it carries gradients whatever
+    the block's inputs). Its switch was renamed ``activation_checkpointing_enable`` (the old name warns from
+    transformers 5.2x and goes in v6); older releases have only ``gradient_checkpointing_enable``."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def install(model: nn.Module) -> int:
-    """Offload the kept inputs of every checkpointed block of ``model`` (after ``gradient_checkpointing_enable``);
+    """Offload the kept inputs of every checkpointed block of ``model`` (after ``checkpoint_blocks``);
     returns how many blocks now do."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 

@@ -20,7 +20,7 @@ import torch
 from minialign.base.devices import autocast, device_name, peak_memory, peak_rss_mb, reset_peak_memory, sync
 from minialign.config.schema import TrainConfig
 from minialign.data import tokens_in
-from minialign.modeling import lora
+from minialign.modeling import lora, offload
 from minialign.modeling.policy import TokenLogps
 from minialign.ops.losses import PreferenceLoss
 from minialign.ops.shapes import ShapePlan
@@ -78,7 +78,7 @@ def measure(model, batches: list[dict], *, task: str, full: bool, lora_r: int = 
         lora.apply_lora(model, lora.LoRAConfig(r=lora_r, alpha=2 * lora_r), dtype=torch.float32)
     model.to(device).train()
     if grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        offload.checkpoint_blocks(model)
     # compile: True (dynamic shapes), or a torch.compile mode such as "default" or "reduce-overhead" (static shapes:
     # one graph per distinct row length, as FlexAttention needs). The transformer is compiled, see compile_body.
     compile_kwargs = ({"mode": compile, "dynamic": False} if isinstance(compile, str) else {"dynamic": True}) if compile else None
