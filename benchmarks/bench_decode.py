@@ -49,10 +49,12 @@ from minialign.modeling.models import load_model, load_tokenizer
 # minialign.ops.triton_decode, the cache stores and the attention in one kernel. (The memory-efficient kernel raced
 # here once, 62.9k against FlashAttention's 75.7k new tokens/s on an H100, NOTES entry 30, and was removed.)
 # static-triton-compiled-prefill: static-triton with its prefill passes compiled too (StaticDecoder's opt-in
-# compile_prefill; warmup_s shows what the compilation costs a process).
+# compile_prefill; warmup_s shows what the compilation costs a process). static-triton-early-looks: static-triton
+# reading each look at its rows at once, so the GPU waits on the host's work, as every decoder did before NOTES 37.
 DECODERS = ("hf", "static", "static-plain", "static-flex", "static-triton", "static-triton-compiled-prefill",
-            "hf-static")
-ATTENTION = {"static-flex": "flex", "static-triton": "triton", "static-triton-compiled-prefill": "triton"}
+            "static-triton-early-looks", "hf-static")
+ATTENTION = {"static-flex": "flex", "static-triton": "triton", "static-triton-compiled-prefill": "triton",
+             "static-triton-early-looks": "triton"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -140,7 +142,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "definitions": {"tokens_per_s": "answer tokens (EOS included) / best pass wall time, whole generate() call",
                         "ms_per_step": "best pass wall time / decode steps (each batch: its longest answer)",
                         "identical_to_hf": "share of answers whose text equals decoder='hf' at this batch size",
-                        "identical_to_static": "static-flex, static-triton(-compiled-prefill): the same share against "
+                        "identical_to_static": "static-flex and the static-triton rows: the same share against "
                                                "decoder='static'",
                         "warmup_s": "the untimed first pass's wall: compilation and graph capture included"},
         "results": {},
@@ -154,7 +156,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                 if name.startswith("static") and name not in statics:
                     statics[name] = StaticDecoder(model, compile=name != "static-plain",
                                                   attention=ATTENTION.get(name, "flash"),
-                                                  compile_prefill=name.endswith("compiled-prefill"))
+                                                  compile_prefill=name.endswith("compiled-prefill"),
+                                                  late_looks=not name.endswith("early-looks"))
                 row, answers = measure(model, tokenizer, prompts, statics.get(name, name), batch_size, args, eos)
                 if name == "hf":
                     reference = answers

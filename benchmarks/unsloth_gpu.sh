@@ -135,7 +135,8 @@ row() {
     bench-decode-random) python3 benchmarks/bench_decode.py --model /tmp/smollm2-random --data $DATA --rows 300:556 \
       --batch-sizes 256 --decoders ${DECODERS:-hf,static,static-triton,hf-static} --json-out $W/decode-random.json 2>&1 | grep -v Warning | tail -30 ;;
     decode-sample) python3 benchmarks/bench_decode.py --model /tmp/model.gguf --data $DATA --rows 300:812 \
-      --batch-sizes 128,256 --decoders static --sample --json-out $W/decode-sample.json 2>&1 | grep -v Warning | tail -8 ;;
+      --batch-sizes 128,256 --decoders ${SAMPLE_DECODERS:-static} --sample --json-out $W/decode-sample.json 2>&1 \
+      | grep -v Warning | tail -8 ;;
     hh-routed) seed_state
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online${HH_TRL-,trl-online,timing},heldout \

@@ -17,9 +17,9 @@ def test_decode_benchmark_smoke_run(tmp_path, shared_dir):
     assert "bench_decode.py" in result["command"] and result["prompts"] == 2
     rows = result["results"]["2"]
     assert set(rows) == {"hf", "static", "static-plain", "static-flex", "static-triton",
-                         "static-triton-compiled-prefill", "hf-static"}
+                         "static-triton-compiled-prefill", "static-triton-early-looks", "hf-static"}
     assert all(rows[name]["identical_to_static"] == 1.0
-               for name in ("static-flex", "static-triton", "static-triton-compiled-prefill"))
+               for name in ("static-flex", "static-triton", "static-triton-compiled-prefill", "static-triton-early-looks"))
     for name, row in rows.items():
         assert "error" not in row, (name, row.get("traceback"))
         assert row["new_tokens"] == rows["hf"]["new_tokens"] and 0 < row["new_tokens"] <= 8

@@ -12,7 +12,9 @@ the weights and the used KV cache once bounds a step near 0.4 ms at batch 256. `
   graph per batch bucket (powers of two) and replayed; the host looks at the rows every ``sync_every`` steps only,
   stops when all are finished, and moves the live rows into a smaller bucket when they fit one, so finished rows stop
   costing;
-* stop strings checked on the host from the tokens of the previous check while the GPU runs the next steps.
+* each look is copied to the host behind a chunk of steps and read once the next chunk is queued
+  (``decode_state.Look``): the host's work (stop strings in the tokens, finished rows, compaction) overlaps the GPU's,
+  at the price of deciding a chunk late (and at most one chunk of steps after the last row has finished).
 
 On a CPU the same code runs eagerly (no graphs): the tests exercise every line but the graph capture and the
 FlashAttention calls. A decoder is reusable: ``decode`` refreshes its weight copies in place when the model's
@@ -24,7 +26,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from minialign.base.errors import UserError
 from minialign.modeling.compiled import decode_parts, prefill_parts
 from minialign.modeling.decode_kernel import ATTENTIONS, choose_kernel, kernel_disagrees
+from minialign.modeling.decode_state import DecodeState, Look, allocate_state, is_eos
 from minialign.modeling.decoder_model import (
     PLAIN,
     DecodeLayout,
@@ -60,38 +63,6 @@ GREEDY = Sampling()
 Stopped = Callable[[list[list[int]]], list[bool]]  # each live row's tokens so far -> did it reach a stop string
 
 
-@dataclass
-class _State:
-    """Device tensors a decode step reads and updates in place (fixed addresses: graphs are recorded over them).
-
-    Slot s holds prompt ``row_id[s]`` (``rows`` = the trash row of ``out`` / ``uniforms`` for an empty slot);
-    ``lengths[s]`` keys are cached, ``tokens[s]`` is the token to feed next, ``step`` the next column of ``out``.
-    """
-
-    rows: int
-    length: int
-    new_tokens: int
-    k_cache: torch.Tensor  # [layers, rows, kv_heads, length, head_dim]
-    v_cache: torch.Tensor
-    tokens: torch.Tensor  # [rows] long
-    lengths: torch.Tensor  # [rows] long
-    done: torch.Tensor  # [rows] bool
-    row_id: torch.Tensor  # [rows] long
-    step: torch.Tensor  # [1] long
-    out: torch.Tensor  # [rows + 1, new_tokens] long
-    uniforms: torch.Tensor  # [new_tokens, rows + 1] float32
-    cos: torch.Tensor  # [length, head_dim]
-    sin: torch.Tensor
-
-
-def _is_eos(tokens: torch.Tensor, eos_ids: tuple[int, ...]) -> torch.Tensor:
-    """``[B]`` bool: which tokens end a reply (Python constants: nothing to copy to the device inside a graph)."""
-    hit = tokens == eos_ids[0]
-    for eos in eos_ids[1:]:
-        hit = hit | (tokens == eos)
-    return hit
-
-
 def default_prefill_tokens(dtype: torch.dtype, device: torch.device) -> int:
     """Prompt tokens a prefill pass takes: many with FlashAttention, few on the dense SDPA path, which a float32
     model takes on CUDA too (a float32 eval of 100 long helpful-online prompts ran out of an H100's 80 GB)."""
@@ -106,18 +77,19 @@ class StaticDecoder:
     ``compile_prefill``: in prefill passes too, compiled once for any token count (CUDA only; opt-in: the compilation
     costs seconds a process and an eager prefill of 33,600 prompt tokens about 74 ms, so it pays back only in a process
     that prefills hundreds of large batches, benchmarks/NOTES.md entry 36);
-    ``sync_every``: steps between looks at the rows; ``retire``: move live rows into smaller buckets as rows finish
-    (``min_bucket`` rows at least); ``prefill_tokens``: prompt tokens per prefill pass; ``attention``: the decode
-    steps' attention, ``"auto"`` (``"triton"`` where its kernel can run, else ``"flash"``), ``"flash"``
-    (FlashAttention-2 varlen on CUDA, SDPA elsewhere), ``"triton"`` (``ops.triton_decode``: the cache stores and the
-    attention in one kernel, RoPE included, a long row's keys shared out among programs; 94.1k against 75.4k new
-    tokens/s on an H100, benchmarks/NOTES.md entry 36) or ``"flex"``
+    ``sync_every``: steps between looks at the rows; ``late_looks``: read each look once the next steps are queued
+    (the default; False reads it at once and the GPU waits, as before benchmarks/NOTES.md entry 37); ``retire``: move
+    live rows into smaller buckets as rows finish (``min_bucket`` rows at least); ``prefill_tokens``: prompt tokens
+    per prefill pass; ``attention``: the decode steps' attention, ``"auto"`` (``"triton"`` where its kernel can run,
+    else ``"flash"``), ``"flash"`` (FlashAttention-2 varlen on CUDA, SDPA elsewhere), ``"triton"``
+    (``ops.triton_decode``: the cache stores and the attention in one kernel, RoPE included, a long row's keys shared
+    out among programs; 94.1k against 75.4k new tokens/s on an H100, benchmarks/NOTES.md entry 36) or ``"flex"``
     (``flex_decode``; slower on an H100, benchmarks/NOTES.md entry 29).
     """
 
     def __init__(self, model: torch.nn.Module, *, graphs: bool = True, compile: bool = True, sync_every: int = 8,
                  retire: bool = True, min_bucket: int = MIN_BUCKET, prefill_tokens: int | None = None,
-                 attention: str = "auto", compile_prefill: bool = False):
+                 attention: str = "auto", compile_prefill: bool = False, late_looks: bool = True):
         reason = decoder_support(model)
         if reason is not None:
             raise UserError(f"The static decoder cannot run this model: {reason}. Use decoder='auto' (falls back "
@@ -131,13 +103,14 @@ class StaticDecoder:
         self.parts = decode_parts() if compile and self.device.type == "cuda" else PLAIN
         self.prefill_parts = prefill_parts() if compile and compile_prefill and self.device.type == "cuda" else PLAIN
         self.sync_every, self.retire, self.min_bucket = max(1, sync_every), retire, max(1, min_bucket)
+        self.late_looks = late_looks
         self.prefill_tokens = prefill_tokens or default_prefill_tokens(self.weights.dtype, self.device)
         self.scale = self.weights.dims.head_dim ** -0.5
         self.flex = flex_decode(self.device) if attention == "flex" else None
         self.attention = attention
         self.kernel, self.fallback = choose_kernel(attention, self.weights.dims, self.weights.dtype, self.device)
         self.tiling = triton_decode.TILING  # how the Triton kernel shares out a step (set before the first decode)
-        self.state: _State | None = None
+        self.state: DecodeState | None = None
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphs_enabled else None
         self.stream = torch.cuda.Stream(self.device) if self.graphs_enabled else None
@@ -151,8 +124,9 @@ class StaticDecoder:
                sampling: Sampling = GREEDY, generator: torch.Generator | None = None,
                stopped: Stopped | None = None) -> list[list[int]]:
         """New tokens of each prompt (token ids, no special tokens added): ``max_new_tokens`` or fewer per row, all
-        rows as long as the longest; a row's tokens after its EOS are ``pad_id``. Sampling draws from ``generator``
-        (a seeded CPU generator); ``stopped`` lets rows that wrote a stop string retire early."""
+        rows as long as the longest, or up to ``sync_every`` longer; a row's tokens after its EOS are ``pad_id``.
+        Sampling draws from ``generator`` (a seeded CPU generator); ``stopped`` lets rows that wrote a stop string
+        retire early."""
         n = len(prompts)
         s = self._prepare(n, max(len(p) for p in prompts) + max_new_tokens, max_new_tokens)
         key = (sampling, int(pad_id), tuple(int(e) for e in eos_ids))
@@ -161,32 +135,23 @@ class StaticDecoder:
                 raise ValueError("sampling needs a seeded generator")
             s.uniforms[:max_new_tokens, :n].copy_(draw_uniforms(generator, max_new_tokens, n))
         self._prefill(prompts, key)
-        bucket, steps, fetched = self._bucket(n), 1, None
+        bucket, steps, look = self._bucket(n), 1, None
         longest_prompt = max(len(p) for p in prompts)
         while steps < max_new_tokens:
             for _ in range(min(self.sync_every, max_new_tokens - steps)):
                 self._run_step(bucket, key)
                 steps += 1
-            # Host work while the GPU runs those steps: stop strings in the tokens fetched at the previous look.
-            flagged = set()
-            if stopped is not None and fetched is not None:
-                live_rows = [r for r, d in zip(fetched[1], fetched[0]) if not d]
-                flags = stopped([fetched[2][r] for r in live_rows])
-                flagged = {r for r, f in zip(live_rows, flags) if f}
-            done, rows = s.done[:bucket].tolist(), s.row_id[:bucket].tolist()  # the one sync per sync_every steps
-            if flagged:
-                slots = [i for i, r in enumerate(rows) if r in flagged]
-                s.done[torch.tensor(slots, device=self.device)] = True
-                done = [d or r in flagged for d, r in zip(done, rows)]
-            live = [i for i, d in enumerate(done) if not d]
-            if not live:
+            if steps >= max_new_tokens:
                 break
-            if stopped is not None:
-                fetched = (done, rows, s.out[:n, :steps].tolist())
-            smaller = self._bucket(len(live))
-            if self.retire and smaller < bucket:
-                self._compact(live, smaller, min(s.length, longest_prompt + steps))
-                bucket = smaller
+            if look is not None:  # taken before these steps, read while the GPU runs them
+                bucket = self._act(look, bucket, stopped, min(s.length, longest_prompt + steps))
+                if not bucket:
+                    break
+            look = Look(s, bucket, n, steps, tokens=stopped is not None)
+            if not self.late_looks:  # read at once: the GPU waits for the host (benchmarks race the two)
+                bucket, look = self._act(look, bucket, stopped, min(s.length, longest_prompt + steps)), None
+                if not bucket:
+                    break
         self.last_steps = steps
         return s.out[:n, :steps].tolist()
 
@@ -195,7 +160,29 @@ class StaticDecoder:
         state's."""
         return min(max(self.min_bucket, 1 << (n - 1).bit_length()), self.state.rows)
 
-    def _prepare(self, rows: int, length: int, new_tokens: int) -> _State:
+    def _act(self, look: Look, bucket: int, stopped: Stopped | None, used: int) -> int:
+        """What the host decides from ``look``: rows that wrote a stop string end, and the live rows move into a
+        smaller bucket when they fit one. Returns the bucket the next steps run at, 0 when no row is live. Read late,
+        a look counts rows that finished after it as live: they move with the rest and stay finished."""
+        s = self.state
+        done, rows, tokens = look.read()
+        if stopped is not None:
+            live_rows = [r for r, d in zip(rows, done) if not d]
+            flagged = {r for r, f in zip(live_rows, stopped([tokens[r] for r in live_rows])) if f}
+            if flagged:
+                slots = [i for i, r in enumerate(rows) if r in flagged]
+                s.done[torch.tensor(slots, device=self.device)] = True
+                done = [d or r in flagged for d, r in zip(done, rows)]
+        live = [i for i, d in enumerate(done) if not d]
+        if not live:
+            return 0
+        smaller = self._bucket(len(live))
+        if self.retire and smaller < bucket:
+            self._compact(live, smaller, used)
+            return smaller
+        return bucket
+
+    def _prepare(self, rows: int, length: int, new_tokens: int) -> DecodeState:
         """A state big enough for the batch (kept when it is: its graphs stay valid), weights matching the model."""
         stale = self.weights.stale()
         if stale == "structure":
@@ -222,17 +209,11 @@ class StaticDecoder:
             if self.attention == "triton":  # asked for by name: say so ("auto" takes FlashAttention quietly)
                 print(f"minialign: decoding with FlashAttention: {self.fallback}.", file=sys.stderr)
 
-    def _allocate(self, rows: int, length: int, new_tokens: int) -> _State:
-        dims, dtype, dev = self.weights.dims, self.weights.dtype, self.device
-        cache_shape = (dims.layers, rows, dims.kv_heads, length, dims.head_dim)
-        cos, sin = rope_table(self.model, length, dtype, dev)
-        long = {"dtype": torch.long, "device": dev}
-        return _State(rows, length, new_tokens, torch.zeros(cache_shape, dtype=dtype, device=dev),
-                      torch.zeros(cache_shape, dtype=dtype, device=dev), torch.zeros(rows, **long),
-                      torch.zeros(rows, **long), torch.ones(rows, dtype=torch.bool, device=dev),
-                      torch.full((rows,), rows, **long), torch.zeros(1, **long),
-                      torch.zeros((rows + 1, new_tokens), **long),
-                      torch.ones((new_tokens, rows + 1), dtype=torch.float32, device=dev), cos, sin)
+    def _allocate(self, rows: int, length: int, new_tokens: int) -> DecodeState:
+        dims = self.weights.dims
+        cos, sin = rope_table(self.model, length, self.weights.dtype, self.device)
+        return allocate_state(rows, length, new_tokens, (dims.layers, rows, dims.kv_heads, length, dims.head_dim),
+                              self.weights.dtype, cos, sin)
 
     # ------------------------------------------------------------------------------------------------ prefill
 
@@ -279,7 +260,7 @@ class StaticDecoder:
         first = next_tokens(last_logits(x[cu[1:].long() - 1], w), sampling, s.uniforms[0, rows])
         s.tokens[rows] = first
         s.lengths[rows] = lengths.to(self.device)
-        s.done[rows] = _is_eos(first, eos_ids)
+        s.done[rows] = is_eos(first, eos_ids)
         s.out[rows, 0] = first
 
     def _prefill_chunks(self, lengths: list[int]) -> list[list[int]]:
@@ -333,7 +314,7 @@ class StaticDecoder:
         s.out[rows, s.step] = chosen
         s.lengths[:bucket] += (~done).long()
         s.tokens[:bucket] = chosen
-        s.done[:bucket] = done | _is_eos(chosen, eos_ids)
+        s.done[:bucket] = done | is_eos(chosen, eos_ids)
         s.step += 1
 
     def _run_step(self, bucket: int, key: tuple) -> None:
@@ -390,9 +371,8 @@ class StaticDecoder:
         for layer in range(s.k_cache.shape[0]):
             s.k_cache[layer, :m, :, :used] = s.k_cache[layer, index, :, :used]
             s.v_cache[layer, :m, :, :used] = s.v_cache[layer, index, :, :used]
-        for t in (s.tokens, s.lengths, s.row_id):
+        for t in (s.tokens, s.lengths, s.row_id, s.done):
             t[:m] = t[index]
-        s.done[:m] = False
         s.done[m:bucket] = True
         s.lengths[m:bucket] = 0
         s.row_id[m:bucket] = s.rows
