@@ -27,7 +27,8 @@
 # rest of the gap the order or the step? NOTES entry 32; $ORDER_SEEDS, default 0, and $ORDER_RUNNERS pick others, e.g.
 # ORDER_SEEDS="1 2 3" ORDER_RUNNERS=trl-minialign-order,minialign-keep-start), `dpo-lean` (SmolLM2 DPO at batch 8
 # and 16, $LEAN_BATCHES: Unsloth's default against minialign's memory options with offloading and 128-row loss
-# chunks, and minialign's default; the DPO rows at matched memory; needs the GGUF and Unsloth's wheels), `decode-sample` (real SmolLM2 weights, sampled answers that finish early as online
+# chunks, and minialign's default, $LEAN_RUNNERS picks others; the DPO rows at matched memory; needs the GGUF and
+# Unsloth's wheels), `decode-sample` (real SmolLM2 weights, sampled answers that finish early as online
 # rounds' do, 128 against 256 rows a batch), `decode-random-triton` (the decoder profile with the Triton decode
 # kernel, `lite`), `tune-triton` (checks/tune_triton_decode.py: that kernel's tilings against FlashAttention,
 # `lite`), `sft-offload` (Unsloth's default against minialign's eager memory options without and with
@@ -113,8 +114,8 @@ row() {
       --runners ${KS_RUNNERS:-trl,minialign-keep-start,minialign} --label llama1b-sft-lora-keep-start $SAME ;;
     sft-order) for seed in ${ORDER_SEEDS:-0}; do python3 benchmarks/bench_e2e.py --task sft --mode lora --model llama-1b \
       --tokenizer $TOK --checkpoint $W/llama1b --batch-size 16 --lr 5e-4 --lora-r 16 --lora-alpha 32 \
-      --runners ${ORDER_RUNNERS:-trl,trl-minialign-order,minialign-keep-start} --label llama1b-sft-lora-order-seed$seed \
-      ${SAME/--seed 0/--seed $seed}; done ;;
+      --runners ${ORDER_RUNNERS:-trl,trl-minialign-order,minialign-keep-start} \
+      --label llama1b-sft-lora-order$([ "$seed" = 0 ] || echo "-seed$seed") ${SAME/--seed 0/--seed $seed}; done ;;
     hh-per-axis) seed_state
       python3 benchmarks/recipes/hh_two_axes.py --model /tmp/model.gguf --data-root /tmp/shared --work /tmp/hh2 \
         --out /tmp/hh2/hh-two-axes.json --phases judges,online-rm,online --online-rm per-axis \

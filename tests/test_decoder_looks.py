@@ -56,6 +56,28 @@ def test_late_looks_retire_rows_without_changing_an_answer(tok, sync_every, late
     assert any(eos in ids[:NEW - 2] for ids in kept) and any(eos not in ids for ids in kept)
 
 
+@pytest.mark.parametrize("sync_every", [1, 2, 4])
+def test_rows_that_end_between_a_look_and_the_compaction_move_and_stay_ended(tok, monkeypatch, sync_every):
+    model = llama()
+    encoded = tok(many_prompts(20), add_special_tokens=False)["input_ids"]
+    new = 24
+    free = StaticDecoder(model, retire=False).decode(encoded, max_new_tokens=new, eos_ids=[-1], pad_id=0)
+    eos_ids = sorted({free[i][2 + i % 18] for i in range(0, 20, 2)})  # rows end at staggered steps
+    kept = StaticDecoder(model, retire=False, sync_every=new).decode(encoded, max_new_tokens=new, eos_ids=eos_ids,
+                                                                     pad_id=0)
+    moved_ended, compact = [], StaticDecoder._compact
+
+    def spy(self, live, bucket, used):
+        moved_ended.append(sum(self.state.done[live].tolist()))  # slots the late look counted live, already ended
+        return compact(self, live, bucket, used)
+
+    monkeypatch.setattr(StaticDecoder, "_compact", spy)
+    decoder = StaticDecoder(model, sync_every=sync_every, min_bucket=1)
+    got = decoder.decode(encoded, max_new_tokens=new, eos_ids=eos_ids, pad_id=0)
+    assert [g[: len(k)] for g, k in zip(got, kept)] == kept and all(set(g[len(k):]) <= {0} for g, k in zip(got, kept))
+    assert sum(moved_ended) >= 1  # the case this test is for happened
+
+
 def test_when_every_row_has_ended_a_batch_stops_within_one_chunk(tok):
     model = llama()
     encoded = tok(PROMPTS, add_special_tokens=False)["input_ids"]
@@ -91,21 +113,55 @@ def random_rows(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
             for _ in range(n)]
 
 
-def test_batch_decoded_texts_are_transformers_row_by_row(tok, shared_dir):
+class SpyBackend:
+    """The Rust tokenizer, counting the batch decodes asked of it."""
+
+    def __init__(self, backend):
+        self.backend, self.batches = backend, 0
+
+    def decode_batch(self, rows, **kwargs):
+        self.batches += 1
+        return self.backend.decode_batch(rows, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+
+def spied(monkeypatch, tokenizer) -> SpyBackend:
+    spy = SpyBackend(tokenizer.backend_tokenizer)
+    monkeypatch.setattr(type(tokenizer), "backend_tokenizer", property(lambda self: spy))
+    return spy
+
+
+def test_batch_decoded_texts_are_transformers_row_by_row(tok, shared_dir, monkeypatch):
     from transformers import AutoTokenizer
 
     neox = AutoTokenizer.from_pretrained(str(shared_dir / "tokenizers" / "gpt-neox-20b"))
     for tokenizer in (tok, neox):
         rows = random_rows(tokenizer, 64) + [tokenizer("Hello there, how are you?")["input_ids"], []]
         want = [tokenizer.decode(ids, skip_special_tokens=True) for ids in rows]
-        assert texts_of(tokenizer, rows) == want
         assert any("\ufffd" in t for t in want)  # cut multi-byte characters decode as transformers decodes them
+        with monkeypatch.context() as m:
+            spy = spied(m, tokenizer)
+            assert texts_of(tokenizer, rows) == want
+            assert spy.batches == 1  # the Rust tokenizer decoded the batch
 
 
-def test_a_tokenizer_that_cleans_up_spaces_is_decoded_by_transformers(tok):
+def test_a_tokenizer_that_cleans_up_spaces_is_decoded_by_transformers(tok, monkeypatch):
     import copy
 
     cleaning = copy.deepcopy(tok)
     cleaning.clean_up_tokenization_spaces = True
+    cleaning.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True  # transformers >= 5.2x
     rows = [cleaning("a , b . c ?")["input_ids"]] + random_rows(cleaning, 8)
-    assert texts_of(cleaning, rows) == [cleaning.decode(ids, skip_special_tokens=True) for ids in rows]
+    want = [cleaning.decode(ids, skip_special_tokens=True) for ids in rows]
+    spy = spied(monkeypatch, cleaning)
+    assert texts_of(cleaning, rows) == want and spy.batches == 0
+    assert want[0] == "a, b. c?"  # the clean-up the Rust tokenizer would have skipped
+
+
+def test_a_patched_decode_is_respected(tok, monkeypatch):
+    patched = __import__("copy").deepcopy(tok)
+    patched.decode = lambda ids, skip_special_tokens=False: f"<{len(ids)}>"
+    spy = spied(monkeypatch, patched)
+    assert texts_of(patched, [[1, 2], [3]]) == ["<2>", "<1>"] and spy.batches == 0

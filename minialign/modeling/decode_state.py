@@ -4,7 +4,7 @@ looks at them.
 A look copies the rows' done flags, their slots' prompts and (for stop strings) their tokens so far into pinned host
 buffers on the decoding stream, without waiting; the decoder reads it one chunk of steps later, once the GPU is busy
 with the next chunk. Reading a look right after its own chunk left the GPU idle while the host copied, converted and
-decided (benchmarks/NOTES.md entry 37). On a CPU the copies are plain copies and a look is read at once.
+decided (benchmarks/NOTES.md entry 37). On a CPU the copies are plain copies, read as late as on a GPU.
 """
 
 from __future__ import annotations
@@ -42,6 +42,15 @@ class DecodeState:
     host_out: torch.Tensor  # [rows + 1, new_tokens] long
 
 
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """``values`` as a long tensor on ``device`` without making the host wait: ``torch.tensor(values, device=...)``
+    copies from pageable memory and waits for the work queued before it, the steps a late look is read behind."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def allocate_state(rows: int, length: int, new_tokens: int, cache_shape: tuple[int, ...], dtype: torch.dtype,
                    cos: torch.Tensor, sin: torch.Tensor) -> DecodeState:
     """An empty state on ``cos``'s device: every slot empty and done."""
@@ -76,11 +85,11 @@ class Look:
         s.host_done[:bucket].copy_(s.done[:bucket], non_blocking=cuda)
         s.host_rows[:bucket].copy_(s.row_id[:bucket], non_blocking=cuda)
         if tokens:
-            s.host_out[:n].copy_(s.out[:n], non_blocking=cuda)
+            s.host_out[:n, :steps].copy_(s.out[:n, :steps], non_blocking=cuda)
         self.copied = None
-        if cuda:
+        if cuda:  # on the stream of the state's own GPU, which need not be the current device
             self.copied = torch.cuda.Event()
-            self.copied.record()
+            self.copied.record(torch.cuda.current_stream(s.done.device))
 
     def read(self) -> tuple[list[bool], list[int], list[list[int]] | None]:
         """Done flag and prompt of each slot, and each row's tokens (None without ``tokens``): waits for the copies."""

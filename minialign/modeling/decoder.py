@@ -14,7 +14,7 @@ the weights and the used KV cache once bounds a step near 0.4 ms at batch 256. `
   costing;
 * each look is copied to the host behind a chunk of steps and read once the next chunk is queued
   (``decode_state.Look``): the host's work (stop strings in the tokens, finished rows, compaction) overlaps the GPU's,
-  at the price of deciding a chunk late (and at most one chunk of steps after the last row has finished).
+  at the price of deciding a chunk late (a batch may run up to two chunks past the end of its last row, not one).
 
 On a CPU the same code runs eagerly (no graphs): the tests exercise every line but the graph capture and the
 FlashAttention calls. A decoder is reusable: ``decode`` refreshes its weight copies in place when the model's
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from minialign.base.errors import UserError
 from minialign.modeling.compiled import decode_parts, prefill_parts
 from minialign.modeling.decode_kernel import ATTENTIONS, choose_kernel, kernel_disagrees
-from minialign.modeling.decode_state import DecodeState, Look, allocate_state, is_eos
+from minialign.modeling.decode_state import DecodeState, Look, allocate_state, is_eos, to_device
 from minialign.modeling.decoder_model import (
     PLAIN,
     DecodeLayout,
@@ -124,7 +124,8 @@ class StaticDecoder:
                sampling: Sampling = GREEDY, generator: torch.Generator | None = None,
                stopped: Stopped | None = None) -> list[list[int]]:
         """New tokens of each prompt (token ids, no special tokens added): ``max_new_tokens`` or fewer per row, all
-        rows as long as the longest, or up to ``sync_every`` longer; a row's tokens after its EOS are ``pad_id``.
+        rows as long as the longest, or up to ``2 * sync_every - 1`` longer (a batch learns its last row has ended a
+        chunk late); a row's tokens after its EOS are ``pad_id``.
         Sampling draws from ``generator`` (a seeded CPU generator); ``stopped`` lets rows that wrote a stop string
         retire early."""
         n = len(prompts)
@@ -135,7 +136,7 @@ class StaticDecoder:
                 raise ValueError("sampling needs a seeded generator")
             s.uniforms[:max_new_tokens, :n].copy_(draw_uniforms(generator, max_new_tokens, n))
         self._prefill(prompts, key)
-        bucket, steps, look = self._bucket(n), 1, None
+        bucket, steps, look, seen = self._bucket(n), 1, None, None
         longest_prompt = max(len(p) for p in prompts)
         while steps < max_new_tokens:
             for _ in range(min(self.sync_every, max_new_tokens - steps)):
@@ -143,13 +144,18 @@ class StaticDecoder:
                 steps += 1
             if steps >= max_new_tokens:
                 break
-            if look is not None:  # taken before these steps, read while the GPU runs them
-                bucket = self._act(look, bucket, stopped, min(s.length, longest_prompt + steps))
-                if not bucket:
-                    break
-            look = Look(s, bucket, n, steps, tokens=stopped is not None)
-            if not self.late_looks:  # read at once: the GPU waits for the host (benchmarks race the two)
-                bucket, look = self._act(look, bucket, stopped, min(s.length, longest_prompt + steps)), None
+            used = min(s.length, longest_prompt + steps)
+            if self.late_looks:
+                if look is not None:  # taken before these steps, read while the GPU runs them
+                    done, rows, tokens = look.read()
+                    bucket = self._act(done, rows, self._stop_flags(stopped, done, rows, tokens), bucket, used)
+                    if not bucket:
+                        break
+                look = Look(s, bucket, n, steps, tokens=stopped is not None)
+            else:  # the look read at once, stop strings sought in the previous one's tokens meanwhile: the GPU waits
+                flagged = self._stop_flags(stopped, *seen) if seen else set()
+                seen = Look(s, bucket, n, steps, tokens=stopped is not None).read()
+                bucket = self._act(*seen[:2], flagged, bucket, used)
                 if not bucket:
                     break
         self.last_steps = steps
@@ -160,19 +166,23 @@ class StaticDecoder:
         state's."""
         return min(max(self.min_bucket, 1 << (n - 1).bit_length()), self.state.rows)
 
-    def _act(self, look: Look, bucket: int, stopped: Stopped | None, used: int) -> int:
-        """What the host decides from ``look``: rows that wrote a stop string end, and the live rows move into a
-        smaller bucket when they fit one. Returns the bucket the next steps run at, 0 when no row is live. Read late,
-        a look counts rows that finished after it as live: they move with the rest and stay finished."""
+    def _stop_flags(self, stopped: Stopped | None, done: list[bool], rows: list[int],
+                    tokens: list[list[int]] | None) -> set[int]:
+        """The rows (prompt indices) a look saw live whose tokens hold a stop string."""
+        if stopped is None:
+            return set()
+        live_rows = [r for r, d in zip(rows, done) if not d]
+        return {r for r, f in zip(live_rows, stopped([tokens[r] for r in live_rows])) if f}
+
+    def _act(self, done: list[bool], rows: list[int], flagged: set[int], bucket: int, used: int) -> int:
+        """What the host decides from a look (``done`` and ``rows`` of each slot): the ``flagged`` rows end, and the
+        live rows move into a smaller bucket when they fit one. Returns the bucket the next steps run at, 0 when no
+        row is live. Read late, a look counts rows that finished after it as live: they move and stay finished."""
         s = self.state
-        done, rows, tokens = look.read()
-        if stopped is not None:
-            live_rows = [r for r, d in zip(rows, done) if not d]
-            flagged = {r for r, f in zip(live_rows, stopped([tokens[r] for r in live_rows])) if f}
-            if flagged:
-                slots = [i for i, r in enumerate(rows) if r in flagged]
-                s.done[torch.tensor(slots, device=self.device)] = True
-                done = [d or r in flagged for d, r in zip(done, rows)]
+        if flagged:
+            slots = [i for i, r in enumerate(rows) if r in flagged]
+            s.done[to_device(slots, self.device)] = True
+            done = [d or r in flagged for d, r in zip(done, rows)]
         live = [i for i, d in enumerate(done) if not d]
         if not live:
             return 0
@@ -367,10 +377,9 @@ class StaticDecoder:
         """Move the live slots to the front (their first ``used`` cache positions) and empty the rest of ``bucket``."""
         s, m = self.state, len(live)
         self.compactions += 1
-        index = torch.tensor(live, device=self.device)
-        for layer in range(s.k_cache.shape[0]):
-            s.k_cache[layer, :m, :, :used] = s.k_cache[layer, index, :, :used]
-            s.v_cache[layer, :m, :, :used] = s.v_cache[layer, index, :, :used]
+        index = to_device(live, self.device)
+        s.k_cache[:, :m, :, :used] = s.k_cache[:, index, :, :used]  # every layer at once
+        s.v_cache[:, :m, :, :used] = s.v_cache[:, index, :, :used]
         for t in (s.tokens, s.lengths, s.row_id, s.done):
             t[:m] = t[index]
         s.done[m:bucket] = True

@@ -306,11 +306,21 @@ def texts_of(tokenizer, rows: list[list[int]]) -> list[str]:
     at once, on every core: 256 answers of 128 tokens took 15 ms row by row through transformers on a 2-core CPU and
     6 ms so (benchmarks/NOTES.md entry 37); the decoder's host waits on this at the end of every batch."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    owner = next((c for c in type(tokenizer).__mro__ if "_decode" in c.__dict__), None)
-    if (backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True)
-            or owner is None or owner.__module__ not in GENERIC_FAST):
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True) or not _generic_decode(tokenizer):
         return [tokenizer.decode(ids, skip_special_tokens=True) for ids in rows]
     return backend.decode_batch(rows, skip_special_tokens=True)
+
+
+def _generic_decode(tokenizer) -> bool:
+    """Whether ``tokenizer.decode`` is transformers' own path to ``_decode`` and that the fast classes' (no subclass,
+    remote code or instance patch replaces either)."""
+    if "decode" in vars(tokenizer) or "_decode" in vars(tokenizer):
+        return False
+    mro = type(tokenizer).__mro__
+    owner = next((c for c in mro if "_decode" in c.__dict__), None)
+    public = next((c for c in mro if "decode" in c.__dict__), None)
+    return (owner is not None and owner.__module__ in GENERIC_FAST and public is not None
+            and public.__module__ in (*GENERIC_FAST, "transformers.tokenization_utils_base"))
 
 
 def _decode_rows(tokenizer, rows: list[list[int]], eos_ids: list[int],
@@ -336,6 +346,8 @@ def _decode_rows(tokenizer, rows: list[list[int]], eos_ids: list[int],
 
 def _cut_at_stop(tokenizer, ids: list[int], text: str, stop: str,
                  stop_strings: tuple[str, ...]) -> tuple[str, int, str]:
+    """``text`` (of ``ids``) cut before its first stop string, with the token count that cut text took: the
+    answer a stop string ends is counted in tokens, and the tokens spelling the stop string are not the answer's."""
     cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
     if cut < 0:
         return text, len(ids), stop
