@@ -84,8 +84,8 @@ class Look:
         cuda = s.done.device.type == "cuda"
         s.host_done[:bucket].copy_(s.done[:bucket], non_blocking=cuda)
         s.host_rows[:bucket].copy_(s.row_id[:bucket], non_blocking=cuda)
-        if tokens:
-            s.host_out[:n, :steps].copy_(s.out[:n, :steps], non_blocking=cuda)
+        if tokens:  # whole rows: a copy between contiguous tensors is the only kind that leaves the host free
+            s.host_out[:n].copy_(s.out[:n], non_blocking=cuda)
         self.copied = None
         if cuda:  # on the stream of the state's own GPU, which need not be the current device
             self.copied = torch.cuda.Event()
