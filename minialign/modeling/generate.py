@@ -303,8 +303,8 @@ GENERIC_FAST = ("transformers.tokenization_utils_fast", "transformers.tokenizati
 def texts_of(tokenizer, rows: list[list[int]]) -> list[str]:
     """Each row's text, special tokens skipped: what ``tokenizer.decode`` gives for each. Where that is exactly the
     Rust tokenizer's decode (transformers' own fast class, no space clean-up), the Rust tokenizer decodes the batch
-    at once, on every core: 256 answers of 128 tokens took 15 ms row by row through transformers on a 2-core CPU and
-    6 ms so (benchmarks/NOTES.md entry 37); the decoder's host waits on this at the end of every batch."""
+    at once, on every core: 256 answers of 128 tokens took 9.5 ms row by row through transformers on a 2-core CPU and
+    3.6 ms so (benchmarks/NOTES.md entry 37); the GPU waits on this at the end of every batch."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True) or not _generic_decode(tokenizer):
         return [tokenizer.decode(ids, skip_special_tokens=True) for ids in rows]
@@ -312,8 +312,8 @@ def texts_of(tokenizer, rows: list[list[int]]) -> list[str]:
 
 
 def _generic_decode(tokenizer) -> bool:
-    """Whether ``tokenizer.decode`` is transformers' own path to ``_decode`` and that the fast classes' (no subclass,
-    remote code or instance patch replaces either)."""
+    """Whether ``decode`` and ``_decode`` are transformers' own (the base class's ``decode`` calling the fast
+    classes' ``_decode``): no subclass, remote code or instance patch replaces either."""
     if "decode" in vars(tokenizer) or "_decode" in vars(tokenizer):
         return False
     mro = type(tokenizer).__mro__
