@@ -144,13 +144,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                         "identical_to_hf": "share of answers whose text equals decoder='hf' at this batch size",
                         "identical_to_static": "static-flex and the static-triton rows: the same share against "
                                                "decoder='static'",
+                        "identical_to_static_triton": "static-triton-early-looks: the same share against "
+                                                      "static-triton (1.0 where no row ends early: the same work)",
                         "warmup_s": "the untimed first pass's wall: compilation and graph capture included"},
         "results": {},
     }
     decoders = [d for d in DECODERS if d in args.decoders.split(",")]
     statics: dict[str, StaticDecoder] = {}  # one per variant, reused: graphs recorded during the warm-ups
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        rows, reference, static_answers = {}, None, None
+        rows, reference, static_answers, triton_answers = {}, None, None, None
         for name in decoders:
             try:
                 if name.startswith("static") and name not in statics:
@@ -165,6 +167,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                     static_answers = answers
                 if name in ATTENTION and static_answers is not None and not args.sample:
                     row["identical_to_static"] = identical_share(answers, static_answers)
+                if name == "static-triton":
+                    triton_answers = answers
+                if name == "static-triton-early-looks" and triton_answers is not None:  # same kernels, other host order
+                    row["identical_to_static_triton"] = identical_share(answers, triton_answers)
                 if reference is not None and not args.sample:
                     row["identical_to_hf"] = identical_share(answers, reference)
                 if name.startswith("static") and "tokens_per_s" in rows.get("hf", {}):

@@ -26,3 +26,4 @@ def test_decode_benchmark_smoke_run(tmp_path, shared_dir):
         assert row["decode_steps"] == 4 and row["tokens_per_s"] > 0 and row["ms_per_step"] > 0
         assert row["warmup_s"] > 0
         assert row["identical_to_hf"] == 1.0
+    assert rows["static-triton-early-looks"]["identical_to_static_triton"] == 1.0
