@@ -51,10 +51,12 @@ from minialign.modeling.models import load_model, load_tokenizer
 # static-triton-compiled-prefill: static-triton with its prefill passes compiled too (StaticDecoder's opt-in
 # compile_prefill; warmup_s shows what the compilation costs a process). static-triton-early-looks: static-triton
 # reading each look at its rows at once, so the GPU waits on the host's work, as every decoder did before NOTES 37.
-DECODERS = ("hf", "static", "static-plain", "static-flex", "static-triton", "static-triton-compiled-prefill",
-            "static-triton-early-looks", "hf-static")
-ATTENTION = {"static-flex": "flex", "static-triton": "triton", "static-triton-compiled-prefill": "triton",
-             "static-triton-early-looks": "triton"}
+# Each static variant's StaticDecoder arguments (FlashAttention, compiled, late looks unless it says otherwise).
+STATIC = {"static": {}, "static-plain": {"compile": False}, "static-flex": {"attention": "flex"},
+          "static-triton": {"attention": "triton"},
+          "static-triton-compiled-prefill": {"attention": "triton", "compile_prefill": True},
+          "static-triton-early-looks": {"attention": "triton", "late_looks": False}}
+DECODERS = ("hf", *STATIC, "hf-static")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -155,17 +157,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         rows, reference, static_answers, triton_answers = {}, None, None, None
         for name in decoders:
             try:
-                if name.startswith("static") and name not in statics:
-                    statics[name] = StaticDecoder(model, compile=name != "static-plain",
-                                                  attention=ATTENTION.get(name, "flash"),
-                                                  compile_prefill=name.endswith("compiled-prefill"),
-                                                  late_looks=not name.endswith("early-looks"))
+                if name in STATIC and name not in statics:
+                    statics[name] = StaticDecoder(model, **{"attention": "flash", **STATIC[name]})
                 row, answers = measure(model, tokenizer, prompts, statics.get(name, name), batch_size, args, eos)
                 if name == "hf":
                     reference = answers
                 if name == "static":
                     static_answers = answers
-                if name in ATTENTION and static_answers is not None and not args.sample:
+                if "attention" in STATIC.get(name, {}) and static_answers is not None and not args.sample:
                     row["identical_to_static"] = identical_share(answers, static_answers)
                 if name == "static-triton":
                     triton_answers = answers
@@ -173,7 +172,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                     row["identical_to_static_triton"] = identical_share(answers, triton_answers)
                 if reference is not None and not args.sample:
                     row["identical_to_hf"] = identical_share(answers, reference)
-                if name.startswith("static") and "tokens_per_s" in rows.get("hf", {}):
+                if name in STATIC and "tokens_per_s" in rows.get("hf", {}):
                     row["speedup_vs_hf"] = round(row["tokens_per_s"] / rows["hf"]["tokens_per_s"], 2)
                 rows[name] = row
             except Exception as exc:  # noqa: BLE001 - one decoder's failure must not lose the others' numbers

@@ -1,6 +1,7 @@
 """The static decoder's looks at its rows, read a chunk of steps late (``decode_state.Look``), and the batch decode of
 answers' texts (``generate.texts_of``): the same answers as looking at once and decoding row by row."""
 
+import copy
 import random
 
 import pytest
@@ -148,8 +149,6 @@ def test_batch_decoded_texts_are_transformers_row_by_row(tok, shared_dir, monkey
 
 
 def test_a_tokenizer_that_cleans_up_spaces_is_decoded_by_transformers(tok, monkeypatch):
-    import copy
-
     cleaning = copy.deepcopy(tok)
     cleaning.clean_up_tokenization_spaces = True
     cleaning.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True  # transformers >= 5.2x
@@ -161,7 +160,7 @@ def test_a_tokenizer_that_cleans_up_spaces_is_decoded_by_transformers(tok, monke
 
 
 def test_a_patched_decode_is_respected(tok, monkeypatch):
-    patched = __import__("copy").deepcopy(tok)
+    patched = copy.deepcopy(tok)
     patched.decode = lambda ids, skip_special_tokens=False: f"<{len(ids)}>"
     spy = spied(monkeypatch, patched)
     assert texts_of(patched, [[1, 2], [3]]) == ["<2>", "<1>"] and spy.batches == 0

@@ -42,15 +42,6 @@ class DecodeState:
     host_out: torch.Tensor  # [rows + 1, new_tokens] long
 
 
-def to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """``values`` as a long tensor on ``device`` without making the host wait: ``torch.tensor(values, device=...)``
-    copies from pageable memory and waits for the work queued before it, the steps a late look is read behind."""
-    host = torch.tensor(values, dtype=torch.long)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
-
-
 def allocate_state(rows: int, length: int, new_tokens: int, cache_shape: tuple[int, ...], dtype: torch.dtype,
                    cos: torch.Tensor, sin: torch.Tensor) -> DecodeState:
     """An empty state on ``cos``'s device: every slot empty and done."""

@@ -31,10 +31,11 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from minialign.base.devices import host_to_device
 from minialign.base.errors import UserError
 from minialign.modeling.compiled import decode_parts, prefill_parts
 from minialign.modeling.decode_kernel import ATTENTIONS, choose_kernel, kernel_disagrees
-from minialign.modeling.decode_state import DecodeState, Look, allocate_state, is_eos, to_device
+from minialign.modeling.decode_state import DecodeState, Look, allocate_state, is_eos
 from minialign.modeling.decoder_model import (
     PLAIN,
     DecodeLayout,
@@ -181,7 +182,7 @@ class StaticDecoder:
         s = self.state
         if flagged:
             slots = [i for i, r in enumerate(rows) if r in flagged]
-            s.done[to_device(slots, self.device)] = True
+            s.done[host_to_device(torch.tensor(slots), self.device)] = True
             done = [d or r in flagged for d, r in zip(done, rows)]
         live = [i for i, d in enumerate(done) if not d]
         if not live:
@@ -252,10 +253,11 @@ class StaticDecoder:
         sampling, _, eos_ids = key
         s, w = self.state, self.weights
         flat, positions, slots, lengths = flat_prompts(prompts, chunk)
-        flat, positions, slots = (t.to(self.device) for t in (flat, positions, slots))
-        rows = torch.tensor(chunk, device=self.device)
-        cu = F.pad(lengths.cumsum(0), (1, 0)).to(device=self.device, dtype=torch.int32)
+        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         max_len = int(lengths.max())
+        # on the GPU without a host wait: the host builds the next pass while this one runs
+        flat, positions, slots, rows, lengths, cu = (host_to_device(t, self.device)
+                                                     for t in (flat, positions, slots, torch.tensor(chunk), lengths, cu))
 
         def attend(q, k, v, layer):
             s.k_cache[layer][slots, :, positions] = k
@@ -269,7 +271,7 @@ class StaticDecoder:
                               self.prefill_parts)
         first = next_tokens(last_logits(x[cu[1:].long() - 1], w), sampling, s.uniforms[0, rows])
         s.tokens[rows] = first
-        s.lengths[rows] = lengths.to(self.device)
+        s.lengths[rows] = lengths
         s.done[rows] = is_eos(first, eos_ids)
         s.out[rows, 0] = first
 
@@ -377,7 +379,7 @@ class StaticDecoder:
         """Move the live slots to the front (their first ``used`` cache positions) and empty the rest of ``bucket``."""
         s, m = self.state, len(live)
         self.compactions += 1
-        index = to_device(live, self.device)
+        index = host_to_device(torch.tensor(live), self.device)
         s.k_cache[:, :m, :, :used] = s.k_cache[:, index, :, :used]  # every layer at once
         s.v_cache[:, :m, :, :used] = s.v_cache[:, index, :, :used]
         for t in (s.tokens, s.lengths, s.row_id, s.done):
